@@ -1,0 +1,298 @@
+//! `vessel`: virtual machines and containers on one Linux host.
+
+mod host;
+mod terminal;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use hypervisor::host::Accel;
+use vmm::{Console, MachineConfig, StopReason};
+
+/// The kernel command line of the default guest: the serial console,
+/// a panic ends the VM at once, and a quiet boot so a command's output is
+/// all that appears.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+#[derive(Parser)]
+#[command(name = "vessel", version, about = "Virtual machines and containers on one Linux host")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what virtualization this host offers.
+    Doctor {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the default guest (Debian's cloud kernel and a busybox initramfs).
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
+    /// Boot a transient VM with its serial console on this terminal.
+    Run(RunArgs),
+}
+
+#[derive(Subcommand)]
+enum GuestCommand {
+    /// Download, verify and cache the default guest (does nothing if cached).
+    Fetch {
+        /// Debian mirror URL (default: $VESSEL_DEBIAN_MIRROR, then this host's apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+    /// Show where the cached default guest is.
+    Info {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum AccelArg {
+    /// KVM where stock kernels run accelerated, else the software vCPU.
+    Auto,
+    /// Linux KVM (hardware virtualization).
+    Kvm,
+    /// vessel's software x86-64 vCPU.
+    Emu,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Accelerator.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelArg,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory: a number of MiB or a size like 512M, 2G.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Kernel to boot (bzImage or ELF vmlinux); default: the default guest's.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk; default: the default guest's when --kernel is not given.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, replacing vessel's default.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Command to run in the guest; without it, an interactive shell.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Doctor { json } => doctor(json),
+        Command::Guest { command: GuestCommand::Fetch { mirror } } => guest_fetch(mirror),
+        Command::Guest { command: GuestCommand::Info { json } } => guest_info(json),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vessel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn doctor(json: bool) -> Result<ExitCode> {
+    let report = host::report();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", host::render_table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fetch_options(mirror: Option<String>) -> guest::FetchOptions {
+    guest::FetchOptions { data_dir: guest::default_data_dir(), mirror, keyring: None, progress: true }
+}
+
+fn guest_fetch(mirror: Option<String>) -> Result<ExitCode> {
+    let image = guest::fetch(&fetch_options(mirror)).context("fetching the default guest")?;
+    eprintln!("default guest ready: Linux {}", image.release);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn guest_info(json: bool) -> Result<ExitCode> {
+    let data_dir = guest::default_data_dir();
+    let Some(image) = guest::cached(&data_dir).context("reading the guest cache")? else {
+        bail!("the default guest is not fetched yet (in {}); run `vessel guest fetch`", data_dir.display());
+    };
+    if json {
+        let value = serde_json::json!({
+            "kernel": image.kernel,
+            "initrd": image.initrd,
+            "release": image.release,
+        });
+        println!("{value}");
+    } else {
+        println!("release  {}\nkernel   {}\ninitrd   {}", image.release, image.kernel.display(), image.initrd.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The accelerator `--accel` names, checked against this host.
+fn choose_accel(arg: AccelArg) -> Result<Accel> {
+    let kvm = hypervisor::host::kvm_support();
+    let accel = match arg {
+        AccelArg::Kvm => Accel::Kvm,
+        AccelArg::Emu => Accel::Emu,
+        AccelArg::Auto => {
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            hypervisor::host::auto_accel(kvm, hypervisor::host::has_hardware_virtualization(&cpuinfo))
+        }
+    };
+    match accel {
+        Accel::Kvm if !kvm.device => bail!("--accel kvm: this host has no /dev/kvm"),
+        Accel::Kvm if !kvm.usable => bail!("--accel kvm: /dev/kvm exists but a VM cannot be created (permissions, or KVM is busy)"),
+        Accel::Kvm if kvm.pvm => {
+            eprintln!(
+                "vessel: warning: KVM here is nested PVM; stock Linux kernels stop on instructions it cannot emulate (see `vessel doctor`)"
+            );
+        }
+        Accel::Emu if arg == AccelArg::Auto => bail!(
+            "--accel auto chose emu because this host's KVM cannot run stock kernels ({}), and emu, vessel's software x86-64 vCPU, is not available yet",
+            if kvm.pvm { "it is nested PVM" } else { "no usable KVM with VT-x/AMD-V" }
+        ),
+        Accel::Emu => bail!("--accel emu: vessel's software x86-64 vCPU is not available yet"),
+        Accel::Kvm => {}
+    }
+    Ok(accel)
+}
+
+fn check_file(path: &Path, what: &str) -> Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{what} {} is not a regular file", path.display());
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let memory = vmm::config::parse_size(&args.memory)?;
+    let host_memory = vmm::config::host_memory().context("reading this host's memory size")?;
+    vmm::config::validate_resources(args.cpus, memory, &args.memory, vmm::MAX_CPUS, host_memory)?;
+    if let Some(kernel) = &args.kernel {
+        vmm::boot::kernel_format(kernel)?;
+    }
+    if let Some(initrd) = &args.initrd {
+        check_file(initrd, "initrd")?;
+    }
+    let accel = choose_accel(args.accel)?;
+    let hypervisor: Box<dyn hypervisor::Hypervisor> = match accel {
+        Accel::Kvm => Box::new(hypervisor::kvm::KvmHypervisor::new().context("opening KVM")?),
+        Accel::Emu => bail!("the emu accelerator is not available yet"),
+    };
+    if args.cpus > hypervisor.max_vcpus() {
+        bail!("--cpus {}: {} allows at most {}", args.cpus, hypervisor.name(), hypervisor.max_vcpus());
+    }
+
+    let (kernel, initrd) = match args.kernel {
+        Some(kernel) => (kernel, args.initrd),
+        None => {
+            let image = match guest::cached(&guest::default_data_dir()).context("reading the guest cache")? {
+                Some(image) => image,
+                None => guest::fetch(&fetch_options(None)).context("fetching the default guest")?,
+            };
+            (image.kernel, Some(args.initrd.unwrap_or(image.initrd)))
+        }
+    };
+    let mut cmdline = args.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    let has_command = !args.command.is_empty();
+    if has_command {
+        cmdline.push(' ');
+        cmdline.push_str(&guest::command_line_for(&args.command)?);
+    }
+    let config = MachineConfig {
+        cpus: args.cpus,
+        memory,
+        kernel,
+        initrd,
+        cmdline,
+        exit_status_port: Some(guest::EXIT_STATUS_PORT),
+    };
+
+    let stdin = libc::STDIN_FILENO;
+    let interactive_terminal = terminal::is_terminal(stdin);
+    // An interactive shell gets the terminal raw, Ctrl-C included (Ctrl-A x
+    // stops the VM); a single command keeps Ctrl-C as "stop the VM".
+    let _raw = if interactive_terminal {
+        Some(terminal::RawModeGuard::enter(stdin, has_command).context("putting the terminal in raw mode")?)
+    } else {
+        None
+    };
+    let console = Console {
+        output: Box::new(std::io::stdout()),
+        input: Some(stdin),
+        escape: interactive_terminal && !has_command,
+    };
+    let outcome = vmm::run(hypervisor.as_ref(), &config, console)?;
+    drop(_raw);
+    let _ = std::io::stdout().flush();
+    Ok(exit_code(&outcome, has_command))
+}
+
+/// The exit status of `vessel run`: the guest command's, when it reported
+/// one; otherwise what the way the VM stopped means.
+fn exit_code(outcome: &vmm::Outcome, has_command: bool) -> ExitCode {
+    if let Some(status) = outcome.exit_status {
+        return ExitCode::from(status);
+    }
+    match &outcome.reason {
+        StopReason::PowerOff | StopReason::Reset | StopReason::Halted | StopReason::ConsoleEscape => {
+            if has_command {
+                eprintln!("vessel: the guest stopped ({}) before reporting the command's exit status", describe(&outcome.reason));
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        StopReason::TripleFault => {
+            eprintln!("vessel: the guest triple-faulted (processor shutdown); the VM was stopped");
+            ExitCode::FAILURE
+        }
+        StopReason::Signal(signal) => {
+            eprintln!("vessel: stopped by signal {signal}; the VM was torn down");
+            ExitCode::from(128u8.saturating_add(*signal as u8))
+        }
+        StopReason::Error(what) => {
+            eprintln!("vessel: the VM stopped on an error: {what}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn describe(reason: &StopReason) -> &'static str {
+    match reason {
+        StopReason::PowerOff => "power off",
+        StopReason::Reset => "reset",
+        StopReason::Halted => "halted",
+        StopReason::ConsoleEscape => "console escape",
+        StopReason::TripleFault => "triple fault",
+        StopReason::Signal(_) => "signal",
+        StopReason::Error(_) => "error",
+    }
+}

@@ -1,0 +1,148 @@
+//! The `vessel` command's answers to the host and to bad input.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn vessel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vessel")).args(args).output().expect("run vessel")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A failed command prints exactly one line, naming the problem.
+fn assert_one_clear_error(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("warning:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err:?}");
+    assert!(lines[0].starts_with("vessel: "), "{err:?}");
+    assert!(lines[0].contains(needle), "expected {needle:?} in {err:?}");
+}
+
+#[test]
+fn doctor_json_reports_this_host() {
+    let out = vessel(&["doctor", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let kvm_device = std::path::Path::new("/dev/kvm").exists();
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    assert_eq!(v["kvm"]["device"], kvm_device);
+    assert_eq!(v["kvm"]["pvm"], pvm);
+    assert!(v["kvm"]["usable"].is_boolean());
+    assert!(v["hardware_virtualization"].is_boolean());
+    assert!(v["tun"].is_boolean());
+    let namespaces = v["namespaces"].as_array().expect("namespaces list");
+    assert!(namespaces.iter().any(|n| n == "mnt"), "{namespaces:?}");
+    assert!(["v1", "v2", "hybrid", "none"].contains(&v["cgroups"].as_str().expect("cgroups string")));
+    let auto = v["auto_accel"].as_str().expect("auto_accel");
+    if pvm {
+        assert_eq!(auto, "emu", "a PVM host cannot run stock kernels on KVM");
+    }
+    // This project's development machines: nested PVM with hybrid cgroups.
+    if pvm && std::path::Path::new("/sys/fs/cgroup/unified").exists() {
+        assert_eq!(v["cgroups"], "hybrid");
+    }
+}
+
+#[test]
+fn doctor_table_explains_each_item() {
+    let out = vessel(&["doctor"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for item in ["kvm device", "kvm pvm", "hardware virtualization", "auto accelerator", "cgroups", "namespaces", "tun"] {
+        assert!(text.contains(item), "missing {item} in {text}");
+    }
+}
+
+fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(bytes).expect("write");
+    f
+}
+
+#[test]
+fn non_kernel_files_are_refused() {
+    let out = vessel(&["run", "--accel", "kvm", "--kernel", "/etc/hostname"]);
+    assert_one_clear_error(&out, "is not a Linux kernel");
+    let out = vessel(&["run", "--accel", "kvm", "--kernel", "/nonexistent/vmlinuz"]);
+    assert_one_clear_error(&out, "/nonexistent/vmlinuz");
+    let empty = temp_file(b"");
+    let out = vessel(&["run", "--accel", "kvm", "--kernel", empty.path().to_str().unwrap()]);
+    assert_one_clear_error(&out, "is empty");
+    let out = vessel(&["run", "--accel", "kvm", "--kernel", "/etc"]);
+    assert_one_clear_error(&out, "/etc");
+}
+
+#[test]
+fn truncated_kernel_is_refused() {
+    // A bzImage header that promises far more than the file holds.
+    let mut image = vec![0u8; 0x1000];
+    image[0x1f1] = 4;
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image[0x211] = 1;
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    image[0x236] = 1;
+    image[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    let kernel = temp_file(&image[..0x300]);
+    let out = vessel(&["run", "--accel", "kvm", "--memory", "32M", "--kernel", kernel.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().filter(|l| !l.contains("warning:")).count(), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn sizes_and_counts_are_checked() {
+    for (args, needle) in [
+        (vec!["--memory", "0"], "--memory 0"),
+        (vec!["--memory", "1T"], "--memory 1T"),
+        (vec!["--memory", "lots"], "invalid size"),
+        (vec!["--cpus", "0"], "--cpus 0"),
+        (vec!["--cpus", "1000"], "--cpus 1000"),
+    ] {
+        let mut full = vec!["run", "--accel", "kvm", "--kernel", "/etc/hostname"];
+        full.extend(args);
+        let out = vessel(&full);
+        assert_one_clear_error(&out, needle);
+    }
+}
+
+#[test]
+fn emu_is_not_available_yet() {
+    let out = vessel(&["run", "--accel", "emu", "--", "true"]);
+    assert_one_clear_error(&out, "not available yet");
+}
+
+#[test]
+fn too_long_command_line_and_oversized_initrd_are_refused() {
+    if !hypervisor::host::kvm_support().usable {
+        eprintln!("NOT RUN: /dev/kvm is missing or not usable on this host");
+        return;
+    }
+    // A minimal 64-bit ELF "kernel" is enough to reach these checks.
+    let mut elf = vec![0u8; 0x1001];
+    elf[0..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    elf[16] = 2;
+    elf[18] = 62;
+    elf[20] = 1;
+    elf[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    elf[32] = 64;
+    elf[52] = 64;
+    elf[54] = 56;
+    elf[56] = 1;
+    elf[64] = 1;
+    elf[72..80].copy_from_slice(&0x1000u64.to_le_bytes());
+    elf[80..88].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    elf[88..96].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    elf[96] = 1;
+    elf[104] = 1;
+    let kernel = temp_file(&elf);
+    let path = kernel.path().to_str().unwrap();
+    let long = "x".repeat(5000);
+    let out = vessel(&["run", "--accel", "kvm", "--memory", "32M", "--kernel", path, "--cmdline", &long]);
+    assert_one_clear_error(&out, "kernel command line is 5000 bytes");
+    let initrd = temp_file(&vec![0u8; 40 << 20]);
+    let out = vessel(&["run", "--accel", "kvm", "--memory", "32M", "--kernel", path, "--initrd", initrd.path().to_str().unwrap()]);
+    assert_one_clear_error(&out, "does not fit");
+}

@@ -1,0 +1,290 @@
+//! `vessel run` end to end on KVM with tiny test kernels: 64-bit ELF
+//! programs built here with iced-x86 that use the machine the way a kernel
+//! does (the zero page, the serial port, the exit-status port, ACPI S5, the
+//! i8042 reset, a triple fault), so the whole path from the command line to
+//! the vCPU threads and back is exercised without a real kernel, which
+//! cannot run accelerated on a nested-PVM host.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+
+const LOAD_ADDR: u64 = 0x10_0000;
+const COM1: u16 = 0x3f8;
+/// `cmd_line_ptr` in the zero page.
+const ZERO_PAGE_CMDLINE_PTR: i32 = 0x228;
+
+fn vessel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vessel"))
+}
+
+fn kvm_usable() -> bool {
+    let usable = hypervisor::host::kvm_support().usable;
+    if !usable {
+        eprintln!("NOT RUN: /dev/kvm is missing or not usable on this host");
+    }
+    usable
+}
+
+/// Wraps 64-bit code in a minimal ELF executable loaded at 1 MiB.
+fn elf_kernel(code: &[u8]) -> tempfile::NamedTempFile {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let offset = 0x1000u64;
+    let mut elf = vec![0u8; offset as usize];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little endian
+    elf[6] = 1; // version
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    elf[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    elf[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
+    elf[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = &mut elf[EHDR..EHDR + PHDR];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+    ph[8..16].copy_from_slice(&offset.to_le_bytes());
+    ph[16..24].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
+    ph[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    let mut file = tempfile::NamedTempFile::new().expect("temp kernel");
+    file.write_all(&elf).expect("write kernel");
+    file
+}
+
+/// Emits code that writes the NUL-terminated string at `rbx` to COM1.
+fn print_string_at_rbx(a: &mut CodeAssembler) {
+    let mut next = a.create_label();
+    let mut done = a.create_label();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.mov(al, byte_ptr(rbx)).unwrap();
+    a.test(al, al).unwrap();
+    a.jz(done).unwrap();
+    a.out(dx, al).unwrap();
+    a.inc(rbx).unwrap();
+    a.jmp(next).unwrap();
+    a.set_label(&mut done).unwrap();
+}
+
+fn power_off(a: &mut CodeAssembler) {
+    let slp = (u32::from(devices::acpi_pm::S5_SLP_TYP) << 2) | (1 << 5);
+    a.mov(al, slp).unwrap();
+    a.mov(dx, u32::from(devices::acpi_pm::SLEEP_CONTROL_PORT)).unwrap();
+    a.out(dx, al).unwrap();
+    halt_forever(a);
+}
+
+fn halt_forever(a: &mut CodeAssembler) {
+    let mut again = a.create_label();
+    a.set_label(&mut again).unwrap();
+    a.hlt().unwrap();
+    a.jmp(again).unwrap();
+}
+
+fn report_status(a: &mut CodeAssembler, status: u8) {
+    a.mov(al, u32::from(status)).unwrap();
+    a.mov(dx, u32::from(guest::EXIT_STATUS_PORT)).unwrap();
+    a.out(dx, al).unwrap();
+}
+
+fn assemble(a: &mut CodeAssembler) -> Vec<u8> {
+    a.assemble(LOAD_ADDR).expect("assemble")
+}
+
+fn run_with_timeout(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vessel");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).expect("write stdin");
+    drop(input);
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "vessel did not finish in {limit:?}; stdout {:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_kernel(kernel: &Path, extra: &[&str], stdin: &[u8]) -> Output {
+    let mut cmd = vessel();
+    cmd.args(["run", "--accel", "kvm", "--memory", "64M", "--kernel"]).arg(kernel).args(extra);
+    run_with_timeout(cmd, stdin, Duration::from_secs(60))
+}
+
+/// Prints the command line it was booted with (read through the zero page),
+/// reports status 7, and powers off through ACPI S5.
+fn hello_kernel() -> tempfile::NamedTempFile {
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    a.mov(ebx, dword_ptr(rsi + ZERO_PAGE_CMDLINE_PTR)).unwrap();
+    print_string_at_rbx(&mut a);
+    a.mov(al, b'\n' as u32).unwrap();
+    a.out(dx, al).unwrap();
+    report_status(&mut a, 7);
+    power_off(&mut a);
+    elf_kernel(&assemble(&mut a))
+}
+
+#[test]
+fn kernel_sees_its_command_line_and_its_exit_status_is_vessels() {
+    if !kvm_usable() {
+        return;
+    }
+    let kernel = hello_kernel();
+    let out = run_kernel(kernel.path(), &["--cmdline", "hello from the zero page"], b"");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the zero page\n");
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn two_vcpus_boot_and_stop_together() {
+    if !kvm_usable() {
+        return;
+    }
+    let kernel = hello_kernel();
+    let out = run_kernel(kernel.path(), &["--cpus", "2", "--cmdline", "two"], b"");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "two\n");
+    assert_eq!(out.status.code(), Some(7));
+}
+
+#[test]
+fn command_is_encoded_on_the_kernel_command_line() {
+    if !kvm_usable() {
+        return;
+    }
+    let kernel = hello_kernel();
+    let out = run_kernel(kernel.path(), &["--cmdline", "base", "--", "sh", "-c", "exit 7"], b"");
+    let printed = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+    let expected = format!("base {}", guest::command_line_for(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap());
+    assert_eq!(printed, expected);
+}
+
+/// Echoes serial input back, upper-cased, until a newline; then powers off.
+#[test]
+fn serial_input_reaches_the_guest() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    let mut wait = a.create_label();
+    let mut plain = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.mov(dx, (COM1 + 5) as u32).unwrap(); // line status register
+    a.in_(al, dx).unwrap();
+    a.test(al, 1).unwrap(); // data ready
+    a.jz(wait).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.in_(al, dx).unwrap();
+    a.cmp(al, b'a' as u32).unwrap();
+    a.jb(plain).unwrap();
+    a.cmp(al, b'z' as u32).unwrap();
+    a.ja(plain).unwrap();
+    a.sub(al, 0x20).unwrap();
+    a.set_label(&mut plain).unwrap();
+    a.out(dx, al).unwrap();
+    a.cmp(al, b'\n' as u32).unwrap();
+    a.je(done).unwrap();
+    a.jmp(wait).unwrap();
+    a.set_label(&mut done).unwrap();
+    power_off(&mut a);
+    let kernel = elf_kernel(&assemble(&mut a));
+    let out = run_kernel(kernel.path(), &[], b"piped input\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED INPUT\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn i8042_reset_ends_the_vm() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    a.mov(al, 0xfe).unwrap();
+    a.out(0x64, al).unwrap();
+    halt_forever(&mut a);
+    let kernel = elf_kernel(&assemble(&mut a));
+    let out = run_kernel(kernel.path(), &[], b"");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn triple_fault_stops_the_vm_and_says_so() {
+    if !kvm_usable() {
+        return;
+    }
+    // The boot IDT is empty, so #UD escalates to a triple fault.
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    a.ud2().unwrap();
+    let kernel = elf_kernel(&assemble(&mut a));
+    let out = run_kernel(kernel.path(), &[], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("triple-fault"), "stderr: {stderr}");
+}
+
+#[test]
+fn sigterm_tears_down_a_spinning_guest() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    a.mov(dx, COM1 as u32).unwrap();
+    a.mov(al, b'!' as u32).unwrap();
+    a.out(dx, al).unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.jmp(spin).unwrap();
+    let kernel = elf_kernel(&assemble(&mut a));
+    for cpus in ["1", "2"] {
+        let mut child = vessel()
+            .args(["run", "--accel", "kvm", "--memory", "64M", "--cpus", cpus, "--kernel"])
+            .arg(kernel.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // Wait until the guest runs (it prints '!').
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stdout, &mut first).expect("guest output");
+        assert_eq!(&first, b"!");
+        // SAFETY-free: kill(2) through the libc crate on our own child.
+        let pid = child.id() as libc::pid_t;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "vessel ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{cpus} vCPUs");
+    }
+}

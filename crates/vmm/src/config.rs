@@ -1,0 +1,141 @@
+//! A machine's validated configuration.
+
+use std::path::PathBuf;
+
+use crate::layout;
+
+/// Largest vCPU count: the IOAPIC takes the APIC ID after the last vCPU
+/// and xAPIC IDs are 8 bits (255 is broadcast).
+pub const MAX_CPUS: u32 = 254;
+
+/// What to boot and with how much.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// The I/O port where the guest reports its command's exit status, if
+    /// the guest speaks that protocol.
+    pub exit_status_port: Option<u16>,
+}
+
+/// A configuration vessel refuses, with the reason in one line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix (plain numbers are MiB)")]
+    BadSize(String),
+    #[error("--memory {0}: a guest needs at least {min} MiB", min = layout::MIN_MEMORY >> 20)]
+    MemoryTooSmall(String),
+    #[error("--memory {requested}: more than this host's {host_mib} MiB of RAM")]
+    MemoryTooLarge { requested: String, host_mib: u64 },
+    #[error("--cpus {0}: a guest needs at least one vCPU")]
+    NoCpus(u32),
+    #[error("--cpus {requested}: at most {max} vCPUs here")]
+    TooManyCpus { requested: u32, max: u32 },
+}
+
+/// Parses `512M`, `2G`, `1048576K`, `1T`, or a plain number of MiB (as
+/// QEMU's `-m` does). Suffixes are binary (K = 1024) and case-insensitive;
+/// a trailing `B` or `iB` is accepted.
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(text.to_string());
+    let trimmed = text.trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let without_b = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
+    let (digits, shift) = match without_b.chars().last() {
+        Some('k') => (&without_b[..without_b.len() - 1], 10),
+        Some('m') => (&without_b[..without_b.len() - 1], 20),
+        Some('g') => (&without_b[..without_b.len() - 1], 30),
+        Some('t') => (&without_b[..without_b.len() - 1], 40),
+        Some(c) if c.is_ascii_digit() && without_b.len() == lower.len() => (without_b, 20),
+        _ => return Err(bad()),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    value.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Checks the guest's size against fixed limits and this host.
+pub fn validate_resources(
+    cpus: u32,
+    memory: u64,
+    memory_text: &str,
+    max_cpus: u32,
+    host_memory: u64,
+) -> Result<(), ConfigError> {
+    if memory < layout::MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall(memory_text.to_string()));
+    }
+    if memory > host_memory {
+        return Err(ConfigError::MemoryTooLarge { requested: memory_text.to_string(), host_mib: host_memory >> 20 });
+    }
+    if cpus == 0 {
+        return Err(ConfigError::NoCpus(cpus));
+    }
+    let max = max_cpus.min(MAX_CPUS);
+    if cpus > max {
+        return Err(ConfigError::TooManyCpus { requested: cpus, max });
+    }
+    Ok(())
+}
+
+/// Total RAM of this host, from /proc/meminfo.
+pub fn host_memory() -> std::io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    parse_meminfo_total(&text)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no MemTotal line in /proc/meminfo"))
+}
+
+fn parse_meminfo_total(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_qemu() {
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        assert_eq!(parse_size("65536K"), Ok(64 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in ["", "M", "12Q", "-1G", "1.5G", "99999999999999999999G", "1 G B"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn resources_are_bounded() {
+        let host = 24u64 << 30;
+        assert!(validate_resources(1, 512 << 20, "512M", 255, host).is_ok());
+        assert_eq!(validate_resources(1, 0, "0", 255, host), Err(ConfigError::MemoryTooSmall("0".into())));
+        assert!(matches!(validate_resources(1, 1 << 40, "1T", 255, host), Err(ConfigError::MemoryTooLarge { .. })));
+        assert_eq!(validate_resources(0, 512 << 20, "512M", 255, host), Err(ConfigError::NoCpus(0)));
+        assert_eq!(
+            validate_resources(1000, 512 << 20, "512M", 1024, host),
+            Err(ConfigError::TooManyCpus { requested: 1000, max: MAX_CPUS })
+        );
+        assert_eq!(
+            validate_resources(8, 512 << 20, "512M", 4, host),
+            Err(ConfigError::TooManyCpus { requested: 8, max: 4 })
+        );
+    }
+
+    #[test]
+    fn meminfo_total() {
+        assert_eq!(parse_meminfo_total("MemTotal:       24604896 kB\nMemFree: 1 kB\n"), Some(24604896 * 1024));
+        assert_eq!(parse_meminfo_total("MemFree: 1 kB\n"), None);
+    }
+}

@@ -1,0 +1,398 @@
+//! Assembling and running one machine: guest memory, the Linux boot state,
+//! ACPI tables, the device buses, one host thread per vCPU, and the main
+//! loop that waits for the guest to stop, for the console's input and for
+//! stop signals.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use devices::acpi_pm::AcpiPowerDevice;
+use devices::bus::{Bus, BusDevice};
+use devices::exit_status::{ExitStatus, ExitStatusPort};
+use devices::i8042::I8042;
+use devices::interrupt::EventFdLine;
+use devices::power::{PowerSignal, VmEvent};
+use devices::rtc::Rtc;
+use devices::serial::Serial;
+use hypervisor::{Hypervisor, Vcpu, VcpuExit, VcpuInterrupter, Vm, VmConfig};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::MachineConfig;
+use crate::sys::{self, SignalFd};
+use crate::{acpi, boot, layout};
+
+const COM1_BASE: u64 = 0x3f8;
+const COM1_GSI: u32 = 4;
+const I8042_BASE: u64 = 0x60;
+const RTC_BASE: u64 = 0x70;
+/// POST diagnostic port: Linux writes to it as an I/O delay.
+const POST_PORT: u64 = 0x80;
+/// Ctrl-A, the console escape (as in QEMU): Ctrl-A x stops the VM.
+const ESCAPE_BYTE: u8 = 0x01;
+
+/// Why a machine stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine (ACPI reset register, i8042, KVM event).
+    Reset,
+    /// The processor shut down: a triple fault.
+    TripleFault,
+    /// A vCPU halted with nothing left to wake it (no in-kernel irqchip).
+    Halted,
+    /// A host signal (SIGINT, SIGTERM, SIGHUP) stopped the VM.
+    Signal(i32),
+    /// The user typed the console escape (Ctrl-A x).
+    ConsoleEscape,
+    /// The accelerator or the VMM failed; the VM could not go on.
+    Error(String),
+}
+
+/// How a machine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub reason: StopReason,
+    /// What the guest reported on the exit-status port, if anything.
+    pub exit_status: Option<u8>,
+}
+
+/// Where the guest's serial console goes.
+pub struct Console {
+    pub output: Box<dyn Write + Send>,
+    /// Host input for the guest's serial port (the terminal, a pipe), or
+    /// none.
+    pub input: Option<RawFd>,
+    /// Recognize Ctrl-A x in the input as "stop the VM" (interactive use).
+    pub escape: bool,
+}
+
+/// Errors setting up a machine. Errors that happen while it runs end it
+/// with [`StopReason::Error`] instead.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory { mib: u64, reason: String },
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
+    #[error("{op}: {source}")]
+    Hypervisor {
+        op: &'static str,
+        #[source]
+        source: hypervisor::HypervisorError,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device set-up: {0}")]
+    Device(String),
+}
+
+fn hv_err(op: &'static str) -> impl FnOnce(hypervisor::HypervisorError) -> VmmError {
+    move |source| VmmError::Hypervisor { op, source }
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Io { op, source }
+}
+
+/// State the vCPU threads share with the main loop.
+struct Shared {
+    pio: Bus,
+    mmio: Bus,
+    power: PowerSignal,
+    /// Set when the VM is being torn down; vCPU threads leave their loop.
+    stopping: AtomicBool,
+    /// The first reason a vCPU thread found to stop the VM.
+    vcpu_stop: Mutex<Option<StopReason>>,
+    /// Readable once `vcpu_stop` is set.
+    vcpu_stopped: EventFd,
+}
+
+impl Shared {
+    fn stop_from_vcpu(&self, reason: StopReason) {
+        if let Ok(mut slot) = self.vcpu_stop.lock() {
+            if slot.is_none() {
+                *slot = Some(reason);
+            }
+        }
+        // Waking the main loop cannot meaningfully fail; if it did, the
+        // loop still sees `vcpu_stop` on its next timeout.
+        let _ = self.vcpu_stopped.write(1);
+    }
+}
+
+/// Guest memory with the kernel, initrd, command line, zero page, boot
+/// tables and ACPI tables in place, and the boot vCPU's entry state.
+pub struct PreparedGuest {
+    pub memory: GuestMemoryMmap,
+    pub boot_cpu: boot::BootCpuState,
+}
+
+/// Builds guest memory and everything the kernel finds in it at entry.
+/// Nothing runs yet, so this is where bad kernels, initrds and command
+/// lines are refused.
+pub fn prepare_guest(config: &MachineConfig) -> Result<PreparedGuest, VmmError> {
+    let memory = GuestMemoryMmap::from_ranges(&layout::ram_regions(config.memory))
+        .map_err(|e| VmmError::Memory { mib: config.memory >> 20, reason: e.to_string() })?;
+    let kernel = boot::load_kernel(&memory, &config.kernel, config.memory)?;
+    boot::load_cmdline(&memory, &kernel, &config.cmdline)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&memory, &kernel, config.memory, path)?),
+        None => None,
+    };
+    let acpi_config = acpi::AcpiConfig {
+        num_cpus: u8::try_from(config.cpus).map_err(|_| VmmError::Acpi(format!("{} vCPUs", config.cpus)))?,
+        ioapic_addr: layout::IOAPIC_ADDR as u32,
+        lapic_addr: layout::LAPIC_ADDR as u32,
+    };
+    let rsdp = acpi::create_acpi_tables(&memory, &acpi_config).map_err(|e| VmmError::Acpi(e.to_string()))?;
+    let params = boot::zero_page(&kernel, config.cmdline.len(), initrd, &layout::e820_map(config.memory), Some(rsdp))?;
+    boot::write_zero_page(&memory, &params)?;
+    boot::write_boot_tables(&memory)?;
+    Ok(PreparedGuest { memory, boot_cpu: boot::boot_cpu_state(kernel.entry) })
+}
+
+/// The legacy PC devices on the port bus, wired to the VM's interrupts.
+struct Devices {
+    pio: Bus,
+    power: PowerSignal,
+    serial: Arc<Mutex<Serial>>,
+    exit_status: Option<ExitStatus>,
+}
+
+fn create_devices(vm: &dyn Vm, config: &MachineConfig, output: Box<dyn Write + Send>) -> Result<Devices, VmmError> {
+    let dev_err = |what: &'static str| move |e: devices::bus::BusError| VmmError::Device(format!("{what}: {e}"));
+    let power = PowerSignal::new().map_err(io_err("power event"))?;
+    let pio = Bus::new();
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt eventfd"))?;
+    vm.register_irqfd(&serial_irq, COM1_GSI).map_err(hv_err("wiring COM1 to IRQ 4"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(Arc::new(EventFdLine(serial_irq)), output)));
+    pio.insert(serial.clone(), COM1_BASE, 8).map_err(dev_err("COM1"))?;
+
+    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(power.clone())));
+    pio.insert(i8042, I8042_BASE, 5).map_err(dev_err("i8042"))?;
+    let rtc: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Rtc::new()));
+    pio.insert(rtc, RTC_BASE, 2).map_err(dev_err("RTC"))?;
+    AcpiPowerDevice::register(&pio, power.clone()).map_err(dev_err("ACPI power"))?;
+    let post: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(devices::Sink));
+    pio.insert(post, POST_PORT, 1).map_err(dev_err("POST port"))?;
+
+    let exit_status = match config.exit_status_port {
+        Some(port) => {
+            let (device, status) = ExitStatusPort::new();
+            pio.insert(Arc::new(Mutex::new(device)), u64::from(port), 1).map_err(dev_err("exit-status port"))?;
+            Some(status)
+        }
+        None => None,
+    };
+    Ok(Devices { pio, power, serial, exit_status })
+}
+
+/// Boots `config` on `hypervisor` and runs it until it stops.
+pub fn run(hypervisor: &dyn Hypervisor, config: &MachineConfig, console: Console) -> Result<Outcome, VmmError> {
+    let guest = prepare_guest(config)?;
+    let vm = hypervisor
+        .create_vm(&VmConfig { num_cpus: config.cpus, irqchip: true })
+        .map_err(hv_err("creating the VM"))?;
+    vm.set_memory(&guest.memory).map_err(hv_err("mapping guest memory"))?;
+    let devices = create_devices(vm.as_ref(), config, console.output)?;
+
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    for id in 0..config.cpus {
+        let mut vcpu = vm.create_vcpu(id).map_err(hv_err("creating a vCPU"))?;
+        if id == 0 {
+            let state = &guest.boot_cpu;
+            vcpu.set_sregs(&state.sregs).map_err(hv_err("setting the boot vCPU's segments"))?;
+            vcpu.set_regs(&state.regs).map_err(hv_err("setting the boot vCPU's registers"))?;
+            vcpu.set_fpu(&state.fpu).map_err(hv_err("setting the boot vCPU's FPU"))?;
+            vcpu.set_msrs(&state.msrs).map_err(hv_err("setting the boot vCPU's MSRs"))?;
+        }
+        // Secondary vCPUs wait for INIT/SIPI from the boot vCPU.
+        vcpus.push(vcpu);
+    }
+
+    let shared = Arc::new(Shared {
+        pio: devices.pio,
+        mmio: Bus::new(),
+        power: devices.power,
+        stopping: AtomicBool::new(false),
+        vcpu_stop: Mutex::new(None),
+        vcpu_stopped: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("vCPU stop eventfd"))?,
+    });
+
+    // Block the stop signals before any vCPU thread exists, so they all
+    // inherit the mask and only the signalfd sees them.
+    let signals = SignalFd::block_stop_signals().map_err(io_err("blocking SIGINT/SIGTERM/SIGHUP"))?;
+
+    let mut interrupters: Vec<Arc<dyn VcpuInterrupter>> = Vec::new();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        interrupters.push(vcpu.interrupter());
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(vcpu, &thread_shared))
+            .map_err(io_err("starting a vCPU thread"));
+        match thread {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                stop_vcpus(&shared, &interrupters, threads);
+                return Err(e);
+            }
+        }
+    }
+
+    let reason = main_loop(&shared, &signals, &devices.serial, console.input, console.escape);
+    stop_vcpus(&shared, &interrupters, threads);
+    drop(signals);
+    Ok(Outcome { reason, exit_status: devices.exit_status.and_then(|s| s.get()) })
+}
+
+fn stop_vcpus(shared: &Shared, interrupters: &[Arc<dyn VcpuInterrupter>], threads: Vec<JoinHandle<()>>) {
+    shared.stopping.store(true, Ordering::SeqCst);
+    for interrupter in interrupters {
+        interrupter.interrupt();
+    }
+    for thread in threads {
+        // A vCPU thread that panicked has nothing left to clean up.
+        let _ = thread.join();
+    }
+}
+
+/// Waits for the guest to stop, forwarding console input meanwhile.
+fn main_loop(
+    shared: &Shared,
+    signals: &SignalFd,
+    serial: &Mutex<Serial>,
+    input: Option<RawFd>,
+    escape: bool,
+) -> StopReason {
+    let mut input = input;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut escape_armed = false;
+    loop {
+        if let Some(event) = shared.power.pending() {
+            return match event {
+                VmEvent::PowerOff => StopReason::PowerOff,
+                VmEvent::Reset => StopReason::Reset,
+            };
+        }
+        if let Ok(slot) = shared.vcpu_stop.lock() {
+            if let Some(reason) = slot.clone() {
+                return reason;
+            }
+        }
+        // Read more input only when the guest has taken what we hold.
+        let want_input = input.filter(|_| pending.is_empty());
+        let mut fds = vec![shared.power.eventfd().as_raw_fd(), shared.vcpu_stopped.as_raw_fd(), signals.as_raw_fd()];
+        if let Some(fd) = want_input {
+            fds.push(fd);
+        }
+        // With input waiting for room in the UART FIFO, poll briefly.
+        let timeout_ms = if pending.is_empty() { 1000 } else { 10 };
+        let ready = match sys::poll_readable(&fds, timeout_ms) {
+            Ok(ready) => ready,
+            Err(e) => return StopReason::Error(format!("waiting for events: {e}")),
+        };
+        if ready[2] {
+            if let Some(signal) = signals.read_signal() {
+                return StopReason::Signal(signal);
+            }
+        }
+        if ready.get(3).copied().unwrap_or(false) {
+            if let Some(fd) = want_input {
+                let mut buf = [0u8; 256];
+                match sys::read_some(fd, &mut buf) {
+                    // End of input: the guest keeps running, without it.
+                    Ok(0) => input = None,
+                    Ok(n) => {
+                        for &byte in &buf[..n] {
+                            if escape && escape_armed {
+                                escape_armed = false;
+                                match byte {
+                                    b'x' | b'X' => return StopReason::ConsoleEscape,
+                                    ESCAPE_BYTE => pending.push(ESCAPE_BYTE),
+                                    other => pending.extend_from_slice(&[ESCAPE_BYTE, other]),
+                                }
+                            } else if escape && byte == ESCAPE_BYTE {
+                                escape_armed = true;
+                            } else {
+                                pending.push(byte);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted || e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => input = None,
+                }
+            }
+        }
+        if !pending.is_empty() {
+            if let Ok(mut serial) = serial.lock() {
+                match serial.enqueue_input(&pending) {
+                    Ok(taken) => {
+                        pending.drain(..taken.min(pending.len()));
+                    }
+                    Err(e) => return StopReason::Error(format!("serial input: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// Runs one vCPU until the VM stops, dispatching its exits to the buses.
+fn vcpu_loop(mut vcpu: Box<dyn Vcpu>, shared: &Shared) {
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) => {
+                shared.stop_from_vcpu(StopReason::Error(format!("running a vCPU: {e}")));
+                return;
+            }
+        };
+        match exit {
+            VcpuExit::IoIn { port, data } => {
+                if !shared.pio.read(u64::from(port), data) {
+                    // Nothing there: an ISA bus floats high.
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::IoOut { port, data } => {
+                // Writes to ports with no device are dropped, as on a PC.
+                shared.pio.write(u64::from(port), data);
+            }
+            VcpuExit::MmioRead { addr, data } => {
+                if !shared.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::MmioWrite { addr, data } => {
+                shared.mmio.write(addr, data);
+            }
+            VcpuExit::Interrupted => {}
+            VcpuExit::Halt => return shared.stop_from_vcpu(StopReason::Halted),
+            VcpuExit::Shutdown => return shared.stop_from_vcpu(StopReason::TripleFault),
+            VcpuExit::SystemReset => return shared.power.request(VmEvent::Reset),
+            VcpuExit::SystemPowerOff => return shared.power.request(VmEvent::PowerOff),
+            VcpuExit::InternalError(what) | VcpuExit::Unhandled(what) => {
+                let rip = vcpu.regs().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default();
+                return shared.stop_from_vcpu(StopReason::Error(format!("{what}{rip}")));
+            }
+        }
+    }
+}
+
+/// The guest-physical address of the ACPI RSDP (for tests and tools).
+pub fn rsdp_address() -> GuestAddress {
+    GuestAddress(acpi::RSDP_ADDR)
+}
