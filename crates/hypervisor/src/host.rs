@@ -40,7 +40,11 @@ pub fn kvm_support() -> KvmSupport {
             .and_then(|kvm| kvm.create_vm().map(|_| ()))
             .is_ok();
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    KvmSupport { device, usable, pvm }
+    KvmSupport {
+        device,
+        usable,
+        pvm,
+    }
 }
 
 /// VT-x (`vmx`) or AMD-V (`svm`) in the processor flags of `cpuinfo` text.
@@ -48,7 +52,10 @@ pub fn has_hardware_virtualization(cpuinfo: &str) -> bool {
     cpuinfo
         .lines()
         .filter(|line| line.starts_with("flags"))
-        .any(|line| line.split_whitespace().any(|flag| flag == "vmx" || flag == "svm"))
+        .any(|line| {
+            line.split_whitespace()
+                .any(|flag| flag == "vmx" || flag == "svm")
+        })
 }
 
 /// The accelerator that runs stock kernels here: KVM only where it is
@@ -67,18 +74,38 @@ mod tests {
 
     #[test]
     fn finds_vmx_and_svm_only_in_flags_lines() {
-        assert!(has_hardware_virtualization("processor: 0\nflags\t\t: fpu vme vmx sse\n"));
+        assert!(has_hardware_virtualization(
+            "processor: 0\nflags\t\t: fpu vme vmx sse\n"
+        ));
         assert!(has_hardware_virtualization("flags : fpu svm\n"));
         assert!(!has_hardware_virtualization("flags : fpu sse2 vmxx\n"));
-        assert!(!has_hardware_virtualization("model name: vmx\nflags: fpu\n"));
+        assert!(!has_hardware_virtualization(
+            "model name: vmx\nflags: fpu\n"
+        ));
     }
 
     #[test]
     fn auto_picks_kvm_only_with_real_hardware_support() {
-        let good = KvmSupport { device: true, usable: true, pvm: false };
+        let good = KvmSupport {
+            device: true,
+            usable: true,
+            pvm: false,
+        };
         assert_eq!(auto_accel(good, true), Accel::Kvm);
         assert_eq!(auto_accel(good, false), Accel::Emu);
-        assert_eq!(auto_accel(KvmSupport { pvm: true, ..good }, true), Accel::Emu);
-        assert_eq!(auto_accel(KvmSupport { usable: false, ..good }, true), Accel::Emu);
+        assert_eq!(
+            auto_accel(KvmSupport { pvm: true, ..good }, true),
+            Accel::Emu
+        );
+        assert_eq!(
+            auto_accel(
+                KvmSupport {
+                    usable: false,
+                    ..good
+                },
+                true
+            ),
+            Accel::Emu
+        );
     }
 }

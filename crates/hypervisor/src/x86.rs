@@ -55,7 +55,11 @@ impl Segment {
         let base = ((descriptor >> 16) & 0xff_ffff) | ((descriptor >> 32) & 0xff00_0000);
         let raw_limit = ((descriptor & 0xffff) | ((descriptor >> 32) & 0xf_0000)) as u32;
         let g = (descriptor >> 55) & 1 == 1;
-        let limit = if g { (raw_limit << 12) | 0xfff } else { raw_limit };
+        let limit = if g {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        };
         Segment {
             base,
             limit,
@@ -114,7 +118,10 @@ pub struct FpuState {
 impl Default for FpuState {
     /// The values after `FNINIT` and processor reset.
     fn default() -> Self {
-        FpuState { fcw: 0x37f, mxcsr: 0x1f80 }
+        FpuState {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+        }
     }
 }
 

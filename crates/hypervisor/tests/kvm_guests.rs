@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use hypervisor::kvm::KvmHypervisor;
 use hypervisor::x86::bits::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED};
-use hypervisor::{DescriptorTable, Hypervisor, Segment, StandardRegisters, Vcpu, VcpuExit, Vm, VmConfig};
+use hypervisor::{
+    DescriptorTable, Hypervisor, Segment, StandardRegisters, Vcpu, VcpuExit, Vm, VmConfig,
+};
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -34,9 +36,13 @@ fn kvm() -> Option<KvmHypervisor> {
 }
 
 fn vm_with_code(kvm: &KvmHypervisor, num_cpus: u32, irqchip: bool, code: &[u8]) -> Arc<dyn Vm> {
-    let vm = kvm.create_vm(&VmConfig { num_cpus, irqchip }).expect("create VM");
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
-    mem.write_slice(code, GuestAddress(CODE)).expect("load code");
+    let vm = kvm
+        .create_vm(&VmConfig { num_cpus, irqchip })
+        .expect("create VM");
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
+    mem.write_slice(code, GuestAddress(CODE))
+        .expect("load code");
     vm.set_memory(&mem).expect("set memory");
     vm
 }
@@ -57,14 +63,19 @@ fn run_to_halt(vcpu: &mut dyn Vcpu, in_value: u8, mmio_value: u64) -> Vec<Event>
     let mut events = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(Instant::now() < deadline, "guest did not halt; so far: {events:?}");
+        assert!(
+            Instant::now() < deadline,
+            "guest did not halt; so far: {events:?}"
+        );
         match vcpu.run().expect("KVM_RUN") {
             VcpuExit::IoOut { port, data } => events.push(Event::Out(port, data.to_vec())),
             VcpuExit::IoIn { port, data } => {
                 events.push(Event::In(port, data.len()));
                 data.fill(in_value);
             }
-            VcpuExit::MmioWrite { addr, data } => events.push(Event::MmioWrite(addr, data.to_vec())),
+            VcpuExit::MmioWrite { addr, data } => {
+                events.push(Event::MmioWrite(addr, data.to_vec()))
+            }
             VcpuExit::MmioRead { addr, data } => {
                 events.push(Event::MmioRead(addr, data.len()));
                 let bytes = mmio_value.to_le_bytes();
@@ -95,7 +106,13 @@ fn real_mode_segment(selector: u16, code: bool) -> Segment {
 fn enter_real_mode(vcpu: &mut dyn Vcpu) {
     let mut sregs = vcpu.sregs().expect("get sregs");
     sregs.cs = real_mode_segment(0, true);
-    for seg in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss, &mut sregs.fs, &mut sregs.gs] {
+    for seg in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.ss,
+        &mut sregs.fs,
+        &mut sregs.gs,
+    ] {
         *seg = real_mode_segment(0, false);
     }
     sregs.cr0 = CR0_ET;
@@ -126,8 +143,12 @@ fn real_mode_port_io_mmio_and_halt() {
     let vm = vm_with_code(&kvm, 1, false, &real_mode_program());
     let mut vcpu = vm.create_vcpu(0).expect("vCPU");
     enter_real_mode(vcpu.as_mut());
-    vcpu.set_regs(&StandardRegisters { rip: CODE, rflags: RFLAGS_RESERVED, ..Default::default() })
-        .expect("set regs");
+    vcpu.set_regs(&StandardRegisters {
+        rip: CODE,
+        rflags: RFLAGS_RESERVED,
+        ..Default::default()
+    })
+    .expect("set regs");
     let events = run_to_halt(vcpu.as_mut(), 0x7e, 0xbeef);
     assert_eq!(
         events,
@@ -156,18 +177,24 @@ const DATA64_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
 
 fn build_long_mode_tables(mem: &GuestMemoryMmap) {
     mem.write_obj(0u64, GuestAddress(GDT)).unwrap();
-    mem.write_obj(CODE64_DESCRIPTOR, GuestAddress(GDT + 8)).unwrap();
-    mem.write_obj(DATA64_DESCRIPTOR, GuestAddress(GDT + 16)).unwrap();
+    mem.write_obj(CODE64_DESCRIPTOR, GuestAddress(GDT + 8))
+        .unwrap();
+    mem.write_obj(DATA64_DESCRIPTOR, GuestAddress(GDT + 16))
+        .unwrap();
     mem.write_obj(PDPT | 0x3, GuestAddress(PML4)).unwrap();
     mem.write_obj(PD | 0x3, GuestAddress(PDPT)).unwrap();
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PD + i * 8)).unwrap();
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PD + i * 8))
+            .unwrap();
     }
 }
 
 fn enter_long_mode(vcpu: &mut dyn Vcpu) {
     let mut sregs = vcpu.sregs().expect("get sregs");
-    sregs.gdt = DescriptorTable { base: GDT, limit: 23 };
+    sregs.gdt = DescriptorTable {
+        base: GDT,
+        limit: 23,
+    };
     sregs.cs = Segment::from_descriptor(8, CODE64_DESCRIPTOR);
     let data = Segment::from_descriptor(16, DATA64_DESCRIPTOR);
     sregs.ds = data;
@@ -200,10 +227,17 @@ fn long_mode_program() -> Vec<u8> {
 }
 
 fn long_mode_vm(kvm: &KvmHypervisor, num_cpus: u32) -> Arc<dyn Vm> {
-    let vm = kvm.create_vm(&VmConfig { num_cpus, irqchip: false }).expect("create VM");
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
+    let vm = kvm
+        .create_vm(&VmConfig {
+            num_cpus,
+            irqchip: false,
+        })
+        .expect("create VM");
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
     build_long_mode_tables(&mem);
-    mem.write_slice(&long_mode_program(), GuestAddress(CODE)).expect("load code");
+    mem.write_slice(&long_mode_program(), GuestAddress(CODE))
+        .expect("load code");
     vm.set_memory(&mem).expect("set memory");
     vm
 }
@@ -225,7 +259,10 @@ fn start_long_mode_vcpu(vm: &Arc<dyn Vm>, id: u32) -> Box<dyn Vcpu> {
 fn long_mode_expected(id: u8, mmio_value: u64) -> Vec<Event> {
     vec![
         Event::Out(0x10, vec![id]),
-        Event::MmioWrite(MMIO_LONG_MODE + 8 * u64::from(id), u64::from(id).to_le_bytes().to_vec()),
+        Event::MmioWrite(
+            MMIO_LONG_MODE + 8 * u64::from(id),
+            u64::from(id).to_le_bytes().to_vec(),
+        ),
         Event::MmioRead(MMIO_LONG_MODE + 0x100, 8),
         Event::Out(0x12, (mmio_value as u32).to_le_bytes().to_vec()),
         Event::Out(0x12, ((mmio_value >> 32) as u32).to_le_bytes().to_vec()),
@@ -239,7 +276,10 @@ fn long_mode_one_vcpu() {
     let vm = long_mode_vm(&kvm, 1);
     let mut vcpu = start_long_mode_vcpu(&vm, 0);
     let value = 0x1122_3344_5566_7788;
-    assert_eq!(run_to_halt(vcpu.as_mut(), 0, value), long_mode_expected(0, value));
+    assert_eq!(
+        run_to_halt(vcpu.as_mut(), 0, value),
+        long_mode_expected(0, value)
+    );
 }
 
 #[test]
@@ -284,8 +324,12 @@ fn halted_vcpu_with_irqchip_is_interrupted() {
     let vm = vm_with_code(&kvm, 1, true, &code);
     let mut vcpu = vm.create_vcpu(0).expect("vCPU");
     enter_real_mode(vcpu.as_mut());
-    vcpu.set_regs(&StandardRegisters { rip: CODE, rflags: RFLAGS_RESERVED, ..Default::default() })
-        .expect("set regs");
+    vcpu.set_regs(&StandardRegisters {
+        rip: CODE,
+        rflags: RFLAGS_RESERVED,
+        ..Default::default()
+    })
+    .expect("set regs");
     let interrupter = vcpu.interrupter();
     let (tx, rx) = std::sync::mpsc::channel();
     let runner = std::thread::spawn(move || {
@@ -304,12 +348,16 @@ fn halted_vcpu_with_irqchip_is_interrupted() {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(30)).expect("guest reached its OUT");
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("guest reached its OUT");
     // Give the guest time to reach HLT and block in the kernel.
     std::thread::sleep(Duration::from_millis(50));
     interrupter.interrupt();
     let exits = runner.join().expect("vCPU thread");
-    assert_eq!(exits, vec!["out 0x10".to_string(), "interrupted".to_string()]);
+    assert_eq!(
+        exits,
+        vec!["out 0x10".to_string(), "interrupted".to_string()]
+    );
 }
 
 /// An interrupt asked for before the thread enters the guest is not lost.

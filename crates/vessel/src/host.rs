@@ -19,7 +19,9 @@ pub fn cgroup_mode(mountinfo: &str) -> CgroupMode {
     let mut v2 = false;
     for line in mountinfo.lines() {
         // Fields after " - " are: fstype, source, super options.
-        let Some((_, after)) = line.split_once(" - ") else { continue };
+        let Some((_, after)) = line.split_once(" - ") else {
+            continue;
+        };
         match after.split_whitespace().next() {
             Some("cgroup") => v1 = true,
             Some("cgroup2") => v2 = true,
@@ -51,7 +53,9 @@ pub fn namespaces() -> Vec<String> {
 /// Whether /dev/net/tun exists as a character device.
 pub fn has_tun() -> bool {
     use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata("/dev/net/tun").map(|m| m.file_type().is_char_device()).unwrap_or(false)
+    std::fs::metadata("/dev/net/tun")
+        .map(|m| m.file_type().is_char_device())
+        .unwrap_or(false)
 }
 
 /// Everything `vessel doctor` reports.
@@ -78,7 +82,11 @@ pub fn report() -> HostReport {
     let hardware_virtualization = hypervisor::host::has_hardware_virtualization(&cpuinfo);
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     HostReport {
-        kvm: KvmReport { device: kvm.device, usable: kvm.usable, pvm: kvm.pvm },
+        kvm: KvmReport {
+            device: kvm.device,
+            usable: kvm.usable,
+            pvm: kvm.pvm,
+        },
         hardware_virtualization,
         auto_accel: hypervisor::host::auto_accel(kvm, hardware_virtualization).name(),
         cgroups: cgroup_mode(&mountinfo),
@@ -91,13 +99,22 @@ pub fn report() -> HostReport {
 pub fn render_table(r: &HostReport) -> String {
     let yes = |b: bool| if b { "yes" } else { "no" };
     let mut rows: Vec<(String, String, String)> = vec![
-        ("kvm device".into(), yes(r.kvm.device).into(), "/dev/kvm exists".into()),
-        ("kvm usable".into(), yes(r.kvm.usable).into(), "a KVM VM can be created by this user".into()),
+        (
+            "kvm device".into(),
+            yes(r.kvm.device).into(),
+            "/dev/kvm exists".into(),
+        ),
+        (
+            "kvm usable".into(),
+            yes(r.kvm.usable).into(),
+            "a KVM VM can be created by this user".into(),
+        ),
         (
             "kvm pvm".into(),
             yes(r.kvm.pvm).into(),
             if r.kvm.pvm {
-                "KVM is nested PVM: guest ring 0 is emulated, stock kernels cannot run accelerated".into()
+                "KVM is nested PVM: guest ring 0 is emulated, stock kernels cannot run accelerated"
+                    .into()
             } else {
                 "KVM is not PVM".into()
             },
@@ -118,7 +135,10 @@ pub fn render_table(r: &HostReport) -> String {
         ),
         (
             "cgroups".into(),
-            serde_json::to_value(r.cgroups).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            serde_json::to_value(r.cgroups)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
             match r.cgroups {
                 CgroupMode::V1 => "cgroup v1 controllers only",
                 CgroupMode::V2 => "unified cgroup v2 hierarchy",
@@ -127,8 +147,16 @@ pub fn render_table(r: &HostReport) -> String {
             }
             .into(),
         ),
-        ("namespaces".into(), r.namespaces.join(","), "kinds of namespace containers can use".into()),
-        ("tun".into(), yes(r.tun).into(), "/dev/net/tun for VM and container networking".into()),
+        (
+            "namespaces".into(),
+            r.namespaces.join(","),
+            "kinds of namespace containers can use".into(),
+        ),
+        (
+            "tun".into(),
+            yes(r.tun).into(),
+            "/dev/net/tun for VM and container networking".into(),
+        ),
     ];
     let width = rows.iter().map(|(k, _, _)| k.len()).max().unwrap_or(0);
     let value_width = rows.iter().map(|(_, v, _)| v.len()).max().unwrap_or(0);
@@ -150,14 +178,24 @@ mod tests {
     #[test]
     fn cgroup_layouts() {
         assert_eq!(cgroup_mode(HYBRID), CgroupMode::Hybrid);
-        assert_eq!(cgroup_mode("26 25 0:24 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"), CgroupMode::V2);
-        assert_eq!(cgroup_mode("27 25 0:25 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"), CgroupMode::V1);
-        assert_eq!(cgroup_mode("1 0 0:1 / / rw - ext4 /dev/sda rw\n"), CgroupMode::None);
+        assert_eq!(
+            cgroup_mode("26 25 0:24 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"),
+            CgroupMode::V2
+        );
+        assert_eq!(
+            cgroup_mode("27 25 0:25 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"),
+            CgroupMode::V1
+        );
+        assert_eq!(
+            cgroup_mode("1 0 0:1 / / rw - ext4 /dev/sda rw\n"),
+            CgroupMode::None
+        );
     }
 
     #[test]
     fn optional_fields_before_the_separator_are_skipped() {
-        let line = "30 25 0:26 / /sys/fs/cgroup/pids rw shared:9 master:2 - cgroup cgroup rw,pids\n";
+        let line =
+            "30 25 0:26 / /sys/fs/cgroup/pids rw shared:9 master:2 - cgroup cgroup rw,pids\n";
         assert_eq!(cgroup_mode(line), CgroupMode::V1);
     }
 }

@@ -18,7 +18,11 @@ use vmm::{Console, MachineConfig, StopReason};
 const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
 #[derive(Parser)]
-#[command(name = "vessel", version, about = "Virtual machines and containers on one Linux host")]
+#[command(
+    name = "vessel",
+    version,
+    about = "Virtual machines and containers on one Linux host"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -103,8 +107,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor { json } => doctor(json),
-        Command::Guest { command: GuestCommand::Fetch { mirror } } => guest_fetch(mirror),
-        Command::Guest { command: GuestCommand::Info { json } } => guest_info(json),
+        Command::Guest {
+            command: GuestCommand::Fetch { mirror },
+        } => guest_fetch(mirror),
+        Command::Guest {
+            command: GuestCommand::Info { json },
+        } => guest_info(json),
         Command::Run(args) => run(args),
     };
     match result {
@@ -127,7 +135,12 @@ fn doctor(json: bool) -> Result<ExitCode> {
 }
 
 fn fetch_options(mirror: Option<String>) -> guest::FetchOptions {
-    guest::FetchOptions { data_dir: guest::default_data_dir(), mirror, keyring: None, progress: true }
+    guest::FetchOptions {
+        data_dir: guest::default_data_dir(),
+        mirror,
+        keyring: None,
+        progress: true,
+    }
 }
 
 fn guest_fetch(mirror: Option<String>) -> Result<ExitCode> {
@@ -139,7 +152,10 @@ fn guest_fetch(mirror: Option<String>) -> Result<ExitCode> {
 fn guest_info(json: bool) -> Result<ExitCode> {
     let data_dir = guest::default_data_dir();
     let Some(image) = guest::cached(&data_dir).context("reading the guest cache")? else {
-        bail!("the default guest is not fetched yet (in {}); run `vessel guest fetch`", data_dir.display());
+        bail!(
+            "the default guest is not fetched yet (in {}); run `vessel guest fetch`",
+            data_dir.display()
+        );
     };
     if json {
         let value = serde_json::json!({
@@ -149,7 +165,12 @@ fn guest_info(json: bool) -> Result<ExitCode> {
         });
         println!("{value}");
     } else {
-        println!("release  {}\nkernel   {}\ninitrd   {}", image.release, image.kernel.display(), image.initrd.display());
+        println!(
+            "release  {}\nkernel   {}\ninitrd   {}",
+            image.release,
+            image.kernel.display(),
+            image.initrd.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -162,7 +183,10 @@ fn choose_accel(arg: AccelArg) -> Result<Accel> {
         AccelArg::Emu => Accel::Emu,
         AccelArg::Auto => {
             let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-            hypervisor::host::auto_accel(kvm, hypervisor::host::has_hardware_virtualization(&cpuinfo))
+            hypervisor::host::auto_accel(
+                kvm,
+                hypervisor::host::has_hardware_virtualization(&cpuinfo),
+            )
         }
     };
     match accel {
@@ -207,16 +231,19 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Accel::Emu => bail!("the emu accelerator is not available yet"),
     };
     if args.cpus > hypervisor.max_vcpus() {
-        bail!("--cpus {}: {} allows at most {}", args.cpus, hypervisor.name(), hypervisor.max_vcpus());
+        bail!(
+            "--cpus {}: {} allows at most {}",
+            args.cpus,
+            hypervisor.name(),
+            hypervisor.max_vcpus()
+        );
     }
 
     let (kernel, initrd) = match args.kernel {
         Some(kernel) => (kernel, args.initrd),
         None => {
-            let image = match guest::cached(&guest::default_data_dir()).context("reading the guest cache")? {
-                Some(image) => image,
-                None => guest::fetch(&fetch_options(None)).context("fetching the default guest")?,
-            };
+            // Uses the cache when it is intact; fetches (once) otherwise.
+            let image = guest::fetch(&fetch_options(None)).context("fetching the default guest")?;
             (image.kernel, Some(args.initrd.unwrap_or(image.initrd)))
         }
     };
@@ -240,7 +267,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     // An interactive shell gets the terminal raw, Ctrl-C included (Ctrl-A x
     // stops the VM); a single command keeps Ctrl-C as "stop the VM".
     let _raw = if interactive_terminal {
-        Some(terminal::RawModeGuard::enter(stdin, has_command).context("putting the terminal in raw mode")?)
+        Some(
+            terminal::RawModeGuard::enter(stdin, has_command)
+                .context("putting the terminal in raw mode")?,
+        )
     } else {
         None
     };
@@ -262,9 +292,15 @@ fn exit_code(outcome: &vmm::Outcome, has_command: bool) -> ExitCode {
         return ExitCode::from(status);
     }
     match &outcome.reason {
-        StopReason::PowerOff | StopReason::Reset | StopReason::Halted | StopReason::ConsoleEscape => {
+        StopReason::PowerOff
+        | StopReason::Reset
+        | StopReason::Halted
+        | StopReason::ConsoleEscape => {
             if has_command {
-                eprintln!("vessel: the guest stopped ({}) before reporting the command's exit status", describe(&outcome.reason));
+                eprintln!(
+                    "vessel: the guest stopped ({}) before reporting the command's exit status",
+                    describe(&outcome.reason)
+                );
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS

@@ -4,7 +4,10 @@ use std::io::Write;
 use std::process::{Command, Output};
 
 fn vessel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vessel")).args(args).output().expect("run vessel")
+    Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(args)
+        .output()
+        .expect("run vessel")
 }
 
 fn stderr(out: &Output) -> String {
@@ -14,7 +17,10 @@ fn stderr(out: &Output) -> String {
 /// A failed command prints exactly one line, naming the problem.
 fn assert_one_clear_error(out: &Output, needle: &str) {
     let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| !l.contains("warning:")).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err:?}");
     assert!(lines[0].starts_with("vessel: "), "{err:?}");
@@ -35,7 +41,9 @@ fn doctor_json_reports_this_host() {
     assert!(v["tun"].is_boolean());
     let namespaces = v["namespaces"].as_array().expect("namespaces list");
     assert!(namespaces.iter().any(|n| n == "mnt"), "{namespaces:?}");
-    assert!(["v1", "v2", "hybrid", "none"].contains(&v["cgroups"].as_str().expect("cgroups string")));
+    assert!(
+        ["v1", "v2", "hybrid", "none"].contains(&v["cgroups"].as_str().expect("cgroups string"))
+    );
     let auto = v["auto_accel"].as_str().expect("auto_accel");
     if pvm {
         assert_eq!(auto, "emu", "a PVM host cannot run stock kernels on KVM");
@@ -51,7 +59,15 @@ fn doctor_table_explains_each_item() {
     let out = vessel(&["doctor"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for item in ["kvm device", "kvm pvm", "hardware virtualization", "auto accelerator", "cgroups", "namespaces", "tun"] {
+    for item in [
+        "kvm device",
+        "kvm pvm",
+        "hardware virtualization",
+        "auto accelerator",
+        "cgroups",
+        "namespaces",
+        "tun",
+    ] {
         assert!(text.contains(item), "missing {item} in {text}");
     }
 }
@@ -69,7 +85,13 @@ fn non_kernel_files_are_refused() {
     let out = vessel(&["run", "--accel", "kvm", "--kernel", "/nonexistent/vmlinuz"]);
     assert_one_clear_error(&out, "/nonexistent/vmlinuz");
     let empty = temp_file(b"");
-    let out = vessel(&["run", "--accel", "kvm", "--kernel", empty.path().to_str().unwrap()]);
+    let out = vessel(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--kernel",
+        empty.path().to_str().unwrap(),
+    ]);
     assert_one_clear_error(&out, "is empty");
     let out = vessel(&["run", "--accel", "kvm", "--kernel", "/etc"]);
     assert_one_clear_error(&out, "/etc");
@@ -87,9 +109,25 @@ fn truncated_kernel_is_refused() {
     image[0x236] = 1;
     image[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes());
     let kernel = temp_file(&image[..0x300]);
-    let out = vessel(&["run", "--accel", "kvm", "--memory", "32M", "--kernel", kernel.path().to_str().unwrap()]);
+    let out = vessel(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--memory",
+        "32M",
+        "--kernel",
+        kernel.path().to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    assert_eq!(stderr(&out).lines().filter(|l| !l.contains("warning:")).count(), 1, "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out)
+            .lines()
+            .filter(|l| !l.contains("warning:"))
+            .count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -140,9 +178,29 @@ fn too_long_command_line_and_oversized_initrd_are_refused() {
     let kernel = temp_file(&elf);
     let path = kernel.path().to_str().unwrap();
     let long = "x".repeat(5000);
-    let out = vessel(&["run", "--accel", "kvm", "--memory", "32M", "--kernel", path, "--cmdline", &long]);
+    let out = vessel(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--memory",
+        "32M",
+        "--kernel",
+        path,
+        "--cmdline",
+        &long,
+    ]);
     assert_one_clear_error(&out, "kernel command line is 5000 bytes");
     let initrd = temp_file(&vec![0u8; 40 << 20]);
-    let out = vessel(&["run", "--accel", "kvm", "--memory", "32M", "--kernel", path, "--initrd", initrd.path().to_str().unwrap()]);
+    let out = vessel(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--memory",
+        "32M",
+        "--kernel",
+        path,
+        "--initrd",
+        initrd.path().to_str().unwrap(),
+    ]);
     assert_one_clear_error(&out, "does not fit");
 }

@@ -80,7 +80,8 @@ fn print_string_at_rbx(a: &mut CodeAssembler) {
 fn power_off(a: &mut CodeAssembler) {
     let slp = (u32::from(devices::acpi_pm::S5_SLP_TYP) << 2) | (1 << 5);
     a.mov(al, slp).unwrap();
-    a.mov(dx, u32::from(devices::acpi_pm::SLEEP_CONTROL_PORT)).unwrap();
+    a.mov(dx, u32::from(devices::acpi_pm::SLEEP_CONTROL_PORT))
+        .unwrap();
     a.out(dx, al).unwrap();
     halt_forever(a);
 }
@@ -132,7 +133,9 @@ fn run_with_timeout(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
 
 fn run_kernel(kernel: &Path, extra: &[&str], stdin: &[u8]) -> Output {
     let mut cmd = vessel();
-    cmd.args(["run", "--accel", "kvm", "--memory", "64M", "--kernel"]).arg(kernel).args(extra);
+    cmd.args(["run", "--accel", "kvm", "--memory", "64M", "--kernel"])
+        .arg(kernel)
+        .args(extra);
     run_with_timeout(cmd, stdin, Duration::from_secs(60))
 }
 
@@ -155,9 +158,21 @@ fn kernel_sees_its_command_line_and_its_exit_status_is_vessels() {
         return;
     }
     let kernel = hello_kernel();
-    let out = run_kernel(kernel.path(), &["--cmdline", "hello from the zero page"], b"");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the zero page\n");
-    assert_eq!(out.status.code(), Some(7), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run_kernel(
+        kernel.path(),
+        &["--cmdline", "hello from the zero page"],
+        b"",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the zero page\n"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -177,9 +192,16 @@ fn command_is_encoded_on_the_kernel_command_line() {
         return;
     }
     let kernel = hello_kernel();
-    let out = run_kernel(kernel.path(), &["--cmdline", "base", "--", "sh", "-c", "exit 7"], b"");
+    let out = run_kernel(
+        kernel.path(),
+        &["--cmdline", "base", "--", "sh", "-c", "exit 7"],
+        b"",
+    );
     let printed = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
-    let expected = format!("base {}", guest::command_line_for(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap());
+    let expected = format!(
+        "base {}",
+        guest::command_line_for(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap()
+    );
     assert_eq!(printed, expected);
 }
 
@@ -229,7 +251,12 @@ fn i8042_reset_ends_the_vm() {
     halt_forever(&mut a);
     let kernel = elf_kernel(&assemble(&mut a));
     let out = run_kernel(kernel.path(), &[], b"");
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -262,7 +289,9 @@ fn sigterm_tears_down_a_spinning_guest() {
     let kernel = elf_kernel(&assemble(&mut a));
     for cpus in ["1", "2"] {
         let mut child = vessel()
-            .args(["run", "--accel", "kvm", "--memory", "64M", "--cpus", cpus, "--kernel"])
+            .args([
+                "run", "--accel", "kvm", "--memory", "64M", "--cpus", cpus, "--kernel",
+            ])
             .arg(kernel.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -282,7 +311,10 @@ fn sigterm_tears_down_a_spinning_guest() {
             if let Some(status) = child.try_wait().expect("wait") {
                 break status;
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "vessel ignored SIGTERM");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "vessel ignored SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
         assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{cpus} vCPUs");

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use hypervisor::x86::bits::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED};
 use hypervisor::x86::msr;
-use hypervisor::{DescriptorTable, FpuState, MsrEntry, Segment, SpecialRegisters, StandardRegisters};
+use hypervisor::{
+    DescriptorTable, FpuState, MsrEntry, Segment, SpecialRegisters, StandardRegisters,
+};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
@@ -49,7 +51,10 @@ const GDT_TSS: u64 = 0x008f_8b00_0000_ffff;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot read kernel {path}: {source}")]
-    KernelRead { path: PathBuf, source: std::io::Error },
+    KernelRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel {0} is empty")]
     KernelEmpty(PathBuf),
     #[error("{0} is not a Linux kernel: it has neither a bzImage boot header nor an ELF header")]
@@ -57,13 +62,26 @@ pub enum BootError {
     #[error("kernel {path} is not usable: {reason}")]
     KernelInvalid { path: PathBuf, reason: String },
     #[error("kernel {path} ({size} bytes loaded at {load:#x}) does not fit in {memory_mib} MiB of guest memory")]
-    KernelTooBig { path: PathBuf, size: u64, load: u64, memory_mib: u64 },
+    KernelTooBig {
+        path: PathBuf,
+        size: u64,
+        load: u64,
+        memory_mib: u64,
+    },
     #[error("cannot read initrd {path}: {source}")]
-    InitrdRead { path: PathBuf, source: std::io::Error },
+    InitrdRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initrd {0} is empty")]
     InitrdEmpty(PathBuf),
     #[error("initrd {path} ({size} bytes) does not fit in guest memory between the kernel's end ({kernel_end:#x}) and {limit:#x}; give the guest more memory")]
-    InitrdTooBig { path: PathBuf, size: u64, kernel_end: u64, limit: u64 },
+    InitrdTooBig {
+        path: PathBuf,
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("kernel command line is {len} bytes; this kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("kernel command line is invalid: {0}")]
@@ -81,7 +99,10 @@ pub enum KernelFormat {
 
 /// Looks at the first bytes of a kernel file.
 pub fn kernel_format(path: &Path) -> Result<KernelFormat, BootError> {
-    let read_err = |source| BootError::KernelRead { path: path.to_path_buf(), source };
+    let read_err = |source| BootError::KernelRead {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let metadata = file.metadata().map_err(read_err)?;
     if metadata.is_dir() {
@@ -105,7 +126,9 @@ pub fn kernel_format(path: &Path) -> Result<KernelFormat, BootError> {
     if head.starts_with(b"\x7fELF") {
         return Ok(KernelFormat::Elf);
     }
-    if head.len() >= 0x206 && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == HDRS_MAGIC {
+    if head.len() >= 0x206
+        && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == HDRS_MAGIC
+    {
         return Ok(KernelFormat::BzImage);
     }
     Err(BootError::NotAKernel(path.to_path_buf()))
@@ -136,7 +159,9 @@ impl LoadedKernel {
     /// Highest address the initrd may end at.
     fn initrd_addr_max(&self) -> u64 {
         match &self.setup_header {
-            Some(hdr) if hdr.version >= 0x0203 && hdr.initrd_addr_max != 0 => u64::from(hdr.initrd_addr_max),
+            Some(hdr) if hdr.version >= 0x0203 && hdr.initrd_addr_max != 0 => {
+                u64::from(hdr.initrd_addr_max)
+            }
             Some(_) => DEFAULT_INITRD_ADDR_MAX,
             // A vmlinux decides nothing here; stay below 4 GiB because the
             // zero page holds 32-bit initrd fields.
@@ -146,9 +171,16 @@ impl LoadedKernel {
 }
 
 /// Loads the kernel at `path` into `mem`.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    memory_size: u64,
+) -> Result<LoadedKernel, BootError> {
     let format = kernel_format(path)?;
-    let read_err = |source| BootError::KernelRead { path: path.to_path_buf(), source };
+    let read_err = |source| BootError::KernelRead {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
@@ -165,12 +197,17 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Resu
                 loader::Error::Bzimage(loader::bzimage::Error::ReadBzImageCompressedKernel) => {
                     too_big(layout::HIGH_MEMORY_START)
                 }
-                other => BootError::KernelInvalid { path: path.to_path_buf(), reason: other.to_string() },
+                other => BootError::KernelInvalid {
+                    path: path.to_path_buf(),
+                    reason: other.to_string(),
+                },
             })?;
-            let hdr = result.setup_header.ok_or_else(|| BootError::KernelInvalid {
-                path: path.to_path_buf(),
-                reason: "no setup header".into(),
-            })?;
+            let hdr = result
+                .setup_header
+                .ok_or_else(|| BootError::KernelInvalid {
+                    path: path.to_path_buf(),
+                    reason: "no setup header".into(),
+                })?;
             if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::KernelInvalid {
                     path: path.to_path_buf(),
@@ -182,7 +219,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Resu
                 });
             }
             // The decompressor needs init_size bytes from its load address.
-            let needed_end = result.kernel_load.0.saturating_add(u64::from(hdr.init_size)).max(result.kernel_end);
+            let needed_end = result
+                .kernel_load
+                .0
+                .saturating_add(u64::from(hdr.init_size))
+                .max(result.kernel_end);
             if needed_end > layout::low_ram_end(memory_size) {
                 return Err(too_big(result.kernel_load.0));
             }
@@ -195,10 +236,20 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Resu
         }
         KernelFormat::Elf => {
             let result = Elf::load(mem, None, &mut file, highmem).map_err(|e| match e {
-                loader::Error::Elf(loader::elf::Error::ReadKernelImage) => too_big(layout::HIGH_MEMORY_START),
-                other => BootError::KernelInvalid { path: path.to_path_buf(), reason: other.to_string() },
+                loader::Error::Elf(loader::elf::Error::ReadKernelImage) => {
+                    too_big(layout::HIGH_MEMORY_START)
+                }
+                other => BootError::KernelInvalid {
+                    path: path.to_path_buf(),
+                    reason: other.to_string(),
+                },
             })?;
-            Ok(LoadedKernel { format, entry: result.kernel_load, end: result.kernel_end, setup_header: None })
+            Ok(LoadedKernel {
+                format,
+                entry: result.kernel_load,
+                end: result.kernel_end,
+                setup_header: None,
+            })
         }
     }
 }
@@ -223,10 +274,17 @@ pub fn place_initrd(
     // The bzImage decompressor works in [load, load + init_size); keep the
     // initrd out of it.
     let kernel_end = match &kernel.setup_header {
-        Some(hdr) => kernel.end.max(layout::HIGH_MEMORY_START + u64::from(hdr.init_size)),
+        Some(hdr) => kernel
+            .end
+            .max(layout::HIGH_MEMORY_START + u64::from(hdr.init_size)),
         None => kernel.end,
     };
-    let too_big = || BootError::InitrdTooBig { path: path.to_path_buf(), size, kernel_end, limit };
+    let too_big = || BootError::InitrdTooBig {
+        path: path.to_path_buf(),
+        size,
+        kernel_end,
+        limit,
+    };
     let addr = limit.checked_sub(size).ok_or_else(too_big)? & !(PAGE_SIZE - 1);
     if addr < kernel_end {
         return Err(too_big());
@@ -241,11 +299,17 @@ pub fn load_initrd(
     memory_size: u64,
     path: &Path,
 ) -> Result<InitrdPlacement, BootError> {
-    let read_err = |source| BootError::InitrdRead { path: path.to_path_buf(), source };
+    let read_err = |source| BootError::InitrdRead {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let metadata = file.metadata().map_err(read_err)?;
     if metadata.is_dir() {
-        return Err(read_err(std::io::Error::new(std::io::ErrorKind::IsADirectory, "it is a directory")));
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "it is a directory",
+        )));
     }
     let size = metadata.len();
     if size == 0 {
@@ -259,21 +323,35 @@ pub fn load_initrd(
         limit: placement.addr,
     })?;
     mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut file, len)
-        .map_err(|e| BootError::InitrdRead { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+        .map_err(|e| BootError::InitrdRead {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     Ok(placement)
 }
 
 /// Checks `cmdline` against the kernel's limit and writes it to guest memory.
-pub fn load_cmdline(mem: &GuestMemoryMmap, kernel: &LoadedKernel, cmdline: &str) -> Result<(), BootError> {
+pub fn load_cmdline(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &str,
+) -> Result<(), BootError> {
     let cmdline = build_cmdline(cmdline, kernel.cmdline_max())?;
-    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmdline)
-        .map_err(|e| BootError::GuestMemory { what: "the kernel command line", reason: e.to_string() })
+    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmdline).map_err(|e| {
+        BootError::GuestMemory {
+            what: "the kernel command line",
+            reason: e.to_string(),
+        }
+    })
 }
 
 /// A [`Cmdline`] holding `text`, which may be at most `max` bytes long.
 pub fn build_cmdline(text: &str, max: usize) -> Result<Cmdline, BootError> {
     if text.len() > max {
-        return Err(BootError::CmdlineTooLong { len: text.len(), max });
+        return Err(BootError::CmdlineTooLong {
+            len: text.len(),
+            max,
+        });
     }
     // Cmdline's capacity counts the terminating NUL.
     Cmdline::try_from(text, max + 1).map_err(|e| BootError::CmdlineInvalid(e.to_string()))
@@ -299,19 +377,25 @@ pub fn zero_page(
     params.hdr.cmd_line_ptr = layout::CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
     if let Some(initrd) = initrd {
-        params.hdr.ramdisk_image = u32::try_from(initrd.addr).map_err(|_| BootError::GuestMemory {
-            what: "the zero page",
-            reason: format!("initrd address {:#x} is above 4 GiB", initrd.addr),
-        })?;
-        params.hdr.ramdisk_size = u32::try_from(initrd.size).map_err(|_| BootError::GuestMemory {
-            what: "the zero page",
-            reason: format!("initrd size {} does not fit 32 bits", initrd.size),
-        })?;
+        params.hdr.ramdisk_image =
+            u32::try_from(initrd.addr).map_err(|_| BootError::GuestMemory {
+                what: "the zero page",
+                reason: format!("initrd address {:#x} is above 4 GiB", initrd.addr),
+            })?;
+        params.hdr.ramdisk_size =
+            u32::try_from(initrd.size).map_err(|_| BootError::GuestMemory {
+                what: "the zero page",
+                reason: format!("initrd size {} does not fit 32 bits", initrd.size),
+            })?;
     }
     if e820.len() > params.e820_table.len() {
         return Err(BootError::GuestMemory {
             what: "the zero page",
-            reason: format!("{} e820 entries, the zero page holds {}", e820.len(), params.e820_table.len()),
+            reason: format!(
+                "{} e820 entries, the zero page holds {}",
+                e820.len(),
+                params.e820_table.len()
+            ),
         });
     }
     for (slot, entry) in params.e820_table.iter_mut().zip(e820) {
@@ -332,26 +416,38 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, params: &boot_params) -> Result<()
         &BootParams::new::<boot_params>(params, GuestAddress(layout::ZERO_PAGE_ADDR)),
         mem,
     )
-    .map_err(|e| BootError::GuestMemory { what: "the zero page", reason: e.to_string() })
+    .map_err(|e| BootError::GuestMemory {
+        what: "the zero page",
+        reason: e.to_string(),
+    })
 }
 
 /// Writes the boot GDT and page tables that identity-map the first 4 GiB
 /// with 2 MiB pages, as the 64-bit boot protocol requires for the kernel,
 /// the zero page and the command line.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
-    let err = |what| move |e: vm_memory::GuestMemoryError| BootError::GuestMemory { what, reason: e.to_string() };
+    let err = |what| {
+        move |e: vm_memory::GuestMemoryError| BootError::GuestMemory {
+            what,
+            reason: e.to_string(),
+        }
+    };
     let gdt = [0u64, 0, GDT_CODE64, GDT_DATA, GDT_TSS];
     for (i, descriptor) in gdt.iter().enumerate() {
-        mem.write_obj(*descriptor, GuestAddress(layout::GDT_ADDR + 8 * i as u64)).map_err(err("the boot GDT"))?;
+        mem.write_obj(*descriptor, GuestAddress(layout::GDT_ADDR + 8 * i as u64))
+            .map_err(err("the boot GDT"))?;
     }
-    mem.write_obj(layout::PDPT_ADDR | 0x3, GuestAddress(layout::PML4_ADDR)).map_err(err("the boot PML4"))?;
+    mem.write_obj(layout::PDPT_ADDR | 0x3, GuestAddress(layout::PML4_ADDR))
+        .map_err(err("the boot PML4"))?;
     for gib in 0..4u64 {
         let pd = layout::PD_ADDR + gib * PAGE_SIZE;
-        mem.write_obj(pd | 0x3, GuestAddress(layout::PDPT_ADDR + gib * 8)).map_err(err("the boot PDPT"))?;
+        mem.write_obj(pd | 0x3, GuestAddress(layout::PDPT_ADDR + gib * 8))
+            .map_err(err("the boot PDPT"))?;
         for i in 0..512u64 {
             // Present, writable, 2 MiB page.
             let entry = ((gib << 30) + (i << 21)) | 0x83;
-            mem.write_obj(entry, GuestAddress(pd + i * 8)).map_err(err("the boot page directory"))?;
+            mem.write_obj(entry, GuestAddress(pd + i * 8))
+                .map_err(err("the boot page directory"))?;
         }
     }
     Ok(())
@@ -380,8 +476,15 @@ pub fn boot_cpu_state(entry: GuestAddress) -> BootCpuState {
         gs: data,
         ss: data,
         tr: tss,
-        ldt: Segment { type_: 0x2, present: true, ..Default::default() },
-        gdt: DescriptorTable { base: layout::GDT_ADDR, limit: (5 * 8 - 1) as u16 },
+        ldt: Segment {
+            type_: 0x2,
+            present: true,
+            ..Default::default()
+        },
+        gdt: DescriptorTable {
+            base: layout::GDT_ADDR,
+            limit: (5 * 8 - 1) as u16,
+        },
         idt: DescriptorTable { base: 0, limit: 0 },
         cr0: CR0_PE | CR0_PG | CR0_ET,
         cr3: layout::PML4_ADDR,
@@ -412,7 +515,12 @@ pub fn boot_cpu_state(entry: GuestAddress) -> BootCpuState {
     .into_iter()
     .map(|(index, data)| MsrEntry { index, data })
     .collect();
-    BootCpuState { regs, sregs, fpu: FpuState::default(), msrs }
+    BootCpuState {
+        regs,
+        sregs,
+        fpu: FpuState::default(),
+        msrs,
+    }
 }
 
 #[cfg(test)]
@@ -441,7 +549,10 @@ mod tests {
         image[0x236..0x238].copy_from_slice(&(XLF_KERNEL_64 | 0x2).to_le_bytes()); // xloadflags
         image[0x238..0x23c].copy_from_slice(&cmdline_size.to_le_bytes());
         image[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
-        for (i, b) in image[(usize::from(setup_sects) + 1) * 512..].iter_mut().enumerate() {
+        for (i, b) in image[(usize::from(setup_sects) + 1) * 512..]
+            .iter_mut()
+            .enumerate()
+        {
             *b = (i % 251) as u8;
         }
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
@@ -484,24 +595,36 @@ mod tests {
     fn non_kernels_are_refused_clearly() {
         let mem = memory(32 * MIB);
         let empty = tempfile::NamedTempFile::new().expect("temp");
-        assert!(matches!(load_kernel(&mem, empty.path(), 32 * MIB), Err(BootError::KernelEmpty(_))));
+        assert!(matches!(
+            load_kernel(&mem, empty.path(), 32 * MIB),
+            Err(BootError::KernelEmpty(_))
+        ));
         let mut text = tempfile::NamedTempFile::new().expect("temp");
         text.write_all(b"myhost\n").expect("write");
         let err = load_kernel(&mem, text.path(), 32 * MIB).expect_err("text");
         assert!(matches!(err, BootError::NotAKernel(_)));
         assert!(err.to_string().contains("is not a Linux kernel"));
         let missing = Path::new("/nonexistent/vmlinuz");
-        assert!(matches!(load_kernel(&mem, missing, 32 * MIB), Err(BootError::KernelRead { .. })));
+        assert!(matches!(
+            load_kernel(&mem, missing, 32 * MIB),
+            Err(BootError::KernelRead { .. })
+        ));
         // A bzImage cut off inside its header.
         let image = fake_bzimage(4096, MIB as u32, 2047);
         let bytes = std::fs::read(image.path()).expect("read");
         let mut cut = tempfile::NamedTempFile::new().expect("temp");
         cut.write_all(&bytes[..0x100]).expect("write");
-        assert!(matches!(load_kernel(&mem, cut.path(), 32 * MIB), Err(BootError::NotAKernel(_))));
+        assert!(matches!(
+            load_kernel(&mem, cut.path(), 32 * MIB),
+            Err(BootError::NotAKernel(_))
+        ));
         // A truncated ELF header.
         let mut elf = tempfile::NamedTempFile::new().expect("temp");
         elf.write_all(b"\x7fELF\x02\x01\x01").expect("write");
-        assert!(matches!(load_kernel(&mem, elf.path(), 32 * MIB), Err(BootError::KernelInvalid { .. })));
+        assert!(matches!(
+            load_kernel(&mem, elf.path(), 32 * MIB),
+            Err(BootError::KernelInvalid { .. })
+        ));
     }
 
     #[test]
@@ -543,17 +666,25 @@ mod tests {
         let mem = memory(32 * MIB);
         let kernel = load_kernel(&mem, image.path(), 32 * MIB).expect("load");
         // 30 MiB cannot sit above the kernel's 9 MiB working area in 32 MiB.
-        let err = place_initrd(&kernel, 32 * MIB, 30 * MIB, Path::new("big.img")).expect_err("too big");
+        let err =
+            place_initrd(&kernel, 32 * MIB, 30 * MIB, Path::new("big.img")).expect_err("too big");
         assert!(matches!(err, BootError::InitrdTooBig { .. }));
         assert!(err.to_string().contains("big.img"));
         // And one larger than all of memory.
         assert!(place_initrd(&kernel, 32 * MIB, 64 * MIB, Path::new("x")).is_err());
         // Loading it from a file gives the same error and writes nothing.
         let mut file = tempfile::NamedTempFile::new().expect("temp");
-        file.write_all(&vec![0xaa; 30 * MIB as usize]).expect("write");
-        assert!(matches!(load_initrd(&mem, &kernel, 32 * MIB, file.path()), Err(BootError::InitrdTooBig { .. })));
+        file.write_all(&vec![0xaa; 30 * MIB as usize])
+            .expect("write");
+        assert!(matches!(
+            load_initrd(&mem, &kernel, 32 * MIB, file.path()),
+            Err(BootError::InitrdTooBig { .. })
+        ));
         let empty = tempfile::NamedTempFile::new().expect("temp");
-        assert!(matches!(load_initrd(&mem, &kernel, 32 * MIB, empty.path()), Err(BootError::InitrdEmpty(_))));
+        assert!(matches!(
+            load_initrd(&mem, &kernel, 32 * MIB, empty.path()),
+            Err(BootError::InitrdEmpty(_))
+        ));
     }
 
     #[test]
@@ -565,7 +696,8 @@ mod tests {
         file.write_all(b"070701initrd-bytes").expect("write");
         let placement = load_initrd(&mem, &kernel, 64 * MIB, file.path()).expect("load initrd");
         let mut back = [0u8; 18];
-        mem.read_slice(&mut back, GuestAddress(placement.addr)).expect("read");
+        mem.read_slice(&mut back, GuestAddress(placement.addr))
+            .expect("read");
         assert_eq!(&back, b"070701initrd-bytes");
     }
 
@@ -573,7 +705,10 @@ mod tests {
     fn command_line_limit_is_the_kernels() {
         assert!(build_cmdline(&"a".repeat(2047), 2047).is_ok());
         let err = build_cmdline(&"a".repeat(2048), 2047).expect_err("too long");
-        assert_eq!(err.to_string(), "kernel command line is 2048 bytes; this kernel accepts at most 2047");
+        assert_eq!(
+            err.to_string(),
+            "kernel command line is 2048 bytes; this kernel accepts at most 2047"
+        );
         let image = fake_bzimage(4096, MIB as u32, 255);
         let mem = memory(32 * MIB);
         let kernel = load_kernel(&mem, image.path(), 32 * MIB).expect("load");
@@ -581,7 +716,8 @@ mod tests {
         assert!(load_cmdline(&mem, &kernel, &"x".repeat(256)).is_err());
         load_cmdline(&mem, &kernel, "console=ttyS0 quiet").expect("fits");
         let mut back = [0u8; 20];
-        mem.read_slice(&mut back, GuestAddress(layout::CMDLINE_ADDR)).expect("read");
+        mem.read_slice(&mut back, GuestAddress(layout::CMDLINE_ADDR))
+            .expect("read");
         assert_eq!(&back, b"console=ttyS0 quiet\0");
     }
 
@@ -591,10 +727,22 @@ mod tests {
         let mem = memory(256 * MIB);
         let kernel = load_kernel(&mem, image.path(), 256 * MIB).expect("load");
         let e820 = layout::e820_map(256 * MIB);
-        let initrd = InitrdPlacement { addr: 0x0f00_0000, size: 12345 };
-        let params = zero_page(&kernel, 19, Some(initrd), &e820, Some(GuestAddress(0xe_0000))).expect("zero page");
+        let initrd = InitrdPlacement {
+            addr: 0x0f00_0000,
+            size: 12345,
+        };
+        let params = zero_page(
+            &kernel,
+            19,
+            Some(initrd),
+            &e820,
+            Some(GuestAddress(0xe_0000)),
+        )
+        .expect("zero page");
         write_zero_page(&mem, &params).expect("write");
-        let back: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).expect("read back");
+        let back: boot_params = mem
+            .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR))
+            .expect("read back");
         assert_eq!({ back.hdr.header }, HDRS_MAGIC);
         assert_eq!({ back.hdr.boot_flag }, BOOT_FLAG_MAGIC);
         assert_eq!(back.hdr.type_of_loader, LOADER_UNDEFINED);
@@ -606,7 +754,10 @@ mod tests {
         assert_eq!({ back.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!(usize::from(back.e820_entries), e820.len());
         for (entry, want) in back.e820_table.iter().zip(&e820) {
-            assert_eq!(({ entry.addr }, { entry.size }, { entry.r#type }), (want.addr, want.size, want.kind));
+            assert_eq!(
+                ({ entry.addr }, { entry.size }, { entry.r#type }),
+                (want.addr, want.size, want.kind)
+            );
         }
     }
 
@@ -619,7 +770,10 @@ mod tests {
         assert_eq!(state.sregs.cs.selector, BOOT_CS);
         assert!(state.sregs.cs.l && !state.sregs.cs.db);
         assert_eq!(state.sregs.ds.selector, BOOT_DS);
-        assert_eq!(state.sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        assert_eq!(
+            state.sregs.efer & (EFER_LME | EFER_LMA),
+            EFER_LME | EFER_LMA
+        );
         assert_eq!(state.sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
     }
 
@@ -630,7 +784,9 @@ mod tests {
         let pml4: u64 = mem.read_obj(GuestAddress(layout::PML4_ADDR)).expect("pml4");
         assert_eq!(pml4 & !0xfff, layout::PDPT_ADDR);
         for gib in 0..4u64 {
-            let pdpte: u64 = mem.read_obj(GuestAddress(layout::PDPT_ADDR + gib * 8)).expect("pdpte");
+            let pdpte: u64 = mem
+                .read_obj(GuestAddress(layout::PDPT_ADDR + gib * 8))
+                .expect("pdpte");
             let pd = pdpte & !0xfff;
             let last: u64 = mem.read_obj(GuestAddress(pd + 511 * 8)).expect("pde");
             assert_eq!(last & !0xfff, (gib << 30) + (511 << 21));

@@ -44,7 +44,10 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
     let bad = || ConfigError::BadSize(text.to_string());
     let trimmed = text.trim();
     let lower = trimmed.to_ascii_lowercase();
-    let without_b = lower.strip_suffix("ib").or_else(|| lower.strip_suffix('b')).unwrap_or(&lower);
+    let without_b = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
     let (digits, shift) = match without_b.chars().last() {
         Some('k') => (&without_b[..without_b.len() - 1], 10),
         Some('m') => (&without_b[..without_b.len() - 1], 20),
@@ -72,14 +75,20 @@ pub fn validate_resources(
         return Err(ConfigError::MemoryTooSmall(memory_text.to_string()));
     }
     if memory > host_memory {
-        return Err(ConfigError::MemoryTooLarge { requested: memory_text.to_string(), host_mib: host_memory >> 20 });
+        return Err(ConfigError::MemoryTooLarge {
+            requested: memory_text.to_string(),
+            host_mib: host_memory >> 20,
+        });
     }
     if cpus == 0 {
         return Err(ConfigError::NoCpus(cpus));
     }
     let max = max_cpus.min(MAX_CPUS);
     if cpus > max {
-        return Err(ConfigError::TooManyCpus { requested: cpus, max });
+        return Err(ConfigError::TooManyCpus {
+            requested: cpus,
+            max,
+        });
     }
     Ok(())
 }
@@ -87,8 +96,12 @@ pub fn validate_resources(
 /// Total RAM of this host, from /proc/meminfo.
 pub fn host_memory() -> std::io::Result<u64> {
     let text = std::fs::read_to_string("/proc/meminfo")?;
-    parse_meminfo_total(&text)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no MemTotal line in /proc/meminfo"))
+    parse_meminfo_total(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no MemTotal line in /proc/meminfo",
+        )
+    })
 }
 
 fn parse_meminfo_total(text: &str) -> Option<u64> {
@@ -111,7 +124,15 @@ mod tests {
         assert_eq!(parse_size("65536K"), Ok(64 << 20));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("0"), Ok(0));
-        for bad in ["", "M", "12Q", "-1G", "1.5G", "99999999999999999999G", "1 G B"] {
+        for bad in [
+            "",
+            "M",
+            "12Q",
+            "-1G",
+            "1.5G",
+            "99999999999999999999G",
+            "1 G B",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
         }
     }
@@ -120,22 +141,40 @@ mod tests {
     fn resources_are_bounded() {
         let host = 24u64 << 30;
         assert!(validate_resources(1, 512 << 20, "512M", 255, host).is_ok());
-        assert_eq!(validate_resources(1, 0, "0", 255, host), Err(ConfigError::MemoryTooSmall("0".into())));
-        assert!(matches!(validate_resources(1, 1 << 40, "1T", 255, host), Err(ConfigError::MemoryTooLarge { .. })));
-        assert_eq!(validate_resources(0, 512 << 20, "512M", 255, host), Err(ConfigError::NoCpus(0)));
+        assert_eq!(
+            validate_resources(1, 0, "0", 255, host),
+            Err(ConfigError::MemoryTooSmall("0".into()))
+        );
+        assert!(matches!(
+            validate_resources(1, 1 << 40, "1T", 255, host),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+        assert_eq!(
+            validate_resources(0, 512 << 20, "512M", 255, host),
+            Err(ConfigError::NoCpus(0))
+        );
         assert_eq!(
             validate_resources(1000, 512 << 20, "512M", 1024, host),
-            Err(ConfigError::TooManyCpus { requested: 1000, max: MAX_CPUS })
+            Err(ConfigError::TooManyCpus {
+                requested: 1000,
+                max: MAX_CPUS
+            })
         );
         assert_eq!(
             validate_resources(8, 512 << 20, "512M", 4, host),
-            Err(ConfigError::TooManyCpus { requested: 8, max: 4 })
+            Err(ConfigError::TooManyCpus {
+                requested: 8,
+                max: 4
+            })
         );
     }
 
     #[test]
     fn meminfo_total() {
-        assert_eq!(parse_meminfo_total("MemTotal:       24604896 kB\nMemFree: 1 kB\n"), Some(24604896 * 1024));
+        assert_eq!(
+            parse_meminfo_total("MemTotal:       24604896 kB\nMemFree: 1 kB\n"),
+            Some(24604896 * 1024)
+        );
         assert_eq!(parse_meminfo_total("MemFree: 1 kB\n"), None);
     }
 }

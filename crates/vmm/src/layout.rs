@@ -53,7 +53,10 @@ pub fn ram_regions(memory_size: u64) -> Vec<(GuestAddress, usize)> {
     let low = memory_size.min(MMIO_HOLE_START);
     let mut regions = vec![(GuestAddress(0), low as usize)];
     if memory_size > MMIO_HOLE_START {
-        regions.push((GuestAddress(MMIO_HOLE_END), (memory_size - MMIO_HOLE_START) as usize));
+        regions.push((
+            GuestAddress(MMIO_HOLE_END),
+            (memory_size - MMIO_HOLE_START) as usize,
+        ));
     }
     regions
 }
@@ -66,16 +69,36 @@ pub fn low_ram_end(memory_size: u64) -> u64 {
 /// The e820 map for `memory_size` bytes of RAM laid out by [`ram_regions`].
 pub fn e820_map(memory_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM },
-        E820Entry { addr: EBDA_START, size: 0xa_0000 - EBDA_START, kind: E820_RESERVED },
-        E820Entry { addr: ACPI_START, size: HIGH_MEMORY_START - ACPI_START, kind: E820_RESERVED },
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: 0xa_0000 - EBDA_START,
+            kind: E820_RESERVED,
+        },
+        E820Entry {
+            addr: ACPI_START,
+            size: HIGH_MEMORY_START - ACPI_START,
+            kind: E820_RESERVED,
+        },
     ];
     let low_end = low_ram_end(memory_size);
     if low_end > HIGH_MEMORY_START {
-        map.push(E820Entry { addr: HIGH_MEMORY_START, size: low_end - HIGH_MEMORY_START, kind: E820_RAM });
+        map.push(E820Entry {
+            addr: HIGH_MEMORY_START,
+            size: low_end - HIGH_MEMORY_START,
+            kind: E820_RAM,
+        });
     }
     if memory_size > MMIO_HOLE_START {
-        map.push(E820Entry { addr: MMIO_HOLE_END, size: memory_size - MMIO_HOLE_START, kind: E820_RAM });
+        map.push(E820Entry {
+            addr: MMIO_HOLE_END,
+            size: memory_size - MMIO_HOLE_START,
+            kind: E820_RAM,
+        });
     }
     map
 }
@@ -89,7 +112,11 @@ mod tests {
         let regions = ram_regions(256 << 20);
         assert_eq!(regions, vec![(GuestAddress(0), 256 << 20)]);
         let map = e820_map(256 << 20);
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         // All RAM except the EBDA and the BIOS/ACPI area below 1 MiB.
         assert_eq!(ram, (256 << 20) - (HIGH_MEMORY_START - EBDA_START));
         assert_eq!(map.last().map(|e| e.addr + e.size), Some(256 << 20));
@@ -101,13 +128,26 @@ mod tests {
         let regions = ram_regions(size);
         assert_eq!(regions.len(), 2);
         assert_eq!(regions[0], (GuestAddress(0), MMIO_HOLE_START as usize));
-        assert_eq!(regions[1], (GuestAddress(MMIO_HOLE_END), (size - MMIO_HOLE_START) as usize));
+        assert_eq!(
+            regions[1],
+            (
+                GuestAddress(MMIO_HOLE_END),
+                (size - MMIO_HOLE_START) as usize
+            )
+        );
         let map = e820_map(size);
         for entry in &map {
             let end = entry.addr + entry.size;
-            assert!(end <= MMIO_HOLE_START || entry.addr >= MMIO_HOLE_END, "{entry:?} overlaps the MMIO hole");
+            assert!(
+                end <= MMIO_HOLE_START || entry.addr >= MMIO_HOLE_END,
+                "{entry:?} overlaps the MMIO hole"
+            );
         }
-        let ram_above: u64 = map.iter().filter(|e| e.addr >= MMIO_HOLE_END).map(|e| e.size).sum();
+        let ram_above: u64 = map
+            .iter()
+            .filter(|e| e.addr >= MMIO_HOLE_END)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram_above, size - MMIO_HOLE_START);
     }
 

@@ -12,11 +12,11 @@ use std::thread::JoinHandle;
 use devices::acpi_pm::AcpiPowerDevice;
 use devices::bus::{Bus, BusDevice};
 use devices::exit_status::{ExitStatus, ExitStatusPort};
-use devices::i8042::I8042;
+use devices::i8042::{self, I8042};
 use devices::interrupt::EventFdLine;
 use devices::power::{PowerSignal, VmEvent};
-use devices::rtc::Rtc;
-use devices::serial::Serial;
+use devices::rtc::{self, Rtc};
+use devices::serial::{self, Serial};
 use hypervisor::{Hypervisor, Vcpu, VcpuExit, VcpuInterrupter, Vm, VmConfig};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -25,12 +25,6 @@ use crate::config::MachineConfig;
 use crate::sys::{self, SignalFd};
 use crate::{acpi, boot, layout};
 
-const COM1_BASE: u64 = 0x3f8;
-const COM1_GSI: u32 = 4;
-const I8042_BASE: u64 = 0x60;
-const RTC_BASE: u64 = 0x70;
-/// POST diagnostic port: Linux writes to it as an I/O delay.
-const POST_PORT: u64 = 0x80;
 /// Ctrl-A, the console escape (as in QEMU): Ctrl-A x stops the VM.
 const ESCAPE_BYTE: u8 = 0x01;
 
@@ -142,8 +136,13 @@ pub struct PreparedGuest {
 /// Nothing runs yet, so this is where bad kernels, initrds and command
 /// lines are refused.
 pub fn prepare_guest(config: &MachineConfig) -> Result<PreparedGuest, VmmError> {
-    let memory = GuestMemoryMmap::from_ranges(&layout::ram_regions(config.memory))
-        .map_err(|e| VmmError::Memory { mib: config.memory >> 20, reason: e.to_string() })?;
+    let memory =
+        GuestMemoryMmap::from_ranges(&layout::ram_regions(config.memory)).map_err(|e| {
+            VmmError::Memory {
+                mib: config.memory >> 20,
+                reason: e.to_string(),
+            }
+        })?;
     let kernel = boot::load_kernel(&memory, &config.kernel, config.memory)?;
     boot::load_cmdline(&memory, &kernel, &config.cmdline)?;
     let initrd = match &config.initrd {
@@ -151,15 +150,26 @@ pub fn prepare_guest(config: &MachineConfig) -> Result<PreparedGuest, VmmError> 
         None => None,
     };
     let acpi_config = acpi::AcpiConfig {
-        num_cpus: u8::try_from(config.cpus).map_err(|_| VmmError::Acpi(format!("{} vCPUs", config.cpus)))?,
+        num_cpus: u8::try_from(config.cpus)
+            .map_err(|_| VmmError::Acpi(format!("{} vCPUs", config.cpus)))?,
         ioapic_addr: layout::IOAPIC_ADDR as u32,
         lapic_addr: layout::LAPIC_ADDR as u32,
     };
-    let rsdp = acpi::create_acpi_tables(&memory, &acpi_config).map_err(|e| VmmError::Acpi(e.to_string()))?;
-    let params = boot::zero_page(&kernel, config.cmdline.len(), initrd, &layout::e820_map(config.memory), Some(rsdp))?;
+    let rsdp = acpi::create_acpi_tables(&memory, &acpi_config)
+        .map_err(|e| VmmError::Acpi(e.to_string()))?;
+    let params = boot::zero_page(
+        &kernel,
+        config.cmdline.len(),
+        initrd,
+        &layout::e820_map(config.memory),
+        Some(rsdp),
+    )?;
     boot::write_zero_page(&memory, &params)?;
     boot::write_boot_tables(&memory)?;
-    Ok(PreparedGuest { memory, boot_cpu: boot::boot_cpu_state(kernel.entry) })
+    Ok(PreparedGuest {
+        memory,
+        boot_cpu: boot::boot_cpu_state(kernel.entry),
+    })
 }
 
 /// The legacy PC devices on the port bus, wired to the VM's interrupts.
@@ -170,42 +180,85 @@ struct Devices {
     exit_status: Option<ExitStatus>,
 }
 
-fn create_devices(vm: &dyn Vm, config: &MachineConfig, output: Box<dyn Write + Send>) -> Result<Devices, VmmError> {
-    let dev_err = |what: &'static str| move |e: devices::bus::BusError| VmmError::Device(format!("{what}: {e}"));
+fn create_devices(
+    vm: &dyn Vm,
+    config: &MachineConfig,
+    output: Box<dyn Write + Send>,
+) -> Result<Devices, VmmError> {
+    let dev_err = |what: &'static str| {
+        move |e: devices::bus::BusError| VmmError::Device(format!("{what}: {e}"))
+    };
     let power = PowerSignal::new().map_err(io_err("power event"))?;
     let pio = Bus::new();
 
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt eventfd"))?;
-    vm.register_irqfd(&serial_irq, COM1_GSI).map_err(hv_err("wiring COM1 to IRQ 4"))?;
-    let serial = Arc::new(Mutex::new(Serial::new(Arc::new(EventFdLine(serial_irq)), output)));
-    pio.insert(serial.clone(), COM1_BASE, 8).map_err(dev_err("COM1"))?;
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt eventfd"))?;
+    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
+        .map_err(hv_err("wiring COM1 to IRQ 4"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        Arc::new(EventFdLine(serial_irq)),
+        output,
+    )));
+    pio.insert(
+        serial.clone(),
+        u64::from(serial::COM1_BASE),
+        serial::SERIAL_PORT_LEN,
+    )
+    .map_err(dev_err("COM1"))?;
 
+    // Two one-port ranges: port 0x61 between them belongs to the PIT's
+    // speaker gate, not to the keyboard controller.
     let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(power.clone())));
-    pio.insert(i8042, I8042_BASE, 5).map_err(dev_err("i8042"))?;
+    pio.insert(i8042.clone(), u64::from(i8042::I8042_DATA_PORT), 1)
+        .map_err(dev_err("i8042"))?;
+    pio.insert_with_offset(
+        i8042,
+        u64::from(i8042::I8042_COMMAND_PORT),
+        1,
+        i8042::COMMAND_OFFSET,
+    )
+    .map_err(dev_err("i8042"))?;
     let rtc: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Rtc::new()));
-    pio.insert(rtc, RTC_BASE, 2).map_err(dev_err("RTC"))?;
+    pio.insert(rtc, u64::from(rtc::RTC_INDEX_PORT), rtc::RTC_LEN)
+        .map_err(dev_err("RTC"))?;
     AcpiPowerDevice::register(&pio, power.clone()).map_err(dev_err("ACPI power"))?;
     let post: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(devices::Sink));
-    pio.insert(post, POST_PORT, 1).map_err(dev_err("POST port"))?;
+    // Linux writes to the POST port as an I/O delay.
+    pio.insert(post, u64::from(devices::sink::POST_CODE_PORT), 1)
+        .map_err(dev_err("POST port"))?;
 
     let exit_status = match config.exit_status_port {
         Some(port) => {
             let (device, status) = ExitStatusPort::new();
-            pio.insert(Arc::new(Mutex::new(device)), u64::from(port), 1).map_err(dev_err("exit-status port"))?;
+            pio.insert(Arc::new(Mutex::new(device)), u64::from(port), 1)
+                .map_err(dev_err("exit-status port"))?;
             Some(status)
         }
         None => None,
     };
-    Ok(Devices { pio, power, serial, exit_status })
+    Ok(Devices {
+        pio,
+        power,
+        serial,
+        exit_status,
+    })
 }
 
 /// Boots `config` on `hypervisor` and runs it until it stops.
-pub fn run(hypervisor: &dyn Hypervisor, config: &MachineConfig, console: Console) -> Result<Outcome, VmmError> {
+pub fn run(
+    hypervisor: &dyn Hypervisor,
+    config: &MachineConfig,
+    console: Console,
+) -> Result<Outcome, VmmError> {
     let guest = prepare_guest(config)?;
     let vm = hypervisor
-        .create_vm(&VmConfig { num_cpus: config.cpus, irqchip: true })
+        .create_vm(&VmConfig {
+            num_cpus: config.cpus,
+            irqchip: true,
+        })
         .map_err(hv_err("creating the VM"))?;
-    vm.set_memory(&guest.memory).map_err(hv_err("mapping guest memory"))?;
+    vm.set_memory(&guest.memory)
+        .map_err(hv_err("mapping guest memory"))?;
     let devices = create_devices(vm.as_ref(), config, console.output)?;
 
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
@@ -213,10 +266,14 @@ pub fn run(hypervisor: &dyn Hypervisor, config: &MachineConfig, console: Console
         let mut vcpu = vm.create_vcpu(id).map_err(hv_err("creating a vCPU"))?;
         if id == 0 {
             let state = &guest.boot_cpu;
-            vcpu.set_sregs(&state.sregs).map_err(hv_err("setting the boot vCPU's segments"))?;
-            vcpu.set_regs(&state.regs).map_err(hv_err("setting the boot vCPU's registers"))?;
-            vcpu.set_fpu(&state.fpu).map_err(hv_err("setting the boot vCPU's FPU"))?;
-            vcpu.set_msrs(&state.msrs).map_err(hv_err("setting the boot vCPU's MSRs"))?;
+            vcpu.set_sregs(&state.sregs)
+                .map_err(hv_err("setting the boot vCPU's segments"))?;
+            vcpu.set_regs(&state.regs)
+                .map_err(hv_err("setting the boot vCPU's registers"))?;
+            vcpu.set_fpu(&state.fpu)
+                .map_err(hv_err("setting the boot vCPU's FPU"))?;
+            vcpu.set_msrs(&state.msrs)
+                .map_err(hv_err("setting the boot vCPU's MSRs"))?;
         }
         // Secondary vCPUs wait for INIT/SIPI from the boot vCPU.
         vcpus.push(vcpu);
@@ -233,7 +290,8 @@ pub fn run(hypervisor: &dyn Hypervisor, config: &MachineConfig, console: Console
 
     // Block the stop signals before any vCPU thread exists, so they all
     // inherit the mask and only the signalfd sees them.
-    let signals = SignalFd::block_stop_signals().map_err(io_err("blocking SIGINT/SIGTERM/SIGHUP"))?;
+    let signals =
+        SignalFd::block_stop_signals().map_err(io_err("blocking SIGINT/SIGTERM/SIGHUP"))?;
 
     let mut interrupters: Vec<Arc<dyn VcpuInterrupter>> = Vec::new();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -253,13 +311,26 @@ pub fn run(hypervisor: &dyn Hypervisor, config: &MachineConfig, console: Console
         }
     }
 
-    let reason = main_loop(&shared, &signals, &devices.serial, console.input, console.escape);
+    let reason = main_loop(
+        &shared,
+        &signals,
+        &devices.serial,
+        console.input,
+        console.escape,
+    );
     stop_vcpus(&shared, &interrupters, threads);
     drop(signals);
-    Ok(Outcome { reason, exit_status: devices.exit_status.and_then(|s| s.get()) })
+    Ok(Outcome {
+        reason,
+        exit_status: devices.exit_status.and_then(|s| s.get()),
+    })
 }
 
-fn stop_vcpus(shared: &Shared, interrupters: &[Arc<dyn VcpuInterrupter>], threads: Vec<JoinHandle<()>>) {
+fn stop_vcpus(
+    shared: &Shared,
+    interrupters: &[Arc<dyn VcpuInterrupter>],
+    threads: Vec<JoinHandle<()>>,
+) {
     shared.stopping.store(true, Ordering::SeqCst);
     for interrupter in interrupters {
         interrupter.interrupt();
@@ -295,7 +366,11 @@ fn main_loop(
         }
         // Read more input only when the guest has taken what we hold.
         let want_input = input.filter(|_| pending.is_empty());
-        let mut fds = vec![shared.power.eventfd().as_raw_fd(), shared.vcpu_stopped.as_raw_fd(), signals.as_raw_fd()];
+        let mut fds = vec![
+            shared.power.eventfd().as_raw_fd(),
+            shared.vcpu_stopped.as_raw_fd(),
+            signals.as_raw_fd(),
+        ];
         if let Some(fd) = want_input {
             fds.push(fd);
         }
@@ -332,7 +407,9 @@ fn main_loop(
                             }
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted || e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::Interrupted
+                            || e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => input = None,
                 }
             }
@@ -385,7 +462,10 @@ fn vcpu_loop(mut vcpu: Box<dyn Vcpu>, shared: &Shared) {
             VcpuExit::SystemReset => return shared.power.request(VmEvent::Reset),
             VcpuExit::SystemPowerOff => return shared.power.request(VmEvent::PowerOff),
             VcpuExit::InternalError(what) | VcpuExit::Unhandled(what) => {
-                let rip = vcpu.regs().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default();
+                let rip = vcpu
+                    .regs()
+                    .map(|r| format!(" at rip {:#x}", r.rip))
+                    .unwrap_or_default();
                 return shared.stop_from_vcpu(StopReason::Error(format!("{what}{rip}")));
             }
         }

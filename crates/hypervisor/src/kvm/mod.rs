@@ -16,7 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use kick::{install_kick_handler, kick_signal, KvmInterrupter};
 
-use crate::x86::{CpuidEntry, DescriptorTable, FpuState, MsrEntry, Segment, SpecialRegisters, StandardRegisters};
+use crate::x86::{
+    CpuidEntry, DescriptorTable, FpuState, MsrEntry, Segment, SpecialRegisters, StandardRegisters,
+};
 use crate::{Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, VcpuInterrupter, Vm, VmConfig};
 
 /// Where KVM on Intel keeps the three pages of its real-mode TSS. Below the
@@ -48,7 +50,10 @@ impl KvmHypervisor {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         install_kick_handler();
-        Ok(KvmHypervisor { kvm, supported_cpuid })
+        Ok(KvmHypervisor {
+            kvm,
+            supported_cpuid,
+        })
     }
 }
 
@@ -70,12 +75,17 @@ impl Hypervisor for KvmHypervisor {
             )));
         }
         let fd = self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         if config.irqchip {
-            fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
             // The speaker port is left to the VMM (it ignores it); the PIT
             // itself runs in the kernel, as on every KVM VMM.
-            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
             fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         }
         Ok(Arc::new(KvmVm {
@@ -103,7 +113,9 @@ impl Vm for KvmVm {
             .lock()
             .map_err(|_| HypervisorError::Unsupported("VM memory lock poisoned".into()))?;
         if held.is_some() {
-            return Err(HypervisorError::InvalidArgument("guest memory is already set".into()));
+            return Err(HypervisorError::InvalidArgument(
+                "guest memory is already set".into(),
+            ));
         }
         for (slot, region) in memory.iter().enumerate() {
             let host = region.as_ptr() as u64;
@@ -131,33 +143,47 @@ impl Vm for KvmVm {
                 self.config.num_cpus
             )));
         }
-        let fd = self.fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = vcpu_cpuid(&self.cpuid, id, self.config.num_cpus)?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if self.config.irqchip {
             set_lint(&fd)?;
         }
-        Ok(Box::new(KvmVcpu { fd, interrupter: Arc::new(KvmInterrupter::default()) }))
+        Ok(Box::new(KvmVcpu {
+            fd,
+            interrupter: Arc::new(KvmInterrupter::default()),
+        }))
     }
 
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
-        self.fd.set_irq_line(gsi, level).map_err(kvm_err("KVM_IRQ_LINE"))
+        self.fd
+            .set_irq_line(gsi, level)
+            .map_err(kvm_err("KVM_IRQ_LINE"))
     }
 
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        self.fd.register_irqfd(fd, gsi).map_err(kvm_err("KVM_IRQFD"))
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))
     }
 
     fn register_ioevent(&self, fd: &EventFd, addr: u64, pio: bool) -> Result<()> {
         let addr = if pio {
             let port = u16::try_from(addr).map_err(|_| {
-                HypervisorError::InvalidArgument(format!("ioevent port {addr:#x} is not a 16-bit port"))
+                HypervisorError::InvalidArgument(format!(
+                    "ioevent port {addr:#x} is not a 16-bit port"
+                ))
             })?;
             IoEventAddress::Pio(u64::from(port))
         } else {
             IoEventAddress::Mmio(addr)
         };
-        self.fd.register_ioevent(fd, &addr, NoDatamatch).map_err(kvm_err("KVM_IOEVENTFD"))
+        self.fd
+            .register_ioevent(fd, &addr, NoDatamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
     }
 }
 
@@ -190,7 +216,10 @@ fn set_lint(fd: &VcpuFd) -> Result<()> {
     const MODE_NMI: u32 = 0x4;
     let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     for (offset, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
-        let bytes: Vec<u8> = lapic.regs[offset..offset + 4].iter().map(|b| *b as u8).collect();
+        let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
+            .iter()
+            .map(|b| *b as u8)
+            .collect();
         let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         let value = (value & !0x700) | (mode << 8);
         for (i, b) in value.to_le_bytes().iter().enumerate() {
@@ -215,7 +244,8 @@ impl Drop for KvmVcpu {
 impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         // SAFETY: pthread_self has no preconditions.
-        self.interrupter.set_thread(Some(unsafe { libc::pthread_self() }));
+        self.interrupter
+            .set_thread(Some(unsafe { libc::pthread_self() }));
         if self.interrupter.pending.swap(false, Ordering::SeqCst) {
             return Ok(VcpuExit::Interrupted);
         }
@@ -234,7 +264,10 @@ impl Vcpu for KvmVcpu {
                 self.interrupter.pending.store(false, Ordering::SeqCst);
                 Ok(VcpuExit::Interrupted)
             }
-            Err(source) => Err(HypervisorError::Kvm { op: "KVM_RUN", source }),
+            Err(source) => Err(HypervisorError::Kvm {
+                op: "KVM_RUN",
+                source,
+            }),
         }
     }
 
@@ -301,8 +334,14 @@ impl Vcpu for KvmVcpu {
             ss: segment_from_kvm(&s.ss),
             tr: segment_from_kvm(&s.tr),
             ldt: segment_from_kvm(&s.ldt),
-            gdt: DescriptorTable { base: s.gdt.base, limit: s.gdt.limit },
-            idt: DescriptorTable { base: s.idt.base, limit: s.idt.limit },
+            gdt: DescriptorTable {
+                base: s.gdt.base,
+                limit: s.gdt.limit,
+            },
+            idt: DescriptorTable {
+                base: s.idt.base,
+                limit: s.idt.limit,
+            },
             cr0: s.cr0,
             cr2: s.cr2,
             cr3: s.cr3,
@@ -342,14 +381,22 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<()> {
-        let k = kvm_fpu { fcw: fpu.fcw, mxcsr: fpu.mxcsr, ..Default::default() };
+        let k = kvm_fpu {
+            fcw: fpu.fcw,
+            mxcsr: fpu.mxcsr,
+            ..Default::default()
+        };
         self.fd.set_fpu(&k).map_err(kvm_err("KVM_SET_FPU"))
     }
 
     fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()> {
         let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
             .iter()
-            .map(|m| kvm_bindings::kvm_msr_entry { index: m.index, data: m.data, ..Default::default() })
+            .map(|m| kvm_bindings::kvm_msr_entry {
+                index: m.index,
+                data: m.data,
+                ..Default::default()
+            })
             .collect();
         let list = Msrs::from_entries(&entries)
             .map_err(|e| HypervisorError::InvalidArgument(format!("MSR list: {e:?}")))?;
@@ -365,17 +412,28 @@ impl Vcpu for KvmVcpu {
     }
 
     fn msr(&self, index: u32) -> Result<u64> {
-        let mut list = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }])
-            .map_err(|e| HypervisorError::InvalidArgument(format!("MSR list: {e:?}")))?;
-        let read = self.fd.get_msrs(&mut list).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let mut list = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|e| HypervisorError::InvalidArgument(format!("MSR list: {e:?}")))?;
+        let read = self
+            .fd
+            .get_msrs(&mut list)
+            .map_err(kvm_err("KVM_GET_MSRS"))?;
         match (read, list.as_slice().first()) {
             (1, Some(entry)) => Ok(entry.data),
-            _ => Err(HypervisorError::Unsupported(format!("KVM cannot read MSR {index:#x}"))),
+            _ => Err(HypervisorError::Unsupported(format!(
+                "KVM cannot read MSR {index:#x}"
+            ))),
         }
     }
 
     fn cpuid(&self) -> Result<Vec<CpuidEntry>> {
-        let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_CPUID2"))?;
         Ok(cpuid
             .as_slice()
             .iter()
@@ -392,7 +450,10 @@ impl Vcpu for KvmVcpu {
     }
 }
 
-fn convert_exit<'a>(exit: kvm_ioctls::VcpuExit<'a>, run: *const kvm_bindings::kvm_run) -> VcpuExit<'a> {
+fn convert_exit<'a>(
+    exit: kvm_ioctls::VcpuExit<'a>,
+    run: *const kvm_bindings::kvm_run,
+) -> VcpuExit<'a> {
     use kvm_ioctls::VcpuExit as K;
     match exit {
         K::IoIn(port, data) => VcpuExit::IoIn { port, data },

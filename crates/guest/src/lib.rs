@@ -1,0 +1,438 @@
+//! The default guest of `vessel run`: Debian bookworm's stock cloud kernel plus a
+//! busybox initramfs built here.
+//!
+//! [`fetch`] finds a Debian mirror, checks the archive signature on `InRelease` with gpgv,
+//! follows the signed checksums down to the two packages it needs
+//! (`linux-image-cloud-amd64`'s current kernel and `busybox-static`), unpacks them, builds
+//! the initramfs and caches the result under the data directory. Later calls are answered
+//! from that cache without touching the network.
+//!
+//! The guest side of the protocol (how the command gets in and its exit status gets out)
+//! is documented on [`INIT_SCRIPT`] and [`command_line_for`].
+
+mod cmdline;
+mod cpio;
+mod deb;
+mod deb822;
+mod download;
+mod error;
+mod exit_helper;
+mod gpg;
+mod index;
+mod initramfs;
+mod mirror;
+
+use std::fs::{self, File};
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use cmdline::{command_line_for, CMD_PARAM, KERNEL_COMMAND_LINE_MAX};
+pub use error::{Error, Result};
+pub use gpg::{DEFAULT_KEYRING, KEYRING_ENV};
+pub use initramfs::{build_initramfs, INIT_SCRIPT};
+pub use mirror::{parse_deb822_sources, parse_sources_list, MIRROR_ENV};
+
+use download::Downloader;
+use index::{Checksum, PackageEntry};
+
+/// I/O port the guest's init writes the command's exit status to (one byte).
+pub const EXIT_STATUS_PORT: u16 = 0x501;
+
+/// Environment variable that overrides [`default_data_dir`].
+pub const DATA_DIR_ENV: &str = "VESSEL_DATA_DIR";
+
+pub(crate) const SUITE: &str = "bookworm";
+pub(crate) const COMPONENT: &str = "main";
+const PACKAGES_PATH: &str = "main/binary-amd64/Packages.xz";
+const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+const BUSYBOX_PACKAGE: &str = "busybox-static";
+const RELEASE_SUFFIX: &str = "-cloud-amd64";
+
+/// InRelease is a few hundred KiB; anything far bigger is not one.
+const INRELEASE_LIMIT: u64 = 16 << 20;
+
+/// A guest ready to boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestImage {
+    /// Absolute path of the kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Absolute path of the gzip-compressed cpio initramfs.
+    pub initrd: PathBuf,
+    /// Kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    pub release: String,
+}
+
+/// How [`fetch`] finds and stores the guest.
+#[derive(Debug, Clone, Default)]
+pub struct FetchOptions {
+    /// Cache root; see [`default_data_dir`]. Relative paths are taken from the current directory.
+    pub data_dir: PathBuf,
+    /// Debian mirror URL (`http://`, `https://` or `file://`); `None`: `$VESSEL_DEBIAN_MIRROR`,
+    /// else the host's apt sources.
+    pub mirror: Option<String>,
+    /// Keyring for gpgv; `None`: `$VESSEL_DEBIAN_KEYRING`, else [`DEFAULT_KEYRING`].
+    pub keyring: Option<PathBuf>,
+    /// Show download progress bars on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
+/// `$VESSEL_DATA_DIR`, else `$XDG_DATA_HOME/vessel`, else `$HOME/.local/share/vessel`.
+///
+/// Empty values count as unset, and a relative `XDG_DATA_HOME` is ignored as the XDG spec
+/// requires. With none of them set, `/var/lib/vessel`.
+pub fn default_data_dir() -> PathBuf {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = var(DATA_DIR_ENV) {
+        return dir;
+    }
+    if let Some(xdg) = var("XDG_DATA_HOME").filter(|p| p.is_absolute()) {
+        return xdg.join("vessel");
+    }
+    if let Some(home) = var("HOME") {
+        return home.join(".local/share/vessel");
+    }
+    // No home at all (e.g. a bare system service): use the FHS place for state.
+    PathBuf::from("/var/lib/vessel")
+}
+
+/// The guest a previous [`fetch`] left in `data_dir`, if its record exists and both files
+/// it names exist and are non-empty. Never touches the network.
+///
+/// `Ok(None)`: nothing (intact) cached. `Err`: the record exists but cannot be read or parsed.
+pub fn cached(data_dir: &Path) -> Result<Option<GuestImage>> {
+    let record = data_dir.join("guest").join("current.json");
+    let bytes = match fs::read(&record) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read", record, e)),
+    };
+    let image: GuestImage =
+        serde_json::from_slice(&bytes).map_err(|source| Error::CacheRecord {
+            path: record,
+            source,
+        })?;
+    let intact =
+        |p: &Path| p.is_absolute() && fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0);
+    if intact(&image.kernel) && intact(&image.initrd) {
+        Ok(Some(image))
+    } else {
+        tracing::debug!(
+            "cached guest {} is incomplete; it will be fetched again",
+            image.release
+        );
+        Ok(None)
+    }
+}
+
+/// The default guest: from the cache if intact (no network access at all), otherwise
+/// downloaded, verified, built and cached by [`fetch_latest`].
+pub fn fetch(opts: &FetchOptions) -> Result<GuestImage> {
+    let data_dir = absolute(&opts.data_dir)?;
+    match cached(&data_dir) {
+        Ok(Some(image)) => return Ok(image),
+        Ok(None) => {}
+        // A broken record is just a cache miss; the fetch below replaces it.
+        Err(e) => tracing::warn!("ignoring guest cache: {e}"),
+    }
+    fetch_latest(opts)
+}
+
+/// Always goes to the mirror: fetches the current kernel and busybox, builds the guest and
+/// makes it the cached one (e.g. to pick up a new kernel). Older releases stay on disk.
+///
+/// Everything is downloaded into a private temporary directory inside the data dir and
+/// only renamed into place once verified, so an error or interruption never leaves a
+/// partial file where [`cached`] would find it; on error that directory is removed.
+pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
+    let data_dir = absolute(&opts.data_dir)?;
+    let mirror = mirror::resolve(opts.mirror.as_deref())?;
+    let keyring = gpg::resolve_keyring(opts.keyring.as_deref())?;
+    fs::create_dir_all(&data_dir).map_err(|e| Error::io("create directory", &data_dir, e))?;
+    // Resolve `..` and symlinks so the recorded paths are clean as well as absolute.
+    let data_dir = fs::canonicalize(&data_dir).map_err(|e| Error::io("resolve", &data_dir, e))?;
+    // Dropped (and so deleted with everything in it) on every return, error or not.
+    let work_dir = tempfile::Builder::new()
+        .prefix(".vessel-fetch-")
+        .tempdir_in(&data_dir)
+        .map_err(|e| Error::io("create a temporary directory in", &data_dir, e))?;
+    let work = work_dir.path();
+    let downloader = Downloader::new(opts.progress);
+
+    // 1. The signed Release file. Only what gpgv wrote out as verified is parsed.
+    let inrelease_url = format!("{mirror}/dists/{SUITE}/InRelease");
+    let inrelease = work.join("InRelease");
+    let got = downloader.download(&inrelease_url, &inrelease, INRELEASE_LIMIT, None)?;
+    if got.size > INRELEASE_LIMIT {
+        return Err(Error::Release {
+            url: inrelease_url,
+            reason: format!("it is larger than {INRELEASE_LIMIT} bytes"),
+        });
+    }
+    let gnupg_home = work.join("gnupg");
+    fs::create_dir(&gnupg_home).map_err(|e| Error::io("create directory", &gnupg_home, e))?;
+    let verified = work.join("Release");
+    gpg::verify_clearsigned(&inrelease, &verified, &keyring, &gnupg_home, &inrelease_url)?;
+    let release = fs::read_to_string(&verified).map_err(|e| Error::io("read", &verified, e))?;
+    let packages_sum =
+        index::release_checksum(&release, SUITE, PACKAGES_PATH).map_err(|reason| {
+            Error::Release {
+                url: inrelease_url.clone(),
+                reason,
+            }
+        })?;
+
+    // 2. The package index, checked against the signed Release.
+    let packages_url = format!("{mirror}/dists/{SUITE}/{PACKAGES_PATH}");
+    let packages_xz = work.join("Packages.xz");
+    downloader
+        .download(
+            &packages_url,
+            &packages_xz,
+            packages_sum.size,
+            Some("Packages.xz"),
+        )?
+        .verify(&packages_sum, PACKAGES_PATH, &packages_url)?;
+    let file = File::open(&packages_xz).map_err(|e| Error::io("open", &packages_xz, e))?;
+    let entries = index::scan_packages(
+        BufReader::new(xz2::read::XzDecoder::new_multi_decoder(BufReader::new(
+            file,
+        ))),
+        |name| {
+            name == KERNEL_METAPACKAGE || name == BUSYBOX_PACKAGE || is_cloud_kernel_package(name)
+        },
+    )
+    .map_err(|e| Error::Read {
+        url: packages_url.clone(),
+        source: e,
+    })?;
+
+    // 3. The kernel the metapackage currently points at, and busybox.
+    let kernel_pkg = current_kernel(&entries, &packages_url)?;
+    let busybox_pkg =
+        index::newest(&entries, BUSYBOX_PACKAGE).ok_or_else(|| Error::PackageNotFound {
+            package: BUSYBOX_PACKAGE.to_owned(),
+            url: packages_url.clone(),
+        })?;
+
+    let kernel_deb = download_package(
+        &downloader,
+        &mirror,
+        kernel_pkg,
+        &packages_url,
+        &work.join("kernel.deb"),
+    )?;
+    let busybox_deb = download_package(
+        &downloader,
+        &mirror,
+        busybox_pkg,
+        &packages_url,
+        &work.join("busybox.deb"),
+    )?;
+
+    // 4. Unpack.
+    let vmlinuz = deb::extract(&kernel_deb, &kernel_pkg.name, "boot/vmlinuz-*", |p| {
+        p.strip_prefix("boot/vmlinuz-")
+            .is_some_and(|r| !r.is_empty() && !r.contains('/'))
+    })?;
+    let release = vmlinuz.path.trim_start_matches("boot/vmlinuz-").to_owned();
+    if !is_valid_release(&release) {
+        return Err(Error::BadKernelRelease {
+            package: kernel_pkg.name.clone(),
+            release,
+        });
+    }
+    let busybox = deb::extract(&busybox_deb, &busybox_pkg.name, "bin/busybox", |p| {
+        p == "bin/busybox" || p == "usr/bin/busybox"
+    })?;
+
+    // 5. Build the outputs next to the downloads, then move them into place.
+    let work_kernel = work.join("vmlinuz");
+    write_synced(&work_kernel, |f| f.write_all(&vmlinuz.contents))?;
+    let work_initrd = work.join("initrd.img");
+    write_synced(&work_initrd, |f| {
+        build_initramfs(&busybox.contents, std::io::BufWriter::new(f))
+    })?;
+
+    let guest_dir = data_dir.join("guest");
+    let release_dir = guest_dir.join(&release);
+    fs::create_dir_all(&release_dir).map_err(|e| Error::io("create directory", &release_dir, e))?;
+    let image = GuestImage {
+        kernel: release_dir.join("vmlinuz"),
+        initrd: release_dir.join("initrd.img"),
+        release,
+    };
+    rename(&work_kernel, &image.kernel)?;
+    rename(&work_initrd, &image.initrd)?;
+
+    // The record goes last: until it is renamed into place, cached() still sees the old
+    // (or no) guest.
+    let record = guest_dir.join("current.json");
+    let json = serde_json::to_vec_pretty(&image).map_err(|source| Error::CacheEncode {
+        path: record.clone(),
+        source,
+    })?;
+    let work_record = work.join("current.json");
+    write_synced(&work_record, |f| f.write_all(&json))?;
+    rename(&work_record, &record)?;
+    sync_dir(&release_dir);
+    sync_dir(&guest_dir);
+    tracing::info!(
+        "guest kernel {} cached in {}",
+        image.release,
+        release_dir.display()
+    );
+    Ok(image)
+}
+
+/// `linux-image-<something>-cloud-amd64`, but not the metapackage itself.
+fn is_cloud_kernel_package(name: &str) -> bool {
+    name.strip_prefix("linux-image-")
+        .and_then(|r| r.strip_suffix(RELEASE_SUFFIX))
+        .is_some_and(|middle| !middle.is_empty())
+}
+
+/// A release string is also a directory name: it must look like `6.1.0-56-cloud-amd64`.
+fn is_valid_release(release: &str) -> bool {
+    release.len() > RELEASE_SUFFIX.len()
+        && release.ends_with(RELEASE_SUFFIX)
+        && release.starts_with(|c: char| c.is_ascii_digit())
+        && release
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(&b))
+}
+
+/// Newest `linux-image-cloud-amd64`, then the first `linux-image-*-cloud-amd64` in its
+/// Depends; the exact version it pins if it pins one, else the newest of that name.
+fn current_kernel<'a>(entries: &'a [PackageEntry], url: &str) -> Result<&'a PackageEntry> {
+    let meta =
+        index::newest(entries, KERNEL_METAPACKAGE).ok_or_else(|| Error::PackageNotFound {
+            package: KERNEL_METAPACKAGE.to_owned(),
+            url: url.to_owned(),
+        })?;
+    let (name, pinned) = index::first_dependency(&meta.depends, is_cloud_kernel_package)
+        .ok_or_else(|| Error::Package {
+            package: KERNEL_METAPACKAGE.to_owned(),
+            url: url.to_owned(),
+            reason: format!(
+                "no linux-image-*{RELEASE_SUFFIX} in its Depends ({:?})",
+                meta.depends
+            ),
+        })?;
+    let pinned_entry =
+        pinned.and_then(|v| entries.iter().find(|e| e.name == name && e.version == v));
+    pinned_entry
+        .or_else(|| index::newest(entries, &name))
+        .ok_or_else(|| Error::PackageNotFound {
+            package: name,
+            url: url.to_owned(),
+        })
+}
+
+/// Downloads a package's .deb to `dest` and checks it against the signed index.
+fn download_package(
+    downloader: &Downloader,
+    mirror: &str,
+    pkg: &PackageEntry,
+    packages_url: &str,
+    dest: &Path,
+) -> Result<PathBuf> {
+    let incomplete = |field: &str| Error::Package {
+        package: pkg.name.clone(),
+        url: packages_url.to_owned(),
+        reason: format!("its index entry has no usable {field}"),
+    };
+    let filename = pkg
+        .filename
+        .as_deref()
+        .ok_or_else(|| incomplete("Filename"))?;
+    let checksum: &Checksum = pkg
+        .checksum
+        .as_ref()
+        .ok_or_else(|| incomplete("Size and SHA256"))?;
+    let url = format!("{mirror}/{filename}");
+    tracing::info!(
+        "downloading {} {} ({} bytes)",
+        pkg.name,
+        pkg.version,
+        checksum.size
+    );
+    downloader
+        .download(&url, dest, checksum.size, Some(&pkg.name))?
+        .verify(checksum, &format!("package {}", pkg.name), &url)?;
+    Ok(dest.to_owned())
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| Error::io("resolve", path, e))
+}
+
+/// Creates `path`, fills it with `fill`, and flushes it to disk before it is renamed
+/// anywhere, so a crash cannot leave a renamed-but-empty file.
+fn write_synced(path: &Path, fill: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+    let mut file = File::create(path).map_err(|e| Error::io("create", path, e))?;
+    fill(&mut file).map_err(|e| Error::io("write", path, e))?;
+    file.sync_all().map_err(|e| Error::io("write", path, e))
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(|e| Error::io("move a file into", to, e))
+}
+
+/// Best effort: makes the renames durable. Failure only weakens crash safety.
+fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!("cannot sync directory {}: {e}", dir.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_names() {
+        assert!(is_valid_release("6.1.0-56-cloud-amd64"));
+        assert!(!is_valid_release("-cloud-amd64"));
+        assert!(!is_valid_release("6.1.0-56-amd64"));
+        assert!(!is_valid_release("../../x-cloud-amd64"));
+        assert!(!is_valid_release("6.1/x-cloud-amd64"));
+        assert!(is_cloud_kernel_package("linux-image-6.1.0-56-cloud-amd64"));
+        assert!(!is_cloud_kernel_package("linux-image-cloud-amd64"));
+        assert!(!is_cloud_kernel_package(
+            "linux-image-6.1.0-56-cloud-amd64-dbg"
+        ));
+    }
+
+    #[test]
+    fn cached_checks_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(cached(dir.path()).unwrap().is_none());
+        let guest = dir.path().join("guest");
+        fs::create_dir_all(guest.join("r")).unwrap();
+        let image = GuestImage {
+            kernel: guest.join("r/vmlinuz"),
+            initrd: guest.join("r/initrd.img"),
+            release: "r".into(),
+        };
+        fs::write(
+            guest.join("current.json"),
+            serde_json::to_vec(&image).unwrap(),
+        )
+        .unwrap();
+        assert!(cached(dir.path()).unwrap().is_none(), "files missing");
+        fs::write(&image.kernel, b"k").unwrap();
+        fs::write(&image.initrd, b"").unwrap();
+        assert!(cached(dir.path()).unwrap().is_none(), "empty initrd");
+        fs::write(&image.initrd, b"i").unwrap();
+        assert_eq!(cached(dir.path()).unwrap(), Some(image));
+        fs::write(guest.join("current.json"), b"{not json").unwrap();
+        let err = cached(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::CacheRecord { .. }), "{err}");
+    }
+}
