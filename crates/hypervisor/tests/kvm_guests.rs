@@ -369,3 +369,142 @@ fn interrupt_before_run_is_reported() {
     vcpu.interrupter().interrupt();
     assert!(matches!(vcpu.run().expect("run"), VcpuExit::Interrupted));
 }
+
+/// A write to an address with an ioeventfd signals the eventfd inside the
+/// kernel instead of exiting: the path virtio queue notifications take.
+#[test]
+fn ioeventfd_turns_guest_writes_into_events() {
+    let Some(kvm) = kvm() else { return };
+    let mut a = CodeAssembler::new(16).expect("assembler");
+    a.mov(ax, (MMIO_REAL_MODE >> 4) as u32).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(byte_ptr(0x10).es(), 1).unwrap(); // MMIO with an ioeventfd
+    a.mov(dx, 0x470u32).unwrap();
+    a.mov(al, 2).unwrap();
+    a.out(dx, al).unwrap(); // port with an ioeventfd
+    a.out(0x10, al).unwrap(); // an ordinary exit, to show the guest went on
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).expect("assemble");
+    let vm = vm_with_code(&kvm, 1, false, &code);
+    let mmio_event = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).expect("eventfd");
+    let pio_event = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).expect("eventfd");
+    vm.register_ioevent(&mmio_event, MMIO_REAL_MODE + 0x10, false)
+        .expect("MMIO ioeventfd");
+    vm.register_ioevent(&pio_event, 0x470, true)
+        .expect("PIO ioeventfd");
+    assert!(
+        vm.register_ioevent(&pio_event, 0x1_0000, true).is_err(),
+        "ports are 16-bit"
+    );
+    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
+    enter_real_mode(vcpu.as_mut());
+    vcpu.set_regs(&StandardRegisters {
+        rip: CODE,
+        rflags: RFLAGS_RESERVED,
+        ..Default::default()
+    })
+    .expect("set regs");
+    let events = run_to_halt(vcpu.as_mut(), 0, 0);
+    assert_eq!(events, vec![Event::Out(0x10, vec![2]), Event::Halt]);
+    assert_eq!(mmio_event.read().expect("MMIO event signalled"), 1);
+    assert_eq!(pio_event.read().expect("PIO event signalled"), 1);
+}
+
+/// EFD_NONBLOCK, so a missing event fails the read instead of blocking.
+fn libc_nonblock() -> i32 {
+    libc::EFD_NONBLOCK
+}
+
+/// An irqfd raises its GSI in the in-kernel interrupt controllers: the
+/// guest programs the 8259 PIC, waits in HLT with interrupts on, and its
+/// handler for IRQ 4 (the serial port's line) runs when the host writes the
+/// eventfd.
+#[test]
+fn irqfd_interrupt_reaches_a_real_mode_handler() {
+    let Some(kvm) = kvm() else { return };
+    const VECTOR_BASE: u32 = 0x20;
+    const IRQ: u32 = 4;
+    let mut a = CodeAssembler::new(16).expect("assembler");
+    let mut handler = a.create_label();
+    let mut idle = a.create_label();
+    a.cli().unwrap();
+    // Interrupt vector table entry (offset, segment 0) for the IRQ's vector.
+    a.mov(word_ptr((VECTOR_BASE + IRQ) * 4), 0).unwrap(); // patched below
+    a.mov(word_ptr((VECTOR_BASE + IRQ) * 4 + 2), 0).unwrap();
+    for (port, value) in [
+        (0x20u32, 0x11u32),
+        (0x21, VECTOR_BASE),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, !(1u32 << IRQ) & 0xff),
+    ] {
+        a.mov(al, value).unwrap();
+        a.out(port, al).unwrap();
+    }
+    a.out(0x10, al).unwrap(); // ready
+    a.sti().unwrap();
+    a.set_label(&mut idle).unwrap();
+    a.hlt().unwrap();
+    a.jmp(idle).unwrap();
+    a.set_label(&mut handler).unwrap();
+    a.mov(al, 0x44).unwrap();
+    a.out(0x11, al).unwrap();
+    a.mov(al, 0x20).unwrap();
+    a.out(0x20, al).unwrap(); // end of interrupt
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    let result = a
+        .assemble_options(
+            CODE,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .expect("assemble");
+    let handler_ip = result.label_ip(&handler).expect("handler address");
+    let mut code = result.inner.code_buffer;
+    // Patch the IVT store's immediate: `mov word [disp16], imm16` ends with
+    // the immediate, and it is the second instruction (after CLI).
+    let first_store_end = 1 + 6;
+    code[first_store_end - 2..first_store_end].copy_from_slice(&(handler_ip as u16).to_le_bytes());
+
+    let vm = vm_with_code(&kvm, 1, true, &code);
+    let irq_event = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).expect("eventfd");
+    vm.register_irqfd(&irq_event, IRQ).expect("irqfd");
+    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
+    enter_real_mode(vcpu.as_mut());
+    vcpu.set_regs(&StandardRegisters {
+        rip: CODE,
+        rsp: 0x7000,
+        rflags: RFLAGS_RESERVED,
+        ..Default::default()
+    })
+    .expect("set regs");
+    let interrupter = vcpu.interrupter();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let mut outs = Vec::new();
+        loop {
+            match vcpu.run().expect("KVM_RUN") {
+                VcpuExit::IoOut { port, data } => {
+                    outs.push((port, data[0]));
+                    tx.send(port).expect("notify");
+                }
+                VcpuExit::Interrupted => return outs,
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)),
+        Ok(0x10),
+        "guest programmed the PIC"
+    );
+    irq_event.write(1).expect("raise IRQ 4");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)),
+        Ok(0x11),
+        "the handler ran"
+    );
+    interrupter.interrupt();
+    let outs = runner.join().expect("vCPU thread");
+    assert_eq!(outs.last(), Some(&(0x11, 0x44)));
+}
