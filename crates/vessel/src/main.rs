@@ -177,17 +177,25 @@ fn guest_info(json: bool) -> Result<ExitCode> {
 
 /// The accelerator `--accel` names, checked against this host.
 fn choose_accel(arg: AccelArg) -> Result<Accel> {
-    let kvm = hypervisor::host::kvm_support();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware_virtualization = hypervisor::host::has_hardware_virtualization(&cpuinfo);
+    resolve_accel(
+        arg,
+        hypervisor::host::kvm_support(),
+        hardware_virtualization,
+    )
+}
+
+/// `--accel` resolved against what the host offers (pure, for testing).
+fn resolve_accel(
+    arg: AccelArg,
+    kvm: hypervisor::host::KvmSupport,
+    hardware_virtualization: bool,
+) -> Result<Accel> {
     let accel = match arg {
         AccelArg::Kvm => Accel::Kvm,
         AccelArg::Emu => Accel::Emu,
-        AccelArg::Auto => {
-            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-            hypervisor::host::auto_accel(
-                kvm,
-                hypervisor::host::has_hardware_virtualization(&cpuinfo),
-            )
-        }
+        AccelArg::Auto => hypervisor::host::auto_accel(kvm, hardware_virtualization),
     };
     match accel {
         Accel::Kvm if !kvm.device => bail!("--accel kvm: this host has no /dev/kvm"),
@@ -330,5 +338,70 @@ fn describe(reason: &StopReason) -> &'static str {
         StopReason::TripleFault => "triple fault",
         StopReason::Signal(_) => "signal",
         StopReason::Error(_) => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hypervisor::host::KvmSupport;
+
+    const NO_KVM: KvmSupport = KvmSupport {
+        device: false,
+        usable: false,
+        pvm: false,
+    };
+    const PVM: KvmSupport = KvmSupport {
+        device: true,
+        usable: true,
+        pvm: true,
+    };
+    const REAL_KVM: KvmSupport = KvmSupport {
+        device: true,
+        usable: true,
+        pvm: false,
+    };
+
+    fn error_of(result: Result<Accel>) -> String {
+        format!("{:#}", result.expect_err("must be refused"))
+    }
+
+    #[test]
+    fn kvm_where_it_is_absent_or_unusable_is_refused() {
+        assert_eq!(
+            error_of(resolve_accel(AccelArg::Kvm, NO_KVM, true)),
+            "--accel kvm: this host has no /dev/kvm"
+        );
+        let busy = KvmSupport {
+            device: true,
+            usable: false,
+            pvm: false,
+        };
+        assert!(
+            error_of(resolve_accel(AccelArg::Kvm, busy, true)).contains("a VM cannot be created")
+        );
+    }
+
+    #[test]
+    fn auto_uses_kvm_only_with_hardware_support() {
+        assert_eq!(
+            resolve_accel(AccelArg::Auto, REAL_KVM, true).ok(),
+            Some(Accel::Kvm)
+        );
+        assert!(error_of(resolve_accel(AccelArg::Auto, PVM, false)).contains("nested PVM"));
+        assert!(
+            error_of(resolve_accel(AccelArg::Auto, NO_KVM, false)).contains("not available yet")
+        );
+        assert_eq!(
+            resolve_accel(AccelArg::Kvm, PVM, false).ok(),
+            Some(Accel::Kvm)
+        );
+    }
+
+    #[test]
+    fn emu_is_refused_until_it_lands() {
+        assert!(
+            error_of(resolve_accel(AccelArg::Emu, REAL_KVM, true)).contains("not available yet")
+        );
     }
 }

@@ -441,20 +441,42 @@ fn vcpu_loop(mut vcpu: Box<dyn Vcpu>, shared: &Shared) {
             VcpuExit::IoIn { port, data } => {
                 if !shared.pio.read(u64::from(port), data) {
                     // Nothing there: an ISA bus floats high.
+                    tracing::debug!(
+                        port = format_args!("{port:#x}"),
+                        len = data.len(),
+                        "read from an unclaimed port"
+                    );
                     data.fill(0xff);
                 }
             }
             VcpuExit::IoOut { port, data } => {
                 // Writes to ports with no device are dropped, as on a PC.
-                shared.pio.write(u64::from(port), data);
+                if !shared.pio.write(u64::from(port), data) {
+                    tracing::debug!(
+                        port = format_args!("{port:#x}"),
+                        ?data,
+                        "write to an unclaimed port"
+                    );
+                }
             }
             VcpuExit::MmioRead { addr, data } => {
                 if !shared.mmio.read(addr, data) {
+                    tracing::debug!(
+                        addr = format_args!("{addr:#x}"),
+                        len = data.len(),
+                        "read from unclaimed MMIO"
+                    );
                     data.fill(0xff);
                 }
             }
             VcpuExit::MmioWrite { addr, data } => {
-                shared.mmio.write(addr, data);
+                if !shared.mmio.write(addr, data) {
+                    tracing::debug!(
+                        addr = format_args!("{addr:#x}"),
+                        ?data,
+                        "write to unclaimed MMIO"
+                    );
+                }
             }
             VcpuExit::Interrupted => {}
             VcpuExit::Halt => return shared.stop_from_vcpu(StopReason::Halted),
