@@ -119,6 +119,20 @@ fn enter_real_mode(vcpu: &mut dyn Vcpu) {
     vcpu.set_sregs(&sregs).expect("set sregs");
 }
 
+/// vCPU 0 in real mode at `CODE`, with the stack at `stack_top`.
+fn start_real_mode_vcpu(vm: &dyn Vm, stack_top: u64) -> Box<dyn Vcpu> {
+    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
+    enter_real_mode(vcpu.as_mut());
+    vcpu.set_regs(&StandardRegisters {
+        rip: CODE,
+        rsp: stack_top,
+        rflags: RFLAGS_RESERVED,
+        ..Default::default()
+    })
+    .expect("set regs");
+    vcpu
+}
+
 /// A real-mode program: OUT, IN, an MMIO write and read through ES, and
 /// the value read reported with OUT.
 fn real_mode_program() -> Vec<u8> {
@@ -141,14 +155,7 @@ fn real_mode_program() -> Vec<u8> {
 fn real_mode_port_io_mmio_and_halt() {
     let Some(kvm) = kvm() else { return };
     let vm = vm_with_code(&kvm, 1, false, &real_mode_program());
-    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
-    enter_real_mode(vcpu.as_mut());
-    vcpu.set_regs(&StandardRegisters {
-        rip: CODE,
-        rflags: RFLAGS_RESERVED,
-        ..Default::default()
-    })
-    .expect("set regs");
+    let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0);
     let events = run_to_halt(vcpu.as_mut(), 0x7e, 0xbeef);
     assert_eq!(
         events,
@@ -322,14 +329,7 @@ fn halted_vcpu_with_irqchip_is_interrupted() {
     a.jmp(again).unwrap();
     let code = a.assemble(CODE).expect("assemble");
     let vm = vm_with_code(&kvm, 1, true, &code);
-    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
-    enter_real_mode(vcpu.as_mut());
-    vcpu.set_regs(&StandardRegisters {
-        rip: CODE,
-        rflags: RFLAGS_RESERVED,
-        ..Default::default()
-    })
-    .expect("set regs");
+    let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0);
     let interrupter = vcpu.interrupter();
     let (tx, rx) = std::sync::mpsc::channel();
     let runner = std::thread::spawn(move || {
@@ -396,14 +396,7 @@ fn ioeventfd_turns_guest_writes_into_events() {
         vm.register_ioevent(&pio_event, 0x1_0000, true).is_err(),
         "ports are 16-bit"
     );
-    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
-    enter_real_mode(vcpu.as_mut());
-    vcpu.set_regs(&StandardRegisters {
-        rip: CODE,
-        rflags: RFLAGS_RESERVED,
-        ..Default::default()
-    })
-    .expect("set regs");
+    let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0);
     let events = run_to_halt(vcpu.as_mut(), 0, 0);
     assert_eq!(events, vec![Event::Out(0x10, vec![2]), Event::Halt]);
     assert_eq!(mmio_event.read().expect("MMIO event signalled"), 1);
@@ -469,15 +462,7 @@ fn irqfd_interrupt_reaches_a_real_mode_handler() {
     let vm = vm_with_code(&kvm, 1, true, &code);
     let irq_event = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).expect("eventfd");
     vm.register_irqfd(&irq_event, IRQ).expect("irqfd");
-    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
-    enter_real_mode(vcpu.as_mut());
-    vcpu.set_regs(&StandardRegisters {
-        rip: CODE,
-        rsp: 0x7000,
-        rflags: RFLAGS_RESERVED,
-        ..Default::default()
-    })
-    .expect("set regs");
+    let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0x7000);
     let interrupter = vcpu.interrupter();
     let (tx, rx) = std::sync::mpsc::channel();
     let runner = std::thread::spawn(move || {
