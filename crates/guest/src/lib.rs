@@ -164,52 +164,8 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
     let work = work_dir.path();
     let downloader = Downloader::new(opts.progress);
 
-    // 1. The signed Release file. Only what gpgv wrote out as verified is parsed.
-    let inrelease_url = format!("{mirror}/dists/{SUITE}/InRelease");
-    let inrelease = work.join("InRelease");
-    let got = downloader.download(&inrelease_url, &inrelease, INRELEASE_LIMIT, None)?;
-    if got.size > INRELEASE_LIMIT {
-        return Err(Error::Release {
-            url: inrelease_url,
-            reason: format!("it is larger than {INRELEASE_LIMIT} bytes"),
-        });
-    }
-    let gnupg_home = work.join("gnupg");
-    fs::create_dir(&gnupg_home).map_err(|e| Error::io("create directory", &gnupg_home, e))?;
-    let verified = work.join("Release");
-    gpg::verify_clearsigned(&inrelease, &verified, &keyring, &gnupg_home, &inrelease_url)?;
-    let release = fs::read_to_string(&verified).map_err(|e| Error::io("read", &verified, e))?;
-    let packages_sum =
-        index::release_checksum(&release, SUITE, PACKAGES_PATH).map_err(|reason| {
-            Error::Release {
-                url: inrelease_url.clone(),
-                reason,
-            }
-        })?;
-
-    // 2. The package index, checked against the signed Release.
-    let packages_url = format!("{mirror}/dists/{SUITE}/{PACKAGES_PATH}");
-    let packages_xz = work.join("Packages.xz");
-    downloader
-        .download(
-            &packages_url,
-            &packages_xz,
-            packages_sum.size,
-            Some("Packages.xz"),
-        )?
-        .verify(&packages_sum, PACKAGES_PATH, &packages_url)?;
-    let file = File::open(&packages_xz).map_err(|e| Error::io("open", &packages_xz, e))?;
-    let entries = index::scan_packages(
-        BufReader::new(xz2::read::XzDecoder::new_multi_decoder(BufReader::new(
-            file,
-        ))),
-        |name| {
-            name == KERNEL_METAPACKAGE || name == BUSYBOX_PACKAGE || is_cloud_kernel_package(name)
-        },
-    )
-    .map_err(|e| Error::Read {
-        url: packages_url.clone(),
-        source: e,
+    let (entries, packages_url) = signed_packages(&downloader, &mirror, &keyring, work, |name| {
+        name == KERNEL_METAPACKAGE || name == BUSYBOX_PACKAGE || is_cloud_kernel_package(name)
     })?;
 
     // 3. The kernel the metapackage currently points at, and busybox.
@@ -288,6 +244,123 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
         release_dir.display()
     );
     Ok(image)
+}
+
+/// Steps shared by every fetch: downloads `InRelease`, verifies it with gpgv, then downloads
+/// `Packages.xz`, checks it against the signed digest and returns the entries `wanted`
+/// accepts, with the index's URL for error messages. Everything lands in `work`.
+fn signed_packages(
+    downloader: &Downloader,
+    mirror: &str,
+    keyring: &Path,
+    work: &Path,
+    wanted: impl FnMut(&str) -> bool,
+) -> Result<(Vec<PackageEntry>, String)> {
+    // 1. The signed Release file. Only what gpgv wrote out as verified is parsed.
+    let inrelease_url = format!("{mirror}/dists/{SUITE}/InRelease");
+    let inrelease = work.join("InRelease");
+    let got = downloader.download(&inrelease_url, &inrelease, INRELEASE_LIMIT, None)?;
+    if got.size > INRELEASE_LIMIT {
+        return Err(Error::Release {
+            url: inrelease_url,
+            reason: format!("it is larger than {INRELEASE_LIMIT} bytes"),
+        });
+    }
+    let gnupg_home = work.join("gnupg");
+    fs::create_dir(&gnupg_home).map_err(|e| Error::io("create directory", &gnupg_home, e))?;
+    let verified = work.join("Release");
+    gpg::verify_clearsigned(&inrelease, &verified, keyring, &gnupg_home, &inrelease_url)?;
+    let release = fs::read_to_string(&verified).map_err(|e| Error::io("read", &verified, e))?;
+    let packages_sum =
+        index::release_checksum(&release, SUITE, PACKAGES_PATH).map_err(|reason| {
+            Error::Release {
+                url: inrelease_url.clone(),
+                reason,
+            }
+        })?;
+
+    // 2. The package index, checked against the signed Release.
+    let packages_url = format!("{mirror}/dists/{SUITE}/{PACKAGES_PATH}");
+    let packages_xz = work.join("Packages.xz");
+    downloader
+        .download(
+            &packages_url,
+            &packages_xz,
+            packages_sum.size,
+            Some("Packages.xz"),
+        )?
+        .verify(&packages_sum, PACKAGES_PATH, &packages_url)?;
+    let file = File::open(&packages_xz).map_err(|e| Error::io("open", &packages_xz, e))?;
+    let entries = index::scan_packages(
+        BufReader::new(xz2::read::XzDecoder::new_multi_decoder(BufReader::new(
+            file,
+        ))),
+        wanted,
+    )
+    .map_err(|e| Error::Read {
+        url: packages_url.clone(),
+        source: e,
+    })?;
+
+    Ok((entries, packages_url))
+}
+
+/// Where [`fetch_busybox`] keeps the static busybox binary, relative to the data dir.
+const BUSYBOX_CACHE: &str = "busybox/busybox";
+
+/// The static busybox binary from Debian's `busybox-static` (as in the guest's initramfs),
+/// cached in the data dir: answered from the cache without network access when present,
+/// else downloaded and verified against the signed index like [`fetch_latest`] does.
+/// Returns the cached binary's absolute path. Containers use it to build their default root.
+pub fn fetch_busybox(opts: &FetchOptions) -> Result<PathBuf> {
+    let data_dir = absolute(&opts.data_dir)?;
+    let cached = data_dir.join(BUSYBOX_CACHE);
+    if fs::metadata(&cached).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        return Ok(cached);
+    }
+    let mirror = mirror::resolve(opts.mirror.as_deref())?;
+    let keyring = gpg::resolve_keyring(opts.keyring.as_deref())?;
+    let dir = data_dir.join("busybox");
+    fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+    // Deleted on every return; the binary is renamed out of it only once verified.
+    let work_dir = tempfile::Builder::new()
+        .prefix(".vessel-fetch-")
+        .tempdir_in(&dir)
+        .map_err(|e| Error::io("create a temporary directory in", &dir, e))?;
+    let work = work_dir.path();
+    let downloader = Downloader::new(opts.progress);
+    let (entries, packages_url) = signed_packages(&downloader, &mirror, &keyring, work, |name| {
+        name == BUSYBOX_PACKAGE
+    })?;
+    let busybox_pkg =
+        index::newest(&entries, BUSYBOX_PACKAGE).ok_or_else(|| Error::PackageNotFound {
+            package: BUSYBOX_PACKAGE.to_owned(),
+            url: packages_url.clone(),
+        })?;
+    let busybox_deb = download_package(
+        &downloader,
+        &mirror,
+        busybox_pkg,
+        &packages_url,
+        &work.join("busybox.deb"),
+    )?;
+    let busybox = deb::extract(&busybox_deb, &busybox_pkg.name, "bin/busybox", |p| {
+        p == "bin/busybox" || p == "usr/bin/busybox"
+    })?;
+    let work_binary = work.join("busybox");
+    write_synced(&work_binary, |f| {
+        use std::os::unix::fs::PermissionsExt;
+        f.write_all(&busybox.contents)?;
+        f.set_permissions(fs::Permissions::from_mode(0o755))
+    })?;
+    rename(&work_binary, &cached)?;
+    sync_dir(&dir);
+    tracing::info!(
+        "busybox {} cached in {}",
+        busybox_pkg.version,
+        cached.display()
+    );
+    Ok(cached)
 }
 
 /// `linux-image-<something>-cloud-amd64`, but not the metapackage itself.

@@ -1,5 +1,6 @@
 //! `vessel`: virtual machines and containers on one Linux host.
 
+mod container_cmd;
 mod host;
 mod terminal;
 
@@ -41,8 +42,9 @@ enum Command {
         #[command(subcommand)]
         command: GuestCommand,
     },
-    /// Boot a transient VM with its serial console on this terminal.
-    Run(RunArgs),
+    /// Boot a transient VM with its serial console on this terminal (or, with
+    /// --container, run the command in a container on this host's kernel).
+    Run(Box<RunArgs>),
 }
 
 #[derive(Subcommand)]
@@ -76,12 +78,13 @@ struct RunArgs {
     /// Accelerator.
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelArg,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
-    /// Guest memory: a number of MiB or a size like 512M, 2G.
-    #[arg(long, default_value = "512M")]
-    memory: String,
+    /// Number of vCPUs (default 1); with --container, a CPU limit such as 0.5 (default none).
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Guest memory: a number of MiB or a size like 512M, 2G (default 512M); with
+    /// --container, a memory limit (default none).
+    #[arg(long)]
+    memory: Option<String>,
     /// Kernel to boot (bzImage or ELF vmlinux); default: the default guest's.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -91,6 +94,8 @@ struct RunArgs {
     /// Kernel command line, replacing vessel's default.
     #[arg(long)]
     cmdline: Option<String>,
+    #[command(flatten)]
+    container: container_cmd::ContainerArgs,
     /// Command to run in the guest; without it, an interactive shell.
     #[arg(last = true)]
     command: Vec<String>,
@@ -113,7 +118,7 @@ fn main() -> ExitCode {
         Command::Guest {
             command: GuestCommand::Info { json },
         } => guest_info(json),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     };
     match result {
         Ok(code) => code,
@@ -224,9 +229,21 @@ fn check_file(path: &Path, what: &str) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let memory = vmm::config::parse_size(&args.memory)?;
+    if args.container.container {
+        return container_cmd::run(args);
+    }
+    container_cmd::refuse_container_flags(&args.container)?;
+    let memory_text = args.memory.as_deref().unwrap_or("512M");
+    let memory = vmm::config::parse_size(memory_text)?;
+    let cpus = match args.cpus.as_deref() {
+        None => 1,
+        Some(text) => text
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| anyhow::anyhow!("--cpus {text}: expected a whole number of vCPUs"))?,
+    };
     let host_memory = vmm::config::host_memory().context("reading this host's memory size")?;
-    vmm::config::validate_resources(args.cpus, memory, &args.memory, vmm::MAX_CPUS, host_memory)?;
+    vmm::config::validate_resources(cpus, memory, memory_text, vmm::MAX_CPUS, host_memory)?;
     if let Some(kernel) = &args.kernel {
         vmm::boot::kernel_format(kernel)?;
     }
@@ -238,10 +255,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Accel::Kvm => Box::new(hypervisor::kvm::KvmHypervisor::new().context("opening KVM")?),
         Accel::Emu => bail!("the emu accelerator is not available yet"),
     };
-    if args.cpus > hypervisor.max_vcpus() {
+    if cpus > hypervisor.max_vcpus() {
         bail!(
             "--cpus {}: {} allows at most {}",
-            args.cpus,
+            cpus,
             hypervisor.name(),
             hypervisor.max_vcpus()
         );
@@ -262,7 +279,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         cmdline.push_str(&guest::command_line_for(&args.command)?);
     }
     let config = MachineConfig {
-        cpus: args.cpus,
+        cpus,
         memory,
         kernel,
         initrd,

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Times `vessel run --container -- true` against `runc run` of an equivalent busybox
+# bundle (same root, `true` as the command), and prints both means and their ratio.
+#
+#   bench/container.sh [RUNS]          (default 50; needs root and runc; hyperfine if present)
+#
+# vessel: the release build (built here if missing), its default busybox root.
+# runc: a bundle from `runc spec` with the same root copied in, no terminal.
+# vessel also mounts an overlay (a writable, discarded layer), which runc's default
+# (read-only root) does not; so vessel does a little more work per run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-50}
+[ "$(id -u)" = 0 ] || { echo "bench/container.sh: needs root" >&2; exit 1; }
+command -v runc >/dev/null || { echo "bench/container.sh: needs runc (apt-get install runc)" >&2; exit 1; }
+
+vessel=${VESSEL:-target/release/vessel}
+[ -x "$vessel" ] || cargo build --release -p vessel
+vessel=$(realpath "$vessel")
+"$vessel" run --container -- true   # fetches busybox and builds the default root once
+# The data dir, found as vessel finds it (guest::default_data_dir).
+if [ -n "${VESSEL_DATA_DIR:-}" ]; then data=$VESSEL_DATA_DIR
+elif [[ "${XDG_DATA_HOME:-}" == /* ]]; then data=$XDG_DATA_HOME/vessel
+elif [ -n "${HOME:-}" ]; then data=$HOME/.local/share/vessel
+else data=/var/lib/vessel; fi
+root=$data/container/busybox-root
+[ -x "$root/bin/busybox" ] || { echo "bench/container.sh: no busybox root at $root" >&2; exit 1; }
+
+bundle=$(mktemp -d /tmp/vessel-bench.XXXXXX)
+trap 'runc delete -f vessel-bench >/dev/null 2>&1 || true; rm -rf "$bundle"' EXIT
+cp -a "$root" "$bundle/rootfs"
+(cd "$bundle" && runc spec)
+sed -i -e 's/"terminal": true/"terminal": false/' \
+       -e 's/^\(\s*\)"sh"$/\1"true"/' "$bundle/config.json"
+grep -q '"true"' "$bundle/config.json" || { echo "bench/container.sh: cannot edit config.json" >&2; exit 1; }
+
+v_cmd="$vessel run --container -- true"
+r_cmd="runc run --bundle $bundle vessel-bench"
+$r_cmd   # sanity: must succeed
+
+if command -v hyperfine >/dev/null; then
+  json="$bundle/result.json"
+  hyperfine -N --warmup 5 --runs "$runs" --export-json "$json" "$v_cmd" "$r_cmd" >&2
+  read -r v r < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["results"]; print(d[0]["mean"]*1000, d[1]["mean"]*1000)' "$json")
+else
+  time_ms() {
+    local start end
+    start=$(date +%s%N)
+    for _ in $(seq "$runs"); do $1 >/dev/null; done
+    end=$(date +%s%N)
+    echo "scale=3; ($end - $start) / 1000000 / $runs" | bc
+  }
+  $v_cmd; $r_cmd
+  v=$(time_ms "$v_cmd"); r=$(time_ms "$r_cmd")
+fi
+printf 'vessel run --container -- true: %.2f ms\n' "$v"
+printf 'runc run (busybox bundle):      %.2f ms\n' "$r"
+python3 -c "import sys; print('ratio vessel/runc: %.2f' % (float(sys.argv[1]) / float(sys.argv[2])))" "$v" "$r"

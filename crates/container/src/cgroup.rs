@@ -1,0 +1,541 @@
+//! Per-container cgroups on cgroup v1, v2 and hybrid hosts.
+//!
+//! Each controller the container needs is looked up where the host has it: a v1
+//! hierarchy that has it bound wins (that is where a hybrid host runs it), else the v2
+//! (unified) hierarchy if the controller is available there. The container's group is a
+//! child `vessel-<id>` of *this process's own* group in that hierarchy, so whatever
+//! supervises vessel (and limits it) keeps accounting for its containers.
+//!
+//! [`Cgroups`] removes every group it created when dropped, killing any task left in one
+//! first, so no path (errors included) leaks a group.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::Limits;
+
+/// Devices a container may use (runc's default allow list); everything else is denied.
+/// `m` on all lets it mknod nodes it cannot open, as runc allows.
+const DEVICE_ALLOW: &[&str] = &[
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",   // null
+    "c 1:5 rwm",   // zero
+    "c 1:7 rwm",   // full
+    "c 1:8 rwm",   // random
+    "c 1:9 rwm",   // urandom
+    "c 5:0 rwm",   // tty
+    "c 5:2 rwm",   // ptmx
+    "c 136:* rwm", // pts
+];
+
+/// A cgroup filesystem mount from /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CgroupMount {
+    pub mountpoint: PathBuf,
+    /// The path inside the hierarchy that is mounted there (usually `/`).
+    pub root: String,
+    pub v2: bool,
+    /// v1: the controllers bound to this hierarchy (from the super options).
+    pub controllers: Vec<String>,
+}
+
+/// One line of /proc/self/cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Membership {
+    /// Empty for the v2 line (`0::/path`).
+    pub controllers: Vec<String>,
+    pub path: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let oct = &bytes[i + 1..i + 4];
+            if oct.iter().all(|b| (b'0'..=b'7').contains(b)) {
+                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup mounts in a mountinfo text.
+pub(crate) fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    let mut mounts = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        let (Some(root), Some(mountpoint), Some(fstype)) =
+            (left.get(3), left.get(4), right.first())
+        else {
+            continue;
+        };
+        let super_opts = right.get(2).copied().unwrap_or("");
+        let v2 = match *fstype {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => continue,
+        };
+        let controllers = if v2 {
+            Vec::new()
+        } else {
+            super_opts
+                .split(',')
+                .filter(|o| !o.contains('=') && *o != "rw" && *o != "ro")
+                .map(str::to_owned)
+                .collect()
+        };
+        mounts.push(CgroupMount {
+            mountpoint: PathBuf::from(unescape(mountpoint)),
+            root: unescape(root),
+            v2,
+            controllers,
+        });
+    }
+    mounts
+}
+
+/// The lines of a /proc/PID/cgroup text.
+pub(crate) fn parse_proc_cgroup(text: &str) -> Vec<Membership> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let _id = parts.next()?;
+            let controllers = parts.next()?;
+            let path = parts.next()?;
+            Some(Membership {
+                controllers: controllers
+                    .split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                path: path.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The directory of the group `path` (as /proc/self/cgroup names it) under `mount`.
+fn group_dir(mount: &CgroupMount, path: &str) -> PathBuf {
+    let root = mount.root.trim_end_matches('/');
+    // A group outside what is mounted (another cgroup namespace) cannot be reached by
+    // path; the mount's top is the nearest place we can use.
+    let relative = path.strip_prefix(root).unwrap_or("");
+    let relative = relative.trim_start_matches('/');
+    if relative.is_empty() {
+        mount.mountpoint.clone()
+    } else {
+        mount.mountpoint.join(relative)
+    }
+}
+
+/// Where each needed controller lives: (parent group dir, v2?, controllers there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub parent: PathBuf,
+    pub v2: bool,
+    pub controllers: Vec<&'static str>,
+}
+
+/// Decides, for each controller in `needed`, which hierarchy and parent group to use.
+/// `v2_available` lists the controllers this process's v2 group offers (its
+/// `cgroup.controllers`). Controllers found nowhere come back in the second list.
+pub(crate) fn place(
+    mounts: &[CgroupMount],
+    memberships: &[Membership],
+    v2_available: &[String],
+    needed: &[&'static str],
+) -> (Vec<Placement>, Vec<&'static str>) {
+    let mut placements: Vec<Placement> = Vec::new();
+    let mut missing = Vec::new();
+    for &controller in needed {
+        let v1 = mounts
+            .iter()
+            .find(|m| !m.v2 && m.controllers.iter().any(|c| c == controller));
+        let target = if let Some(mount) = v1 {
+            let path = memberships
+                .iter()
+                .find(|m| m.controllers.iter().any(|c| c == controller))
+                .map_or("/", |m| m.path.as_str());
+            Some((group_dir(mount, path), false))
+        } else {
+            let v2 = mounts.iter().find(|m| m.v2);
+            match v2 {
+                Some(mount) if v2_available.iter().any(|c| c == controller) => {
+                    let path = memberships
+                        .iter()
+                        .find(|m| m.controllers.is_empty())
+                        .map_or("/", |m| m.path.as_str());
+                    Some((group_dir(mount, path), true))
+                }
+                _ => None,
+            }
+        };
+        match target {
+            Some((parent, v2)) => {
+                if let Some(p) = placements.iter_mut().find(|p| p.parent == parent) {
+                    p.controllers.push(controller);
+                } else {
+                    placements.push(Placement {
+                        parent,
+                        v2,
+                        controllers: vec![controller],
+                    });
+                }
+            }
+            None => missing.push(controller),
+        }
+    }
+    (placements, missing)
+}
+
+/// The v2 group of this process and the controllers it offers, if cgroup2 is mounted.
+fn v2_controllers(mounts: &[CgroupMount], memberships: &[Membership]) -> Vec<String> {
+    let Some(mount) = mounts.iter().find(|m| m.v2) else {
+        return Vec::new();
+    };
+    let path = memberships
+        .iter()
+        .find(|m| m.controllers.is_empty())
+        .map_or("/", |m| m.path.as_str());
+    fs::read_to_string(group_dir(mount, path).join("cgroup.controllers"))
+        .map(|s| s.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[derive(Debug)]
+struct Group {
+    dir: PathBuf,
+    v2: bool,
+    controllers: Vec<&'static str>,
+}
+
+/// The container's cgroups; removed (after killing anything left in them) when dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Cgroups {
+    groups: Vec<Group>,
+    /// Whether the devices controller restricts the container (v1 only).
+    pub devices_restricted: bool,
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value)
+}
+
+fn write_ctx(path: &Path, value: &str) -> Result<()> {
+    write(path, value).map_err(|e| Error::io(format!("writing {value:?} to {}", path.display()), e))
+}
+
+impl Cgroups {
+    /// Creates the groups `limits` needs (plus the v1 devices group, where there is one)
+    /// and writes the limits into them.
+    pub(crate) fn create(id: &str, limits: &Limits) -> Result<Cgroups> {
+        let mut needed: Vec<&'static str> = vec!["devices"];
+        if limits.memory.is_some() {
+            needed.push("memory");
+        }
+        if limits.cpu.is_some() {
+            needed.push("cpu");
+        }
+        if limits.pids.is_some() {
+            needed.push("pids");
+        }
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+        let proc_cgroup = fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| Error::io("reading /proc/self/cgroup", e))?;
+        let mounts = parse_mountinfo(&mountinfo);
+        let memberships = parse_proc_cgroup(&proc_cgroup);
+        let v2_available = v2_controllers(&mounts, &memberships);
+        let (placements, missing) = place(&mounts, &memberships, &v2_available, &needed);
+        for controller in missing {
+            // On v2, devices are policed by eBPF programs, which this increment does not
+            // load; the container then gets no CAP_MKNOD instead (see plan).
+            if controller == "devices" {
+                continue;
+            }
+            let flag = match controller {
+                "memory" => "--memory",
+                "cpu" => "--cpus",
+                _ => "--pids",
+            };
+            return Err(Error::Invalid(format!(
+                "{flag}: this host has no usable {controller} cgroup controller"
+            )));
+        }
+
+        let mut cgroups = Cgroups::default();
+        let name = format!("vessel-{id}");
+        for placement in placements {
+            if placement.v2 {
+                // A v2 group's controllers must be enabled in its parent's subtree first.
+                let control = placement.parent.join("cgroup.subtree_control");
+                for controller in &placement.controllers {
+                    write(&control, &format!("+{controller}")).map_err(|e| {
+                        Error::io(
+                            format!(
+                                "enabling the {controller} controller in {} (cgroup v2 allows it only in a group without processes of its own)",
+                                control.display()
+                            ),
+                            e,
+                        )
+                    })?;
+                }
+            }
+            let dir = placement.parent.join(&name);
+            fs::create_dir(&dir).map_err(|e| Error::path("creating cgroup", &dir, e))?;
+            cgroups.groups.push(Group {
+                dir,
+                v2: placement.v2,
+                controllers: placement.controllers,
+            });
+        }
+        cgroups.apply(limits)?;
+        Ok(cgroups)
+    }
+
+    fn apply(&mut self, limits: &Limits) -> Result<()> {
+        for group in &self.groups {
+            let file = |name: &str| group.dir.join(name);
+            for controller in &group.controllers {
+                match (*controller, group.v2) {
+                    ("devices", false) => {
+                        write_ctx(&file("devices.deny"), "a")?;
+                        for rule in DEVICE_ALLOW {
+                            write_ctx(&file("devices.allow"), rule)?;
+                        }
+                    }
+                    ("memory", v2) => {
+                        let Some(bytes) = limits.memory else { continue };
+                        let name = if v2 {
+                            "memory.max"
+                        } else {
+                            "memory.limit_in_bytes"
+                        };
+                        write(&file(name), &bytes.to_string()).map_err(|e| {
+                            Error::Invalid(format!(
+                                "--memory: the kernel refused a limit of {bytes} bytes ({e})"
+                            ))
+                        })?;
+                        // No swapping past the limit: the container is held to it. Best
+                        // effort, as either file may be absent or read-only.
+                        let (swap_file, swap_value) = if v2 {
+                            ("memory.swap.max", "0")
+                        } else {
+                            ("memory.swappiness", "0")
+                        };
+                        if let Err(e) = write(&file(swap_file), swap_value) {
+                            tracing::debug!("cannot write {swap_file}: {e}");
+                        }
+                    }
+                    ("cpu", v2) => {
+                        let Some(cpu) = limits.cpu else { continue };
+                        if v2 {
+                            write_ctx(
+                                &file("cpu.max"),
+                                &format!("{} {}", cpu.quota_us, cpu.period_us),
+                            )?;
+                        } else {
+                            write_ctx(&file("cpu.cfs_period_us"), &cpu.period_us.to_string())?;
+                            write_ctx(&file("cpu.cfs_quota_us"), &cpu.quota_us.to_string())?;
+                        }
+                    }
+                    ("pids", _) => {
+                        let Some(max) = limits.pids else { continue };
+                        write(&file("pids.max"), &max.to_string()).map_err(|e| {
+                            Error::Invalid(format!("--pids {max}: the kernel refused it ({e})"))
+                        })?;
+                    }
+                    _ => {}
+                }
+            }
+            if group.controllers.contains(&"devices") && !group.v2 {
+                self.devices_restricted = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `pid` into every group.
+    pub(crate) fn add(&self, pid: libc::pid_t) -> Result<()> {
+        for group in &self.groups {
+            write_ctx(&group.dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// How many processes the OOM killer killed in the memory group.
+    pub(crate) fn oom_kills(&self) -> u64 {
+        let Some(group) = self
+            .groups
+            .iter()
+            .find(|g| g.controllers.contains(&"memory"))
+        else {
+            return 0;
+        };
+        let name = if group.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        let text = fs::read_to_string(group.dir.join(name)).unwrap_or_default();
+        oom_kill_count(&text)
+    }
+
+    /// The group directories, for tests and diagnostics.
+    #[allow(dead_code)]
+    pub(crate) fn dirs(&self) -> Vec<PathBuf> {
+        self.groups.iter().map(|g| g.dir.clone()).collect()
+    }
+}
+
+/// The `oom_kill N` counter in memory.oom_control (v1) or memory.events (v2).
+pub(crate) fn oom_kill_count(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Kills what is left in `dir` and removes it, retrying while the kernel finishes tearing
+/// exited tasks down (rmdir says EBUSY until then).
+fn remove_group(dir: &Path) {
+    for attempt in 0..500 {
+        match fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_micros(if attempt < 20 { 200 } else { 2000 }));
+            }
+            Err(e) => {
+                tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                return;
+            }
+        }
+    }
+    tracing::warn!("cannot remove cgroup {}: it stays busy", dir.display());
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for group in self.groups.iter().rev() {
+            remove_group(&group.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const HYBRID_SELF: &str = "\
+9:name=systemd:/
+8:pids:/
+5:devices:/
+4:memory:/process_api/abc
+1:cpu:/
+0::/
+";
+
+    #[test]
+    fn hybrid_uses_v1() {
+        let mounts = parse_mountinfo(HYBRID);
+        assert_eq!(mounts.len(), 6);
+        assert_eq!(mounts[1].controllers, vec!["memory"]);
+        let memberships = parse_proc_cgroup(HYBRID_SELF);
+        let (placements, missing) = place(
+            &mounts,
+            &memberships,
+            &[],
+            &["devices", "memory", "cpu", "pids"],
+        );
+        assert!(missing.is_empty());
+        assert_eq!(placements.len(), 4);
+        assert!(placements.iter().all(|p| !p.v2));
+        assert_eq!(
+            placements[1].parent,
+            PathBuf::from("/sys/fs/cgroup/memory/process_api/abc")
+        );
+        assert_eq!(placements[2].parent, PathBuf::from("/sys/fs/cgroup/cpu"));
+    }
+
+    #[test]
+    fn pure_v2() {
+        let mounts = parse_mountinfo(
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n",
+        );
+        let memberships = parse_proc_cgroup("0::/user.slice/vessel\n");
+        let available: Vec<String> = ["cpu", "memory", "pids"].map(String::from).to_vec();
+        let (placements, missing) = place(
+            &mounts,
+            &memberships,
+            &available,
+            &["devices", "memory", "pids"],
+        );
+        assert_eq!(missing, vec!["devices"]);
+        assert_eq!(placements.len(), 1, "one v2 group holds every controller");
+        assert!(placements[0].v2);
+        assert_eq!(placements[0].controllers, vec!["memory", "pids"]);
+        assert_eq!(
+            placements[0].parent,
+            PathBuf::from("/sys/fs/cgroup/user.slice/vessel")
+        );
+    }
+
+    #[test]
+    fn combined_v1_and_namespaced_root() {
+        let mounts = parse_mountinfo(
+            "1 2 0:1 /docker/x /sys/fs/cgroup/cpu,cpuacct ro - cgroup cgroup rw,cpu,cpuacct\n",
+        );
+        let memberships = parse_proc_cgroup("3:cpu,cpuacct:/docker/x/sub\n");
+        let (placements, _) = place(&mounts, &memberships, &[], &["cpu"]);
+        assert_eq!(
+            placements[0].parent,
+            PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/sub")
+        );
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/a\\"), "/a\\");
+    }
+
+    #[test]
+    fn oom_counter() {
+        assert_eq!(
+            oom_kill_count("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"),
+            2
+        );
+        assert_eq!(
+            oom_kill_count("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n"),
+            1
+        );
+        assert_eq!(oom_kill_count(""), 0);
+    }
+}

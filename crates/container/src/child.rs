@@ -1,0 +1,700 @@
+//! The cloned child: builds the container from a [`Plan`] and execs the command.
+//!
+//! The child is created by a raw `clone` (fork-like, without glibc's fork handlers), so if
+//! the parent had other threads, any lock they held (malloc's included) stays locked here.
+//! The child therefore never allocates: every string is a C string from the plan, errors
+//! are a step number and an errno written to a pipe, and it ends in `execve` or `_exit`.
+
+use std::os::raw::{c_char, c_int, c_void};
+use std::os::unix::io::RawFd;
+
+use crate::plan::{Op, Plan};
+
+/// Where the child failed; the parent turns it into a message with the plan's context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Step {
+    WaitParent = 1,
+    DeathSignal,
+    CgroupNamespace,
+    MakePrivate,
+    PrePivot,
+    PivotRoot,
+    PostPivot,
+    Hostname,
+    Loopback,
+    Pty,
+    Workdir,
+    Rlimit,
+    ControllingTty,
+    Capabilities,
+    NoNewPrivs,
+    /// execve failed with the errno given (candidate `index`).
+    Exec,
+    /// Every candidate was missing.
+    NotFound,
+    /// The command exists but execve said ENOENT: its ELF or `#!` interpreter is missing.
+    Interpreter,
+    Panic,
+}
+
+impl Step {
+    pub(crate) fn from_u32(v: u32) -> Option<Step> {
+        use Step::*;
+        const ALL: [Step; 19] = [
+            WaitParent,
+            DeathSignal,
+            CgroupNamespace,
+            MakePrivate,
+            PrePivot,
+            PivotRoot,
+            PostPivot,
+            Hostname,
+            Loopback,
+            Pty,
+            Workdir,
+            Rlimit,
+            ControllingTty,
+            Capabilities,
+            NoNewPrivs,
+            Exec,
+            NotFound,
+            Interpreter,
+            Panic,
+        ];
+        ALL.into_iter().find(|s| *s as u32 == v)
+    }
+}
+
+/// What the child writes to the error pipe when it fails: 12 bytes, native endian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub step: Step,
+    pub index: u32,
+    pub errno: i32,
+}
+
+impl Failure {
+    pub(crate) const SIZE: usize = 12;
+
+    fn encode(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        out[..4].copy_from_slice(&(self.step as u32).to_ne_bytes());
+        out[4..8].copy_from_slice(&self.index.to_ne_bytes());
+        out[8..].copy_from_slice(&self.errno.to_ne_bytes());
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8; Self::SIZE]) -> Option<Failure> {
+        let word = |i: usize| [bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]];
+        Some(Failure {
+            step: Step::from_u32(u32::from_ne_bytes(word(0)))?,
+            index: u32::from_ne_bytes(word(4)),
+            errno: i32::from_ne_bytes(word(8)),
+        })
+    }
+}
+
+/// The child's ends of the channels to the parent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChildFds {
+    /// The parent writes one byte once the child is in its cgroups.
+    pub sync_read: RawFd,
+    /// Close-on-exec; carries a [`Failure`], or reads as EOF after a successful exec.
+    pub error_write: RawFd,
+    /// With a tty: a unix socket the pty master is sent over; else -1.
+    pub tty_socket: RawFd,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn fail(step: Step, index: usize) -> Failure {
+    Failure {
+        step,
+        index: index as u32,
+        errno: errno(),
+    }
+}
+
+/// `Err` with the current errno when `ret` is -1.
+fn check(ret: c_int, step: Step, index: usize) -> Result<c_int, Failure> {
+    if ret == -1 {
+        Err(fail(step, index))
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Runs in the child right after clone; never returns.
+pub(crate) fn main(plan: &Plan, fds: ChildFds) -> ! {
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| setup_and_exec(plan, fds)));
+    let failure = match result {
+        Ok(failure) => failure,
+        Err(_) => Failure {
+            step: Step::Panic,
+            index: 0,
+            errno: 0,
+        },
+    };
+    let bytes = failure.encode();
+    // SAFETY: writing a stack buffer to a descriptor we own, then leaving without running
+    // any of the parent's destructors or atexit handlers (which belong to the parent).
+    unsafe {
+        libc::write(fds.error_write, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(1)
+    }
+}
+
+/// Returns only on failure.
+fn setup_and_exec(plan: &Plan, fds: ChildFds) -> Failure {
+    match setup(plan, fds) {
+        Ok(()) => exec(plan),
+        Err(failure) => failure,
+    }
+}
+
+fn setup(plan: &Plan, fds: ChildFds) -> Result<(), Failure> {
+    // Wait until the parent has moved us into the cgroups, so that everything from here
+    // on (including the cgroup namespace's root) is the container's.
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: reading one byte into a stack variable.
+        let n = unsafe { libc::read(fds.sync_read, (&mut byte as *mut u8).cast(), 1) };
+        match n {
+            1 => break,
+            0 => {
+                return Err(Failure {
+                    step: Step::WaitParent,
+                    index: 0,
+                    errno: libc::EPIPE,
+                })
+            }
+            _ if errno() == libc::EINTR => continue,
+            _ => return Err(fail(Step::WaitParent, 0)),
+        }
+    }
+    // SAFETY: plain syscalls on integers.
+    unsafe {
+        libc::close(fds.sync_read);
+        // If vessel dies (even by SIGKILL), PID 1 dies, and with it the whole namespace.
+        check(
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ),
+            Step::DeathSignal,
+            0,
+        )?;
+        check(
+            libc::unshare(libc::CLONE_NEWCGROUP),
+            Step::CgroupNamespace,
+            0,
+        )?;
+        // Nothing mounted from here on may reach the host's mount namespace.
+        check(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
+            Step::MakePrivate,
+            0,
+        )?;
+        // Device nodes and mount points get exactly the modes in the plan.
+        libc::umask(0);
+    }
+    for (i, op) in plan.pre_pivot.iter().enumerate() {
+        apply(op).map_err(|e| Failure {
+            step: Step::PrePivot,
+            index: i as u32,
+            errno: e,
+        })?;
+    }
+    pivot(plan)?;
+    for (i, op) in plan.post_pivot.iter().enumerate() {
+        apply(op).map_err(|e| Failure {
+            step: Step::PostPivot,
+            index: i as u32,
+            errno: e,
+        })?;
+    }
+    // SAFETY: the hostname buffer is valid for its length.
+    check(
+        unsafe { libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len()) },
+        Step::Hostname,
+        0,
+    )?;
+    if plan.loopback_up {
+        loopback_up()?;
+    }
+    let slave = if plan.tty {
+        Some(open_pty(fds.tty_socket)?)
+    } else {
+        None
+    };
+    make_workdir(plan)?;
+    let nofile = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // SAFETY: `nofile` is a valid rlimit.
+    check(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &nofile) },
+        Step::Rlimit,
+        0,
+    )?;
+    if let Some(slave) = slave {
+        // SAFETY: syscalls on descriptors we own; the slave becomes stdin/out/err.
+        unsafe {
+            check(libc::setsid(), Step::ControllingTty, 0)?;
+            check(
+                libc::ioctl(slave, libc::TIOCSCTTY, 0),
+                Step::ControllingTty,
+                1,
+            )?;
+            for fd in 0..3 {
+                check(libc::dup2(slave, fd), Step::ControllingTty, 2)?;
+            }
+            if slave > 2 {
+                libc::close(slave);
+            }
+        }
+    }
+    drop_capabilities(plan)?;
+    // SAFETY: plain prctl.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+        Step::NoNewPrivs,
+        0,
+    )?;
+    reset_process_state();
+    Ok(())
+}
+
+fn pivot(plan: &Plan) -> Result<(), Failure> {
+    // SAFETY: C strings from the plan and literals; plain syscalls.
+    unsafe {
+        check(libc::chdir(plan.merged.as_ptr()), Step::PivotRoot, 0)?;
+        // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "."
+        // then detaches the old root without needing a directory for it (as runc does).
+        check(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as c_int,
+            Step::PivotRoot,
+            1,
+        )?;
+        check(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            Step::PivotRoot,
+            2,
+        )?;
+        check(libc::chdir(c"/".as_ptr()), Step::PivotRoot, 3)?;
+    }
+    Ok(())
+}
+
+fn opt_ptr(s: &Option<std::ffi::CString>) -> *const c_char {
+    s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+/// Applies one operation; `Err(errno)` on failure.
+fn apply(op: &Op) -> Result<(), i32> {
+    let ok = |ret: c_int| if ret == -1 { Err(errno()) } else { Ok(()) };
+    // SAFETY (whole block): every pointer is a NUL-terminated C string owned by the plan
+    // (or null where the syscall accepts it), and `st` is a valid stat buffer.
+    unsafe {
+        match op {
+            Op::Mkdir { path, mode } => {
+                if libc::mkdir(path.as_ptr(), *mode) == -1 && errno() != libc::EEXIST {
+                    return Err(errno());
+                }
+                Ok(())
+            }
+            Op::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+                no_symlink,
+            } => {
+                if *no_symlink {
+                    let mut st: libc::stat = std::mem::zeroed();
+                    ok(libc::lstat(target.as_ptr(), &mut st))?;
+                    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                        return Err(libc::ENOTDIR);
+                    }
+                }
+                ok(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    *flags,
+                    opt_ptr(data).cast::<c_void>(),
+                ))
+            }
+            Op::Mknod { path, major, minor } => ok(libc::mknod(
+                path.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(*major, *minor),
+            )),
+            Op::Symlink { target, link } => ok(libc::symlink(target.as_ptr(), link.as_ptr())),
+            Op::Mask { path } => {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(path.as_ptr(), &mut st) == -1 {
+                    return if errno() == libc::ENOENT {
+                        Ok(())
+                    } else {
+                        Err(errno())
+                    };
+                }
+                if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    ok(libc::mount(
+                        c"tmpfs".as_ptr(),
+                        path.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_RDONLY,
+                        std::ptr::null(),
+                    ))
+                } else {
+                    ok(libc::mount(
+                        c"/dev/null".as_ptr(),
+                        path.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ))
+                }
+            }
+            Op::ReadOnly { path } => {
+                if libc::mount(
+                    path.as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) == -1
+                {
+                    return if errno() == libc::ENOENT {
+                        Ok(())
+                    } else {
+                        Err(errno())
+                    };
+                }
+                ok(libc::mount(
+                    path.as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ))
+            }
+        }
+    }
+}
+
+/// `struct ifreq` with the flags member of its union (40 bytes on Linux).
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Brings `lo` up in the new network namespace.
+fn loopback_up() -> Result<(), Failure> {
+    let mut req = IfreqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: a socket only for the ioctls; `req` is a valid ifreq for both.
+    unsafe {
+        let sock = check(
+            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0),
+            Step::Loopback,
+            0,
+        )?;
+        let result = (|| {
+            check(
+                libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req),
+                Step::Loopback,
+                1,
+            )?;
+            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            check(
+                libc::ioctl(sock, libc::SIOCSIFFLAGS, &req),
+                Step::Loopback,
+                2,
+            )
+        })();
+        libc::close(sock);
+        result.map(|_| ())
+    }
+}
+
+/// Opens a pty in the container's own devpts, sends the master to the parent and returns
+/// the slave.
+fn open_pty(socket: RawFd) -> Result<RawFd, Failure> {
+    // SAFETY: syscalls on descriptors we own with valid stack buffers; the cmsg buffer is
+    // aligned for cmsghdr and large enough for one descriptor (checked by CMSG_SPACE).
+    unsafe {
+        let master = check(
+            libc::open(
+                c"/dev/pts/ptmx".as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            ),
+            Step::Pty,
+            0,
+        )?;
+        let unlock: c_int = 0;
+        check(libc::ioctl(master, libc::TIOCSPTLCK, &unlock), Step::Pty, 1)?;
+        let slave = check(
+            libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY),
+            Step::Pty,
+            2,
+        )?;
+
+        #[repr(C, align(8))]
+        struct CmsgBuf([u8; 64]);
+        let mut cmsg_buf = CmsgBuf([0; 64]);
+        let space = libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) as usize;
+        if space > cmsg_buf.0.len() {
+            return Err(Failure {
+                step: Step::Pty,
+                index: 3,
+                errno: libc::ENOBUFS,
+            });
+        }
+        let mut payload = [b'T'];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg_buf.0.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(Failure {
+                step: Step::Pty,
+                index: 3,
+                errno: libc::EINVAL,
+            });
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<c_int>(), master);
+        if libc::sendmsg(socket, &msg, 0) == -1 {
+            return Err(fail(Step::Pty, 4));
+        }
+        libc::close(master);
+        libc::close(socket);
+        Ok(slave)
+    }
+}
+
+/// `mkdir -p` of the working directory (runc creates it too), then chdir into it.
+fn make_workdir(plan: &Plan) -> Result<(), Failure> {
+    let bytes = plan.cwd.as_bytes();
+    let mut buf = [0u8; 4096];
+    if bytes.len() >= buf.len() {
+        return Err(Failure {
+            step: Step::Workdir,
+            index: 0,
+            errno: libc::ENAMETOOLONG,
+        });
+    }
+    for end in 1..=bytes.len() {
+        if end == bytes.len() || bytes[end] == b'/' {
+            buf[..end].copy_from_slice(&bytes[..end]);
+            buf[end] = 0;
+            // SAFETY: `buf` holds a NUL-terminated prefix of the path.
+            if unsafe { libc::mkdir(buf.as_ptr().cast(), 0o755) } == -1 && errno() != libc::EEXIST {
+                return Err(fail(Step::Workdir, 0));
+            }
+        }
+    }
+    // SAFETY: a C string from the plan.
+    check(unsafe { libc::chdir(plan.cwd.as_ptr()) }, Step::Workdir, 1)?;
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Shrinks the bounding set to the plan's capabilities (what a root exec gets), sets the
+/// effective and permitted sets to them, and clears inheritable and ambient.
+fn drop_capabilities(plan: &Plan) -> Result<(), Failure> {
+    for cap in 0..=plan.cap_last.min(63) {
+        if plan.caps & (1u64 << cap) == 0 {
+            // SAFETY: plain prctl.
+            let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            // EINVAL: a capability this kernel does not have.
+            if ret == -1 && errno() != libc::EINVAL {
+                return Err(fail(Step::Capabilities, cap as usize));
+            }
+        }
+    }
+    let header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let low = plan.caps as u32;
+    let high = (plan.caps >> 32) as u32;
+    let data = [
+        CapData {
+            effective: low,
+            permitted: low,
+            inheritable: 0,
+        },
+        CapData {
+            effective: high,
+            permitted: high,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: header and the two data structs have the kernel's v3 layout.
+    unsafe {
+        check(
+            libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as c_int,
+            Step::Capabilities,
+            100,
+        )?;
+        let ret = libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        // EINVAL: a kernel without ambient capabilities, so none to clear.
+        if ret == -1 && errno() != libc::EINVAL {
+            return Err(fail(Step::Capabilities, 101));
+        }
+    }
+    Ok(())
+}
+
+/// Gives the command a clean process: no blocked signals, default dispositions (Rust
+/// ignores SIGPIPE, and an ignored signal stays ignored across exec), umask 022 and no
+/// descriptors but 0-2.
+fn reset_process_state() {
+    // SAFETY: signal-mask and disposition syscalls on valid structures; close_range only
+    // flags descriptors close-on-exec.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for sig in 1..libc::SIGRTMIN() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        libc::umask(0o022);
+        // Failure (a kernel before 5.11) only means descriptors the parent forgot to mark
+        // close-on-exec would leak into the container; std marks all of its own.
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+}
+
+/// Tries each candidate like execvp; returns only on failure.
+fn exec(plan: &Plan) -> Failure {
+    let mut missing_interpreter = None;
+    let mut denied = None;
+    for (i, path) in plan.candidates.iter().enumerate() {
+        // SAFETY: argv and envp are NULL-terminated arrays of C strings owned by the plan.
+        unsafe { libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr()) };
+        let e = errno();
+        match e {
+            libc::ENOENT | libc::ENOTDIR => {
+                // SAFETY: a C string from the plan.
+                if e == libc::ENOENT && unsafe { libc::access(path.as_ptr(), libc::F_OK) } == 0 {
+                    missing_interpreter.get_or_insert(i);
+                }
+            }
+            libc::EACCES => {
+                denied.get_or_insert(i);
+            }
+            _ => {
+                return Failure {
+                    step: Step::Exec,
+                    index: i as u32,
+                    errno: e,
+                }
+            }
+        }
+    }
+    if let Some(i) = missing_interpreter {
+        return Failure {
+            step: Step::Interpreter,
+            index: i as u32,
+            errno: libc::ENOENT,
+        };
+    }
+    if let Some(i) = denied {
+        return Failure {
+            step: Step::Exec,
+            index: i as u32,
+            errno: libc::EACCES,
+        };
+    }
+    Failure {
+        step: Step::NotFound,
+        index: 0,
+        errno: libc::ENOENT,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_roundtrip() {
+        let f = Failure {
+            step: Step::PrePivot,
+            index: 7,
+            errno: libc::EPERM,
+        };
+        assert_eq!(Failure::decode(&f.encode()), Some(f));
+        assert_eq!(Failure::decode(&[0xff; Failure::SIZE]), None);
+        for v in 1..=19 {
+            assert_eq!(Step::from_u32(v).map(|s| s as u32), Some(v));
+        }
+    }
+}
