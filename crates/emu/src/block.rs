@@ -1,0 +1,296 @@
+//! Decoded blocks and their cache.
+//!
+//! A block is the straight-line run of instructions from one address up
+//! to (and including) the first control transfer, the end of its 4 KiB
+//! page, an instruction that changes how the following bytes decode, or
+//! [`MAX_OPS`]. Each instruction is decoded once into an [`Op`] holding
+//! iced-x86's `Instruction` and the handler picked for it, so executing it
+//! again is one indirect call. A JIT replaces this layer: same cache keys,
+//! same invalidation, compiled code instead of the `ops` vector.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, Mnemonic};
+
+use crate::exec::{handler_for, Core, Exit, OpResult, Stop};
+use crate::mem::{Access, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
+
+/// Longest block, in instructions. Bounds decode work and the time between
+/// checks of the stop flag.
+pub const MAX_OPS: usize = 64;
+/// Most bytes read from the first page for one block.
+const MAX_BLOCK_BYTES: usize = 1024;
+
+/// Executes one decoded instruction. RIP already holds the address of the
+/// next instruction when it is called.
+pub type Handler = fn(&mut Core, &Op) -> OpResult;
+
+/// One decoded instruction and what executes it.
+#[derive(Clone)]
+pub struct Op {
+    pub instr: Instruction,
+    pub handler: Handler,
+    /// `instr.next_ip()`, kept beside the handler for the hot loop.
+    pub next_ip: u64,
+    /// Operand size in bytes of the instruction's main operand (0 when it
+    /// has none).
+    pub osize: u8,
+    /// Address size in bytes (2, 4 or 8), after any 0x67 prefix.
+    pub asize: u8,
+    /// Code-segment bitness it was decoded for (16, 32 or 64).
+    pub bitness: u8,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Op")
+            .field("ip", &self.instr.ip())
+            .field("code", &self.instr.code())
+            .finish()
+    }
+}
+
+/// A decoded straight-line block.
+#[derive(Debug)]
+pub struct Block {
+    /// Guest-physical address of the first byte (the cache key).
+    pub phys: u64,
+    /// RIP it was decoded at: RIP-relative operands and branch targets in
+    /// `ops` are resolved against it.
+    pub rip: u64,
+    pub bitness: u32,
+    pub ops: Vec<Op>,
+    /// Physical pages its bytes come from (a block ends with the
+    /// instruction that crosses into a second page).
+    pub pages: [Option<u64>; 2],
+}
+
+/// Multiplicative hash for page-aligned-ish u64 keys; SipHash is overkill
+/// for a per-block lookup.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
+/// Blocks by the guest-physical address of their first byte.
+#[derive(Default)]
+pub struct BlockCache {
+    blocks: FastMap<u64, Arc<Block>>,
+    by_page: FastMap<u64, Vec<u64>>,
+}
+
+impl BlockCache {
+    /// The block starting at `phys`, if it was decoded at this RIP and
+    /// bitness (the same physical bytes reached through another address
+    /// or mode decode differently).
+    #[inline]
+    pub fn get(&self, phys: u64, rip: u64, bitness: u32) -> Option<Arc<Block>> {
+        self.blocks
+            .get(&phys)
+            .filter(|b| b.rip == rip && b.bitness == bitness)
+            .cloned()
+    }
+
+    pub fn insert(&mut self, block: Block) -> Arc<Block> {
+        let block = Arc::new(block);
+        for page in block.pages.iter().flatten() {
+            self.by_page.entry(*page).or_default().push(block.phys);
+        }
+        self.blocks.insert(block.phys, block.clone());
+        block
+    }
+
+    /// Drops every block with bytes in `page` (a page number).
+    pub fn invalidate_page(&mut self, page: u64) {
+        if let Some(keys) = self.by_page.remove(&page) {
+            for k in keys {
+                self.blocks.remove(&k);
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+        self.by_page.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}
+
+/// Address size of an instruction: the mode's default, flipped by a 0x67
+/// among its legacy prefixes.
+fn address_size(bytes: &[u8], bitness: u32) -> u8 {
+    let mut flipped = false;
+    for &b in bytes.iter().take(15) {
+        match b {
+            0x67 => flipped = true,
+            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0xf0 | 0xf2 | 0xf3 => {}
+            // A REX byte followed by a legacy prefix is ignored, not the end
+            // of the prefixes.
+            0x40..=0x4f if bitness == 64 => {}
+            _ => break,
+        }
+    }
+    match (bitness, flipped) {
+        (64, false) => 8,
+        (64, true) | (32, false) | (16, true) => 4,
+        _ => 2,
+    }
+}
+
+/// Operand size of the instruction's main operand.
+fn operand_size(i: &Instruction) -> u8 {
+    if i.op_count() > 0 && i.op_kind(0) == iced_x86::OpKind::Register {
+        let r = i.op_register(0);
+        if r.is_gpr() {
+            return r.size() as u8;
+        }
+    }
+    let m = i.memory_size().size();
+    if m > 0 {
+        return m.min(8) as u8;
+    }
+    i.stack_pointer_increment().unsigned_abs().min(8) as u8
+}
+
+/// Instructions after which the next bytes may decode differently or the
+/// block loop must re-check state: mode, CS, and control-register changes.
+fn ends_block(i: &Instruction) -> bool {
+    i.flow_control() != FlowControl::Next
+        || matches!(
+            i.mnemonic(),
+            Mnemonic::Mov
+                if i.op0_register().is_cr() || i.op0_register().is_segment_register()
+        )
+        || matches!(
+            i.mnemonic(),
+            Mnemonic::Wrmsr
+                | Mnemonic::Lgdt
+                | Mnemonic::Lidt
+                | Mnemonic::Popf
+                | Mnemonic::Sti
+                | Mnemonic::Cli
+                | Mnemonic::Hlt
+        )
+}
+
+/// Decodes the block at `rip` (linear `lin`, physical `phys`).
+pub(crate) fn decode(
+    core: &mut Core,
+    phys: u64,
+    lin: u64,
+    rip: u64,
+    bitness: u32,
+) -> Result<Block, Stop> {
+    let in_page = (PAGE_SIZE - (phys & PAGE_MASK)) as usize;
+    let first = in_page.min(MAX_BLOCK_BYTES);
+    let mut buf = [0u8; MAX_BLOCK_BYTES + 15];
+    if !core.ram.read(phys, &mut buf[..first]) {
+        return Err(Stop::Exit(Exit::InternalError(
+            "instruction fetch from a non-RAM address",
+        )));
+    }
+    let mut len = first;
+    let mut second_page = None;
+    if first == in_page {
+        // The last instruction may run into the next page; make up to 15
+        // more bytes available if that page is RAM.
+        let next_lin = lin.wrapping_add(in_page as u64);
+        if let Ok(next_phys) = core.mmu.translate(next_lin, Access::Execute) {
+            let mut n = 15;
+            while n > 0 && !core.ram.read(next_phys, &mut buf[first..first + n]) {
+                n -= 1;
+            }
+            if n > 0 {
+                len += n;
+                second_page = Some(next_phys >> PAGE_SHIFT);
+            }
+        }
+    }
+
+    let mut decoder = Decoder::with_ip(bitness, &buf[..len], rip, DecoderOptions::NONE);
+    let mut ops = Vec::with_capacity(16);
+    let mut instr = Instruction::default();
+    let mut crossed = false;
+    while decoder.can_decode() && decoder.position() < first && ops.len() < MAX_OPS {
+        let start = decoder.position();
+        decoder.decode_out(&mut instr);
+        if instr.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
+            // Runs into a page we could not read: end the block before it;
+            // if it is the first, fetching it is the error.
+            if ops.is_empty() {
+                return Err(Stop::Exit(Exit::InternalError(
+                    "instruction fetch runs into a non-RAM address",
+                )));
+            }
+            break;
+        }
+        let end = decoder.position();
+        let op = Op {
+            handler: handler_for(&instr),
+            next_ip: instr.next_ip(),
+            osize: operand_size(&instr),
+            asize: address_size(&buf[start..end], bitness),
+            bitness: bitness as u8,
+            instr,
+        };
+        let stop = instr.is_invalid() || ends_block(&instr);
+        ops.push(op);
+        if end > first {
+            crossed = true;
+            break;
+        }
+        if stop {
+            break;
+        }
+    }
+    let first_page = phys >> PAGE_SHIFT;
+    core.code.set(first_page);
+    let second = if crossed { second_page } else { None };
+    if let Some(p) = second {
+        core.code.set(p);
+    }
+    Ok(Block {
+        phys,
+        rip,
+        bitness,
+        ops,
+        pages: [Some(first_page), second],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_size_prefix() {
+        assert_eq!(address_size(&[0x67, 0x8b, 0x00], 64), 4);
+        assert_eq!(address_size(&[0x66, 0x67, 0x8b, 0x00], 32), 2);
+        assert_eq!(address_size(&[0x48, 0x67, 0x8b], 64), 4);
+        assert_eq!(address_size(&[0x48, 0x8b, 0x67], 64), 8);
+        assert_eq!(address_size(&[0x8b, 0x00], 16), 2);
+    }
+}

@@ -1,0 +1,80 @@
+//! The CPUID model: a small Intel-vendor processor advertising only what
+//! this emulator implements. Later increments add feature bits as they
+//! implement them (Linux x86-64 needs at least FPU, PAE, CX8, PGE, FXSR,
+//! SSE and SSE2 before it boots).
+
+use hypervisor::x86::CpuidEntry;
+
+/// Leaf 1 EDX bits advertised.
+pub mod leaf1_edx {
+    pub const TSC: u32 = 1 << 4;
+    pub const MSR: u32 = 1 << 5;
+    pub const CMOV: u32 = 1 << 15;
+}
+
+/// Leaf 1 ECX: "running under a hypervisor".
+pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode.
+pub const EXT1_ECX_LAHF_LM: u32 = 1 << 0;
+/// Leaf 0x8000_0001 EDX: long mode.
+pub const EXT1_EDX_LM: u32 = 1 << 29;
+
+fn vendor_word(s: &[u8; 12], i: usize) -> u32 {
+    u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]])
+}
+
+fn leaf(function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
+    CpuidEntry {
+        function,
+        index: 0,
+        flags: 0,
+        eax,
+        ebx,
+        ecx,
+        edx,
+    }
+}
+
+/// The CPUID table for vCPU `apic_id` of `num_cpus`.
+pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
+    let vendor = b"GenuineIntel";
+    // Family 6, model 0x0f, stepping 1: a generic 64-bit Intel part.
+    let signature = 0x0000_06f1;
+    // CLFLUSH line size 8 qwords, logical processor count, APIC ID.
+    let ebx1 = (apic_id << 24) | (num_cpus.min(255) << 16) | (8 << 8);
+    vec![
+        leaf(
+            0,
+            1,
+            vendor_word(vendor, 0),
+            vendor_word(vendor, 2),
+            vendor_word(vendor, 1),
+        ),
+        leaf(
+            1,
+            signature,
+            ebx1,
+            LEAF1_ECX_HYPERVISOR,
+            leaf1_edx::TSC | leaf1_edx::MSR | leaf1_edx::CMOV,
+        ),
+        leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
+        leaf(0x8000_0001, 0, 0, EXT1_ECX_LAHF_LM, EXT1_EDX_LM),
+        // 40 physical and 48 linear address bits.
+        leaf(0x8000_0008, 0x3028, 0, 0, 0),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vendor_string() {
+        let t = super::table(3, 4);
+        let l0 = t[0];
+        let mut v = Vec::new();
+        for w in [l0.ebx, l0.edx, l0.ecx] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(&v, b"GenuineIntel");
+        assert_eq!(t[1].ebx >> 24, 3);
+    }
+}

@@ -1,0 +1,723 @@
+//! The interpreter: the per-vCPU execution core, operand access, and the
+//! block loop that runs until an exit.
+
+pub mod flags;
+mod ops;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hypervisor::x86::CpuidEntry;
+use iced_x86::{OpKind, Register};
+use vm_memory::GuestMemoryMmap;
+
+use crate::block::{Block, BlockCache, Op};
+use crate::mem::{Access, CodePages, Mmu, Ram, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
+use crate::state::{seg, CpuState};
+use flags::mask;
+
+pub(crate) use ops::handler_for;
+
+/// An exception the guest raised. Delivered through the IDT once that
+/// lands; for now [`Emulator::run`] returns it with RIP at the faulting
+/// instruction and its effects undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exception {
+    pub vector: u8,
+    pub error_code: Option<u32>,
+}
+
+impl Exception {
+    pub const DE: u8 = 0;
+    pub const UD: u8 = 6;
+    pub const NP: u8 = 11;
+    pub const GP: u8 = 13;
+
+    pub const fn new(vector: u8) -> Self {
+        Exception {
+            vector,
+            error_code: None,
+        }
+    }
+
+    pub const fn with_code(vector: u8, code: u32) -> Self {
+        Exception {
+            vector,
+            error_code: Some(code),
+        }
+    }
+}
+
+/// Why [`Emulator::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `IN`/`INS` of `size` bytes from `port`: answer with
+    /// [`Emulator::set_io_in_data`] before the next run.
+    IoIn {
+        port: u16,
+        size: u8,
+    },
+    /// `OUT`/`OUTS` of the low `size` bytes of `data` to `port`.
+    IoOut {
+        port: u16,
+        size: u8,
+        data: u32,
+    },
+    /// A read of `size` bytes at a non-RAM physical address: answer with
+    /// [`Emulator::set_mmio_read_data`]; the instruction re-executes and
+    /// consumes it.
+    MmioRead {
+        addr: u64,
+        size: u8,
+    },
+    /// A write of the low `size` bytes of `data` at a non-RAM address
+    /// (the instruction has completed).
+    MmioWrite {
+        addr: u64,
+        size: u8,
+        data: u64,
+    },
+    Halt,
+    Exception(Exception),
+    /// The instruction budget given to `run` is spent.
+    BudgetExhausted,
+    /// The stop flag given to `run` was set.
+    Interrupted,
+    /// Something this emulator cannot do yet (the string says what).
+    InternalError(&'static str),
+}
+
+/// How a handler leaves the normal "next instruction" path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The instruction completed (RIP is as it set it); report the exit.
+    Exit(Exit),
+    /// The instruction did not complete and will run again from its start
+    /// (MMIO read replay); report the exit.
+    Restart(Exit),
+    /// The instruction faulted: RIP goes back to it.
+    Fault(Exception),
+}
+
+pub type OpResult = Result<(), Stop>;
+
+#[inline]
+pub(crate) fn fault(vector: u8) -> Stop {
+    Stop::Fault(Exception::new(vector))
+}
+
+/// What to do with the data of the last `IoIn` exit.
+#[derive(Debug, Clone, Copy)]
+enum PendingIn {
+    /// `IN`: into AL/AX/EAX.
+    Acc { size: u8 },
+    /// `INS`: to ES:rDI, then step rDI (and rCX if `rep`).
+    Ins { size: u8, asize: u8, rep: bool },
+}
+
+/// The one MMIO read being replayed.
+#[derive(Debug, Clone, Copy)]
+struct MmioRead {
+    addr: u64,
+    size: u8,
+    data: Option<u64>,
+}
+
+const MMIO_WRITE_QUEUE: usize = 4;
+
+/// Everything a handler may touch: registers, memory, and the state of
+/// exits in flight. Kept apart from the block cache so a block can run
+/// while its handlers hold `&mut Core`.
+pub struct Core {
+    pub cpu: CpuState,
+    pub(crate) ram: Ram,
+    pub(crate) mmu: Mmu,
+    pub(crate) code: CodePages,
+    /// Pages of `code` written since the last check; their blocks must go.
+    pub(crate) dirty_code: Vec<u64>,
+    /// Set when the block loop must look at `dirty_code` or the MMIO write
+    /// queue after the current instruction (one flag test per instruction).
+    pub(crate) attention: bool,
+    mmio_writes: [(u64, u8, u64); MMIO_WRITE_QUEUE],
+    mmio_write_count: usize,
+    mmio_read: Option<MmioRead>,
+    pending_in: Option<PendingIn>,
+    in_data: Option<u32>,
+    pub(crate) cpuid: Arc<[CpuidEntry]>,
+    tsc_origin: Instant,
+}
+
+impl Core {
+    fn new(ram: Ram, cpuid: Arc<[CpuidEntry]>) -> Self {
+        Core {
+            cpu: CpuState::reset(),
+            code: CodePages::new(ram.end()),
+            ram,
+            mmu: Mmu::default(),
+            dirty_code: Vec::new(),
+            attention: false,
+            mmio_writes: [(0, 0, 0); MMIO_WRITE_QUEUE],
+            mmio_write_count: 0,
+            mmio_read: None,
+            pending_in: None,
+            in_data: None,
+            cpuid,
+            tsc_origin: Instant::now(),
+        }
+    }
+
+    /// Guest TSC: a 1 GHz count of host time since the vCPU was created,
+    /// plus the guest-set offset.
+    pub(crate) fn tsc(&self) -> u64 {
+        (self.tsc_origin.elapsed().as_nanos() as u64).wrapping_add(self.cpu.msrs.tsc_offset)
+    }
+
+    // ---- registers -------------------------------------------------------
+
+    /// Reads a general-purpose register of any width, zero-extended.
+    #[inline(always)]
+    pub fn reg(&self, r: Register) -> u64 {
+        let n = r as usize;
+        match n {
+            1..=4 => self.cpu.gpr[n - 1] & 0xff,
+            5..=8 => (self.cpu.gpr[n - 5] >> 8) & 0xff,
+            9..=20 => self.cpu.gpr[n - 5] & 0xff,
+            21..=36 => self.cpu.gpr[n - 21] & 0xffff,
+            37..=52 => self.cpu.gpr[n - 37] & 0xffff_ffff,
+            53..=68 => self.cpu.gpr[n - 53],
+            _ => 0,
+        }
+    }
+
+    /// Writes a general-purpose register with the architectural width
+    /// rules: 8/16-bit writes merge, 32-bit writes zero-extend.
+    #[inline(always)]
+    pub fn set_reg(&mut self, r: Register, v: u64) {
+        let n = r as usize;
+        let g = &mut self.cpu.gpr;
+        match n {
+            1..=4 => g[n - 1] = (g[n - 1] & !0xff) | (v & 0xff),
+            5..=8 => g[n - 5] = (g[n - 5] & !0xff00) | ((v & 0xff) << 8),
+            9..=20 => g[n - 5] = (g[n - 5] & !0xff) | (v & 0xff),
+            21..=36 => g[n - 21] = (g[n - 21] & !0xffff) | (v & 0xffff),
+            37..=52 => g[n - 37] = v & 0xffff_ffff,
+            53..=68 => g[n - 53] = v,
+            _ => {}
+        }
+    }
+
+    /// Writes the low `size` bytes of GPR number `n` (0..16) with the
+    /// width rules (no high-byte registers).
+    #[inline(always)]
+    pub fn set_gpr(&mut self, n: usize, size: usize, v: u64) {
+        let g = &mut self.cpu.gpr[n & 15];
+        *g = match size {
+            8 => v,
+            4 => v & 0xffff_ffff,
+            _ => (*g & !mask(size)) | (v & mask(size)),
+        };
+    }
+
+    #[inline(always)]
+    pub fn set_status(&mut self, update_mask: u64, f: u64) {
+        self.cpu.rflags = (self.cpu.rflags & !update_mask) | (f & update_mask);
+    }
+
+    // ---- addresses -------------------------------------------------------
+
+    /// Effective address (offset within the segment) of the instruction's
+    /// memory operand, wrapped to the address size.
+    #[inline(always)]
+    pub fn ea(&self, op: &Op) -> u64 {
+        let i = &op.instr;
+        let base = i.memory_base();
+        let mut a = i.memory_displacement64();
+        if base == Register::RIP || base == Register::EIP {
+            // iced already resolved RIP-relative operands against the
+            // instruction's address.
+            return a;
+        }
+        if base != Register::None {
+            a = a.wrapping_add(self.reg(base));
+        }
+        let index = i.memory_index();
+        if index != Register::None {
+            a = a.wrapping_add(self.reg(index) << (i.memory_index_scale().trailing_zeros()));
+        }
+        a & mask(op.asize as usize)
+    }
+
+    /// Linear address of `offset` in segment `segment`. In 64-bit mode only
+    /// FS and GS have bases; elsewhere the sum wraps at 4 GiB. Segment
+    /// limits are not checked yet.
+    #[inline(always)]
+    pub fn linear(&self, op: &Op, segment: Register, offset: u64) -> u64 {
+        let idx = (segment as usize).wrapping_sub(Register::ES as usize);
+        if op.bitness == 64 {
+            if idx == seg::FS || idx == seg::GS {
+                self.cpu.segs[idx].base.wrapping_add(offset)
+            } else {
+                offset
+            }
+        } else {
+            let base = self.cpu.segs.get(idx).map_or(0, |s| s.base);
+            base.wrapping_add(offset) & 0xffff_ffff
+        }
+    }
+
+    /// Linear address of the instruction's explicit memory operand.
+    #[inline(always)]
+    pub fn mem_linear(&self, op: &Op) -> u64 {
+        self.linear(op, op.instr.memory_segment(), self.ea(op))
+    }
+
+    // ---- memory ----------------------------------------------------------
+
+    /// Reads `size` (1..=8) bytes at linear address `lin`.
+    #[inline]
+    pub fn read(&mut self, lin: u64, size: usize) -> Result<u64, Stop> {
+        if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
+            let pa = self.mmu.translate(lin, Access::Read).map_err(Stop::Fault)?;
+            match self.ram.read_u(pa, size) {
+                Some(v) => Ok(v),
+                None => self.mmio_read(pa, size),
+            }
+        } else {
+            // Crosses a page: byte by byte, each byte translated on its own
+            // (the pages need not be contiguous once paging exists).
+            let mut v = 0u64;
+            for k in 0..size {
+                let pa = self
+                    .mmu
+                    .translate(lin.wrapping_add(k as u64), Access::Read)
+                    .map_err(Stop::Fault)?;
+                let b = self
+                    .ram
+                    .read_u(pa, 1)
+                    .ok_or(Stop::Exit(Exit::InternalError(
+                        "MMIO access crossing a page boundary",
+                    )))?;
+                v |= b << (8 * k);
+            }
+            Ok(v)
+        }
+    }
+
+    /// Writes the low `size` (1..=8) bytes of `v` at linear address `lin`.
+    #[inline]
+    pub fn write(&mut self, lin: u64, size: usize, v: u64) -> OpResult {
+        if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
+            let pa = self
+                .mmu
+                .translate(lin, Access::Write)
+                .map_err(Stop::Fault)?;
+            if self.ram.write_u(pa, size, v) {
+                self.note_write(pa);
+                Ok(())
+            } else {
+                self.mmio_write(pa, size, v)
+            }
+        } else {
+            // Translate every byte first so a fault leaves memory untouched.
+            let mut pas = [0u64; 8];
+            for (k, pa) in pas.iter_mut().enumerate().take(size) {
+                *pa = self
+                    .mmu
+                    .translate(lin.wrapping_add(k as u64), Access::Write)
+                    .map_err(Stop::Fault)?;
+                if !self.ram.is_ram(*pa) {
+                    return Err(Stop::Exit(Exit::InternalError(
+                        "MMIO access crossing a page boundary",
+                    )));
+                }
+            }
+            for (k, pa) in pas.iter().enumerate().take(size) {
+                self.ram.write_u(*pa, 1, v >> (8 * k));
+                self.note_write(*pa);
+            }
+            Ok(())
+        }
+    }
+
+    /// The code-page hook on every RAM write the emulator makes.
+    #[inline(always)]
+    fn note_write(&mut self, pa: u64) {
+        let page = pa >> PAGE_SHIFT;
+        if self.code.test(page) {
+            self.code.clear(page);
+            self.dirty_code.push(page);
+            self.attention = true;
+        }
+    }
+
+    fn mmio_read(&mut self, pa: u64, size: usize) -> Result<u64, Stop> {
+        if let Some(MmioRead {
+            addr,
+            size: s,
+            data: Some(d),
+        }) = self.mmio_read
+        {
+            if addr == pa && s as usize == size {
+                self.mmio_read = None;
+                return Ok(d & mask(size));
+            }
+        }
+        self.mmio_read = Some(MmioRead {
+            addr: pa,
+            size: size as u8,
+            data: None,
+        });
+        Err(Stop::Restart(Exit::MmioRead {
+            addr: pa,
+            size: size as u8,
+        }))
+    }
+
+    fn mmio_write(&mut self, pa: u64, size: usize, v: u64) -> OpResult {
+        if self.mmio_write_count == MMIO_WRITE_QUEUE {
+            return Err(Stop::Exit(Exit::InternalError(
+                "too many MMIO writes in one instruction",
+            )));
+        }
+        self.mmio_writes[self.mmio_write_count] = (pa, size as u8, v & mask(size));
+        self.mmio_write_count += 1;
+        self.attention = true;
+        Ok(())
+    }
+
+    fn pop_mmio_write(&mut self) -> Option<Exit> {
+        if self.mmio_write_count == 0 {
+            return None;
+        }
+        let (addr, size, data) = self.mmio_writes[0];
+        self.mmio_writes.copy_within(1.., 0);
+        self.mmio_write_count -= 1;
+        Some(Exit::MmioWrite { addr, size, data })
+    }
+
+    // ---- operands --------------------------------------------------------
+
+    /// Reads operand `n` as a value of `size` bytes (immediates are
+    /// truncated to it; callers sign-extend where the encoding says so).
+    #[inline(always)]
+    pub fn operand(&mut self, op: &Op, n: u32, size: usize) -> Result<u64, Stop> {
+        let i = &op.instr;
+        match i.op_kind(n) {
+            OpKind::Register => Ok(self.reg(i.op_register(n))),
+            OpKind::Memory => {
+                let lin = self.mem_linear(op);
+                self.read(lin, size)
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => Ok(i.immediate(n) & mask(size)),
+            OpKind::Immediate8_2nd => Ok(u64::from(i.immediate8_2nd())),
+            _ => Err(fault(Exception::UD)),
+        }
+    }
+
+    /// Writes operand `n` (register or memory) with `size` bytes.
+    #[inline(always)]
+    pub fn set_operand(&mut self, op: &Op, n: u32, size: usize, v: u64) -> OpResult {
+        let i = &op.instr;
+        match i.op_kind(n) {
+            OpKind::Register => {
+                self.set_reg(i.op_register(n), v);
+                Ok(())
+            }
+            OpKind::Memory => {
+                let lin = self.mem_linear(op);
+                self.write(lin, size, v)
+            }
+            _ => Err(fault(Exception::UD)),
+        }
+    }
+
+    // ---- stack -----------------------------------------------------------
+
+    /// Width of the stack pointer: RSP in 64-bit mode, else SS.B picks
+    /// ESP or SP.
+    #[inline(always)]
+    pub fn stack_width(&self, op: &Op) -> usize {
+        if op.bitness == 64 {
+            8
+        } else if self.cpu.segs[seg::SS].db {
+            4
+        } else {
+            2
+        }
+    }
+
+    #[inline]
+    pub fn push(&mut self, op: &Op, size: usize, v: u64) -> OpResult {
+        let sw = self.stack_width(op);
+        let rsp = self.cpu.gpr[4].wrapping_sub(size as u64) & mask(sw);
+        let lin = self.linear(op, Register::SS, rsp);
+        self.write(lin, size, v)?;
+        self.set_gpr(4, sw, rsp);
+        Ok(())
+    }
+
+    /// Reads the top of the stack without moving RSP; returns the value
+    /// and the new RSP for [`Core::commit_pop`].
+    #[inline]
+    pub fn peek_pop(&mut self, op: &Op, size: usize, extra: u64) -> Result<(u64, u64), Stop> {
+        let sw = self.stack_width(op);
+        let rsp = self.cpu.gpr[4] & mask(sw);
+        let lin = self.linear(op, Register::SS, rsp);
+        let v = self.read(lin, size)?;
+        Ok((v, rsp.wrapping_add(size as u64).wrapping_add(extra)))
+    }
+
+    #[inline]
+    pub fn commit_pop(&mut self, op: &Op, new_rsp: u64) {
+        let sw = self.stack_width(op);
+        self.set_gpr(4, sw, new_rsp);
+    }
+
+    // ---- port I/O completion -----------------------------------------------
+
+    pub(crate) fn begin_in(&mut self, pending: PendingInKind, size: u8) {
+        self.pending_in = Some(match pending {
+            PendingInKind::Acc => PendingIn::Acc { size },
+            PendingInKind::Ins { asize, rep } => PendingIn::Ins { size, asize, rep },
+        });
+        self.in_data = None;
+    }
+
+    /// Finishes an `IN`/`INS` with the data the VMM supplied (all ones,
+    /// a floating bus, if it supplied none).
+    fn finish_in(&mut self) -> OpResult {
+        let Some(p) = self.pending_in.take() else {
+            return Ok(());
+        };
+        let data = u64::from(self.in_data.take().unwrap_or(u32::MAX));
+        match p {
+            PendingIn::Acc { size } => {
+                self.set_gpr(0, size as usize, data);
+                Ok(())
+            }
+            PendingIn::Ins { size, asize, rep } => {
+                let size = size as usize;
+                let asize = asize as usize;
+                let rdi = self.cpu.gpr[7] & mask(asize);
+                let lin = if self.cpu.bitness() == 64 {
+                    rdi
+                } else {
+                    self.cpu.segs[seg::ES].base.wrapping_add(rdi) & 0xffff_ffff
+                };
+                self.write(lin, size, data)?;
+                let step = if self.cpu.rflags & crate::state::rflags::DF != 0 {
+                    (size as u64).wrapping_neg()
+                } else {
+                    size as u64
+                };
+                self.set_gpr(7, asize, rdi.wrapping_add(step));
+                if rep {
+                    let rcx = self.cpu.gpr[1] & mask(asize);
+                    self.set_gpr(1, asize, rcx.wrapping_sub(1));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Which kind of `IN` a handler started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PendingInKind {
+    Acc,
+    Ins { asize: u8, rep: bool },
+}
+
+/// One software vCPU: state, memory view and block cache.
+pub struct Emulator {
+    core: Core,
+    cache: BlockCache,
+}
+
+impl Emulator {
+    /// A vCPU in the reset state over `memory`, presenting `cpuid`.
+    pub fn new(memory: &GuestMemoryMmap, cpuid: Arc<[CpuidEntry]>) -> Self {
+        Emulator {
+            core: Core::new(Ram::new(memory), cpuid),
+            cache: BlockCache::default(),
+        }
+    }
+
+    /// A vCPU with no RAM (every access is MMIO); for tests.
+    pub fn without_memory(cpuid: Arc<[CpuidEntry]>) -> Self {
+        Emulator {
+            core: Core::new(Ram::empty(), cpuid),
+            cache: BlockCache::default(),
+        }
+    }
+
+    pub fn cpu(&self) -> &CpuState {
+        &self.core.cpu
+    }
+
+    pub fn cpu_mut(&mut self) -> &mut CpuState {
+        &mut self.core.cpu
+    }
+
+    /// Answers the last [`Exit::IoIn`].
+    pub fn set_io_in_data(&mut self, data: u32) {
+        self.core.in_data = Some(data);
+    }
+
+    /// Answers the last [`Exit::MmioRead`].
+    pub fn set_mmio_read_data(&mut self, data: u64) {
+        if let Some(r) = &mut self.core.mmio_read {
+            r.data = Some(data);
+        }
+    }
+
+    /// Drops every decoded block overlapping `[gpa, gpa + len)`. Whoever
+    /// writes guest RAM behind the emulator's back (a loader, a device
+    /// doing DMA, another vCPU) must call this for code to be re-decoded.
+    pub fn invalidate_code(&mut self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> PAGE_SHIFT;
+        let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
+        for page in first..=last.min(first.saturating_add(1 << 20)) {
+            if self.core.code.test(page) {
+                self.core.code.clear(page);
+                self.cache.invalidate_page(page);
+            }
+        }
+    }
+
+    /// Drops every decoded block.
+    pub fn invalidate_all(&mut self) {
+        self.core.code.clear_all();
+        self.cache.clear();
+    }
+
+    /// Reads an MSR this vCPU implements.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        ops::read_msr(&self.core, index)
+    }
+
+    /// Writes an MSR; false if this vCPU does not implement it.
+    pub fn set_msr(&mut self, index: u32, value: u64) -> bool {
+        ops::write_msr(&mut self.core, index, value)
+    }
+
+    /// The CPUID table the guest sees.
+    pub fn cpuid(&self) -> &[CpuidEntry] {
+        &self.core.cpuid
+    }
+
+    /// Number of blocks in the cache (for tests and statistics).
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Handles the pages written by the last instruction.
+    fn settle(&mut self) {
+        if !self.core.dirty_code.is_empty() {
+            for page in self.core.dirty_code.drain(..) {
+                self.cache.invalidate_page(page);
+            }
+        }
+        self.core.attention = self.core.mmio_write_count != 0;
+    }
+
+    fn block_at_rip(&mut self) -> Result<Arc<Block>, Stop> {
+        let rip = self.core.cpu.rip;
+        let bitness = self.core.cpu.bitness();
+        let lin = if bitness == 64 {
+            rip
+        } else {
+            self.core.cpu.segs[seg::CS].base.wrapping_add(rip) & 0xffff_ffff
+        };
+        let pa = self
+            .core
+            .mmu
+            .translate(lin, Access::Execute)
+            .map_err(Stop::Fault)?;
+        if let Some(b) = self.cache.get(pa, rip, bitness) {
+            return Ok(b);
+        }
+        let block = crate::block::decode(&mut self.core, pa, lin, rip, bitness)?;
+        Ok(self.cache.insert(block))
+    }
+
+    /// Runs guest code until an exit, at most `budget` instructions, and
+    /// checking `stop` between blocks.
+    pub fn run(&mut self, budget: u64, stop: Option<&AtomicBool>) -> Exit {
+        if let Some(e) = self.core.pop_mmio_write() {
+            self.core.attention = self.core.mmio_write_count != 0;
+            return e;
+        }
+        if let Err(s) = self.core.finish_in() {
+            return self.stopped(s, None);
+        }
+        self.settle();
+        if let Some(e) = self.core.pop_mmio_write() {
+            return e;
+        }
+        let mut executed: u64 = 0;
+        loop {
+            if let Some(flag) = stop {
+                if flag.load(Ordering::Relaxed) {
+                    return Exit::Interrupted;
+                }
+            }
+            if executed >= budget {
+                return Exit::BudgetExhausted;
+            }
+            let block = match self.block_at_rip() {
+                Ok(b) => b,
+                Err(s) => return self.stopped(s, None),
+            };
+            for op in block.ops.iter() {
+                self.core.cpu.rip = op.next_ip;
+                executed += 1;
+                if let Err(s) = (op.handler)(&mut self.core, op) {
+                    return self.stopped(s, Some(op));
+                }
+                if self.core.attention {
+                    let smc = !self.core.dirty_code.is_empty();
+                    self.settle();
+                    if let Some(e) = self.core.pop_mmio_write() {
+                        self.core.attention = self.core.mmio_write_count != 0;
+                        return e;
+                    }
+                    if smc {
+                        // The block may have just overwritten itself.
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn stopped(&mut self, s: Stop, op: Option<&Op>) -> Exit {
+        self.settle();
+        match s {
+            Stop::Exit(e) => e,
+            Stop::Restart(e) => {
+                if let Some(op) = op {
+                    self.core.cpu.rip = op.instr.ip();
+                }
+                e
+            }
+            Stop::Fault(x) => {
+                if let Some(op) = op {
+                    self.core.cpu.rip = op.instr.ip();
+                }
+                Exit::Exception(x)
+            }
+        }
+    }
+}

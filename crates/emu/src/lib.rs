@@ -1,0 +1,35 @@
+//! `emu`: vessel's software x86-64 vCPU.
+//!
+//! Layers, bottom up:
+//!
+//! - [`state`]: the architectural register state ([`CpuState`]) and its
+//!   conversion to the hypervisor crate's register structs.
+//! - [`mem`]: guest RAM as host addresses ([`mem::Ram`]), the linear to
+//!   physical translation slot ([`mem::Mmu`], identity until paging lands)
+//!   and the map of pages holding decoded code ([`mem::CodePages`]).
+//! - [`block`]: straight-line blocks decoded once with iced-x86 into
+//!   [`block::Op`]s (the decoded instruction plus the handler chosen at
+//!   decode time), cached by the guest-physical address of their first
+//!   byte and dropped when their page is written.
+//! - `exec`: the interpreter. Each handler executes one instruction on
+//!   the [`exec::Core`] (registers, memory, pending I/O). A JIT can later
+//!   replace a whole block's handler sequence without touching the rest.
+//! - [`Emulator`]: runs blocks until something the VMM must see (port I/O,
+//!   MMIO, HLT, an exception not yet delivered, an interrupt request).
+//! - [`vcpu`]: the `hypervisor::{Hypervisor, Vm, Vcpu}` implementation.
+//!
+//! Flags are computed eagerly: each arithmetic handler computes the six
+//! status flags from its inputs with a few ALU operations. That keeps the
+//! handlers independent (no lazy-flag state to thread through exits and
+//! exceptions); a JIT can drop dead flag computations per block later.
+
+pub mod block;
+pub mod cpuid;
+pub mod exec;
+pub mod mem;
+pub mod state;
+pub mod vcpu;
+
+pub use exec::{Emulator, Exception, Exit};
+pub use state::CpuState;
+pub use vcpu::{EmuHypervisor, EmuVcpu, EmuVm};

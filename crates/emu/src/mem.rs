@@ -1,0 +1,285 @@
+//! Guest memory as the interpreter sees it.
+//!
+//! [`Ram`] is a flat table of the RAM regions of a `GuestMemoryMmap`, kept
+//! as host addresses so an access costs a compare and a copy instead of
+//! vm-memory's region lookup and slice building. [`Mmu`] turns linear
+//! addresses into guest-physical ones: identity for now, the place where
+//! 4-level paging goes next. [`CodePages`] remembers which 4 KiB pages hold
+//! decoded blocks, so writes to them can invalidate the block cache.
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+pub const PAGE_SHIFT: u32 = 12;
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+pub const PAGE_MASK: u64 = PAGE_SIZE - 1;
+
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    start: u64,
+    len: u64,
+    /// Host virtual address of `start`, kept as an integer so [`Ram`] stays
+    /// `Send`; only the accessors below turn it into a pointer.
+    host: usize,
+}
+
+/// The guest's RAM. Holds a clone of the `GuestMemoryMmap` so every host
+/// mapping in `regions` outlives this value.
+#[derive(Debug, Clone)]
+pub struct Ram {
+    regions: Vec<Region>,
+    end: u64,
+    _keep: Option<GuestMemoryMmap>,
+}
+
+impl Default for Ram {
+    fn default() -> Self {
+        Ram::empty()
+    }
+}
+
+impl Ram {
+    /// No RAM at all: every access is MMIO.
+    pub fn empty() -> Self {
+        Ram {
+            regions: Vec::new(),
+            end: 0,
+            _keep: None,
+        }
+    }
+
+    pub fn new(memory: &GuestMemoryMmap) -> Self {
+        let mut regions: Vec<Region> = memory
+            .iter()
+            .map(|r| Region {
+                start: r.start_addr().0,
+                len: r.len(),
+                host: r.as_ptr() as usize,
+            })
+            .filter(|r| r.len > 0)
+            .collect();
+        // Biggest first: the low-memory region usually gets most hits.
+        regions.sort_by_key(|r| std::cmp::Reverse(r.len));
+        let end = regions
+            .iter()
+            .map(|r| r.start.saturating_add(r.len))
+            .max()
+            .unwrap_or(0);
+        Ram {
+            regions,
+            end,
+            _keep: Some(memory.clone()),
+        }
+    }
+
+    /// One past the highest RAM address.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Host address of `[gpa, gpa + len)` if the whole range is in one
+    /// RAM region.
+    #[inline]
+    fn host(&self, gpa: u64, len: usize) -> Option<usize> {
+        for r in &self.regions {
+            let off = gpa.wrapping_sub(r.start);
+            if off < r.len && (len as u64) <= r.len - off {
+                return Some(r.host + off as usize);
+            }
+        }
+        None
+    }
+
+    /// Whether `gpa` is RAM.
+    pub fn is_ram(&self, gpa: u64) -> bool {
+        self.host(gpa, 1).is_some()
+    }
+
+    /// Reads `buf.len()` bytes at `gpa`; false (and nothing read) unless
+    /// the whole range is RAM in one region.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        match self.host(gpa, buf.len()) {
+            Some(h) => {
+                // SAFETY: `host` checked that `[h, h + len)` lies inside a
+                // region mapping kept alive by `_keep`; `buf` is a distinct
+                // Rust allocation. Other threads may write guest RAM at the
+                // same time, as with vm-memory's own copies: the guest sees
+                // some interleaving of bytes, never host memory outside RAM.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(h as *const u8, buf.as_mut_ptr(), buf.len())
+                };
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes `data` at `gpa`; false (and nothing written) unless the
+    /// whole range is RAM in one region.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
+        match self.host(gpa, data.len()) {
+            Some(h) => {
+                // SAFETY: as in `read`; the region mapping is writable
+                // (GuestMemoryMmap maps RAM read-write).
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), h as *mut u8, data.len()) };
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Little-endian load of 1, 2, 4 or 8 bytes. Aligned loads are single
+    /// volatile accesses so another vCPU never sees a torn value.
+    #[inline]
+    pub fn read_u(&self, gpa: u64, size: usize) -> Option<u64> {
+        let h = self.host(gpa, size)?;
+        let aligned = h % size == 0;
+        // SAFETY: `host` checked the range lies in a live mapping; the
+        // typed volatile reads are only used when `h` is aligned for them.
+        let v = unsafe {
+            match (size, aligned) {
+                (1, _) => u64::from(std::ptr::read_volatile(h as *const u8)),
+                (2, true) => u64::from(std::ptr::read_volatile(h as *const u16)),
+                (4, true) => u64::from(std::ptr::read_volatile(h as *const u32)),
+                (8, true) => std::ptr::read_volatile(h as *const u64),
+                _ => {
+                    let mut b = [0u8; 8];
+                    std::ptr::copy_nonoverlapping(h as *const u8, b.as_mut_ptr(), size.min(8));
+                    u64::from_le_bytes(b)
+                }
+            }
+        };
+        Some(v)
+    }
+
+    /// Little-endian store of the low `size` (1, 2, 4 or 8) bytes of `v`.
+    #[inline]
+    pub fn write_u(&self, gpa: u64, size: usize, v: u64) -> bool {
+        let Some(h) = self.host(gpa, size) else {
+            return false;
+        };
+        let aligned = h % size == 0;
+        // SAFETY: as in `read_u`.
+        unsafe {
+            match (size, aligned) {
+                (1, _) => std::ptr::write_volatile(h as *mut u8, v as u8),
+                (2, true) => std::ptr::write_volatile(h as *mut u16, v as u16),
+                (4, true) => std::ptr::write_volatile(h as *mut u32, v as u32),
+                (8, true) => std::ptr::write_volatile(h as *mut u64, v),
+                _ => {
+                    let b = v.to_le_bytes();
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, size.min(8));
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Kind of memory access, for the MMU's permission checks (paging).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    Execute,
+}
+
+/// Linear-to-physical translation.
+///
+/// This increment has no paging: every linear address is its own physical
+/// address, whatever CR0.PG says (so 64-bit test programs run with the
+/// identity map their page tables would describe). The translate call
+/// sits on every access path so 4-level paging, a TLB and #PF slot in here.
+#[derive(Debug, Clone, Default)]
+pub struct Mmu {}
+
+impl Mmu {
+    #[inline]
+    pub fn translate(&self, linear: u64, _access: Access) -> Result<u64, crate::Exception> {
+        Ok(linear)
+    }
+}
+
+/// Which 4 KiB pages of RAM hold decoded code.
+///
+/// The block cache sets a page's bit when it decodes from it; every write
+/// the emulator makes checks the bit and, if set, queues the page for
+/// invalidation. Writes by devices or other vCPUs must call
+/// [`crate::Emulator::invalidate_code`] (or a shared version of this map
+/// once vCPUs share a cache) - not hooked up yet.
+#[derive(Debug, Clone, Default)]
+pub struct CodePages {
+    bits: Vec<u64>,
+}
+
+impl CodePages {
+    pub fn new(ram_end: u64) -> Self {
+        let pages = ram_end.div_ceil(PAGE_SIZE);
+        CodePages {
+            bits: vec![0; pages.div_ceil(64) as usize],
+        }
+    }
+
+    #[inline]
+    pub fn test(&self, page: u64) -> bool {
+        let w = (page / 64) as usize;
+        match self.bits.get(w) {
+            Some(word) => word & (1 << (page % 64)) != 0,
+            None => false,
+        }
+    }
+
+    /// Marks a page; false if it is outside the map (not RAM, never code).
+    pub fn set(&mut self, page: u64) -> bool {
+        let w = (page / 64) as usize;
+        match self.bits.get_mut(w) {
+            Some(word) => {
+                *word |= 1 << (page % 64);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn clear(&mut self, page: u64) {
+        if let Some(word) = self.bits.get_mut((page / 64) as usize) {
+            *word &= !(1 << (page % 64));
+        }
+    }
+
+    pub fn clear_all(&mut self) {
+        self.bits.iter_mut().for_each(|w| *w = 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn ram_bounds() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x10000), 0x1000),
+        ])
+        .unwrap();
+        let ram = Ram::new(&mem);
+        assert_eq!(ram.end(), 0x11000);
+        assert!(ram.write_u(0x1ffe, 2, 0xbeef));
+        assert_eq!(ram.read_u(0x1ffe, 2), Some(0xbeef));
+        assert_eq!(ram.read_u(0x1fff, 2), None, "crosses out of the region");
+        assert_eq!(ram.read_u(u64::MAX, 8), None);
+        assert!(!ram.write_u(0x2000, 1, 0));
+        assert!(ram.write_u(0x10ff9, 4, 0x1234_5678), "unaligned");
+        assert_eq!(ram.read_u(0x10ff9, 4), Some(0x1234_5678));
+        let mut buf = [0u8; 16];
+        assert!(!ram.read(0x10ff8, &mut buf));
+        assert!(ram.read(0x10ff0, &mut buf));
+        let mut pages = CodePages::new(ram.end());
+        assert!(pages.set(0x10));
+        assert!(pages.test(0x10));
+        assert!(!pages.set(0x1_0000_0000));
+        pages.clear(0x10);
+        assert!(!pages.test(0x10));
+    }
+}

@@ -1,0 +1,98 @@
+//! Test scaffolding shared by the emulator's integration tests: a 64-bit
+//! guest (flat, paging treated as identity until the MMU lands), and a
+//! tiny deterministic PRNG.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use emu::{CpuState, Emulator};
+use hypervisor::x86::Segment;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+pub const CODE64_DESCRIPTOR: u64 = 0x00af_9b00_0000_ffff;
+pub const DATA64_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
+
+/// xorshift64*: deterministic, dependency-free.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+
+    /// A register value biased towards the edges where flags change:
+    /// zero, one, all-ones, sign boundaries at every width, small numbers.
+    pub fn value(&mut self) -> u64 {
+        const EDGES: [u64; 14] = [
+            0,
+            1,
+            2,
+            0x7f,
+            0x80,
+            0xff,
+            0x7fff,
+            0x8000,
+            0xffff,
+            0x7fff_ffff,
+            0x8000_0000,
+            0xffff_ffff,
+            0x7fff_ffff_ffff_ffff,
+            0x8000_0000_0000_0000,
+        ];
+        match self.below(8) {
+            0 => self.pick(&EDGES),
+            1 => self.pick(&EDGES).wrapping_neg(),
+            2 => self.below(64),
+            3 => self.pick(&EDGES) ^ (self.next() & 0xffff_ffff_0000_0000),
+            4 => self.next() & 0xff,
+            5 => self.next() & 0xffff,
+            _ => self.next(),
+        }
+    }
+}
+
+/// Long-mode CPU state: 64-bit CS, flat data segments, CR0.PE|PG and
+/// EFER.LME|LMA (paging is identity in this increment).
+pub fn long_mode(cpu: &mut CpuState) {
+    cpu.segs[1] = Segment::from_descriptor(8, CODE64_DESCRIPTOR);
+    let data = Segment::from_descriptor(16, DATA64_DESCRIPTOR);
+    for i in [0, 2, 3, 4, 5] {
+        cpu.segs[i] = data;
+    }
+    cpu.cr0 = 0x8000_0011;
+    cpu.cr4 = 1 << 5;
+    cpu.efer = (1 << 8) | (1 << 10);
+}
+
+pub fn memory(size: usize) -> GuestMemoryMmap {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory")
+}
+
+pub fn emulator(mem: &GuestMemoryMmap) -> Emulator {
+    let cpuid: Arc<[hypervisor::x86::CpuidEntry]> = emu::cpuid::table(0, 1).into();
+    let mut e = Emulator::new(mem, cpuid);
+    long_mode(e.cpu_mut());
+    e
+}

@@ -1,0 +1,94 @@
+//! Random bytes through the decoder and executor, in 16-, 32- and 64-bit
+//! modes, with random registers: nothing may panic, and every run ends in
+//! an exit within its instruction budget.
+
+mod common;
+
+use common::Rng;
+use emu::{Emulator, Exit};
+use vm_memory::{Bytes, GuestAddress};
+
+const MEMORY: usize = 0x1_0000;
+
+fn set_mode(emu: &mut Emulator, bitness: u32) {
+    let cpu = emu.cpu_mut();
+    common::long_mode(cpu);
+    match bitness {
+        64 => {}
+        32 => {
+            cpu.efer = 0;
+            cpu.cr0 = 0x11;
+            cpu.segs[1].l = false;
+            cpu.segs[1].db = true;
+        }
+        _ => {
+            cpu.efer = 0;
+            cpu.cr0 = 0x10;
+            for s in cpu.segs.iter_mut() {
+                s.l = false;
+                s.db = false;
+                s.base = 0;
+            }
+        }
+    }
+}
+
+#[test]
+fn random_code_never_panics() {
+    let mem = common::memory(MEMORY);
+    let mut emu = common::emulator(&mem);
+    let mut rng = Rng::new(0xf022);
+    let mut code = vec![0u8; MEMORY];
+    let mut exits = [0u64; 10];
+    for round in 0..20_000u64 {
+        // Fresh random memory every few rounds; the emulator must notice.
+        if round % 16 == 0 {
+            for b in code.iter_mut() {
+                *b = rng.next() as u8;
+            }
+            mem.write_slice(&code, GuestAddress(0)).unwrap();
+            emu.invalidate_all();
+        }
+        set_mode(&mut emu, [16, 32, 64][rng.below(3) as usize]);
+        let cpu = emu.cpu_mut();
+        for g in cpu.gpr.iter_mut() {
+            *g = if rng.below(2) == 0 {
+                rng.below(MEMORY as u64)
+            } else {
+                rng.value()
+            };
+        }
+        cpu.rip = rng.below(MEMORY as u64);
+        cpu.rflags = 0x2 | (rng.next() & 0xcd5);
+        // Run a few exits deep, answering I/O and MMIO reads.
+        for _ in 0..8 {
+            let exit = emu.run(2000, None);
+            let k = match exit {
+                Exit::IoIn { .. } => {
+                    emu.set_io_in_data(rng.next() as u32);
+                    0
+                }
+                Exit::IoOut { .. } => 1,
+                Exit::MmioRead { .. } => {
+                    emu.set_mmio_read_data(rng.next());
+                    2
+                }
+                Exit::MmioWrite { .. } => 3,
+                Exit::Halt => 4,
+                Exit::Exception(_) => 5,
+                Exit::BudgetExhausted => 6,
+                Exit::Interrupted => 7,
+                Exit::InternalError(_) => 8,
+            };
+            exits[k] += 1;
+            if matches!(exit, Exit::Exception(_) | Exit::InternalError(_)) {
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "exits: in {} out {} mmio-r {} mmio-w {} hlt {} exc {} budget {} int {} internal {}",
+        exits[0], exits[1], exits[2], exits[3], exits[4], exits[5], exits[6], exits[7], exits[8]
+    );
+    assert!(exits[5] > 0 && exits[0] + exits[1] > 0 && exits[2] + exits[3] > 0);
+}
