@@ -214,19 +214,23 @@ pub(crate) fn decode(
     }
     let mut len = first;
     let mut second_page = None;
+    let mut next_fault = None;
     if first == in_page {
         // The last instruction may run into the next page; make up to 15
         // more bytes available if that page is RAM.
         let next_lin = lin.wrapping_add(in_page as u64);
-        if let Ok(next_phys) = core.mmu.translate(next_lin, Access::Execute) {
-            let mut n = 15;
-            while n > 0 && !core.ram.read(next_phys, &mut buf[first..first + n]) {
-                n -= 1;
+        match core.probe(next_lin, Access::Execute) {
+            Ok(next_phys) => {
+                let mut n = 15;
+                while n > 0 && !core.ram.read(next_phys, &mut buf[first..first + n]) {
+                    n -= 1;
+                }
+                if n > 0 {
+                    len += n;
+                    second_page = Some(next_phys >> PAGE_SHIFT);
+                }
             }
-            if n > 0 {
-                len += n;
-                second_page = Some(next_phys >> PAGE_SHIFT);
-            }
+            Err(e) => next_fault = Some((next_lin, e)),
         }
     }
 
@@ -241,6 +245,13 @@ pub(crate) fn decode(
             // Runs into a page we could not read: end the block before it;
             // if it is the first, fetching it is the error.
             if ops.is_empty() {
+                if let Some((next_lin, e)) = next_fault {
+                    // The fetch of its tail faults (#PF on the next page).
+                    if e.vector == crate::exec::Exception::PF {
+                        core.cpu.cr2 = next_lin;
+                    }
+                    return Err(Stop::Fault(e));
+                }
                 return Err(Stop::Exit(Exit::InternalError(
                     "instruction fetch runs into a non-RAM address",
                 )));

@@ -7,10 +7,22 @@ use hypervisor::x86::CpuidEntry;
 
 /// Leaf 1 EDX bits advertised.
 pub mod leaf1_edx {
+    pub const PSE: u32 = 1 << 3;
     pub const TSC: u32 = 1 << 4;
     pub const MSR: u32 = 1 << 5;
+    pub const PAE: u32 = 1 << 6;
+    pub const CX8: u32 = 1 << 8;
+    pub const PGE: u32 = 1 << 13;
     pub const CMOV: u32 = 1 << 15;
 }
+
+/// Leaf 1 ECX: CMPXCHG16B.
+pub const LEAF1_ECX_CX16: u32 = 1 << 13;
+/// Leaf 0x8000_0001 EDX: SYSCALL/SYSRET, NX, 1 GiB pages, RDTSCP.
+pub const EXT1_EDX_SYSCALL: u32 = 1 << 11;
+pub const EXT1_EDX_NX: u32 = 1 << 20;
+pub const EXT1_EDX_PAGE1GB: u32 = 1 << 26;
+pub const EXT1_EDX_RDTSCP: u32 = 1 << 27;
 
 /// Leaf 1 ECX: "running under a hypervisor".
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -54,11 +66,23 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
             1,
             signature,
             ebx1,
-            LEAF1_ECX_HYPERVISOR,
-            leaf1_edx::TSC | leaf1_edx::MSR | leaf1_edx::CMOV,
+            LEAF1_ECX_HYPERVISOR | LEAF1_ECX_CX16,
+            leaf1_edx::PSE
+                | leaf1_edx::TSC
+                | leaf1_edx::MSR
+                | leaf1_edx::PAE
+                | leaf1_edx::CX8
+                | leaf1_edx::PGE
+                | leaf1_edx::CMOV,
         ),
         leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
-        leaf(0x8000_0001, 0, 0, EXT1_ECX_LAHF_LM, EXT1_EDX_LM),
+        leaf(
+            0x8000_0001,
+            0,
+            0,
+            EXT1_ECX_LAHF_LM,
+            EXT1_EDX_LM | EXT1_EDX_SYSCALL | EXT1_EDX_NX | EXT1_EDX_PAGE1GB | EXT1_EDX_RDTSCP,
+        ),
         // 40 physical and 48 linear address bits.
         leaf(0x8000_0008, 0x3028, 0, 0, 0),
     ]

@@ -175,27 +175,206 @@ impl Ram {
     }
 }
 
+/// Serializes the accesses that cannot be single host atomics: locked
+/// operations on a misaligned operand ("split locks") and CMPXCHG16B.
+/// Atomic only against each other, not against plain aligned accesses of
+/// other vCPUs to the same bytes (hardware takes a bus lock instead).
+static SPLIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Ram {
+    /// Atomic compare-and-exchange of `size` (1, 2, 4 or 8) bytes at
+    /// `gpa`: stores `new` if the memory holds `old`. Returns the value
+    /// found (`Ok` when it matched and `new` was stored), or `None` if the
+    /// range is not RAM.
+    pub fn cmpxchg_u(&self, gpa: u64, size: usize, old: u64, new: u64) -> Option<Result<u64, u64>> {
+        use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
+        let h = self.host(gpa, size)?;
+        if h % size != 0 || !matches!(size, 1 | 2 | 4 | 8) {
+            let _g = SPLIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            let cur = self.read_u(gpa, size)?;
+            if cur == old {
+                self.write_u(gpa, size, new);
+                return Some(Ok(cur));
+            }
+            return Some(Err(cur));
+        }
+        // SAFETY: `host` checked that `[h, h + size)` lies in a live,
+        // writable mapping and `h` is aligned for the atomic type; the
+        // atomics only ever alias guest RAM, which no Rust reference covers.
+        let r = unsafe {
+            match size {
+                1 => (*(h as *const AtomicU8))
+                    .compare_exchange(old as u8, new as u8, SeqCst, SeqCst)
+                    .map(u64::from)
+                    .map_err(u64::from),
+                2 => (*(h as *const AtomicU16))
+                    .compare_exchange(old as u16, new as u16, SeqCst, SeqCst)
+                    .map(u64::from)
+                    .map_err(u64::from),
+                4 => (*(h as *const AtomicU32))
+                    .compare_exchange(old as u32, new as u32, SeqCst, SeqCst)
+                    .map(u64::from)
+                    .map_err(u64::from),
+                _ => (*(h as *const AtomicU64)).compare_exchange(old, new, SeqCst, SeqCst),
+            }
+        };
+        Some(r)
+    }
+
+    /// 16-byte compare-and-exchange (CMPXCHG16B) at a 16-byte aligned
+    /// `gpa`, under [`SPLIT_LOCK`]: atomic against other CMPXCHG16Bs and
+    /// split locks. `None` if not RAM.
+    pub fn cmpxchg_u128(&self, gpa: u64, old: u128, new: u128) -> Option<Result<u128, u128>> {
+        self.host(gpa, 16)?;
+        let _g = SPLIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let lo = self.read_u(gpa, 8)?;
+        let hi = self.read_u(gpa + 8, 8)?;
+        let cur = u128::from(lo) | (u128::from(hi) << 64);
+        if cur == old {
+            self.write_u(gpa, 8, new as u64);
+            self.write_u(gpa + 8, 8, (new >> 64) as u64);
+            Some(Ok(cur))
+        } else {
+            Some(Err(cur))
+        }
+    }
+}
+
 /// Kind of memory access, for the MMU's permission checks (paging).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    Read,
-    Write,
-    Execute,
+    Read = 0,
+    Write = 1,
+    Execute = 2,
 }
 
-/// Linear-to-physical translation.
+/// Number of entries of the software TLB (direct-mapped by linear page).
+pub const TLB_ENTRIES: usize = 256;
+
+/// Permission bits of a TLB entry: one bit per (access kind, privilege).
+/// A bit is only set when that access needs no page-table update: the
+/// write bits require the dirty bit to be set already, so the first write
+/// to a clean page walks again and sets it.
+pub mod perm {
+    pub const SUP_R: u8 = 1 << 0;
+    pub const SUP_W: u8 = 1 << 1;
+    pub const SUP_X: u8 = 1 << 2;
+    pub const USER_R: u8 = 1 << 3;
+    pub const USER_W: u8 = 1 << 4;
+    pub const USER_X: u8 = 1 << 5;
+    /// Translation of a global page (survives CR3 writes with CR4.PGE).
+    pub const GLOBAL: u8 = 1 << 6;
+
+    /// The bit an access needs: `[user][access]`.
+    pub const NEED: [[u8; 3]; 2] = [[SUP_R, SUP_W, SUP_X], [USER_R, USER_W, USER_X]];
+}
+
+/// One TLB entry: a 4 KiB linear page (a large page is entered 4 KiB at a
+/// time) and its physical page.
+#[derive(Debug, Clone, Copy)]
+pub struct TlbEntry {
+    /// Linear page number, or [`TLB_INVALID`].
+    pub vpn: u64,
+    /// Physical address of the page (low 12 bits zero).
+    pub pa: u64,
+    pub perms: u8,
+    /// log2 of the size of the page it came from (12, 21, 22 or 30), for
+    /// INVLPG of an address elsewhere in a large page.
+    pub shift: u8,
+}
+
+pub const TLB_INVALID: u64 = u64::MAX;
+
+const EMPTY: TlbEntry = TlbEntry {
+    vpn: TLB_INVALID,
+    pa: 0,
+    perms: 0,
+    shift: 12,
+};
+
+/// Which paging structure format is in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PagingMode {
+    /// CR0.PG = 0: linear = physical.
+    #[default]
+    Off,
+    /// 32-bit paging (CR4.PAE = 0), 4 KiB and (with CR4.PSE) 4 MiB pages.
+    Legacy,
+    /// PAE paging: 3 levels of 8-byte entries, 4 KiB and 2 MiB pages.
+    Pae,
+    /// 4-level paging (EFER.LMA): 4 KiB, 2 MiB and 1 GiB pages.
+    Long,
+}
+
+/// Linear-to-physical translation state: the paging mode derived from
+/// CR0/CR4/EFER and a direct-mapped software TLB.
 ///
-/// This increment has no paging: every linear address is its own physical
-/// address, whatever CR0.PG says (so 64-bit test programs run with the
-/// identity map their page tables would describe). The translate call
-/// sits on every access path so 4-level paging, a TLB and #PF slot in here.
-#[derive(Debug, Clone, Default)]
-pub struct Mmu {}
+/// The hit path (see `Core::translate`) is an index, a tag compare and a
+/// bit test. Misses walk the guest's tables (`exec::paging`) and refill.
+#[derive(Debug, Clone)]
+pub struct Mmu {
+    pub mode: PagingMode,
+    pub entries: Box<[TlbEntry; TLB_ENTRIES]>,
+}
+
+impl Default for Mmu {
+    fn default() -> Self {
+        Mmu {
+            mode: PagingMode::Off,
+            entries: Box::new([EMPTY; TLB_ENTRIES]),
+        }
+    }
+}
 
 impl Mmu {
-    #[inline]
-    pub fn translate(&self, linear: u64, _access: Access) -> Result<u64, crate::Exception> {
-        Ok(linear)
+    /// The entry for linear address `lin`, if it allows `need`.
+    #[inline(always)]
+    pub fn lookup(&self, lin: u64, need: u8) -> Option<u64> {
+        let vpn = lin >> PAGE_SHIFT;
+        let e = &self.entries[(vpn as usize) % TLB_ENTRIES];
+        if e.vpn == vpn && e.perms & need != 0 {
+            Some(e.pa | (lin & PAGE_MASK))
+        } else {
+            None
+        }
+    }
+
+    pub fn fill(&mut self, lin: u64, pa: u64, perms: u8, shift: u8) {
+        let vpn = lin >> PAGE_SHIFT;
+        self.entries[(vpn as usize) % TLB_ENTRIES] = TlbEntry {
+            vpn,
+            pa: pa & !PAGE_MASK,
+            perms,
+            shift,
+        };
+    }
+
+    /// Drops everything (CR0/CR4 paging-bit changes, mode changes).
+    pub fn flush_all(&mut self) {
+        self.entries.iter_mut().for_each(|e| *e = EMPTY);
+    }
+
+    /// Drops all but global entries (a CR3 write), or everything when
+    /// global pages are disabled.
+    pub fn flush_non_global(&mut self, keep_global: bool) {
+        for e in self.entries.iter_mut() {
+            if !(keep_global && e.perms & perm::GLOBAL != 0) {
+                *e = EMPTY;
+            }
+        }
+    }
+
+    /// INVLPG: drops every entry translating part of the page (of
+    /// whatever size) that contains `lin`, global or not.
+    pub fn invalidate(&mut self, lin: u64) {
+        for e in self.entries.iter_mut() {
+            if e.vpn != TLB_INVALID {
+                let shift = u32::from(e.shift).min(63);
+                if ((e.vpn << PAGE_SHIFT) ^ lin) >> shift == 0 {
+                    *e = EMPTY;
+                }
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use hypervisor::{
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::exec::{Emulator, Exit};
+use crate::exec::{Emulator, Exit, InterruptLines};
 
 /// Instructions between two looks at the interrupt flag from
 /// [`Vcpu::run`]'s loop (the block loop also checks it between blocks).
@@ -91,6 +91,7 @@ impl Vm for EmuVm {
         Ok(Box::new(EmuVcpu {
             emu: Emulator::new(memory, cpuid),
             interrupter: Arc::new(EmuInterrupter::default()),
+            lines: None,
             buf: [0; 8],
             answer: Answer::None,
         }))
@@ -120,11 +121,14 @@ impl Vm for EmuVm {
 #[derive(Debug, Default)]
 pub struct EmuInterrupter {
     flag: AtomicBool,
+    /// Kicked so a vCPU waiting in HLT sees the flag at once.
+    lines: Arc<InterruptLines>,
 }
 
 impl VcpuInterrupter for EmuInterrupter {
     fn interrupt(&self) {
         self.flag.store(true, Ordering::SeqCst);
+        self.lines.kick();
     }
 }
 
@@ -140,6 +144,7 @@ enum Answer {
 pub struct EmuVcpu {
     emu: Emulator,
     interrupter: Arc<EmuInterrupter>,
+    lines: Option<Arc<InterruptLines>>,
     /// The exit buffer `VcpuExit` data slices borrow.
     buf: [u8; 8],
     answer: Answer,
@@ -149,6 +154,25 @@ impl EmuVcpu {
     /// The emulator underneath (state inspection, code invalidation).
     pub fn emulator(&mut self) -> &mut Emulator {
         &mut self.emu
+    }
+
+    /// The vCPU's interrupt request lines (created and attached on first
+    /// use): `request(vector)` / `request_nmi()` from any thread. Once
+    /// attached, HLT with interrupts enabled waits for a request (or
+    /// the interrupter) instead of returning [`VcpuExit::Halt`].
+    pub fn interrupt_lines(&mut self) -> Arc<InterruptLines> {
+        if let Some(l) = &self.lines {
+            return l.clone();
+        }
+        let l = self.interrupter.lines.clone();
+        self.emu.attach_interrupts(l.clone());
+        self.lines = Some(l.clone());
+        l
+    }
+
+    /// Requests external interrupt `vector` (see [`Self::interrupt_lines`]).
+    pub fn inject_interrupt(&mut self, vector: u8) {
+        self.interrupt_lines().request(vector);
     }
 }
 
@@ -207,7 +231,8 @@ impl Vcpu for EmuVcpu {
                     }
                 }
                 Exit::Halt => VcpuExit::Halt,
-                // Exceptions are reported until IDT delivery lands.
+                Exit::Shutdown => VcpuExit::Shutdown,
+                // Only vectors in the exception-exit bitmap get here.
                 Exit::Exception(x) => VcpuExit::InternalError(format!(
                     "guest exception {} (error code {:?}) at rip {:#x}",
                     x.vector,

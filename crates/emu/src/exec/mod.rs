@@ -3,6 +3,9 @@
 
 pub mod flags;
 mod ops;
+pub mod paging;
+mod sysops;
+mod system;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,6 +19,8 @@ use crate::block::{Block, BlockCache, Op};
 use crate::mem::{Access, CodePages, Mmu, Ram, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
 use crate::state::{seg, CpuState};
 use flags::mask;
+use system::EventKind;
+pub use system::InterruptLines;
 
 pub(crate) use ops::handler_for;
 
@@ -30,9 +35,20 @@ pub struct Exception {
 
 impl Exception {
     pub const DE: u8 = 0;
+    pub const DB: u8 = 1;
+    pub const NMI: u8 = 2;
+    pub const BP: u8 = 3;
+    pub const OF: u8 = 4;
+    pub const BR: u8 = 5;
     pub const UD: u8 = 6;
+    pub const NM: u8 = 7;
+    pub const DF: u8 = 8;
+    pub const TS: u8 = 10;
     pub const NP: u8 = 11;
+    pub const SS: u8 = 12;
     pub const GP: u8 = 13;
+    pub const PF: u8 = 14;
+    pub const AC: u8 = 17;
 
     pub const fn new(vector: u8) -> Self {
         Exception {
@@ -79,7 +95,12 @@ pub enum Exit {
         data: u64,
     },
     Halt,
+    /// An exception whose vector is set in the exception-exit bitmap
+    /// ([`Emulator::set_exception_exits`]), reported instead of delivered
+    /// through the IDT; RIP is at the faulting instruction.
     Exception(Exception),
+    /// Triple fault: the processor entered shutdown.
+    Shutdown,
     /// The instruction budget given to `run` is spent.
     BudgetExhausted,
     /// The stop flag given to `run` was set.
@@ -146,6 +167,13 @@ pub struct Core {
     in_data: Option<u32>,
     pub(crate) cpuid: Arc<[CpuidEntry]>,
     tsc_origin: Instant,
+    /// An NMI handler runs (blocked until the next IRET).
+    pub(crate) nmi_blocked: bool,
+    /// RIP of the instruction after STI (with IF clear before) or MOV/POP
+    /// SS: no interrupt is taken before it; `u64::MAX` when none.
+    pub(crate) shadow_rip: u64,
+    /// IA32_TSC_AUX (RDTSCP).
+    pub(crate) tsc_aux: u64,
 }
 
 impl Core {
@@ -164,6 +192,9 @@ impl Core {
             in_data: None,
             cpuid,
             tsc_origin: Instant::now(),
+            nmi_blocked: false,
+            shadow_rip: u64::MAX,
+            tsc_aux: 0,
         }
     }
 
@@ -274,24 +305,38 @@ impl Core {
 
     // ---- memory ----------------------------------------------------------
 
-    /// Reads `size` (1..=8) bytes at linear address `lin`.
+    /// Reads `size` (1..=8) bytes at linear address `lin` with the
+    /// current privilege.
     #[inline]
     pub fn read(&mut self, lin: u64, size: usize) -> Result<u64, Stop> {
+        let user = self.user();
+        self.read_as(lin, size, user)
+    }
+
+    /// Writes the low `size` (1..=8) bytes of `v` at linear address `lin`
+    /// with the current privilege.
+    #[inline]
+    pub fn write(&mut self, lin: u64, size: usize, v: u64) -> OpResult {
+        let user = self.user();
+        self.write_as(lin, size, v, user)
+    }
+
+    /// Reads `size` (1..=8) bytes at linear address `lin`, as a user or a
+    /// supervisor access.
+    #[inline]
+    pub fn read_as(&mut self, lin: u64, size: usize, user: bool) -> Result<u64, Stop> {
         if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
-            let pa = self.mmu.translate(lin, Access::Read).map_err(Stop::Fault)?;
+            let pa = self.translate_as(lin, Access::Read, user)?;
             match self.ram.read_u(pa, size) {
                 Some(v) => Ok(v),
                 None => self.mmio_read(pa, size),
             }
         } else {
             // Crosses a page: byte by byte, each byte translated on its own
-            // (the pages need not be contiguous once paging exists).
+            // (the pages need not be contiguous).
             let mut v = 0u64;
             for k in 0..size {
-                let pa = self
-                    .mmu
-                    .translate(lin.wrapping_add(k as u64), Access::Read)
-                    .map_err(Stop::Fault)?;
+                let pa = self.translate_as(lin.wrapping_add(k as u64), Access::Read, user)?;
                 let b = self
                     .ram
                     .read_u(pa, 1)
@@ -304,14 +349,12 @@ impl Core {
         }
     }
 
-    /// Writes the low `size` (1..=8) bytes of `v` at linear address `lin`.
+    /// Writes the low `size` (1..=8) bytes of `v` at linear address `lin`,
+    /// as a user or a supervisor access.
     #[inline]
-    pub fn write(&mut self, lin: u64, size: usize, v: u64) -> OpResult {
+    pub fn write_as(&mut self, lin: u64, size: usize, v: u64, user: bool) -> OpResult {
         if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
-            let pa = self
-                .mmu
-                .translate(lin, Access::Write)
-                .map_err(Stop::Fault)?;
+            let pa = self.translate_as(lin, Access::Write, user)?;
             if self.ram.write_u(pa, size, v) {
                 self.note_write(pa);
                 Ok(())
@@ -322,10 +365,7 @@ impl Core {
             // Translate every byte first so a fault leaves memory untouched.
             let mut pas = [0u64; 8];
             for (k, pa) in pas.iter_mut().enumerate().take(size) {
-                *pa = self
-                    .mmu
-                    .translate(lin.wrapping_add(k as u64), Access::Write)
-                    .map_err(Stop::Fault)?;
+                *pa = self.translate_as(lin.wrapping_add(k as u64), Access::Write, user)?;
                 if !self.ram.is_ram(*pa) {
                     return Err(Stop::Exit(Exit::InternalError(
                         "MMIO access crossing a page boundary",
@@ -340,9 +380,45 @@ impl Core {
         }
     }
 
+    /// Atomic read-modify-write of `size` bytes at `lin` (LOCK prefix,
+    /// XCHG with memory): `f` maps the old value to the new one and may
+    /// run several times. Returns the old value. RAM operands are updated
+    /// with a host compare-exchange loop; MMIO operands fall back to a
+    /// read and a write (devices see two accesses, as with bus locks).
+    pub fn rmw(
+        &mut self,
+        lin: u64,
+        size: usize,
+        f: &mut dyn FnMut(u64) -> u64,
+    ) -> Result<u64, Stop> {
+        let user = self.user();
+        if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
+            let pa = self.translate_as(lin, Access::Write, user)?;
+            if let Some(mut cur) = self.ram.read_u(pa, size) {
+                loop {
+                    let new = f(cur) & mask(size);
+                    match self.ram.cmpxchg_u(pa, size, cur, new) {
+                        Some(Ok(_)) => {
+                            self.note_write(pa);
+                            return Ok(cur);
+                        }
+                        Some(Err(now)) => cur = now,
+                        None => break,
+                    }
+                }
+            }
+        }
+        // Split across pages or MMIO: not atomic (document: split locks).
+        let _ = self.translate_as(lin, Access::Write, user)?;
+        let old = self.read_as(lin, size, user)?;
+        let new = f(old);
+        self.write_as(lin, size, new, user)?;
+        Ok(old)
+    }
+
     /// The code-page hook on every RAM write the emulator makes.
     #[inline(always)]
-    fn note_write(&mut self, pa: u64) {
+    pub(crate) fn note_write(&mut self, pa: u64) {
         let page = pa >> PAGE_SHIFT;
         if self.code.test(page) {
             self.code.clear(page);
@@ -540,6 +616,16 @@ pub(crate) enum PendingInKind {
 pub struct Emulator {
     core: Core,
     cache: BlockCache,
+    /// Vectors (bit n = vector n < 32) reported as [`Exit::Exception`]
+    /// instead of delivered through the IDT.
+    exception_exits: u32,
+    /// External interrupt requests, once attached.
+    lines: Option<Arc<InterruptLines>>,
+    /// In HLT, waiting for an interrupt.
+    halted: bool,
+    /// The state was handed out mutably: re-derive the paging mode and
+    /// flush the TLB before running.
+    resync: bool,
 }
 
 impl Emulator {
@@ -548,6 +634,10 @@ impl Emulator {
         Emulator {
             core: Core::new(Ram::new(memory), cpuid),
             cache: BlockCache::default(),
+            exception_exits: 0,
+            lines: None,
+            halted: false,
+            resync: true,
         }
     }
 
@@ -556,6 +646,10 @@ impl Emulator {
         Emulator {
             core: Core::new(Ram::empty(), cpuid),
             cache: BlockCache::default(),
+            exception_exits: 0,
+            lines: None,
+            halted: false,
+            resync: true,
         }
     }
 
@@ -563,8 +657,31 @@ impl Emulator {
         &self.core.cpu
     }
 
+    /// The state, for changing it between runs (the TLB is flushed and
+    /// the paging mode re-derived before the next run).
     pub fn cpu_mut(&mut self) -> &mut CpuState {
+        self.resync = true;
+        self.halted = false;
         &mut self.core.cpu
+    }
+
+    /// Vectors to report as [`Exit::Exception`] instead of delivering
+    /// them (bit n for vector n), like VMX's exception bitmap: for tests
+    /// and debuggers. Default none.
+    pub fn set_exception_exits(&mut self, bitmap: u32) {
+        self.exception_exits = bitmap;
+    }
+
+    /// Attaches the interrupt request lines other threads use to inject
+    /// interrupts; from then on HLT with RFLAGS.IF = 1 waits for one
+    /// instead of exiting.
+    pub fn attach_interrupts(&mut self, lines: Arc<InterruptLines>) {
+        self.lines = Some(lines);
+    }
+
+    /// Whether the vCPU is halted waiting for an interrupt.
+    pub fn is_halted(&self) -> bool {
+        self.halted
     }
 
     /// Answers the last [`Exit::IoIn`].
@@ -640,27 +757,111 @@ impl Emulator {
         } else {
             self.core.cpu.segs[seg::CS].base.wrapping_add(rip) & 0xffff_ffff
         };
-        let pa = self
-            .core
-            .mmu
-            .translate(lin, Access::Execute)
-            .map_err(Stop::Fault)?;
+        let pa = self.core.translate(lin, Access::Execute)?;
         if let Some(b) = self.cache.get(pa, rip, bitness) {
-            return Ok(b);
+            match b.pages[1] {
+                None => return Ok(b),
+                Some(second) => {
+                    // A block running into the next page is only valid
+                    // while that page still maps to the same frame.
+                    let next = (lin | PAGE_MASK).wrapping_add(1);
+                    if let Ok(p) = self.core.probe(next, Access::Execute) {
+                        if p >> PAGE_SHIFT == second {
+                            return Ok(b);
+                        }
+                    }
+                }
+            }
         }
         let block = crate::block::decode(&mut self.core, pa, lin, rip, bitness)?;
         Ok(self.cache.insert(block))
     }
 
+    /// Delivers exception `first`, escalating to #DF and to shutdown per
+    /// the SDM's double-fault rules (Vol. 3A 6.15, table 6-5). `None`:
+    /// delivered, keep running.
+    fn raise(&mut self, first: Exception, kind: EventKind) -> Option<Exit> {
+        let contributory = |v: u8| matches!(v, 0 | 10 | 11 | 12 | 13);
+        let mut cur = first;
+        let mut kind = kind;
+        for _ in 0..8 {
+            if kind == EventKind::Exception
+                && cur.vector < 32
+                && self.exception_exits & (1 << cur.vector) != 0
+            {
+                return Some(Exit::Exception(cur));
+            }
+            match self.core.deliver(cur.vector, cur.error_code, kind) {
+                Ok(()) => return None,
+                Err(Stop::Fault(next)) => {
+                    if cur.vector == Exception::DF && kind == EventKind::Exception {
+                        return Some(Exit::Shutdown);
+                    }
+                    let df = kind == EventKind::Exception
+                        && ((contributory(cur.vector) && contributory(next.vector))
+                            || (cur.vector == Exception::PF
+                                && (contributory(next.vector) || next.vector == Exception::PF)));
+                    cur = if df {
+                        Exception::with_code(Exception::DF, 0)
+                    } else {
+                        next
+                    };
+                    kind = EventKind::Exception;
+                }
+                Err(Stop::Exit(e)) => return Some(e),
+                Err(Stop::Restart(_)) => {
+                    return Some(Exit::InternalError(
+                        "exception delivery touches MMIO (IDT, GDT, TSS or stack)",
+                    ))
+                }
+            }
+        }
+        Some(Exit::Shutdown)
+    }
+
+    /// Takes a pending NMI or (with IF set and no shadow) interrupt.
+    fn take_interrupt(&mut self, shadowed: bool) -> Option<Exit> {
+        let lines = self.lines.clone()?;
+        if !self.core.nmi_blocked && lines.has_nmi() && lines.take_nmi() {
+            self.core.nmi_blocked = true;
+            self.halted = false;
+            return self.raise(Exception::new(Exception::NMI), EventKind::External);
+        }
+        if self.core.cpu.rflags & crate::state::rflags::IF != 0 && !shadowed {
+            if let Some(v) = lines.take_interrupt() {
+                self.halted = false;
+                return self.raise(Exception::new(v), EventKind::External);
+            }
+        }
+        None
+    }
+
+    /// Whether something would wake a halted vCPU.
+    fn wakeup_pending(&self) -> bool {
+        match &self.lines {
+            Some(l) => {
+                (l.has_nmi() && !self.core.nmi_blocked)
+                    || (l.has_interrupt() && self.core.cpu.rflags & crate::state::rflags::IF != 0)
+            }
+            None => false,
+        }
+    }
+
     /// Runs guest code until an exit, at most `budget` instructions, and
     /// checking `stop` between blocks.
     pub fn run(&mut self, budget: u64, stop: Option<&AtomicBool>) -> Exit {
+        if self.resync {
+            self.resync = false;
+            self.core.sync_paging();
+        }
         if let Some(e) = self.core.pop_mmio_write() {
             self.core.attention = self.core.mmio_write_count != 0;
             return e;
         }
         if let Err(s) = self.core.finish_in() {
-            return self.stopped(s, None);
+            if let Some(e) = self.stopped(s, None) {
+                return e;
+            }
         }
         self.settle();
         if let Some(e) = self.core.pop_mmio_write() {
@@ -673,18 +874,43 @@ impl Emulator {
                     return Exit::Interrupted;
                 }
             }
+            if self.halted {
+                if !self.wakeup_pending() {
+                    if let Some(l) = &self.lines {
+                        l.wait(std::time::Duration::from_millis(50));
+                    }
+                    continue;
+                }
+                self.halted = false;
+            }
+            let rip = self.core.cpu.rip;
+            let shadowed = self.core.shadow_rip == rip;
+            self.core.shadow_rip = u64::MAX;
+            if let Some(l) = &self.lines {
+                if l.any() {
+                    if let Some(e) = self.take_interrupt(shadowed) {
+                        return e;
+                    }
+                }
+            }
             if executed >= budget {
                 return Exit::BudgetExhausted;
             }
             let block = match self.block_at_rip() {
                 Ok(b) => b,
-                Err(s) => return self.stopped(s, None),
+                Err(s) => match self.stopped(s, None) {
+                    Some(e) => return e,
+                    None => continue,
+                },
             };
             for op in block.ops.iter() {
                 self.core.cpu.rip = op.next_ip;
                 executed += 1;
                 if let Err(s) = (op.handler)(&mut self.core, op) {
-                    return self.stopped(s, Some(op));
+                    match self.stopped(s, Some(op)) {
+                        Some(e) => return e,
+                        None => break,
+                    }
                 }
                 if self.core.attention {
                     let smc = !self.core.dirty_code.is_empty();
@@ -702,21 +928,37 @@ impl Emulator {
         }
     }
 
-    fn stopped(&mut self, s: Stop, op: Option<&Op>) -> Exit {
+    /// Handles a handler's stop: `Some` exit to report, or `None` to keep
+    /// running (an exception was delivered, HLT is waiting).
+    fn stopped(&mut self, s: Stop, op: Option<&Op>) -> Option<Exit> {
         self.settle();
         match s {
-            Stop::Exit(e) => e,
+            Stop::Exit(Exit::Halt) => {
+                // HLT with IF clear is reported: only an NMI or INIT could
+                // end it, and the VMM wants to know.
+                let waits =
+                    self.lines.is_some() && self.core.cpu.rflags & crate::state::rflags::IF != 0;
+                if waits {
+                    self.halted = true;
+                    None
+                } else {
+                    Some(Exit::Halt)
+                }
+            }
+            Stop::Exit(e) => Some(e),
             Stop::Restart(e) => {
                 if let Some(op) = op {
                     self.core.cpu.rip = op.instr.ip();
                 }
-                e
+                Some(e)
             }
             Stop::Fault(x) => {
                 if let Some(op) = op {
                     self.core.cpu.rip = op.instr.ip();
                 }
-                Exit::Exception(x)
+                let r = self.raise(x, EventKind::Exception);
+                self.settle();
+                r
             }
         }
     }

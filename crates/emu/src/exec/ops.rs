@@ -25,6 +25,11 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
     if let Some(h) = string_handler(i.code()) {
         return h;
     }
+    if i.op_count() > 0 && i.op_kind(0) == OpKind::Memory {
+        if let Some(h) = locked_handler(i) {
+            return h;
+        }
+    }
     match i.mnemonic() {
         M::Mov => {
             let r0 = if i.op_kind(0) == OpKind::Register {
@@ -145,10 +150,30 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
         | M::Jge
         | M::Jle
         | M::Jg => jcc,
-        M::Jmp | M::Call if is_far(i) => ud,
+        M::Jmp if is_far(i) => super::sysops::far_jmp,
+        M::Call if is_far(i) => super::sysops::far_call,
         M::Jmp => jmp,
         M::Call => call,
         M::Ret => ret,
+        M::Retf => super::sysops::retf,
+        M::Iret | M::Iretd | M::Iretq => super::sysops::iret,
+        M::Int | M::Int3 | M::Into | M::Int1 => super::sysops::int_n,
+        M::Syscall => super::sysops::syscall,
+        M::Sysret | M::Sysretq => super::sysops::sysret,
+        M::Swapgs => super::sysops::swapgs,
+        M::Ltr => super::sysops::ltr,
+        M::Lldt => super::sysops::lldt,
+        M::Str => super::sysops::str_,
+        M::Sldt => super::sysops::sldt,
+        M::Clts => super::sysops::clts,
+        M::Invlpg => super::sysops::invlpg,
+        M::Wbinvd | M::Invd => super::sysops::privileged_nop,
+        M::Mfence | M::Lfence | M::Sfence => nop,
+        M::Rdtscp => super::sysops::rdtscp,
+        M::Enter => super::sysops::enter,
+        M::Leave => super::sysops::leave,
+        M::Xlatb => super::sysops::xlat,
+        M::Cmpxchg8b | M::Cmpxchg16b => super::sysops::cmpxchg_wide,
         M::Loop => loop_::<LOOP>,
         M::Loope => loop_::<LOOPE>,
         M::Loopne => loop_::<LOOPNE>,
@@ -175,6 +200,110 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
         M::Wrmsr => wrmsr,
         _ => ud,
     }
+}
+
+/// Read-modify-write instructions with a memory destination that must be
+/// atomic: with a LOCK prefix, and XCHG always. They update guest RAM
+/// with a compare-exchange loop ([`Core::rmw`]).
+fn locked_handler(i: &Instruction) -> Option<Handler> {
+    use Mnemonic as M;
+    let locked = i.has_lock_prefix();
+    Some(match i.mnemonic() {
+        M::Xchg => locked_xchg,
+        _ if !locked => return None,
+        M::Add => locked_alu::<ADD>,
+        M::Or => locked_alu::<OR>,
+        M::Adc => locked_alu::<ADC>,
+        M::Sbb => locked_alu::<SBB>,
+        M::And => locked_alu::<AND>,
+        M::Sub => locked_alu::<SUB>,
+        M::Xor => locked_alu::<XOR>,
+        M::Inc => locked_unary::<0>,
+        M::Dec => locked_unary::<1>,
+        M::Neg => locked_unary::<2>,
+        M::Not => locked_unary::<3>,
+        M::Xadd => locked_xadd,
+        M::Cmpxchg => locked_cmpxchg,
+        _ => return None,
+    })
+}
+
+fn alu_calc(k: u8, a: u64, b: u64, cf: u64, s: usize) -> (u64, u64) {
+    match k {
+        ADD => add(a, b, 0, s),
+        ADC => add(a, b, cf, s),
+        SUB => sub(a, b, 0, s),
+        SBB => sub(a, b, cf, s),
+        AND => (a & b, logic(a & b, s)),
+        OR => (a | b, logic(a | b, s)),
+        _ => (a ^ b, logic(a ^ b, s)),
+    }
+}
+
+fn locked_alu<const K: u8>(c: &mut Core, op: &Op) -> R {
+    let s = op.osize as usize;
+    let b = c.operand(op, 1, s)?;
+    let cf = c.cpu.rflags & CF;
+    let lin = c.mem_linear(op);
+    let old = c.rmw(lin, s, &mut |a| alu_calc(K, a, b, cf, s).0)?;
+    let (_, f) = alu_calc(K, old, b, cf, s);
+    c.set_status(STATUS, f);
+    Ok(())
+}
+
+fn locked_unary<const K: u8>(c: &mut Core, op: &Op) -> R {
+    let s = op.osize as usize;
+    let lin = c.mem_linear(op);
+    let calc = |a: u64| match K {
+        0 => add(a, 1, 0, s),
+        1 => sub(a, 1, 0, s),
+        2 => sub(0, a, 0, s),
+        _ => (!a & mask(s), 0),
+    };
+    let old = c.rmw(lin, s, &mut |a| calc(a).0)?;
+    let (_, f) = calc(old);
+    match K {
+        0 | 1 => c.set_status(STATUS & !CF, f),
+        2 => c.set_status(STATUS, f),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn locked_xchg(c: &mut Core, op: &Op) -> R {
+    let s = op.osize as usize;
+    let r = op.instr.op1_register();
+    let v = c.reg(r);
+    let lin = c.mem_linear(op);
+    let old = c.rmw(lin, s, &mut |_| v)?;
+    c.set_reg(r, old);
+    Ok(())
+}
+
+fn locked_xadd(c: &mut Core, op: &Op) -> R {
+    let s = op.osize as usize;
+    let r = op.instr.op1_register();
+    let src = c.reg(r);
+    let lin = c.mem_linear(op);
+    let old = c.rmw(lin, s, &mut |a| add(a, src, 0, s).0)?;
+    let (_, f) = add(old, src, 0, s);
+    c.set_reg(r, old);
+    c.set_status(STATUS, f);
+    Ok(())
+}
+
+fn locked_cmpxchg(c: &mut Core, op: &Op) -> R {
+    let s = op.osize as usize;
+    let src = c.reg(op.instr.op1_register());
+    let acc = c.cpu.gpr[0] & mask(s);
+    let lin = c.mem_linear(op);
+    let old = c.rmw(lin, s, &mut |a| if a == acc { src } else { a })?;
+    let (_, f) = sub(acc, old, 0, s);
+    if old != acc {
+        c.set_gpr(0, s, old);
+    }
+    c.set_status(STATUS, f);
+    Ok(())
 }
 
 fn is_far(i: &Instruction) -> bool {
@@ -205,7 +334,7 @@ fn ud(_: &mut Core, _: &Op) -> R {
     Err(fault(Exception::UD))
 }
 
-fn gp0() -> Stop {
+pub(crate) fn gp0() -> Stop {
     Stop::Fault(Exception::with_code(Exception::GP, 0))
 }
 
@@ -749,6 +878,15 @@ fn bt<const K: u8>(c: &mut Core, op: &Op) -> R {
             raw & (bits - 1)
         };
         let lin = c.linear(op, i.memory_segment(), ea);
+        if K != BT && i.has_lock_prefix() {
+            let old = c.rmw(lin, s, &mut |v| match K {
+                BTS => v | (1 << bitno),
+                BTR => v & !(1 << bitno),
+                _ => v ^ (1 << bitno),
+            })?;
+            c.set_status(CF, bit((old >> bitno) & 1 != 0, CF));
+            return Ok(());
+        }
         (c.read(lin, s)?, bitno, Some(lin))
     };
     let old = (v >> bitno) & 1 != 0;
@@ -968,6 +1106,9 @@ fn sti(c: &mut Core, _: &Op) -> R {
     if c.cpu.cpl() > ((c.cpu.rflags & IOPL) >> 12) as u8 {
         return Err(gp0());
     }
+    if c.cpu.rflags & IF == 0 {
+        c.shadow_rip = c.cpu.rip;
+    }
     c.cpu.rflags |= IF;
     Ok(())
 }
@@ -1096,7 +1237,17 @@ fn port(c: &Core, op: &Op, n: u32) -> u16 {
     }
 }
 
+/// IN/OUT/INS/OUTS at CPL > IOPL: #GP(0) (the TSS I/O permission bitmap
+/// is not consulted: no port is allowed).
+fn io_allowed(c: &Core) -> R {
+    if c.protected() && c.cpu.cpl() > ((c.cpu.rflags & IOPL) >> 12) as u8 {
+        return Err(gp0());
+    }
+    Ok(())
+}
+
 fn in_(c: &mut Core, op: &Op) -> R {
+    io_allowed(c)?;
     let size = operand_size(op, 0) as u8;
     let port = port(c, op, 1);
     c.begin_in(PendingInKind::Acc, size);
@@ -1104,6 +1255,7 @@ fn in_(c: &mut Core, op: &Op) -> R {
 }
 
 fn out(c: &mut Core, op: &Op) -> R {
+    io_allowed(c)?;
     let size = operand_size(op, 1);
     let port = port(c, op, 0);
     let data = (c.cpu.gpr[0] & mask(size)) as u32;
@@ -1117,6 +1269,7 @@ fn out(c: &mut Core, op: &Op) -> R {
 /// INS: one element per exit; with REP, RIP stays on the instruction
 /// until rCX reaches zero.
 fn ins(c: &mut Core, op: &Op) -> R {
+    io_allowed(c)?;
     let i = &op.instr;
     let a = op.asize as usize;
     let rep = i.has_rep_prefix() || i.has_repne_prefix();
@@ -1142,6 +1295,7 @@ fn ins(c: &mut Core, op: &Op) -> R {
 }
 
 fn outs(c: &mut Core, op: &Op) -> R {
+    io_allowed(c)?;
     let i = &op.instr;
     let a = op.asize as usize;
     let am = mask(a);
@@ -1249,26 +1403,71 @@ fn mov_from_cr(c: &mut Core, op: &Op) -> R {
     Ok(())
 }
 
-/// MOV to CR0/2/3/4/8. Reserved-bit and consistency checks (#GP) come
-/// with paging; CR0.PG with EFER.LME sets EFER.LMA as on hardware.
+/// MOV to CR0/2/3/4/8 with the reserved-bit and consistency checks
+/// Linux can trip (#GP(0)), and the TLB flushes the SDM requires.
 fn mov_to_cr(c: &mut Core, op: &Op) -> R {
+    use super::paging::{CR4_PAE, CR4_PGE, CR4_PSE};
     if c.cpu.cpl() != 0 {
         return Err(gp0());
     }
     let v = c.reg(op.instr.op1_register());
+    const EFER_LME: u64 = 1 << 8;
     match op.instr.op0_register() {
         Register::CR0 => {
-            c.cpu.cr0 = v | (1 << 4);
-            const EFER_LME: u64 = 1 << 8;
+            let v = v | (1 << 4);
+            if v >> 32 != 0 && op.bitness == 64 {
+                return Err(gp0());
+            }
+            let v = v & 0xffff_ffff;
+            // PG without PE, or NW without CD.
+            if (v & bits::CR0_PG != 0 && v & bits::CR0_PE == 0)
+                || (v & (1 << 29) != 0 && v & (1 << 30) == 0)
+            {
+                return Err(gp0());
+            }
+            let enabling_long = v & bits::CR0_PG != 0
+                && c.cpu.cr0 & bits::CR0_PG == 0
+                && c.cpu.efer & EFER_LME != 0;
+            if enabling_long && c.cpu.cr4 & CR4_PAE == 0 {
+                return Err(gp0());
+            }
+            if c.long_mode() && v & bits::CR0_PG == 0 && op.bitness == 64 {
+                return Err(gp0());
+            }
+            let old = c.cpu.cr0;
+            c.cpu.cr0 = v;
             if c.cpu.cr0 & bits::CR0_PG != 0 && c.cpu.efer & EFER_LME != 0 {
                 c.cpu.efer |= bits::EFER_LMA;
             } else {
                 c.cpu.efer &= !bits::EFER_LMA;
             }
+            const PAGING_BITS: u64 = bits::CR0_PG | bits::CR0_PE | (1 << 16);
+            if (old ^ v) & PAGING_BITS != 0 {
+                c.sync_paging();
+            }
         }
         Register::CR2 => c.cpu.cr2 = v,
-        Register::CR3 => c.cpu.cr3 = v,
-        Register::CR4 => c.cpu.cr4 = v,
+        Register::CR3 => {
+            c.cpu.cr3 = v;
+            let keep = c.cpu.cr4 & CR4_PGE != 0;
+            c.mmu.flush_non_global(keep);
+        }
+        Register::CR4 => {
+            // VME..OSXMMEXCPT, FSGSBASE etc. not advertised: reserved.
+            const CR4_OK: u64 =
+                0x1 | 0x2 | 0x4 | 0x8 | CR4_PSE | CR4_PAE | 0x40 | CR4_PGE | 0x100 | 0x200 | 0x400;
+            if v & !CR4_OK != 0 {
+                return Err(gp0());
+            }
+            if c.long_mode() && v & CR4_PAE == 0 {
+                return Err(gp0());
+            }
+            let old = c.cpu.cr4;
+            c.cpu.cr4 = v;
+            if (old ^ v) & (CR4_PAE | CR4_PGE | CR4_PSE) != 0 {
+                c.sync_paging();
+            }
+        }
         Register::CR8 => c.cpu.cr8 = v & 0xf,
         _ => return Err(fault(Exception::UD)),
     }
@@ -1279,54 +1478,17 @@ fn seg_index(r: Register) -> usize {
     ((r as usize).wrapping_sub(Register::ES as usize)).min(5)
 }
 
-/// Loads a segment register the way MOV/POP do: in real mode base =
-/// selector * 16; in protected mode from the GDT (LDT selectors and the
-/// privilege checks are not implemented yet and fault).
+/// Loads a data segment register or SS the way MOV/POP do (CS cannot
+/// be loaded this way: #UD). Loading SS starts an interrupt shadow.
 pub(crate) fn load_segment(c: &mut Core, r: Register, sel: u16) -> R {
     let idx = seg_index(r);
     if idx == seg::CS {
         return Err(fault(Exception::UD));
     }
-    if c.cpu.cr0 & bits::CR0_PE == 0 {
-        let s = &mut c.cpu.segs[idx];
-        s.selector = sel;
-        s.base = u64::from(sel) << 4;
-        return Ok(());
+    c.load_data_segment(idx, sel)?;
+    if idx == seg::SS {
+        c.shadow_rip = c.cpu.rip;
     }
-    if sel & !3 == 0 {
-        // A null selector: usable for data segments, never for SS outside
-        // 64-bit mode.
-        if idx == seg::SS && c.cpu.bitness() != 64 {
-            return Err(gp0());
-        }
-        let s = &mut c.cpu.segs[idx];
-        *s = hypervisor::x86::Segment {
-            selector: sel,
-            unusable: true,
-            ..Default::default()
-        };
-        return Ok(());
-    }
-    let err = Stop::Fault(Exception::with_code(Exception::GP, u32::from(sel & !3)));
-    if sel & 4 != 0 {
-        return Err(err);
-    }
-    let off = u64::from(sel & !7);
-    if off + 7 > u64::from(c.cpu.gdt.limit) {
-        return Err(err);
-    }
-    let desc = c.read(c.cpu.gdt.base.wrapping_add(off), 8)?;
-    let seg = hypervisor::x86::Segment::from_descriptor(sel, desc);
-    if !seg.s {
-        return Err(err);
-    }
-    if !seg.present {
-        return Err(Stop::Fault(Exception::with_code(
-            Exception::NP,
-            u32::from(sel & !3),
-        )));
-    }
-    c.cpu.segs[idx] = seg;
     Ok(())
 }
 
@@ -1367,6 +1529,7 @@ pub(crate) fn read_msr(c: &Core, index: u32) -> Option<u64> {
         0xc000_0100 => c.cpu.segs[seg::FS].base,
         0xc000_0101 => c.cpu.segs[seg::GS].base,
         0xc000_0102 => m.kernel_gs_base,
+        0xc000_0103 => c.tsc_aux,
         _ => return None,
     })
 }
@@ -1384,8 +1547,17 @@ pub(crate) fn write_msr(c: &mut Core, index: u32, v: u64) -> bool {
         0x1a0 => c.cpu.msrs.misc_enable = v,
         0x277 => c.cpu.msrs.pat = v,
         0xc000_0080 => {
+            // SCE, LME, NXE writable; LMA follows CR0.PG.
+            if v & !(1 | (1 << 8) | bits::EFER_LMA | (1 << 11)) != 0 {
+                return false;
+            }
+            let old = c.cpu.efer;
             c.cpu.efer = (v & !bits::EFER_LMA) | (c.cpu.efer & bits::EFER_LMA);
+            if old != c.cpu.efer {
+                c.sync_paging();
+            }
         }
+        0xc000_0103 => c.tsc_aux = v & 0xffff_ffff,
         0xc000_0081 => c.cpu.msrs.star = v,
         0xc000_0082 => c.cpu.msrs.lstar = v,
         0xc000_0083 => c.cpu.msrs.cstar = v,

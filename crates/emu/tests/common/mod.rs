@@ -1,6 +1,6 @@
 //! Test scaffolding shared by the emulator's integration tests: a 64-bit
-//! guest (flat, paging treated as identity until the MMU lands), and a
-//! tiny deterministic PRNG.
+//! guest (flat, identity-mapped with 1 GiB pages), and a tiny
+//! deterministic PRNG.
 
 #![allow(dead_code)]
 
@@ -74,7 +74,7 @@ impl Rng {
 }
 
 /// Long-mode CPU state: 64-bit CS, flat data segments, CR0.PE|PG and
-/// EFER.LME|LMA (paging is identity in this increment).
+/// EFER.LME|LMA (CR3 is left to the caller).
 pub fn long_mode(cpu: &mut CpuState) {
     cpu.segs[1] = Segment::from_descriptor(8, CODE64_DESCRIPTOR);
     let data = Segment::from_descriptor(16, DATA64_DESCRIPTOR);
@@ -90,9 +90,29 @@ pub fn memory(size: usize) -> GuestMemoryMmap {
     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory")
 }
 
+/// Where [`emulator`] puts its identity-mapping page tables.
+pub const TABLES: u64 = 0xe000;
+
+/// Writes a PML4 at `pml4` and a PDPT right after it identity-mapping the
+/// low 4 GiB with 1 GiB pages (writable, user, executable).
+pub fn identity_tables(mem: &GuestMemoryMmap, pml4: u64) {
+    use vm_memory::Bytes;
+    let pdpt = pml4 + 0x1000;
+    mem.write_obj(pdpt | 0x7, GuestAddress(pml4)).expect("pml4");
+    for i in 0..4u64 {
+        mem.write_obj((i << 30) | 0x87, GuestAddress(pdpt + i * 8))
+            .expect("pdpt");
+    }
+}
+
+/// A 64-bit emulator with identity paging (tables at [`TABLES`]) that
+/// reports every exception as an exit instead of delivering it.
 pub fn emulator(mem: &GuestMemoryMmap) -> Emulator {
     let cpuid: Arc<[hypervisor::x86::CpuidEntry]> = emu::cpuid::table(0, 1).into();
     let mut e = Emulator::new(mem, cpuid);
+    identity_tables(mem, TABLES);
     long_mode(e.cpu_mut());
+    e.cpu_mut().cr3 = TABLES;
+    e.set_exception_exits(u32::MAX);
     e
 }

@@ -1,0 +1,492 @@
+//! System-level guests: paging (#PF error codes, A/D bits, TLB flushes),
+//! exception and interrupt delivery through the IDT (IST stacks, INT n,
+//! IRETQ), SYSCALL/SYSRET to ring 3, the switch from 32-bit protected
+//! mode to 64-bit code by a far jump, external interrupts from another
+//! thread, and LOCK XADD from two vCPU threads.
+
+mod common;
+
+use std::sync::Arc;
+
+use emu::exec::InterruptLines;
+use emu::{Emulator, Exception, Exit};
+use hypervisor::x86::{DescriptorTable, Segment};
+use iced_x86::code_asm::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const PML4: u64 = 0x10000;
+const PDPT: u64 = 0x11000;
+const PD: u64 = 0x12000;
+const PT: u64 = 0x13000;
+const GDT: u64 = 0x500;
+const IDT: u64 = 0x2000;
+const TSS: u64 = 0x3000;
+const CODE: u64 = 0x4000;
+const HANDLERS: u64 = 0x6000;
+const STACK: u64 = 0x8000;
+const IST1: u64 = 0x9000;
+const USER_STACK: u64 = 0xa000;
+const MEM: usize = 0x4_0000;
+
+const USER_DATA: u64 = 0x00cf_f300_0000_ffff;
+const USER_CODE64: u64 = 0x00af_fb00_0000_ffff;
+const CODE32: u64 = 0x00cf_9b00_0000_ffff;
+
+fn pte_addr(lin: u64) -> u64 {
+    PT + (lin >> 12) * 8
+}
+
+/// Memory with 4-level tables mapping the low 2 MiB with 4 KiB user,
+/// writable pages (identity), a GDT, a 64-bit TSS with RSP0 = STACK and
+/// IST1 = IST1, and an empty IDT.
+fn setup() -> GuestMemoryMmap {
+    let mem = common::memory(MEM);
+    mem.write_obj(PDPT | 7, GuestAddress(PML4)).unwrap();
+    mem.write_obj(PD | 7, GuestAddress(PDPT)).unwrap();
+    mem.write_obj(PT | 7, GuestAddress(PD)).unwrap();
+    for i in 0..512u64 {
+        mem.write_obj((i << 12) | 7, GuestAddress(PT + i * 8))
+            .unwrap();
+    }
+    let tss_desc_lo: u64 = 0x67 | ((TSS & 0xff_ffff) << 16) | (0x89u64 << 40);
+    let gdt = [
+        0,
+        common::CODE64_DESCRIPTOR,
+        common::DATA64_DESCRIPTOR,
+        USER_DATA,
+        USER_CODE64,
+        tss_desc_lo,
+        0,
+        CODE32,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT + i as u64 * 8)).unwrap();
+    }
+    mem.write_obj(STACK, GuestAddress(TSS + 4)).unwrap();
+    mem.write_obj(IST1, GuestAddress(TSS + 0x24)).unwrap();
+    mem
+}
+
+fn set_gate(mem: &GuestMemoryMmap, vector: u8, handler: u64, ist: u64, dpl: u64, trap: bool) {
+    let typ: u64 = if trap { 0xf } else { 0xe };
+    let lo = (handler & 0xffff)
+        | (0x08 << 16)
+        | (ist << 32)
+        | (typ << 40)
+        | (dpl << 45)
+        | (1 << 47)
+        | ((handler >> 16) & 0xffff) << 48;
+    let a = IDT + u64::from(vector) * 16;
+    mem.write_obj(lo, GuestAddress(a)).unwrap();
+    mem.write_obj(handler >> 32, GuestAddress(a + 8)).unwrap();
+}
+
+fn emulator(mem: &GuestMemoryMmap) -> Emulator {
+    let mut e = common::emulator(mem);
+    let cpu = e.cpu_mut();
+    cpu.cr3 = PML4;
+    cpu.gdt = DescriptorTable {
+        base: GDT,
+        limit: 0x3f,
+    };
+    cpu.idt = DescriptorTable {
+        base: IDT,
+        limit: 0xfff,
+    };
+    let mut tr = Segment::from_descriptor(0x28, 0x0000_8b00_0000_0067 | ((TSS & 0xff_ffff) << 16));
+    tr.base = TSS;
+    cpu.tr = tr;
+    cpu.rip = CODE;
+    cpu.gpr[4] = STACK;
+    cpu.rflags = 2;
+    e.set_exception_exits(0);
+    e
+}
+
+fn load(mem: &GuestMemoryMmap, at: u64, a: &mut CodeAssembler) {
+    let code = a.assemble(at).unwrap();
+    mem.write_slice(&code, GuestAddress(at)).unwrap();
+}
+
+/// Runs to HLT collecting OUT exits as (port, value).
+fn run_outs(e: &mut Emulator) -> Vec<(u16, u32)> {
+    let mut outs = Vec::new();
+    for _ in 0..100 {
+        match e.run(1_000_000, None) {
+            Exit::IoOut { port, data, .. } => outs.push((port, data)),
+            Exit::Halt => return outs,
+            other => panic!("unexpected {other:?} after {outs:x?} at {:#x}", e.cpu().rip),
+        }
+    }
+    panic!("no halt: {outs:x?}");
+}
+
+fn expect_pf(e: &mut Emulator, fault_addr: u64, code: u32) {
+    e.set_exception_exits(1 << 14);
+    match e.run(10_000, None) {
+        Exit::Exception(x) => {
+            assert_eq!(x.vector, Exception::PF);
+            assert_eq!(x.error_code, Some(code), "error code");
+        }
+        other => panic!("expected #PF, got {other:?}"),
+    }
+    assert_eq!(e.cpu().cr2, fault_addr, "cr2");
+}
+
+#[test]
+fn page_fault_error_codes() {
+    // Not present, read.
+    let mem = setup();
+    mem.write_obj(0u64, GuestAddress(pte_addr(0x20000)))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, qword_ptr(0x20008)).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    expect_pf(&mut e, 0x20008, 0);
+    assert_eq!(e.cpu().rip, CODE);
+
+    // Write to a read-only page with CR0.WP; allowed without WP.
+    let mem = setup();
+    mem.write_obj(0x21000u64 | 5, GuestAddress(pte_addr(0x21000)))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dword_ptr(0x21010), eax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.cpu_mut().cr0 |= 1 << 16;
+    expect_pf(&mut e, 0x21010, 0x3);
+    e.cpu_mut().cr0 &= !(1 << 16);
+    assert_eq!(e.run(100, None), Exit::Halt);
+
+    // User read of a supervisor page.
+    let mem = setup();
+    mem.write_obj(0x22000u64 | 3, GuestAddress(pte_addr(0x22000)))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, qword_ptr(0x22000)).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.cpu_mut().segs[1] = Segment::from_descriptor(0x23, USER_CODE64);
+    e.cpu_mut().segs[2] = Segment::from_descriptor(0x1b, USER_DATA);
+    expect_pf(&mut e, 0x22000, 0x5);
+
+    // NX fetch with EFER.NXE.
+    let mem = setup();
+    mem.write_obj(0x23000u64 | 7 | (1 << 63), GuestAddress(pte_addr(0x23000)))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0x23000u64).unwrap();
+    a.jmp(rax).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.cpu_mut().efer |= 1 << 11;
+    expect_pf(&mut e, 0x23000, 0x11);
+
+    // A reserved bit (51) in a PTE.
+    let mem = setup();
+    mem.write_obj(0x24000u64 | 7 | (1 << 51), GuestAddress(pte_addr(0x24000)))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dword_ptr(0x24000), eax).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    expect_pf(&mut e, 0x24000, 0xb);
+}
+
+#[test]
+fn accessed_dirty_remap_and_tlb_flushes() {
+    let mem = setup();
+    const V: u64 = 0x25000;
+    mem.write_obj(0x30000u64 | 7, GuestAddress(pte_addr(V)))
+        .unwrap();
+    mem.write_obj(0x1111u64, GuestAddress(0x30000)).unwrap();
+    mem.write_obj(0x2222u64, GuestAddress(0x31000)).unwrap();
+    mem.write_obj(0x26000u64 | 7, GuestAddress(pte_addr(0x26000)))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, qword_ptr(V)).unwrap();
+    a.out(0x10, eax).unwrap();
+    // Remap V to 0x31000: the TLB still has the old translation.
+    a.mov(rbx, 0x31007u64).unwrap();
+    a.mov(qword_ptr(pte_addr(V)), rbx).unwrap();
+    a.mov(rax, qword_ptr(V)).unwrap();
+    a.out(0x11, eax).unwrap();
+    a.invlpg(qword_ptr(V)).unwrap();
+    a.mov(rax, qword_ptr(V)).unwrap();
+    a.out(0x12, eax).unwrap();
+    // Back to 0x30000, flushed by a CR3 reload.
+    a.mov(rbx, 0x30007u64).unwrap();
+    a.mov(qword_ptr(pte_addr(V)), rbx).unwrap();
+    a.mov(rax, qword_ptr(V)).unwrap();
+    a.out(0x13, eax).unwrap();
+    a.mov(rax, cr3).unwrap();
+    a.mov(cr3, rax).unwrap();
+    a.mov(rax, qword_ptr(V)).unwrap();
+    a.out(0x14, eax).unwrap();
+    // A read sets A only; a write sets D.
+    a.mov(rax, qword_ptr(0x26000)).unwrap();
+    a.out(0x15, eax).unwrap();
+    a.mov(qword_ptr(0x26000), rax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs = run_outs(&mut e);
+    assert_eq!(
+        outs[..5],
+        [
+            (0x10, 0x1111),
+            (0x11, 0x1111),
+            (0x12, 0x2222),
+            (0x13, 0x2222),
+            (0x14, 0x1111)
+        ]
+    );
+    let pte: u64 = mem.read_obj(GuestAddress(pte_addr(0x26000))).unwrap();
+    assert_eq!(pte & 0x60, 0x60, "A and D after the write");
+    let pde: u64 = mem.read_obj(GuestAddress(PD)).unwrap();
+    assert_eq!(pde & 0x60, 0x20, "A set on the PDE, D not");
+    let pte_v: u64 = mem.read_obj(GuestAddress(pte_addr(V))).unwrap();
+    assert_eq!(pte_v & 0x60, 0x20, "A only after reads");
+}
+
+#[test]
+fn page_fault_delivered_on_ist_stack() {
+    let mem = setup();
+    mem.write_obj(0u64, GuestAddress(pte_addr(0x27000)))
+        .unwrap();
+    set_gate(&mem, 14, HANDLERS, 1, 0, false);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(rax, cr2).unwrap();
+    h.out(0x20, eax).unwrap();
+    h.mov(rax, rsp).unwrap();
+    h.out(0x21, eax).unwrap();
+    h.hlt().unwrap();
+    load(&mem, HANDLERS, &mut h);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dword_ptr(0x27004), eax).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.cpu_mut().rflags = 0x202;
+    e.cpu_mut().gpr[4] = STACK - 0x18;
+    let outs = run_outs(&mut e);
+    assert_eq!(outs, vec![(0x20, 0x27004), (0x21, (IST1 - 48) as u32)]);
+    let frame: [u64; 6] = mem.read_obj(GuestAddress(IST1 - 48)).unwrap();
+    assert_eq!(frame, [0x2, CODE, 0x08, 0x202, STACK - 0x18, 0x10]);
+    assert_eq!(e.cpu().rflags & 0x200, 0, "interrupt gate clears IF");
+}
+
+#[test]
+fn int3_and_int_n_round_trip_with_iretq() {
+    let mem = setup();
+    set_gate(&mem, 3, HANDLERS, 0, 3, true);
+    set_gate(&mem, 0x80, HANDLERS + 0x100, 0, 0, false);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(eax, 3u32).unwrap();
+    h.out(0x30, eax).unwrap();
+    h.iretq().unwrap();
+    load(&mem, HANDLERS, &mut h);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(rax, qword_ptr(rsp)).unwrap();
+    h.out(0x31, eax).unwrap();
+    h.iretq().unwrap();
+    load(&mem, HANDLERS + 0x100, &mut h);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.int3().unwrap();
+    a.int(0x80).unwrap();
+    a.mov(rax, rsp).unwrap();
+    a.out(0x32, eax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs = run_outs(&mut e);
+    // INT 0x80's frame holds the address after it (CODE + 1 + 2).
+    assert_eq!(
+        outs,
+        vec![(0x30, 3), (0x31, (CODE + 3) as u32), (0x32, STACK as u32)]
+    );
+}
+
+#[test]
+fn syscall_sysret_round_trip_through_ring_3() {
+    let mem = setup();
+    let user = CODE + 0x800;
+    let entry = HANDLERS;
+    let mut k = CodeAssembler::new(64).unwrap();
+    let mut done = k.create_label();
+    k.cmp(rax, 2).unwrap();
+    k.je(done).unwrap();
+    k.mov(rax, rsp).unwrap();
+    k.out(0x40, eax).unwrap();
+    k.db(&[0x48, 0x0f, 0x07]).unwrap(); // SYSRETQ
+    k.set_label(&mut done).unwrap();
+    k.hlt().unwrap();
+    load(&mem, entry, &mut k);
+    let mut u = CodeAssembler::new(64).unwrap();
+    u.mov(eax, 1u32).unwrap();
+    u.syscall().unwrap();
+    u.mov(rax, rsp).unwrap();
+    u.out(0x41, eax).unwrap();
+    u.mov(eax, 2u32).unwrap();
+    u.syscall().unwrap();
+    load(&mem, user, &mut u);
+    let mut a = CodeAssembler::new(64).unwrap();
+    // MSRs: EFER.SCE, STAR, LSTAR, FMASK.
+    a.mov(ecx, 0xc000_0080u32).unwrap();
+    a.rdmsr().unwrap();
+    a.or(eax, 1).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0xc000_0081u32).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.mov(edx, 0x0010_0008u32).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0xc000_0082u32).unwrap();
+    a.mov(eax, entry as u32).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0xc000_0084u32).unwrap();
+    a.mov(eax, 0x200u32).unwrap();
+    a.wrmsr().unwrap();
+    // To ring 3 with IRETQ (IOPL 3 so the user code may OUT).
+    a.mov(rax, 0x1bu64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, USER_STACK).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, 0x3202u64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, 0x23u64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, user).unwrap();
+    a.push(rax).unwrap();
+    a.iretq().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs = run_outs(&mut e);
+    // SYSCALL does not switch stacks: the kernel sees the user RSP.
+    assert_eq!(
+        outs,
+        vec![(0x40, USER_STACK as u32), (0x41, USER_STACK as u32)]
+    );
+    assert_eq!(e.cpu().segs[1].selector, 0x08);
+    assert_eq!(e.cpu().cpl(), 0);
+    assert_eq!(e.cpu().gpr[11] & 0x3200, 0x3200, "R11 holds user RFLAGS");
+}
+
+#[test]
+fn far_jump_from_protected_mode_into_long_mode() {
+    let mem = setup();
+    mem.write_obj(PDPT | 7, GuestAddress(PML4)).unwrap();
+    let target = CODE + 0x800;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(eax, cr4).unwrap();
+    a.or(eax, 0x20).unwrap();
+    a.mov(cr4, eax).unwrap();
+    a.mov(eax, PML4 as u32).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.mov(ecx, 0xc000_0080u32).unwrap();
+    a.rdmsr().unwrap();
+    a.or(eax, 0x100).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(eax, 0x8000_0000u32 as i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    let mut code = a.assemble(CODE).unwrap();
+    // JMP FAR 0x08:target
+    code.push(0xea);
+    code.extend_from_slice(&(target as u32).to_le_bytes());
+    code.extend_from_slice(&0x08u16.to_le_bytes());
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let mut b = CodeAssembler::new(64).unwrap();
+    b.mov(rax, 0x1_2345_6789u64).unwrap();
+    b.shr(rax, 4).unwrap();
+    b.out(0x50, eax).unwrap();
+    b.hlt().unwrap();
+    load(&mem, target, &mut b);
+    let mut e = emulator(&mem);
+    let cpu = e.cpu_mut();
+    cpu.efer = 0;
+    cpu.cr0 = 0x11;
+    cpu.cr4 = 0;
+    cpu.segs[1] = Segment::from_descriptor(0x38, CODE32);
+    let outs = run_outs(&mut e);
+    assert_eq!(outs, vec![(0x50, 0x1234_5678)]);
+    assert_eq!(e.cpu().bitness(), 64);
+    assert_ne!(e.cpu().efer & (1 << 10), 0);
+}
+
+#[test]
+fn external_interrupt_wakes_sti_hlt_loop() {
+    let mem = setup();
+    set_gate(&mem, 0x40, HANDLERS, 0, 0, false);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(eax, 0x40u32).unwrap();
+    h.out(0x60, eax).unwrap();
+    h.iretq().unwrap();
+    load(&mem, HANDLERS, &mut h);
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.out(0x61, eax).unwrap();
+    a.jmp(top).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let lines = Arc::new(InterruptLines::new());
+    e.attach_interrupts(lines.clone());
+    let injector = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            lines.request(0x40);
+        })
+    };
+    let first = e.run(u64::MAX, None);
+    let second = e.run(u64::MAX, None);
+    injector.join().unwrap();
+    assert!(
+        matches!(
+            first,
+            Exit::IoOut {
+                port: 0x60,
+                data: 0x40,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    assert!(
+        matches!(second, Exit::IoOut { port: 0x61, .. }),
+        "{second:?}"
+    );
+}
+
+#[test]
+fn lock_xadd_from_two_threads_is_exact() {
+    let mem = setup();
+    const COUNTER: u64 = 0x28000;
+    const N: u32 = 50_000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(ecx, N).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(eax, 1u32).unwrap();
+    a.lock().xadd(dword_ptr(COUNTER), eax).unwrap();
+    a.lock().inc(dword_ptr(COUNTER + 4)).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let mut e = emulator(&mem);
+            std::thread::spawn(move || e.run(u64::MAX, None))
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), Exit::Halt);
+    }
+    let v: [u32; 2] = mem.read_obj(GuestAddress(COUNTER)).unwrap();
+    assert_eq!(v, [2 * N, 2 * N]);
+}
