@@ -7,6 +7,11 @@ use hypervisor::x86::CpuidEntry;
 
 /// Leaf 1 EDX bits advertised.
 pub mod leaf1_edx {
+    pub const FPU: u32 = 1 << 0;
+    pub const CLFSH: u32 = 1 << 19;
+    pub const FXSR: u32 = 1 << 24;
+    pub const SSE: u32 = 1 << 25;
+    pub const SSE2: u32 = 1 << 26;
     pub const PSE: u32 = 1 << 3;
     pub const TSC: u32 = 1 << 4;
     pub const MSR: u32 = 1 << 5;
@@ -67,13 +72,18 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
             signature,
             ebx1,
             LEAF1_ECX_HYPERVISOR | LEAF1_ECX_CX16,
-            leaf1_edx::PSE
+            leaf1_edx::FPU
+                | leaf1_edx::PSE
                 | leaf1_edx::TSC
                 | leaf1_edx::MSR
                 | leaf1_edx::PAE
                 | leaf1_edx::CX8
                 | leaf1_edx::PGE
-                | leaf1_edx::CMOV,
+                | leaf1_edx::CMOV
+                | leaf1_edx::CLFSH
+                | leaf1_edx::FXSR
+                | leaf1_edx::SSE
+                | leaf1_edx::SSE2,
         ),
         leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
         leaf(

@@ -59,6 +59,12 @@ pub mod rflags {
 /// Control-register, EFER and MSR bits the emulator looks at.
 pub mod bits {
     pub const CR0_PE: u64 = 1 << 0;
+    pub const CR0_MP: u64 = 1 << 1;
+    pub const CR0_EM: u64 = 1 << 2;
+    pub const CR0_TS: u64 = 1 << 3;
+    pub const CR0_NE: u64 = 1 << 5;
+    pub const CR4_OSFXSR: u64 = 1 << 9;
+    pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
     pub const CR0_PG: u64 = 1 << 31;
     pub const EFER_LMA: u64 = 1 << 10;
 }
@@ -102,6 +108,142 @@ pub struct CpuState {
     pub efer: u64,
     pub apic_base: u64,
     pub msrs: Msrs,
+    /// x87, MXCSR and XMM state.
+    pub fpu: Fpu,
+}
+
+/// One x87 register: 64-bit significand (explicit integer bit) and
+/// sign + 15-bit exponent, the layout FXSAVE uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct F80 {
+    pub mant: u64,
+    pub se: u16,
+}
+
+impl F80 {
+    pub fn to_bytes(self) -> [u8; 10] {
+        let mut b = [0u8; 10];
+        b[..8].copy_from_slice(&self.mant.to_le_bytes());
+        b[8..].copy_from_slice(&self.se.to_le_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: [u8; 10]) -> Self {
+        let mut m = [0u8; 8];
+        m.copy_from_slice(&b[..8]);
+        F80 {
+            mant: u64::from_le_bytes(m),
+            se: u16::from_le_bytes([b[8], b[9]]),
+        }
+    }
+}
+
+/// The x87 FPU, MXCSR and the sixteen XMM registers (what FXSAVE saves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fpu {
+    /// Data registers by physical number (ST(i) is `regs[(TOP + i) & 7]`).
+    pub regs: [F80; 8],
+    /// Control word.
+    pub fcw: u16,
+    /// Status word, TOP included (bits 13:11).
+    pub fsw: u16,
+    /// Abridged tag word: bit i set = physical register i is not empty
+    /// (FXSAVE's format; the full tag is derived from the contents).
+    pub ftw: u8,
+    /// Last x87 opcode (11 bits), instruction and data pointers.
+    pub fop: u16,
+    pub fip: u64,
+    pub fdp: u64,
+    pub mxcsr: u32,
+    pub xmm: [u128; 16],
+}
+
+impl Fpu {
+    /// FCW after FNINIT.
+    pub const FCW_INIT: u16 = 0x037f;
+    /// MXCSR after reset: all exceptions masked, round to nearest.
+    pub const MXCSR_RESET: u32 = 0x1f80;
+    /// Writable MXCSR bits (DAZ supported): the MXCSR_MASK FXSAVE reports.
+    pub const MXCSR_MASK: u32 = 0xffff;
+
+    /// Power-up/RESET values (SDM Vol. 3A table 9-1): FCW 0040H, FSW 0,
+    /// FTW 5555H (every register valid and zero), MXCSR 1F80H.
+    pub fn reset() -> Self {
+        Fpu {
+            regs: [F80::default(); 8],
+            fcw: 0x0040,
+            fsw: 0,
+            ftw: 0xff,
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+            mxcsr: Self::MXCSR_RESET,
+            xmm: [0; 16],
+        }
+    }
+
+    /// FNINIT: FCW 037FH, FSW 0, all registers empty, pointers cleared.
+    pub fn init(&mut self) {
+        self.fcw = Self::FCW_INIT;
+        self.fsw = 0;
+        self.ftw = 0;
+        self.fop = 0;
+        self.fip = 0;
+        self.fdp = 0;
+    }
+
+    #[inline]
+    pub fn top(&self) -> usize {
+        usize::from((self.fsw >> 11) & 7)
+    }
+
+    #[inline]
+    pub fn set_top(&mut self, top: usize) {
+        self.fsw = (self.fsw & !(7 << 11)) | (((top & 7) as u16) << 11);
+    }
+
+    /// Recomputes FSW.ES and FSW.B from the pending exceptions and the
+    /// masks in FCW.
+    #[inline]
+    pub fn update_es(&mut self) {
+        if self.fsw & !self.fcw & 0x3f != 0 {
+            self.fsw |= 0x8080;
+        } else {
+            self.fsw &= !0x8080;
+        }
+    }
+
+    /// The full 16-bit tag word (FSTENV's format) from the abridged one and
+    /// the register contents: 00 valid, 01 zero, 10 special, 11 empty.
+    pub fn full_tag(&self) -> u16 {
+        let mut t = 0u16;
+        for (i, r) in self.regs.iter().enumerate() {
+            let tag = if self.ftw & (1 << i) == 0 {
+                3
+            } else {
+                let exp = r.se & 0x7fff;
+                if exp == 0x7fff || (exp != 0 && r.mant >> 63 == 0) {
+                    2
+                } else if exp == 0 {
+                    if r.mant == 0 {
+                        1
+                    } else {
+                        2
+                    }
+                } else {
+                    0
+                }
+            };
+            t |= tag << (2 * i);
+        }
+        t
+    }
+}
+
+impl Default for Fpu {
+    fn default() -> Self {
+        Self::reset()
+    }
 }
 
 impl CpuState {
@@ -258,6 +400,7 @@ impl CpuState {
                 misc_enable: 1,
                 ..Default::default()
             },
+            fpu: Fpu::reset(),
             ..Default::default()
         }
     }

@@ -56,6 +56,14 @@ fn random_code_never_panics() {
         }
         set_mode(&mut emu, [16, 32, 64][rng.below(3) as usize]);
         let cpu = emu.cpu_mut();
+        // SSE enabled (CR4.OSFXSR | OSXMMEXCPT) most of the time, and
+        // random MXCSR/x87 control state.
+        if rng.below(4) != 0 {
+            cpu.cr4 |= 0x600;
+        }
+        cpu.fpu.mxcsr = rng.next() as u32 & 0xffff;
+        cpu.fpu.fcw = rng.next() as u16;
+        cpu.fpu.ftw = rng.next() as u8;
         for g in cpu.gpr.iter_mut() {
             *g = if rng.below(2) == 0 {
                 rng.below(MEMORY as u64)

@@ -2,8 +2,12 @@
 //! block loop that runs until an exit.
 
 pub mod flags;
+mod fpu;
+#[cfg(target_arch = "x86_64")]
+mod hostfp;
 mod ops;
 pub mod paging;
+mod sse;
 mod sysops;
 mod system;
 
@@ -48,7 +52,9 @@ impl Exception {
     pub const SS: u8 = 12;
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
+    pub const MF: u8 = 16;
     pub const AC: u8 = 17;
+    pub const XM: u8 = 19;
 
     pub const fn new(vector: u8) -> Self {
         Exception {

@@ -25,6 +25,12 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
     if let Some(h) = string_handler(i.code()) {
         return h;
     }
+    if let Some(h) = super::sse::handler(i) {
+        return h;
+    }
+    if let Some(h) = super::fpu::handler(i) {
+        return h;
+    }
     if i.op_count() > 0 && i.op_kind(0) == OpKind::Memory {
         if let Some(h) = locked_handler(i) {
             return h;
@@ -56,6 +62,7 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
                 mov
             }
         }
+        M::Movnti => mov,
         M::Movzx => movzx,
         M::Movsx | M::Movsxd => movsx,
         M::Lea => lea,
