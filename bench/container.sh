@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Times `vessel run --container -- true` against `runc run` of an equivalent busybox
-# bundle (same root, `true` as the command), and prints both means and their ratio.
+# bundle (same root, `true` as the command) and `vessel-runc run` of that same bundle,
+# and prints the means and the vessel/runc ratio.
 #
 #   bench/container.sh [RUNS]          (default 50; needs root and runc; hyperfine if present)
 #
@@ -15,8 +16,9 @@ runs=${1:-50}
 command -v runc >/dev/null || { echo "bench/container.sh: needs runc (apt-get install runc)" >&2; exit 1; }
 
 vessel=${VESSEL:-target/release/vessel}
-[ -x "$vessel" ] || cargo build --release -p vessel
+[ -x "$vessel" ] && [ -x "$(dirname "$vessel")/vessel-runc" ] || cargo build --release -p vessel
 vessel=$(realpath "$vessel")
+vrunc=$(dirname "$vessel")/vessel-runc
 "$vessel" run --container -- true   # fetches busybox and builds the default root once
 # The data dir, found as vessel finds it (guest::default_data_dir).
 if [ -n "${VESSEL_DATA_DIR:-}" ]; then data=$VESSEL_DATA_DIR
@@ -27,7 +29,7 @@ root=$data/container/busybox-root
 [ -x "$root/bin/busybox" ] || { echo "bench/container.sh: no busybox root at $root" >&2; exit 1; }
 
 bundle=$(mktemp -d /tmp/vessel-bench.XXXXXX)
-trap 'runc delete -f vessel-bench >/dev/null 2>&1 || true; rm -rf "$bundle"' EXIT
+trap 'runc delete -f vessel-bench >/dev/null 2>&1 || true; "$vrunc" delete -f vessel-bench >/dev/null 2>&1 || true; rm -rf "$bundle"' EXIT
 cp -a "$root" "$bundle/rootfs"
 (cd "$bundle" && runc spec)
 sed -i -e 's/"terminal": true/"terminal": false/' \
@@ -36,12 +38,13 @@ grep -q '"true"' "$bundle/config.json" || { echo "bench/container.sh: cannot edi
 
 v_cmd="$vessel run --container -- true"
 r_cmd="runc run --bundle $bundle vessel-bench"
-$r_cmd   # sanity: must succeed
+o_cmd="$vrunc run --bundle $bundle vessel-bench"
+$r_cmd; $o_cmd   # sanity: both must succeed
 
 if command -v hyperfine >/dev/null; then
   json="$bundle/result.json"
-  hyperfine -N --warmup 5 --runs "$runs" --export-json "$json" "$v_cmd" "$r_cmd" >&2
-  read -r v r < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["results"]; print(d[0]["mean"]*1000, d[1]["mean"]*1000)' "$json")
+  hyperfine -N --warmup 5 --runs "$runs" --export-json "$json" "$v_cmd" "$r_cmd" "$o_cmd" >&2
+  read -r v r o < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["results"]; print(d[0]["mean"]*1000, d[1]["mean"]*1000, d[2]["mean"]*1000)' "$json")
 else
   time_ms() {
     local start end
@@ -50,9 +53,10 @@ else
     end=$(date +%s%N)
     echo "scale=3; ($end - $start) / 1000000 / $runs" | bc
   }
-  $v_cmd; $r_cmd
-  v=$(time_ms "$v_cmd"); r=$(time_ms "$r_cmd")
+  $v_cmd; $r_cmd; $o_cmd
+  v=$(time_ms "$v_cmd"); r=$(time_ms "$r_cmd"); o=$(time_ms "$o_cmd")
 fi
 printf 'vessel run --container -- true: %.2f ms\n' "$v"
 printf 'runc run (busybox bundle):      %.2f ms\n' "$r"
+printf 'vessel-runc run (same bundle):  %.2f ms\n' "$o"
 python3 -c "import sys; print('ratio vessel/runc: %.2f' % (float(sys.argv[1]) / float(sys.argv[2])))" "$v" "$r"

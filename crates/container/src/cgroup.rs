@@ -229,6 +229,8 @@ struct Group {
 #[derive(Debug, Default)]
 pub(crate) struct Cgroups {
     groups: Vec<Group>,
+    /// Parent groups created for an OCI `cgroupsPath`, top first; removed (if empty) after.
+    parents: Vec<PathBuf>,
     /// Whether the devices controller restricts the container (v1 only).
     pub devices_restricted: bool,
 }
@@ -245,15 +247,29 @@ impl Cgroups {
     /// Creates the groups `limits` needs (plus the v1 devices group, where there is one)
     /// and writes the limits into them.
     pub(crate) fn create(id: &str, limits: &Limits) -> Result<Cgroups> {
+        Self::create_in(&Location::Child(format!("vessel-{id}")), limits, false)
+    }
+
+    /// An OCI container's groups at `linux.cgroupsPath`: the same path (relative to each
+    /// hierarchy's root) in every hierarchy that has one of the controllers, whether a
+    /// limit is set or not, so that `kill --all` and `ps` find every process.
+    pub(crate) fn create_at(path: &str, limits: &Limits) -> Result<Cgroups> {
+        Self::create_in(&Location::Absolute(path.to_owned()), limits, true)
+    }
+
+    fn create_in(location: &Location, limits: &Limits, all: bool) -> Result<Cgroups> {
         let mut needed: Vec<&'static str> = vec!["devices"];
-        if limits.memory.is_some() {
+        if all || limits.memory.is_some() {
             needed.push("memory");
         }
-        if limits.cpu.is_some() {
+        if all || limits.cpu.is_some() {
             needed.push("cpu");
         }
-        if limits.pids.is_some() {
+        if all || limits.pids.is_some() {
             needed.push("pids");
+        }
+        if all {
+            needed.push("freezer");
         }
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
@@ -266,39 +282,104 @@ impl Cgroups {
         for controller in missing {
             // On v2, devices are policed by eBPF programs, which this increment does not
             // load; the container then gets no CAP_MKNOD instead (see plan).
-            if controller == "devices" {
-                continue;
-            }
-            let flag = match controller {
-                "memory" => "--memory",
-                "cpu" => "--cpus",
-                _ => "--pids",
+            let requested = match controller {
+                "memory" => limits.memory.is_some().then_some("--memory"),
+                "cpu" => limits.cpu.is_some().then_some("--cpus"),
+                "pids" => limits.pids.is_some().then_some("--pids"),
+                _ => None,
             };
-            return Err(Error::Invalid(format!(
-                "{flag}: this host has no usable {controller} cgroup controller"
-            )));
+            if let Some(flag) = requested {
+                return Err(Error::Invalid(format!(
+                    "{flag}: this host has no usable {controller} cgroup controller"
+                )));
+            }
+        }
+        let mut placements = placements;
+        if all && placements.is_empty() {
+            // A pure v2 host without delegated controllers: one plain group still holds
+            // the processes.
+            if let Some(mount) = mounts.iter().find(|m| m.v2) {
+                placements.push(Placement {
+                    parent: mount.mountpoint.clone(),
+                    v2: true,
+                    controllers: Vec::new(),
+                });
+            }
         }
 
         let mut cgroups = Cgroups::default();
-        let name = format!("vessel-{id}");
         for placement in placements {
+            let (dir, v2_root) = match location {
+                Location::Child(name) => (placement.parent.join(name), None),
+                Location::Absolute(path) => {
+                    let mount = mounts
+                        .iter()
+                        .find(|m| {
+                            placement.parent.starts_with(&m.mountpoint) && m.v2 == placement.v2
+                        })
+                        .map(|m| m.mountpoint.clone())
+                        .unwrap_or_else(|| placement.parent.clone());
+                    (mount.join(path.trim_start_matches('/')), Some(mount))
+                }
+            };
             if placement.v2 {
-                // A v2 group's controllers must be enabled in its parent's subtree first.
-                let control = placement.parent.join("cgroup.subtree_control");
-                for controller in &placement.controllers {
-                    write(&control, &format!("+{controller}")).map_err(|e| {
-                        Error::io(
-                            format!(
-                                "enabling the {controller} controller in {} (cgroup v2 allows it only in a group without processes of its own)",
-                                control.display()
-                            ),
-                            e,
-                        )
-                    })?;
+                // A v2 group's controllers must be enabled in the subtree of every group
+                // above it first.
+                let mut ancestors: Vec<&Path> = dir
+                    .ancestors()
+                    .skip(1)
+                    .take_while(|a| match &v2_root {
+                        Some(root) => a.starts_with(root),
+                        None => *a == placement.parent,
+                    })
+                    .collect();
+                ancestors.reverse();
+                for ancestor in ancestors {
+                    if !ancestor.exists() {
+                        fs::create_dir(ancestor)
+                            .map_err(|e| Error::path("creating cgroup", ancestor, e))?;
+                        cgroups.parents.push(ancestor.to_path_buf());
+                    }
+                    let control = ancestor.join("cgroup.subtree_control");
+                    for controller in &placement.controllers {
+                        write(&control, &format!("+{controller}")).map_err(|e| {
+                            Error::io(
+                                format!(
+                                    "enabling the {controller} controller in {} (cgroup v2 allows it only in a group without processes of its own)",
+                                    control.display()
+                                ),
+                                e,
+                            )
+                        })?;
+                    }
+                }
+            } else if let Some(parent) = dir.parent() {
+                // Missing groups above the container's (`/default` of `/default/ID`).
+                let missing: Vec<PathBuf> = parent
+                    .ancestors()
+                    .take_while(|a| !a.exists())
+                    .map(Path::to_path_buf)
+                    .collect();
+                for ancestor in missing.into_iter().rev() {
+                    fs::create_dir(&ancestor)
+                        .map_err(|e| Error::path("creating cgroup", &ancestor, e))?;
+                    cgroups.parents.push(ancestor);
                 }
             }
-            let dir = placement.parent.join(&name);
-            fs::create_dir(&dir).map_err(|e| Error::path("creating cgroup", &dir, e))?;
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && all => {
+                    // runc joins an existing group too; it must hold no processes yet.
+                    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                    if !procs.trim().is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "cgroup {} already holds processes",
+                            dir.display()
+                        )));
+                    }
+                }
+                Err(e) => return Err(Error::path("creating cgroup", &dir, e)),
+            }
             cgroups.groups.push(Group {
                 dir,
                 v2: placement.v2,
@@ -307,6 +388,13 @@ impl Cgroups {
         }
         cgroups.apply(limits)?;
         Ok(cgroups)
+    }
+
+    /// Leaves the groups in place (an OCI container outlives its creator); returns the
+    /// container's groups and the parent groups created for them.
+    pub(crate) fn keep(mut self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let dirs = self.groups.drain(..).map(|g| g.dir).collect();
+        (dirs, std::mem::take(&mut self.parents))
     }
 
     fn apply(&mut self, limits: &Limits) -> Result<()> {
@@ -414,7 +502,7 @@ pub(crate) fn oom_kill_count(text: &str) -> u64 {
 
 /// Kills what is left in `dir` and removes it, retrying while the kernel finishes tearing
 /// exited tasks down (rmdir says EBUSY until then).
-fn remove_group(dir: &Path) {
+pub(crate) fn remove_group(dir: &Path) {
     for attempt in 0..500 {
         match fs::remove_dir(dir) {
             Ok(()) => return,
@@ -441,7 +529,24 @@ impl Drop for Cgroups {
         for group in self.groups.iter().rev() {
             remove_group(&group.dir);
         }
+        remove_parents(&self.parents);
     }
+}
+
+/// Removes parent groups created for a container, deepest first, where they are empty
+/// (other containers may share them).
+pub(crate) fn remove_parents(parents: &[PathBuf]) {
+    for dir in parents.iter().rev() {
+        let _ = fs::remove_dir(dir);
+    }
+}
+
+/// Where a container's group goes in each hierarchy.
+enum Location {
+    /// A child of this process's own group.
+    Child(String),
+    /// A path from the hierarchy's root (OCI `cgroupsPath`).
+    Absolute(String),
 }
 
 #[cfg(test)]

@@ -36,12 +36,22 @@ pub(crate) enum Step {
     /// The command exists but execve said ENOENT: its ELF or `#!` interpreter is missing.
     Interpreter,
     Panic,
+    /// Joining namespace `index` of the plan's list.
+    JoinNamespace,
+    /// Changing to the process's user and groups.
+    User,
+    /// Installing seccomp program `index`.
+    Seccomp,
+    /// Opening the exec FIFO.
+    ExecFifo,
+    /// Not a failure: an OCI init is set up and waits for `start` on its exec FIFO.
+    Ready,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 19] = [
+        const ALL: [Step; 24] = [
             WaitParent,
             DeathSignal,
             CgroupNamespace,
@@ -61,6 +71,11 @@ impl Step {
             NotFound,
             Interpreter,
             Panic,
+            JoinNamespace,
+            User,
+            Seccomp,
+            ExecFifo,
+            Ready,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -129,8 +144,10 @@ fn check(ret: c_int, step: Step, index: usize) -> Result<c_int, Failure> {
 
 /// Runs in the child right after clone; never returns.
 pub(crate) fn main(plan: &Plan, fds: ChildFds) -> ! {
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| setup_and_exec(plan, fds)));
+    let report = std::cell::Cell::new(fds.error_write);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        setup_and_exec(plan, fds, &report)
+    }));
     let failure = match result {
         Ok(failure) => failure,
         Err(_) => Failure {
@@ -139,24 +156,72 @@ pub(crate) fn main(plan: &Plan, fds: ChildFds) -> ! {
             errno: 0,
         },
     };
+    let fd = report.get();
+    if fd < 0 {
+        // After Ready the creator is gone: say it on the container's stderr instead.
+        late_failure(failure);
+    }
     let bytes = failure.encode();
     // SAFETY: writing a stack buffer to a descriptor we own, then leaving without running
     // any of the parent's destructors or atexit handlers (which belong to the parent).
     unsafe {
-        libc::write(fds.error_write, bytes.as_ptr().cast(), bytes.len());
+        libc::write(fd, bytes.as_ptr().cast(), bytes.len());
         libc::_exit(1)
     }
 }
 
+/// Reports a failure after Ready on stderr, without allocating, and exits 127.
+fn late_failure(failure: Failure) -> ! {
+    let mut buf = [0u8; 96];
+    let prefix = b"vessel-runc: starting the container process failed: step ";
+    let mut n = 0;
+    let mut put = |bytes: &[u8], n: &mut usize| {
+        for &b in bytes {
+            if *n < buf.len() {
+                buf[*n] = b;
+                *n += 1;
+            }
+        }
+    };
+    put(prefix, &mut n);
+    let mut digits = [0u8; 12];
+    for (value, sep) in [
+        (failure.step as u32, b" errno "),
+        (failure.errno as u32, b"\n\0\0\0\0\0\0"),
+    ] {
+        let mut v = value;
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (v % 10) as u8;
+            len += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        digits[..len].reverse();
+        put(&digits[..len], &mut n);
+        put(
+            &sep[..sep.iter().position(|&b| b == 0).unwrap_or(sep.len())],
+            &mut n,
+        );
+    }
+    // SAFETY: writing a stack buffer to stderr, then leaving without running destructors.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), n);
+        libc::_exit(127)
+    }
+}
+
 /// Returns only on failure.
-fn setup_and_exec(plan: &Plan, fds: ChildFds) -> Failure {
-    match setup(plan, fds) {
+fn setup_and_exec(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Failure {
+    match setup(plan, fds, report) {
         Ok(()) => exec(plan),
         Err(failure) => failure,
     }
 }
 
-fn setup(plan: &Plan, fds: ChildFds) -> Result<(), Failure> {
+fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<(), Failure> {
     // Wait until the parent has moved us into the cgroups, so that everything from here
     // on (including the cgroup namespace's root) is the container's.
     let mut byte = 0u8;
@@ -179,59 +244,84 @@ fn setup(plan: &Plan, fds: ChildFds) -> Result<(), Failure> {
     // SAFETY: plain syscalls on integers.
     unsafe {
         libc::close(fds.sync_read);
-        // If vessel dies (even by SIGKILL), PID 1 dies, and with it the whole namespace.
+        if plan.pdeathsig {
+            // If vessel dies (even by SIGKILL), PID 1 dies, and with it the whole namespace.
+            check(
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ),
+                Step::DeathSignal,
+                0,
+            )?;
+        }
+        for (i, &(fd, nstype)) in plan.join.iter().enumerate() {
+            check(libc::setns(fd, nstype), Step::JoinNamespace, i)?;
+            libc::close(fd);
+        }
+        if plan.cgroup_ns {
+            check(
+                libc::unshare(libc::CLONE_NEWCGROUP),
+                Step::CgroupNamespace,
+                0,
+            )?;
+        }
+    }
+    // The exec FIFO is a host path: open it (as a path only) before the host's
+    // filesystem goes away with pivot_root.
+    let mut fifo = -1;
+    if plan.pivot {
+        // SAFETY: plain syscalls on C strings from the plan and literals.
+        unsafe {
+            // Nothing mounted from here on may reach the host's mount namespace.
+            check(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    plan.root_propagation,
+                    std::ptr::null(),
+                ),
+                Step::MakePrivate,
+                0,
+            )?;
+            // Device nodes and mount points get exactly the modes in the plan.
+            libc::umask(0);
+            if let Some(path) = &plan.exec_fifo {
+                fifo = check(
+                    libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC),
+                    Step::ExecFifo,
+                    0,
+                )?;
+            }
+        }
+        for (i, op) in plan.pre_pivot.iter().enumerate() {
+            apply(op).map_err(|e| Failure {
+                step: Step::PrePivot,
+                index: i as u32,
+                errno: e,
+            })?;
+        }
+        pivot(plan)?;
+        for (i, op) in plan.post_pivot.iter().enumerate() {
+            apply(op).map_err(|e| Failure {
+                step: Step::PostPivot,
+                index: i as u32,
+                errno: e,
+            })?;
+        }
+    }
+    if let Some(hostname) = &plan.hostname {
+        // SAFETY: the hostname buffer is valid for its length.
         check(
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ),
-            Step::DeathSignal,
+            unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) },
+            Step::Hostname,
             0,
         )?;
-        check(
-            libc::unshare(libc::CLONE_NEWCGROUP),
-            Step::CgroupNamespace,
-            0,
-        )?;
-        // Nothing mounted from here on may reach the host's mount namespace.
-        check(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            Step::MakePrivate,
-            0,
-        )?;
-        // Device nodes and mount points get exactly the modes in the plan.
-        libc::umask(0);
     }
-    for (i, op) in plan.pre_pivot.iter().enumerate() {
-        apply(op).map_err(|e| Failure {
-            step: Step::PrePivot,
-            index: i as u32,
-            errno: e,
-        })?;
-    }
-    pivot(plan)?;
-    for (i, op) in plan.post_pivot.iter().enumerate() {
-        apply(op).map_err(|e| Failure {
-            step: Step::PostPivot,
-            index: i as u32,
-            errno: e,
-        })?;
-    }
-    // SAFETY: the hostname buffer is valid for its length.
-    check(
-        unsafe { libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len()) },
-        Step::Hostname,
-        0,
-    )?;
     if plan.loopback_up {
         loopback_up()?;
     }
@@ -241,16 +331,14 @@ fn setup(plan: &Plan, fds: ChildFds) -> Result<(), Failure> {
         None
     };
     make_workdir(plan)?;
-    let nofile = libc::rlimit {
-        rlim_cur: 1024,
-        rlim_max: 1024,
-    };
-    // SAFETY: `nofile` is a valid rlimit.
-    check(
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &nofile) },
-        Step::Rlimit,
-        0,
-    )?;
+    for (i, (resource, limit)) in plan.rlimits.iter().enumerate() {
+        // SAFETY: `limit` is a valid rlimit.
+        check(
+            unsafe { libc::setrlimit(*resource as _, limit) },
+            Step::Rlimit,
+            i,
+        )?;
+    }
     if let Some(slave) = slave {
         // SAFETY: syscalls on descriptors we own; the slave becomes stdin/out/err.
         unsafe {
@@ -268,21 +356,142 @@ fn setup(plan: &Plan, fds: ChildFds) -> Result<(), Failure> {
             }
         }
     }
+    // Without no_new_privs the kernel takes a filter only from a process holding
+    // CAP_SYS_ADMIN, so it goes in before the capabilities go (as runc does).
+    if !plan.no_new_privs {
+        install_seccomp(plan)?;
+    }
     drop_capabilities(plan)?;
-    // SAFETY: plain prctl.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        Step::NoNewPrivs,
-        0,
-    )?;
-    reset_process_state();
+    if plan.no_new_privs {
+        // SAFETY: plain prctl.
+        check(
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+            Step::NoNewPrivs,
+            0,
+        )?;
+    }
+    reset_process_state(plan.umask);
+    if fifo >= 0 {
+        wait_for_start(plan, fifo, fds.error_write, report)?;
+    }
+    if plan.no_new_privs {
+        install_seccomp(plan)?;
+    }
+    Ok(())
+}
+
+/// OCI create: reports Ready to the creator, then blocks until `start` opens the exec
+/// FIFO for reading, and writes it one byte. The command is looked up first, so that a
+/// missing command fails `create` (as with runc) rather than the started container.
+fn wait_for_start(
+    plan: &Plan,
+    fifo: RawFd,
+    error_write: RawFd,
+    report: &std::cell::Cell<RawFd>,
+) -> Result<(), Failure> {
+    find_command(plan)?;
+    let ready = Failure {
+        step: Step::Ready,
+        index: 0,
+        errno: 0,
+    }
+    .encode();
+    // SAFETY: writing a stack buffer to our end of the error pipe, then closing it: from
+    // here on failures go to stderr (see main), as nobody reads the pipe any more.
+    unsafe {
+        if libc::write(error_write, ready.as_ptr().cast(), ready.len()) != ready.len() as isize {
+            return Err(fail(Step::ExecFifo, 1));
+        }
+        report.set(-1);
+        libc::close(error_write);
+    }
+    // "/proc/self/fd/NNNNNNNNNN": reopening the O_PATH descriptor for writing, which
+    // blocks until a reader (`start`) opens the FIFO.
+    let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
+    let mut digits = [0u8; 10];
+    let mut v = fifo as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        path[14 + i] = digits[len - 1 - i];
+    }
+    // SAFETY: `path` is NUL-terminated (zero-filled past the digits).
+    unsafe {
+        let fd = loop {
+            let fd = libc::open(path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd == -1 && errno() == libc::EINTR {
+                continue;
+            }
+            break fd;
+        };
+        if fd == -1 {
+            return Err(fail(Step::ExecFifo, 2));
+        }
+        let byte = [b'0'];
+        libc::write(fd, byte.as_ptr().cast(), 1);
+        libc::close(fd);
+        libc::close(fifo);
+    }
+    Ok(())
+}
+
+/// Whether some candidate exists as an executable file (the lookup `exec` will repeat).
+fn find_command(plan: &Plan) -> Result<(), Failure> {
+    for path in &plan.candidates {
+        // SAFETY: a C string from the plan and a valid stat buffer.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::stat(path.as_ptr(), &mut st) == 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && st.st_mode & 0o111 != 0
+            {
+                return Ok(());
+            }
+        }
+    }
+    Err(Failure {
+        step: Step::NotFound,
+        index: 0,
+        errno: libc::ENOENT,
+    })
+}
+
+fn install_seccomp(plan: &Plan) -> Result<(), Failure> {
+    for (i, program) in plan.seccomp.iter().enumerate() {
+        let prog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: `prog` points at a valid BPF program owned by the plan; the kernel
+        // copies it.
+        check(
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    &prog as *const libc::sock_fprog as libc::c_ulong,
+                    0,
+                    0,
+                )
+            },
+            Step::Seccomp,
+            i,
+        )?;
+    }
     Ok(())
 }
 
 fn pivot(plan: &Plan) -> Result<(), Failure> {
     // SAFETY: C strings from the plan and literals; plain syscalls.
     unsafe {
-        check(libc::chdir(plan.merged.as_ptr()), Step::PivotRoot, 0)?;
+        check(libc::chdir(plan.new_root.as_ptr()), Step::PivotRoot, 0)?;
         // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "."
         // then detaches the old root without needing a directory for it (as runc does).
         check(
@@ -372,6 +581,53 @@ fn apply(op: &Op) -> Result<(), i32> {
                         std::ptr::null(),
                     ))
                 }
+            }
+            Op::MkdirAll { path } => mkdir_all(path.as_bytes()),
+            Op::Touch { path } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                    0o644,
+                );
+                if fd == -1 {
+                    // A directory (or anything but a symlink) already there is the
+                    // mount's problem, reported by mount itself.
+                    return if errno() == libc::EISDIR {
+                        Ok(())
+                    } else {
+                        Err(errno())
+                    };
+                }
+                libc::close(fd);
+                Ok(())
+            }
+            Op::Propagate { target, flags } => ok(libc::mount(
+                std::ptr::null(),
+                target.as_ptr(),
+                std::ptr::null(),
+                *flags,
+                std::ptr::null(),
+            )),
+            Op::Remount { target, flags } => ok(libc::mount(
+                std::ptr::null(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | *flags,
+                std::ptr::null(),
+            )),
+            Op::WriteFile { path, data } => {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd == -1 {
+                    return Err(errno());
+                }
+                let bytes = data.as_bytes();
+                let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+                let e = errno();
+                libc::close(fd);
+                if n != bytes.len() as isize {
+                    return Err(if n == -1 { e } else { libc::EIO });
+                }
+                Ok(())
             }
             Op::ReadOnly { path } => {
                 if libc::mount(
@@ -510,16 +766,11 @@ fn open_pty(socket: RawFd) -> Result<RawFd, Failure> {
     }
 }
 
-/// `mkdir -p` of the working directory (runc creates it too), then chdir into it.
-fn make_workdir(plan: &Plan) -> Result<(), Failure> {
-    let bytes = plan.cwd.as_bytes();
+/// `mkdir -p` of a path without allocating; `Err(errno)` on failure.
+fn mkdir_all(bytes: &[u8]) -> Result<(), i32> {
     let mut buf = [0u8; 4096];
     if bytes.len() >= buf.len() {
-        return Err(Failure {
-            step: Step::Workdir,
-            index: 0,
-            errno: libc::ENAMETOOLONG,
-        });
+        return Err(libc::ENAMETOOLONG);
     }
     for end in 1..=bytes.len() {
         if end == bytes.len() || bytes[end] == b'/' {
@@ -527,10 +778,20 @@ fn make_workdir(plan: &Plan) -> Result<(), Failure> {
             buf[end] = 0;
             // SAFETY: `buf` holds a NUL-terminated prefix of the path.
             if unsafe { libc::mkdir(buf.as_ptr().cast(), 0o755) } == -1 && errno() != libc::EEXIST {
-                return Err(fail(Step::Workdir, 0));
+                return Err(errno());
             }
         }
     }
+    Ok(())
+}
+
+/// `mkdir -p` of the working directory (runc creates it too), then chdir into it.
+fn make_workdir(plan: &Plan) -> Result<(), Failure> {
+    mkdir_all(plan.cwd.as_bytes()).map_err(|errno| Failure {
+        step: Step::Workdir,
+        index: 0,
+        errno,
+    })?;
     // SAFETY: a C string from the plan.
     check(unsafe { libc::chdir(plan.cwd.as_ptr()) }, Step::Workdir, 1)?;
     Ok(())
@@ -552,11 +813,13 @@ struct CapData {
 
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Shrinks the bounding set to the plan's capabilities (what a root exec gets), sets the
-/// effective and permitted sets to them, and clears inheritable and ambient.
+/// Shrinks the bounding set to the plan's, changes to the plan's user (keeping the
+/// capabilities across the change), sets effective, permitted and inheritable, and
+/// raises the ambient ones (after clearing any inherited).
 fn drop_capabilities(plan: &Plan) -> Result<(), Failure> {
+    let caps = plan.caps;
     for cap in 0..=plan.cap_last.min(63) {
-        if plan.caps & (1u64 << cap) == 0 {
+        if caps.bounding & (1u64 << cap) == 0 {
             // SAFETY: plain prctl.
             let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
             // EINVAL: a capability this kernel does not have.
@@ -565,24 +828,46 @@ fn drop_capabilities(plan: &Plan) -> Result<(), Failure> {
             }
         }
     }
+    if let Some(user) = &plan.user {
+        // SAFETY: plain syscalls; the group list is a valid slice.
+        unsafe {
+            // Keep the permitted set when the uid leaves 0; capset below restores the
+            // effective set, which the change always clears.
+            check(
+                libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0),
+                Step::User,
+                0,
+            )?;
+            check(
+                libc::setgroups(user.groups.len(), user.groups.as_ptr()),
+                Step::User,
+                1,
+            )?;
+            check(libc::setresgid(user.gid, user.gid, user.gid), Step::User, 2)?;
+            check(libc::setresuid(user.uid, user.uid, user.uid), Step::User, 3)?;
+            check(
+                libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0),
+                Step::User,
+                4,
+            )?;
+        }
+    }
     let header = CapHeader {
         version: CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let low = plan.caps as u32;
-    let high = (plan.caps >> 32) as u32;
-    let data = [
-        CapData {
-            effective: low,
-            permitted: low,
-            inheritable: 0,
-        },
-        CapData {
-            effective: high,
-            permitted: high,
-            inheritable: 0,
-        },
-    ];
+    let half = |mask: u64, high: bool| {
+        if high {
+            (mask >> 32) as u32
+        } else {
+            mask as u32
+        }
+    };
+    let data = [false, true].map(|high| CapData {
+        effective: half(caps.effective, high),
+        permitted: half(caps.permitted, high),
+        inheritable: half(caps.inheritable, high),
+    });
     // SAFETY: header and the two data structs have the kernel's v3 layout.
     unsafe {
         check(
@@ -601,14 +886,33 @@ fn drop_capabilities(plan: &Plan) -> Result<(), Failure> {
         if ret == -1 && errno() != libc::EINVAL {
             return Err(fail(Step::Capabilities, 101));
         }
+        for cap in 0..=plan.cap_last.min(63) {
+            // The kernel raises an ambient capability only if it is permitted and
+            // inheritable; runc's default spec lists ambient ones that are not
+            // inheritable, and, as runc does, those are skipped rather than fatal.
+            let usable = caps.permitted & caps.inheritable;
+            if caps.ambient & usable & (1u64 << cap) != 0 {
+                check(
+                    libc::prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                        cap as libc::c_ulong,
+                        0,
+                        0,
+                    ),
+                    Step::Capabilities,
+                    200 + cap as usize,
+                )?;
+            }
+        }
     }
     Ok(())
 }
 
 /// Gives the command a clean process: no blocked signals, default dispositions (Rust
-/// ignores SIGPIPE, and an ignored signal stays ignored across exec), umask 022 and no
+/// ignores SIGPIPE, and an ignored signal stays ignored across exec), the plan's umask and no
 /// descriptors but 0-2.
-fn reset_process_state() {
+fn reset_process_state(umask: libc::mode_t) {
     // SAFETY: signal-mask and disposition syscalls on valid structures; close_range only
     // flags descriptors close-on-exec.
     unsafe {
@@ -620,7 +924,7 @@ fn reset_process_state() {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
-        libc::umask(0o022);
+        libc::umask(umask);
         // Failure (a kernel before 5.11) only means descriptors the parent forgot to mark
         // close-on-exec would leak into the container; std marks all of its own.
         libc::syscall(
@@ -693,7 +997,7 @@ mod tests {
         };
         assert_eq!(Failure::decode(&f.encode()), Some(f));
         assert_eq!(Failure::decode(&[0xff; Failure::SIZE]), None);
-        for v in 1..=19 {
+        for v in 1..=24 {
             assert_eq!(Step::from_u32(v).map(|s| s as u32), Some(v));
         }
     }

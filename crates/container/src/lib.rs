@@ -27,11 +27,15 @@ mod error;
 mod plan;
 pub mod rootfs;
 mod run;
+pub mod runtime;
+pub mod seccomp;
+mod syscalls_x86_64;
 mod tty;
 
 use std::path::PathBuf;
 
 pub use error::{Error, Result};
+pub use plan::CapSets;
 pub use run::run;
 
 /// `PATH` in the container unless `-e PATH=...` replaces it (the OCI/Docker default).

@@ -4,8 +4,9 @@
 
 use std::ffi::{CString, NulError};
 use std::fmt;
-use std::os::raw::{c_char, c_ulong};
+use std::os::raw::{c_char, c_int, c_ulong};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::RawFd;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -53,10 +54,10 @@ pub(crate) const DEFAULT_CAPS: &[u32] = &[
     29, // CAP_AUDIT_WRITE
     31, // CAP_SETFCAP
 ];
-const CAP_MKNOD: u32 = 27;
+pub(crate) const CAP_MKNOD: u32 = 27;
 
 /// Device nodes in the container's /dev: (name, major, minor).
-const DEVICES: &[(&str, u32, u32)] = &[
+pub(crate) const DEVICES: &[(&str, u32, u32)] = &[
     ("null", 1, 3),
     ("zero", 1, 5),
     ("full", 1, 7),
@@ -100,6 +101,29 @@ pub(crate) enum Op {
     ReadOnly {
         path: CString,
     },
+    /// `mkdir -p` (mount points of OCI mounts, which may be nested).
+    MkdirAll {
+        path: CString,
+    },
+    /// Creates an empty file if nothing is there (the mount point of a file bind mount).
+    Touch {
+        path: CString,
+    },
+    /// Changes a mount's propagation (MS_PRIVATE, MS_SLAVE, ... possibly with MS_REC).
+    Propagate {
+        target: CString,
+        flags: c_ulong,
+    },
+    /// Remounts an existing mount (a bind mount) with `flags` (MS_RDONLY, MS_NOSUID, ...).
+    Remount {
+        target: CString,
+        flags: c_ulong,
+    },
+    /// Writes `data` to an existing file (sysctls, oom_score_adj).
+    WriteFile {
+        path: CString,
+        data: CString,
+    },
 }
 
 impl fmt::Display for Op {
@@ -114,6 +138,13 @@ impl fmt::Display for Op {
             Op::Symlink { link, .. } => write!(f, "creating symlink {}", s(link)),
             Op::Mask { path } => write!(f, "masking {}", s(path)),
             Op::ReadOnly { path } => write!(f, "making {} read-only", s(path)),
+            Op::MkdirAll { path } => write!(f, "creating directory {}", s(path)),
+            Op::Touch { path } => write!(f, "creating mount point {}", s(path)),
+            Op::Propagate { target, .. } => {
+                write!(f, "setting the propagation of {}", s(target))
+            }
+            Op::Remount { target, .. } => write!(f, "remounting {}", s(target)),
+            Op::WriteFile { path, .. } => write!(f, "writing {}", s(path)),
         }
     }
 }
@@ -128,7 +159,7 @@ pub(crate) struct CStringArray {
 }
 
 impl CStringArray {
-    fn new(strings: Vec<CString>) -> Self {
+    pub(crate) fn new(strings: Vec<CString>) -> Self {
         // The pointers stay valid when `strings` moves: each CString's bytes are on the heap.
         let mut ptrs: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
         ptrs.push(std::ptr::null());
@@ -145,16 +176,59 @@ impl CStringArray {
     }
 }
 
+/// The five capability sets of the command, as bit masks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub bounding: u64,
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub ambient: u64,
+}
+
+impl CapSets {
+    /// The same mask in the bounding, effective and permitted sets; none inheritable or
+    /// ambient (what a root process gets from an exec with that bounding set).
+    pub fn uniform(mask: u64) -> Self {
+        CapSets {
+            bounding: mask,
+            effective: mask,
+            permitted: mask,
+            inheritable: 0,
+            ambient: 0,
+        }
+    }
+}
+
+/// The identity the command runs as.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UserIds {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+}
+
 /// The child's instructions.
 #[derive(Debug)]
 pub(crate) struct Plan {
+    /// Whether to build a root and pivot into it (a new container); `false` for a process
+    /// joining an existing container, which skips every mount step.
+    pub pivot: bool,
+    /// Propagation for `/` before anything is mounted (MS_PRIVATE or MS_SLAVE, with MS_REC).
+    pub root_propagation: c_ulong,
     /// Before pivot_root, with host paths.
     pub pre_pivot: Vec<Op>,
-    /// The overlay mount point that becomes `/`.
-    pub merged: CString,
+    /// The mount point that becomes `/`.
+    pub new_root: CString,
     /// After pivot_root, with container paths.
     pub post_pivot: Vec<Op>,
-    pub hostname: Vec<u8>,
+    /// Namespaces to join (descriptors opened by the parent) before anything else.
+    pub join: Vec<(RawFd, c_int)>,
+    /// Unshare a cgroup namespace once in the cgroups.
+    pub cgroup_ns: bool,
+    /// Die with the parent (a supervised run); not for OCI containers, whose creator exits.
+    pub pdeathsig: bool,
+    pub hostname: Option<Vec<u8>>,
     pub loopback_up: bool,
     pub tty: bool,
     pub cwd: CString,
@@ -162,13 +236,22 @@ pub(crate) struct Plan {
     pub candidates: Vec<CString>,
     pub argv: CStringArray,
     pub envp: CStringArray,
-    /// Capability bits to keep.
-    pub caps: u64,
+    pub caps: CapSets,
     /// The highest capability number this kernel knows.
     pub cap_last: u32,
+    pub rlimits: Vec<(c_int, libc::rlimit)>,
+    /// `None`: stay root with no supplementary groups changed.
+    pub user: Option<UserIds>,
+    pub umask: libc::mode_t,
+    pub no_new_privs: bool,
+    /// Installed last before exec (or before dropping privileges without no_new_privs).
+    pub seccomp: crate::seccomp::Programs,
+    /// OCI create: the exec FIFO (host path); the child reports ready, then blocks
+    /// opening it for writing until `start` opens it for reading.
+    pub exec_fifo: Option<CString>,
 }
 
-fn cstr(s: impl Into<Vec<u8>>) -> Result<CString> {
+pub(crate) fn cstr(s: impl Into<Vec<u8>>) -> Result<CString> {
     CString::new(s).map_err(|e: NulError| {
         Error::Invalid(format!(
             "{:?} contains a NUL byte",
@@ -177,7 +260,7 @@ fn cstr(s: impl Into<Vec<u8>>) -> Result<CString> {
     })
 }
 
-fn path_cstr(p: &Path) -> Result<CString> {
+pub(crate) fn path_cstr(p: &Path) -> Result<CString> {
     cstr(p.as_os_str().as_bytes())
 }
 
@@ -232,7 +315,7 @@ pub(crate) fn caps_mask(devices_restricted: bool) -> u64 {
         .fold(0u64, |mask, &c| mask | (1u64 << c))
 }
 
-fn cap_last() -> u32 {
+pub(crate) fn cap_last() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -384,18 +467,35 @@ pub(crate) fn build(
         .collect::<Result<Vec<_>>>()?;
 
     Ok(Plan {
+        pivot: true,
+        root_propagation: libc::MS_REC | libc::MS_PRIVATE,
         pre_pivot: pre,
-        merged: path_cstr(&merged)?,
+        new_root: path_cstr(&merged)?,
         post_pivot: post,
-        hostname: hostname.as_bytes().to_vec(),
+        join: Vec::new(),
+        cgroup_ns: true,
+        pdeathsig: true,
+        hostname: Some(hostname.as_bytes().to_vec()),
         loopback_up: config.net == Net::None,
         tty: config.tty,
         cwd: cstr(config.cwd.as_str())?,
         candidates,
         argv: CStringArray::new(argv),
         envp: CStringArray::new(envp),
-        caps: caps_mask(devices_restricted),
+        caps: CapSets::uniform(caps_mask(devices_restricted)),
         cap_last: cap_last(),
+        rlimits: vec![(
+            libc::RLIMIT_NOFILE as c_int,
+            libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 1024,
+            },
+        )],
+        user: None,
+        umask: 0o022,
+        no_new_privs: true,
+        seccomp: crate::seccomp::default_filter()?.unwrap_or_default(),
+        exec_fifo: None,
     })
 }
 
@@ -450,6 +550,6 @@ mod tests {
         let plan = build(&config, Path::new("/r"), Path::new("/s"), "h", true).unwrap();
         assert_eq!(plan.argv.strings().len(), 1);
         assert!(plan.loopback_up);
-        assert_eq!(plan.merged.to_str().unwrap(), "/s/merged");
+        assert_eq!(plan.new_root.to_str().unwrap(), "/s/merged");
     }
 }

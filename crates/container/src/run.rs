@@ -269,8 +269,8 @@ impl Drop for SignalGuard {
 
 /// The container's PID 1 as seen from the host. Dropping it unreaped kills it (and with
 /// it the whole PID namespace) and reaps it.
-struct Child {
-    pid: libc::pid_t,
+pub(crate) struct Child {
+    pub(crate) pid: libc::pid_t,
     pidfd: Option<OwnedFd>,
     reaped: bool,
     /// A signal vessel delivered as SIGKILL because PID 1 does not handle it (see `forward`).
@@ -283,7 +283,7 @@ impl Child {
         self.wait_with(libc::WNOHANG)
     }
 
-    fn wait(&mut self) -> Result<Option<Status>> {
+    pub(crate) fn wait(&mut self) -> Result<Option<Status>> {
         self.wait_with(0)
     }
 
@@ -347,6 +347,15 @@ impl Child {
     }
 }
 
+impl Child {
+    /// Lets the child live on past this guard (an OCI container's init or exec'd
+    /// process, which the caller's subreaper reaps); returns its pid.
+    pub(crate) fn release(mut self) -> libc::pid_t {
+        self.reaped = true;
+        self.pid
+    }
+}
+
 impl Drop for Child {
     fn drop(&mut self) {
         if !self.reaped {
@@ -362,14 +371,17 @@ impl Drop for Child {
 /// Clones the child into its namespaces (the cgroup namespace comes later, once it is in
 /// its cgroups). Like fork: the child runs on a copy of this stack.
 fn spawn(plan: &Plan, net: Net, fds: ChildFds) -> Result<Child> {
-    let mut flags = libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::SIGCHLD;
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if net == Net::None {
         flags |= libc::CLONE_NEWNET;
     }
+    spawn_with(plan, flags, fds)
+}
+
+/// Clones the child with namespace flags `ns_flags` (CLONE_NEW*).
+pub(crate) fn spawn_with(plan: &Plan, ns_flags: c_int, fds: ChildFds) -> Result<Child> {
+    let flags = ns_flags | libc::SIGCHLD;
     // SAFETY: a fork-like clone (no new stack, no shared memory). The child only runs
     // child::main, which does not allocate or return (see the child module).
     let ret = unsafe {
@@ -403,7 +415,7 @@ fn spawn(plan: &Plan, net: Net, fds: ChildFds) -> Result<Child> {
     })
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: pipe2 writes two descriptors into `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
@@ -413,7 +425,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: socketpair writes two descriptors into `fds`.
     if unsafe {
@@ -431,7 +443,7 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+pub(crate) fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: writing from a valid slice.
         let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
@@ -448,7 +460,7 @@ fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 }
 
 /// Reads what the child left on the error pipe: nothing (EOF) once its exec succeeded.
-fn read_failure(fd: RawFd) -> Result<Option<Failure>> {
+pub(crate) fn read_failure(fd: RawFd) -> Result<Option<Failure>> {
     let mut buf = [0u8; Failure::SIZE];
     let mut got = 0;
     while got < buf.len() {
@@ -481,7 +493,17 @@ fn read_failure(fd: RawFd) -> Result<Option<Failure>> {
 
 /// Turns a child's failure report into an error with the plan's context.
 fn describe(failure: Failure, plan: &Plan, config: &Config) -> Error {
-    let cmd = config.command.first().cloned().unwrap_or_default();
+    describe_failure(
+        failure,
+        plan,
+        config.command.first().map_or("", |c| c.as_str()),
+        &config.cwd,
+    )
+}
+
+/// Turns a child's failure report into an error, given the command and working directory.
+pub(crate) fn describe_failure(failure: Failure, plan: &Plan, cmd: &str, cwd: &str) -> Error {
+    let cmd = cmd.to_owned();
     let os = io::Error::from_raw_os_error(failure.errno);
     let i = failure.index as usize;
     let candidate = || {
@@ -529,10 +551,14 @@ fn describe(failure: Failure, plan: &Plan, config: &Config) -> Error {
                 Step::ControllingTty => "attaching the container's terminal",
                 Step::Capabilities => "dropping capabilities",
                 Step::NoNewPrivs => "setting no_new_privs",
+                Step::JoinNamespace => "joining the container's namespaces",
+                Step::User => "changing to the process's user and groups",
+                Step::Seccomp => "installing the seccomp filter",
+                Step::ExecFifo => "waiting on the exec FIFO",
                 _ => "setting up the container (internal error)",
             };
             let what = if step == Step::Workdir {
-                format!("{what} {}", config.cwd)
+                format!("{what} {cwd}")
             } else {
                 what.to_owned()
             };

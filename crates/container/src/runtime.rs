@@ -1,0 +1,878 @@
+//! The building blocks of an OCI runtime (`vessel-runc`): create a container's init
+//! process and leave it waiting on an exec FIFO, start another process inside a running
+//! container, and the cgroup bookkeeping that outlives both.
+//!
+//! Unlike [`crate::run`], nothing here supervises: `create` returns once the init process
+//! is fully set up and blocked just before exec, and the caller exits, leaving the init to
+//! its subreaper (containerd's shim). The same [`Plan`] and child code do the work; the
+//! spec types here are runtime-neutral (the OCI JSON is parsed by the caller).
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::raw::{c_int, c_ulong};
+use std::path::{Component, Path, PathBuf};
+
+use crate::cgroup::{self, Cgroups};
+use crate::child::{ChildFds, Step};
+use crate::error::{Error, Result};
+use crate::plan::{self, cstr, path_cstr, CStringArray, CapSets, Op, Plan, UserIds};
+use crate::run::{self, pipe, read_failure, write_all};
+use crate::seccomp::Programs;
+use crate::Limits;
+
+/// One entry of OCI `mounts`.
+#[derive(Debug, Clone, Default)]
+pub struct MountSpec {
+    /// Absolute path in the container.
+    pub destination: String,
+    /// Filesystem type; `bind` (or a `bind`/`rbind` option) makes a bind mount.
+    pub kind: String,
+    /// Host path of a bind mount (relative: to the bundle), or the filesystem's source.
+    pub source: Option<PathBuf>,
+    pub options: Vec<String>,
+}
+
+/// A namespace of the container: new, or joined from `path`.
+#[derive(Debug, Clone)]
+pub struct NamespaceSpec {
+    /// A CLONE_NEW* flag.
+    pub kind: c_int,
+    pub path: Option<PathBuf>,
+}
+
+/// The process to run (OCI `process`).
+#[derive(Debug, Clone, Default)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    /// `KEY=VALUE` strings, passed as they are.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub umask: Option<u32>,
+    pub caps: CapSets,
+    /// (RLIMIT_*, soft, hard)
+    pub rlimits: Vec<(c_int, u64, u64)>,
+    pub no_new_privs: bool,
+    pub terminal: bool,
+    pub oom_score_adj: Option<i32>,
+}
+
+/// Everything `create` needs (an OCI config.json, reduced).
+#[derive(Debug, Clone, Default)]
+pub struct InitSpec {
+    /// The bundle directory (base of relative paths).
+    pub bundle: PathBuf,
+    /// The container's root directory (`root.path`, made absolute).
+    pub root: PathBuf,
+    pub readonly_root: bool,
+    pub mounts: Vec<MountSpec>,
+    pub namespaces: Vec<NamespaceSpec>,
+    pub hostname: Option<String>,
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
+    pub sysctl: Vec<(String, String)>,
+    /// `linux.rootfsPropagation`: private (default here), slave, shared, ...
+    pub rootfs_propagation: Option<String>,
+    pub process: ProcessSpec,
+    /// `linux.cgroupsPath`, from each hierarchy's root.
+    pub cgroups_path: String,
+    pub limits: Limits,
+    pub seccomp: Programs,
+}
+
+/// The cgroups a container lives in, for `kill --all`, `ps`, `exec` and `delete`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupPaths {
+    /// The container's own groups, one per hierarchy.
+    pub groups: Vec<PathBuf>,
+    /// Parent groups created for them (removed at delete when empty).
+    pub parents: Vec<PathBuf>,
+}
+
+impl CgroupPaths {
+    /// Every process in the container's groups (the union over hierarchies).
+    pub fn pids(&self) -> Vec<libc::pid_t> {
+        let mut pids: Vec<libc::pid_t> = Vec::new();
+        for dir in &self.groups {
+            let text = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in text.lines().filter_map(|l| l.trim().parse().ok()) {
+                if !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Kills anything left in the groups and removes them (and empty created parents).
+    pub fn remove(&self) {
+        for dir in self.groups.iter().rev() {
+            cgroup::remove_group(dir);
+        }
+        cgroup::remove_parents(&self.parents);
+    }
+}
+
+/// How to create: where the exec FIFO is, and the console socket (a connected unix
+/// socket the pty master goes to, runc's `--console-socket` protocol).
+#[derive(Debug)]
+pub struct CreateOptions {
+    pub exec_fifo: PathBuf,
+    pub console_socket: Option<OwnedFd>,
+    /// Kill the init if the creating process dies (`run` without `--detach`).
+    pub die_with_parent: bool,
+}
+
+/// The result of `create`.
+#[derive(Debug)]
+pub struct Created {
+    pub pid: libc::pid_t,
+    pub cgroups: CgroupPaths,
+}
+
+/// The bit of each capability name (`CAP_` optional, any case).
+pub fn capability_number(name: &str) -> Option<u32> {
+    const NAMES: [&str; 41] = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ];
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    NAMES.iter().position(|n| *n == bare).map(|i| i as u32)
+}
+
+/// Mount flags and the filesystem data of OCI mount options.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct MountOptions {
+    pub flags: c_ulong,
+    /// Flags a bind mount needs a remount for (ro, nosuid, ...).
+    pub remount_flags: c_ulong,
+    pub propagation: c_ulong,
+    pub bind: bool,
+    pub recursive: bool,
+    pub data: Vec<String>,
+}
+
+pub(crate) fn parse_mount_options(options: &[String]) -> MountOptions {
+    let mut out = MountOptions::default();
+    for option in options {
+        let (set, clear): (c_ulong, c_ulong) = match option.as_str() {
+            "ro" => (libc::MS_RDONLY, 0),
+            "rw" => (0, libc::MS_RDONLY),
+            "nosuid" => (libc::MS_NOSUID, 0),
+            "suid" => (0, libc::MS_NOSUID),
+            "nodev" => (libc::MS_NODEV, 0),
+            "dev" => (0, libc::MS_NODEV),
+            "noexec" => (libc::MS_NOEXEC, 0),
+            "exec" => (0, libc::MS_NOEXEC),
+            "sync" => (libc::MS_SYNCHRONOUS, 0),
+            "async" => (0, libc::MS_SYNCHRONOUS),
+            "dirsync" => (libc::MS_DIRSYNC, 0),
+            "mand" => (libc::MS_MANDLOCK, 0),
+            "nomand" => (0, libc::MS_MANDLOCK),
+            "noatime" => (libc::MS_NOATIME, 0),
+            "atime" => (0, libc::MS_NOATIME),
+            "nodiratime" => (libc::MS_NODIRATIME, 0),
+            "diratime" => (0, libc::MS_NODIRATIME),
+            "relatime" => (libc::MS_RELATIME, 0),
+            "norelatime" => (0, libc::MS_RELATIME),
+            "strictatime" => (libc::MS_STRICTATIME, 0),
+            "nostrictatime" => (0, libc::MS_STRICTATIME),
+            "bind" => {
+                out.bind = true;
+                continue;
+            }
+            "rbind" => {
+                out.bind = true;
+                out.recursive = true;
+                continue;
+            }
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => {
+                let base = match option.trim_start_matches('r') {
+                    "private" => libc::MS_PRIVATE,
+                    "shared" => libc::MS_SHARED,
+                    "slave" => libc::MS_SLAVE,
+                    _ => libc::MS_UNBINDABLE,
+                };
+                let rec = if option.starts_with('r') {
+                    libc::MS_REC
+                } else {
+                    0
+                };
+                out.propagation = base | rec;
+                continue;
+            }
+            _ => {
+                out.data.push(option.clone());
+                continue;
+            }
+        };
+        out.flags = (out.flags | set) & !clear;
+    }
+    out.remount_flags = out.flags
+        & (libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC
+            | libc::MS_NOATIME
+            | libc::MS_NODIRATIME
+            | libc::MS_RELATIME
+            | libc::MS_STRICTATIME);
+    out
+}
+
+/// `root` joined with the container path `path`, following symlinks as the container
+/// would see them (clamped to `root`), so that a link in the root cannot send a mount
+/// to a host path. Missing components are appended as they are.
+pub fn secure_join(root: &Path, path: &str) -> PathBuf {
+    let mut pending: Vec<String> = path
+        .split('/')
+        .rev()
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let mut resolved: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(component) = pending.pop() {
+        match component.as_str() {
+            "." => continue,
+            ".." => {
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let mut candidate = root.to_path_buf();
+        candidate.extend(&resolved);
+        candidate.push(&component);
+        match fs::symlink_metadata(&candidate) {
+            Ok(meta) if meta.file_type().is_symlink() && links < 255 => {
+                links += 1;
+                let Ok(target) = fs::read_link(&candidate) else {
+                    resolved.push(component);
+                    continue;
+                };
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                for part in target.components().rev() {
+                    if let Component::Normal(p) = part {
+                        pending.push(p.to_string_lossy().into_owned());
+                    } else if part == Component::ParentDir {
+                        pending.push("..".into());
+                    }
+                }
+            }
+            _ => resolved.push(component),
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(&resolved);
+    out
+}
+
+fn is_cgroup2_host() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// The mount operations of an OCI spec, before pivot_root (host paths under `root`).
+fn mount_ops(spec: &InitSpec, root: &Path) -> Result<(Vec<Op>, bool)> {
+    let root_c = path_cstr(root)?;
+    // pivot_root needs the new root to be a mount point: bind it onto itself.
+    let mut ops = vec![Op::Mount {
+        source: root_c.clone(),
+        target: root_c,
+        fstype: cstr("")?,
+        flags: libc::MS_BIND | libc::MS_REC,
+        data: None,
+        no_symlink: false,
+    }];
+    let mut dev_is_tmpfs = false;
+    for mount in &spec.mounts {
+        if !mount.destination.starts_with('/') {
+            return Err(Error::Invalid(format!(
+                "mount destination {:?} is not an absolute path",
+                mount.destination
+            )));
+        }
+        let target = secure_join(root, &mount.destination);
+        let target_c = path_cstr(&target)?;
+        let opts = parse_mount_options(&mount.options);
+        let bind = opts.bind || mount.kind == "bind";
+        if bind {
+            let Some(source) = &mount.source else {
+                return Err(Error::Invalid(format!(
+                    "bind mount on {} has no source",
+                    mount.destination
+                )));
+            };
+            let source = if source.is_absolute() {
+                source.clone()
+            } else {
+                spec.bundle.join(source)
+            };
+            let meta = fs::metadata(&source).map_err(|e| {
+                Error::path(
+                    &format!("bind mount on {}: source", mount.destination),
+                    &source,
+                    e,
+                )
+            })?;
+            if meta.is_dir() {
+                ops.push(Op::MkdirAll {
+                    path: target_c.clone(),
+                });
+            } else {
+                if let Some(parent) = target.parent() {
+                    ops.push(Op::MkdirAll {
+                        path: path_cstr(parent)?,
+                    });
+                }
+                ops.push(Op::Touch {
+                    path: target_c.clone(),
+                });
+            }
+            ops.push(Op::Mount {
+                source: path_cstr(&source)?,
+                target: target_c.clone(),
+                fstype: cstr("")?,
+                flags: libc::MS_BIND | if opts.recursive { libc::MS_REC } else { 0 },
+                data: None,
+                no_symlink: false,
+            });
+            if opts.remount_flags != 0 {
+                ops.push(Op::Remount {
+                    target: target_c.clone(),
+                    flags: opts.remount_flags,
+                });
+            }
+        } else {
+            let mut fstype = mount.kind.clone();
+            let mut data = opts.data.join(",");
+            let mut flags = opts.flags;
+            if fstype == "cgroup" || fstype == "cgroup2" {
+                // The container sees its own cgroup (it is in a cgroup namespace). On a
+                // v1 or hybrid host a read-only empty tmpfs stands in for the per-
+                // controller hierarchies, which this runtime does not mount.
+                if is_cgroup2_host() {
+                    fstype = "cgroup2".into();
+                    data.clear();
+                } else {
+                    fstype = "tmpfs".into();
+                    data = "mode=755".into();
+                    flags |= libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                }
+            }
+            if mount.destination == "/dev" && fstype == "tmpfs" {
+                dev_is_tmpfs = true;
+            }
+            let source = match &mount.source {
+                Some(s) => path_cstr(s)?,
+                None => cstr(fstype.as_str())?,
+            };
+            ops.push(Op::MkdirAll {
+                path: target_c.clone(),
+            });
+            ops.push(Op::Mount {
+                source,
+                target: target_c.clone(),
+                fstype: cstr(fstype.as_str())?,
+                flags,
+                data: if data.is_empty() {
+                    None
+                } else {
+                    Some(cstr(data)?)
+                },
+                no_symlink: true,
+            });
+        }
+        if opts.propagation != 0 {
+            ops.push(Op::Propagate {
+                target: target_c,
+                flags: opts.propagation,
+            });
+        }
+    }
+    Ok((ops, dev_is_tmpfs))
+}
+
+/// The device nodes and links runc creates in a tmpfs `/dev`.
+fn device_ops(root: &Path) -> Result<Vec<Op>> {
+    let mut ops = Vec::new();
+    let in_root = |rel: &str| path_cstr(&root.join(rel));
+    for (name, major, minor) in plan::DEVICES {
+        ops.push(Op::Mknod {
+            path: in_root(&format!("dev/{name}"))?,
+            major: *major,
+            minor: *minor,
+        });
+    }
+    for (link, target) in [
+        ("dev/ptmx", "pts/ptmx"),
+        ("dev/fd", "/proc/self/fd"),
+        ("dev/stdin", "/proc/self/fd/0"),
+        ("dev/stdout", "/proc/self/fd/1"),
+        ("dev/stderr", "/proc/self/fd/2"),
+        ("dev/core", "/proc/kcore"),
+    ] {
+        ops.push(Op::Symlink {
+            target: cstr(target)?,
+            link: in_root(link)?,
+        });
+    }
+    Ok(ops)
+}
+
+/// argv, envp and the exec candidates of a process.
+fn command_parts(process: &ProcessSpec) -> Result<(Vec<CString>, CStringArray, CStringArray)> {
+    let Some(command) = process.args.first().filter(|c| !c.is_empty()) else {
+        return Err(Error::Invalid("process.args is empty: no command".into()));
+    };
+    let path = process
+        .env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(crate::DEFAULT_PATH);
+    let candidates = plan::exec_candidates(command, path)
+        .into_iter()
+        .map(cstr)
+        .collect::<Result<Vec<_>>>()?;
+    let argv = process
+        .args
+        .iter()
+        .map(|a| cstr(a.as_str()))
+        .collect::<Result<Vec<_>>>()?;
+    let envp = process
+        .env
+        .iter()
+        .map(|e| cstr(e.as_str()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((candidates, CStringArray::new(argv), CStringArray::new(envp)))
+}
+
+fn process_plan(process: &ProcessSpec, seccomp: &Programs) -> Result<Plan> {
+    if !process.cwd.starts_with('/') {
+        return Err(Error::Invalid(format!(
+            "process.cwd {:?} must be an absolute path",
+            process.cwd
+        )));
+    }
+    let (candidates, argv, envp) = command_parts(process)?;
+    Ok(Plan {
+        pivot: false,
+        root_propagation: libc::MS_REC | libc::MS_PRIVATE,
+        pre_pivot: Vec::new(),
+        new_root: cstr("/")?,
+        post_pivot: Vec::new(),
+        join: Vec::new(),
+        cgroup_ns: false,
+        pdeathsig: false,
+        hostname: None,
+        loopback_up: false,
+        tty: process.terminal,
+        cwd: cstr(process.cwd.as_str())?,
+        candidates,
+        argv,
+        envp,
+        caps: process.caps,
+        cap_last: plan::cap_last(),
+        rlimits: process
+            .rlimits
+            .iter()
+            .map(|&(resource, soft, hard)| {
+                (
+                    resource,
+                    libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    },
+                )
+            })
+            .collect(),
+        user: Some(UserIds {
+            uid: process.uid,
+            gid: process.gid,
+            groups: process.additional_gids.clone(),
+        }),
+        umask: process.umask.unwrap_or(0o022),
+        no_new_privs: process.no_new_privs,
+        seccomp: seccomp.clone(),
+        exec_fifo: None,
+    })
+}
+
+fn propagation_flags(name: Option<&str>) -> Result<c_ulong> {
+    Ok(match name.unwrap_or("") {
+        "" | "rprivate" => libc::MS_REC | libc::MS_PRIVATE,
+        "private" => libc::MS_PRIVATE,
+        "rslave" => libc::MS_REC | libc::MS_SLAVE,
+        "slave" => libc::MS_SLAVE,
+        "rshared" => libc::MS_REC | libc::MS_SHARED,
+        "shared" => libc::MS_SHARED,
+        "runbindable" => libc::MS_REC | libc::MS_UNBINDABLE,
+        "unbindable" => libc::MS_UNBINDABLE,
+        other => {
+            return Err(Error::Invalid(format!(
+                "linux.rootfsPropagation {other:?}: expected private, slave, shared or unbindable (r-prefixed for recursive)"
+            )))
+        }
+    })
+}
+
+fn open_namespace(path: &Path) -> Result<OwnedFd> {
+    fs::File::open(path)
+        .map(OwnedFd::from)
+        .map_err(|e| Error::path("opening namespace", path, e))
+}
+
+/// Creates the container: its cgroups, then its init process in new namespaces, set up
+/// and blocked on the exec FIFO. On error nothing is left behind.
+pub fn create(spec: &InitSpec, options: CreateOptions) -> Result<Created> {
+    let root = fs::canonicalize(&spec.root).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::Invalid(format!(
+                "root.path {}: no such directory",
+                spec.root.display()
+            ))
+        } else {
+            Error::path("resolving root.path", &spec.root, e)
+        }
+    })?;
+    if !root.is_dir() {
+        return Err(Error::Invalid(format!(
+            "root.path {}: not a directory",
+            root.display()
+        )));
+    }
+    if let Some(name) = &spec.hostname {
+        if !spec.namespaces.iter().any(|n| n.kind == libc::CLONE_NEWUTS) {
+            return Err(Error::Invalid(
+                "hostname is set but the container has no UTS namespace".into(),
+            ));
+        }
+        crate::check_hostname(name)?;
+    }
+    if let Some(bytes) = spec.limits.memory {
+        crate::check_memory(bytes, &format!("{bytes}"))?;
+    }
+    let mut new_flags: c_int = 0;
+    let mut join: Vec<(OwnedFd, c_int)> = Vec::new();
+    for ns in &spec.namespaces {
+        match &ns.path {
+            None => new_flags |= ns.kind,
+            Some(path) => {
+                if ns.kind == libc::CLONE_NEWPID || ns.kind == libc::CLONE_NEWNS {
+                    return Err(Error::Invalid(format!(
+                        "joining an existing {} namespace ({}) is not supported",
+                        if ns.kind == libc::CLONE_NEWPID {
+                            "pid"
+                        } else {
+                            "mount"
+                        },
+                        path.display()
+                    )));
+                }
+                join.push((open_namespace(path)?, ns.kind));
+            }
+        }
+    }
+    if new_flags & libc::CLONE_NEWNS == 0 {
+        return Err(Error::Invalid(
+            "the container needs a new mount namespace (linux.namespaces has no \"mount\")".into(),
+        ));
+    }
+    let cgroup_ns = new_flags & libc::CLONE_NEWCGROUP != 0;
+    let clone_flags = new_flags & !libc::CLONE_NEWCGROUP;
+
+    let cgroups = Cgroups::create_at(&spec.cgroups_path, &spec.limits)?;
+    let (mut pre, dev_is_tmpfs) = mount_ops(spec, &root)?;
+    if dev_is_tmpfs {
+        pre.extend(device_ops(&root)?);
+    }
+    let mut post = Vec::new();
+    if let Some(adj) = spec.process.oom_score_adj {
+        post.push(Op::WriteFile {
+            path: cstr("/proc/self/oom_score_adj")?,
+            data: cstr(adj.to_string())?,
+        });
+    }
+    for (key, value) in &spec.sysctl {
+        if key.contains('/') || key.contains("..") {
+            return Err(Error::Invalid(format!("sysctl {key:?}: not a sysctl name")));
+        }
+        post.push(Op::WriteFile {
+            path: cstr(format!("/proc/sys/{}", key.replace('.', "/")))?,
+            data: cstr(value.as_str())?,
+        });
+    }
+    if spec.readonly_root {
+        post.push(Op::Remount {
+            target: cstr("/")?,
+            flags: libc::MS_RDONLY,
+        });
+    }
+    for path in &spec.masked_paths {
+        post.push(Op::Mask {
+            path: cstr(path.as_str())?,
+        });
+    }
+    for path in &spec.readonly_paths {
+        post.push(Op::ReadOnly {
+            path: cstr(path.as_str())?,
+        });
+    }
+
+    let mut plan = process_plan(&spec.process, &spec.seccomp)?;
+    plan.pivot = true;
+    plan.root_propagation = propagation_flags(spec.rootfs_propagation.as_deref())?;
+    plan.pre_pivot = pre;
+    plan.new_root = path_cstr(&root)?;
+    plan.post_pivot = post;
+    plan.join = join
+        .iter()
+        .map(|(fd, kind)| (fd.as_raw_fd(), *kind))
+        .collect();
+    plan.cgroup_ns = cgroup_ns;
+    plan.pdeathsig = options.die_with_parent;
+    plan.hostname = spec.hostname.as_ref().map(|h| h.as_bytes().to_vec());
+    plan.loopback_up = clone_flags & libc::CLONE_NEWNET != 0
+        && !join.iter().any(|(_, k)| *k == libc::CLONE_NEWNET);
+    plan.exec_fifo = Some(path_cstr(&options.exec_fifo)?);
+    if spec.process.terminal && options.console_socket.is_none() {
+        return Err(Error::Invalid(
+            "process.terminal is true but no --console-socket was given".into(),
+        ));
+    }
+
+    let pid = start_child(
+        &plan,
+        clone_flags,
+        &cgroups,
+        options.console_socket,
+        true,
+        spec,
+    )?;
+    drop(join);
+    let (groups, parents) = cgroups.keep();
+    Ok(Created {
+        pid,
+        cgroups: CgroupPaths { groups, parents },
+    })
+}
+
+/// Clones the child, puts it in the cgroups and waits for its report: Ready (OCI init)
+/// or a successful exec (EOF). On failure the child is killed and reaped.
+fn start_child(
+    plan: &Plan,
+    clone_flags: c_int,
+    cgroups: &Cgroups,
+    console_socket: Option<OwnedFd>,
+    init: bool,
+    spec: &InitSpec,
+) -> Result<libc::pid_t> {
+    let (sync_read, sync_write) = pipe()?;
+    let (error_read, error_write) = pipe()?;
+    let fds = ChildFds {
+        sync_read: sync_read.as_raw_fd(),
+        error_write: error_write.as_raw_fd(),
+        tty_socket: console_socket.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+    };
+    let child = run::spawn_with(plan, clone_flags, fds)?;
+    drop((sync_read, error_write, console_socket));
+    cgroups.add(child.pid)?;
+    start_and_report(child, sync_write, error_read, plan, init, &spec.process)
+}
+
+fn start_and_report(
+    mut child: run::Child,
+    sync_write: OwnedFd,
+    error_read: OwnedFd,
+    plan: &Plan,
+    init: bool,
+    process: &ProcessSpec,
+) -> Result<libc::pid_t> {
+    write_all(sync_write.as_raw_fd(), &[1]).map_err(|e| Error::io("starting the container", e))?;
+    drop(sync_write);
+    let cmd = process.args.first().map_or("", |c| c.as_str());
+    match read_failure(error_read.as_raw_fd())? {
+        Some(f) if f.step == Step::Ready && init => Ok(child.release()),
+        None if !init => Ok(child.release()),
+        None => {
+            child.wait()?;
+            Err(Error::Invalid(
+                "the container's init process exited during set-up".into(),
+            ))
+        }
+        Some(failure) => {
+            child.wait()?;
+            Err(run::describe_failure(failure, plan, cmd, &process.cwd))
+        }
+    }
+}
+
+/// Runs `process` inside the running container whose init is `pid`: in its namespaces
+/// and cgroups. Returns the new process's pid once it has exec'd.
+pub fn exec(
+    pid: libc::pid_t,
+    cgroups: &CgroupPaths,
+    process: &ProcessSpec,
+    seccomp: &Programs,
+    console_socket: Option<OwnedFd>,
+) -> Result<libc::pid_t> {
+    if process.terminal && console_socket.is_none() {
+        return Err(Error::Invalid(
+            "process.terminal is true but no --console-socket was given".into(),
+        ));
+    }
+    let mut plan = process_plan(process, seccomp)?;
+    // The order matters: the user and cgroup namespaces first would change what the
+    // others mean; mount last, as it changes root and cwd.
+    let kinds = [
+        ("ipc", libc::CLONE_NEWIPC),
+        ("uts", libc::CLONE_NEWUTS),
+        ("net", libc::CLONE_NEWNET),
+        ("cgroup", libc::CLONE_NEWCGROUP),
+        ("mnt", libc::CLONE_NEWNS),
+    ];
+    let own = |name: &str| fs::read_link(format!("/proc/self/ns/{name}")).ok();
+    let mut join = Vec::new();
+    for (name, kind) in kinds {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/{name}"));
+        let theirs = fs::read_link(&path).map_err(|e| Error::path("reading", &path, e))?;
+        // Joining one's own namespace is harmless but needs privileges for nothing.
+        if Some(&theirs) != own(name).as_ref() {
+            join.push((open_namespace(&path)?, kind));
+        }
+    }
+    plan.join = join
+        .iter()
+        .map(|(fd, kind)| (fd.as_raw_fd(), *kind))
+        .collect();
+    // A process enters a PID namespace only at its creation: set this process's
+    // namespace for children, then clone.
+    let pid_ns = PathBuf::from(format!("/proc/{pid}/ns/pid"));
+    let theirs = fs::read_link(&pid_ns).map_err(|e| Error::path("reading", &pid_ns, e))?;
+    if Some(&theirs) != own("pid").as_ref() {
+        let fd = open_namespace(&pid_ns)?;
+        // SAFETY: setns on a descriptor we own.
+        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWPID) } == -1 {
+            return Err(Error::last_os("joining the container's PID namespace"));
+        }
+    }
+    let (sync_read, sync_write) = pipe()?;
+    let (error_read, error_write) = pipe()?;
+    let fds = ChildFds {
+        sync_read: sync_read.as_raw_fd(),
+        error_write: error_write.as_raw_fd(),
+        tty_socket: console_socket.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+    };
+    let child = run::spawn_with(&plan, 0, fds)?;
+    drop((sync_read, error_write, console_socket, join));
+    for dir in &cgroups.groups {
+        let procs = dir.join("cgroup.procs");
+        fs::write(&procs, child.pid.to_string())
+            .map_err(|e| Error::path("joining cgroup", &procs, e))?;
+    }
+    start_and_report(child, sync_write, error_read, &plan, false, process)
+}
+
+/// Whether `path` names an absolute container path without `..` (masked paths, ...).
+pub fn is_clean_container_path(path: &str) -> bool {
+    path.starts_with('/')
+        && !Path::new(path)
+            .components()
+            .any(|c| c == Component::ParentDir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let o = parse_mount_options(&[
+            "nosuid".into(),
+            "ro".into(),
+            "rbind".into(),
+            "rprivate".into(),
+            "mode=755".into(),
+        ]);
+        assert!(o.bind && o.recursive);
+        assert_eq!(o.flags, libc::MS_NOSUID | libc::MS_RDONLY);
+        assert_eq!(o.remount_flags, o.flags);
+        assert_eq!(o.propagation, libc::MS_PRIVATE | libc::MS_REC);
+        assert_eq!(o.data, vec!["mode=755".to_string()]);
+        assert_eq!(parse_mount_options(&["ro".into(), "rw".into()]).flags, 0);
+    }
+
+    #[test]
+    fn caps_by_name() {
+        assert_eq!(capability_number("CAP_CHOWN"), Some(0));
+        assert_eq!(capability_number("sys_admin"), Some(21));
+        assert_eq!(capability_number("CAP_CHECKPOINT_RESTORE"), Some(40));
+        assert_eq!(capability_number("CAP_NOPE"), None);
+    }
+
+    #[test]
+    fn secure_join_stays_in_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../..", root.join("up")).unwrap();
+        std::os::unix::fs::symlink("real", root.join("rel")).unwrap();
+        assert_eq!(secure_join(root, "/abs/x"), root.join("etc/x"));
+        assert_eq!(secure_join(root, "/up/x"), root.join("x"));
+        assert_eq!(secure_join(root, "/rel/y"), root.join("real/y"));
+        assert_eq!(secure_join(root, "/../../z"), root.join("z"));
+        assert!(is_clean_container_path("/proc/kcore"));
+        assert!(!is_clean_container_path("/proc/../etc"));
+        assert!(!is_clean_container_path("proc"));
+    }
+}

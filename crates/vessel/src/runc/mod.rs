@@ -1,0 +1,664 @@
+//! The commands of `vessel-runc`.
+
+mod spec;
+mod state;
+
+use std::fs;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use state::{State, Status};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vessel-runc",
+    version,
+    about = "A runc-compatible OCI runtime built on vessel"
+)]
+struct Cli {
+    /// Where container state is kept.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/vessel-runc",
+        value_name = "DIR"
+    )]
+    root: PathBuf,
+    /// Also write errors (and with --debug, progress) to this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// text or json (runc's {"level","msg","time"} lines).
+    #[arg(
+        long = "log-format",
+        global = true,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    log_format: String,
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Accepted for compatibility; systemd cgroups are refused.
+    #[arg(long = "systemd-cgroup", global = true)]
+    systemd_cgroup: bool,
+    /// Accepted for compatibility (true is refused: rootless containers are not supported).
+    #[arg(long, global = true, value_name = "BOOL")]
+    rootless: Option<String>,
+    /// Accepted for compatibility; checkpointing is not supported.
+    #[arg(long, global = true, value_name = "PATH")]
+    criu: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a container from a bundle, its process waiting for `start`.
+    Create {
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// Start the user process of a created container.
+    Start { id: String },
+    /// Print a container's state as JSON.
+    State { id: String },
+    /// Send a signal (default SIGTERM) to the container's init, or with --all to all of its processes.
+    Kill {
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        signal: Option<String>,
+    },
+    /// Delete a stopped (or with --force, any) container.
+    Delete {
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Create and start a container; without --detach, wait for it, delete it and exit with its status.
+    Run {
+        #[command(flatten)]
+        create: CreateArgs,
+        #[arg(short, long)]
+        detach: bool,
+    },
+    /// Run a process in a running container.
+    Exec {
+        /// The OCI process (JSON) to run.
+        #[arg(short, long, value_name = "FILE")]
+        process: Option<PathBuf>,
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long = "pid-file", value_name = "FILE")]
+        pid_file: Option<PathBuf>,
+        #[arg(long = "console-socket", value_name = "SOCK")]
+        console_socket: Option<PathBuf>,
+        #[arg(short, long)]
+        tty: bool,
+        #[arg(long = "preserve-fds", default_value_t = 0)]
+        preserve_fds: u32,
+        id: String,
+        /// Command and arguments (when no --process is given).
+        args: Vec<String>,
+    },
+    /// List the processes of a container.
+    Ps {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        id: String,
+        /// ps options (ignored).
+        ps_args: Vec<String>,
+    },
+    /// List containers.
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct CreateArgs {
+    #[arg(short, long, default_value = ".", value_name = "DIR")]
+    bundle: PathBuf,
+    #[arg(long = "pid-file", value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    #[arg(long = "console-socket", value_name = "SOCK")]
+    console_socket: Option<PathBuf>,
+    /// Accepted; vessel-runc always pivots.
+    #[arg(long = "no-pivot")]
+    no_pivot: bool,
+    /// Accepted; vessel-runc creates no session keyring.
+    #[arg(long = "no-new-keyring")]
+    no_new_keyring: bool,
+    #[arg(long = "preserve-fds", default_value_t = 0)]
+    preserve_fds: u32,
+    id: String,
+}
+
+/// Where errors go besides stderr.
+struct Logger {
+    file: Option<PathBuf>,
+    json: bool,
+}
+
+impl Logger {
+    fn log(&self, level: &str, msg: &str) {
+        let Some(path) = &self.file else { return };
+        let line = if self.json {
+            serde_json::json!({"level": level, "msg": msg, "time": state::now_rfc3339()})
+                .to_string()
+        } else {
+            format!(
+                "time=\"{}\" level={level} msg={msg:?}",
+                state::now_rfc3339()
+            )
+        };
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o644)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let logger = Logger {
+        file: cli.log.clone(),
+        json: cli.log_format == "json",
+    };
+    if cli.log_format != "json" && cli.log_format != "text" {
+        let msg = format!("--log-format {}: expected text or json", cli.log_format);
+        eprintln!("vessel-runc: {msg}");
+        return ExitCode::from(1);
+    }
+    match dispatch(&cli, &logger) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = one_line(&e);
+            logger.log("error", &msg);
+            eprintln!("vessel-runc: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error and its causes on one line, without repeating a cause that the message
+/// before it already ends with (container errors include their source).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.ends_with(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
+
+fn dispatch(cli: &Cli, logger: &Logger) -> Result<ExitCode> {
+    if cli.systemd_cgroup {
+        bail!("--systemd-cgroup: systemd cgroups are not supported by vessel-runc; use cgroupfs (drop the flag / SystemdCgroup = false)");
+    }
+    if cli.rootless.as_deref() == Some("true") {
+        bail!("--rootless true: rootless containers are not supported");
+    }
+    if cli.debug {
+        logger.log("debug", &format!("{:?}", cli.command));
+    }
+    let root = &cli.root;
+    match &cli.command {
+        Command::Create { create } => {
+            create_container(root, create, false)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Start { id } => {
+            start(root, id)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State { id } => {
+            let state = State::load(root, id)?;
+            println!("{}", serde_json::to_string_pretty(&state.report())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kill { all, id, signal } => {
+            kill(root, id, signal.as_deref().unwrap_or("TERM"), *all)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete { force, id } => {
+            delete(root, id, *force)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { create, detach } => run(root, create, *detach),
+        Command::Exec {
+            process,
+            detach,
+            pid_file,
+            console_socket,
+            tty,
+            preserve_fds,
+            id,
+            args,
+        } => {
+            if *preserve_fds > 0 {
+                bail!("--preserve-fds is not supported");
+            }
+            exec(
+                root,
+                id,
+                process.as_deref(),
+                args,
+                *tty,
+                *detach,
+                pid_file.as_deref(),
+                console_socket.as_deref(),
+            )
+        }
+        Command::Ps { format, id, .. } => {
+            let state = State::load(root, id)?;
+            let pids = state.cgroups().pids();
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string(&pids)?),
+                "table" => {
+                    println!("PID CMD");
+                    for pid in pids {
+                        let cmd =
+                            fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                        println!("{pid} {}", cmd.trim());
+                    }
+                }
+                other => bail!("--format {other}: expected json or table"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { format, quiet } => {
+            let states = State::load_all(root);
+            let reports: Vec<_> = states.iter().map(State::report).collect();
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string(&reports)?),
+                "table" if *quiet => {
+                    for r in &reports {
+                        println!("{}", r.id);
+                    }
+                }
+                "table" => {
+                    println!("ID\tPID\tSTATUS\tBUNDLE\tCREATED\tOWNER");
+                    for r in &reports {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{}",
+                            r.id, r.pid, r.status, r.bundle, r.created, r.owner
+                        );
+                    }
+                }
+                other => bail!("--format {other}: expected json or table"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 1024
+        || id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+-.".contains(&b))
+    {
+        bail!(
+            "invalid container id {id:?}: use letters, digits and _ + - . (not starting with '.')"
+        );
+    }
+    Ok(())
+}
+
+/// Connects to the console socket the caller listens on.
+fn connect_console(path: &Path) -> Result<OwnedFd> {
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connecting to the console socket {}", path.display()))?;
+    Ok(OwnedFd::from(stream))
+}
+
+/// Writes `pid` to `path` atomically (a temporary file renamed into place).
+fn write_pid_file(path: &Path, pid: libc::pid_t) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map_or("pid".into(), |n| n.to_string_lossy())
+    ));
+    fs::write(&tmp, pid.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Removes a half-made container directory unless disarmed.
+struct DirGuard(Option<PathBuf>);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Result<State> {
+    check_id(&args.id)?;
+    if args.preserve_fds > 0 {
+        bail!("--preserve-fds is not supported");
+    }
+    let bundle = fs::canonicalize(&args.bundle)
+        .with_context(|| format!("bundle {}", args.bundle.display()))?;
+    let oci = spec::load(&bundle)?;
+    let init = spec::init_spec(&oci, &bundle, &args.id)?;
+    if init.process.terminal && args.console_socket.is_none() {
+        bail!("process.terminal is true: --console-socket is required");
+    }
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let dir = root.join(&args.id);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("container with id {} exists", args.id)
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let mut guard = DirGuard(Some(dir.clone()));
+    let fifo = dir.join("exec.fifo");
+    let fifo_c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
+    // SAFETY: mkfifo on a NUL-terminated path.
+    if unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o622) } == -1 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("creating {}", fifo.display()));
+    }
+    let console_socket = args
+        .console_socket
+        .as_deref()
+        .map(connect_console)
+        .transpose()?;
+    let created = container::runtime::create(
+        &init,
+        container::runtime::CreateOptions {
+            exec_fifo: fifo,
+            console_socket,
+            die_with_parent,
+        },
+    )?;
+    let state = State::new(
+        root,
+        &args.id,
+        created.pid,
+        &bundle,
+        &spec::rootfs_path(&oci, &bundle),
+        oci.annotations().clone().unwrap_or_default(),
+        created.cgroups,
+    );
+    let saved = state.save(root).and_then(|()| match &args.pid_file {
+        Some(p) => write_pid_file(p, created.pid),
+        None => Ok(()),
+    });
+    if let Err(e) = saved {
+        destroy(&state, root);
+        return Err(e);
+    }
+    guard.0 = None;
+    Ok(state)
+}
+
+/// Kills the init (and so its PID namespace), removes cgroups and state.
+fn destroy(state: &State, root: &Path) {
+    if state.status() != Status::Stopped {
+        // SAFETY: kill has no memory-safety preconditions; the pid is checked against the
+        // recorded start time by status().
+        unsafe { libc::kill(state.pid, libc::SIGKILL) };
+        state.wait_gone(Duration::from_secs(5));
+    }
+    state.cgroups().remove();
+    let _ = fs::remove_dir_all(root.join(&state.id));
+}
+
+fn start(root: &Path, id: &str) -> Result<()> {
+    let state = State::load(root, id)?;
+    match state.status() {
+        Status::Created => {}
+        Status::Running => bail!("cannot start an already running container"),
+        Status::Stopped => bail!("cannot start a container that has stopped"),
+    }
+    let fifo = root.join(id).join("exec.fifo");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .with_context(|| format!("opening {}", fifo.display()))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // The init opens its end for writing once we are a reader and writes one byte.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut byte = [0u8; 1];
+        // SAFETY: reading one byte into a stack buffer from a descriptor we own.
+        let n = unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+        if n == 1 {
+            break;
+        }
+        if state.status() == Status::Stopped {
+            let _ = fs::remove_file(&fifo);
+            bail!("the container's init process exited before start");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the container's init process did not take the start signal");
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 20) };
+    }
+    fs::remove_file(&fifo).with_context(|| format!("removing {}", fifo.display()))?;
+    Ok(())
+}
+
+/// A signal by name (KILL, SIGKILL) or number.
+fn parse_signal(s: &str) -> Result<libc::c_int> {
+    if let Ok(n) = s.parse::<libc::c_int>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("invalid signal {s}");
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let sig = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ILL" => libc::SIGILL,
+        "TRAP" => libc::SIGTRAP,
+        "ABRT" | "IOT" => libc::SIGABRT,
+        "BUS" => libc::SIGBUS,
+        "FPE" => libc::SIGFPE,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "SEGV" => libc::SIGSEGV,
+        "USR2" => libc::SIGUSR2,
+        "PIPE" => libc::SIGPIPE,
+        "ALRM" => libc::SIGALRM,
+        "TERM" => libc::SIGTERM,
+        "STKFLT" => libc::SIGSTKFLT,
+        "CHLD" | "CLD" => libc::SIGCHLD,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "TSTP" => libc::SIGTSTP,
+        "TTIN" => libc::SIGTTIN,
+        "TTOU" => libc::SIGTTOU,
+        "URG" => libc::SIGURG,
+        "XCPU" => libc::SIGXCPU,
+        "XFSZ" => libc::SIGXFSZ,
+        "VTALRM" => libc::SIGVTALRM,
+        "PROF" => libc::SIGPROF,
+        "WINCH" => libc::SIGWINCH,
+        "IO" | "POLL" => libc::SIGIO,
+        "PWR" => libc::SIGPWR,
+        "SYS" => libc::SIGSYS,
+        _ => bail!("unknown signal {s:?}"),
+    };
+    Ok(sig)
+}
+
+fn kill(root: &Path, id: &str, signal: &str, all: bool) -> Result<()> {
+    let sig = parse_signal(signal)?;
+    let state = State::load(root, id)?;
+    if all {
+        for pid in state.cgroups().pids() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, sig) };
+        }
+        return Ok(());
+    }
+    if state.status() == Status::Stopped {
+        bail!("container not running");
+    }
+    // SAFETY: kill has no memory-safety preconditions; status() checked the pid.
+    if unsafe { libc::kill(state.pid, sig) } == -1 {
+        return Err(std::io::Error::last_os_error()).context("signalling the container");
+    }
+    Ok(())
+}
+
+fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
+    let state = match State::load(root, id) {
+        Ok(s) => s,
+        Err(e) if force && !root.join(id).exists() => {
+            // runc: deleting a container that is not there with --force is not an error.
+            let _ = e;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    match state.status() {
+        Status::Running if !force => {
+            bail!("cannot delete container {id} that is not stopped: running")
+        }
+        _ => {}
+    }
+    destroy(&state, root);
+    Ok(())
+}
+
+fn run(root: &Path, args: &CreateArgs, detach: bool) -> Result<ExitCode> {
+    // Without --detach we are the init's parent: its status comes to us.
+    let state = create_container(root, args, !detach)?;
+    if let Err(e) = start(root, &args.id) {
+        destroy(&state, root);
+        return Err(e);
+    }
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = wait_child(state.pid);
+    destroy(&state, root);
+    Ok(ExitCode::from(status?))
+}
+
+/// Waits for our child `pid`; returns the shell-style exit code.
+fn wait_child(pid: libc::pid_t) -> Result<u8> {
+    let mut raw = 0;
+    loop {
+        // SAFETY: waitpid writes the status into `raw`.
+        let ret = unsafe { libc::waitpid(pid, &mut raw, 0) };
+        if ret == -1 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e).context("waiting for the container");
+        }
+        break;
+    }
+    Ok(if libc::WIFSIGNALED(raw) {
+        128u8.saturating_add(libc::WTERMSIG(raw) as u8)
+    } else {
+        libc::WEXITSTATUS(raw) as u8
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn exec(
+    root: &Path,
+    id: &str,
+    process_file: Option<&Path>,
+    args: &[String],
+    tty: bool,
+    detach: bool,
+    pid_file: Option<&Path>,
+    console_socket: Option<&Path>,
+) -> Result<ExitCode> {
+    let state = State::load(root, id)?;
+    if state.status() != Status::Running {
+        bail!(
+            "cannot exec in a container that is not running ({})",
+            state.status()
+        );
+    }
+    let bundle = PathBuf::from(&state.bundle);
+    let oci = spec::load(&bundle)?;
+    let process = match process_file {
+        Some(path) => spec::process(&spec::load_process(path)?)?,
+        None => {
+            if args.is_empty() {
+                bail!("exec needs --process FILE or a command");
+            }
+            let base = oci
+                .process()
+                .as_ref()
+                .ok_or_else(|| anyhow!("config.json has no process"))?;
+            let mut p = spec::process(base)?;
+            p.args = args.to_vec();
+            p.terminal = tty;
+            p
+        }
+    };
+    let seccomp = match oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        Some(s) => spec::seccomp(s)?,
+        None => Vec::new(),
+    };
+    let console = console_socket.map(connect_console).transpose()?;
+    let pid = container::runtime::exec(state.pid, &state.cgroups(), &process, &seccomp, console)?;
+    if let Some(path) = pid_file {
+        if let Err(e) = write_pid_file(path, pid) {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = wait_child(pid);
+            return Err(e);
+        }
+    }
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    Ok(ExitCode::from(wait_child(pid)?))
+}

@@ -1,0 +1,303 @@
+//! OCI config.json and process.json, turned into `container::runtime` specs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use container::runtime::{
+    capability_number, is_clean_container_path, InitSpec, MountSpec, NamespaceSpec, ProcessSpec,
+};
+use container::seccomp::{Action, ArgCmp, ArgOp, Profile, Programs, SyscallRule};
+use container::CapSets;
+use oci_spec::runtime::{
+    Arch, LinuxNamespaceType, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator,
+    PosixRlimitType, Process, Spec,
+};
+
+/// Reads and parses `<bundle>/config.json`.
+pub fn load(bundle: &Path) -> Result<Spec> {
+    let path = bundle.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid OCI config: {e}", path.display()))
+}
+
+/// Reads and parses an OCI process (`exec --process`).
+pub fn load_process(path: &Path) -> Result<Process> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid OCI process: {e}", path.display()))
+}
+
+fn cap_mask(set: Option<&std::collections::HashSet<oci_spec::runtime::Capability>>) -> Result<u64> {
+    let mut mask = 0u64;
+    for cap in set.into_iter().flatten() {
+        let name = cap.to_string();
+        let bit =
+            capability_number(&name).ok_or_else(|| anyhow!("unknown capability CAP_{name}"))?;
+        mask |= 1 << bit;
+    }
+    Ok(mask)
+}
+
+fn rlimit_number(typ: PosixRlimitType) -> libc::c_int {
+    (match typ {
+        PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
+        PosixRlimitType::RlimitFsize => libc::RLIMIT_FSIZE,
+        PosixRlimitType::RlimitData => libc::RLIMIT_DATA,
+        PosixRlimitType::RlimitStack => libc::RLIMIT_STACK,
+        PosixRlimitType::RlimitCore => libc::RLIMIT_CORE,
+        PosixRlimitType::RlimitRss => libc::RLIMIT_RSS,
+        PosixRlimitType::RlimitNproc => libc::RLIMIT_NPROC,
+        PosixRlimitType::RlimitNofile => libc::RLIMIT_NOFILE,
+        PosixRlimitType::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+        PosixRlimitType::RlimitAs => libc::RLIMIT_AS,
+        PosixRlimitType::RlimitLocks => libc::RLIMIT_LOCKS,
+        PosixRlimitType::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+        PosixRlimitType::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+        PosixRlimitType::RlimitNice => libc::RLIMIT_NICE,
+        PosixRlimitType::RlimitRtprio => libc::RLIMIT_RTPRIO,
+        PosixRlimitType::RlimitRttime => libc::RLIMIT_RTTIME,
+    }) as libc::c_int
+}
+
+/// An OCI process as a runtime-neutral one.
+pub fn process(p: &Process) -> Result<ProcessSpec> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        bail!("process.args must name a command");
+    }
+    let caps = match p.capabilities() {
+        Some(c) => CapSets {
+            bounding: cap_mask(c.bounding().as_ref())?,
+            effective: cap_mask(c.effective().as_ref())?,
+            permitted: cap_mask(c.permitted().as_ref())?,
+            inheritable: cap_mask(c.inheritable().as_ref())?,
+            ambient: cap_mask(c.ambient().as_ref())?,
+        },
+        None => CapSets::default(),
+    };
+    let cwd = p.cwd().to_string_lossy().into_owned();
+    if !cwd.starts_with('/') {
+        bail!("process.cwd {cwd:?} must be an absolute path");
+    }
+    Ok(ProcessSpec {
+        args,
+        env: p.env().clone().unwrap_or_default(),
+        cwd,
+        uid: p.user().uid(),
+        gid: p.user().gid(),
+        additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
+        umask: p.user().umask(),
+        caps,
+        rlimits: p
+            .rlimits()
+            .iter()
+            .flatten()
+            .map(|r| (rlimit_number(r.typ()), r.soft(), r.hard()))
+            .collect(),
+        no_new_privs: p.no_new_privileges().unwrap_or(false),
+        terminal: p.terminal().unwrap_or(false),
+        oom_score_adj: p.oom_score_adj(),
+    })
+}
+
+fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<Action> {
+    Ok(match a {
+        LinuxSeccompAction::ScmpActAllow => Action::Allow,
+        LinuxSeccompAction::ScmpActErrno => Action::Errno(errno.unwrap_or(libc::EPERM as u32)),
+        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => {
+            Action::KillThread
+        }
+        LinuxSeccompAction::ScmpActKillProcess => Action::KillProcess,
+        LinuxSeccompAction::ScmpActTrap => Action::Trap,
+        LinuxSeccompAction::ScmpActLog => Action::Log,
+        other => bail!("linux.seccomp: action {other:?} is not supported"),
+    })
+}
+
+/// OCI `linux.seccomp` compiled to BPF (x86-64 only).
+pub fn seccomp(s: &LinuxSeccomp) -> Result<Programs> {
+    if let Some(arches) = s.architectures() {
+        if !arches.is_empty() && !arches.contains(&Arch::ScmpArchX86_64) {
+            bail!("linux.seccomp: only SCMP_ARCH_X86_64 is supported");
+        }
+    }
+    if s.listener_path().is_some() {
+        bail!("linux.seccomp: listenerPath (user notification) is not supported");
+    }
+    let mut syscalls = Vec::new();
+    for rule in s.syscalls().iter().flatten() {
+        let mut args = Vec::new();
+        for a in rule.args().iter().flatten() {
+            let op = match a.op() {
+                LinuxSeccompOperator::ScmpCmpNe => ArgOp::Ne,
+                LinuxSeccompOperator::ScmpCmpLt => ArgOp::Lt,
+                LinuxSeccompOperator::ScmpCmpLe => ArgOp::Le,
+                LinuxSeccompOperator::ScmpCmpEq => ArgOp::Eq,
+                LinuxSeccompOperator::ScmpCmpGe => ArgOp::Ge,
+                LinuxSeccompOperator::ScmpCmpGt => ArgOp::Gt,
+                LinuxSeccompOperator::ScmpCmpMaskedEq => ArgOp::MaskedEq(a.value()),
+            };
+            let value = match op {
+                ArgOp::MaskedEq(_) => a.value_two().unwrap_or(0),
+                _ => a.value(),
+            };
+            let index = u8::try_from(a.index())
+                .ok()
+                .filter(|i| *i < 6)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "linux.seccomp: argument index {} is out of range",
+                        a.index()
+                    )
+                })?;
+            args.push(ArgCmp { index, op, value });
+        }
+        syscalls.push(SyscallRule {
+            names: rule.names().clone(),
+            action: action(rule.action(), rule.errno_ret().or(s.default_errno_ret()))?,
+            args,
+        });
+    }
+    let profile = Profile {
+        default_action: action(s.default_action(), s.default_errno_ret())?,
+        syscalls,
+    };
+    Ok(container::seccomp::compile_profile(&profile)?)
+}
+
+/// config.json as a runtime-neutral init spec.
+pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
+    let Some(root) = spec.root() else {
+        bail!("config.json has no root");
+    };
+    let root_path = if root.path().is_absolute() {
+        root.path().clone()
+    } else {
+        bundle.join(root.path())
+    };
+    let Some(process_oci) = spec.process() else {
+        bail!("config.json has no process");
+    };
+    let process = process(process_oci)?;
+    let linux = spec.linux().clone().unwrap_or_default();
+    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
+        bail!("user namespaces (uidMappings) are not supported");
+    }
+    let mut namespaces = Vec::new();
+    for ns in linux.namespaces().iter().flatten() {
+        let kind = match ns.typ() {
+            LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
+            LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
+            LinuxNamespaceType::Network => libc::CLONE_NEWNET,
+            LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+            LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+            LinuxNamespaceType::User => bail!("user namespaces are not supported"),
+            LinuxNamespaceType::Time => bail!("time namespaces are not supported"),
+        };
+        if namespaces.iter().any(|n: &NamespaceSpec| n.kind == kind) {
+            bail!("namespace {} is listed twice", ns.typ());
+        }
+        namespaces.push(NamespaceSpec {
+            kind,
+            path: ns.path().clone(),
+        });
+    }
+    let mounts = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .map(|m| MountSpec {
+            destination: m.destination().to_string_lossy().into_owned(),
+            kind: m.typ().clone().unwrap_or_default(),
+            source: m.source().clone(),
+            options: m.options().clone().unwrap_or_default(),
+        })
+        .collect();
+    let check_paths = |what: &str, paths: &Option<Vec<String>>| -> Result<Vec<String>> {
+        let paths = paths.clone().unwrap_or_default();
+        if let Some(bad) = paths.iter().find(|p| !is_clean_container_path(p)) {
+            bail!("{what}: {bad:?} is not an absolute path without '..'");
+        }
+        Ok(paths)
+    };
+    let mut limits = container::Limits::default();
+    if let Some(res) = linux.resources() {
+        if let Some(limit) = res.memory().as_ref().and_then(|m| m.limit()) {
+            if limit > 0 {
+                limits.memory = Some(limit as u64);
+            }
+        }
+        if let Some(cpu) = res.cpu() {
+            if let Some(quota) = cpu.quota().filter(|q| *q > 0) {
+                limits.cpu = Some(container::CpuLimit {
+                    quota_us: quota as u64,
+                    period_us: cpu.period().unwrap_or(container::CPU_PERIOD_US),
+                });
+            }
+        }
+        if let Some(pids) = res.pids() {
+            if pids.limit() > 0 {
+                limits.pids = Some(pids.limit() as u64);
+            }
+        }
+    }
+    let cgroups_path = match linux.cgroups_path() {
+        Some(p) => {
+            let s = p.to_string_lossy().into_owned();
+            if s.contains(':') {
+                bail!("linux.cgroupsPath {s:?} looks like a systemd slice:name:id; systemd cgroups are not supported");
+            }
+            if Path::new(&s)
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                bail!("linux.cgroupsPath {s:?} must not contain '..'");
+            }
+            s
+        }
+        None => format!("/{id}"),
+    };
+    let seccomp = match linux.seccomp() {
+        Some(s) => seccomp(s)?,
+        None => Vec::new(),
+    };
+    let mut sysctl: Vec<(String, String)> = linux
+        .sysctl()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    sysctl.sort();
+    Ok(InitSpec {
+        bundle: bundle.to_path_buf(),
+        root: root_path,
+        readonly_root: root.readonly().unwrap_or(false),
+        mounts,
+        namespaces,
+        hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+        masked_paths: check_paths("linux.maskedPaths", linux.masked_paths())?,
+        readonly_paths: check_paths("linux.readonlyPaths", linux.readonly_paths())?,
+        sysctl,
+        rootfs_propagation: linux.rootfs_propagation().clone().filter(|p| !p.is_empty()),
+        process,
+        cgroups_path,
+        limits,
+        seccomp,
+    })
+}
+
+/// The root path as state reports it (absolute).
+pub fn rootfs_path(spec: &Spec, bundle: &Path) -> PathBuf {
+    spec.root()
+        .as_ref()
+        .map(|r| {
+            if r.path().is_absolute() {
+                r.path().clone()
+            } else {
+                bundle.join(r.path())
+            }
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,559 @@
+//! End-to-end tests of `vessel-runc` (the OCI runtime) and of the default seccomp filter.
+//!
+//! They need root, a static busybox (Debian's busybox-static) and, for the containerd
+//! test, `containerd` and `ctr` (Debian's containerd package). Without them each test
+//! prints `NOT RUN` with the reason. Tests run one at a time (the leftover checks look at
+//! the whole host).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const RUNC: &str = env!("CARGO_BIN_EXE_vessel-runc");
+const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
+
+fn is_static_elf(path: &Path) -> bool {
+    let Ok(bytes) = fs::read(path) else {
+        return false;
+    };
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        bytes
+            .get(o..o + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
+    })
+}
+
+struct Env {
+    rootfs: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+fn env() -> Option<Env> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("NOT RUN: containers need root");
+        return None;
+    }
+    let Some(busybox) = [
+        PathBuf::from("/usr/bin/busybox"),
+        PathBuf::from("/bin/busybox"),
+        guest::default_data_dir().join("busybox/busybox"),
+    ]
+    .into_iter()
+    .find(|p| is_static_elf(p)) else {
+        println!("NOT RUN: no static busybox (install Debian's busybox-static)");
+        return None;
+    };
+    let rootfs = Path::new(env!("CARGO_TARGET_TMPDIR")).join("runc-busybox-root");
+    container::rootfs::build_busybox_root(&busybox, &rootfs).expect("building the test root");
+    Some(Env {
+        rootfs,
+        _serial: serial,
+    })
+}
+
+/// Mounts, vessel-runc state and test cgroups present on the host.
+fn host_state(root: &Path) -> BTreeSet<String> {
+    let mut state = BTreeSet::new();
+    for line in fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
+        if line.contains("runc-busybox-root") || line.contains("vessel-runc-test") {
+            state.insert(format!("mount {line}"));
+        }
+    }
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        state.insert(format!("state {}", entry.path().display()));
+    }
+    for entry in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = entry.path().join("vessel-runc-test");
+        if dir.exists() {
+            state.insert(format!("cgroup {}", dir.display()));
+        }
+    }
+    state
+}
+
+/// A bundle whose config.json is runc's default spec, edited by the test.
+struct Bundle {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Bundle {
+    fn new(env: &Env, args: &[&str]) -> Bundle {
+        let dir = tempfile::Builder::new()
+            .prefix("vessel-runc-test")
+            .tempdir()
+            .unwrap();
+        let root = dir.path().join("state");
+        let b = Bundle { dir, root };
+        b.write_config(&default_config(&env.rootfs, args));
+        b
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write_config(&self, config: &serde_json::Value) {
+        fs::write(
+            self.path().join("config.json"),
+            serde_json::to_vec_pretty(config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn runc(&self, args: &[&str]) -> Output {
+        let log = self.path().join("log.json");
+        let out_path = self.path().join("stdout");
+        let err_path = self.path().join("stderr");
+        let status = Command::new(RUNC)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&log)
+            .args(["--log-format", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            // Files, not pipes: a created container keeps its stdio open, and a pipe would
+            // not reach EOF until the container exits (containerd passes FIFOs).
+            .stdout(fs::File::create(&out_path).unwrap())
+            .stderr(fs::File::create(&err_path).unwrap())
+            .status()
+            .unwrap();
+        Output {
+            status,
+            stdout: fs::read(&out_path).unwrap(),
+            stderr: fs::read(&err_path).unwrap(),
+        }
+    }
+
+    fn log_errors(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.path().join("log.json"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON log line"))
+            .filter(|v| v["level"] == "error")
+            .collect()
+    }
+
+    fn state(&self, id: &str) -> serde_json::Value {
+        let out = self.runc(&["state", id]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// runc's `runc spec` defaults (the fields that matter), with `args` and a test cgroup.
+fn default_config(rootfs: &Path, args: &[&str]) -> serde_json::Value {
+    let caps = serde_json::json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "ambient": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": rootfs, "readonly": true},
+        "hostname": "runc-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "linux": {
+            "resources": {"memory": {"limit": 67108864}, "pids": {"limit": 64}, "cpu": {"quota": 50000, "period": 100000}},
+            "cgroupsPath": "/vessel-runc-test/c",
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn run_prints_and_exits_with_status() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["sh", "-c", "echo hi from $(hostname); exit 3"]);
+    let before = host_state(&b.root);
+    let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "r1"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi from runc-test\n");
+    assert_eq!(host_state(&b.root), before);
+}
+
+#[test]
+fn lifecycle_create_start_state_exec_ps_kill_delete() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(
+        &env,
+        &["sh", "-c", "echo started > /tmp/x; exec sleep 1000"],
+    );
+    let before = host_state(&b.root);
+    let bundle = b.path().to_str().unwrap().to_owned();
+    let pid_file = b.path().join("init.pid");
+    let out = b.runc(&[
+        "create",
+        "--bundle",
+        &bundle,
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "c1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let pid: i32 = fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    let state = b.state("c1");
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["pid"], pid);
+    assert_eq!(state["id"], "c1");
+    assert_eq!(state["bundle"], bundle.as_str());
+    assert!(state["created"].as_str().unwrap().ends_with('Z'));
+
+    let dup = b.runc(&["create", "--bundle", &bundle, "c1"]);
+    assert!(!dup.status.success());
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("container with id c1 exists"),
+        "{}",
+        text(&dup)
+    );
+    assert_eq!(
+        b.state("c1")["status"],
+        "created",
+        "a duplicate leaves the first alone"
+    );
+
+    let out = b.runc(&["start", "c1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(b.state("c1")["status"], "running");
+
+    let list = b.runc(&["list", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list[0]["id"], "c1");
+    assert_eq!(list[0]["status"], "running");
+
+    // exec as the containerd shim does: --process FILE, detached, with a pid file.
+    let process = serde_json::json!({
+        "args": ["sh", "-c", "cat /tmp/x; hostname; echo $FOO"],
+        "env": ["PATH=/bin:/usr/bin", "FOO=bar"],
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0}
+    });
+    let process_file = b.path().join("process.json");
+    fs::write(&process_file, process.to_string()).unwrap();
+    let out = b.runc(&["exec", "--process", process_file.to_str().unwrap(), "c1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "started\nrunc-test\nbar\n"
+    );
+
+    let ps = b.runc(&["ps", "--format", "json", "c1"]);
+    let pids: Vec<i32> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert_eq!(pids, vec![pid], "{}", text(&ps));
+
+    let refused = b.runc(&["delete", "c1"]);
+    assert!(
+        !refused.status.success(),
+        "a running container is not deleted"
+    );
+    let out = b.runc(&["kill", "c1", "KILL"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The init is our grandchild, reparented to init(1) or a subreaper: not ours to reap.
+    wait_until("the container to stop", || {
+        b.state("c1")["status"] == "stopped"
+    });
+    let out = b.runc(&["delete", "c1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let gone = b.runc(&["state", "c1"]);
+    assert!(!gone.status.success());
+    assert!(b.log_errors().iter().any(|e| e["msg"]
+        .as_str()
+        .unwrap()
+        .contains("container c1 does not exist")));
+    assert_eq!(host_state(&b.root), before);
+}
+
+#[test]
+fn kill_all_and_force_delete_of_created() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["sleep", "1000"]);
+    let before = host_state(&b.root);
+    let bundle = b.path().to_str().unwrap().to_owned();
+    assert!(b
+        .runc(&["create", "--bundle", &bundle, "k1"])
+        .status
+        .success());
+    // A created container may be deleted (its init never ran the command).
+    let out = b.runc(&["delete", "k1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(host_state(&b.root), before);
+
+    assert!(b
+        .runc(&["run", "--detach", "--bundle", &bundle, "k2"])
+        .status
+        .success());
+    assert_eq!(b.state("k2")["status"], "running");
+    let out = b.runc(&["kill", "--all", "k2", "9"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("the container to stop", || {
+        b.state("k2")["status"] == "stopped"
+    });
+    assert!(b.runc(&["delete", "--force", "k2"]).status.success());
+    assert!(b
+        .runc(&["delete", "--force", "never-existed"])
+        .status
+        .success());
+    assert_eq!(host_state(&b.root), before);
+}
+
+#[test]
+fn bad_bundles_fail_cleanly() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let before = host_state(&b.root);
+    let bundle = b.path().to_str().unwrap().to_owned();
+    let mut cases: Vec<(&str, serde_json::Value, &str)> = Vec::new();
+    let mut unknown_ns = default_config(&env.rootfs, &["true"]);
+    unknown_ns["linux"]["namespaces"][0]["type"] = "bogus".into();
+    cases.push(("unknown namespace", unknown_ns, "bogus"));
+    let mut missing_root = default_config(&env.rootfs, &["true"]);
+    missing_root["root"]["path"] = "/nonexistent/root".into();
+    cases.push(("missing root", missing_root, "/nonexistent/root"));
+    let mut no_cmd = default_config(&env.rootfs, &["/no/such/command"]);
+    no_cmd["process"]["args"] = serde_json::json!(["/no/such/command"]);
+    cases.push(("missing command", no_cmd, "/no/such/command"));
+    for (what, config, needle) in cases {
+        b.write_config(&config);
+        let _ = fs::remove_file(b.path().join("log.json"));
+        let out = b.runc(&["create", "--bundle", &bundle, "bad"]);
+        assert!(!out.status.success(), "{what}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr}");
+        assert!(stderr.contains(needle), "{what}: {stderr}");
+        let errors = b.log_errors();
+        assert_eq!(errors.len(), 1, "{what}");
+        assert!(
+            errors[0]["msg"].as_str().unwrap().contains(needle),
+            "{what}"
+        );
+        assert!(errors[0]["time"].is_string());
+        assert_eq!(host_state(&b.root), before, "{what}: nothing left");
+    }
+    fs::write(b.path().join("config.json"), "{ not json").unwrap();
+    let out = b.runc(&["create", "--bundle", &bundle, "bad"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid OCI config"));
+    assert!(b.runc(&["--systemd-cgroup", "list"]).status.code() == Some(1));
+    assert_eq!(host_state(&b.root), before);
+}
+
+#[test]
+fn oci_seccomp_profile_is_honoured() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "mkdir /tmp/d && echo made; hostname x || echo denied",
+        ],
+    );
+    let mut config = default_config(
+        &env.rootfs,
+        &[
+            "sh",
+            "-c",
+            "mkdir /tmp/d && echo made; hostname x || echo denied",
+        ],
+    );
+    config["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    // CAP_SYS_ADMIN, so that only seccomp stands between the command and sethostname.
+    config["process"]["capabilities"]["bounding"] = serde_json::json!(["CAP_SYS_ADMIN"]);
+    config["process"]["capabilities"]["effective"] = serde_json::json!(["CAP_SYS_ADMIN"]);
+    config["process"]["capabilities"]["permitted"] = serde_json::json!(["CAP_SYS_ADMIN"]);
+    b.write_config(&config);
+    let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "s1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "made\ndenied\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
+}
+
+#[test]
+fn default_seccomp_filter_in_vessel_run_container() {
+    let Some(env) = env() else { return };
+    // Without CAP_SYS_ADMIN mount and unshare -m fail anyway; a user namespace needs no
+    // privilege at all, so `unshare -U` shows the filter itself at work.
+    let script = "unshare -m true; unshare -U true; mount -t tmpfs none /mnt; \
+                  swapoff /bin/busybox; echo ok; ls / >/dev/null && echo ls-ok; \
+                  sh -c 'exit 0' && echo fork-ok; grep Seccomp_filters /proc/self/status";
+    let out = Command::new(VESSEL)
+        .args(["run", "--container", "--rootfs"])
+        .arg(&env.rootfs)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "unshare(0x20000): Operation not permitted",
+        "unshare(0x10000000): Operation not permitted",
+        "mount: permission denied",
+        "swapoff: /bin/busybox: Operation not permitted",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\nls-ok\nfork-ok\nSeccomp_filters:\t2\n"
+    );
+}
+
+/// containerd on private paths, stopped (and its leftovers checked) when dropped.
+struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn ctr_run_with_vessel_runc() {
+    let Some(env) = env() else { return };
+    if !have("containerd") || !have("ctr") {
+        println!("NOT RUN: containerd and ctr are not installed (apt-get install containerd)");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("vessel-runc-test-ctrd")
+        .tempdir()
+        .unwrap();
+    let sock = dir.path().join("containerd.sock");
+    let config = format!(
+        "version = 2\nroot = {root:?}\nstate = {state:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = {sock:?}\n",
+        root = dir.path().join("root"),
+        state = dir.path().join("state"),
+    );
+    fs::write(dir.path().join("config.toml"), config).unwrap();
+    let log = fs::File::create(dir.path().join("containerd.log")).unwrap();
+    let child = Command::new("containerd")
+        .arg("--config")
+        .arg(dir.path().join("config.toml"))
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--address")
+        .arg(&sock)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ctrd = Containerd { child, dir };
+    wait_until("containerd's socket", || ctrd.socket().exists());
+    let id = format!("vessel-runc-test-{}", std::process::id());
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(ctrd.socket())
+        .args(["run", "--rm", "--runc-binary", RUNC, "--rootfs"])
+        .arg(&env.rootfs)
+        .args([id.as_str(), "/bin/sh", "-c", "echo ok"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    drop(ctrd);
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("vessel-runc-test"), "nothing left mounted");
+    assert!(
+        !Path::new("/run/containerd/runc/default").join(&id).exists(),
+        "no state left"
+    );
+    for entry in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        assert!(
+            !entry.path().join("default").join(&id).exists(),
+            "no cgroup left"
+        );
+    }
+}
