@@ -60,3 +60,27 @@ printf 'vessel run --container -- true: %.2f ms\n' "$v"
 printf 'runc run (busybox bundle):      %.2f ms\n' "$r"
 printf 'vessel-runc run (same bundle):  %.2f ms\n' "$o"
 python3 -c "import sys; print('ratio vessel/runc: %.2f' % (float(sys.argv[1]) / float(sys.argv[2])))" "$v" "$r"
+
+# Peak memory (largest resident set among the process and everything it waited for),
+# one run each, measured by the kernel's rusage accounting.
+peak_kib() {
+  python3 -c 'import resource, subprocess, sys
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)' "$@"
+}
+# shellcheck disable=SC2086
+printf 'peak RSS: vessel %s KiB, runc %s KiB, vessel-runc %s KiB\n' \
+  "$(peak_kib $v_cmd)" "$(peak_kib $r_cmd)" "$(peak_kib $o_cmd)"
+
+# crun, where the host allows it (it refuses hybrid cgroup hosts).
+if command -v crun >/dev/null; then
+  if crun run --bundle "$bundle" vessel-bench-crun >/dev/null 2>"$bundle/crun.err"; then
+    c_cmd="crun run --bundle $bundle vessel-bench-crun"
+    start=$(date +%s%N); for _ in $(seq "$runs"); do $c_cmd >/dev/null; done; end=$(date +%s%N)
+    printf 'crun run (same bundle):         %.2f ms\n' "$(echo "scale=3; ($end - $start) / 1000000 / $runs" | bc)"
+  else
+    echo "crun: refused on this host: $(head -n 1 "$bundle/crun.err")"
+  fi
+else
+  echo "crun: not installed (apt-get install crun)"
+fi
