@@ -579,3 +579,35 @@ fn errors_are_one_clear_line() {
         .unwrap();
     assert!(stderr(&out).contains("VMs only"), "{}", stderr(&out));
 }
+
+/// `-t` gives the command a terminal of its own (the container's /dev/pts/0) with the
+/// host terminal's window size; `script` provides the host-side terminal.
+#[test]
+fn tty_flag_gives_a_pseudo_terminal_with_the_window_size() {
+    let Some(env) = env() else { return };
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("NOT RUN: util-linux `script` is not installed");
+        return;
+    }
+    let before = host_state();
+    let inner = format!(
+        "stty rows 33 cols 101; {VESSEL} run --container -t --rootfs {} -- sh -c 'tty; stty size; test -t 0 && echo stdin-is-a-tty'",
+        env.rootfs.display()
+    );
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &inner, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running script");
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "output: {text} stderr: {}",
+        stderr(&out)
+    );
+    assert!(text.contains("/dev/pts/0"), "{text:?}");
+    assert!(text.contains("33 101"), "{text:?}");
+    assert!(text.contains("stdin-is-a-tty"), "{text:?}");
+    assert_eq!(host_state(), before, "vessel left state behind");
+}
