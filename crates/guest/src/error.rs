@@ -15,6 +15,21 @@ pub enum Error {
     )]
     NoMirror { apt_dir: PathBuf },
 
+    /// The configured security mirror could not be reached or failed verification.
+    ///
+    /// Deliberately fatal: quietly carrying on with `bookworm` alone would let whoever
+    /// blocks or forges the security archive hold the guest back on an older kernel.
+    #[error(
+        "Debian security mirror {mirror} (bookworm-security) cannot be used: {source}; \
+         set VESSEL_DEBIAN_SECURITY_MIRROR= (empty) to fetch from bookworm alone, \
+         without security updates"
+    )]
+    SecurityMirror {
+        mirror: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     /// The mirror (or a URL built from it) uses a scheme we cannot fetch.
     #[error("unsupported URL {url:?}: only http://, https:// and file:// are supported")]
     UnsupportedUrl { url: String },

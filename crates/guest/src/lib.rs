@@ -7,6 +7,10 @@
 //! the initramfs and caches the result under the data directory. Later calls are answered
 //! from that cache without touching the network.
 //!
+//! Kernel security fixes reach `bookworm-security` weeks before a point release folds them
+//! into `bookworm`, so when a security mirror is known its index is verified the same way
+//! and the newer of the two kernels wins. busybox always comes from `bookworm`.
+//!
 //! The guest side of the protocol (how the command gets in and its exit status gets out)
 //! is documented on [`INIT_SCRIPT`] and [`command_line_for`].
 
@@ -32,7 +36,10 @@ pub use cmdline::{command_line_for, CMD_PARAM, KERNEL_COMMAND_LINE_MAX};
 pub use error::{Error, Result};
 pub use gpg::{DEFAULT_KEYRING, KEYRING_ENV};
 pub use initramfs::{build_initramfs, INIT_SCRIPT};
-pub use mirror::{parse_deb822_sources, parse_sources_list, MIRROR_ENV};
+pub use mirror::{
+    parse_deb822_sources, parse_deb822_sources_for, parse_sources_list, parse_sources_list_for,
+    MIRROR_ENV, SECURITY_MIRROR_ENV,
+};
 
 use download::Downloader;
 use index::{Checksum, PackageEntry};
@@ -44,7 +51,11 @@ pub const EXIT_STATUS_PORT: u16 = 0x501;
 pub const DATA_DIR_ENV: &str = "VESSEL_DATA_DIR";
 
 pub(crate) const SUITE: &str = "bookworm";
+/// Debian's security archive for [`SUITE`]; its Release carries this as its Codename too.
+pub(crate) const SECURITY_SUITE: &str = "bookworm-security";
 pub(crate) const COMPONENT: &str = "main";
+/// Relative to `dists/SUITE/` in both archives: the security Release lists its components
+/// as `updates/main` but its files (and the URLs that serve them) as `main/...`.
 const PACKAGES_PATH: &str = "main/binary-amd64/Packages.xz";
 const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -72,6 +83,11 @@ pub struct FetchOptions {
     /// Debian mirror URL (`http://`, `https://` or `file://`); `None`: `$VESSEL_DEBIAN_MIRROR`,
     /// else the host's apt sources.
     pub mirror: Option<String>,
+    /// Debian security mirror URL for `bookworm-security`; `Some("")` turns the security
+    /// archive off. `None`: `$VESSEL_DEBIAN_SECURITY_MIRROR` (empty also means off), else the
+    /// host's apt sources, else none (the kernel then comes from `bookworm` alone).
+    /// [`fetch_busybox`] does not use it.
+    pub security_mirror: Option<String>,
     /// Keyring for gpgv; `None`: `$VESSEL_DEBIAN_KEYRING`, else [`DEFAULT_KEYRING`].
     pub keyring: Option<PathBuf>,
     /// Show download progress bars on stderr (only when it is a terminal).
@@ -146,12 +162,18 @@ pub fn fetch(opts: &FetchOptions) -> Result<GuestImage> {
 /// Always goes to the mirror: fetches the current kernel and busybox, builds the guest and
 /// makes it the cached one (e.g. to pick up a new kernel). Older releases stay on disk.
 ///
+/// The kernel is the newest `linux-image-cloud-amd64` of `bookworm` and, if a security
+/// mirror is configured, `bookworm-security` (ties go to `bookworm`). A configured security
+/// mirror that cannot be reached or verified fails the fetch with
+/// [`Error::SecurityMirror`] rather than being skipped.
+///
 /// Everything is downloaded into a private temporary directory inside the data dir and
 /// only renamed into place once verified, so an error or interruption never leaves a
 /// partial file where [`cached`] would find it; on error that directory is removed.
 pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
     let data_dir = absolute(&opts.data_dir)?;
     let mirror = mirror::resolve(opts.mirror.as_deref())?;
+    let security_mirror = mirror::resolve_security(opts.security_mirror.as_deref())?;
     let keyring = gpg::resolve_keyring(opts.keyring.as_deref())?;
     fs::create_dir_all(&data_dir).map_err(|e| Error::io("create directory", &data_dir, e))?;
     // Resolve `..` and symlinks so the recorded paths are clean as well as absolute.
@@ -164,30 +186,64 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
     let work = work_dir.path();
     let downloader = Downloader::new(opts.progress);
 
-    let (entries, packages_url) = signed_packages(&downloader, &mirror, &keyring, work, |name| {
+    let main = signed_packages(&downloader, &mirror, SUITE, &keyring, work, |name| {
         name == KERNEL_METAPACKAGE || name == BUSYBOX_PACKAGE || is_cloud_kernel_package(name)
     })?;
+    // Every failure against the security mirror is wrapped so that the message names it
+    // and says how to opt out.
+    let in_security = |mirror: &str| {
+        let mirror = mirror.to_owned();
+        move |source: Error| Error::SecurityMirror {
+            mirror,
+            source: Box::new(source),
+        }
+    };
+    let security = match &security_mirror {
+        Some(sec) => Some(
+            signed_packages(&downloader, sec, SECURITY_SUITE, &keyring, work, |name| {
+                name == KERNEL_METAPACKAGE || is_cloud_kernel_package(name)
+            })
+            .map_err(in_security(sec))?,
+        ),
+        None => None,
+    };
 
-    // 3. The kernel the metapackage currently points at, and busybox.
-    let kernel_pkg = current_kernel(&entries, &packages_url)?;
+    // 3. The kernel the newest metapackage points at, resolved in that metapackage's own
+    // index and downloaded from that index's mirror; busybox from bookworm.
+    let kernel_index = newest_kernel_index(&main, security.as_ref());
+    let kernel =
+        current_kernel(&kernel_index.entries, &kernel_index.packages_url).and_then(|pkg| {
+            tracing::info!(
+                "kernel {} {} from {}",
+                pkg.name,
+                pkg.version,
+                kernel_index.suite
+            );
+            let deb = download_package(
+                &downloader,
+                &kernel_index.mirror,
+                pkg,
+                &kernel_index.packages_url,
+                &work.join("kernel.deb"),
+            )?;
+            Ok((pkg, deb))
+        });
+    let (kernel_pkg, kernel_deb) = if kernel_index.suite == SECURITY_SUITE {
+        kernel.map_err(in_security(&kernel_index.mirror))?
+    } else {
+        kernel?
+    };
     let busybox_pkg =
-        index::newest(&entries, BUSYBOX_PACKAGE).ok_or_else(|| Error::PackageNotFound {
+        index::newest(&main.entries, BUSYBOX_PACKAGE).ok_or_else(|| Error::PackageNotFound {
             package: BUSYBOX_PACKAGE.to_owned(),
-            url: packages_url.clone(),
+            url: main.packages_url.clone(),
         })?;
 
-    let kernel_deb = download_package(
-        &downloader,
-        &mirror,
-        kernel_pkg,
-        &packages_url,
-        &work.join("kernel.deb"),
-    )?;
     let busybox_deb = download_package(
         &downloader,
         &mirror,
         busybox_pkg,
-        &packages_url,
+        &main.packages_url,
         &work.join("busybox.deb"),
     )?;
 
@@ -246,18 +302,51 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
     Ok(image)
 }
 
-/// Steps shared by every fetch: downloads `InRelease`, verifies it with gpgv, then downloads
-/// `Packages.xz`, checks it against the signed digest and returns the entries `wanted`
-/// accepts, with the index's URL for error messages. Everything lands in `work`.
+/// The entries a verified package index yielded, and where they came from.
+struct SignedIndex {
+    /// Mirror root the index's `Filename`s are relative to.
+    mirror: String,
+    suite: &'static str,
+    entries: Vec<PackageEntry>,
+    /// The index's URL, for error messages.
+    packages_url: String,
+}
+
+/// The index whose `linux-image-cloud-amd64` has the highest version: `security` only if
+/// it has one strictly newer than `main`'s (or `main` has none), so a tie stays on the
+/// main archive.
+fn newest_kernel_index<'a>(
+    main: &'a SignedIndex,
+    security: Option<&'a SignedIndex>,
+) -> &'a SignedIndex {
+    let meta_version =
+        |i: &SignedIndex| index::newest(&i.entries, KERNEL_METAPACKAGE).map(|e| e.version.clone());
+    let Some(security) = security else {
+        return main;
+    };
+    match (meta_version(main), meta_version(security)) {
+        (Some(m), Some(s)) if index::compare_versions(&s, &m).is_gt() => security,
+        (None, Some(_)) => security,
+        _ => main,
+    }
+}
+
+/// Steps shared by every fetch: downloads `suite`'s `InRelease`, verifies it with gpgv,
+/// then downloads `Packages.xz`, checks it against the signed digest and returns the
+/// entries `wanted` accepts. Everything lands in `work/suite/`.
 fn signed_packages(
     downloader: &Downloader,
     mirror: &str,
+    suite: &'static str,
     keyring: &Path,
     work: &Path,
     wanted: impl FnMut(&str) -> bool,
-) -> Result<(Vec<PackageEntry>, String)> {
+) -> Result<SignedIndex> {
+    // Each suite gets its own directory, so two indexes never overwrite each other's files.
+    let work = &work.join(suite);
+    fs::create_dir(work).map_err(|e| Error::io("create directory", work, e))?;
     // 1. The signed Release file. Only what gpgv wrote out as verified is parsed.
-    let inrelease_url = format!("{mirror}/dists/{SUITE}/InRelease");
+    let inrelease_url = format!("{mirror}/dists/{suite}/InRelease");
     let inrelease = work.join("InRelease");
     let got = downloader.download(&inrelease_url, &inrelease, INRELEASE_LIMIT, None)?;
     if got.size > INRELEASE_LIMIT {
@@ -272,7 +361,7 @@ fn signed_packages(
     gpg::verify_clearsigned(&inrelease, &verified, keyring, &gnupg_home, &inrelease_url)?;
     let release = fs::read_to_string(&verified).map_err(|e| Error::io("read", &verified, e))?;
     let packages_sum =
-        index::release_checksum(&release, SUITE, PACKAGES_PATH).map_err(|reason| {
+        index::release_checksum(&release, suite, PACKAGES_PATH).map_err(|reason| {
             Error::Release {
                 url: inrelease_url.clone(),
                 reason,
@@ -280,7 +369,7 @@ fn signed_packages(
         })?;
 
     // 2. The package index, checked against the signed Release.
-    let packages_url = format!("{mirror}/dists/{SUITE}/{PACKAGES_PATH}");
+    let packages_url = format!("{mirror}/dists/{suite}/{PACKAGES_PATH}");
     let packages_xz = work.join("Packages.xz");
     downloader
         .download(
@@ -302,7 +391,12 @@ fn signed_packages(
         source: e,
     })?;
 
-    Ok((entries, packages_url))
+    Ok(SignedIndex {
+        mirror: mirror.to_owned(),
+        suite,
+        entries,
+        packages_url,
+    })
 }
 
 /// Where [`fetch_busybox`] keeps the static busybox binary, relative to the data dir.
@@ -329,19 +423,19 @@ pub fn fetch_busybox(opts: &FetchOptions) -> Result<PathBuf> {
         .map_err(|e| Error::io("create a temporary directory in", &dir, e))?;
     let work = work_dir.path();
     let downloader = Downloader::new(opts.progress);
-    let (entries, packages_url) = signed_packages(&downloader, &mirror, &keyring, work, |name| {
+    let main = signed_packages(&downloader, &mirror, SUITE, &keyring, work, |name| {
         name == BUSYBOX_PACKAGE
     })?;
     let busybox_pkg =
-        index::newest(&entries, BUSYBOX_PACKAGE).ok_or_else(|| Error::PackageNotFound {
+        index::newest(&main.entries, BUSYBOX_PACKAGE).ok_or_else(|| Error::PackageNotFound {
             package: BUSYBOX_PACKAGE.to_owned(),
-            url: packages_url.clone(),
+            url: main.packages_url.clone(),
         })?;
     let busybox_deb = download_package(
         &downloader,
         &mirror,
         busybox_pkg,
-        &packages_url,
+        &main.packages_url,
         &work.join("busybox.deb"),
     )?;
     let busybox = deb::extract(&busybox_deb, &busybox_pkg.name, "bin/busybox", |p| {

@@ -1,13 +1,20 @@
-//! Finding a Debian mirror: explicit option, environment, or the host's apt sources.
+//! Finding the Debian mirrors: explicit option, environment, or the host's apt sources.
+//!
+//! Two archives are looked for the same way: the main one (suite `bookworm`) and the
+//! security one (suite `bookworm-security`), which Debian serves from a different base URI.
 
 use std::path::{Path, PathBuf};
 
 use crate::deb822::Paragraphs;
 use crate::error::{Error, Result};
-use crate::{COMPONENT, SUITE};
+use crate::{COMPONENT, SECURITY_SUITE, SUITE};
 
 /// Environment variable that overrides mirror discovery.
 pub const MIRROR_ENV: &str = "VESSEL_DEBIAN_MIRROR";
+
+/// Environment variable that overrides security mirror discovery; set but empty, it turns
+/// the security archive off.
+pub const SECURITY_MIRROR_ENV: &str = "VESSEL_DEBIAN_SECURITY_MIRROR";
 
 /// Where apt keeps its configuration on the host.
 const APT_DIR: &str = "/etc/apt";
@@ -25,6 +32,57 @@ pub(crate) fn resolve(explicit: Option<&str>) -> Result<String> {
         Some(m) => m,
         None => discover(Path::new(APT_DIR))?,
     };
+    checked_url(mirror)
+}
+
+/// The security mirror to use, or `None` to fetch from `bookworm` alone.
+///
+/// `explicit`, else `$VESSEL_DEBIAN_SECURITY_MIRROR`, else the first `bookworm-security`
+/// source in the host's apt sources. Unlike the main mirror, an empty explicit or
+/// environment value is an answer, not "unset": it switches the security archive off, so
+/// that a host without access to it can still fetch.
+pub(crate) fn resolve_security(explicit: Option<&str>) -> Result<Option<String>> {
+    resolve_security_in(
+        explicit,
+        std::env::var(SECURITY_MIRROR_ENV).ok(),
+        Path::new(APT_DIR),
+    )
+}
+
+/// [`resolve_security`] with the environment value and apt directory passed in (for tests).
+fn resolve_security_in(
+    explicit: Option<&str>,
+    env: Option<String>,
+    apt_dir: &Path,
+) -> Result<Option<String>> {
+    let chosen = match (explicit, env) {
+        (Some(m), _) => Some(("the fetch options", m.trim().to_owned())),
+        (None, Some(m)) => Some((SECURITY_MIRROR_ENV, m.trim().to_owned())),
+        (None, None) => None,
+    };
+    let mirror = match chosen {
+        Some((from, m)) if m.is_empty() => {
+            tracing::info!("Debian security archive turned off by {from}; using {SUITE} alone");
+            return Ok(None);
+        }
+        Some((_, m)) => m,
+        None => match find_in_apt(apt_dir, SECURITY_SUITE) {
+            Some(m) => m,
+            None => {
+                tracing::info!(
+                    "no {SECURITY_SUITE}/{COMPONENT} source in the apt configuration under {} \
+                     and {SECURITY_MIRROR_ENV} is unset; using {SUITE} alone",
+                    apt_dir.display()
+                );
+                return Ok(None);
+            }
+        },
+    };
+    checked_url(mirror).map(Some)
+}
+
+/// Rejects schemes we cannot fetch and drops trailing slashes.
+fn checked_url(mirror: String) -> Result<String> {
     if !is_supported_url(&mirror) {
         return Err(Error::UnsupportedUrl { url: mirror });
     }
@@ -37,12 +95,19 @@ fn is_supported_url(url: &str) -> bool {
         .any(|scheme| url.starts_with(scheme))
 }
 
-/// Reads apt's sources the way apt orders them: `sources.list` first, then
-/// `sources.list.d/*.list` and `*.sources` sorted by file name.
+/// The main mirror from the host's apt sources, or an error saying how to set one.
+fn discover(apt_dir: &Path) -> Result<String> {
+    find_in_apt(apt_dir, SUITE).ok_or_else(|| Error::NoMirror {
+        apt_dir: apt_dir.to_owned(),
+    })
+}
+
+/// First `deb` URI for `suite`/main in apt's sources, read the way apt orders them:
+/// `sources.list` first, then `sources.list.d/*.list` and `*.sources` sorted by file name.
 ///
 /// Unreadable files are skipped with a warning: a broken unrelated source file should not
 /// stop us when another one names a usable mirror.
-fn discover(apt_dir: &Path) -> Result<String> {
+fn find_in_apt(apt_dir: &Path, suite: &str) -> Option<String> {
     let mut files: Vec<PathBuf> = vec![apt_dir.join("sources.list")];
     if let Ok(entries) = std::fs::read_dir(apt_dir.join("sources.list.d")) {
         let mut extra: Vec<PathBuf> = entries
@@ -67,26 +132,30 @@ fn discover(apt_dir: &Path) -> Result<String> {
             }
         };
         let found = if file.extension().and_then(|e| e.to_str()) == Some("sources") {
-            parse_deb822_sources(&contents)
+            parse_deb822_sources_for(&contents, suite)
         } else {
-            parse_sources_list(&contents)
+            parse_sources_list_for(&contents, suite)
         };
         if let Some(uri) = found {
-            tracing::debug!("using Debian mirror from {}", file.display());
-            return Ok(uri);
+            tracing::debug!("using Debian mirror for {suite} from {}", file.display());
+            return Some(uri);
         }
     }
-    Err(Error::NoMirror {
-        apt_dir: apt_dir.to_owned(),
-    })
+    None
 }
 
-/// First `deb` URI for bookworm/main in one-line `sources.list` format
+/// First `deb` URI for bookworm/main in one-line `sources.list` format; see
+/// [`parse_sources_list_for`].
+pub fn parse_sources_list(contents: &str) -> Option<String> {
+    parse_sources_list_for(contents, SUITE)
+}
+
+/// First `deb` URI for `suite`/main in one-line `sources.list` format
 /// (`deb [options] URI SUITE COMPONENT...`); `None` if there is none.
 ///
 /// Only URIs we can fetch (http, https, file) are considered, so a `cdrom:` or
 /// `mirror+file:` line does not shadow a later usable one.
-pub fn parse_sources_list(contents: &str) -> Option<String> {
+pub fn parse_sources_list_for(contents: &str, suite: &str) -> Option<String> {
     contents.lines().find_map(|line| {
         let line = line.split('#').next().unwrap_or("").trim();
         let rest = line.strip_prefix("deb")?;
@@ -101,17 +170,23 @@ pub fn parse_sources_list(contents: &str) -> Option<String> {
         }
         let mut words = rest.split_whitespace();
         let uri = words.next()?;
-        let suite = words.next()?;
+        let line_suite = words.next()?;
         let mut components = words;
-        (suite == SUITE && components.any(|c| c == COMPONENT) && is_supported_url(uri))
+        (line_suite == suite && components.any(|c| c == COMPONENT) && is_supported_url(uri))
             .then(|| uri.to_owned())
     })
 }
 
-/// First `deb` URI for bookworm/main in deb822 `.sources` format; `None` if there is none.
+/// First `deb` URI for bookworm/main in deb822 `.sources` format; see
+/// [`parse_deb822_sources_for`].
+pub fn parse_deb822_sources(contents: &str) -> Option<String> {
+    parse_deb822_sources_for(contents, SUITE)
+}
+
+/// First `deb` URI for `suite`/main in deb822 `.sources` format; `None` if there is none.
 ///
 /// Paragraphs with `Enabled: no` are ignored, as apt does.
-pub fn parse_deb822_sources(contents: &str) -> Option<String> {
+pub fn parse_deb822_sources_for(contents: &str, suite: &str) -> Option<String> {
     Paragraphs::new(contents.as_bytes())
         .filter_map(|p| p.ok())
         .find_map(|p| {
@@ -124,7 +199,7 @@ pub fn parse_deb822_sources(contents: &str) -> Option<String> {
                 .is_none_or(|v| !v.trim().eq_ignore_ascii_case("no"));
             if !(enabled
                 && has("Types", "deb")
-                && has("Suites", SUITE)
+                && has("Suites", suite)
                 && has("Components", COMPONENT))
             {
                 return None;
@@ -239,5 +314,47 @@ Components: main
         let err = discover(d).unwrap_err();
         assert!(matches!(err, Error::NoMirror { .. }));
         assert!(err.to_string().contains("VESSEL_DEBIAN_MIRROR"), "{err}");
+    }
+
+    #[test]
+    fn security_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("sources.list.d")).unwrap();
+        // Nothing configured anywhere: no security archive, and that is not an error.
+        assert_eq!(resolve_security_in(None, None, d).unwrap(), None);
+
+        std::fs::write(
+            d.join("sources.list.d/debian.sources"),
+            "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
+             Types: deb\nURIs: http://sec.example/debian-security/\nSuites: bookworm-security\nComponents: main\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_security_in(None, None, d).unwrap().as_deref(),
+            Some("http://sec.example/debian-security")
+        );
+        assert_eq!(discover(d).unwrap(), "http://m.example/debian");
+        // The environment beats apt; the option beats both; empty turns it off.
+        let env = || Some("file:///srv/sec/".to_owned());
+        assert_eq!(
+            resolve_security_in(None, env(), d).unwrap().as_deref(),
+            Some("file:///srv/sec")
+        );
+        assert_eq!(
+            resolve_security_in(Some("https://o.example/s"), env(), d)
+                .unwrap()
+                .as_deref(),
+            Some("https://o.example/s")
+        );
+        assert_eq!(
+            resolve_security_in(None, Some(String::new()), d).unwrap(),
+            None
+        );
+        assert_eq!(resolve_security_in(Some(" "), env(), d).unwrap(), None);
+        assert!(matches!(
+            resolve_security_in(Some("ftp://x.example/s"), None, d),
+            Err(Error::UnsupportedUrl { .. })
+        ));
     }
 }

@@ -276,12 +276,255 @@ fn unsupported_mirror_scheme() {
     let opts = FetchOptions {
         data_dir: data.path().to_owned(),
         mirror: Some("ftp://mirror.invalid/debian".into()),
+        security_mirror: Some(String::new()),
         keyring: None,
         progress: false,
     };
     let err = fetch(&opts).unwrap_err();
     assert!(matches!(err, Error::UnsupportedUrl { .. }), "{err}");
     assert!(tree(data.path()).is_empty());
+}
+
+const SECURITY_KERNEL_BYTES: &[u8] = b"MZ fake bzImage with security fixes";
+
+#[test]
+fn newer_security_kernel_is_chosen() {
+    if !gpg_available("newer_security_kernel_is_chosen") {
+        return;
+    }
+    let mirror = build_mirror();
+    let security = mirror.security_mirror(101, "6.1.105-1", SECURITY_KERNEL_BYTES);
+    // The security index alone carries this package: it must be resolved there, not in main.
+    assert_eq!(security.release, "6.1.0-101-cloud-amd64");
+    let data = tempfile::tempdir().unwrap();
+    let image = fetch(&mirror.options_with(&security, data.path())).unwrap();
+    assert_eq!(image.release, security.release);
+    assert_eq!(std::fs::read(&image.kernel).unwrap(), SECURITY_KERNEL_BYTES);
+    // busybox still comes from bookworm.
+    let entries = read_initramfs(&image.initrd);
+    let busybox = entries.iter().find(|e| e.name == "bin/busybox").unwrap();
+    assert_eq!(busybox.data, BUSYBOX_BYTES);
+    assert_eq!(
+        tree(data.path()),
+        [
+            "guest".to_string(),
+            "guest/6.1.0-101-cloud-amd64".into(),
+            "guest/6.1.0-101-cloud-amd64/initrd.img".into(),
+            "guest/6.1.0-101-cloud-amd64/vmlinuz".into(),
+            "guest/current.json".into(),
+        ]
+    );
+
+    // An intact cache still answers without touching either mirror.
+    let nowhere = FetchOptions {
+        mirror: Some("file:///nonexistent/vessel-mirror".into()),
+        security_mirror: Some("file:///nonexistent/vessel-security".into()),
+        ..mirror.options(data.path())
+    };
+    assert_eq!(fetch(&nowhere).unwrap(), image);
+}
+
+#[test]
+fn older_security_kernel_loses_to_main() {
+    if !gpg_available("older_security_kernel_loses_to_main") {
+        return;
+    }
+    let mirror = build_mirror();
+    // 6.1.99~rc2-1 sorts before main's 6.1.99-1 (but after a plain-string comparison would
+    // put it). Its .deb is removed, so fetching it would fail.
+    let security = mirror.security_mirror(100, "6.1.99~rc2-1", SECURITY_KERNEL_BYTES);
+    std::fs::remove_file(security.path(&security.pool)).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let image = fetch(&mirror.options_with(&security, data.path())).unwrap();
+    assert_eq!(image.release, RELEASE);
+    assert_eq!(std::fs::read(&image.kernel).unwrap(), KERNEL_BYTES);
+}
+
+#[test]
+fn disabled_security_mirror_means_main_only() {
+    if !gpg_available("disabled_security_mirror_means_main_only") {
+        return;
+    }
+    let mirror = build_mirror();
+    for off in ["", "  "] {
+        let data = tempfile::tempdir().unwrap();
+        let opts = FetchOptions {
+            security_mirror: Some(off.into()),
+            ..mirror.options(data.path())
+        };
+        assert_eq!(fetch(&opts).unwrap().release, RELEASE);
+    }
+}
+
+/// Name of [`security_env_child`], which [`security_mirror_from_environment`] runs in a
+/// child process so that setting the variable cannot race with other tests' threads.
+const ENV_CHILD: &str = "security_env_child";
+
+#[test]
+fn security_mirror_from_environment() {
+    if !gpg_available("security_mirror_from_environment") {
+        return;
+    }
+    let mirror = build_mirror();
+    let security = mirror.security_mirror(101, "6.1.105-1", SECURITY_KERNEL_BYTES);
+    // Empty turns the security archive off (falling back to the host's apt sources instead
+    // would fail here: they are not signed by the test key). A URL is used.
+    for (value, want) in [("", RELEASE), (&*security.url(), &*security.release)] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([ENV_CHILD, "--exact", "--ignored", "--nocapture"])
+            .env(guest::SECURITY_MIRROR_ENV, value)
+            .env("VESSEL_TEST_CHILD_MIRROR", mirror.url())
+            .env("VESSEL_TEST_CHILD_KEYRING", &mirror.keyring)
+            .env("VESSEL_TEST_CHILD_RELEASE", want)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{value:?}: {said}");
+        assert!(said.contains("1 passed"), "{value:?}: {said}");
+    }
+}
+
+#[test]
+#[ignore = "run by security_mirror_from_environment in a child process"]
+fn security_env_child() {
+    let Ok(mirror) = std::env::var("VESSEL_TEST_CHILD_MIRROR") else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let opts = FetchOptions {
+        data_dir: data.path().to_owned(),
+        mirror: Some(mirror),
+        security_mirror: None,
+        keyring: std::env::var_os("VESSEL_TEST_CHILD_KEYRING").map(Into::into),
+        progress: false,
+    };
+    let want = std::env::var("VESSEL_TEST_CHILD_RELEASE").unwrap();
+    assert_eq!(fetch(&opts).unwrap().release, want);
+}
+
+#[test]
+fn tampered_security_inrelease_fails_the_fetch() {
+    if !gpg_available("tampered_security_inrelease_fails_the_fetch") {
+        return;
+    }
+    let mirror = build_mirror();
+    let security = mirror.security_mirror(101, "6.1.105-1", SECURITY_KERNEL_BYTES);
+    let inrelease = security.path("dists/bookworm-security/InRelease");
+    let text = std::fs::read_to_string(&inrelease).unwrap();
+    assert!(text.contains("Label: Debian"));
+    std::fs::write(&inrelease, text.replace("Label: Debian", "Label: Evil!!")).unwrap();
+    let data = data_dir_with_marker();
+    let err = assert_fails_cleanly(&mirror.options_with(&security, data.path()), data.path());
+    let msg = err.to_string();
+    let Error::SecurityMirror {
+        mirror: named,
+        source,
+    } = &err
+    else {
+        panic!("not a security mirror error: {msg}");
+    };
+    assert_eq!(*named, security.url());
+    assert!(matches!(**source, Error::BadSignature { .. }), "{msg}");
+    assert!(msg.contains(&security.url()), "{msg}");
+    assert!(msg.contains("bookworm-security/InRelease"), "{msg}");
+    assert!(msg.contains("VESSEL_DEBIAN_SECURITY_MIRROR="), "{msg}");
+}
+
+#[test]
+fn broken_security_mirror_is_not_skipped() {
+    if !gpg_available("broken_security_mirror_is_not_skipped") {
+        return;
+    }
+    let mirror = build_mirror();
+    let data = data_dir_with_marker();
+
+    // Unreachable.
+    let opts = FetchOptions {
+        security_mirror: Some("file:///nonexistent/vessel-security".into()),
+        ..mirror.options(data.path())
+    };
+    let err = assert_fails_cleanly(&opts, data.path());
+    assert!(matches!(err, Error::SecurityMirror { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("file:///nonexistent/vessel-security"),
+        "{err}"
+    );
+
+    // The main archive's index served as bookworm-security: signed, but the wrong codename.
+    let security = mirror.security_mirror(101, "6.1.105-1", SECURITY_KERNEL_BYTES);
+    let dists = security.path("dists/bookworm-security");
+    for f in ["InRelease", "main/binary-amd64/Packages.xz"] {
+        std::fs::copy(mirror.path(&format!("dists/bookworm/{f}")), dists.join(f)).unwrap();
+    }
+    let err = assert_fails_cleanly(&mirror.options_with(&security, data.path()), data.path());
+    assert!(matches!(err, Error::SecurityMirror { .. }), "{err}");
+    assert!(err.to_string().contains("\"bookworm\""), "{err}");
+
+    // The newer kernel's .deb does not match the signed security index.
+    let security = mirror.security_mirror(101, "6.1.105-1", SECURITY_KERNEL_BYTES);
+    let deb = security.path(&security.pool);
+    let mut bytes = std::fs::read(&deb).unwrap();
+    bytes.pop();
+    std::fs::write(&deb, &bytes).unwrap();
+    let err = assert_fails_cleanly(&mirror.options_with(&security, data.path()), data.path());
+    let Error::SecurityMirror { source, .. } = &err else {
+        panic!("not a security mirror error: {err}");
+    };
+    assert!(matches!(**source, Error::SizeMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&security.pool), "{err}");
+}
+
+#[test]
+fn security_sources_discovery() {
+    let list = "\
+deb http://m.example/debian bookworm main
+deb-src http://s.example/debian-security bookworm-security main
+deb http://s.example/debian-security bookworm-security contrib
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://s.example/debian-security bookworm-security main non-free-firmware
+";
+    assert_eq!(
+        guest::parse_sources_list_for(list, "bookworm-security").as_deref(),
+        Some("http://s.example/debian-security")
+    );
+    assert_eq!(
+        guest::parse_sources_list(list).as_deref(),
+        Some("http://m.example/debian")
+    );
+    assert_eq!(
+        guest::parse_sources_list_for(
+            "deb http://m.example/debian bookworm main\n",
+            "bookworm-security"
+        ),
+        None
+    );
+
+    let sources = "\
+Types: deb
+URIs: http://m.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+
+Types: deb
+URIs: http://off.example/debian-security
+Suites: bookworm-security
+Components: main
+Enabled: no
+
+Types: deb
+URIs: https://s.example/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+";
+    assert_eq!(
+        guest::parse_deb822_sources_for(sources, "bookworm-security").as_deref(),
+        Some("https://s.example/debian-security")
+    );
+    assert_eq!(
+        guest::parse_deb822_sources(sources).as_deref(),
+        Some("http://m.example/debian")
+    );
 }
 
 /// Real download from the mirror in the host's apt configuration (or VESSEL_DEBIAN_MIRROR),
@@ -293,6 +536,7 @@ fn real_mirror() {
     let opts = FetchOptions {
         data_dir: data.path().to_owned(),
         mirror: None,
+        security_mirror: None,
         keyring: None,
         progress: true,
     };

@@ -91,6 +91,7 @@ fn guest_runs_commands_and_reports_status() {
     let image = fetch(&FetchOptions {
         data_dir: data.path().to_owned(),
         mirror: None,
+        security_mirror: None,
         keyring: None,
         progress: false,
     })

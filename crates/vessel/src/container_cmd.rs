@@ -154,6 +154,7 @@ fn default_rootfs() -> Result<PathBuf> {
         data_dir: data_dir.clone(),
         mirror: None,
         keyring: None,
+        security_mirror: None,
         progress: true,
     })
     .context("fetching busybox for the default container root")?;

@@ -144,6 +144,8 @@ fn fetch_options(mirror: Option<String>) -> guest::FetchOptions {
         data_dir: guest::default_data_dir(),
         mirror,
         keyring: None,
+        // From $VESSEL_DEBIAN_SECURITY_MIRROR or the host's apt sources.
+        security_mirror: None,
         progress: true,
     }
 }

@@ -223,14 +223,79 @@ impl FakeMirror {
         self.root.path().join(rel)
     }
 
-    /// Options for fetching from this mirror into `data_dir`.
+    /// Options for fetching from this mirror alone into `data_dir`. The security archive
+    /// is turned off so that no test reaches for the host's real one.
     pub fn options(&self, data_dir: &Path) -> guest::FetchOptions {
         guest::FetchOptions {
             data_dir: data_dir.to_owned(),
             mirror: Some(self.url()),
+            security_mirror: Some(String::new()),
             keyring: Some(self.keyring.clone()),
             progress: false,
         }
+    }
+
+    /// Options for fetching from this mirror plus `security` into `data_dir`.
+    pub fn options_with(&self, security: &SecurityMirror, data_dir: &Path) -> guest::FetchOptions {
+        guest::FetchOptions {
+            security_mirror: Some(security.url()),
+            ..self.options(data_dir)
+        }
+    }
+
+    /// A second archive serving `bookworm-security`, signed by this mirror's archive key,
+    /// whose `linux-image-cloud-amd64` (version `version`) depends on
+    /// `linux-image-6.1.0-<abi>-cloud-amd64`, whose vmlinuz holds `kernel_bytes`.
+    pub fn security_mirror(&self, abi: u32, version: &str, kernel_bytes: &[u8]) -> SecurityMirror {
+        let root = tempfile::tempdir().unwrap();
+        let release = format!("6.1.0-{abi}-cloud-amd64");
+        let package = format!("linux-image-{release}");
+        let pool = format!("pool/updates/main/l/linux-signed-amd64/{package}_{version}_amd64.deb");
+        let deb = make_deb(
+            &format!("boot/vmlinuz-{release}"),
+            kernel_bytes,
+            Compression::Xz,
+        );
+        let p = root.path().join(&pool);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, &deb).unwrap();
+        let mut packages = stanza(
+            "linux-image-cloud-amd64",
+            version,
+            &format!("Depends: {package} (= {version})\n"),
+        );
+        packages += &stanza(&package, version, &file_fields(&pool, &deb));
+        write_suite(
+            root.path(),
+            &self.gpg,
+            &["archive@vessel.invalid"],
+            "bookworm-security",
+            &packages,
+        );
+        SecurityMirror {
+            root,
+            release,
+            pool,
+        }
+    }
+}
+
+/// A fake `bookworm-security` archive (see [`FakeMirror::security_mirror`]).
+pub struct SecurityMirror {
+    pub root: TempDir,
+    /// Kernel release of its kernel package.
+    pub release: String,
+    /// Pool path of its kernel .deb.
+    pub pool: String,
+}
+
+impl SecurityMirror {
+    pub fn url(&self) -> String {
+        format!("file://{}", self.root.path().display())
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
     }
 }
 
@@ -312,17 +377,33 @@ pub fn build_mirror_with(signers: &[&str], trusted: &[&str]) -> FakeMirror {
     );
     packages += &stanza("linux-image-6.1.0-97-cloud-amd64", "6.1.50-1", &missing(97));
 
+    write_suite(root.path(), &gpg, signers, "bookworm", &packages);
+    let keyring = root.path().join("keyring.gpg");
+    gpg.export(trusted, &keyring);
+    FakeMirror { root, keyring, gpg }
+}
+
+/// Writes `dists/<codename>/` under `root`: `packages` as Packages.xz, a Release listing
+/// it, and InRelease clear-signed by `signers`.
+fn write_suite(root: &Path, gpg: &Gpg, signers: &[&str], codename: &str, packages: &str) {
     let mut packages_xz = Vec::new();
     xz2::read::XzEncoder::new(packages.as_bytes(), 6)
         .read_to_end(&mut packages_xz)
         .unwrap();
-    let dists = root.path().join("dists/bookworm");
+    let dists = root.join("dists").join(codename);
     std::fs::create_dir_all(dists.join("main/binary-amd64")).unwrap();
     std::fs::write(dists.join("main/binary-amd64/Packages.xz"), &packages_xz).unwrap();
 
+    // Like the real security archive, its Release names the component `updates/main`
+    // while listing the files as `main/...`.
+    let components = if codename.ends_with("-security") {
+        "updates/main"
+    } else {
+        "main"
+    };
     let release = format!(
-        "Origin: Debian\nLabel: Debian\nSuite: stable\nCodename: bookworm\nDate: Sat, 01 Jan 2000 00:00:00 UTC\n\
-         Architectures: amd64\nComponents: main\nDescription: fake\n\
+        "Origin: Debian\nLabel: Debian\nSuite: stable\nCodename: {codename}\nDate: Sat, 01 Jan 2000 00:00:00 UTC\n\
+         Architectures: amd64\nComponents: {components}\nDescription: fake\n\
          MD5Sum:\n 00000000000000000000000000000000 {xzlen} main/binary-amd64/Packages.xz\n\
          SHA256:\n {plain_sha} {plain_len} main/binary-amd64/Packages\n {xz_sha} {xzlen} main/binary-amd64/Packages.xz\n",
         xzlen = packages_xz.len(),
@@ -334,9 +415,6 @@ pub fn build_mirror_with(signers: &[&str], trusted: &[&str]) -> FakeMirror {
     std::fs::write(&release_path, release).unwrap();
     gpg.clearsign(signers, &release_path, &dists.join("InRelease"));
     // Like a real mirror, the unsigned Release stays too; it must never be used.
-    let keyring = root.path().join("keyring.gpg");
-    gpg.export(trusted, &keyring);
-    FakeMirror { root, keyring, gpg }
 }
 
 pub fn build_mirror() -> FakeMirror {
