@@ -179,6 +179,10 @@ fn operand_size(i: &Instruction) -> u8 {
 /// block loop must re-check state: mode, CS, and control-register changes.
 fn ends_block(i: &Instruction) -> bool {
     i.flow_control() != FlowControl::Next
+        // A REP string instruction runs in chunks: after one it points RIP
+        // back at itself, which only the block loop's next lookup honours.
+        || i.has_rep_prefix()
+        || i.has_repne_prefix()
         || matches!(
             i.mnemonic(),
             Mnemonic::Mov
@@ -190,6 +194,8 @@ fn ends_block(i: &Instruction) -> bool {
                 | Mnemonic::Lgdt
                 | Mnemonic::Lidt
                 | Mnemonic::Popf
+                | Mnemonic::Popfd
+                | Mnemonic::Popfq
                 | Mnemonic::Sti
                 | Mnemonic::Cli
                 | Mnemonic::Hlt

@@ -24,9 +24,12 @@
 //! exceptions); a JIT can drop dead flag computations per block later.
 
 pub mod block;
+pub mod compat;
 pub mod cpuid;
+pub mod diag;
 pub mod exec;
 pub mod mem;
+pub mod platform;
 pub mod state;
 pub mod vcpu;
 

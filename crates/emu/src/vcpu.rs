@@ -1,7 +1,9 @@
 //! The `emu` accelerator behind the `hypervisor` traits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hypervisor::x86::{CpuidEntry, FpuState, MsrEntry, SpecialRegisters, StandardRegisters};
 use hypervisor::{
@@ -10,11 +12,61 @@ use hypervisor::{
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::exec::{Emulator, Exit, InterruptLines};
+use crate::compat::{CompatState, PortIo};
+use crate::exec::{Emulator, Exception, Exit, InterruptLines};
+use crate::platform::{CpuMode, CpuSignal, Platform};
+use crate::state::{seg, CpuState};
 
-/// Instructions between two looks at the interrupt flag from
-/// [`Vcpu::run`]'s loop (the block loop also checks it between blocks).
-const RUN_SLICE: u64 = 1 << 20;
+/// Instructions between two looks at the platform (timers, interrupts)
+/// from [`Vcpu::run`]'s loop. The platform's helper thread also stops
+/// the emulator at timer deadlines, so this only bounds the latency of
+/// work the thread does not see.
+const RUN_SLICE: u64 = 1 << 16;
+
+/// Blocks remembered with `VESSEL_EMU_TRACE` (its value, else 64).
+fn trace_len() -> Option<usize> {
+    let text = std::env::var("VESSEL_EMU_TRACE").ok()?;
+    Some(text.trim().parse::<usize>().unwrap_or(64).clamp(1, 1 << 20))
+}
+
+/// The exception-exit bit of #UD.
+const UD_BIT: u32 = 1 << Exception::UD;
+
+/// The exception-exit bit of #GP.
+const GP_BIT: u32 = 1 << Exception::GP;
+
+/// The exception-exit bit of #PF.
+const PF_BIT: u32 = 1 << Exception::PF;
+
+/// How long a parked application processor sleeps between checks.
+const SIPI_WAIT: Duration = Duration::from_millis(20);
+
+/// Stop on an exception of these vectors instead of delivering it, when
+/// `VESSEL_EMU_EXIT_ON` names them (e.g. `6` or `6,13`): a debugging aid
+/// that turns "the guest got #UD from a missing instruction" into a VMM
+/// error showing the instruction.
+fn exception_exits_from_env() -> u32 {
+    let Ok(text) = std::env::var("VESSEL_EMU_EXIT_ON") else {
+        return 0;
+    };
+    text.split(',')
+        .filter_map(|v| v.trim().parse::<u8>().ok())
+        .filter(|&v| v < 32)
+        .fold(0, |bits, v| bits | (1 << v))
+}
+
+/// CPUID leaf 1 EDX: on-chip local APIC.
+const LEAF1_EDX_APIC: u32 = 1 << 9;
+
+/// What the platform adds to the CPU model: with the interrupt
+/// controllers present the local APIC exists (KVM likewise sets the bit
+/// only with its in-kernel irqchip). x2APIC and the TSC-deadline timer stay
+/// off: their MSRs (0x800-0x8ff, 0x6e0) would need an MSR hook in exec.
+fn platform_cpuid(table: &mut [CpuidEntry]) {
+    for e in table.iter_mut().filter(|e| e.function == 1) {
+        e.edx |= LEAF1_EDX_APIC;
+    }
+}
 
 /// The software accelerator.
 #[derive(Debug, Default)]
@@ -31,8 +83,10 @@ impl Hypervisor for EmuHypervisor {
         "emu"
     }
 
-    /// One vCPU until LOCK-prefixed instructions are atomic across host
-    /// threads and code invalidation is shared between vCPUs.
+    /// One vCPU until code invalidation is shared between vCPUs (each
+    /// emulator has its own block cache and only sees its own writes).
+    /// The platform already models one local APIC per vCPU, IPIs and
+    /// INIT/SIPI.
     fn max_vcpus(&self) -> u32 {
         1
     }
@@ -45,9 +99,17 @@ impl Hypervisor for EmuHypervisor {
                 self.max_vcpus()
             )));
         }
+        let platform = if config.irqchip {
+            Some(Platform::new(config.num_cpus).map_err(|e| {
+                HypervisorError::Unsupported(format!("starting the emu interrupt controllers: {e}"))
+            })?)
+        } else {
+            None
+        };
         Ok(Arc::new(EmuVm {
             config: config.clone(),
             memory: Mutex::new(None),
+            platform,
         }))
     }
 }
@@ -56,6 +118,18 @@ impl Hypervisor for EmuHypervisor {
 pub struct EmuVm {
     config: VmConfig,
     memory: Mutex<Option<GuestMemoryMmap>>,
+    /// The interrupt controllers and timers (`VmConfig::irqchip`).
+    platform: Option<Arc<Platform>>,
+}
+
+impl EmuVm {
+    fn platform(&self, what: &str) -> Result<&Arc<Platform>> {
+        self.platform.as_ref().ok_or_else(|| {
+            HypervisorError::Unsupported(format!(
+                "{what} needs the in-accelerator interrupt controllers (VmConfig::irqchip)"
+            ))
+        })
+    }
 }
 
 impl Vm for EmuVm {
@@ -87,48 +161,103 @@ impl Vm for EmuVm {
         let memory = held.as_ref().ok_or_else(|| {
             HypervisorError::InvalidArgument("set the VM's memory before creating vCPUs".into())
         })?;
-        let cpuid: Arc<[CpuidEntry]> = crate::cpuid::table(id, self.config.num_cpus).into();
+        let mut table = crate::cpuid::table(id, self.config.num_cpus);
+        if self.platform.is_some() {
+            platform_cpuid(&mut table);
+        }
+        let cpuid: Arc<[CpuidEntry]> = table.into();
+        let index = id as usize;
+        let signal = match &self.platform {
+            Some(p) => p.cpu_signal(index).ok_or_else(|| {
+                HypervisorError::InvalidArgument(format!("vCPU id {id} has no local APIC"))
+            })?,
+            None => Arc::new(CpuSignal::default()),
+        };
+        let mut emu = Emulator::new(memory, cpuid);
+        let pf_trace = std::env::var_os("VESSEL_EMU_PF_TRACE").map(|_| VecDeque::new());
+        let exit_on = exception_exits_from_env();
+        // #UD always comes back here first, for `compat`'s stand-ins.
+        emu.set_exception_exits(
+            exit_on | UD_BIT | GP_BIT | if pf_trace.is_some() { PF_BIT } else { 0 },
+        );
+        let mut lines = None;
+        if let Some(p) = &self.platform {
+            // The emulator's IA32_APIC_BASE starts as the APIC model's
+            // (BSP flag on vCPU 0 only).
+            if let Some(base) = p.apic_base(index) {
+                emu.cpu_mut().apic_base = base;
+            }
+            // With interrupt controllers, HLT with IF=1 waits for them.
+            emu.attach_interrupts(signal.lines.clone());
+            lines = Some(signal.lines.clone());
+        }
         Ok(Box::new(EmuVcpu {
-            emu: Emulator::new(memory, cpuid),
-            interrupter: Arc::new(EmuInterrupter::default()),
-            lines: None,
+            emu,
+            index,
+            memory: memory.clone(),
+            platform: self.platform.clone(),
+            interrupter: Arc::new(EmuInterrupter {
+                signal: signal.clone(),
+            }),
+            signal,
+            lines,
             buf: [0; 8],
             answer: Answer::None,
+            trace: trace_len().map(VecDeque::with_capacity),
+            exit_on,
+            reflecting: false,
+            compat: CompatState::default(),
+            pf_trace,
         }))
     }
 
-    fn set_irq_line(&self, _gsi: u32, _level: bool) -> Result<()> {
-        Err(HypervisorError::Unsupported(
-            "the emu accelerator has no interrupt controller yet".into(),
-        ))
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+        if self.platform("set_irq_line")?.set_irq_line(gsi, level) {
+            Ok(())
+        } else {
+            Err(HypervisorError::InvalidArgument(format!(
+                "GSI {gsi} does not exist (the IOAPIC has 24 pins)"
+            )))
+        }
     }
 
-    fn register_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<()> {
-        Err(HypervisorError::Unsupported(
-            "the emu accelerator has no irqfd support yet".into(),
-        ))
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        match self.platform("register_irqfd")?.register_irqfd(fd, gsi) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(HypervisorError::InvalidArgument(format!(
+                "GSI {gsi} does not exist (the IOAPIC has 24 pins)"
+            ))),
+            Err(e) => Err(HypervisorError::Unsupported(format!("irqfd: {e}"))),
+        }
     }
 
-    fn register_ioevent(&self, _fd: &EventFd, _addr: u64, _pio: bool) -> Result<()> {
-        Err(HypervisorError::Unsupported(
-            "the emu accelerator has no ioeventfd support yet".into(),
-        ))
+    fn register_ioevent(&self, fd: &EventFd, addr: u64, pio: bool) -> Result<()> {
+        if pio && addr > u64::from(u16::MAX) {
+            return Err(HypervisorError::InvalidArgument(format!(
+                "port {addr:#x} does not exist"
+            )));
+        }
+        self.platform("register_ioevent")?
+            .register_ioevent(fd, addr, pio)
+            .map_err(|e| HypervisorError::Unsupported(format!("ioeventfd: {e}")))
     }
 }
 
 /// Makes [`EmuVcpu::run`] return [`VcpuExit::Interrupted`]; the block loop
-/// polls the flag between blocks.
-#[derive(Debug, Default)]
+/// polls the attention flag between blocks.
+#[derive(Debug)]
 pub struct EmuInterrupter {
-    flag: AtomicBool,
-    /// Kicked so a vCPU waiting in HLT sees the flag at once.
-    lines: Arc<InterruptLines>,
+    signal: Arc<CpuSignal>,
 }
 
 impl VcpuInterrupter for EmuInterrupter {
     fn interrupt(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        self.lines.kick();
+        // Request first, then attention: the vCPU loop clears attention
+        // before looking at the request, so neither can be lost.
+        self.signal
+            .interrupt_requested
+            .store(true, Ordering::SeqCst);
+        self.signal.poke();
     }
 }
 
@@ -138,16 +267,49 @@ enum Answer {
     None,
     IoIn,
     MmioRead,
+    /// An `IN` of this size that `compat` completed: into AL/AX/EAX.
+    AccumulatorIn(u8),
+}
+
+/// Writes an `IN` result into AL, AX or EAX (EAX zero-extends).
+fn set_accumulator(cpu: &mut CpuState, size: u8, v: u32) {
+    let rax = cpu.gpr[0];
+    cpu.gpr[0] = match size {
+        1 => (rax & !0xff) | u64::from(v & 0xff),
+        2 => (rax & !0xffff) | u64::from(v & 0xffff),
+        _ => u64::from(v),
+    };
 }
 
 /// A software vCPU.
 pub struct EmuVcpu {
     emu: Emulator,
+    /// vCPU id = initial APIC ID = index into the platform's APICs.
+    index: usize,
+    /// Guest memory, for diagnostics.
+    memory: GuestMemoryMmap,
+    platform: Option<Arc<Platform>>,
     interrupter: Arc<EmuInterrupter>,
+    signal: Arc<CpuSignal>,
     lines: Option<Arc<InterruptLines>>,
     /// The exit buffer `VcpuExit` data slices borrow.
     buf: [u8; 8],
     answer: Answer,
+    /// With `VESSEL_EMU_TRACE` set: the RIPs of the last blocks run (the
+    /// emulator then runs one block per call), reported when the vCPU
+    /// stops on an error or a triple fault.
+    trace: Option<VecDeque<u64>>,
+    /// Exceptions `VESSEL_EMU_EXIT_ON` asked to stop on.
+    exit_on: u32,
+    /// A #UD `compat` could not handle is being let through to the guest:
+    /// #UD exits are off for one emulator run.
+    reflecting: bool,
+    /// State of the `compat` stand-ins (debug registers).
+    compat: CompatState,
+    /// With `VESSEL_EMU_PF_TRACE` set: the last page faults (RIP, CS,
+    /// RSP, error code), each reported to this loop before delivery; a
+    /// page fault recurring at the same kernel RIP stops the VM with them.
+    pf_trace: Option<VecDeque<(u64, u16, u64, u32)>>,
 }
 
 impl EmuVcpu {
@@ -159,12 +321,14 @@ impl EmuVcpu {
     /// The vCPU's interrupt request lines (created and attached on first
     /// use): `request(vector)` / `request_nmi()` from any thread. Once
     /// attached, HLT with interrupts enabled waits for a request (or
-    /// the interrupter) instead of returning [`VcpuExit::Halt`].
+    /// the interrupter) instead of returning [`VcpuExit::Halt`]. With the
+    /// platform (`VmConfig::irqchip`) they are attached from the start and
+    /// fed by the local APIC.
     pub fn interrupt_lines(&mut self) -> Arc<InterruptLines> {
         if let Some(l) = &self.lines {
             return l.clone();
         }
-        let l = self.interrupter.lines.clone();
+        let l = self.signal.lines.clone();
         self.emu.attach_interrupts(l.clone());
         self.lines = Some(l.clone());
         l
@@ -174,29 +338,136 @@ impl EmuVcpu {
     pub fn inject_interrupt(&mut self, vector: u8) {
         self.interrupt_lines().request(vector);
     }
+
+    /// Where the vCPU is and the instruction there (for error reports).
+    pub fn describe_position(&self) -> String {
+        crate::diag::describe(self.emu.cpu(), Some(&self.memory))
+    }
+
+    /// Lets the exception just reported reach the guest: the faulting
+    /// instruction runs again (one block) with only the exits
+    /// `VESSEL_EMU_EXIT_ON` asked for, so the exception and whatever it
+    /// escalates to (#GP from a bad gate, #DF, shutdown) are delivered
+    /// as the processor would.
+    fn reflect_exception(&mut self) {
+        self.emu.set_exception_exits(self.exit_on);
+    }
+
+    /// The exceptions reported to this loop instead of delivered.
+    fn exception_exits(&self) -> u32 {
+        let pf = if self.pf_trace.is_some() { PF_BIT } else { 0 };
+        self.exit_on | UD_BIT | GP_BIT | pf
+    }
+
+    /// The position and, when tracing, the last blocks run.
+    fn stop_report(&self) -> String {
+        let mut s = self.describe_position();
+        if let Some(t) = &self.trace {
+            let rips: Vec<String> = t.iter().map(|r| format!("{r:#x}")).collect();
+            s.push_str(&format!("; last blocks: {}", rips.join(" ")));
+        }
+        s
+    }
+
+    /// Starts an application processor at `vector * 0x1000` in real mode
+    /// (a start-up IPI).
+    fn start_at(&mut self, vector: u8) {
+        let base = self.emu.cpu().apic_base;
+        let cpu = self.emu.cpu_mut();
+        *cpu = CpuState::reset();
+        cpu.apic_base = base;
+        cpu.segs[seg::CS].selector = u16::from(vector) << 8;
+        cpu.segs[seg::CS].base = u64::from(vector) << 12;
+        cpu.rip = 0;
+    }
+
+    /// Takes back the attention flag; true if the VMM asked for the thread.
+    fn take_attention(&self) -> bool {
+        self.signal.attention.store(false, Ordering::SeqCst);
+        self.signal
+            .interrupt_requested
+            .swap(false, Ordering::SeqCst)
+    }
 }
 
 impl Vcpu for EmuVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
+        // An MMIO read re-executes its instruction with the answer: no
+        // interrupt may be taken in between.
+        let mut replaying_mmio = false;
         match self.answer {
             Answer::IoIn => {
                 let b = self.buf;
                 self.emu
                     .set_io_in_data(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             }
-            Answer::MmioRead => self.emu.set_mmio_read_data(u64::from_le_bytes(self.buf)),
+            Answer::MmioRead => {
+                self.emu.set_mmio_read_data(u64::from_le_bytes(self.buf));
+                replaying_mmio = true;
+            }
+            Answer::AccumulatorIn(size) => {
+                let b = self.buf;
+                set_accumulator(
+                    self.emu.cpu_mut(),
+                    size,
+                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                );
+            }
             Answer::None => {}
         }
         self.answer = Answer::None;
+        // An interrupt waits for RFLAGS.IF: run one block at a time (STI,
+        // POPF and IRET end blocks) so it is handed over as soon as it can.
+        let mut interrupt_blocked = false;
         loop {
-            let exit = self.emu.run(RUN_SLICE, Some(&self.interrupter.flag));
+            if let Some(platform) = &self.platform {
+                if !std::mem::take(&mut replaying_mmio) {
+                    match platform.service(self.index, &mut self.emu) {
+                        CpuMode::Run { blocked } => interrupt_blocked = blocked,
+                        CpuMode::WaitForSipi => {
+                            if self.take_attention() {
+                                return Ok(VcpuExit::Interrupted);
+                            }
+                            self.signal.lines.wait(SIPI_WAIT);
+                            continue;
+                        }
+                        CpuMode::Start(vector) => self.start_at(vector),
+                    }
+                }
+            }
+            let budget = match &mut self.trace {
+                // Letting one exception through: one block, then the
+                // exception exits are back.
+                _ if self.reflecting || interrupt_blocked => 1,
+                Some(t) => {
+                    if t.len() == t.capacity().max(1) {
+                        t.pop_front();
+                    }
+                    t.push_back(self.emu.cpu().rip);
+                    1
+                }
+                None => RUN_SLICE,
+            };
+            let exit = self.emu.run(budget, Some(&self.signal.attention));
+            if std::mem::take(&mut self.reflecting) {
+                self.emu.set_exception_exits(self.exception_exits());
+            }
+            let platform = self.platform.as_deref();
             return Ok(match exit {
                 Exit::BudgetExhausted => continue,
                 Exit::Interrupted => {
-                    self.interrupter.flag.store(false, Ordering::SeqCst);
-                    VcpuExit::Interrupted
+                    if self.take_attention() {
+                        VcpuExit::Interrupted
+                    } else {
+                        // The platform wants a look (timer, interrupt).
+                        continue;
+                    }
                 }
                 Exit::IoIn { port, size } => {
+                    if let Some(v) = platform.and_then(|p| p.pio_in(port, size)) {
+                        self.emu.set_io_in_data(v);
+                        continue;
+                    }
                     self.buf = [0; 8];
                     self.answer = Answer::IoIn;
                     let n = usize::from(size).min(4);
@@ -206,6 +477,11 @@ impl Vcpu for EmuVcpu {
                     }
                 }
                 Exit::IoOut { port, size, data } => {
+                    if let Some(p) = platform {
+                        if p.ioevent(u64::from(port), true) || p.pio_out(port, size, data) {
+                            continue;
+                        }
+                    }
                     self.buf[..4].copy_from_slice(&data.to_le_bytes());
                     let n = usize::from(size).min(4);
                     VcpuExit::IoOut {
@@ -214,6 +490,11 @@ impl Vcpu for EmuVcpu {
                     }
                 }
                 Exit::MmioRead { addr, size } => {
+                    if let Some(v) = platform.and_then(|p| p.mmio_read(self.index, addr, size)) {
+                        self.emu.set_mmio_read_data(v);
+                        replaying_mmio = true;
+                        continue;
+                    }
                     self.buf = [0; 8];
                     self.answer = Answer::MmioRead;
                     let n = usize::from(size).min(8);
@@ -223,6 +504,11 @@ impl Vcpu for EmuVcpu {
                     }
                 }
                 Exit::MmioWrite { addr, size, data } => {
+                    if let Some(p) = platform {
+                        if p.ioevent(addr, false) || p.mmio_write(self.index, addr, size, data) {
+                            continue;
+                        }
+                    }
                     self.buf = data.to_le_bytes();
                     let n = usize::from(size).min(8);
                     VcpuExit::MmioWrite {
@@ -230,17 +516,112 @@ impl Vcpu for EmuVcpu {
                         data: &self.buf[..n],
                     }
                 }
+                // HLT with IF clear (or without interrupt lines): nothing
+                // but an NMI or INIT could end it; the VMM decides.
                 Exit::Halt => VcpuExit::Halt,
-                Exit::Shutdown => VcpuExit::Shutdown,
+                Exit::Shutdown => {
+                    if std::env::var_os("VESSEL_EMU_DIAG").is_some() {
+                        eprintln!("emu: triple fault (shutdown) at {}", self.stop_report());
+                    }
+                    VcpuExit::Shutdown
+                }
+                Exit::Exception(x) if x.vector == Exception::UD && self.exit_on & UD_BIT == 0 => {
+                    if crate::compat::emulate_ud(self.emu.cpu_mut(), &self.memory, &mut self.compat)
+                    {
+                        for &(pa, len) in &self.compat.written {
+                            self.emu.invalidate_code(pa, len);
+                        }
+                    } else {
+                        // Not ours: run the instruction again with #UD
+                        // delivered through the guest's IDT.
+                        self.reflect_exception();
+                        self.reflecting = true;
+                    }
+                    continue;
+                }
+                Exit::Exception(x) if x.vector == Exception::GP && self.exit_on & GP_BIT == 0 => {
+                    let Some((io, next)) = crate::compat::port_io_at(self.emu.cpu(), &self.memory)
+                    else {
+                        // A #GP for the guest: deliver it.
+                        self.reflect_exception();
+                        self.reflecting = true;
+                        continue;
+                    };
+                    self.emu.cpu_mut().rip = next;
+                    match io {
+                        PortIo::Out { port, size, data } => {
+                            if let Some(p) = platform {
+                                if p.ioevent(u64::from(port), true) || p.pio_out(port, size, data) {
+                                    continue;
+                                }
+                            }
+                            self.buf[..4].copy_from_slice(&data.to_le_bytes());
+                            let n = usize::from(size).min(4);
+                            VcpuExit::IoOut {
+                                port,
+                                data: &self.buf[..n],
+                            }
+                        }
+                        PortIo::In { port, size } => {
+                            if let Some(v) = platform.and_then(|p| p.pio_in(port, size)) {
+                                set_accumulator(self.emu.cpu_mut(), size, v);
+                                continue;
+                            }
+                            self.buf = [0; 8];
+                            self.answer = Answer::AccumulatorIn(size);
+                            let n = usize::from(size).min(4);
+                            VcpuExit::IoIn {
+                                port,
+                                data: &mut self.buf[..n],
+                            }
+                        }
+                    }
+                }
+                Exit::Exception(x) if x.vector == Exception::PF && self.exit_on & PF_BIT == 0 => {
+                    let cpu = self.emu.cpu();
+                    let entry = (
+                        cpu.rip,
+                        cpu.segs[seg::CS].selector,
+                        cpu.gpr[4],
+                        x.error_code.unwrap_or(0),
+                    );
+                    let mut recurring = false;
+                    if let Some(t) = &mut self.pf_trace {
+                        recurring = entry.1 & 3 == 0
+                            && t.iter().rev().take(2).filter(|e| e.0 == entry.0).count() == 2;
+                        if t.len() == 64 {
+                            t.pop_front();
+                        }
+                        t.push_back(entry);
+                    }
+                    if recurring {
+                        let list: Vec<String> = self
+                            .pf_trace
+                            .iter()
+                            .flatten()
+                            .map(|(rip, cs, rsp, code)| {
+                                format!("rip {rip:#x} cs {cs:#x} rsp {rsp:#x} err {code:#x}")
+                            })
+                            .collect();
+                        return Ok(VcpuExit::InternalError(format!(
+                            "emu: recurring kernel page fault at {}; page faults: {}",
+                            self.stop_report(),
+                            list.join("; ")
+                        )));
+                    }
+                    self.reflect_exception();
+                    self.reflecting = true;
+                    continue;
+                }
                 // Only vectors in the exception-exit bitmap get here.
                 Exit::Exception(x) => VcpuExit::InternalError(format!(
-                    "guest exception {} (error code {:?}) at rip {:#x}",
+                    "emu: guest exception {} (error code {:?}) at {}",
                     x.vector,
                     x.error_code,
-                    self.emu.cpu().rip
+                    self.stop_report()
                 )),
                 Exit::InternalError(what) => {
-                    VcpuExit::InternalError(format!("emu: {what} at rip {:#x}", self.emu.cpu().rip))
+                    VcpuExit::InternalError(format!("emu: {what} at {}", self.stop_report()))
                 }
             });
         }

@@ -206,18 +206,16 @@ fn resolve_accel(
     };
     match accel {
         Accel::Kvm if !kvm.device => bail!("--accel kvm: this host has no /dev/kvm"),
-        Accel::Kvm if !kvm.usable => bail!("--accel kvm: /dev/kvm exists but a VM cannot be created (permissions, or KVM is busy)"),
+        Accel::Kvm if !kvm.usable => bail!(
+            "--accel kvm: /dev/kvm exists but a VM cannot be created (permissions, or KVM is busy)"
+        ),
         Accel::Kvm if kvm.pvm => {
             eprintln!(
                 "vessel: warning: KVM here is nested PVM; stock Linux kernels stop on instructions it cannot emulate (see `vessel doctor`)"
             );
         }
-        Accel::Emu if arg == AccelArg::Auto => bail!(
-            "--accel auto chose emu because this host's KVM cannot run stock kernels ({}), and emu, vessel's software x86-64 vCPU, is not available yet",
-            if kvm.pvm { "it is nested PVM" } else { "no usable KVM with VT-x/AMD-V" }
-        ),
-        Accel::Emu => bail!("--accel emu: vessel's software x86-64 vCPU is not available yet"),
-        Accel::Kvm => {}
+        // emu, vessel's software x86-64 vCPU, needs nothing from the host.
+        Accel::Emu | Accel::Kvm => {}
     }
     Ok(accel)
 }
@@ -255,7 +253,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let accel = choose_accel(args.accel)?;
     let hypervisor: Box<dyn hypervisor::Hypervisor> = match accel {
         Accel::Kvm => Box::new(hypervisor::kvm::KvmHypervisor::new().context("opening KVM")?),
-        Accel::Emu => bail!("the emu accelerator is not available yet"),
+        Accel::Emu => Box::new(emu::EmuHypervisor::new()),
     };
     if cpus > hypervisor.max_vcpus() {
         bail!(
@@ -407,9 +405,14 @@ mod tests {
             resolve_accel(AccelArg::Auto, REAL_KVM, true).ok(),
             Some(Accel::Kvm)
         );
-        assert!(error_of(resolve_accel(AccelArg::Auto, PVM, false)).contains("nested PVM"));
-        assert!(
-            error_of(resolve_accel(AccelArg::Auto, NO_KVM, false)).contains("not available yet")
+        // Without a KVM that runs stock kernels, auto picks the software vCPU.
+        assert_eq!(
+            resolve_accel(AccelArg::Auto, PVM, false).ok(),
+            Some(Accel::Emu)
+        );
+        assert_eq!(
+            resolve_accel(AccelArg::Auto, NO_KVM, false).ok(),
+            Some(Accel::Emu)
         );
         assert_eq!(
             resolve_accel(AccelArg::Kvm, PVM, false).ok(),
@@ -418,9 +421,12 @@ mod tests {
     }
 
     #[test]
-    fn emu_is_refused_until_it_lands() {
-        assert!(
-            error_of(resolve_accel(AccelArg::Emu, REAL_KVM, true)).contains("not available yet")
-        );
+    fn emu_is_available_everywhere() {
+        for kvm in [NO_KVM, PVM, REAL_KVM] {
+            assert_eq!(
+                resolve_accel(AccelArg::Emu, kvm, true).ok(),
+                Some(Accel::Emu)
+            );
+        }
     }
 }

@@ -147,9 +147,22 @@ fn sizes_and_counts_are_checked() {
 }
 
 #[test]
-fn emu_is_not_available_yet() {
-    let out = vessel(&["run", "--accel", "emu", "--", "true"]);
-    assert_one_clear_error(&out, "not available yet");
+fn emu_is_available_and_checks_the_kernel_first() {
+    // The software vCPU needs nothing from the host: the run gets as far
+    // as the kernel check.
+    let out = vessel(&["run", "--accel", "emu", "--kernel", "/etc/hostname"]);
+    assert_one_clear_error(&out, "is not a Linux kernel");
+    // A missing kernel is reported on emu as on KVM.
+    let out = vessel(&[
+        "run",
+        "--accel",
+        "emu",
+        "--cpus",
+        "2",
+        "--kernel",
+        "/nonexistent/vmlinuz",
+    ]);
+    assert!(!out.status.success());
 }
 
 #[test]

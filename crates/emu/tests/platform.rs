@@ -1,0 +1,146 @@
+//! The emu accelerator with its platform (`VmConfig::irqchip`) and the
+//! block-level behaviours the Linux boot depends on.
+
+mod common;
+
+use emu::{Emulator, Exit};
+use iced_x86::code_asm::*;
+use vm_memory::{Bytes, GuestAddress};
+
+const CODE: u64 = 0x1000;
+
+fn run_code(
+    a: &mut CodeAssembler,
+    mem_size: usize,
+) -> (Emulator, Exit, vm_memory::GuestMemoryMmap) {
+    let code = a.assemble(CODE).expect("assemble");
+    let mem = common::memory(mem_size);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let mut e = common::emulator(&mem);
+    e.cpu_mut().rip = CODE;
+    e.cpu_mut().gpr[4] = 0x8000;
+    let exit = e.run(1 << 24, None);
+    (e, exit, mem)
+}
+
+/// A REP string instruction long enough to run in several chunks, in the
+/// middle of a block: the rest of the block must wait until it is done
+/// (Linux's decompressor copies itself with `std; rep movsq; cld; ...;
+/// jmp *%rax` in one block).
+#[test]
+fn long_rep_string_in_mid_block_completes_before_the_next_instruction() {
+    const DST: u64 = 0x10_0000;
+    const QWORDS: u32 = 50_000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rdi, DST).unwrap();
+    a.mov(ecx, QWORDS).unwrap();
+    a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+    a.rep().stosq().unwrap();
+    a.mov(rbx, rcx).unwrap();
+    a.out(0x80, al).unwrap();
+    let (e, exit, mem) = run_code(&mut a, 0x20_0000);
+    assert!(matches!(exit, Exit::IoOut { port: 0x80, .. }), "{exit:?}");
+    assert_eq!(e.cpu().gpr[3], 0, "RCX seen by the next instruction");
+    let last: u64 = mem
+        .read_obj(GuestAddress(DST + 8 * u64::from(QWORDS - 1)))
+        .unwrap();
+    assert_eq!(last, 0x1122_3344_5566_7788);
+}
+
+/// The same going down (DF=1), as the decompressor does.
+#[test]
+fn long_backward_rep_movsq_completes() {
+    const SRC: u64 = 0x10_0000;
+    const DST: u64 = 0x18_0000;
+    const QWORDS: u64 = 10_000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rsi, SRC + 8 * (QWORDS - 1)).unwrap();
+    a.mov(rdi, DST + 8 * (QWORDS - 1)).unwrap();
+    a.mov(ecx, QWORDS as u32).unwrap();
+    a.std().unwrap();
+    a.rep().movsq().unwrap();
+    a.cld().unwrap();
+    a.mov(rbx, rcx).unwrap();
+    a.out(0x80, al).unwrap();
+    let code = a.assemble(CODE).expect("assemble");
+    let mem = common::memory(0x20_0000);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    for i in 0..QWORDS {
+        mem.write_obj(i + 1, GuestAddress(SRC + 8 * i)).unwrap();
+    }
+    let mut e = common::emulator(&mem);
+    e.cpu_mut().rip = CODE;
+    let exit = e.run(1 << 24, None);
+    assert!(matches!(exit, Exit::IoOut { port: 0x80, .. }), "{exit:?}");
+    assert_eq!(e.cpu().gpr[3], 0);
+    for i in [0, 1, QWORDS / 2, QWORDS - 1] {
+        let v: u64 = mem.read_obj(GuestAddress(DST + 8 * i)).unwrap();
+        assert_eq!(v, i + 1, "qword {i}");
+    }
+}
+
+/// With the platform, ioeventfd writes signal the eventfd instead of
+/// exiting, PIC/PIT ports never reach the VMM, and GSIs outside the
+/// IOAPIC are refused; without it, the interrupt calls are unsupported.
+#[test]
+fn vm_interrupt_wiring_through_the_traits() {
+    use emu::EmuHypervisor;
+    use hypervisor::{Hypervisor, VcpuExit, VmConfig};
+    use vmm_sys_util::eventfd::EventFd;
+
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(al, 0xff).unwrap();
+    a.out(0x21, al).unwrap(); // PIC mask: the platform's
+    a.mov(dx, 0x600u32).unwrap();
+    a.out(dx, al).unwrap(); // ioeventfd
+    a.in_(al, 0x21).unwrap(); // PIC mask read back
+    a.out(0x80, al).unwrap(); // the VMM's
+    let code = a.assemble(CODE).expect("assemble");
+    let mem = common::memory(0x10_0000);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    common::identity_tables(&mem, common::TABLES);
+
+    let vm = EmuHypervisor::new()
+        .create_vm(&VmConfig {
+            num_cpus: 1,
+            irqchip: true,
+        })
+        .unwrap();
+    vm.set_memory(&mem).unwrap();
+    let doorbell = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_ioevent(&doorbell, 0x600, true).unwrap();
+    assert!(vm.set_irq_line(24, true).is_err());
+    vm.set_irq_line(4, true).unwrap();
+    vm.set_irq_line(4, false).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut regs = vcpu.regs().unwrap();
+    let mut cpu = emu::CpuState::reset();
+    common::long_mode(&mut cpu);
+    cpu.cr3 = common::TABLES;
+    // apic_base 0: keep the platform's.
+    let sregs = hypervisor::SpecialRegisters {
+        apic_base: 0,
+        ..cpu.special()
+    };
+    vcpu.set_sregs(&sregs).unwrap();
+    regs.rip = CODE;
+    regs.rsp = 0x8000;
+    vcpu.set_regs(&regs).unwrap();
+    match vcpu.run().unwrap() {
+        VcpuExit::IoOut { port, data } => {
+            assert_eq!(port, 0x80);
+            assert_eq!(data, &[0xff]);
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    assert_eq!(doorbell.read().unwrap(), 1);
+
+    let plain = EmuHypervisor::new()
+        .create_vm(&VmConfig {
+            num_cpus: 1,
+            irqchip: false,
+        })
+        .unwrap();
+    assert!(plain.set_irq_line(4, true).is_err());
+    assert!(plain.register_irqfd(&doorbell, 4).is_err());
+}
