@@ -98,6 +98,9 @@ fi
 	echo "vessel: cannot report exit status $vessel_status to the host" >&2
 
 sync
+# The kernel's "reboot: Power down" is an emergency-level message, which even
+# "quiet" prints; console level 0 keeps it off the command's output.
+echo 0 >/proc/sys/kernel/printk
 poweroff -f
 "#;
 

@@ -32,7 +32,8 @@ use acpi_tables::Aml;
 use devices::acpi_pm::{
     REGISTER_BIT_WIDTH, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
 };
-use devices::rtc::RTC_CENTURY_INDEX;
+use devices::i8042::{I8042_COMMAND_PORT, I8042_DATA_PORT};
+use devices::rtc::{RTC_CENTURY_INDEX, RTC_INDEX_PORT, RTC_LEN};
 use devices::serial::{COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -44,6 +45,12 @@ pub const ACPI_REGION_END: u64 = 0x0010_0000;
 const OEM_ID: [u8; 6] = *b"VESSEL";
 const OEM_TABLE_ID: [u8; 8] = *b"VESSELVM";
 const OEM_REVISION: u32 = 1;
+
+/// The ISA IRQ (= GSI, identity-mapped in the MADT) of the i8042's
+/// keyboard port.
+const I8042_KBD_IRQ: u32 = 1;
+/// The ISA IRQ of the CMOS clock's alarm/periodic interrupt.
+const RTC_IRQ: u32 = 8;
 /// Tables start on 16-byte boundaries (the RSDP must; the rest by habit).
 const TABLE_ALIGN: u64 = 16;
 
@@ -152,7 +159,30 @@ fn build_dsdt() -> Vec<u8> {
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com1_crs = aml::Name::new("_CRS".into(), &com1_crs);
     let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+
+    // The i8042 keyboard controller and the CMOS clock. The FADT's boot
+    // flags say they exist, but a hardware-reduced ACPI machine has no
+    // legacy PIC, so Linux maps ISA IRQs only for devices ACPI describes
+    // with interrupt resources (PNP-ACPI); without these the i8042 and
+    // rtc_cmos probes fail with -EINVAL. devices::i8042 has no aux (mouse)
+    // port, so there is no PNP0F13 device.
+    let kbd_data = aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 0, 1);
+    let kbd_cmd = aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 0, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, I8042_KBD_IRQ);
+    let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let kbd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303"));
+    let kbd_crs = aml::Name::new("_CRS".into(), &kbd_crs);
+    let kbd = aml::Device::new("PS2K".into(), vec![&kbd_hid, &kbd_crs]);
+
+    let rtc_len = RTC_LEN as u8; // 2: fits by definition
+    let rtc_io = aml::IO::new(RTC_INDEX_PORT, RTC_INDEX_PORT, 0, rtc_len);
+    let rtc_irq = aml::Interrupt::new(true, true, false, false, RTC_IRQ);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
+    let rtc_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let rtc_crs = aml::Name::new("_CRS".into(), &rtc_crs);
+    let rtc = aml::Device::new("RTC_".into(), vec![&rtc_hid, &rtc_crs]);
+
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &rtc]);
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -478,9 +508,47 @@ mod tests {
         assert!(d
             .windows(8)
             .any(|w| w == [0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x00, 0x08]));
+        // The _HID strings, read back from their compressed EISA IDs.
+        let hids: Vec<String> = d
+            .windows(9)
+            .filter(|w| w[..4] == *b"_HID" && w[4] == 0x0c)
+            .map(|w| eisa_id(u32::from_le_bytes([w[5], w[6], w[7], w[8]])))
+            .collect();
+        assert_eq!(hids, ["PNP0501", "PNP0303", "PNP0B00"]);
+        // The i8042's two single ports, the RTC's pair.
+        assert!(d
+            .windows(8)
+            .any(|w| w == [0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x00, 0x01]));
+        assert!(d
+            .windows(8)
+            .any(|w| w == [0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x00, 0x01]));
+        assert!(d
+            .windows(8)
+            .any(|w| w == [0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x00, 0x02]));
+        // Extended interrupt descriptors (0x89, length 6, flags, one IRQ)
+        // for IRQs 4 (COM1), 1 (keyboard) and 8 (RTC).
+        let irqs: Vec<u32> = d
+            .windows(9)
+            .filter(|w| w[0] == 0x89 && w[1] == 6 && w[2] == 0 && w[4] == 1)
+            .map(|w| u32::from_le_bytes([w[5], w[6], w[7], w[8]]))
+            .collect();
+        assert_eq!(irqs, [4, 1, 8]);
     }
 
     /// Walks the MADT's interrupt controller structures.
+    /// Decodes a compressed EISA ID (AML's EISAID(), stored big-endian).
+    fn eisa_id(v: u32) -> String {
+        let v = v.swap_bytes();
+        let letter = |shift: u32| char::from(b'@' + ((v >> shift) & 0x1f) as u8);
+        format!(
+            "{}{}{}{:04X}",
+            letter(26),
+            letter(21),
+            letter(16),
+            v & 0xffff
+        )
+    }
+
     fn madt_entries(m: &[u8]) -> Vec<&[u8]> {
         let mut out = Vec::new();
         let mut off = 44;
