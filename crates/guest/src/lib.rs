@@ -135,15 +135,39 @@ pub fn cached(data_dir: &Path) -> Result<Option<GuestImage>> {
         })?;
     let intact =
         |p: &Path| p.is_absolute() && fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0);
-    if intact(&image.kernel) && intact(&image.initrd) {
-        Ok(Some(image))
-    } else {
+    if !(intact(&image.kernel) && intact(&image.initrd)) {
         tracing::debug!(
             "cached guest {} is incomplete; it will be fetched again",
             image.release
         );
-        Ok(None)
+        return Ok(None);
     }
+    // An initramfs built by another vessel (another /init protocol) is stale.
+    let id_file = image.initrd.with_file_name(INITRAMFS_ID_FILE);
+    match fs::read_to_string(&id_file) {
+        Ok(id) if id.trim() == initramfs_id() => Ok(Some(image)),
+        _ => {
+            tracing::info!(
+                "cached guest {} has an initramfs from another vessel version; it will be rebuilt",
+                image.release
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Beside the cached initrd: which /init and helper it was built with.
+const INITRAMFS_ID_FILE: &str = "initramfs.id";
+
+/// Identifies the initramfs contents vessel itself contributes (the /init script and the
+/// exit-status helper), so a cache built by an older vessel is rebuilt rather than booted
+/// with a stale guest protocol.
+pub fn initramfs_id() -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(INIT_SCRIPT.as_bytes());
+    hash.update(exit_helper::exit_status_helper());
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The default guest: from the cache if intact (no network access at all), otherwise
@@ -281,6 +305,9 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
     };
     rename(&work_kernel, &image.kernel)?;
     rename(&work_initrd, &image.initrd)?;
+    let work_id = work.join(INITRAMFS_ID_FILE);
+    write_synced(&work_id, |f| f.write_all(initramfs_id().as_bytes()))?;
+    rename(&work_id, &release_dir.join(INITRAMFS_ID_FILE))?;
 
     // The record goes last: until it is renamed into place, cached() still sees the old
     // (or no) guest.
@@ -597,6 +624,10 @@ mod tests {
         fs::write(&image.initrd, b"").unwrap();
         assert!(cached(dir.path()).unwrap().is_none(), "empty initrd");
         fs::write(&image.initrd, b"i").unwrap();
+        assert!(cached(dir.path()).unwrap().is_none(), "no initramfs id");
+        fs::write(guest.join("r").join(INITRAMFS_ID_FILE), b"stale").unwrap();
+        assert!(cached(dir.path()).unwrap().is_none(), "stale initramfs id");
+        fs::write(guest.join("r").join(INITRAMFS_ID_FILE), initramfs_id()).unwrap();
         assert_eq!(cached(dir.path()).unwrap(), Some(image));
         fs::write(guest.join("current.json"), b"{not json").unwrap();
         let err = cached(dir.path()).unwrap_err();

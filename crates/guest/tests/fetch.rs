@@ -64,6 +64,7 @@ fn fetch_builds_and_caches_the_guest() {
         [
             "guest".to_string(),
             "guest/6.1.0-99-cloud-amd64".into(),
+            "guest/6.1.0-99-cloud-amd64/initramfs.id".into(),
             "guest/6.1.0-99-cloud-amd64/initrd.img".into(),
             "guest/6.1.0-99-cloud-amd64/vmlinuz".into(),
             "guest/current.json".into(),
@@ -309,6 +310,7 @@ fn newer_security_kernel_is_chosen() {
         [
             "guest".to_string(),
             "guest/6.1.0-101-cloud-amd64".into(),
+            "guest/6.1.0-101-cloud-amd64/initramfs.id".into(),
             "guest/6.1.0-101-cloud-amd64/initrd.img".into(),
             "guest/6.1.0-101-cloud-amd64/vmlinuz".into(),
             "guest/current.json".into(),
@@ -553,4 +555,31 @@ fn real_mirror() {
             std::fs::copy(p, Path::new(&dir).join(p.file_name().unwrap())).unwrap();
         }
     }
+}
+
+#[test]
+fn initramfs_from_another_vessel_version_is_rebuilt() {
+    if !gpg_available("initramfs_from_another_vessel_version_is_rebuilt") {
+        return;
+    }
+    let mirror = build_mirror();
+    let data = tempfile::tempdir().unwrap();
+    let image = fetch(&mirror.options(data.path())).unwrap();
+    let id_file = image.initrd.with_file_name("initramfs.id");
+    assert_eq!(
+        std::fs::read_to_string(&id_file).unwrap(),
+        guest::initramfs_id()
+    );
+    // A cache written by a vessel with another /init.
+    std::fs::write(&id_file, "0000").unwrap();
+    std::fs::write(&image.initrd, b"stale initramfs").unwrap();
+    assert_eq!(cached(data.path()).unwrap(), None);
+    let again = fetch(&mirror.options(data.path())).unwrap();
+    assert_eq!(again, image);
+    assert_eq!(
+        std::fs::read_to_string(&id_file).unwrap(),
+        guest::initramfs_id()
+    );
+    assert_ne!(std::fs::read(&image.initrd).unwrap(), b"stale initramfs");
+    assert_eq!(cached(data.path()).unwrap(), Some(image));
 }
