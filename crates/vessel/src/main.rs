@@ -15,8 +15,11 @@ use vmm::{Console, MachineConfig, StopReason};
 
 /// The kernel command line of the default guest: the serial console,
 /// a panic ends the VM at once, and a quiet boot so a command's output is
-/// all that appears.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+/// all that appears. `tsc=reliable`: both accelerators give the guest a TSC
+/// that runs at a fixed rate from host time, while the guest's tick-based
+/// clocks can lag when the host is busy (most under the software vCPU); the
+/// clocksource watchdog would then wrongly mark the TSC unstable.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet tsc=reliable";
 
 #[derive(Parser)]
 #[command(
