@@ -41,6 +41,12 @@ pub struct Op {
     pub asize: u8,
     /// Code-segment bitness it was decoded for (16, 32 or 64).
     pub bitness: u8,
+    /// Register indices (0..16) of operands 0 and 1, for the specialized
+    /// handlers of `exec::fast` (unused by the generic ones).
+    pub regs: [u8; 2],
+    /// The immediate operand, extended and truncated to `osize`, for the
+    /// specialized handlers.
+    pub imm: u64,
 }
 
 impl std::fmt::Debug for Op {
@@ -265,14 +271,17 @@ pub(crate) fn decode(
             break;
         }
         let end = decoder.position();
-        let op = Op {
+        let mut op = Op {
             handler: handler_for(&instr),
             next_ip: instr.next_ip(),
             osize: operand_size(&instr),
             asize: address_size(&buf[start..end], bitness),
             bitness: bitness as u8,
+            regs: [0; 2],
+            imm: 0,
             instr,
         };
+        crate::exec::specialize(&mut op);
         let stop = instr.is_invalid() || ends_block(&instr);
         ops.push(op);
         if end > first {

@@ -36,6 +36,14 @@ pub const EXT1_ECX_LAHF_LM: u32 = 1 << 0;
 /// Leaf 0x8000_0001 EDX: long mode.
 pub const EXT1_EDX_LM: u32 = 1 << 29;
 
+/// Highest basic leaf: 0x16 (processor frequency). Leaves 2 to 0x14 are not
+/// listed and read as zeros ("not supported") as Linux expects of them.
+pub const MAX_BASIC_LEAF: u32 = 0x16;
+
+/// Frequency of the emulated TSC and of the crystal that clocks the LAPIC
+/// timer: RDTSC counts nanoseconds of host time.
+pub const TSC_HZ: u32 = 1_000_000_000;
+
 fn vendor_word(s: &[u8; 12], i: usize) -> u32 {
     u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]])
 }
@@ -62,7 +70,7 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
     vec![
         leaf(
             0,
-            1,
+            MAX_BASIC_LEAF,
             vendor_word(vendor, 0),
             vendor_word(vendor, 2),
             vendor_word(vendor, 1),
@@ -84,6 +92,22 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
                 | leaf1_edx::FXSR
                 | leaf1_edx::SSE
                 | leaf1_edx::SSE2,
+        ),
+        // Time Stamp Counter and core crystal clock: TSC = crystal * EBX / EAX.
+        // The emulator's TSC and LAPIC timer both run at TSC_HZ, so Linux
+        // takes the frequency from here (X86_FEATURE_TSC_KNOWN_FREQ, and the
+        // LAPIC timer period from the crystal) instead of calibrating against
+        // the PIT in wall-clock time, which fails when the host is busy and
+        // the interpreter runs the calibration loop slowly.
+        leaf(0x15, 1, 1, TSC_HZ, 0),
+        // Processor base, maximum and bus (reference) frequency in MHz, so the
+        // processor frequency is known too and Linux skips its PIT loops.
+        leaf(
+            0x16,
+            TSC_HZ / 1_000_000,
+            TSC_HZ / 1_000_000,
+            TSC_HZ / 1_000_000,
+            0,
         ),
         leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
         leaf(
@@ -110,5 +134,18 @@ mod tests {
         }
         assert_eq!(&v, b"GenuineIntel");
         assert_eq!(t[1].ebx >> 24, 3);
+    }
+
+    #[test]
+    fn tsc_frequency_is_advertised_through_leaf_0x15() {
+        let t = super::table(0, 1);
+        assert!(t[0].eax >= 0x15, "max basic leaf must reach 0x15");
+        let l15 = t.iter().find(|e| e.function == 0x15).expect("leaf 0x15");
+        assert_ne!(l15.eax, 0);
+        assert_ne!(l15.ebx, 0);
+        let tsc_hz = u64::from(l15.ecx) * u64::from(l15.ebx) / u64::from(l15.eax);
+        assert_eq!(tsc_hz, u64::from(super::TSC_HZ));
+        let l16 = t.iter().find(|e| e.function == 0x16).expect("leaf 0x16");
+        assert_eq!(u64::from(l16.eax) * 1_000_000, u64::from(super::TSC_HZ));
     }
 }

@@ -24,7 +24,6 @@
 //! exceptions); a JIT can drop dead flag computations per block later.
 
 pub mod block;
-pub mod compat;
 pub mod cpuid;
 pub mod diag;
 pub mod exec;

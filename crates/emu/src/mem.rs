@@ -89,6 +89,14 @@ impl Ram {
         None
     }
 
+    /// Host address of the 4 KiB page containing `gpa` if the whole page
+    /// is RAM, else 0: cached in TLB entries so a hit skips the region
+    /// search (see [`TlbEntry::host`]).
+    #[inline]
+    pub fn page_host(&self, gpa: u64) -> usize {
+        self.host(gpa & !PAGE_MASK, PAGE_SIZE as usize).unwrap_or(0)
+    }
+
     /// Whether `gpa` is RAM.
     pub fn is_ram(&self, gpa: u64) -> bool {
         self.host(gpa, 1).is_some()
@@ -172,6 +180,54 @@ impl Ram {
             }
         }
         true
+    }
+}
+
+/// Load of 1, 2, 4 or 8 bytes at host address `h` with the rules of
+/// [`Ram::read_u`] (aligned loads are single accesses).
+///
+/// # Safety
+/// `[h, h + size)` must lie inside a live guest RAM mapping.
+#[inline(always)]
+pub unsafe fn host_load(h: usize, size: usize) -> u64 {
+    let aligned = h.is_multiple_of(size);
+    // SAFETY: the caller guarantees the range is mapped; typed volatile
+    // reads are only used when `h` is aligned for them.
+    unsafe {
+        match (size, aligned) {
+            (1, _) => u64::from(std::ptr::read_volatile(h as *const u8)),
+            (2, true) => u64::from(std::ptr::read_volatile(h as *const u16)),
+            (4, true) => u64::from(std::ptr::read_volatile(h as *const u32)),
+            (8, true) => std::ptr::read_volatile(h as *const u64),
+            _ => {
+                let mut b = [0u8; 8];
+                std::ptr::copy_nonoverlapping(h as *const u8, b.as_mut_ptr(), size.min(8));
+                u64::from_le_bytes(b)
+            }
+        }
+    }
+}
+
+/// Store of the low `size` (1, 2, 4 or 8) bytes of `v` at host address
+/// `h`, with the rules of [`Ram::write_u`].
+///
+/// # Safety
+/// `[h, h + size)` must lie inside a live, writable guest RAM mapping.
+#[inline(always)]
+pub unsafe fn host_store(h: usize, size: usize, v: u64) {
+    let aligned = h.is_multiple_of(size);
+    // SAFETY: as in `host_load`.
+    unsafe {
+        match (size, aligned) {
+            (1, _) => std::ptr::write_volatile(h as *mut u8, v as u8),
+            (2, true) => std::ptr::write_volatile(h as *mut u16, v as u16),
+            (4, true) => std::ptr::write_volatile(h as *mut u32, v as u32),
+            (8, true) => std::ptr::write_volatile(h as *mut u64, v),
+            _ => {
+                let b = v.to_le_bytes();
+                std::ptr::copy_nonoverlapping(b.as_ptr(), h as *mut u8, size.min(8));
+            }
+        }
     }
 }
 
@@ -281,6 +337,12 @@ pub struct TlbEntry {
     /// log2 of the size of the page it came from (12, 21, 22 or 30), for
     /// INVLPG of an address elsewhere in a large page.
     pub shift: u8,
+    /// Host address of the physical page when it is RAM, else 0 (MMIO):
+    /// the access fast path (`Core::read_as`/`write_as`) uses it directly.
+    /// Valid as long as the entry: `Ram` keeps the `GuestMemoryMmap` (and
+    /// so every mapping) alive for the life of the `Core` owning the TLB,
+    /// and guest RAM is never remapped.
+    pub host: usize,
 }
 
 pub const TLB_INVALID: u64 = u64::MAX;
@@ -290,6 +352,7 @@ const EMPTY: TlbEntry = TlbEntry {
     pa: 0,
     perms: 0,
     shift: 12,
+    host: 0,
 };
 
 /// Which paging structure format is in force.
@@ -339,14 +402,36 @@ impl Mmu {
         }
     }
 
-    pub fn fill(&mut self, lin: u64, pa: u64, perms: u8, shift: u8) {
+    /// Enters a translation; `host` is [`Ram::page_host`] of `pa`.
+    pub fn fill(&mut self, lin: u64, pa: u64, perms: u8, shift: u8, host: usize) {
         let vpn = lin >> PAGE_SHIFT;
         self.entries[(vpn as usize) % TLB_ENTRIES] = TlbEntry {
             vpn,
             pa: pa & !PAGE_MASK,
             perms,
             shift,
+            host,
         };
+    }
+
+    /// Host address of `lin` for an access needing `need`, if the TLB
+    /// holds it and it is RAM: the memory fast path.
+    #[inline(always)]
+    pub fn lookup_host(&self, lin: u64, need: u8) -> Option<usize> {
+        let vpn = lin >> PAGE_SHIFT;
+        let e = &self.entries[(vpn as usize) % TLB_ENTRIES];
+        if e.vpn == vpn && e.perms & need != 0 && e.host != 0 {
+            Some(e.host + (lin & PAGE_MASK) as usize)
+        } else {
+            None
+        }
+    }
+
+    /// Physical page of the entry [`Mmu::lookup_host`] just hit.
+    #[inline(always)]
+    pub fn page_of(&self, lin: u64) -> u64 {
+        let vpn = lin >> PAGE_SHIFT;
+        self.entries[(vpn as usize) % TLB_ENTRIES].pa >> PAGE_SHIFT
     }
 
     /// Drops everything (CR0/CR4 paging-bit changes, mode changes).

@@ -258,7 +258,7 @@ impl Platform {
         let shared = Arc::new(Shared {
             start: Instant::now(),
             chips: Mutex::new(Chips {
-                pic: DualPic::new(),
+                pic: firmware_initialized_pic(),
                 pit: Pit::new(),
                 ioapic: IoApic::new(),
                 lapics,
@@ -679,6 +679,27 @@ fn helper_thread(s: &Shared) {
             }
         }
     }
+}
+
+/// The PIC pair as PC firmware leaves it for the OS: vectors 0x08-0x0f
+/// and 0x70-0x77, every line masked but the cascade. A PIC left in its
+/// power-on state would deliver IRQ n as vector n through the boot CPU's
+/// virtual-wire LINT0 (an exception vector) to a guest that never touched
+/// it; firmware does this set-up on every PC, and Linux re-initialises
+/// the PIC itself anyway.
+fn firmware_initialized_pic() -> DualPic {
+    let mut pic = DualPic::new();
+    for (command, data, base, wiring, mask) in [
+        (0x20u16, 0x21u16, 0x08u8, 0x04u8, 0xfbu8),
+        (0xa0, 0xa1, 0x70, 0x02, 0xff),
+    ] {
+        pic.write(command, 0x11); // ICW1: edge, cascade, ICW4 follows
+        pic.write(data, base); // ICW2: vector base
+        pic.write(data, wiring); // ICW3: slave on IR2 / slave ID 2
+        pic.write(data, 0x01); // ICW4: 8086 mode
+        pic.write(data, mask); // OCW1: mask
+    }
+    pic
 }
 
 #[cfg(test)]

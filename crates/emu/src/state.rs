@@ -65,6 +65,8 @@ pub mod bits {
     pub const CR0_NE: u64 = 1 << 5;
     pub const CR4_OSFXSR: u64 = 1 << 9;
     pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    pub const CR4_UMIP: u64 = 1 << 11;
+    pub const CR4_DE: u64 = 1 << 3;
     pub const CR0_PG: u64 = 1 << 31;
     pub const EFER_LMA: u64 = 1 << 10;
 }
@@ -110,7 +112,15 @@ pub struct CpuState {
     pub msrs: Msrs,
     /// x87, MXCSR and XMM state.
     pub fpu: Fpu,
+    /// DR0-DR7 (DR4/DR5 are never stored: they alias DR6/DR7). Kept for
+    /// MOV to/from DRn; no breakpoint fires.
+    pub dr: [u64; 8],
 }
+
+/// DR6 after reset (SDM Vol. 3B 18.2.3: reserved bits read as 1).
+pub const DR6_RESET: u64 = 0xffff_0ff0;
+/// DR7 after reset (bit 10 reads as 1).
+pub const DR7_RESET: u64 = 0x400;
 
 /// One x87 register: 64-bit significand (explicit integer bit) and
 /// sign + 15-bit exponent, the layout FXSAVE uses.
@@ -401,6 +411,7 @@ impl CpuState {
                 ..Default::default()
             },
             fpu: Fpu::reset(),
+            dr: [0, 0, 0, 0, 0, 0, DR6_RESET, DR7_RESET],
             ..Default::default()
         }
     }

@@ -12,7 +12,6 @@ use hypervisor::{
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::compat::{CompatState, PortIo};
 use crate::exec::{Emulator, Exception, Exit, InterruptLines};
 use crate::platform::{CpuMode, CpuSignal, Platform};
 use crate::state::{seg, CpuState};
@@ -28,12 +27,6 @@ fn trace_len() -> Option<usize> {
     let text = std::env::var("VESSEL_EMU_TRACE").ok()?;
     Some(text.trim().parse::<usize>().unwrap_or(64).clamp(1, 1 << 20))
 }
-
-/// The exception-exit bit of #UD.
-const UD_BIT: u32 = 1 << Exception::UD;
-
-/// The exception-exit bit of #GP.
-const GP_BIT: u32 = 1 << Exception::GP;
 
 /// The exception-exit bit of #PF.
 const PF_BIT: u32 = 1 << Exception::PF;
@@ -176,10 +169,7 @@ impl Vm for EmuVm {
         let mut emu = Emulator::new(memory, cpuid);
         let pf_trace = std::env::var_os("VESSEL_EMU_PF_TRACE").map(|_| VecDeque::new());
         let exit_on = exception_exits_from_env();
-        // #UD always comes back here first, for `compat`'s stand-ins.
-        emu.set_exception_exits(
-            exit_on | UD_BIT | GP_BIT | if pf_trace.is_some() { PF_BIT } else { 0 },
-        );
+        emu.set_exception_exits(exit_on | if pf_trace.is_some() { PF_BIT } else { 0 });
         let mut lines = None;
         if let Some(p) = &self.platform {
             // The emulator's IA32_APIC_BASE starts as the APIC model's
@@ -206,7 +196,6 @@ impl Vm for EmuVm {
             trace: trace_len().map(VecDeque::with_capacity),
             exit_on,
             reflecting: false,
-            compat: CompatState::default(),
             pf_trace,
         }))
     }
@@ -267,18 +256,6 @@ enum Answer {
     None,
     IoIn,
     MmioRead,
-    /// An `IN` of this size that `compat` completed: into AL/AX/EAX.
-    AccumulatorIn(u8),
-}
-
-/// Writes an `IN` result into AL, AX or EAX (EAX zero-extends).
-fn set_accumulator(cpu: &mut CpuState, size: u8, v: u32) {
-    let rax = cpu.gpr[0];
-    cpu.gpr[0] = match size {
-        1 => (rax & !0xff) | u64::from(v & 0xff),
-        2 => (rax & !0xffff) | u64::from(v & 0xffff),
-        _ => u64::from(v),
-    };
 }
 
 /// A software vCPU.
@@ -301,11 +278,9 @@ pub struct EmuVcpu {
     trace: Option<VecDeque<u64>>,
     /// Exceptions `VESSEL_EMU_EXIT_ON` asked to stop on.
     exit_on: u32,
-    /// A #UD `compat` could not handle is being let through to the guest:
-    /// #UD exits are off for one emulator run.
+    /// An exception reported to this loop (a traced #PF) is being let
+    /// through to the guest: its exit is off for one emulator run.
     reflecting: bool,
-    /// State of the `compat` stand-ins (debug registers).
-    compat: CompatState,
     /// With `VESSEL_EMU_PF_TRACE` set: the last page faults (RIP, CS,
     /// RSP, error code), each reported to this loop before delivery; a
     /// page fault recurring at the same kernel RIP stops the VM with them.
@@ -356,7 +331,7 @@ impl EmuVcpu {
     /// The exceptions reported to this loop instead of delivered.
     fn exception_exits(&self) -> u32 {
         let pf = if self.pf_trace.is_some() { PF_BIT } else { 0 };
-        self.exit_on | UD_BIT | GP_BIT | pf
+        self.exit_on | pf
     }
 
     /// The position and, when tracing, the last blocks run.
@@ -404,14 +379,6 @@ impl Vcpu for EmuVcpu {
             Answer::MmioRead => {
                 self.emu.set_mmio_read_data(u64::from_le_bytes(self.buf));
                 replaying_mmio = true;
-            }
-            Answer::AccumulatorIn(size) => {
-                let b = self.buf;
-                set_accumulator(
-                    self.emu.cpu_mut(),
-                    size,
-                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                );
             }
             Answer::None => {}
         }
@@ -524,58 +491,6 @@ impl Vcpu for EmuVcpu {
                         eprintln!("emu: triple fault (shutdown) at {}", self.stop_report());
                     }
                     VcpuExit::Shutdown
-                }
-                Exit::Exception(x) if x.vector == Exception::UD && self.exit_on & UD_BIT == 0 => {
-                    if crate::compat::emulate_ud(self.emu.cpu_mut(), &self.memory, &mut self.compat)
-                    {
-                        for &(pa, len) in &self.compat.written {
-                            self.emu.invalidate_code(pa, len);
-                        }
-                    } else {
-                        // Not ours: run the instruction again with #UD
-                        // delivered through the guest's IDT.
-                        self.reflect_exception();
-                        self.reflecting = true;
-                    }
-                    continue;
-                }
-                Exit::Exception(x) if x.vector == Exception::GP && self.exit_on & GP_BIT == 0 => {
-                    let Some((io, next)) = crate::compat::port_io_at(self.emu.cpu(), &self.memory)
-                    else {
-                        // A #GP for the guest: deliver it.
-                        self.reflect_exception();
-                        self.reflecting = true;
-                        continue;
-                    };
-                    self.emu.cpu_mut().rip = next;
-                    match io {
-                        PortIo::Out { port, size, data } => {
-                            if let Some(p) = platform {
-                                if p.ioevent(u64::from(port), true) || p.pio_out(port, size, data) {
-                                    continue;
-                                }
-                            }
-                            self.buf[..4].copy_from_slice(&data.to_le_bytes());
-                            let n = usize::from(size).min(4);
-                            VcpuExit::IoOut {
-                                port,
-                                data: &self.buf[..n],
-                            }
-                        }
-                        PortIo::In { port, size } => {
-                            if let Some(v) = platform.and_then(|p| p.pio_in(port, size)) {
-                                set_accumulator(self.emu.cpu_mut(), size, v);
-                                continue;
-                            }
-                            self.buf = [0; 8];
-                            self.answer = Answer::AccumulatorIn(size);
-                            let n = usize::from(size).min(4);
-                            VcpuExit::IoIn {
-                                port,
-                                data: &mut self.buf[..n],
-                            }
-                        }
-                    }
                 }
                 Exit::Exception(x) if x.vector == Exception::PF && self.exit_on & PF_BIT == 0 => {
                     let cpu = self.emu.cpu();

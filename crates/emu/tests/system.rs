@@ -490,3 +490,146 @@ fn lock_xadd_from_two_threads_is_exact() {
     let v: [u32; 2] = mem.read_obj(GuestAddress(COUNTER)).unwrap();
     assert_eq!(v, [2 * N, 2 * N]);
 }
+
+/// Instructions Linux runs on every CPU that used to be #UD stand-ins:
+/// SGDT/SIDT, MOV to/from debug registers (with their reset values),
+/// VERR/VERW, TZCNT/LZCNT executed as BSF/BSR (no BMI1/ABM), and
+/// IA32_BIOS_SIGN_ID (MSR 0x8b) reading 0 after a write.
+#[test]
+fn sgdt_sidt_debug_registers_verw_and_microcode_msr() {
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.sgdt(ptr(0x7000u64)).unwrap();
+    a.sidt(ptr(0x7010u64)).unwrap();
+    // DR6/DR7 reset values, then a stored DR0 and a masked DR7.
+    a.db(&[0x0f, 0x21, 0xf0]).unwrap(); // mov rax, dr6
+    a.out(0x40, eax).unwrap();
+    a.db(&[0x0f, 0x21, 0xf8]).unwrap(); // mov rax, dr7
+    a.out(0x41, eax).unwrap();
+    a.mov(rbx, 0x1234_5678u64).unwrap();
+    a.db(&[0x0f, 0x23, 0xc3]).unwrap(); // mov dr0, rbx
+    a.db(&[0x0f, 0x21, 0xc0]).unwrap(); // mov rax, dr0
+    a.out(0x42, eax).unwrap();
+    a.mov(rbx, 0x1u64).unwrap();
+    a.db(&[0x0f, 0x23, 0xfb]).unwrap(); // mov dr7, rbx
+    a.db(&[0x0f, 0x21, 0xf8]).unwrap(); // mov rax, dr7
+    a.out(0x43, eax).unwrap();
+    // VERW: kernel data (0x10) yes, kernel code (0x08) no, null no;
+    // VERR: kernel code (readable) yes.
+    for (sel, port) in [(0x10u32, 0x44i32), (0x08, 0x45), (0, 0x46)] {
+        a.mov(ecx, sel).unwrap();
+        a.verw(cx).unwrap();
+        a.setz(al).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.out(port, eax).unwrap();
+    }
+    a.mov(ecx, 0x08u32).unwrap();
+    a.verr(cx).unwrap();
+    a.setz(al).unwrap();
+    a.movzx(eax, al).unwrap();
+    a.out(0x47, eax).unwrap();
+    // MSR 0x8b: the write is accepted, the read gives 0.
+    a.mov(ecx, 0x8bu32).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(eax, 0xffff_ffffu32).unwrap();
+    a.mov(edx, 0xffff_ffffu32).unwrap();
+    a.rdmsr().unwrap();
+    a.or(eax, edx).unwrap();
+    a.out(0x48, eax).unwrap();
+    // rep bsf = tzcnt encoding: BSF on this CPU model (0x50 -> 4).
+    a.mov(edx, 0x50u32).unwrap();
+    a.db(&[0xf3, 0x0f, 0xbc, 0xc2]).unwrap(); // tzcnt eax, edx
+    a.out(0x49, eax).unwrap();
+    a.db(&[0xf3, 0x0f, 0xbd, 0xc2]).unwrap(); // lzcnt eax, edx -> bsr = 6
+    a.out(0x4a, eax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs = run_outs(&mut e);
+    assert_eq!(
+        outs,
+        vec![
+            (0x40, 0xffff_0ff0),
+            (0x41, 0x400),
+            (0x42, 0x1234_5678),
+            (0x43, 0x401),
+            (0x44, 1),
+            (0x45, 0),
+            (0x46, 0),
+            (0x47, 1),
+            (0x48, 0),
+            (0x49, 4),
+            (0x4a, 6),
+        ]
+    );
+    let gdtr: [u8; 10] = mem.read_obj(GuestAddress(0x7000)).unwrap();
+    assert_eq!(u16::from_le_bytes([gdtr[0], gdtr[1]]), 0x3f);
+    assert_eq!(u64::from_le_bytes(gdtr[2..].try_into().unwrap()), GDT);
+    let idtr: [u8; 10] = mem.read_obj(GuestAddress(0x7010)).unwrap();
+    assert_eq!(u16::from_le_bytes([idtr[0], idtr[1]]), 0xfff);
+    assert_eq!(u64::from_le_bytes(idtr[2..].try_into().unwrap()), IDT);
+}
+
+/// IN/OUT at CPL 3 > IOPL 0 go through the TSS I/O permission bitmap:
+/// a port whose bit is clear works, one whose bit is set (or beyond the
+/// TSS limit) is #GP(0).
+#[test]
+fn port_io_at_cpl3_follows_the_tss_bitmap() {
+    let mem = setup();
+    // I/O map base 0x68; every port denied but 0x501 (and the map ends
+    // at the TSS limit, so ports past it are denied too).
+    mem.write_obj(0x68u16, GuestAddress(TSS + 0x66)).unwrap();
+    mem.write_slice(&[0xff; 0xa2], GuestAddress(TSS + 0x68))
+        .unwrap();
+    mem.write_obj(0xfdu8, GuestAddress(TSS + 0x68 + 0x501 / 8))
+        .unwrap();
+    let user = CODE + 0x800;
+    let mut u = CodeAssembler::new(64).unwrap();
+    u.mov(edx, 0x501u32).unwrap();
+    u.mov(eax, 7u32).unwrap();
+    u.out(dx, al).unwrap();
+    u.mov(edx, 0x500u32).unwrap();
+    u.out(dx, al).unwrap();
+    load(&mem, user, &mut u);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0x1bu64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, USER_STACK).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, 0x202u64).unwrap(); // IOPL 0
+    a.push(rax).unwrap();
+    a.mov(rax, 0x23u64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, user).unwrap();
+    a.push(rax).unwrap();
+    a.iretq().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.cpu_mut().tr.limit = 0x68 + 0xa1;
+    e.set_exception_exits(1 << Exception::GP);
+    assert_eq!(
+        e.run(1_000_000, None),
+        Exit::IoOut {
+            port: 0x501,
+            size: 1,
+            data: 7
+        }
+    );
+    match e.run(1_000_000, None) {
+        Exit::Exception(x) => {
+            assert_eq!(x.vector, Exception::GP);
+            assert_eq!(x.error_code, Some(0));
+        }
+        other => panic!("expected #GP, got {other:?}"),
+    }
+    assert_eq!(e.cpu().cpl(), 3);
+    // Beyond the TSS limit: denied as well.
+    e.cpu_mut().tr.limit = 0x68 + 0x9f;
+    e.cpu_mut().rip = user;
+    match e.run(1_000_000, None) {
+        Exit::Exception(x) => assert_eq!(x.vector, Exception::GP),
+        other => panic!("expected #GP, got {other:?}"),
+    }
+}

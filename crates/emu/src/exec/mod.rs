@@ -1,6 +1,7 @@
 //! The interpreter: the per-vCPU execution core, operand access, and the
 //! block loop that runs until an exit.
 
+mod fast;
 pub mod flags;
 mod fpu;
 #[cfg(target_arch = "x86_64")]
@@ -20,12 +21,15 @@ use iced_x86::{OpKind, Register};
 use vm_memory::GuestMemoryMmap;
 
 use crate::block::{Block, BlockCache, Op};
-use crate::mem::{Access, CodePages, Mmu, Ram, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE};
+use crate::mem::{
+    host_load, host_store, perm, Access, CodePages, Mmu, Ram, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE,
+};
 use crate::state::{seg, CpuState};
 use flags::mask;
 use system::EventKind;
 pub use system::InterruptLines;
 
+pub(crate) use fast::specialize;
 pub(crate) use ops::handler_for;
 
 /// An exception the guest raised. Delivered through the IDT once that
@@ -329,8 +333,27 @@ impl Core {
 
     /// Reads `size` (1..=8) bytes at linear address `lin`, as a user or a
     /// supervisor access.
-    #[inline]
+    #[inline(always)]
     pub fn read_as(&mut self, lin: u64, size: usize, user: bool) -> Result<u64, Stop> {
+        // Fast path, inlined into every handler: a TLB hit on a RAM page
+        // carries its host address.
+        if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
+            if let Some(h) = self
+                .mmu
+                .lookup_host(lin, perm::NEED[usize::from(user)][Access::Read as usize])
+            {
+                // SAFETY: `h` is inside a RAM page mapping that lives as
+                // long as `self.ram` (see `TlbEntry::host`), and the access
+                // does not cross the page (checked above).
+                return Ok(unsafe { host_load(h, size) });
+            }
+        }
+        self.read_as_slow(lin, size, user)
+    }
+
+    /// [`Core::read_as`] after a TLB miss, for MMIO, or across pages.
+    #[inline(never)]
+    fn read_as_slow(&mut self, lin: u64, size: usize, user: bool) -> Result<u64, Stop> {
         if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
             let pa = self.translate_as(lin, Access::Read, user)?;
             match self.ram.read_u(pa, size) {
@@ -357,8 +380,27 @@ impl Core {
 
     /// Writes the low `size` (1..=8) bytes of `v` at linear address `lin`,
     /// as a user or a supervisor access.
-    #[inline]
+    #[inline(always)]
     pub fn write_as(&mut self, lin: u64, size: usize, v: u64, user: bool) -> OpResult {
+        if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
+            if let Some(h) = self
+                .mmu
+                .lookup_host(lin, perm::NEED[usize::from(user)][Access::Write as usize])
+            {
+                // SAFETY: as in `read_as`; a nonzero host address means the
+                // page is RAM, which GuestMemoryMmap maps read-write.
+                unsafe { host_store(h, size, v) };
+                let page = self.mmu.page_of(lin);
+                self.note_write(page << PAGE_SHIFT);
+                return Ok(());
+            }
+        }
+        self.write_as_slow(lin, size, v, user)
+    }
+
+    /// [`Core::write_as`] after a TLB miss, for MMIO, or across pages.
+    #[inline(never)]
+    fn write_as_slow(&mut self, lin: u64, size: usize, v: u64, user: bool) -> OpResult {
         if (lin & PAGE_MASK) + size as u64 <= PAGE_SIZE {
             let pa = self.translate_as(lin, Access::Write, user)?;
             if self.ram.write_u(pa, size, v) {

@@ -56,7 +56,11 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
                 mov_to_cr
             } else if r1.is_cr() {
                 mov_from_cr
-            } else if r0.is_dr() || r1.is_dr() || r0.is_tr() || r1.is_tr() {
+            } else if r0.is_dr() {
+                super::sysops::mov_to_dr
+            } else if r1.is_dr() {
+                super::sysops::mov_from_dr
+            } else if r0.is_tr() || r1.is_tr() {
                 ud
             } else {
                 mov
@@ -109,6 +113,11 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
         M::Btc => bt::<BTC>,
         M::Bsf => bsf,
         M::Bsr => bsr,
+        // `F3 0F BC`/`F3 0F BD` are TZCNT/LZCNT only on CPUs with BMI1/ABM;
+        // the CPUID model has neither, and such CPUs ignore the REP prefix
+        // and run BSF/BSR (Linux's `__ffs()` is `rep; bsf` for this reason).
+        M::Tzcnt => bsf,
+        M::Lzcnt => bsr,
         M::Seto
         | M::Setno
         | M::Setb
@@ -203,6 +212,8 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
         M::Cpuid => cpuid,
         M::Rdtsc => rdtsc,
         M::Lgdt | M::Lidt => lgdt_lidt,
+        M::Sgdt | M::Sidt => super::sysops::sgdt_sidt,
+        M::Verr | M::Verw => super::sysops::verr_verw,
         M::Rdmsr => rdmsr,
         M::Wrmsr => wrmsr,
         _ => ud,
@@ -1234,8 +1245,7 @@ fn string<const K: u8>(c: &mut Core, op: &Op) -> R {
 
 // ---- port I/O (exits) ---------------------------------------------------------------
 
-/// The port of IN/OUT: an 8-bit immediate or DX. I/O permission (IOPL,
-/// the TSS bitmap) is not checked yet.
+/// The port of IN/OUT: an 8-bit immediate or DX.
 fn port(c: &Core, op: &Op, n: u32) -> u16 {
     if op.instr.op_kind(n) == OpKind::Immediate8 {
         u16::from(op.instr.immediate8())
@@ -1244,27 +1254,51 @@ fn port(c: &Core, op: &Op, n: u32) -> u16 {
     }
 }
 
-/// IN/OUT/INS/OUTS at CPL > IOPL: #GP(0) (the TSS I/O permission bitmap
-/// is not consulted: no port is allowed).
-fn io_allowed(c: &Core) -> R {
-    if c.protected() && c.cpu.cpl() > ((c.cpu.rflags & IOPL) >> 12) as u8 {
+/// The I/O permission check of IN/OUT/INS/OUTS (SDM Vol. 1 19.5): when
+/// CPL exceeds IOPL in protected mode (and always in virtual-8086 mode),
+/// every bit of the TSS I/O permission bitmap covering `size` bytes at
+/// `port` must be clear and inside the TSS limit, else #GP(0). Linux's
+/// `ioperm(2)` hands user programs ports this way.
+fn io_allowed(c: &mut Core, port: u16, size: usize) -> R {
+    let v86 = c.cpu.cr0 & bits::CR0_PE != 0 && c.cpu.rflags & VM != 0;
+    if !v86 && (!c.protected() || c.cpu.cpl() <= ((c.cpu.rflags & IOPL) >> 12) as u8) {
+        return Ok(());
+    }
+    // Only a 32/64-bit TSS (available 9 or busy 11) has a bitmap.
+    let tr = c.cpu.tr;
+    let limit = u64::from(tr.limit);
+    if tr.unusable || tr.s || tr.type_ & !2 != 9 || limit < 0x67 {
+        return Err(gp0());
+    }
+    let base = tr.base;
+    let map = c.read_as(c.sys_addr(base.wrapping_add(0x66)), 2, false)?;
+    // Two bytes: the access may straddle a byte of the bitmap, and the
+    // processor always reads both.
+    let first = map + u64::from(port / 8);
+    if first + 1 > limit {
+        return Err(gp0());
+    }
+    let bits = c.read_as(c.sys_addr(base.wrapping_add(first)), 2, false)?;
+    // One bit per port: `size` bits from the port's.
+    let want = ((1u64 << size.clamp(1, 4)) - 1) << (port % 8);
+    if bits & want != 0 {
         return Err(gp0());
     }
     Ok(())
 }
 
 fn in_(c: &mut Core, op: &Op) -> R {
-    io_allowed(c)?;
     let size = operand_size(op, 0) as u8;
     let port = port(c, op, 1);
+    io_allowed(c, port, size as usize)?;
     c.begin_in(PendingInKind::Acc, size);
     Err(Stop::Exit(Exit::IoIn { port, size }))
 }
 
 fn out(c: &mut Core, op: &Op) -> R {
-    io_allowed(c)?;
     let size = operand_size(op, 1);
     let port = port(c, op, 0);
+    io_allowed(c, port, size)?;
     let data = (c.cpu.gpr[0] & mask(size)) as u32;
     Err(Stop::Exit(Exit::IoOut {
         port,
@@ -1276,7 +1310,7 @@ fn out(c: &mut Core, op: &Op) -> R {
 /// INS: one element per exit; with REP, RIP stays on the instruction
 /// until rCX reaches zero.
 fn ins(c: &mut Core, op: &Op) -> R {
-    io_allowed(c)?;
+    io_allowed(c, c.cpu.gpr[2] as u16, op.osize as usize)?;
     let i = &op.instr;
     let a = op.asize as usize;
     let rep = i.has_rep_prefix() || i.has_repne_prefix();
@@ -1302,7 +1336,7 @@ fn ins(c: &mut Core, op: &Op) -> R {
 }
 
 fn outs(c: &mut Core, op: &Op) -> R {
-    io_allowed(c)?;
+    io_allowed(c, c.cpu.gpr[2] as u16, op.osize as usize)?;
     let i = &op.instr;
     let a = op.asize as usize;
     let am = mask(a);
@@ -1523,6 +1557,9 @@ pub(crate) fn read_msr(c: &Core, index: u32) -> Option<u64> {
     Some(match index {
         0x10 => c.tsc(),
         0x1b => c.cpu.apic_base,
+        // IA32_BIOS_SIGN_ID: the loaded microcode revision. There is none;
+        // Linux writes 0 and reads it back after CPUID(1) (early_init_intel).
+        0x8b => 0,
         0x174 => m.sysenter_cs,
         0x175 => m.sysenter_esp,
         0x176 => m.sysenter_eip,
@@ -1548,6 +1585,9 @@ pub(crate) fn write_msr(c: &mut Core, index: u32, v: u64) -> bool {
             c.cpu.msrs.tsc_offset = v.wrapping_sub(host);
         }
         0x1b => c.cpu.apic_base = v,
+        // IA32_BIOS_SIGN_ID: writing it only arms the next CPUID(1) to
+        // latch the microcode revision, which stays 0 here.
+        0x8b => {}
         0x174 => c.cpu.msrs.sysenter_cs = v,
         0x175 => c.cpu.msrs.sysenter_esp = v,
         0x176 => c.cpu.msrs.sysenter_eip = v,

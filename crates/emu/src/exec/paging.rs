@@ -382,7 +382,9 @@ impl Core {
         if leaf & G != 0 && self.cpu.cr4 & CR4_PGE != 0 {
             perms |= perm::GLOBAL;
         }
-        self.mmu.fill(lin, pa & !PAGE_MASK, perms, shift as u8);
+        let host = self.ram.page_host(pa);
+        self.mmu
+            .fill(lin, pa & !PAGE_MASK, perms, shift as u8, host);
         Walk::Done(pa)
     }
 }

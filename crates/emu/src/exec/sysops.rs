@@ -436,3 +436,142 @@ pub(crate) fn cmpxchg_wide(c: &mut Core, op: &Op) -> R {
     let _ = bits::CR0_PE;
     Ok(())
 }
+
+/// SGDT/SIDT (memory operand only; the register form is #UD at decode):
+/// the 16-bit limit, then the base — 8 bytes in 64-bit mode, else 4 (the
+/// full 32 bits whatever the operand size, as on every CPU since the
+/// 386). Not privileged unless CR4.UMIP is set. Linux's
+/// `native_load_tr_desc()` and `store_idt()` use them.
+pub(crate) fn sgdt_sidt(c: &mut Core, op: &Op) -> R {
+    if c.cpu.cr4 & bits::CR4_UMIP != 0 && c.cpu.cpl() != 0 {
+        return Err(gp0());
+    }
+    if op.instr.op_kind(0) != OpKind::Memory {
+        return Err(fault(Exception::UD));
+    }
+    let table = if op.instr.mnemonic() == Mnemonic::Sgdt {
+        c.cpu.gdt
+    } else {
+        c.cpu.idt
+    };
+    let lin = c.mem_linear(op);
+    let base_size = if op.bitness == 64 { 8 } else { 4 };
+    let wrap = if op.bitness == 64 {
+        u64::MAX
+    } else {
+        0xffff_ffff
+    };
+    let base_lin = lin.wrapping_add(2) & wrap;
+    // Translate both ends first so a fault on the second part leaves
+    // memory as it was.
+    let user = c.user();
+    c.translate_as(lin, Access::Write, user)?;
+    c.translate_as(
+        base_lin.wrapping_add(base_size as u64 - 1) & wrap,
+        Access::Write,
+        user,
+    )?;
+    c.write(lin, 2, u64::from(table.limit))?;
+    c.write(base_lin, base_size, table.base)
+}
+
+/// Which debug register a MOV names: DR4/DR5 alias DR6/DR7 unless CR4.DE
+/// is set, when they are #UD (SDM Vol. 3B 18.2.2).
+fn dr_index(c: &Core, r: Register) -> Result<usize, Stop> {
+    let n = (r as usize).wrapping_sub(Register::DR0 as usize);
+    match n {
+        0..=3 | 6 | 7 => Ok(n),
+        4 | 5 if c.cpu.cr4 & bits::CR4_DE == 0 => Ok(n + 2),
+        _ => Err(fault(Exception::UD)),
+    }
+}
+
+/// MOV r, DRn: CPL 0 only. The debug registers are stored, not acted on
+/// (no breakpoint fires); Linux reads and writes them in `cpu_init()`
+/// and when switching to a ptraced task.
+pub(crate) fn mov_from_dr(c: &mut Core, op: &Op) -> R {
+    if c.protected() && c.cpu.cpl() != 0 || c.cpu.rflags & VM != 0 {
+        return Err(gp0());
+    }
+    let n = dr_index(c, op.instr.op1_register())?;
+    let v = c.cpu.dr[n];
+    // The GPR is 32 or 64 bits; 32-bit writes zero-extend.
+    c.set_reg(op.instr.op0_register(), v);
+    Ok(())
+}
+
+/// MOV DRn, r: CPL 0 only; DR6/DR7 keep their fixed bits, and in 64-bit
+/// mode their upper 32 bits must be zero (#GP otherwise).
+pub(crate) fn mov_to_dr(c: &mut Core, op: &Op) -> R {
+    if c.protected() && c.cpu.cpl() != 0 || c.cpu.rflags & VM != 0 {
+        return Err(gp0());
+    }
+    let n = dr_index(c, op.instr.op0_register())?;
+    let v = c.reg(op.instr.op1_register());
+    c.cpu.dr[n] = match n {
+        6 | 7 if v >> 32 != 0 => return Err(gp0()),
+        6 => (v & 0xf00f) | crate::state::DR6_RESET,
+        7 => (v & 0xffff_2bff) | crate::state::DR7_RESET,
+        _ => v,
+    };
+    Ok(())
+}
+
+/// VERR/VERW: ZF = 1 if the selector names a code/data segment that is
+/// readable (VERR) or writable (VERW) at the current privilege — present,
+/// inside its table, and DPL >= max(CPL, RPL) unless it is conforming
+/// code — else ZF = 0; never a fault for a bad selector (SDM Vol. 2B).
+/// Linux's MDS mitigation runs `verw` on every return to user mode.
+pub(crate) fn verr_verw(c: &mut Core, op: &Op) -> R {
+    if !c.protected() {
+        return Err(fault(Exception::UD));
+    }
+    let sel = c.operand(op, 0, 2)? as u16;
+    let write = op.instr.mnemonic() == Mnemonic::Verw;
+    let ok = segment_verifies(c, sel, write)?;
+    c.cpu.rflags = if ok {
+        c.cpu.rflags | ZF
+    } else {
+        c.cpu.rflags & !ZF
+    };
+    Ok(())
+}
+
+fn segment_verifies(c: &mut Core, sel: u16, write: bool) -> Result<bool, Stop> {
+    if sel & !3 == 0 {
+        return Ok(false);
+    }
+    let limit = if sel & 4 != 0 {
+        if c.cpu.ldt.unusable || c.cpu.ldt.selector & !3 == 0 {
+            return Ok(false);
+        }
+        u64::from(c.cpu.ldt.limit)
+    } else {
+        u64::from(c.cpu.gdt.limit)
+    };
+    if u64::from(sel & !7) + 7 > limit {
+        return Ok(false);
+    }
+    // Inside the table: reading it may still page-fault, as on hardware.
+    let raw = c.descriptor(sel, Exception::GP)?;
+    let access = (raw >> 40) & 0xff;
+    let present = access & 0x80 != 0;
+    let code_or_data = access & 0x10 != 0;
+    let code = access & 0x08 != 0;
+    let conforming_or_writable = access & 0x04 != 0;
+    let readable_or_writable = access & 0x02 != 0;
+    let dpl = ((access >> 5) & 3) as u8;
+    let rpl = (sel & 3) as u8;
+    if !present || !code_or_data {
+        return Ok(false);
+    }
+    let conforming_code = code && conforming_or_writable;
+    if !conforming_code && dpl < c.cpu.cpl().max(rpl) {
+        return Ok(false);
+    }
+    Ok(if write {
+        !code && readable_or_writable
+    } else {
+        !code || readable_or_writable
+    })
+}
