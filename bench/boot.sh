@@ -19,7 +19,7 @@ info=$("$vessel" guest info --json)
 kernel=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["kernel"])' "$info")
 initrd=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["initrd"])' "$info")
 memory=512
-base="console=ttyS0 panic=-1 quiet tsc=reliable"
+base="console=ttyS0 panic=-1 quiet loglevel=3 tsc=reliable"
 cmd="vessel.cmd=$(printf true | base64)"
 
 now() { date +%s.%N; }
