@@ -71,6 +71,9 @@ pub struct Block {
     /// Physical pages its bytes come from (a block ends with the
     /// instruction that crosses into a second page).
     pub pages: [Option<u64>; 2],
+    /// The generations ([`crate::mem::CodePages`]) of `pages` when the
+    /// bytes were read: a block whose page has moved on is stale.
+    pub gens: [u32; 2],
 }
 
 /// Multiplicative hash for page-aligned-ish u64 keys; SipHash is overkill
@@ -218,6 +221,11 @@ pub(crate) fn decode(
 ) -> Result<Block, Stop> {
     let in_page = (PAGE_SIZE - (phys & PAGE_MASK)) as usize;
     let first = in_page.min(MAX_BLOCK_BYTES);
+    let first_page = phys >> PAGE_SHIFT;
+    // Marked before the bytes are read, so that a write by another vCPU
+    // from here on bumps the recorded generation.
+    let first_gen = core.code.begin_decode(first_page);
+    let mut second_gen = 0;
     let mut buf = [0u8; MAX_BLOCK_BYTES + 15];
     if !core.ram.read(phys, &mut buf[..first]) {
         return Err(Stop::Exit(Exit::InternalError(
@@ -233,6 +241,7 @@ pub(crate) fn decode(
         let next_lin = lin.wrapping_add(in_page as u64);
         match core.probe(next_lin, Access::Execute) {
             Ok(next_phys) => {
+                second_gen = core.code.begin_decode(next_phys >> PAGE_SHIFT);
                 let mut n = 15;
                 while n > 0 && !core.ram.read(next_phys, &mut buf[first..first + n]) {
                     n -= 1;
@@ -292,11 +301,10 @@ pub(crate) fn decode(
             break;
         }
     }
-    let first_page = phys >> PAGE_SHIFT;
-    core.code.set(first_page);
+    let first_gen = core.code.end_decode(first_page, first_gen);
     let second = if crossed { second_page } else { None };
     if let Some(p) = second {
-        core.code.set(p);
+        second_gen = core.code.end_decode(p, second_gen);
     }
     Ok(Block {
         phys,
@@ -304,6 +312,7 @@ pub(crate) fn decode(
         bitness,
         ops,
         pages: [Some(first_page), second],
+        gens: [first_gen, second_gen],
     })
 }
 

@@ -12,6 +12,8 @@ pub mod leaf1_edx {
     pub const FXSR: u32 = 1 << 24;
     pub const SSE: u32 = 1 << 25;
     pub const SSE2: u32 = 1 << 26;
+    /// Leaf 1 EBX[23:16] (the logical processor count) is valid.
+    pub const HTT: u32 = 1 << 28;
     pub const PSE: u32 = 1 << 3;
     pub const TSC: u32 = 1 << 4;
     pub const MSR: u32 = 1 << 5;
@@ -67,7 +69,14 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
     let signature = 0x0000_06f1;
     // CLFLUSH line size 8 qwords, logical processor count, APIC ID.
     let ebx1 = (apic_id << 24) | (num_cpus.min(255) << 16) | (8 << 8);
-    vec![
+    // With more than one vCPU the count is declared valid and leaf 0xb
+    // describes one package of `num_cpus` single-thread cores, so that
+    // Linux puts them in one package rather than one package each; then
+    // APs take the boot CPU's loops_per_jiffy instead of calibrating their
+    // delay loop (slow and noisy on an interpreter). Cores, not threads:
+    // SMT siblings would make Linux warn about SMT-based CPU bugs.
+    let htt = if num_cpus > 1 { leaf1_edx::HTT } else { 0 };
+    let mut table = vec![
         leaf(
             0,
             MAX_BASIC_LEAF,
@@ -91,7 +100,8 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
                 | leaf1_edx::CLFSH
                 | leaf1_edx::FXSR
                 | leaf1_edx::SSE
-                | leaf1_edx::SSE2,
+                | leaf1_edx::SSE2
+                | htt,
         ),
         // Time Stamp Counter and core crystal clock: TSC = crystal * EBX / EAX.
         // The emulator's TSC and LAPIC timer both run at TSC_HZ, so Linux
@@ -119,7 +129,30 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
         ),
         // 40 physical and 48 linear address bits.
         leaf(0x8000_0008, 0x3028, 0, 0, 0),
-    ]
+    ];
+    if num_cpus > 1 {
+        table.extend(extended_topology(apic_id, num_cpus));
+    }
+    table
+}
+
+/// Leaf 0xb for one package of `num_cpus` cores with one thread each:
+/// level 0 (SMT, type 1) has one logical processor and no APIC-ID bits,
+/// level 1 (core, type 2) has `num_cpus` and the APIC-ID bits below the
+/// package ID. EDX is the (x2)APIC ID.
+fn extended_topology(apic_id: u32, num_cpus: u32) -> [CpuidEntry; 2] {
+    let core_bits = num_cpus.next_power_of_two().trailing_zeros();
+    let sub = |index: u32, eax: u32, ebx: u32, level_type: u32| CpuidEntry {
+        function: 0xb,
+        index,
+        // KVM_CPUID_FLAG_SIGNIFCANT_INDEX: the subleaf selects the entry.
+        flags: 1,
+        eax,
+        ebx,
+        ecx: (level_type << 8) | index,
+        edx: apic_id,
+    };
+    [sub(0, 0, 1, 1), sub(1, core_bits, num_cpus, 2)]
 }
 
 #[cfg(test)]
@@ -147,5 +180,24 @@ mod tests {
         assert_eq!(tsc_hz, u64::from(super::TSC_HZ));
         let l16 = t.iter().find(|e| e.function == 0x16).expect("leaf 0x16");
         assert_eq!(u64::from(l16.eax) * 1_000_000, u64::from(super::TSC_HZ));
+    }
+
+    #[test]
+    fn several_vcpus_are_cores_of_one_package() {
+        let one = super::table(0, 1);
+        assert!(one.iter().all(|e| e.function != 0xb));
+        assert_eq!(one[1].edx & super::leaf1_edx::HTT, 0);
+        let t = super::table(2, 3);
+        assert_eq!(t[1].ebx >> 16 & 0xff, 3, "logical processor count");
+        assert_ne!(t[1].edx & super::leaf1_edx::HTT, 0);
+        let level = |n: u32| {
+            *t.iter()
+                .find(|e| e.function == 0xb && e.index == n)
+                .expect("leaf 0xb level")
+        };
+        let (smt, core) = (level(0), level(1));
+        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8 & 0xff), (0, 1, 1));
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8 & 0xff), (2, 3, 2));
+        assert_eq!((smt.edx, core.edx), (2, 2), "x2APIC ID");
     }
 }

@@ -6,11 +6,13 @@
 //!   conversion to the hypervisor crate's register structs.
 //! - [`mem`]: guest RAM as host addresses ([`mem::Ram`]), the linear to
 //!   physical translation slot ([`mem::Mmu`], identity until paging lands)
-//!   and the map of pages holding decoded code ([`mem::CodePages`]).
+//!   and the map of pages holding decoded code ([`mem::CodePages`]), one
+//!   for all vCPUs of a VM.
 //! - [`block`]: straight-line blocks decoded once with iced-x86 into
 //!   [`block::Op`]s (the decoded instruction plus the handler chosen at
 //!   decode time), cached by the guest-physical address of their first
-//!   byte and dropped when their page is written.
+//!   byte and dropped when their page is written (by any vCPU: each block
+//!   records its pages' generations in the shared map).
 //! - `exec`: the interpreter. Each handler executes one instruction on
 //!   the [`exec::Core`] (registers, memory, pending I/O). A JIT can later
 //!   replace a whole block's handler sequence without touching the rest.

@@ -7,6 +7,9 @@
 //! 4-level paging goes next. [`CodePages`] remembers which 4 KiB pages hold
 //! decoded blocks, so writes to them can invalidate the block cache.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 pub const PAGE_SHIFT: u32 = 12;
@@ -463,55 +466,113 @@ impl Mmu {
     }
 }
 
-/// Which 4 KiB pages of RAM hold decoded code.
+/// Which 4 KiB pages of RAM hold decoded code, and a generation per page,
+/// shared by every vCPU of a VM (cloning shares the map).
 ///
-/// The block cache sets a page's bit when it decodes from it; every write
-/// the emulator makes checks the bit and, if set, queues the page for
-/// invalidation. Writes by devices or other vCPUs must call
-/// [`crate::Emulator::invalidate_code`] (or a shared version of this map
-/// once vCPUs share a cache) - not hooked up yet.
+/// The block cache sets a page's bit when it decodes from it and records
+/// the page's generation in the block; every write an emulator makes
+/// checks the bit and, if set, clears it and bumps the generation, so a
+/// block of any vCPU decoded from the page before the write no longer
+/// matches and is decoded again at its next lookup (one relaxed load per
+/// page of the block). Writes by devices must call
+/// [`crate::Emulator::invalidate_code`].
+///
+/// Ordering: bits are only cleared by a writer that then bumps the
+/// generation, and the decoder sets the bit and reads the generation both
+/// before and after reading the bytes (see [`CodePages::begin_decode`]), so
+/// a block never outlives a later write unnoticed. The one window left is
+/// a write racing with the first decode of a page on another vCPU (the
+/// writer's plain bit load may pass its own store); the SDM likewise
+/// requires cross-modifying code to synchronise with the executing
+/// processor, which Linux does with IPIs.
 #[derive(Debug, Clone, Default)]
 pub struct CodePages {
-    bits: Vec<u64>,
+    inner: Arc<CodeInner>,
+}
+
+#[derive(Debug, Default)]
+struct CodeInner {
+    bits: Box<[AtomicU64]>,
+    gens: Box<[AtomicU32]>,
 }
 
 impl CodePages {
     pub fn new(ram_end: u64) -> Self {
         let pages = ram_end.div_ceil(PAGE_SIZE);
+        let words = pages.div_ceil(64) as usize;
         CodePages {
-            bits: vec![0; pages.div_ceil(64) as usize],
+            inner: Arc::new(CodeInner {
+                bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                gens: (0..words * 64).map(|_| AtomicU32::new(0)).collect(),
+            }),
         }
     }
 
     #[inline]
     pub fn test(&self, page: u64) -> bool {
         let w = (page / 64) as usize;
-        match self.bits.get(w) {
-            Some(word) => word & (1 << (page % 64)) != 0,
+        match self.inner.bits.get(w) {
+            Some(word) => word.load(Ordering::Relaxed) & (1 << (page % 64)) != 0,
             None => false,
         }
     }
 
     /// Marks a page; false if it is outside the map (not RAM, never code).
-    pub fn set(&mut self, page: u64) -> bool {
+    pub fn set(&self, page: u64) -> bool {
         let w = (page / 64) as usize;
-        match self.bits.get_mut(w) {
+        match self.inner.bits.get(w) {
             Some(word) => {
-                *word |= 1 << (page % 64);
+                word.fetch_or(1 << (page % 64), Ordering::SeqCst);
                 true
             }
             None => false,
         }
     }
 
-    pub fn clear(&mut self, page: u64) {
-        if let Some(word) = self.bits.get_mut((page / 64) as usize) {
-            *word &= !(1 << (page % 64));
+    /// Clears a page's bit; true if it was set (its generation was then
+    /// bumped, invalidating every vCPU's blocks from it).
+    pub fn clear(&self, page: u64) -> bool {
+        let Some(word) = self.inner.bits.get((page / 64) as usize) else {
+            return false;
+        };
+        let bit = 1 << (page % 64);
+        if word.fetch_and(!bit, Ordering::SeqCst) & bit == 0 {
+            return false;
+        }
+        if let Some(g) = self.inner.gens.get(page as usize) {
+            g.fetch_add(1, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// The page's generation (0 outside the map).
+    #[inline]
+    pub fn generation(&self, page: u64) -> u32 {
+        match self.inner.gens.get(page as usize) {
+            Some(g) => g.load(Ordering::Relaxed),
+            None => 0,
         }
     }
 
-    pub fn clear_all(&mut self) {
-        self.bits.iter_mut().for_each(|w| *w = 0);
+    /// Before reading a page's bytes to decode: marks it as code and
+    /// returns its generation.
+    pub fn begin_decode(&self, page: u64) -> u32 {
+        self.set(page);
+        self.inner
+            .gens
+            .get(page as usize)
+            .map_or(0, |g| g.load(Ordering::SeqCst))
+    }
+
+    /// After reading the bytes: the generation to record in the block
+    /// (`begun`, from [`Self::begin_decode`]). A write that cleared the
+    /// bit meanwhile may have bumped the generation before `begin_decode`
+    /// read it, leaving a block whose page is unmarked: the bit is set
+    /// again so later writes are seen. A bump after `begin_decode` makes
+    /// `begun` stale, and the block is decoded again at its next lookup.
+    pub fn end_decode(&self, page: u64, begun: u32) -> u32 {
+        self.set(page);
+        begun
     }
 }
 
@@ -539,11 +600,15 @@ mod tests {
         let mut buf = [0u8; 16];
         assert!(!ram.read(0x10ff8, &mut buf));
         assert!(ram.read(0x10ff0, &mut buf));
-        let mut pages = CodePages::new(ram.end());
-        assert!(pages.set(0x10));
-        assert!(pages.test(0x10));
+        let pages = CodePages::new(ram.end());
+        let other = pages.clone();
+        let g = pages.begin_decode(0x10);
+        assert_eq!(pages.end_decode(0x10, g), g);
+        assert!(other.test(0x10), "the map is shared");
         assert!(!pages.set(0x1_0000_0000));
-        pages.clear(0x10);
+        assert!(other.clear(0x10));
         assert!(!pages.test(0x10));
+        assert_ne!(pages.generation(0x10), g, "a write bumps the generation");
+        assert!(!other.clear(0x10), "only the first write bumps it");
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hypervisor::x86::{CpuidEntry, FpuState, MsrEntry, SpecialRegisters, StandardRegisters};
 use hypervisor::{
@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exec::{Emulator, Exception, Exit, InterruptLines};
+use crate::mem::CodePages;
 use crate::platform::{CpuMode, CpuSignal, Platform};
 use crate::state::{seg, CpuState};
 
@@ -76,12 +77,12 @@ impl Hypervisor for EmuHypervisor {
         "emu"
     }
 
-    /// One vCPU until code invalidation is shared between vCPUs (each
-    /// emulator has its own block cache and only sees its own writes).
-    /// The platform already models one local APIC per vCPU, IPIs and
-    /// INIT/SIPI.
+    /// The vCPUs of a VM share one code-page map (a write by any of them
+    /// invalidates every vCPU's decoded blocks of the page), the platform
+    /// models one local APIC per vCPU, IPIs and INIT/SIPI. 254: the most
+    /// xAPIC IDs below the broadcast ID 0xff (the VMM's MAX_CPUS too).
     fn max_vcpus(&self) -> u32 {
-        1
+        254
     }
 
     fn create_vm(&self, config: &VmConfig) -> Result<Arc<dyn Vm>> {
@@ -110,7 +111,10 @@ impl Hypervisor for EmuHypervisor {
 /// A VM run by software vCPUs.
 pub struct EmuVm {
     config: VmConfig,
-    memory: Mutex<Option<GuestMemoryMmap>>,
+    /// The guest memory, the code-page map every vCPU shares, and the
+    /// instant their TSCs count from (one TSC for all: Linux checks that
+    /// the CPUs' TSCs agree).
+    memory: Mutex<Option<(GuestMemoryMmap, CodePages, Instant)>>,
     /// The interrupt controllers and timers (`VmConfig::irqchip`).
     platform: Option<Arc<Platform>>,
 }
@@ -136,7 +140,8 @@ impl Vm for EmuVm {
                 "guest memory is already set".into(),
             ));
         }
-        *held = Some(memory.clone());
+        let code = CodePages::new(crate::mem::Ram::new(memory).end());
+        *held = Some((memory.clone(), code, Instant::now()));
         Ok(())
     }
 
@@ -151,7 +156,7 @@ impl Vm for EmuVm {
             .memory
             .lock()
             .map_err(|_| HypervisorError::Unsupported("VM memory lock poisoned".into()))?;
-        let memory = held.as_ref().ok_or_else(|| {
+        let (memory, code, tsc_origin) = held.as_ref().ok_or_else(|| {
             HypervisorError::InvalidArgument("set the VM's memory before creating vCPUs".into())
         })?;
         let mut table = crate::cpuid::table(id, self.config.num_cpus);
@@ -166,7 +171,8 @@ impl Vm for EmuVm {
             })?,
             None => Arc::new(CpuSignal::default()),
         };
-        let mut emu = Emulator::new(memory, cpuid);
+        let mut emu = Emulator::with_code_pages(memory, cpuid, Some(code.clone()));
+        emu.set_tsc_origin(*tsc_origin);
         let pf_trace = std::env::var_os("VESSEL_EMU_PF_TRACE").map(|_| VecDeque::new());
         let exit_on = exception_exits_from_env();
         emu.set_exception_exits(exit_on | if pf_trace.is_some() { PF_BIT } else { 0 });

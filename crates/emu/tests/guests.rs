@@ -370,9 +370,16 @@ fn cpuid_and_msrs() {
     let leaf0 = vcpu.cpuid().unwrap()[0];
     assert_eq!(regs.rbx as u32, leaf0.ebx);
     assert!(vcpu.msr(0xdead).is_err());
-    assert!(EmuHypervisor::new()
+    let hv = EmuHypervisor::new();
+    assert!(hv
         .create_vm(&VmConfig {
-            num_cpus: 2,
+            num_cpus: hv.max_vcpus() + 1,
+            irqchip: false
+        })
+        .is_err());
+    assert!(hv
+        .create_vm(&VmConfig {
+            num_cpus: 0,
             irqchip: false
         })
         .is_err());

@@ -2,8 +2,9 @@
 //! kernel and the busybox initramfs) from the local cache: the release,
 //! exit-status propagation, a byte-exact pipe through the guest, and a
 //! clean kernel log. One boot runs a script printing every result, since
-//! each boot of the software vCPU takes seconds. Never downloads: without
-//! a cached guest the test reports NOT RUN and passes.
+//! each boot of the software vCPU takes seconds; a second boot brings up
+//! two vCPUs. Never downloads: without a cached guest the test reports NOT
+//! RUN and passes.
 
 use std::process::Command;
 use std::time::Instant;
@@ -88,6 +89,46 @@ fn default_guest_boots_and_runs_commands() {
         .and_then(|rest| rest.split("==end==").next())
         .unwrap_or_else(|| panic!("no dmesg\n{context}"));
     assert!(log.contains("Linux version"), "dmesg is empty\n{context}");
+    let bad = bad_log_lines(log);
+    assert!(bad.is_empty(), "kernel log problems: {bad:#?}");
+}
+
+/// Two vCPUs: the boot vCPU starts the second with INIT/SIPI, and the
+/// guest sees and uses both.
+#[test]
+fn default_guest_brings_up_two_vcpus() {
+    if !cached_guest() {
+        return;
+    }
+    let script = "echo nproc=$(nproc); echo cpus=$(grep -c ^processor /proc/cpuinfo); \
+                  echo ==dmesg==; dmesg; echo ==end==";
+    let start = Instant::now();
+    let out = vessel()
+        .args([
+            "run", "--accel", "emu", "--cpus", "2", "--", "sh", "-c", script,
+        ])
+        .output()
+        .expect("run vessel");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("boot with 2 vCPUs took {:?}", start.elapsed());
+    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(0), "exit status\n{context}");
+    let value = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {key} line\n{context}"))
+    };
+    assert_eq!(value("nproc="), "2", "{context}");
+    assert_eq!(value("cpus="), "2", "{context}");
+    let log = stdout
+        .split("==dmesg==")
+        .nth(1)
+        .and_then(|rest| rest.split("==end==").next())
+        .unwrap_or_else(|| panic!("no dmesg\n{context}"));
+    assert!(log.contains("Brought up 1 node, 2 CPUs"), "{context}");
     let bad = bad_log_lines(log);
     assert!(bad.is_empty(), "kernel log problems: {bad:#?}");
 }

@@ -1,8 +1,8 @@
 //! `vessel run --accel emu` end to end with the tiny test kernels of
 //! `run_kvm.rs` (64-bit ELF programs built here with iced-x86): the zero
 //! page, the serial port in both directions, the exit-status port, ACPI S5,
-//! a triple fault, SIGTERM, and the emu platform's PIC + PIT waking a
-//! halted vCPU with timer interrupts. These need no KVM and run everywhere.
+//! a triple fault, SIGTERM, the emu platform's PIC + PIT waking a halted
+//! vCPU with timer interrupts, and a second vCPU started with INIT/SIPI. These need no KVM and run everywhere.
 
 use std::io::Write;
 use std::path::Path;
@@ -164,7 +164,7 @@ fn kernel_sees_its_command_line_and_its_exit_status_is_vessels() {
 }
 
 #[test]
-fn auto_on_a_host_without_usable_kvm_runs_emu_and_more_cpus_are_refused() {
+fn auto_on_a_host_without_usable_kvm_runs_emu_and_more_cpus_are_accepted() {
     let kernel = hello_kernel();
     if !hypervisor::host::kvm_support().usable || hypervisor::host::kvm_support().pvm {
         let mut cmd = vessel();
@@ -174,10 +174,84 @@ fn auto_on_a_host_without_usable_kvm_runs_emu_and_more_cpus_are_refused() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "auto\n");
         assert_eq!(out.status.code(), Some(7));
     }
+    // The second vCPU waits for a start-up IPI that never comes; the VM
+    // still stops when the boot vCPU powers off.
+    let out = run_kernel(
+        kernel.path(),
+        &["--cpus", "2", "--cmdline", "two vCPUs"],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "two vCPUs\n");
+    assert_eq!(out.status.code(), Some(7), "stderr: {stderr}");
+}
+
+/// The boot vCPU starts the second one the way an OS does: INIT and a
+/// start-up IPI through its local APIC's ICR, with a real-mode trampoline
+/// at 0x10000 (vector 0x10) that it copied there itself. The application
+/// processor prints `A` and sets a marker; the boot vCPU waits for the
+/// marker, prints `B`, reports status 3 and powers off.
+#[test]
+fn boot_vcpu_starts_an_application_processor_with_init_and_sipi() {
+    const TRAMPOLINE: u32 = 0x1_0000;
+    const MARKER: u32 = TRAMPOLINE + 0x100;
+    const APIC: u32 = 0xfee0_0000;
+
+    // 16-bit code at CS = 0x1000, IP = 0.
+    let mut t = CodeAssembler::new(16).expect("assembler");
+    t.mov(ax, cs).unwrap();
+    t.mov(ds, ax).unwrap();
+    t.mov(dx, COM1 as u32).unwrap();
+    t.mov(al, b'A' as u32).unwrap();
+    t.out(dx, al).unwrap();
+    t.mov(byte_ptr(0x100), 1u32).unwrap();
+    let mut idle = t.create_label();
+    t.sti().unwrap();
+    t.set_label(&mut idle).unwrap();
+    t.hlt().unwrap();
+    t.jmp(idle).unwrap();
+    let trampoline = t.assemble(0).expect("assemble trampoline");
+
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    let mut code = a.create_label();
+    let mut wait = a.create_label();
+    a.lea(rsi, ptr(code)).unwrap();
+    a.mov(edi, TRAMPOLINE).unwrap();
+    a.mov(ecx, trampoline.len() as u32).unwrap();
+    a.rep().movsb().unwrap();
+    a.mov(ebx, APIC).unwrap();
+    // Software-enable the local APIC (spurious vector 0xff).
+    a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap();
+    // ICR high: destination APIC ID 1; ICR low: INIT, then SIPI.
+    a.mov(dword_ptr(rbx + 0x310), 1u32 << 24).unwrap();
+    a.mov(dword_ptr(rbx + 0x300), 0x4500u32).unwrap();
+    a.mov(dword_ptr(rbx + 0x310), 1u32 << 24).unwrap();
+    a.mov(dword_ptr(rbx + 0x300), 0x4600u32 | (TRAMPOLINE >> 12))
+        .unwrap();
+    a.mov(ecx, MARKER).unwrap();
+    a.set_label(&mut wait).unwrap();
+    a.pause().unwrap();
+    a.cmp(byte_ptr(rcx), 1).unwrap();
+    a.jne(wait).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.mov(al, b'B' as u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(al, b'\n' as u32).unwrap();
+    a.out(dx, al).unwrap();
+    report_status(&mut a, 3);
+    power_off(&mut a);
+    a.set_label(&mut code).unwrap();
+    a.db(&trampoline).unwrap();
+
+    let kernel = elf_kernel(&assemble(&mut a));
     let out = run_kernel(kernel.path(), &["--cpus", "2"], b"");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("emu allows at most 1"), "stderr: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "AB\n",
+        "stderr: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
 }
 
 /// Echoes serial input back, upper-cased, until a newline; then powers off.

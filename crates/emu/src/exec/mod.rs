@@ -187,10 +187,10 @@ pub struct Core {
 }
 
 impl Core {
-    fn new(ram: Ram, cpuid: Arc<[CpuidEntry]>) -> Self {
+    fn new(ram: Ram, cpuid: Arc<[CpuidEntry]>, code: Option<CodePages>) -> Self {
         Core {
             cpu: CpuState::reset(),
-            code: CodePages::new(ram.end()),
+            code: code.unwrap_or_else(|| CodePages::new(ram.end())),
             ram,
             mmu: Mmu::default(),
             dirty_code: Vec::new(),
@@ -468,8 +468,9 @@ impl Core {
     #[inline(always)]
     pub(crate) fn note_write(&mut self, pa: u64) {
         let page = pa >> PAGE_SHIFT;
-        if self.code.test(page) {
-            self.code.clear(page);
+        // Clearing bumps the page's generation: every vCPU's blocks from
+        // it go stale; this vCPU drops its own at once.
+        if self.code.test(page) && self.code.clear(page) {
             self.dirty_code.push(page);
             self.attention = true;
         }
@@ -679,8 +680,20 @@ pub struct Emulator {
 impl Emulator {
     /// A vCPU in the reset state over `memory`, presenting `cpuid`.
     pub fn new(memory: &GuestMemoryMmap, cpuid: Arc<[CpuidEntry]>) -> Self {
+        Self::with_code_pages(memory, cpuid, None)
+    }
+
+    /// A vCPU like [`Self::new`] whose code-page map is `code`, shared
+    /// with the other vCPUs of the VM (see [`Self::code_pages`]) so that
+    /// their writes invalidate this vCPU's decoded blocks. `None`: a map
+    /// of its own.
+    pub fn with_code_pages(
+        memory: &GuestMemoryMmap,
+        cpuid: Arc<[CpuidEntry]>,
+        code: Option<CodePages>,
+    ) -> Self {
         Emulator {
-            core: Core::new(Ram::new(memory), cpuid),
+            core: Core::new(Ram::new(memory), cpuid, code),
             cache: BlockCache::default(),
             exception_exits: 0,
             lines: None,
@@ -692,7 +705,7 @@ impl Emulator {
     /// A vCPU with no RAM (every access is MMIO); for tests.
     pub fn without_memory(cpuid: Arc<[CpuidEntry]>) -> Self {
         Emulator {
-            core: Core::new(Ram::empty(), cpuid),
+            core: Core::new(Ram::empty(), cpuid, None),
             cache: BlockCache::default(),
             exception_exits: 0,
             lines: None,
@@ -754,17 +767,30 @@ impl Emulator {
         let first = gpa >> PAGE_SHIFT;
         let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
         for page in first..=last.min(first.saturating_add(1 << 20)) {
-            if self.core.code.test(page) {
-                self.core.code.clear(page);
+            // Bumps the generation too: other vCPUs sharing the map
+            // re-decode.
+            if self.core.code.test(page) && self.core.code.clear(page) {
                 self.cache.invalidate_page(page);
             }
         }
     }
 
-    /// Drops every decoded block.
+    /// Drops every decoded block of this vCPU (the shared code-page marks
+    /// stay: other vCPUs may still hold blocks from those pages).
     pub fn invalidate_all(&mut self) {
-        self.core.code.clear_all();
         self.cache.clear();
+    }
+
+    /// The code-page map, to share with another vCPU of the same VM
+    /// ([`Self::with_code_pages`]).
+    pub fn code_pages(&self) -> CodePages {
+        self.core.code.clone()
+    }
+
+    /// Counts the guest TSC from `origin` (instead of this vCPU's
+    /// creation), so that the vCPUs of a VM share one TSC.
+    pub fn set_tsc_origin(&mut self, origin: Instant) {
+        self.core.tsc_origin = origin;
     }
 
     /// Reads an MSR this vCPU implements.
@@ -807,8 +833,18 @@ impl Emulator {
         };
         let pa = self.core.translate(lin, Access::Execute)?;
         if let Some(b) = self.cache.get(pa, rip, bitness) {
+            let first = pa >> PAGE_SHIFT;
+            if self.core.code.generation(first) != b.gens[0] {
+                // Written by another vCPU (or a device) since decoded.
+                self.cache.invalidate_page(first);
+                let block = crate::block::decode(&mut self.core, pa, lin, rip, bitness)?;
+                return Ok(self.cache.insert(block));
+            }
             match b.pages[1] {
                 None => return Ok(b),
+                Some(second) if self.core.code.generation(second) != b.gens[1] => {
+                    self.cache.invalidate_page(second);
+                }
                 Some(second) => {
                     // A block running into the next page is only valid
                     // while that page still maps to the same frame.
