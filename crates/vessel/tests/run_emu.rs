@@ -4,143 +4,18 @@
 //! a triple fault, SIGTERM, the emu platform's PIC + PIT waking a halted
 //! vCPU with timer interrupts, and a second vCPU started with INIT/SIPI. These need no KVM and run everywhere.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::*;
 use iced_x86::code_asm::*;
 
-const LOAD_ADDR: u64 = 0x10_0000;
-const COM1: u16 = 0x3f8;
-/// `cmd_line_ptr` in the zero page.
-const ZERO_PAGE_CMDLINE_PTR: i32 = 0x228;
-
-fn vessel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vessel"))
-}
-
-/// Wraps 64-bit code in a minimal ELF executable loaded at 1 MiB.
-fn elf_kernel(code: &[u8]) -> tempfile::NamedTempFile {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    let offset = 0x1000u64;
-    let mut elf = vec![0u8; offset as usize];
-    elf[0..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2; // 64-bit
-    elf[5] = 1; // little endian
-    elf[6] = 1; // version
-    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-    elf[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-    elf[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-    elf[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
-    elf[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
-    elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-    let ph = &mut elf[EHDR..EHDR + PHDR];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    ph[8..16].copy_from_slice(&offset.to_le_bytes());
-    ph[16..24].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
-    ph[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    elf.extend_from_slice(code);
-    let mut file = tempfile::NamedTempFile::new().expect("temp kernel");
-    file.write_all(&elf).expect("write kernel");
-    file
-}
-
-/// Emits code that writes the NUL-terminated string at `rbx` to COM1.
-fn print_string_at_rbx(a: &mut CodeAssembler) {
-    let mut next = a.create_label();
-    let mut done = a.create_label();
-    a.mov(dx, COM1 as u32).unwrap();
-    a.set_label(&mut next).unwrap();
-    a.mov(al, byte_ptr(rbx)).unwrap();
-    a.test(al, al).unwrap();
-    a.jz(done).unwrap();
-    a.out(dx, al).unwrap();
-    a.inc(rbx).unwrap();
-    a.jmp(next).unwrap();
-    a.set_label(&mut done).unwrap();
-}
-
-fn power_off(a: &mut CodeAssembler) {
-    let slp = (u32::from(devices::acpi_pm::S5_SLP_TYP) << 2) | (1 << 5);
-    a.mov(al, slp).unwrap();
-    a.mov(dx, u32::from(devices::acpi_pm::SLEEP_CONTROL_PORT))
-        .unwrap();
-    a.out(dx, al).unwrap();
-    halt_forever(a);
-}
-
-fn halt_forever(a: &mut CodeAssembler) {
-    let mut again = a.create_label();
-    a.set_label(&mut again).unwrap();
-    a.hlt().unwrap();
-    a.jmp(again).unwrap();
-}
-
-fn report_status(a: &mut CodeAssembler, status: u8) {
-    a.mov(al, u32::from(status)).unwrap();
-    a.mov(dx, u32::from(guest::EXIT_STATUS_PORT)).unwrap();
-    a.out(dx, al).unwrap();
-}
-
-fn assemble(a: &mut CodeAssembler) -> Vec<u8> {
-    a.assemble(LOAD_ADDR).expect("assemble")
-}
-
-fn run_with_timeout(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vessel");
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin).expect("write stdin");
-    drop(input);
-    let start = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "vessel did not finish in {limit:?}; stdout {:?} stderr {:?}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn run_kernel(kernel: &Path, extra: &[&str], stdin: &[u8]) -> Output {
-    let mut cmd = vessel();
-    cmd.args(["run", "--accel", "emu", "--memory", "64M", "--kernel"])
-        .arg(kernel)
-        .args(extra);
-    run_with_timeout(cmd, stdin, Duration::from_secs(60))
-}
-
-/// Prints the command line it was booted with (read through the zero page),
-/// reports status 7, and powers off through ACPI S5.
-fn hello_kernel() -> tempfile::NamedTempFile {
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    a.mov(ebx, dword_ptr(rsi + ZERO_PAGE_CMDLINE_PTR)).unwrap();
-    print_string_at_rbx(&mut a);
-    a.mov(al, b'\n' as u32).unwrap();
-    a.out(dx, al).unwrap();
-    report_status(&mut a, 7);
-    power_off(&mut a);
-    elf_kernel(&assemble(&mut a))
+    run_kernel_on("emu", kernel, extra, stdin)
 }
 
 #[test]
