@@ -97,11 +97,46 @@ impl Hasher for KeyHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
+/// Entries of [`BlockCache`]'s direct-mapped front (a power of two).
+const RECENT_SLOTS: usize = 4096;
+
+/// One slot of the direct-mapped front: the key beside the block, so a
+/// lookup compares within one small array instead of probing the hash
+/// map and then the block's own (often cold) header.
+#[derive(Clone)]
+struct Recent {
+    phys: u64,
+    rip: u64,
+    bitness: u32,
+    block: Arc<Block>,
+}
+
 /// Blocks by the guest-physical address of their first byte.
-#[derive(Default)]
 pub struct BlockCache {
     blocks: FastMap<u64, Arc<Block>>,
     by_page: FastMap<u64, Vec<u64>>,
+    /// Direct-mapped by physical address: the blocks looked up last. Only
+    /// ever holds blocks that are also in `blocks`, so dropping a block
+    /// from the map drops its slot too (see [`Self::invalidate_page`]).
+    recent: Box<[Option<Recent>]>,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        BlockCache {
+            blocks: FastMap::default(),
+            by_page: FastMap::default(),
+            recent: vec![None; RECENT_SLOTS].into_boxed_slice(),
+        }
+    }
+}
+
+/// The front slot of a block starting at `phys`.
+#[inline]
+fn slot(phys: u64) -> usize {
+    // Blocks start anywhere in a page; mix the page number in so that the
+    // same offset in different pages does not always collide.
+    ((phys ^ (phys >> 12).wrapping_mul(0x9e37)) as usize) & (RECENT_SLOTS - 1)
 }
 
 impl BlockCache {
@@ -109,11 +144,25 @@ impl BlockCache {
     /// bitness (the same physical bytes reached through another address
     /// or mode decode differently).
     #[inline]
-    pub fn get(&self, phys: u64, rip: u64, bitness: u32) -> Option<Arc<Block>> {
-        self.blocks
+    pub fn get(&mut self, phys: u64, rip: u64, bitness: u32) -> Option<Arc<Block>> {
+        let i = slot(phys);
+        if let Some(r) = &self.recent[i] {
+            if r.phys == phys && r.rip == rip && r.bitness == bitness {
+                return Some(r.block.clone());
+            }
+        }
+        let b = self
+            .blocks
             .get(&phys)
-            .filter(|b| b.rip == rip && b.bitness == bitness)
-            .cloned()
+            .filter(|b| b.rip == rip && b.bitness == bitness)?
+            .clone();
+        self.recent[i] = Some(Recent {
+            phys,
+            rip,
+            bitness,
+            block: b.clone(),
+        });
+        Some(b)
     }
 
     pub fn insert(&mut self, block: Block) -> Arc<Block> {
@@ -121,8 +170,19 @@ impl BlockCache {
         for page in block.pages.iter().flatten() {
             self.by_page.entry(*page).or_default().push(block.phys);
         }
+        // Replacing a block at the same address (decoded at another RIP or
+        // bitness): its front slot must not keep the old one.
+        self.forget_recent(block.phys);
         self.blocks.insert(block.phys, block.clone());
         block
+    }
+
+    /// Empties the front slot of the block at `phys`, if it holds it.
+    fn forget_recent(&mut self, phys: u64) {
+        let r = &mut self.recent[slot(phys)];
+        if r.as_ref().is_some_and(|r| r.phys == phys) {
+            *r = None;
+        }
     }
 
     /// Drops every block with bytes in `page` (a page number).
@@ -130,6 +190,7 @@ impl BlockCache {
         if let Some(keys) = self.by_page.remove(&page) {
             for k in keys {
                 self.blocks.remove(&k);
+                self.forget_recent(k);
             }
         }
     }
@@ -137,6 +198,7 @@ impl BlockCache {
     pub fn clear(&mut self) {
         self.blocks.clear();
         self.by_page.clear();
+        self.recent.fill(None);
     }
 
     pub fn len(&self) -> usize {
