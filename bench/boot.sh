@@ -29,8 +29,11 @@ mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{su
 qemu_times=(); vessel_times=(); vessel_failed=""
 for i in $(seq "$runs"); do
   t0=$(now)
-  timeout 120 qemu-system-x86_64 -accel tcg -M microvm -cpu qemu64 -m "$memory" -nographic \
-    -no-reboot -kernel "$kernel" -initrd "$initrd" -append "$base $cmd" >/dev/null 2>&1 </dev/null
+  if ! timeout 120 qemu-system-x86_64 -accel tcg -M microvm -cpu qemu64 -m "$memory" -nographic \
+      -no-reboot -kernel "$kernel" -initrd "$initrd" -append "$base $cmd" >/dev/null 2>&1 </dev/null; then
+    echo "bench/boot.sh: qemu-system-x86_64 did not power off within 120 s (run $i)" >&2
+    exit 1
+  fi
   t1=$(now); qemu_times+=("$(elapsed "$t0" "$t1")")
 
   t0=$(now)
