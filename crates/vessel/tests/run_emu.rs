@@ -20,22 +20,7 @@ fn run_kernel(kernel: &Path, extra: &[&str], stdin: &[u8]) -> Output {
 
 #[test]
 fn kernel_sees_its_command_line_and_its_exit_status_is_vessels() {
-    let kernel = hello_kernel();
-    let out = run_kernel(
-        kernel.path(),
-        &["--cmdline", "hello from the zero page"],
-        b"",
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the zero page\n"
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_command_line_and_exit_status("emu");
 }
 
 #[test]
@@ -134,45 +119,12 @@ fn boot_vcpu_starts_an_application_processor_with_init_and_sipi() {
 /// the line status register (no interrupts).
 #[test]
 fn serial_input_reaches_the_guest() {
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    let mut wait = a.create_label();
-    let mut plain = a.create_label();
-    let mut done = a.create_label();
-    a.set_label(&mut wait).unwrap();
-    a.mov(dx, (COM1 + 5) as u32).unwrap(); // line status register
-    a.in_(al, dx).unwrap();
-    a.test(al, 1).unwrap(); // data ready
-    a.jz(wait).unwrap();
-    a.mov(dx, COM1 as u32).unwrap();
-    a.in_(al, dx).unwrap();
-    a.cmp(al, b'a' as u32).unwrap();
-    a.jb(plain).unwrap();
-    a.cmp(al, b'z' as u32).unwrap();
-    a.ja(plain).unwrap();
-    a.sub(al, 0x20).unwrap();
-    a.set_label(&mut plain).unwrap();
-    a.out(dx, al).unwrap();
-    a.cmp(al, b'\n' as u32).unwrap();
-    a.je(done).unwrap();
-    a.jmp(wait).unwrap();
-    a.set_label(&mut done).unwrap();
-    power_off(&mut a);
-    let kernel = elf_kernel(&assemble(&mut a));
-    let out = run_kernel(kernel.path(), &[], b"piped input\n");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED INPUT\n");
-    assert_eq!(out.status.code(), Some(0));
+    check_serial_input_reaches_the_guest("emu");
 }
 
 #[test]
 fn triple_fault_stops_the_vm_and_says_so() {
-    // The boot IDT is empty, so #UD escalates to a triple fault.
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    a.ud2().unwrap();
-    let kernel = elf_kernel(&assemble(&mut a));
-    let out = run_kernel(kernel.path(), &[], b"");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("triple-fault"), "stderr: {stderr}");
+    check_triple_fault_is_reported("emu");
 }
 
 /// `cli; hlt` can never wake (the platform has no NMI source): the VM
@@ -292,42 +244,7 @@ fn pit_interrupts_wake_a_halted_guest_through_the_pic() {
 
 #[test]
 fn sigterm_tears_down_a_spinning_guest() {
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    a.mov(dx, COM1 as u32).unwrap();
-    a.mov(al, b'!' as u32).unwrap();
-    a.out(dx, al).unwrap();
-    let mut spin = a.create_label();
-    a.set_label(&mut spin).unwrap();
-    a.jmp(spin).unwrap();
-    let kernel = elf_kernel(&assemble(&mut a));
-    let mut child = vessel()
-        .args(["run", "--accel", "emu", "--memory", "64M", "--kernel"])
-        .arg(kernel.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    // Wait until the guest runs (it prints '!').
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = [0u8; 1];
-    std::io::Read::read_exact(&mut stdout, &mut first).expect("guest output");
-    assert_eq!(&first, b"!");
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "vessel ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    check_sigterm_tears_down_a_spinning_guest("emu", &["1", "2"]);
 }
 
 /// Installs 64-bit interrupt gates for `gates` (vector, handler) in the

@@ -8,8 +8,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use common::*;
 use iced_x86::code_asm::*;
@@ -31,22 +30,7 @@ fn kernel_sees_its_command_line_and_its_exit_status_is_vessels() {
     if !kvm_usable() {
         return;
     }
-    let kernel = hello_kernel();
-    let out = run_kernel(
-        kernel.path(),
-        &["--cmdline", "hello from the zero page"],
-        b"",
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the zero page\n"
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_command_line_and_exit_status("kvm");
 }
 
 #[test]
@@ -85,33 +69,7 @@ fn serial_input_reaches_the_guest() {
     if !kvm_usable() {
         return;
     }
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    let mut wait = a.create_label();
-    let mut plain = a.create_label();
-    let mut done = a.create_label();
-    a.set_label(&mut wait).unwrap();
-    a.mov(dx, (COM1 + 5) as u32).unwrap(); // line status register
-    a.in_(al, dx).unwrap();
-    a.test(al, 1).unwrap(); // data ready
-    a.jz(wait).unwrap();
-    a.mov(dx, COM1 as u32).unwrap();
-    a.in_(al, dx).unwrap();
-    a.cmp(al, b'a' as u32).unwrap();
-    a.jb(plain).unwrap();
-    a.cmp(al, b'z' as u32).unwrap();
-    a.ja(plain).unwrap();
-    a.sub(al, 0x20).unwrap();
-    a.set_label(&mut plain).unwrap();
-    a.out(dx, al).unwrap();
-    a.cmp(al, b'\n' as u32).unwrap();
-    a.je(done).unwrap();
-    a.jmp(wait).unwrap();
-    a.set_label(&mut done).unwrap();
-    power_off(&mut a);
-    let kernel = elf_kernel(&assemble(&mut a));
-    let out = run_kernel(kernel.path(), &[], b"piped input\n");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED INPUT\n");
-    assert_eq!(out.status.code(), Some(0));
+    check_serial_input_reaches_the_guest("kvm");
 }
 
 #[test]
@@ -138,14 +96,7 @@ fn triple_fault_stops_the_vm_and_says_so() {
     if !kvm_usable() {
         return;
     }
-    // The boot IDT is empty, so #UD escalates to a triple fault.
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    a.ud2().unwrap();
-    let kernel = elf_kernel(&assemble(&mut a));
-    let out = run_kernel(kernel.path(), &[], b"");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("triple-fault"), "stderr: {stderr}");
+    check_triple_fault_is_reported("kvm");
 }
 
 #[test]
@@ -153,44 +104,5 @@ fn sigterm_tears_down_a_spinning_guest() {
     if !kvm_usable() {
         return;
     }
-    let mut a = CodeAssembler::new(64).expect("assembler");
-    a.mov(dx, COM1 as u32).unwrap();
-    a.mov(al, b'!' as u32).unwrap();
-    a.out(dx, al).unwrap();
-    let mut spin = a.create_label();
-    a.set_label(&mut spin).unwrap();
-    a.jmp(spin).unwrap();
-    let kernel = elf_kernel(&assemble(&mut a));
-    for cpus in ["1", "2"] {
-        let mut child = vessel()
-            .args([
-                "run", "--accel", "kvm", "--memory", "64M", "--cpus", cpus, "--kernel",
-            ])
-            .arg(kernel.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        // Wait until the guest runs (it prints '!').
-        let mut stdout = child.stdout.take().expect("stdout");
-        let mut first = [0u8; 1];
-        std::io::Read::read_exact(&mut stdout, &mut first).expect("guest output");
-        assert_eq!(&first, b"!");
-        // SAFETY-free: kill(2) through the libc crate on our own child.
-        let pid = child.id() as libc::pid_t;
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "vessel ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{cpus} vCPUs");
-    }
+    check_sigterm_tears_down_a_spinning_guest("kvm", &["1", "2"]);
 }

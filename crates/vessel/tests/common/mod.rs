@@ -144,3 +144,115 @@ pub fn hello_kernel() -> tempfile::NamedTempFile {
     power_off(&mut a);
     elf_kernel(&assemble(&mut a))
 }
+
+/// Echoes serial input back, upper-cased, until a newline, polling the line
+/// status register; then powers off. Checks that piped stdin reaches the
+/// guest on `accel`.
+pub fn check_serial_input_reaches_the_guest(accel: &str) {
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    let mut wait = a.create_label();
+    let mut plain = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.mov(dx, (COM1 + 5) as u32).unwrap(); // line status register
+    a.in_(al, dx).unwrap();
+    a.test(al, 1).unwrap(); // data ready
+    a.jz(wait).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.in_(al, dx).unwrap();
+    a.cmp(al, b'a' as u32).unwrap();
+    a.jb(plain).unwrap();
+    a.cmp(al, b'z' as u32).unwrap();
+    a.ja(plain).unwrap();
+    a.sub(al, 0x20).unwrap();
+    a.set_label(&mut plain).unwrap();
+    a.out(dx, al).unwrap();
+    a.cmp(al, b'\n' as u32).unwrap();
+    a.je(done).unwrap();
+    a.jmp(wait).unwrap();
+    a.set_label(&mut done).unwrap();
+    power_off(&mut a);
+    let kernel = elf_kernel(&assemble(&mut a));
+    let out = run_kernel_on(accel, kernel.path(), &[], b"piped input\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED INPUT\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// The boot IDT is empty, so #UD escalates to a triple fault: vessel must
+/// stop the VM, say so, and exit 1.
+pub fn check_triple_fault_is_reported(accel: &str) {
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    a.ud2().unwrap();
+    let kernel = elf_kernel(&assemble(&mut a));
+    let out = run_kernel_on(accel, kernel.path(), &[], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("triple-fault"), "stderr: {stderr}");
+}
+
+/// A guest that prints '!' and spins forever is torn down by SIGTERM with
+/// exit status 128 + SIGTERM, for each vCPU count in `cpus`.
+pub fn check_sigterm_tears_down_a_spinning_guest(accel: &str, cpus: &[&str]) {
+    let mut a = CodeAssembler::new(64).expect("assembler");
+    a.mov(dx, COM1 as u32).unwrap();
+    a.mov(al, b'!' as u32).unwrap();
+    a.out(dx, al).unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.jmp(spin).unwrap();
+    let kernel = elf_kernel(&assemble(&mut a));
+    for &count in cpus {
+        let mut child = vessel()
+            .args([
+                "run", "--accel", accel, "--memory", "64M", "--cpus", count, "--kernel",
+            ])
+            .arg(kernel.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // Wait until the guest runs (it prints '!').
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stdout, &mut first).expect("guest output");
+        assert_eq!(&first, b"!");
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "vessel ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{count} vCPUs");
+    }
+}
+
+/// The hello kernel prints the command line it finds through the zero page
+/// and reports status 7, which must become vessel's exit status.
+pub fn check_command_line_and_exit_status(accel: &str) {
+    let kernel = hello_kernel();
+    let out = run_kernel_on(
+        accel,
+        kernel.path(),
+        &["--cmdline", "hello from the zero page"],
+        b"",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the zero page\n"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
