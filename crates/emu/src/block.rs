@@ -8,9 +8,9 @@
 //! again is one indirect call. A JIT replaces this layer: same cache keys,
 //! same invalidation, compiled code instead of the `ops` vector.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, Mnemonic};
 
@@ -58,8 +58,25 @@ impl std::fmt::Debug for Op {
     }
 }
 
+/// A direct link from the end of one block to the block that ran after
+/// it, so that the next time the same RIP follows, the block loop skips
+/// translation and the cache lookup. Valid only while the cache's
+/// [`BlockCache::stamp`] it was made under still holds: any TLB flush or
+/// dropped block moves the stamp on and so cuts every link at once.
+#[derive(Clone, Copy)]
+pub struct Link {
+    pub rip: u64,
+    pub stamp: u64,
+    pub target: *const Block,
+}
+
+const NO_LINK: Link = Link {
+    rip: u64::MAX,
+    stamp: u64::MAX,
+    target: std::ptr::null(),
+};
+
 /// A decoded straight-line block.
-#[derive(Debug)]
 pub struct Block {
     /// Guest-physical address of the first byte (the cache key).
     pub phys: u64,
@@ -74,6 +91,34 @@ pub struct Block {
     /// The generations ([`crate::mem::CodePages`]) of `pages` when the
     /// bytes were read: a block whose page has moved on is stale.
     pub gens: [u32; 2],
+    /// Whether the block ends in a way that keeps CS and the mode (a near
+    /// branch, call or return, or straight on): only then may the block
+    /// after it be linked.
+    pub chainable: bool,
+    /// RIP after the last instruction (the fall-through successor).
+    pub end_ip: u64,
+    /// Links to successors: `[0]` the fall-through, `[1]` the last other
+    /// target (a taken branch, a return address).
+    pub links: [Cell<Link>; 2],
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("phys", &self.phys)
+            .field("rip", &self.rip)
+            .field("bitness", &self.bitness)
+            .field("ops", &self.ops.len())
+            .finish()
+    }
+}
+
+impl Block {
+    /// The link slot for a successor at `rip`.
+    #[inline(always)]
+    pub fn link_for(&self, rip: u64) -> &Cell<Link> {
+        &self.links[usize::from(rip != self.end_ip)]
+    }
 }
 
 /// Multiplicative hash for page-aligned-ish u64 keys; SipHash is overkill
@@ -103,30 +148,55 @@ const RECENT_SLOTS: usize = 4096;
 /// One slot of the direct-mapped front: the key beside the block, so a
 /// lookup compares within one small array instead of probing the hash
 /// map and then the block's own (often cold) header.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct Recent {
     phys: u64,
     rip: u64,
     bitness: u32,
-    block: Arc<Block>,
+    block: *const Block,
 }
 
+const NO_RECENT: Recent = Recent {
+    phys: u64::MAX,
+    rip: 0,
+    bitness: 0,
+    block: std::ptr::null(),
+};
+
 /// Blocks by the guest-physical address of their first byte.
+///
+/// Blocks are boxed so their addresses stay put: the block loop runs a
+/// block through a raw pointer (no reference count per block), and links
+/// and the front slots point at blocks. A dropped block goes to the
+/// graveyard and is freed only by [`Self::collect`], which the block loop
+/// calls between blocks, when it holds no block pointer.
 pub struct BlockCache {
-    blocks: FastMap<u64, Arc<Block>>,
+    blocks: FastMap<u64, Box<Block>>,
     by_page: FastMap<u64, Vec<u64>>,
     /// Direct-mapped by physical address: the blocks looked up last. Only
     /// ever holds blocks that are also in `blocks`, so dropping a block
     /// from the map drops its slot too (see [`Self::invalidate_page`]).
-    recent: Box<[Option<Recent>]>,
+    recent: Box<[Recent]>,
+    /// Dropped blocks not freed yet.
+    graveyard: Vec<Box<Block>>,
+    /// Moves on whenever a block is dropped (with the TLB's flush count,
+    /// the stamp links are checked against).
+    epoch: u64,
 }
+
+// SAFETY: the raw pointers inside (front slots, links) point only at
+// blocks this cache owns, and the cache moves between threads as a whole
+// (with the vCPU that owns it); nothing is shared with another thread.
+unsafe impl Send for BlockCache {}
 
 impl Default for BlockCache {
     fn default() -> Self {
         BlockCache {
             blocks: FastMap::default(),
             by_page: FastMap::default(),
-            recent: vec![None; RECENT_SLOTS].into_boxed_slice(),
+            recent: vec![NO_RECENT; RECENT_SLOTS].into_boxed_slice(),
+            graveyard: Vec::new(),
+            epoch: 0,
         }
     }
 }
@@ -142,46 +212,55 @@ fn slot(phys: u64) -> usize {
 impl BlockCache {
     /// The block starting at `phys`, if it was decoded at this RIP and
     /// bitness (the same physical bytes reached through another address
-    /// or mode decode differently).
+    /// or mode decode differently). The pointer stays valid until the
+    /// next [`Self::collect`].
     #[inline]
-    pub fn get(&mut self, phys: u64, rip: u64, bitness: u32) -> Option<Arc<Block>> {
+    pub fn get(&mut self, phys: u64, rip: u64, bitness: u32) -> Option<*const Block> {
         let i = slot(phys);
-        if let Some(r) = &self.recent[i] {
-            if r.phys == phys && r.rip == rip && r.bitness == bitness {
-                return Some(r.block.clone());
-            }
+        let r = &self.recent[i];
+        if r.phys == phys && r.rip == rip && r.bitness == bitness {
+            return Some(r.block);
         }
-        let b = self
+        let b: *const Block = &**self
             .blocks
             .get(&phys)
-            .filter(|b| b.rip == rip && b.bitness == bitness)?
-            .clone();
-        self.recent[i] = Some(Recent {
+            .filter(|b| b.rip == rip && b.bitness == bitness)?;
+        self.recent[i] = Recent {
             phys,
             rip,
             bitness,
-            block: b.clone(),
-        });
+            block: b,
+        };
         Some(b)
     }
 
-    pub fn insert(&mut self, block: Block) -> Arc<Block> {
-        let block = Arc::new(block);
+    /// Adds `block`; the pointer stays valid until the next
+    /// [`Self::collect`].
+    pub fn insert(&mut self, block: Block) -> *const Block {
+        let block = Box::new(block);
+        let ptr: *const Block = &*block;
         for page in block.pages.iter().flatten() {
             self.by_page.entry(*page).or_default().push(block.phys);
         }
         // Replacing a block at the same address (decoded at another RIP or
         // bitness): its front slot must not keep the old one.
         self.forget_recent(block.phys);
-        self.blocks.insert(block.phys, block.clone());
-        block
+        if let Some(old) = self.blocks.insert(block.phys, block) {
+            self.bury(old);
+        }
+        ptr
+    }
+
+    fn bury(&mut self, block: Box<Block>) {
+        self.graveyard.push(block);
+        self.epoch += 1;
     }
 
     /// Empties the front slot of the block at `phys`, if it holds it.
     fn forget_recent(&mut self, phys: u64) {
         let r = &mut self.recent[slot(phys)];
-        if r.as_ref().is_some_and(|r| r.phys == phys) {
-            *r = None;
+        if r.phys == phys {
+            *r = NO_RECENT;
         }
     }
 
@@ -189,16 +268,39 @@ impl BlockCache {
     pub fn invalidate_page(&mut self, page: u64) {
         if let Some(keys) = self.by_page.remove(&page) {
             for k in keys {
-                self.blocks.remove(&k);
+                if let Some(b) = self.blocks.remove(&k) {
+                    self.bury(b);
+                }
                 self.forget_recent(k);
             }
         }
     }
 
     pub fn clear(&mut self) {
-        self.blocks.clear();
+        let blocks: Vec<Box<Block>> = self.blocks.drain().map(|(_, b)| b).collect();
+        self.graveyard.extend(blocks);
+        self.epoch += 1;
         self.by_page.clear();
-        self.recent.fill(None);
+        self.recent.fill(NO_RECENT);
+    }
+
+    /// Whether dropped blocks wait to be freed.
+    #[inline(always)]
+    pub fn has_garbage(&self) -> bool {
+        !self.graveyard.is_empty()
+    }
+
+    /// Frees the dropped blocks. The caller must hold no pointer to a
+    /// block obtained before the call (links to them are already stale:
+    /// dropping moved the epoch on).
+    pub fn collect(&mut self) {
+        self.graveyard.clear();
+    }
+
+    /// The cache's part of the link stamp.
+    #[inline(always)]
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn len(&self) -> usize {
@@ -271,6 +373,38 @@ fn ends_block(i: &Instruction) -> bool {
                 | Mnemonic::Cli
                 | Mnemonic::Hlt
         )
+}
+
+/// Whether a block ending with `i` leaves CS, the mode and the paging
+/// state as they were, so that its successor may be linked: straight-line
+/// ends and near branches, calls and returns.
+fn keeps_cs(i: &Instruction) -> bool {
+    if i.is_invalid() {
+        return false;
+    }
+    match i.flow_control() {
+        FlowControl::Next => !ends_block(i) || i.has_rep_prefix() || i.has_repne_prefix(),
+        FlowControl::ConditionalBranch => {
+            i.is_jcc_short_or_near()
+                || matches!(
+                    i.mnemonic(),
+                    Mnemonic::Loop
+                        | Mnemonic::Loope
+                        | Mnemonic::Loopne
+                        | Mnemonic::Jrcxz
+                        | Mnemonic::Jecxz
+                        | Mnemonic::Jcxz
+                )
+        }
+        FlowControl::UnconditionalBranch | FlowControl::IndirectBranch => {
+            i.is_jmp_short_or_near() || i.is_jmp_near_indirect()
+        }
+        FlowControl::Call | FlowControl::IndirectCall => {
+            i.is_call_near() || i.is_call_near_indirect()
+        }
+        FlowControl::Return => i.mnemonic() == Mnemonic::Ret,
+        _ => false,
+    }
 }
 
 /// Decodes the block at `rip` (linear `lin`, physical `phys`).
@@ -368,6 +502,10 @@ pub(crate) fn decode(
     if let Some(p) = second {
         second_gen = core.code.end_decode(p, second_gen);
     }
+    let (chainable, end_ip) = match ops.last() {
+        Some(op) => (keeps_cs(&op.instr), op.next_ip),
+        None => (false, rip),
+    };
     Ok(Block {
         phys,
         rip,
@@ -375,6 +513,9 @@ pub(crate) fn decode(
         ops,
         pages: [Some(first_page), second],
         gens: [first_gen, second_gen],
+        chainable,
+        end_ip,
+        links: [Cell::new(NO_LINK), Cell::new(NO_LINK)],
     })
 }
 

@@ -381,6 +381,9 @@ pub enum PagingMode {
 pub struct Mmu {
     pub mode: PagingMode,
     pub entries: Box<[TlbEntry; TLB_ENTRIES]>,
+    /// How many flushes (of any kind) so far: links between decoded
+    /// blocks hold translations and die when it moves on.
+    pub flushes: u64,
 }
 
 impl Default for Mmu {
@@ -388,6 +391,7 @@ impl Default for Mmu {
         Mmu {
             mode: PagingMode::Off,
             entries: Box::new([EMPTY; TLB_ENTRIES]),
+            flushes: 0,
         }
     }
 }
@@ -439,12 +443,14 @@ impl Mmu {
 
     /// Drops everything (CR0/CR4 paging-bit changes, mode changes).
     pub fn flush_all(&mut self) {
+        self.flushes += 1;
         self.entries.iter_mut().for_each(|e| *e = EMPTY);
     }
 
     /// Drops all but global entries (a CR3 write), or everything when
     /// global pages are disabled.
     pub fn flush_non_global(&mut self, keep_global: bool) {
+        self.flushes += 1;
         for e in self.entries.iter_mut() {
             if !(keep_global && e.perms & perm::GLOBAL != 0) {
                 *e = EMPTY;
@@ -455,6 +461,7 @@ impl Mmu {
     /// INVLPG: drops every entry translating part of the page (of
     /// whatever size) that contains `lin`, global or not.
     pub fn invalidate(&mut self, lin: u64) {
+        self.flushes += 1;
         for e in self.entries.iter_mut() {
             if e.vpn != TLB_INVALID {
                 let shift = u32::from(e.shift).min(63);
@@ -494,6 +501,10 @@ pub struct CodePages {
 struct CodeInner {
     bits: Box<[AtomicU64]>,
     gens: Box<[AtomicU32]>,
+    /// Bumps of any page's generation, VM-wide: links between blocks
+    /// (see [`crate::block::Link`]) are cut when it moves on, so following
+    /// one needs no per-page check.
+    writes: AtomicU64,
 }
 
 impl CodePages {
@@ -504,6 +515,7 @@ impl CodePages {
             inner: Arc::new(CodeInner {
                 bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
                 gens: (0..words * 64).map(|_| AtomicU32::new(0)).collect(),
+                writes: AtomicU64::new(0),
             }),
         }
     }
@@ -542,7 +554,14 @@ impl CodePages {
         if let Some(g) = self.inner.gens.get(page as usize) {
             g.fetch_add(1, Ordering::SeqCst);
         }
+        self.inner.writes.fetch_add(1, Ordering::SeqCst);
         true
+    }
+
+    /// How many times a code page was written (VM-wide), so far.
+    #[inline(always)]
+    pub fn writes(&self) -> u64 {
+        self.inner.writes.load(Ordering::Relaxed)
     }
 
     /// The page's generation (0 outside the map).
@@ -610,5 +629,6 @@ mod tests {
         assert!(!pages.test(0x10));
         assert_ne!(pages.generation(0x10), g, "a write bumps the generation");
         assert!(!other.clear(0x10), "only the first write bumps it");
+        assert_eq!(pages.writes(), 1, "one write counted VM-wide");
     }
 }

@@ -293,6 +293,20 @@ pub struct EmuVcpu {
     pf_trace: Option<VecDeque<(u64, u16, u64, u32)>>,
 }
 
+/// With `VESSEL_EMU_STATS` set, each vCPU reports how many instructions
+/// it retired when it goes away (the emulator performance work).
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        if std::env::var_os("VESSEL_EMU_STATS").is_some() {
+            eprintln!(
+                "emu: vCPU {} retired {} instructions",
+                self.index,
+                self.emu.instructions_retired()
+            );
+        }
+    }
+}
+
 impl EmuVcpu {
     /// The emulator underneath (state inspection, code invalidation).
     pub fn emulator(&mut self) -> &mut Emulator {

@@ -251,6 +251,49 @@ fn accessed_dirty_remap_and_tlb_flushes() {
     assert_eq!(pte_v & 0x60, 0x20, "A only after reads");
 }
 
+/// Blocks are linked to the block that ran after them; a link must not
+/// outlive a remap of the successor's page (INVLPG) or a write to its
+/// bytes through another mapping.
+#[test]
+fn linked_blocks_follow_remaps_and_rewrites() {
+    let mem = setup();
+    const F: u64 = 0x27000;
+    const FRAME_A: u64 = 0x32000;
+    const FRAME_B: u64 = 0x33000;
+    const CALLER: u64 = 0x5000;
+    mem.write_obj(FRAME_A | 7, GuestAddress(pte_addr(F)))
+        .unwrap();
+    // mov eax, imm32; ret
+    mem.write_slice(&[0xb8, 1, 0, 0, 0, 0xc3], GuestAddress(FRAME_A))
+        .unwrap();
+    mem.write_slice(&[0xb8, 2, 0, 0, 0, 0xc3], GuestAddress(FRAME_B))
+        .unwrap();
+    let mut c = CodeAssembler::new(64).unwrap();
+    c.call(F).unwrap();
+    c.out(0x20, eax).unwrap();
+    c.ret().unwrap();
+    load(&mem, CALLER, &mut c);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.call(CALLER).unwrap();
+    a.call(CALLER).unwrap();
+    a.mov(rbx, FRAME_B | 7).unwrap();
+    a.mov(qword_ptr(pte_addr(F)), rbx).unwrap();
+    a.invlpg(qword_ptr(F)).unwrap();
+    a.call(CALLER).unwrap();
+    a.mov(byte_ptr(FRAME_B + 1), 3u32).unwrap();
+    a.call(CALLER).unwrap();
+    a.call(CALLER).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs = run_outs(&mut e);
+    assert_eq!(
+        outs,
+        [(0x20, 1), (0x20, 1), (0x20, 2), (0x20, 3), (0x20, 3)],
+        "each call runs the code F maps to now"
+    );
+}
+
 #[test]
 fn page_fault_delivered_on_ist_stack() {
     let mem = setup();

@@ -20,7 +20,7 @@ use hypervisor::x86::CpuidEntry;
 use iced_x86::{OpKind, Register};
 use vm_memory::GuestMemoryMmap;
 
-use crate::block::{Block, BlockCache, Op};
+use crate::block::{Block, BlockCache, Link, Op};
 use crate::mem::{
     host_load, host_store, perm, Access, CodePages, Mmu, Ram, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE,
 };
@@ -675,6 +675,8 @@ pub struct Emulator {
     /// The state was handed out mutably: re-derive the paging mode and
     /// flush the TLB before running.
     resync: bool,
+    /// Instructions retired so far (all runs).
+    retired: u64,
 }
 
 impl Emulator {
@@ -699,6 +701,7 @@ impl Emulator {
             lines: None,
             halted: false,
             resync: true,
+            retired: 0,
         }
     }
 
@@ -711,6 +714,7 @@ impl Emulator {
             lines: None,
             halted: false,
             resync: true,
+            retired: 0,
         }
     }
 
@@ -823,7 +827,7 @@ impl Emulator {
         self.core.attention = self.core.mmio_write_count != 0;
     }
 
-    fn block_at_rip(&mut self) -> Result<Arc<Block>, Stop> {
+    fn block_at_rip(&mut self) -> Result<*const Block, Stop> {
         let rip = self.core.cpu.rip;
         let bitness = self.core.cpu.bitness();
         let lin = if bitness == 64 {
@@ -833,6 +837,8 @@ impl Emulator {
         };
         let pa = self.core.translate(lin, Access::Execute)?;
         if let Some(b) = self.cache.get(pa, rip, bitness) {
+            // SAFETY: fresh from the cache; nothing is freed before use.
+            let b = unsafe { &*b };
             let first = pa >> PAGE_SHIFT;
             if self.core.code.generation(first) != b.gens[0] {
                 // Written by another vCPU (or a device) since decoded.
@@ -841,7 +847,7 @@ impl Emulator {
                 return Ok(self.cache.insert(block));
             }
             match b.pages[1] {
-                None => return Ok(b),
+                None => return Ok(b as *const Block),
                 Some(second) if self.core.code.generation(second) != b.gens[1] => {
                     self.cache.invalidate_page(second);
                 }
@@ -851,7 +857,7 @@ impl Emulator {
                     let next = (lin | PAGE_MASK).wrapping_add(1);
                     if let Ok(p) = self.core.probe(next, Access::Execute) {
                         if p >> PAGE_SHIFT == second {
-                            return Ok(b);
+                            return Ok(b as *const Block);
                         }
                     }
                 }
@@ -934,6 +940,19 @@ impl Emulator {
     /// Runs guest code until an exit, at most `budget` instructions, and
     /// checking `stop` between blocks.
     pub fn run(&mut self, budget: u64, stop: Option<&AtomicBool>) -> Exit {
+        let mut executed = 0;
+        let exit = self.run_counted(budget, stop, &mut executed);
+        self.retired += executed;
+        exit
+    }
+
+    /// Instructions retired by this vCPU so far (an instruction that
+    /// faulted counts once per attempt).
+    pub fn instructions_retired(&self) -> u64 {
+        self.retired
+    }
+
+    fn run_counted(&mut self, budget: u64, stop: Option<&AtomicBool>, executed: &mut u64) -> Exit {
         if self.resync {
             self.resync = false;
             self.core.sync_paging();
@@ -951,7 +970,11 @@ impl Emulator {
         if let Some(e) = self.core.pop_mmio_write() {
             return e;
         }
-        let mut executed: u64 = 0;
+        self.cache.collect();
+        // The block that just ended normally, whose link to the next one
+        // is followed or made (null after anything else: an exception, an
+        // interrupt, a halt, a dropped block).
+        let mut prev: *const Block = std::ptr::null();
         loop {
             if let Some(flag) = stop {
                 if flag.load(Ordering::Relaxed) {
@@ -959,6 +982,7 @@ impl Emulator {
                 }
             }
             if self.halted {
+                prev = std::ptr::null();
                 if !self.wakeup_pending() {
                     if let Some(l) = &self.lines {
                         l.wait(std::time::Duration::from_millis(50));
@@ -972,25 +996,67 @@ impl Emulator {
             self.core.shadow_rip = u64::MAX;
             if let Some(l) = &self.lines {
                 if l.any() {
+                    prev = std::ptr::null();
                     if let Some(e) = self.take_interrupt(shadowed) {
                         return e;
                     }
                 }
             }
-            if executed >= budget {
+            if *executed >= budget {
                 return Exit::BudgetExhausted;
             }
-            let block = match self.block_at_rip() {
-                Ok(b) => b,
-                Err(s) => match self.stopped(s, None) {
-                    Some(e) => return e,
-                    None => continue,
+            if self.cache.has_garbage() {
+                // No block pointer may outlive this (links to the dropped
+                // blocks are already stale).
+                prev = std::ptr::null();
+                self.cache.collect();
+            }
+            let rip = self.core.cpu.rip;
+            let stamp = self.link_stamp();
+            // SAFETY: `prev` is null or points at a block of `self.cache`,
+            // which frees blocks only in `collect`, after which `prev` is
+            // reset above; a link's target is valid while its stamp
+            // matches, since dropping any block moves the stamp on.
+            let linked = unsafe { prev.as_ref() }.and_then(|p| {
+                let link = p.link_for(rip).get();
+                (link.rip == rip && link.stamp == stamp).then_some(link.target)
+            });
+            let block = match linked {
+                Some(b) => b,
+                _ => match self.block_at_rip() {
+                    Ok(b) => {
+                        // SAFETY: as above.
+                        if let Some(p) = unsafe { prev.as_ref() } {
+                            p.link_for(rip).set(Link {
+                                rip,
+                                stamp,
+                                target: b,
+                            });
+                        }
+                        b
+                    }
+                    Err(s) => {
+                        prev = std::ptr::null();
+                        match self.stopped(s, None) {
+                            Some(e) => return e,
+                            None => continue,
+                        }
+                    }
                 },
             };
-            for op in block.ops.iter() {
+            // SAFETY: `block` came from the cache (directly or through a
+            // live link) and nothing frees blocks until `collect` above.
+            let block_ref = unsafe { &*block };
+            prev = if block_ref.chainable {
+                block
+            } else {
+                std::ptr::null()
+            };
+            for op in block_ref.ops.iter() {
                 self.core.cpu.rip = op.next_ip;
-                executed += 1;
+                *executed += 1;
                 if let Err(s) = (op.handler)(&mut self.core, op) {
+                    prev = std::ptr::null();
                     match self.stopped(s, Some(op)) {
                         Some(e) => return e,
                         None => break,
@@ -1005,11 +1071,23 @@ impl Emulator {
                     }
                     if smc {
                         // The block may have just overwritten itself.
+                        prev = std::ptr::null();
                         break;
                     }
                 }
             }
         }
+    }
+
+    /// What a link must have been made under to be followed: no block
+    /// dropped, no TLB flush, no code page written by any vCPU, and the
+    /// same privilege level since (the successor's translation and bytes
+    /// were checked for them). All three counts only grow, so their sum
+    /// moves whenever one does.
+    #[inline(always)]
+    fn link_stamp(&self) -> u64 {
+        let changes = self.cache.epoch() + self.core.mmu.flushes + self.core.code.writes();
+        (changes << 2) | u64::from(self.core.cpu.cpl())
     }
 
     /// Handles a handler's stop: `Some` exit to report, or `None` to keep
