@@ -476,7 +476,7 @@ pub(crate) fn decode(
             break;
         }
         let end = decoder.position();
-        let mut op = Op {
+        let op = Op {
             handler: handler_for(&instr),
             next_ip: instr.next_ip(),
             osize: operand_size(&instr),
@@ -486,7 +486,6 @@ pub(crate) fn decode(
             imm: 0,
             instr,
         };
-        crate::exec::specialize(&mut op);
         let stop = instr.is_invalid() || ends_block(&instr);
         ops.push(op);
         if end > first {
@@ -497,6 +496,7 @@ pub(crate) fn decode(
             break;
         }
     }
+    crate::exec::specialize_block(&mut ops);
     let first_gen = core.code.end_decode(first_page, first_gen);
     let second = if crossed { second_page } else { None };
     if let Some(p) = second {

@@ -294,6 +294,63 @@ fn linked_blocks_follow_remaps_and_rewrites() {
     );
 }
 
+/// Within a block, flags that a later instruction overwrites before
+/// anything reads them are not computed; they must still be exact where
+/// they are read, survive instructions that leave them alone, and be
+/// exact when a later instruction faults.
+#[test]
+fn flags_are_exact_wherever_they_can_be_seen() {
+    let mem = setup();
+    const UNMAPPED: u64 = 0x28000;
+    mem.write_obj(0u64, GuestAddress(pte_addr(UNMAPPED)))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(ebx, 1u32).unwrap();
+    a.mov(ecx, 0u32).unwrap();
+    // CF from ADD survives INC (which keeps CF) and a shift by CL = 0.
+    a.mov(eax, 0xffff_ffffu32).unwrap();
+    a.add(eax, ebx).unwrap();
+    a.inc(edx).unwrap();
+    a.shl(esi, cl).unwrap();
+    a.setc(al).unwrap();
+    a.out(0x30, eax).unwrap();
+    // ADD's flags are dead here: XOR overwrites them.
+    a.mov(eax, 0xffff_ffffu32).unwrap();
+    a.add(eax, ebx).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.setc(al).unwrap();
+    a.out(0x31, eax).unwrap();
+    // ADD's flags are live at the faulting load (the handler would see
+    // them), though the SUB after it would overwrite them.
+    a.mov(eax, 0xffff_ffffu32).unwrap();
+    a.add(eax, ebx).unwrap();
+    a.mov(ecx, dword_ptr(UNMAPPED)).unwrap();
+    a.sub(eax, eax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.set_exception_exits(1 << Exception::PF);
+    let mut outs = Vec::new();
+    loop {
+        match e.run(10_000, None) {
+            Exit::IoOut { port, data, .. } => outs.push((port, data & 0xff)),
+            Exit::Exception(x) => {
+                assert_eq!(x.vector, Exception::PF);
+                break;
+            }
+            other => panic!("unexpected {other:?} after {outs:x?}"),
+        }
+    }
+    assert_eq!(outs, [(0x30, 1), (0x31, 0)]);
+    let cpu = e.cpu();
+    assert_eq!(cpu.cr2, UNMAPPED);
+    assert_eq!(
+        cpu.rflags & 0x45,
+        0x45,
+        "CF, ZF and PF of the ADD at the fault"
+    );
+}
+
 #[test]
 fn page_fault_delivered_on_ist_stack() {
     let mem = setup();

@@ -12,9 +12,9 @@
 //! generic handlers: operands read first, memory written before
 //! registers and flags, so faults and MMIO replays stay exact.
 
-use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 
-use super::flags::{add, logic, mask, sext, sub};
+use super::flags::{add, condition, logic, mask, sext, sub};
 use super::{Core, OpResult};
 use crate::block::{Handler, Op};
 use crate::state::rflags::{CF, OF, STATUS};
@@ -81,8 +81,28 @@ fn writes(k: u8) -> bool {
     k != CMP && k != TEST
 }
 
-fn alu_rr<const K: u8, const S: usize>(c: &mut Core, op: &Op) -> R {
+/// The result of an ALU operation without its flags (for instructions
+/// whose flags nothing reads: see [`dead_flags`]).
+#[inline(always)]
+fn value<const K: u8, const S: usize>(c: &Core, a: u64, b: u64) -> u64 {
+    match K {
+        ADD => a.wrapping_add(b),
+        ADC => a.wrapping_add(b).wrapping_add(c.cpu.rflags & CF),
+        SUB | CMP => a.wrapping_sub(b),
+        SBB => a.wrapping_sub(b).wrapping_sub(c.cpu.rflags & CF),
+        AND | TEST => a & b,
+        OR => a | b,
+        _ => a ^ b,
+    }
+}
+
+/// `alu r, r`; `F`: the flags are live and computed.
+fn alu_rr<const K: u8, const S: usize, const F: bool>(c: &mut Core, op: &Op) -> R {
     let (a, b) = (rd::<S>(c, op.regs[0]), rd::<S>(c, op.regs[1]));
+    if !F {
+        wr::<S>(c, op.regs[0], value::<K, S>(c, a, b));
+        return Ok(());
+    }
     let (res, f) = calc::<K, S>(c, a, b);
     if writes(K) {
         wr::<S>(c, op.regs[0], res);
@@ -91,8 +111,12 @@ fn alu_rr<const K: u8, const S: usize>(c: &mut Core, op: &Op) -> R {
     Ok(())
 }
 
-fn alu_ri<const K: u8, const S: usize>(c: &mut Core, op: &Op) -> R {
+fn alu_ri<const K: u8, const S: usize, const F: bool>(c: &mut Core, op: &Op) -> R {
     let a = rd::<S>(c, op.regs[0]);
+    if !F {
+        wr::<S>(c, op.regs[0], value::<K, S>(c, a, op.imm));
+        return Ok(());
+    }
     let (res, f) = calc::<K, S>(c, a, op.imm);
     if writes(K) {
         wr::<S>(c, op.regs[0], res);
@@ -101,15 +125,26 @@ fn alu_ri<const K: u8, const S: usize>(c: &mut Core, op: &Op) -> R {
     Ok(())
 }
 
-fn alu_rm<const K: u8, const S: usize>(c: &mut Core, op: &Op) -> R {
+fn alu_rm<const K: u8, const S: usize, const F: bool>(c: &mut Core, op: &Op) -> R {
     let a = rd::<S>(c, op.regs[0]);
     let lin = c.mem_linear(op);
     let b = c.read(lin, S)?;
+    if !F {
+        if writes(K) {
+            wr::<S>(c, op.regs[0], value::<K, S>(c, a, b));
+        }
+        return Ok(());
+    }
     let (res, f) = calc::<K, S>(c, a, b);
     if writes(K) {
         wr::<S>(c, op.regs[0], res);
     }
     c.set_status(STATUS, f);
+    Ok(())
+}
+
+/// CMP or TEST of registers or an immediate whose flags nothing reads.
+fn nop(_: &mut Core, _: &Op) -> R {
     Ok(())
 }
 
@@ -177,8 +212,17 @@ fn movx_m<const S: usize, const SS: usize, const SIGNED: bool>(c: &mut Core, op:
 }
 
 /// INC (DEC = false) / DEC of a register: CF is left alone.
-fn incdec_r<const DEC: bool, const S: usize>(c: &mut Core, op: &Op) -> R {
+fn incdec_r<const DEC: bool, const S: usize, const F: bool>(c: &mut Core, op: &Op) -> R {
     let a = rd::<S>(c, op.regs[0]);
+    if !F {
+        let res = if DEC {
+            a.wrapping_sub(1)
+        } else {
+            a.wrapping_add(1)
+        };
+        wr::<S>(c, op.regs[0], res);
+        return Ok(());
+    }
     let (res, f) = if DEC {
         sub(a, 1, 0, S)
     } else {
@@ -200,6 +244,147 @@ fn pop_r64(c: &mut Core, op: &Op) -> R {
     c.commit_pop(op, new_rsp);
     wr::<8>(c, op.regs[0], v);
     Ok(())
+}
+
+/// Jcc with the condition fixed at decode time and the target in
+/// `op.imm` (`CC` is the low nibble of the opcode).
+fn jcc<const CC: u8>(c: &mut Core, op: &Op) -> R {
+    if condition(CC, c.cpu.rflags) {
+        c.cpu.rip = op.imm;
+    }
+    Ok(())
+}
+
+fn jcc_handler(cc: ConditionCode) -> Handler {
+    use ConditionCode as C;
+    match cc {
+        C::o => jcc::<0>,
+        C::no => jcc::<1>,
+        C::b => jcc::<2>,
+        C::ae => jcc::<3>,
+        C::e => jcc::<4>,
+        C::ne => jcc::<5>,
+        C::be => jcc::<6>,
+        C::a => jcc::<7>,
+        C::s => jcc::<8>,
+        C::ns => jcc::<9>,
+        C::p => jcc::<10>,
+        C::np => jcc::<11>,
+        C::l => jcc::<12>,
+        C::ge => jcc::<13>,
+        C::le => jcc::<14>,
+        // Every Jcc has a condition; `None` cannot come from the decoder.
+        C::g | C::None => jcc::<15>,
+    }
+}
+
+/// Status flags in iced's [`iced_x86::RflagsBits`] (OF SF ZF AF CF PF).
+const STATUS_BITS: u32 = 0x3f;
+
+/// Specializes the handlers of a block's instructions, in place.
+///
+/// A backward pass finds the instructions whose status flags are dead:
+/// overwritten by a later instruction of the block before anything reads
+/// them. Those get handlers that skip computing flags. Flags are live at
+/// the block's end and before any instruction that may stop the block
+/// (a fault, an exit, an MMIO replay), because whoever sees the state
+/// then (an exception handler pushing RFLAGS, the VMM) must see it exact;
+/// interrupts are taken only between blocks.
+pub(crate) fn specialize_block(ops: &mut [Op]) {
+    let mut live = STATUS_BITS;
+    for op in ops.iter_mut().rev() {
+        let i = op.instr;
+        let modified = i.rflags_modified() & STATUS_BITS;
+        specialize(op, modified == 0 || modified & live != 0);
+        live = (live & !overwrites(&i, modified)) | (i.rflags_read() & STATUS_BITS);
+        if !never_stops(&i) {
+            live = STATUS_BITS;
+        }
+    }
+}
+
+/// The flags `i` certainly overwrites (of `modified`, those it may). A
+/// shift or rotate by a count that masks to zero leaves the flags alone,
+/// so it overwrites only with a nonzero immediate count.
+fn overwrites(i: &Instruction, modified: u32) -> u32 {
+    use Mnemonic as M;
+    match i.mnemonic() {
+        M::Shl
+        | M::Sal
+        | M::Shr
+        | M::Sar
+        | M::Rol
+        | M::Ror
+        | M::Rcl
+        | M::Rcr
+        | M::Shld
+        | M::Shrd => {
+            let last = i.op_count().saturating_sub(1);
+            if !is_imm(i.op_kind(last)) {
+                return 0;
+            }
+            let count_mask = if i.op0_register().size() == 8 || i.memory_size().size() == 8 {
+                0x3f
+            } else {
+                0x1f
+            };
+            if i.immediate(last) & count_mask == 0 {
+                0
+            } else {
+                modified
+            }
+        }
+        _ => modified,
+    }
+}
+
+/// Whether `i` always completes without stopping the block: a register or
+/// immediate form of an instruction that raises nothing.
+fn never_stops(i: &Instruction) -> bool {
+    use Mnemonic as M;
+    if i.has_lock_prefix() {
+        return false;
+    }
+    let m = i.mnemonic();
+    let known = matches!(
+        m,
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Mov
+            | M::Lea
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Imul
+            | M::Shl
+            | M::Sal
+            | M::Shr
+            | M::Sar
+            | M::Rol
+            | M::Ror
+            | M::Bswap
+            | M::Nop
+    ) || (i.condition_code() != ConditionCode::None
+        && matches!(i.flow_control(), iced_x86::FlowControl::Next));
+    if !known || (m == M::Imul && i.op_count() < 2) {
+        return false;
+    }
+    (0..i.op_count()).all(|n| match i.op_kind(n) {
+        OpKind::Register => i.op_register(n).is_gpr(),
+        OpKind::Memory => m == M::Lea || m == M::Nop,
+        k => is_imm(k),
+    })
 }
 
 /// Picks `$f::<.., S>` for the operand size `$s` (1, 2, 4 or 8).
@@ -230,11 +415,30 @@ fn alu_kind(m: Mnemonic) -> Option<u8> {
     })
 }
 
-fn alu_handler<const K: u8>(form: Form, s: usize) -> Handler {
+/// Picks `$f::<K, S, F>` for the operand size `$s`.
+macro_rules! by_size_f {
+    ($s:expr, $f:ident, $k:expr, $flags:expr) => {
+        match ($s, $flags) {
+            (1, true) => $f::<$k, 1, true> as Handler,
+            (2, true) => $f::<$k, 2, true> as Handler,
+            (4, true) => $f::<$k, 4, true> as Handler,
+            (_, true) => $f::<$k, 8, true> as Handler,
+            (1, false) => $f::<$k, 1, false> as Handler,
+            (2, false) => $f::<$k, 2, false> as Handler,
+            (4, false) => $f::<$k, 4, false> as Handler,
+            (_, false) => $f::<$k, 8, false> as Handler,
+        }
+    };
+}
+
+fn alu_handler<const K: u8>(form: Form, s: usize, flags: bool) -> Handler {
+    if !flags && !writes(K) && matches!(form, Form::RR | Form::RI) {
+        return nop;
+    }
     match form {
-        Form::RR => by_size!(s, alu_rr, K),
-        Form::RI => by_size!(s, alu_ri, K),
-        Form::RM => by_size!(s, alu_rm, K),
+        Form::RR => by_size_f!(s, alu_rr, K, flags),
+        Form::RI => by_size_f!(s, alu_ri, K, flags),
+        Form::RM => by_size_f!(s, alu_rm, K, flags),
         Form::MR => match s {
             1 => alu_m::<K, 1, false>,
             2 => alu_m::<K, 2, false>,
@@ -292,16 +496,26 @@ fn form2(i: &Instruction) -> Option<(Form, [u8; 2], u64)> {
 
 /// Replaces `op`'s generic handler with a specialized one when its form is
 /// one this module covers.
-pub(crate) fn specialize(op: &mut Op) {
-    if let Some((h, regs, imm)) = pick(&op.instr, op.osize as usize) {
+///
+/// `flags_live`: whether anything may read the status flags it writes
+/// (see [`dead_flags`]); when not, a variant that skips them is picked.
+pub(crate) fn specialize(op: &mut Op, flags_live: bool) {
+    if let Some((h, regs, imm)) = pick(&op.instr, op.osize as usize, flags_live) {
         op.handler = h;
         op.regs = regs;
         op.imm = imm;
     }
 }
 
-fn pick(i: &Instruction, s: usize) -> Option<(Handler, [u8; 2], u64)> {
+fn pick(i: &Instruction, s: usize, flags: bool) -> Option<(Handler, [u8; 2], u64)> {
     use Mnemonic as M;
+    if i.is_jcc_short_or_near() {
+        return Some((
+            jcc_handler(i.condition_code()),
+            [0; 2],
+            i.near_branch_target(),
+        ));
+    }
     if i.is_invalid() || i.has_lock_prefix() || !matches!(s, 1 | 2 | 4 | 8) {
         return None;
     }
@@ -309,15 +523,15 @@ fn pick(i: &Instruction, s: usize) -> Option<(Handler, [u8; 2], u64)> {
     if let Some(k) = alu_kind(m) {
         let (form, regs, imm) = form2(i)?;
         let h = match k {
-            ADD => alu_handler::<ADD>(form, s),
-            OR => alu_handler::<OR>(form, s),
-            ADC => alu_handler::<ADC>(form, s),
-            SBB => alu_handler::<SBB>(form, s),
-            AND => alu_handler::<AND>(form, s),
-            SUB => alu_handler::<SUB>(form, s),
-            XOR => alu_handler::<XOR>(form, s),
-            CMP => alu_handler::<CMP>(form, s),
-            _ => alu_handler::<TEST>(form, s),
+            ADD => alu_handler::<ADD>(form, s, flags),
+            OR => alu_handler::<OR>(form, s, flags),
+            ADC => alu_handler::<ADC>(form, s, flags),
+            SBB => alu_handler::<SBB>(form, s, flags),
+            AND => alu_handler::<AND>(form, s, flags),
+            SUB => alu_handler::<SUB>(form, s, flags),
+            XOR => alu_handler::<XOR>(form, s, flags),
+            CMP => alu_handler::<CMP>(form, s, flags),
+            _ => alu_handler::<TEST>(form, s, flags),
         };
         return Some((h, regs, imm & mask(s)));
     }
@@ -375,9 +589,9 @@ fn pick(i: &Instruction, s: usize) -> Option<(Handler, [u8; 2], u64)> {
         M::Inc | M::Dec if i.op_count() == 1 && i.op_kind(0) == OpKind::Register => {
             let r = gpr_index(i.op0_register())?;
             let h = if m == M::Dec {
-                by_size!(s, incdec_r, true)
+                by_size_f!(s, incdec_r, true, flags)
             } else {
-                by_size!(s, incdec_r, false)
+                by_size_f!(s, incdec_r, false, flags)
             };
             Some((h, [r, 0], 0))
         }
@@ -391,7 +605,7 @@ fn pick(i: &Instruction, s: usize) -> Option<(Handler, [u8; 2], u64)> {
             let h: Handler = if m == M::Push { push_r64 } else { pop_r64 };
             Some((h, [r, 0], 0))
         }
-        _ => pick_more(i, s),
+        _ => pick_more(i, s, flags),
     }
 }
 
@@ -427,12 +641,21 @@ const SAR: u8 = 2;
 /// SHL/SHR/SAR of a register by an immediate (`CL` = false) or by CL.
 /// A zero count only rewrites the register (clearing the upper half of a
 /// 32-bit one); flags as the generic `ops::shift`.
-fn shift_r<const K: u8, const S: usize, const CL: bool>(c: &mut Core, op: &Op) -> R {
+fn shift_r<const K: u8, const S: usize, const CL: bool, const F: bool>(c: &mut Core, op: &Op) -> R {
     let raw = if CL { c.cpu.gpr[1] } else { op.imm };
     let cnt = (raw & if S == 8 { 0x3f } else { 0x1f }) as u32;
     let a = rd::<S>(c, op.regs[0]);
     if cnt == 0 {
         wr::<S>(c, op.regs[0], a);
+        return Ok(());
+    }
+    if !F {
+        let res = match K {
+            SHL => (u128::from(a) << cnt) as u64,
+            SHR => a >> cnt,
+            _ => (sext(a, S) as i64 >> cnt) as u64,
+        };
+        wr::<S>(c, op.regs[0], res & mask(S));
         return Ok(());
     }
     let bits = S as u32 * 8;
@@ -460,7 +683,7 @@ fn shift_r<const K: u8, const S: usize, const CL: bool>(c: &mut Core, op: &Op) -
     Ok(())
 }
 
-fn pick_more(i: &Instruction, s: usize) -> Option<(Handler, [u8; 2], u64)> {
+fn pick_more(i: &Instruction, s: usize, flags: bool) -> Option<(Handler, [u8; 2], u64)> {
     use Mnemonic as M;
     let m = i.mnemonic();
     match m {
@@ -499,17 +722,26 @@ fn pick_more(i: &Instruction, s: usize) -> Option<(Handler, [u8; 2], u64)> {
                 _ => return None,
             };
             let imm = if cl { 0 } else { i.immediate(1) };
+            macro_rules! sh_f {
+                ($k:expr, $f:expr) => {
+                    match (s, cl) {
+                        (1, false) => shift_r::<$k, 1, false, $f> as Handler,
+                        (1, true) => shift_r::<$k, 1, true, $f>,
+                        (2, false) => shift_r::<$k, 2, false, $f>,
+                        (2, true) => shift_r::<$k, 2, true, $f>,
+                        (4, false) => shift_r::<$k, 4, false, $f>,
+                        (4, true) => shift_r::<$k, 4, true, $f>,
+                        (_, false) => shift_r::<$k, 8, false, $f>,
+                        (_, true) => shift_r::<$k, 8, true, $f>,
+                    }
+                };
+            }
             macro_rules! sh {
                 ($k:expr) => {
-                    match (s, cl) {
-                        (1, false) => shift_r::<$k, 1, false> as Handler,
-                        (1, true) => shift_r::<$k, 1, true>,
-                        (2, false) => shift_r::<$k, 2, false>,
-                        (2, true) => shift_r::<$k, 2, true>,
-                        (4, false) => shift_r::<$k, 4, false>,
-                        (4, true) => shift_r::<$k, 4, true>,
-                        (_, false) => shift_r::<$k, 8, false>,
-                        (_, true) => shift_r::<$k, 8, true>,
+                    if flags {
+                        sh_f!($k, true)
+                    } else {
+                        sh_f!($k, false)
                     }
                 };
             }

@@ -29,7 +29,7 @@ use flags::mask;
 use system::EventKind;
 pub use system::InterruptLines;
 
-pub(crate) use fast::specialize;
+pub(crate) use fast::specialize_block;
 pub(crate) use ops::handler_for;
 
 /// An exception the guest raised. Delivered through the IDT once that
