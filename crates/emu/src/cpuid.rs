@@ -38,6 +38,44 @@ pub const EXT1_ECX_LAHF_LM: u32 = 1 << 0;
 /// Leaf 0x8000_0001 EDX: long mode.
 pub const EXT1_EDX_LM: u32 = 1 << 29;
 
+/// Leaf 7 (subleaf 0) EDX: the IA32_ARCH_CAPABILITIES MSR exists.
+pub const LEAF7_EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
+
+/// IA32_ARCH_CAPABILITIES (MSR 0x10a): the processor is not affected by
+/// the speculative-execution and data-sampling flaws these bits name.
+/// True of an interpreter, which executes nothing speculatively and keeps
+/// no microarchitectural buffers a guest could sample, so the guest
+/// kernel need not pay for the mitigations (page-table isolation, return
+/// thunks, buffer clearing on every return to user space).
+pub const ARCH_CAPABILITIES: u64 = {
+    const RDCL_NO: u64 = 1 << 0; // Meltdown, L1TF
+    const SSB_NO: u64 = 1 << 4; // speculative store bypass
+    const MDS_NO: u64 = 1 << 5;
+    const PSCHANGE_MC_NO: u64 = 1 << 6; // iTLB multihit
+    const TAA_NO: u64 = 1 << 8;
+    const SBDR_SSDP_NO: u64 = 1 << 13; // MMIO stale data (with the next two)
+    const FBSDP_NO: u64 = 1 << 14;
+    const PSDP_NO: u64 = 1 << 15;
+    const BHI_NO: u64 = 1 << 20;
+    const PBRSB_NO: u64 = 1 << 24;
+    const GDS_NO: u64 = 1 << 26;
+    const RFDS_NO: u64 = 1 << 27;
+    const ITS_NO: u64 = 1 << 62; // indirect target selection
+    RDCL_NO
+        | SSB_NO
+        | MDS_NO
+        | PSCHANGE_MC_NO
+        | TAA_NO
+        | SBDR_SSDP_NO
+        | FBSDP_NO
+        | PSDP_NO
+        | BHI_NO
+        | PBRSB_NO
+        | GDS_NO
+        | RFDS_NO
+        | ITS_NO
+};
+
 /// Highest basic leaf: 0x16 (processor frequency). Leaves 2 to 0x14 are not
 /// listed and read as zeros ("not supported") as Linux expects of them.
 pub const MAX_BASIC_LEAF: u32 = 0x16;
@@ -103,6 +141,17 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
                 | leaf1_edx::SSE2
                 | htt,
         ),
+        // Structured extended features, subleaf 0 (the only one): none of
+        // the instruction-set extensions, only the capabilities MSR.
+        CpuidEntry {
+            function: 7,
+            index: 0,
+            flags: 1,
+            eax: 0,
+            ebx: 0,
+            ecx: 0,
+            edx: LEAF7_EDX_ARCH_CAPABILITIES,
+        },
         // Time Stamp Counter and core crystal clock: TSC = crystal * EBX / EAX.
         // The emulator's TSC and LAPIC timer both run at TSC_HZ, so Linux
         // takes the frequency from here (X86_FEATURE_TSC_KNOWN_FREQ, and the
@@ -180,6 +229,27 @@ mod tests {
         assert_eq!(tsc_hz, u64::from(super::TSC_HZ));
         let l16 = t.iter().find(|e| e.function == 0x16).expect("leaf 0x16");
         assert_eq!(u64::from(l16.eax) * 1_000_000, u64::from(super::TSC_HZ));
+    }
+
+    #[test]
+    fn leaf_7_offers_only_the_capabilities_msr() {
+        let t = super::table(0, 1);
+        let l7 = t
+            .iter()
+            .find(|e| e.function == 7 && e.index == 0)
+            .expect("leaf 7");
+        assert_eq!(
+            (l7.eax, l7.ebx, l7.ecx),
+            (0, 0, 0),
+            "no extensions, one subleaf"
+        );
+        assert_eq!(l7.edx, super::LEAF7_EDX_ARCH_CAPABILITIES);
+        assert_eq!(l7.flags & 1, 1, "subleaf 1 and up read as zeros");
+        assert_ne!(
+            super::ARCH_CAPABILITIES & 1,
+            0,
+            "RDCL_NO: no page-table isolation"
+        );
     }
 
     #[test]

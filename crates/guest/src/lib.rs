@@ -69,7 +69,7 @@ const INRELEASE_LIMIT: u64 = 16 << 20;
 pub struct GuestImage {
     /// Absolute path of the kernel (bzImage).
     pub kernel: PathBuf,
-    /// Absolute path of the gzip-compressed cpio initramfs.
+    /// Absolute path of the (uncompressed) cpio initramfs.
     pub initrd: PathBuf,
     /// Kernel release, e.g. `6.1.0-56-cloud-amd64`.
     pub release: String,
@@ -165,6 +165,8 @@ const INITRAMFS_ID_FILE: &str = "initramfs.id";
 pub fn initramfs_id() -> String {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
+    // The archive format is part of the identity too.
+    hash.update(b"newc, uncompressed\n");
     hash.update(INIT_SCRIPT.as_bytes());
     hash.update(exit_helper::exit_status_helper());
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()

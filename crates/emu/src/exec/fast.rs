@@ -387,6 +387,114 @@ fn never_stops(i: &Instruction) -> bool {
     })
 }
 
+// ---- 64-bit mode stack, calls and returns ---------------------------------
+//
+// In 64-bit mode the stack is flat and 8 bytes wide whatever SS holds, so
+// these skip the segment and width logic of `Core::push`/`peek_pop`.
+
+fn push_r64_flat(c: &mut Core, op: &Op) -> R {
+    let v = rd::<8>(c, op.regs[0]);
+    let rsp = c.cpu.gpr[4].wrapping_sub(8);
+    c.write(rsp, 8, v)?;
+    c.cpu.gpr[4] = rsp;
+    Ok(())
+}
+
+fn pop_r64_flat(c: &mut Core, op: &Op) -> R {
+    let rsp = c.cpu.gpr[4];
+    let v = c.read(rsp, 8)?;
+    // POP RSP loads the popped value, so RSP moves first.
+    c.cpu.gpr[4] = rsp.wrapping_add(8);
+    wr::<8>(c, op.regs[0], v);
+    Ok(())
+}
+
+/// CALL rel32 in 64-bit mode: the target is in `op.imm`.
+fn call_rel_flat(c: &mut Core, op: &Op) -> R {
+    let rsp = c.cpu.gpr[4].wrapping_sub(8);
+    c.write(rsp, 8, op.next_ip)?;
+    c.cpu.gpr[4] = rsp;
+    c.cpu.rip = op.imm;
+    Ok(())
+}
+
+/// RET (no immediate) in 64-bit mode.
+fn ret_flat(c: &mut Core, _: &Op) -> R {
+    let rsp = c.cpu.gpr[4];
+    let target = c.read(rsp, 8)?;
+    c.cpu.gpr[4] = rsp.wrapping_add(8);
+    c.cpu.rip = target;
+    Ok(())
+}
+
+/// JMP rel8/rel32 (any mode): the target, already truncated to the
+/// operand size by the decoder, is in `op.imm`.
+fn jmp_rel(c: &mut Core, op: &Op) -> R {
+    c.cpu.rip = op.imm;
+    Ok(())
+}
+
+/// CMOVcc r, r (`MEM` = false) or r, m of `S` bytes.
+fn cmov<const CC: u8, const S: usize, const MEM: bool>(c: &mut Core, op: &Op) -> R {
+    // The source is read whatever the condition (it can fault).
+    let v = if MEM {
+        let lin = c.mem_linear(op);
+        c.read(lin, S)?
+    } else {
+        rd::<S>(c, op.regs[1])
+    };
+    if condition(CC, c.cpu.rflags) {
+        wr::<S>(c, op.regs[0], v);
+    } else if S == 4 {
+        // A 32-bit CMOV clears the upper half even when it does not move.
+        let keep = rd::<4>(c, op.regs[0]);
+        wr::<4>(c, op.regs[0], keep);
+    }
+    Ok(())
+}
+
+/// SETcc of a low-byte register.
+fn setcc_r<const CC: u8>(c: &mut Core, op: &Op) -> R {
+    let v = u64::from(condition(CC, c.cpu.rflags));
+    wr::<1>(c, op.regs[0], v);
+    Ok(())
+}
+
+/// Maps a condition code to `$f::<CC, ...>` for its low opcode nibble.
+macro_rules! by_cc {
+    ($cc:expr, $f:ident $(, $rest:expr)*) => {
+        match $cc {
+            ConditionCode::o => $f::<0 $(, $rest)*> as Handler,
+            ConditionCode::no => $f::<1 $(, $rest)*>,
+            ConditionCode::b => $f::<2 $(, $rest)*>,
+            ConditionCode::ae => $f::<3 $(, $rest)*>,
+            ConditionCode::e => $f::<4 $(, $rest)*>,
+            ConditionCode::ne => $f::<5 $(, $rest)*>,
+            ConditionCode::be => $f::<6 $(, $rest)*>,
+            ConditionCode::a => $f::<7 $(, $rest)*>,
+            ConditionCode::s => $f::<8 $(, $rest)*>,
+            ConditionCode::ns => $f::<9 $(, $rest)*>,
+            ConditionCode::p => $f::<10 $(, $rest)*>,
+            ConditionCode::np => $f::<11 $(, $rest)*>,
+            ConditionCode::l => $f::<12 $(, $rest)*>,
+            ConditionCode::ge => $f::<13 $(, $rest)*>,
+            ConditionCode::le => $f::<14 $(, $rest)*>,
+            ConditionCode::g | ConditionCode::None => $f::<15 $(, $rest)*>,
+        }
+    };
+}
+
+fn cmov_handler(cc: ConditionCode, s: usize, mem: bool) -> Handler {
+    match (s, mem) {
+        (2, false) => by_cc!(cc, cmov, 2, false),
+        (2, true) => by_cc!(cc, cmov, 2, true),
+        (4, false) => by_cc!(cc, cmov, 4, false),
+        (4, true) => by_cc!(cc, cmov, 4, true),
+        (_, false) => by_cc!(cc, cmov, 8, false),
+        (_, true) => by_cc!(cc, cmov, 8, true),
+    }
+}
+
 /// Picks `$f::<.., S>` for the operand size `$s` (1, 2, 4 or 8).
 macro_rules! by_size {
     ($s:expr, $f:ident $(, $k:expr)?) => {
@@ -516,6 +624,16 @@ fn pick(i: &Instruction, s: usize, flags: bool) -> Option<(Handler, [u8; 2], u64
             i.near_branch_target(),
         ));
     }
+    if i.is_jmp_short_or_near() {
+        return Some((jmp_rel, [0; 2], i.near_branch_target()));
+    }
+    let flat = i.code_size() == iced_x86::CodeSize::Code64;
+    if flat && i.is_call_near() && s == 8 {
+        return Some((call_rel_flat, [0; 2], i.near_branch_target()));
+    }
+    if flat && i.code() == iced_x86::Code::Retnq {
+        return Some((ret_flat, [0; 2], 0));
+    }
     if i.is_invalid() || i.has_lock_prefix() || !matches!(s, 1 | 2 | 4 | 8) {
         return None;
     }
@@ -602,7 +720,12 @@ fn pick(i: &Instruction, s: usize, flags: bool) -> Option<(Handler, [u8; 2], u64
                 && s == 8 =>
         {
             let r = gpr_index(i.op0_register())?;
-            let h: Handler = if m == M::Push { push_r64 } else { pop_r64 };
+            let h: Handler = match (m == M::Push, flat) {
+                (true, true) => push_r64_flat,
+                (true, false) => push_r64,
+                (false, true) => pop_r64_flat,
+                (false, false) => pop_r64,
+            };
             Some((h, [r, 0], 0))
         }
         _ => pick_more(i, s, flags),
@@ -687,6 +810,52 @@ fn pick_more(i: &Instruction, s: usize, flags: bool) -> Option<(Handler, [u8; 2]
     use Mnemonic as M;
     let m = i.mnemonic();
     match m {
+        M::Cmovo
+        | M::Cmovno
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmove
+        | M::Cmovne
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg
+            if i.op_count() == 2 && matches!(s, 2 | 4 | 8) && i.op_kind(0) == OpKind::Register =>
+        {
+            let r0 = gpr_index(i.op0_register())?;
+            let mem = i.op_kind(1) == OpKind::Memory;
+            let r1 = if mem { 0 } else { gpr_index(i.op1_register())? };
+            Some((cmov_handler(i.condition_code(), s, mem), [r0, r1], 0))
+        }
+        M::Seto
+        | M::Setno
+        | M::Setb
+        | M::Setae
+        | M::Sete
+        | M::Setne
+        | M::Setbe
+        | M::Seta
+        | M::Sets
+        | M::Setns
+        | M::Setp
+        | M::Setnp
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg
+            if i.op_count() == 1
+                && i.op_kind(0) == OpKind::Register
+                && i.op0_register().size() == 1 =>
+        {
+            let r0 = gpr_index(i.op0_register())?;
+            Some((by_cc!(i.condition_code(), setcc_r), [r0, 0], 0))
+        }
         M::Imul if s >= 2 && (i.op_count() == 2 || i.op_count() == 3) => {
             let imm3 = i.op_count() == 3;
             if i.op_kind(0) != OpKind::Register || (imm3 && !is_imm(i.op_kind(2))) {

@@ -1560,6 +1560,8 @@ pub(crate) fn read_msr(c: &Core, index: u32) -> Option<u64> {
         // IA32_BIOS_SIGN_ID: the loaded microcode revision. There is none;
         // Linux writes 0 and reads it back after CPUID(1) (early_init_intel).
         0x8b => 0,
+        // IA32_ARCH_CAPABILITIES (read-only; writes raise #GP).
+        0x10a => crate::cpuid::ARCH_CAPABILITIES,
         0x174 => m.sysenter_cs,
         0x175 => m.sysenter_esp,
         0x176 => m.sysenter_eip,

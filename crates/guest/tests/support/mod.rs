@@ -447,14 +447,9 @@ pub struct CpioEntry {
     pub data: Vec<u8>,
 }
 
-/// Gunzips and parses a newc initramfs (panics on anything malformed).
+/// Parses an uncompressed newc initramfs (panics on anything malformed).
 pub fn read_initramfs(path: &Path) -> Vec<CpioEntry> {
-    let gz = std::fs::read(path).unwrap();
-    assert_eq!(&gz[..2], b"\x1f\x8b", "not gzip");
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..])
-        .read_to_end(&mut raw)
-        .unwrap();
+    let raw = std::fs::read(path).unwrap();
     let mut pos = 0;
     let mut out = Vec::new();
     loop {
