@@ -47,6 +47,92 @@ pub struct Op {
     /// The immediate operand, extended and truncated to `osize`, for the
     /// specialized handlers.
     pub imm: u64,
+    /// The memory operand's address, pre-decoded (see [`EaForm`]).
+    pub ea: EaForm,
+}
+
+/// A memory operand's effective address in the common case, 64-bit mode
+/// with 64-bit addressing: `disp + base + (index << shift)`, plus the
+/// segment base for FS and GS. Decoded once so that computing the address
+/// is a few loads and adds with no branches on the operand's form; other
+/// modes and address sizes go through iced's `Instruction` each time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EaForm {
+    pub disp: u64,
+    /// GPR numbers (0..16) of the base and index; used only where
+    /// `flags` says they are present.
+    pub base: u8,
+    pub index: u8,
+    /// Segment register number (`state::seg`) whose base is added, where
+    /// `flags` has [`EaForm::SEG_BASE`].
+    pub seg: u8,
+    /// The index scale as a shift (bits 0-1) and the `FAST`, `HAS_BASE`,
+    /// `HAS_INDEX` and `SEG_BASE` bits.
+    pub flags: u8,
+}
+
+impl EaForm {
+    pub const SHIFT_MASK: u8 = 3;
+    /// The form applies (else the generic path computes the address).
+    pub const FAST: u8 = 1 << 2;
+    pub const HAS_BASE: u8 = 1 << 3;
+    pub const HAS_INDEX: u8 = 1 << 4;
+    /// FS or GS: the segment base is added.
+    pub const SEG_BASE: u8 = 1 << 5;
+
+    /// The form of `i`'s memory operand, if it has one this covers.
+    fn of(i: &Instruction, asize: u8, bitness: u32) -> EaForm {
+        use iced_x86::{OpKind, Register};
+        let has_mem = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory);
+        if !has_mem || bitness != 64 || asize != 8 {
+            return EaForm::default();
+        }
+        let gpr = |r: Register| -> Option<u8> {
+            r.is_gpr64()
+                .then(|| (r as u32 - Register::RAX as u32) as u8)
+        };
+        let mut flags = Self::FAST;
+        let (mut base, mut index) = (0, 0);
+        match i.memory_base() {
+            Register::None | Register::RIP => {}
+            r => match gpr(r) {
+                Some(n) => {
+                    base = n;
+                    flags |= Self::HAS_BASE;
+                }
+                None => return EaForm::default(),
+            },
+        }
+        match i.memory_index() {
+            Register::None => {}
+            r => match gpr(r) {
+                Some(n) => {
+                    index = n;
+                    flags |= Self::HAS_INDEX | (i.memory_index_scale().trailing_zeros() as u8 & 3);
+                }
+                None => return EaForm::default(),
+            },
+        }
+        let seg = match i.memory_segment() {
+            Register::FS => {
+                flags |= Self::SEG_BASE;
+                crate::state::seg::FS as u8
+            }
+            Register::GS => {
+                flags |= Self::SEG_BASE;
+                crate::state::seg::GS as u8
+            }
+            _ => 0,
+        };
+        EaForm {
+            // RIP-relative displacements are already absolute.
+            disp: i.memory_displacement64(),
+            base,
+            index,
+            seg,
+            flags,
+        }
+    }
 }
 
 impl std::fmt::Debug for Op {
@@ -476,11 +562,13 @@ pub(crate) fn decode(
             break;
         }
         let end = decoder.position();
+        let asize = address_size(&buf[start..end], bitness);
         let op = Op {
+            ea: EaForm::of(&instr, asize, bitness),
             handler: handler_for(&instr),
             next_ip: instr.next_ip(),
             osize: operand_size(&instr),
-            asize: address_size(&buf[start..end], bitness),
+            asize,
             bitness: bitness as u8,
             regs: [0; 2],
             imm: 0,

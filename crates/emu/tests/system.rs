@@ -351,6 +351,72 @@ fn flags_are_exact_wherever_they_can_be_seen() {
     );
 }
 
+/// Memory operands in their pre-decoded 64-bit forms: base, index and
+/// scale, displacement, RIP-relative, FS and GS bases, LEA, and a 32-bit
+/// address size (0x67), which wraps and so takes the generic path.
+#[test]
+fn effective_addresses_in_every_form() {
+    let mem = setup();
+    const DATA: u64 = 0x30000;
+    for k in 0..64u64 {
+        mem.write_obj(0x1000 + k, GuestAddress(DATA + k * 8))
+            .unwrap();
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut data = a.create_label();
+    // FS base = DATA + 0x100, GS base = DATA + 0x180.
+    a.mov(ecx, 0xc000_0100u32).unwrap();
+    a.mov(eax, (DATA + 0x100) as u32).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0xc000_0101u32).unwrap();
+    a.mov(eax, (DATA + 0x180) as u32).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(rbx, DATA).unwrap();
+    a.mov(rcx, 3u64).unwrap();
+    a.mov(rax, qword_ptr(rbx + rcx * 8 + 0x10)).unwrap(); // slot 5
+    a.out(0x40, eax).unwrap();
+    a.mov(rax, qword_ptr(rcx * 8 + DATA as i32)).unwrap(); // slot 3
+    a.out(0x41, eax).unwrap();
+    a.mov(rax, qword_ptr(DATA + 0x38)).unwrap(); // slot 7
+    a.out(0x42, eax).unwrap();
+    a.mov(rax, qword_ptr(data)).unwrap(); // RIP-relative
+    a.out(0x43, eax).unwrap();
+    a.mov(rax, qword_ptr(rcx * 8 + 8).fs()).unwrap(); // slot 0x24
+    a.out(0x44, eax).unwrap();
+    a.mov(rax, qword_ptr(rcx * 2 + 2).gs()).unwrap(); // slot 0x31
+    a.out(0x45, eax).unwrap();
+    a.lea(rax, qword_ptr(rbx + rcx * 4 - 8)).unwrap();
+    a.out(0x46, eax).unwrap();
+    // 32-bit address size: rbx's upper half is dropped.
+    a.mov(rdx, 0x1234_5678_0000_0000u64 | DATA).unwrap();
+    a.mov(eax, dword_ptr(edx + ecx * 8)).unwrap(); // slot 3
+    a.out(0x47, eax).unwrap();
+    a.mov(qword_ptr(rbx + rcx * 8 + 0x100), rcx).unwrap(); // slot 0x23
+    a.mov(rax, qword_ptr(DATA + 0x118)).unwrap();
+    a.out(0x48, eax).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut data).unwrap();
+    a.dq(&[0xabcd]).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs = run_outs(&mut e);
+    assert_eq!(
+        outs,
+        [
+            (0x40, 0x1005),
+            (0x41, 0x1003),
+            (0x42, 0x1007),
+            (0x43, 0xabcd),
+            (0x44, 0x1024),
+            (0x45, 0x1031),
+            (0x46, (DATA + 4) as u32),
+            (0x47, 0x1003),
+            (0x48, 3),
+        ]
+    );
+}
+
 #[test]
 fn page_fault_delivered_on_ist_stack() {
     let mem = setup();

@@ -20,7 +20,7 @@ use hypervisor::x86::CpuidEntry;
 use iced_x86::{OpKind, Register};
 use vm_memory::GuestMemoryMmap;
 
-use crate::block::{Block, BlockCache, Link, Op};
+use crate::block::{Block, BlockCache, EaForm, Link, Op};
 use crate::mem::{
     host_load, host_store, perm, Access, CodePages, Mmu, Ram, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE,
 };
@@ -271,6 +271,22 @@ impl Core {
     /// memory operand, wrapped to the address size.
     #[inline(always)]
     pub fn ea(&self, op: &Op) -> u64 {
+        let f = &op.ea;
+        if f.flags & EaForm::FAST != 0 {
+            let on = |bit: u8| 0u64.wrapping_sub(u64::from(f.flags & bit != 0));
+            let base = self.cpu.gpr[usize::from(f.base & 15)] & on(EaForm::HAS_BASE);
+            let index = self.cpu.gpr[usize::from(f.index & 15)] & on(EaForm::HAS_INDEX);
+            return f
+                .disp
+                .wrapping_add(base)
+                .wrapping_add(index << (f.flags & EaForm::SHIFT_MASK));
+        }
+        self.ea_decoded(op)
+    }
+
+    /// [`Core::ea`] from iced's `Instruction` (any mode and address size).
+    #[inline(never)]
+    fn ea_decoded(&self, op: &Op) -> u64 {
         let i = &op.instr;
         let base = i.memory_base();
         let mut a = i.memory_displacement64();
@@ -310,6 +326,15 @@ impl Core {
     /// Linear address of the instruction's explicit memory operand.
     #[inline(always)]
     pub fn mem_linear(&self, op: &Op) -> u64 {
+        let f = &op.ea;
+        if f.flags & EaForm::FAST != 0 {
+            let ea = self.ea(op);
+            if f.flags & EaForm::SEG_BASE != 0 {
+                let seg = usize::from(f.seg).min(self.cpu.segs.len() - 1);
+                return ea.wrapping_add(self.cpu.segs[seg].base);
+            }
+            return ea;
+        }
         self.linear(op, op.instr.memory_segment(), self.ea(op))
     }
 
