@@ -308,7 +308,7 @@ pub enum Access {
 }
 
 /// Number of entries of the software TLB (direct-mapped by linear page).
-pub const TLB_ENTRIES: usize = 256;
+pub const TLB_ENTRIES: usize = 1024;
 
 /// Permission bits of a TLB entry: one bit per (access kind, privilege).
 /// A bit is only set when that access needs no page-table update: the
