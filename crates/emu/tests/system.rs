@@ -417,6 +417,53 @@ fn effective_addresses_in_every_form() {
     );
 }
 
+/// A block's final CMP/TEST/ADD/SUB/AND and Jcc run as one fused
+/// operation: the branch goes both ways and the flags stay as the ALU
+/// instruction left them.
+#[test]
+fn fused_compare_and_branch() {
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut again = a.create_label();
+    let mut skip = a.create_label();
+    let mut taken = a.create_label();
+    a.xor(eax, eax).unwrap();
+    a.mov(ecx, 5u32).unwrap();
+    a.set_label(&mut again).unwrap();
+    a.add(eax, 2u32).unwrap();
+    a.sub(ecx, 1u32).unwrap();
+    a.jnz(again).unwrap(); // SUB + JNZ, taken four times
+    a.out(0x50, eax).unwrap(); // 10
+    a.mov(rbx, 10u64).unwrap();
+    a.cmp(rax, rbx).unwrap();
+    a.jne(skip).unwrap(); // CMP + JNE, not taken
+    a.mov(edx, 1u32).unwrap();
+    a.set_label(&mut skip).unwrap();
+    a.mov(eax, edx).unwrap();
+    a.out(0x51, eax).unwrap(); // 1
+    a.mov(eax, 3u32).unwrap();
+    a.cmp(eax, 4u32).unwrap();
+    a.jb(taken).unwrap(); // CMP imm + JB, taken, CF set
+    a.mov(edx, 0xdeadu32).unwrap();
+    a.set_label(&mut taken).unwrap();
+    a.setc(al).unwrap();
+    a.out(0x52, eax).unwrap(); // 1 in the low byte
+    let mut end = a.create_label();
+    a.test(ebx, ebx).unwrap();
+    a.js(end).unwrap(); // TEST + JS, not taken; ZF clear
+    a.setz(al).unwrap();
+    a.out(0x53, eax).unwrap();
+    a.set_label(&mut end).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs: Vec<(u16, u32)> = run_outs(&mut e)
+        .into_iter()
+        .map(|(p, v)| (p, v & 0xff))
+        .collect();
+    assert_eq!(outs, [(0x50, 10), (0x51, 1), (0x52, 1), (0x53, 0)]);
+}
+
 #[test]
 fn page_fault_delivered_on_ist_stack() {
     let mem = setup();

@@ -21,6 +21,30 @@ use crate::state::rflags::{CF, OF, STATUS};
 
 type R = OpResult;
 
+/// Maps a condition code to `$f::<CC, ...>` for its low opcode nibble.
+macro_rules! by_cc {
+    ($cc:expr, $f:ident $(, $rest:expr)*) => {
+        match $cc {
+            ConditionCode::o => $f::<0 $(, $rest)*> as Handler,
+            ConditionCode::no => $f::<1 $(, $rest)*>,
+            ConditionCode::b => $f::<2 $(, $rest)*>,
+            ConditionCode::ae => $f::<3 $(, $rest)*>,
+            ConditionCode::e => $f::<4 $(, $rest)*>,
+            ConditionCode::ne => $f::<5 $(, $rest)*>,
+            ConditionCode::be => $f::<6 $(, $rest)*>,
+            ConditionCode::a => $f::<7 $(, $rest)*>,
+            ConditionCode::s => $f::<8 $(, $rest)*>,
+            ConditionCode::ns => $f::<9 $(, $rest)*>,
+            ConditionCode::p => $f::<10 $(, $rest)*>,
+            ConditionCode::np => $f::<11 $(, $rest)*>,
+            ConditionCode::l => $f::<12 $(, $rest)*>,
+            ConditionCode::ge => $f::<13 $(, $rest)*>,
+            ConditionCode::le => $f::<14 $(, $rest)*>,
+            ConditionCode::g | ConditionCode::None => $f::<15 $(, $rest)*>,
+        }
+    };
+}
+
 const ADD: u8 = 0;
 const OR: u8 = 1;
 const ADC: u8 = 2;
@@ -290,7 +314,16 @@ const STATUS_BITS: u32 = 0x3f;
 /// (a fault, an exit, an MMIO replay), because whoever sees the state
 /// then (an exception handler pushing RFLAGS, the VMM) must see it exact;
 /// interrupts are taken only between blocks.
-pub(crate) fn specialize_block(ops: &mut [Op]) {
+///
+/// A block ending in a register-form CMP, TEST, ADD, SUB or AND followed
+/// by its Jcc then has the pair fused into one operation (one dispatch
+/// instead of two); it counts as one instruction retired.
+pub(crate) fn specialize_block(ops: &mut Vec<Op>) {
+    specialize_all(ops);
+    fuse_branch(ops);
+}
+
+fn specialize_all(ops: &mut [Op]) {
     let mut live = STATUS_BITS;
     for op in ops.iter_mut().rev() {
         let i = op.instr;
@@ -301,6 +334,82 @@ pub(crate) fn specialize_block(ops: &mut [Op]) {
             live = STATUS_BITS;
         }
     }
+}
+
+/// ALU operation `K` of `S`-byte registers (IMM = false) or a register
+/// and an immediate, then Jcc `CC`: the fused pair. The Jcc's target is in
+/// `op.ea.disp` (a register form has no memory operand) and `op.next_ip`
+/// is the Jcc's.
+fn alu_jcc<const CC: u8, const K: u8, const S: usize, const IMM: bool>(c: &mut Core, op: &Op) -> R {
+    let a = rd::<S>(c, op.regs[0]);
+    let b = if IMM { op.imm } else { rd::<S>(c, op.regs[1]) };
+    let (res, f) = calc::<K, S>(c, a, b);
+    if writes(K) {
+        wr::<S>(c, op.regs[0], res);
+    }
+    c.set_status(STATUS, f);
+    if condition(CC, c.cpu.rflags) {
+        c.cpu.rip = op.ea.disp;
+    }
+    Ok(())
+}
+
+fn alu_jcc_handler(k: u8, s: usize, imm: bool, cc: ConditionCode) -> Option<Handler> {
+    macro_rules! k {
+        ($k:expr) => {
+            match (s, imm) {
+                (4, false) => by_cc!(cc, alu_jcc, $k, 4, false),
+                (4, true) => by_cc!(cc, alu_jcc, $k, 4, true),
+                (8, false) => by_cc!(cc, alu_jcc, $k, 8, false),
+                (8, true) => by_cc!(cc, alu_jcc, $k, 8, true),
+                _ => return None,
+            }
+        };
+    }
+    Some(match k {
+        CMP => k!(CMP),
+        TEST => k!(TEST),
+        ADD => k!(ADD),
+        SUB => k!(SUB),
+        AND => k!(AND),
+        _ => return None,
+    })
+}
+
+/// Fuses a block's final ALU-and-Jcc pair (see [`specialize_block`]).
+fn fuse_branch(ops: &mut Vec<Op>) {
+    let n = ops.len();
+    if n < 2 || !ops[n - 1].instr.is_jcc_short_or_near() {
+        return;
+    }
+    let (alu, jcc) = (&ops[n - 2], &ops[n - 1]);
+    let i = &alu.instr;
+    let s = alu.osize as usize;
+    if i.has_lock_prefix() || i.op_count() != 2 || i.op_kind(0) != OpKind::Register {
+        return;
+    }
+    let Some(k) = alu_kind(i.mnemonic()) else {
+        return;
+    };
+    let Some((form, regs, imm)) = form2(i) else {
+        return;
+    };
+    let is_imm = match form {
+        Form::RR => false,
+        Form::RI => true,
+        _ => return,
+    };
+    let Some(handler) = alu_jcc_handler(k, s, is_imm, jcc.instr.condition_code()) else {
+        return;
+    };
+    let (target, next_ip) = (jcc.imm, jcc.next_ip);
+    let fused = &mut ops[n - 2];
+    fused.handler = handler;
+    fused.regs = regs;
+    fused.imm = imm & mask(s);
+    fused.ea.disp = target;
+    fused.next_ip = next_ip;
+    ops.pop();
 }
 
 /// The flags `i` certainly overwrites (of `modified`, those it may). A
@@ -458,30 +567,6 @@ fn setcc_r<const CC: u8>(c: &mut Core, op: &Op) -> R {
     let v = u64::from(condition(CC, c.cpu.rflags));
     wr::<1>(c, op.regs[0], v);
     Ok(())
-}
-
-/// Maps a condition code to `$f::<CC, ...>` for its low opcode nibble.
-macro_rules! by_cc {
-    ($cc:expr, $f:ident $(, $rest:expr)*) => {
-        match $cc {
-            ConditionCode::o => $f::<0 $(, $rest)*> as Handler,
-            ConditionCode::no => $f::<1 $(, $rest)*>,
-            ConditionCode::b => $f::<2 $(, $rest)*>,
-            ConditionCode::ae => $f::<3 $(, $rest)*>,
-            ConditionCode::e => $f::<4 $(, $rest)*>,
-            ConditionCode::ne => $f::<5 $(, $rest)*>,
-            ConditionCode::be => $f::<6 $(, $rest)*>,
-            ConditionCode::a => $f::<7 $(, $rest)*>,
-            ConditionCode::s => $f::<8 $(, $rest)*>,
-            ConditionCode::ns => $f::<9 $(, $rest)*>,
-            ConditionCode::p => $f::<10 $(, $rest)*>,
-            ConditionCode::np => $f::<11 $(, $rest)*>,
-            ConditionCode::l => $f::<12 $(, $rest)*>,
-            ConditionCode::ge => $f::<13 $(, $rest)*>,
-            ConditionCode::le => $f::<14 $(, $rest)*>,
-            ConditionCode::g | ConditionCode::None => $f::<15 $(, $rest)*>,
-        }
-    };
 }
 
 fn cmov_handler(cc: ConditionCode, s: usize, mem: bool) -> Handler {
