@@ -464,6 +464,80 @@ fn fused_compare_and_branch() {
     assert_eq!(outs, [(0x50, 10), (0x51, 1), (0x52, 1), (0x53, 0)]);
 }
 
+/// REP STOS and REP MOVS across pages in bulk: the results, a forward
+/// overlapping MOVSB that repeats its first byte, and a fault on the
+/// second page that leaves RCX/RSI/RDI at the first element not moved.
+#[test]
+fn rep_string_bulk_runs_across_pages() {
+    let mem = setup();
+    const BUF: u64 = 0x20000;
+    const GUARD: u64 = 0x24000;
+    mem.write_obj(0u64, GuestAddress(pte_addr(GUARD))).unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.cld().unwrap();
+    // Fill 3 pages with a qword pattern, then copy them one page up.
+    a.mov(rdi, BUF).unwrap();
+    a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+    a.mov(ecx, 3 * 512u32).unwrap();
+    a.rep().stosq().unwrap();
+    a.mov(rsi, BUF + 8).unwrap();
+    a.mov(rdi, BUF + 0x1000 + 3).unwrap();
+    a.mov(ecx, 0x1800u32).unwrap();
+    a.rep().movsb().unwrap();
+    // Forward overlap by one byte: every byte becomes the first one.
+    a.mov(byte_ptr(BUF), 0x5au32).unwrap();
+    a.mov(rsi, BUF).unwrap();
+    a.mov(rdi, BUF + 1).unwrap();
+    a.mov(ecx, 100u32).unwrap();
+    a.rep().movsb().unwrap();
+    // Runs into the unmapped guard page.
+    a.mov(rdi, GUARD - 16).unwrap();
+    a.mov(ecx, 8u32).unwrap();
+    a.rep().stosd().unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.set_exception_exits(1 << Exception::PF);
+    match e.run(1_000_000, None) {
+        Exit::Exception(x) => assert_eq!(x.vector, Exception::PF),
+        other => panic!("expected #PF, got {other:?}"),
+    }
+    let cpu = e.cpu();
+    assert_eq!(cpu.cr2, GUARD);
+    assert_eq!(
+        (cpu.gpr[1], cpu.gpr[7]),
+        (4, GUARD),
+        "RCX and RDI at the fault"
+    );
+    // The same steps, byte by byte, as the SDM defines them.
+    let mut want = vec![0u8; (GUARD - BUF) as usize];
+    for (k, b) in want[..3 * 4096].iter_mut().enumerate() {
+        *b = 0x1122_3344_5566_7788u64.to_le_bytes()[k % 8];
+    }
+    let movsb = |m: &mut Vec<u8>, src: usize, dst: usize, n: usize| {
+        for k in 0..n {
+            m[dst + k] = m[src + k];
+        }
+    };
+    movsb(&mut want, 8, 0x1003, 0x1800);
+    want[0] = 0x5a;
+    movsb(&mut want, 0, 1, 100);
+    for k in 0..16 {
+        want[0x3ff0 + k] = 0x5566_7788u32.to_le_bytes()[k % 4];
+    }
+    let mut got = vec![0u8; want.len()];
+    mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    let first_diff = got.iter().zip(&want).position(|(g, w)| g != w);
+    assert_eq!(
+        first_diff, None,
+        "memory differs from the element-wise result"
+    );
+    assert!(
+        got[..101].iter().all(|b| *b == 0x5a),
+        "overlapping MOVSB fills"
+    );
+}
+
 #[test]
 fn page_fault_delivered_on_ist_stack() {
     let mem = setup();

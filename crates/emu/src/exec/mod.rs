@@ -1,6 +1,7 @@
 //! The interpreter: the per-vCPU execution core, operand access, and the
 //! block loop that runs until an exit.
 
+mod bulk;
 mod fast;
 pub mod flags;
 mod fpu;

@@ -1178,6 +1178,10 @@ fn string<const K: u8>(c: &mut Core, op: &Op) -> R {
     if rep && n == 0 {
         return Ok(());
     }
+    if rep && (K == MOVS || K == STOS) && super::bulk::rep_movs_stos(c, op, K == MOVS, s)? {
+        return Ok(());
+    }
+    n = c.cpu.gpr[1] & am;
     let mut done = 0u64;
     loop {
         let rsi = c.cpu.gpr[6] & am;
