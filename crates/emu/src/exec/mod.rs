@@ -120,9 +120,41 @@ pub enum Exit {
     InternalError(&'static str),
 }
 
-/// How a handler leaves the normal "next instruction" path.
+/// How a handler leaves the normal "next instruction" path: a boxed
+/// [`StopKind`]. Boxed so that a handler's [`OpResult`] fits in one
+/// register: the common case, `Ok`, then costs the block loop no memory
+/// traffic per instruction, and the rare stop (an exit or an exception)
+/// pays for an allocation. Built with the variant-named constructors
+/// ([`Stop::Exit`], [`Stop::Restart`], [`Stop::Fault`]), read with
+/// [`Stop::kind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop(Box<StopKind>);
+
+#[allow(non_snake_case)]
+impl Stop {
+    #[cold]
+    pub fn Exit(e: Exit) -> Stop {
+        Stop(Box::new(StopKind::Exit(e)))
+    }
+
+    #[cold]
+    pub fn Restart(e: Exit) -> Stop {
+        Stop(Box::new(StopKind::Restart(e)))
+    }
+
+    #[cold]
+    pub fn Fault(x: Exception) -> Stop {
+        Stop(Box::new(StopKind::Fault(x)))
+    }
+
+    pub fn kind(&self) -> StopKind {
+        *self.0
+    }
+}
+
+/// What a [`Stop`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
+pub enum StopKind {
     /// The instruction completed (RIP is as it set it); report the exit.
     Exit(Exit),
     /// The instruction did not complete and will run again from its start
@@ -392,12 +424,9 @@ impl Core {
             let mut v = 0u64;
             for k in 0..size {
                 let pa = self.translate_as(lin.wrapping_add(k as u64), Access::Read, user)?;
-                let b = self
-                    .ram
-                    .read_u(pa, 1)
-                    .ok_or(Stop::Exit(Exit::InternalError(
-                        "MMIO access crossing a page boundary",
-                    )))?;
+                let b = self.ram.read_u(pa, 1).ok_or_else(|| {
+                    Stop::Exit(Exit::InternalError("MMIO access crossing a page boundary"))
+                })?;
                 v |= b << (8 * k);
             }
             Ok(v)
@@ -907,9 +936,13 @@ impl Emulator {
             {
                 return Some(Exit::Exception(cur));
             }
-            match self.core.deliver(cur.vector, cur.error_code, kind) {
+            match self
+                .core
+                .deliver(cur.vector, cur.error_code, kind)
+                .map_err(|s| s.kind())
+            {
                 Ok(()) => return None,
-                Err(Stop::Fault(next)) => {
+                Err(StopKind::Fault(next)) => {
                     if cur.vector == Exception::DF && kind == EventKind::Exception {
                         return Some(Exit::Shutdown);
                     }
@@ -924,8 +957,8 @@ impl Emulator {
                     };
                     kind = EventKind::Exception;
                 }
-                Err(Stop::Exit(e)) => return Some(e),
-                Err(Stop::Restart(_)) => {
+                Err(StopKind::Exit(e)) => return Some(e),
+                Err(StopKind::Restart(_)) => {
                     return Some(Exit::InternalError(
                         "exception delivery touches MMIO (IDT, GDT, TSS or stack)",
                     ))
@@ -1120,8 +1153,8 @@ impl Emulator {
     /// running (an exception was delivered, HLT is waiting).
     fn stopped(&mut self, s: Stop, op: Option<&Op>) -> Option<Exit> {
         self.settle();
-        match s {
-            Stop::Exit(Exit::Halt) => {
+        match s.kind() {
+            StopKind::Exit(Exit::Halt) => {
                 // HLT with IF clear is reported: only an NMI or INIT could
                 // end it, and the VMM wants to know.
                 let waits =
@@ -1133,14 +1166,14 @@ impl Emulator {
                     Some(Exit::Halt)
                 }
             }
-            Stop::Exit(e) => Some(e),
-            Stop::Restart(e) => {
+            StopKind::Exit(e) => Some(e),
+            StopKind::Restart(e) => {
                 if let Some(op) = op {
                     self.core.cpu.rip = op.instr.ip();
                 }
                 Some(e)
             }
-            Stop::Fault(x) => {
+            StopKind::Fault(x) => {
                 if let Some(op) = op {
                     self.core.cpu.rip = op.instr.ip();
                 }
