@@ -153,12 +153,16 @@ impl std::fmt::Debug for Op {
 pub struct Link {
     pub rip: u64,
     pub stamp: u64,
+    /// CS base the successor was translated under (outside 64-bit mode
+    /// the same RIP can be reached through another code segment).
+    pub cs_base: u64,
     pub target: *const Block,
 }
 
 const NO_LINK: Link = Link {
     rip: u64::MAX,
     stamp: u64::MAX,
+    cs_base: 0,
     target: std::ptr::null(),
 };
 
@@ -249,6 +253,36 @@ const NO_RECENT: Recent = Recent {
     block: std::ptr::null(),
 };
 
+/// A heap-allocated block owned through a raw pointer, so that moving
+/// the owner (into the map, out to the graveyard) does not invalidate the
+/// raw pointers the block loop and links hold, as moving a `Box` would
+/// under Rust's aliasing rules. Freed when dropped.
+struct OwnedBlock(std::ptr::NonNull<Block>);
+
+impl OwnedBlock {
+    fn new(block: Block) -> Self {
+        OwnedBlock(std::ptr::NonNull::from(Box::leak(Box::new(block))))
+    }
+
+    fn ptr(&self) -> *const Block {
+        self.0.as_ptr()
+    }
+
+    fn get(&self) -> &Block {
+        // SAFETY: the pointer came from `Box::leak` in `new` and is freed
+        // only by `drop`; blocks are never mutated through it (links use
+        // `Cell`).
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl Drop for OwnedBlock {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `Box` in `new`, and this is the one owner.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
 /// Blocks by the guest-physical address of their first byte.
 ///
 /// Blocks are boxed so their addresses stay put: the block loop runs a
@@ -257,14 +291,14 @@ const NO_RECENT: Recent = Recent {
 /// graveyard and is freed only by [`Self::collect`], which the block loop
 /// calls between blocks, when it holds no block pointer.
 pub struct BlockCache {
-    blocks: FastMap<u64, Box<Block>>,
+    blocks: FastMap<u64, OwnedBlock>,
     by_page: FastMap<u64, Vec<u64>>,
     /// Direct-mapped by physical address: the blocks looked up last. Only
     /// ever holds blocks that are also in `blocks`, so dropping a block
     /// from the map drops its slot too (see [`Self::invalidate_page`]).
     recent: Box<[Recent]>,
     /// Dropped blocks not freed yet.
-    graveyard: Vec<Box<Block>>,
+    graveyard: Vec<OwnedBlock>,
     /// Moves on whenever a block is dropped (with the TLB's flush count,
     /// the stamp links are checked against).
     epoch: u64,
@@ -307,10 +341,11 @@ impl BlockCache {
         if r.phys == phys && r.rip == rip && r.bitness == bitness {
             return Some(r.block);
         }
-        let b: *const Block = &**self
+        let b = self
             .blocks
             .get(&phys)
-            .filter(|b| b.rip == rip && b.bitness == bitness)?;
+            .filter(|b| b.get().rip == rip && b.get().bitness == bitness)?
+            .ptr();
         self.recent[i] = Recent {
             phys,
             rip,
@@ -323,21 +358,22 @@ impl BlockCache {
     /// Adds `block`; the pointer stays valid until the next
     /// [`Self::collect`].
     pub fn insert(&mut self, block: Block) -> *const Block {
-        let block = Box::new(block);
-        let ptr: *const Block = &*block;
+        let phys = block.phys;
         for page in block.pages.iter().flatten() {
-            self.by_page.entry(*page).or_default().push(block.phys);
+            self.by_page.entry(*page).or_default().push(phys);
         }
+        let block = OwnedBlock::new(block);
+        let ptr = block.ptr();
         // Replacing a block at the same address (decoded at another RIP or
         // bitness): its front slot must not keep the old one.
-        self.forget_recent(block.phys);
-        if let Some(old) = self.blocks.insert(block.phys, block) {
+        self.forget_recent(phys);
+        if let Some(old) = self.blocks.insert(phys, block) {
             self.bury(old);
         }
         ptr
     }
 
-    fn bury(&mut self, block: Box<Block>) {
+    fn bury(&mut self, block: OwnedBlock) {
         self.graveyard.push(block);
         self.epoch += 1;
     }
@@ -363,7 +399,7 @@ impl BlockCache {
     }
 
     pub fn clear(&mut self) {
-        let blocks: Vec<Box<Block>> = self.blocks.drain().map(|(_, b)| b).collect();
+        let blocks: Vec<OwnedBlock> = self.blocks.drain().map(|(_, b)| b).collect();
         self.graveyard.extend(blocks);
         self.epoch += 1;
         self.by_page.clear();
@@ -458,6 +494,12 @@ fn ends_block(i: &Instruction) -> bool {
                 | Mnemonic::Sti
                 | Mnemonic::Cli
                 | Mnemonic::Hlt
+                // Paging and descriptor-table changes: the rest of the
+                // block may have been decoded under the old state.
+                | Mnemonic::Invlpg
+                | Mnemonic::Invpcid
+                | Mnemonic::Lldt
+                | Mnemonic::Ltr
         )
 }
 

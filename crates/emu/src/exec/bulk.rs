@@ -54,32 +54,40 @@ pub(super) fn rep_movs_stos(c: &mut Core, op: &Op, movs: bool, size: usize) -> R
         let mut elems = count.min((PAGE_SIZE - (rdi & PAGE_MASK)) / s);
         if movs {
             elems = elems.min((PAGE_SIZE - (rsi & PAGE_MASK)) / s);
-            let gap = rdi.wrapping_sub(rsi);
-            if gap != 0 && gap < elems * s {
-                elems = elems.min(gap / s);
-            }
         }
         if elems == 0 {
-            // An element straddles a page, or the copy overlaps itself
-            // element by element.
+            // An element straddles a page.
             return Ok(false);
         }
-        let bytes = elems * s;
         // The source is translated first: its fault is the one reported
         // when both would fault, as with the first element on hardware.
-        let src = if movs {
+        let (src, src_pa) = if movs {
             match host_addr(c, rsi, Access::Read, user)? {
-                Some(h) => h,
+                // Just looked up, so the entry is the source's.
+                Some(h) => (h, (c.mmu.page_of(rsi) << PAGE_SHIFT) | (rsi & PAGE_MASK)),
                 None => return Ok(false),
             }
         } else {
-            0
+            (0, 0)
         };
         let Some(dst) = host_addr(c, rdi, Access::Write, user)? else {
             return Ok(false);
         };
-        // Just looked up, so the entry is the destination's.
         let dst_page = c.mmu.page_of(rdi);
+        if movs {
+            // A destination just above its source (in RAM, whatever the
+            // linear addresses) repeats the source's first elements when
+            // copied element by element: copy only up to the gap.
+            let dst_pa = (dst_page << PAGE_SHIFT) | (rdi & PAGE_MASK);
+            let gap = dst_pa.wrapping_sub(src_pa);
+            if gap != 0 && gap < elems * s {
+                elems = gap / s;
+                if elems == 0 {
+                    return Ok(false);
+                }
+            }
+        }
+        let bytes = elems * s;
         if movs {
             // SAFETY: `src` and `dst` are host addresses of RAM pages from
             // the TLB, valid while the `Core` lives (see `TlbEntry::host`);

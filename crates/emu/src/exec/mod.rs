@@ -1076,19 +1076,26 @@ impl Emulator {
             // which frees blocks only in `collect`, after which `prev` is
             // reset above; a link's target is valid while its stamp
             // matches, since dropping any block moves the stamp on.
+            let cs_base = self.core.cpu.segs[seg::CS].base;
             let linked = unsafe { prev.as_ref() }.and_then(|p| {
                 let link = p.link_for(rip).get();
-                (link.rip == rip && link.stamp == stamp).then_some(link.target)
+                (link.rip == rip && link.stamp == stamp && link.cs_base == cs_base)
+                    .then_some(link.target)
             });
             let block = match linked {
                 Some(b) => b,
                 _ => match self.block_at_rip() {
                     Ok(b) => {
-                        // SAFETY: as above.
-                        if let Some(p) = unsafe { prev.as_ref() } {
+                        // A lookup that dropped blocks (`prev` may be one
+                        // of them) moved the stamp on: no link then.
+                        let still = self.link_stamp() == stamp;
+                        // SAFETY: as above; `prev` is not freed before
+                        // `collect` even if the lookup dropped it.
+                        if let Some(p) = unsafe { prev.as_ref() }.filter(|_| still) {
                             p.link_for(rip).set(Link {
                                 rip,
                                 stamp,
+                                cs_base,
                                 target: b,
                             });
                         }
