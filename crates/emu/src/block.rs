@@ -581,6 +581,8 @@ pub(crate) fn decode(
 
     let mut decoder = Decoder::with_ip(bitness, &buf[..len], rip, DecoderOptions::NONE);
     let mut ops = Vec::with_capacity(16);
+    // Each op's bytes in `buf`, for native runs.
+    let mut spans = Vec::with_capacity(16);
     let mut instr = Instruction::default();
     let mut crossed = false;
     while decoder.can_decode() && decoder.position() < first && ops.len() < MAX_OPS {
@@ -618,6 +620,7 @@ pub(crate) fn decode(
         };
         let stop = instr.is_invalid() || ends_block(&instr);
         ops.push(op);
+        spans.push((start, end));
         if end > first {
             crossed = true;
             break;
@@ -626,7 +629,7 @@ pub(crate) fn decode(
             break;
         }
     }
-    crate::exec::specialize_block(&mut ops);
+    crate::exec::specialize_block(&mut ops, &spans, &buf[..len], &mut core.native);
     let first_gen = core.code.end_decode(first_page, first_gen);
     let second = if crossed { second_page } else { None };
     if let Some(p) = second {

@@ -538,6 +538,80 @@ fn rep_string_bulk_runs_across_pages() {
     );
 }
 
+/// Register-only stretches run natively on the host (`exec::native`):
+/// from the same random registers and flags, the result must equal the
+/// interpreter's in every register and in the flags the last instruction
+/// defines.
+#[test]
+fn native_runs_match_the_interpreter() {
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.add(rax, rbx).unwrap();
+    a.adc(rcx, rdx).unwrap();
+    a.setc(r8b).unwrap();
+    a.sub(rsi, rdi).unwrap();
+    a.sbb(r9, r10).unwrap();
+    a.cmovb(r11, r12).unwrap();
+    a.imul_2(r13, r14).unwrap();
+    a.seto(al).unwrap();
+    a.shl(r15, cl).unwrap();
+    a.mov(ah, bl).unwrap();
+    a.xor(bh, ch).unwrap();
+    a.lea(rbp, qword_ptr(rax + rbx * 4 + 0x10)).unwrap();
+    a.mul(rcx).unwrap();
+    a.setb(dl).unwrap();
+    a.neg(rdx).unwrap();
+    a.not(rsi).unwrap();
+    a.movzx(eax, r8b).unwrap();
+    a.movsx(rbx, cx).unwrap();
+    a.movsxd(rdi, esi).unwrap();
+    a.rol(r10, 7u32).unwrap();
+    a.ror(r11d, cl).unwrap();
+    a.bt(rax, 5u32).unwrap();
+    a.setc(dl).unwrap();
+    a.cmp(r9d, r10d).unwrap();
+    a.cmovg(r12d, r13d).unwrap();
+    a.inc(r14w).unwrap();
+    a.sar(r15d, 3u32).unwrap();
+    a.add(r8, r9).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    const STATUS: u64 = 0x8d5;
+    for round in 0..200 {
+        let regs: Vec<u64> = (0..16).map(|_| next()).collect();
+        let flags = next() & STATUS;
+        let mut results = Vec::new();
+        for native in [true, false] {
+            let mut e = emulator(&mem);
+            e.set_native_runs(native);
+            let cpu = e.cpu_mut();
+            for (n, v) in regs.iter().enumerate() {
+                if n != 4 {
+                    cpu.gpr[n] = *v;
+                }
+            }
+            cpu.rflags = 2 | flags;
+            match e.run(10_000, None) {
+                Exit::Halt => {}
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+            let cpu = e.cpu();
+            results.push((cpu.gpr, cpu.rflags & STATUS));
+        }
+        assert_eq!(
+            results[0], results[1],
+            "round {round}: native vs interpreted"
+        );
+    }
+}
+
 #[test]
 fn page_fault_delivered_on_ist_stack() {
     let mem = setup();

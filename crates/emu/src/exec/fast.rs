@@ -318,9 +318,25 @@ const STATUS_BITS: u32 = 0x3f;
 /// A block ending in a register-form CMP, TEST, ADD, SUB or AND followed
 /// by its Jcc then has the pair fused into one operation (one dispatch
 /// instead of two); it counts as one instruction retired.
-pub(crate) fn specialize_block(ops: &mut Vec<Op>) {
+///
+/// Then, with an arena, runs of register-only instructions before that
+/// (`spans` gives each op's bytes in `bytes`) become native runs (see
+/// `native`).
+pub(crate) fn specialize_block(
+    ops: &mut Vec<Op>,
+    spans: &[(usize, usize)],
+    bytes: &[u8],
+    arena: &mut Option<super::native::Arena>,
+) {
     specialize_all(ops);
-    fuse_branch(ops);
+    let fused = fuse_branch(ops);
+    // The fused op (the last) stands for two instructions: never part of
+    // a run. `spans` still matches every op before it.
+    let plain = ops.len() - usize::from(fused);
+    let mut head: Vec<Op> = ops.drain(..plain).collect();
+    super::native::compile_runs(arena, &mut head, &spans[..plain], bytes);
+    head.append(ops);
+    *ops = head;
 }
 
 fn specialize_all(ops: &mut [Op]) {
@@ -376,31 +392,32 @@ fn alu_jcc_handler(k: u8, s: usize, imm: bool, cc: ConditionCode) -> Option<Hand
     })
 }
 
-/// Fuses a block's final ALU-and-Jcc pair (see [`specialize_block`]).
-fn fuse_branch(ops: &mut Vec<Op>) {
+/// Fuses a block's final ALU-and-Jcc pair (see [`specialize_block`]);
+/// whether it did.
+fn fuse_branch(ops: &mut Vec<Op>) -> bool {
     let n = ops.len();
     if n < 2 || !ops[n - 1].instr.is_jcc_short_or_near() {
-        return;
+        return false;
     }
     let (alu, jcc) = (&ops[n - 2], &ops[n - 1]);
     let i = &alu.instr;
     let s = alu.osize as usize;
     if i.has_lock_prefix() || i.op_count() != 2 || i.op_kind(0) != OpKind::Register {
-        return;
+        return false;
     }
     let Some(k) = alu_kind(i.mnemonic()) else {
-        return;
+        return false;
     };
     let Some((form, regs, imm)) = form2(i) else {
-        return;
+        return false;
     };
     let is_imm = match form {
         Form::RR => false,
         Form::RI => true,
-        _ => return,
+        _ => return false,
     };
     let Some(handler) = alu_jcc_handler(k, s, is_imm, jcc.instr.condition_code()) else {
-        return;
+        return false;
     };
     let (target, next_ip) = (jcc.imm, jcc.next_ip);
     let fused = &mut ops[n - 2];
@@ -410,6 +427,7 @@ fn fuse_branch(ops: &mut Vec<Op>) {
     fused.ea.disp = target;
     fused.next_ip = next_ip;
     ops.pop();
+    true
 }
 
 /// The flags `i` certainly overwrites (of `modified`, those it may). A

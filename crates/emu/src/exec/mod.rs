@@ -7,6 +7,7 @@ pub mod flags;
 mod fpu;
 #[cfg(target_arch = "x86_64")]
 mod hostfp;
+mod native;
 mod ops;
 pub mod paging;
 mod sse;
@@ -217,6 +218,8 @@ pub struct Core {
     pub(crate) shadow_rip: u64,
     /// IA32_TSC_AUX (RDTSCP).
     pub(crate) tsc_aux: u64,
+    /// Where native runs' stubs go; `None`: interpret everything.
+    pub(crate) native: Option<native::Arena>,
 }
 
 impl Core {
@@ -238,6 +241,7 @@ impl Core {
             nmi_blocked: false,
             shadow_rip: u64::MAX,
             tsc_aux: 0,
+            native: native::Arena::new(),
         }
     }
 
@@ -832,6 +836,19 @@ impl Emulator {
                 self.cache.invalidate_page(page);
             }
         }
+    }
+
+    /// Turns native runs (register-only stretches of guest code run on
+    /// the host processor, see `exec::native`) off or back on for blocks
+    /// decoded from now on; on by default on x86-64 hosts unless
+    /// `VESSEL_EMU_NATIVE=0`. For tests that compare the two.
+    pub fn set_native_runs(&mut self, on: bool) {
+        if !on {
+            self.core.native = None;
+        } else if self.core.native.is_none() {
+            self.core.native = native::Arena::new();
+        }
+        self.cache.clear();
     }
 
     /// Drops every decoded block of this vCPU (the shared code-page marks

@@ -1,0 +1,382 @@
+//! Native runs: straight-line stretches of register-only guest
+//! instructions executed directly on the host processor.
+//!
+//! Guest and host are both x86-64, and an instruction whose operands are
+//! only general-purpose registers and immediates (ADD, ADC, IMUL, SHL,
+//! CMOVcc, SETcc, MOVZX, LEA, ...) does the same thing on either: it reads
+//! and writes registers and the status flags, nothing else. A block's
+//! longest runs of such instructions are copied byte for byte into a stub
+//! that loads the guest's registers and status flags into the host's,
+//! runs the copied instructions, and stores registers and flags back. A
+//! run of thirty instructions then costs one dispatch and runs at host
+//! speed, flags exact by construction (the host computes them).
+//!
+//! What keeps this safe for the host: an instruction is copied only when
+//! iced decoded it in 64-bit mode as one of a fixed list of mnemonics
+//! (none touches memory, the stack, RIP, segment or control state, none
+//! can fault on any x86-64 host), without LOCK, with every operand a
+//! general-purpose register other than RSP or an immediate (LEA's
+//! address arithmetic, which reads no memory, is allowed without RIP or
+//! RSP). The host stack pointer is never a guest register, so a signal
+//! arriving during a run lands on the host stack as usual. DF, IF and the
+//! other system flags stay the host's.
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use crate::block::Op;
+
+/// Shortest run worth a stub (the stub's entry and exit cost about as
+/// much as two dispatches).
+pub const MIN_RUN: usize = 3;
+
+/// Bytes of stub code one vCPU may generate; past that, blocks are left
+/// to the interpreter.
+const ARENA_BYTES: usize = 8 << 20;
+
+/// The status flags (CF PF AF ZF SF OF) in RFLAGS.
+const STATUS: u32 = 0x8d5;
+
+/// Whether `i` may run natively (see the module comment).
+pub fn eligible(i: &Instruction, bitness: u32) -> bool {
+    use Mnemonic as M;
+    if bitness != 64 || i.is_invalid() || i.has_lock_prefix() {
+        return false;
+    }
+    let m = i.mnemonic();
+    let listed = matches!(
+        m,
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Lea
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Imul
+            | M::Mul
+            | M::Shl
+            | M::Sal
+            | M::Shr
+            | M::Sar
+            | M::Rol
+            | M::Ror
+            | M::Rcl
+            | M::Rcr
+            | M::Shld
+            | M::Shrd
+            | M::Bt
+            | M::Bts
+            | M::Btr
+            | M::Btc
+            | M::Xchg
+            | M::Cbw
+            | M::Cwde
+            | M::Cdqe
+            | M::Cwd
+            | M::Cdq
+            | M::Cqo
+            | M::Clc
+            | M::Stc
+            | M::Cmc
+            | M::Lahf
+            | M::Sahf
+            | M::Nop
+    ) || matches!(
+        m,
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+            | M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+    );
+    if !listed {
+        return false;
+    }
+    let usable = |r: Register| {
+        r.is_gpr()
+            && !matches!(
+                r,
+                Register::RSP | Register::ESP | Register::SP | Register::SPL
+            )
+    };
+    (0..i.op_count()).all(|n| match i.op_kind(n) {
+        OpKind::Register => usable(i.op_register(n)),
+        OpKind::Memory => {
+            m == M::Lea
+                && (i.memory_base() == Register::None || usable(i.memory_base()))
+                && (i.memory_index() == Register::None || usable(i.memory_index()))
+        }
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => true,
+        _ => false,
+    })
+}
+
+/// Executable memory for stubs, bump-allocated and never freed (a stub
+/// of a dropped block is simply unused).
+pub struct Arena {
+    base: *mut u8,
+    used: usize,
+}
+
+// SAFETY: the arena is owned by one vCPU's `Core` and moves between
+// threads with it; its pages are only written while that `Core` is
+// borrowed mutably.
+unsafe impl Send for Arena {}
+
+impl Arena {
+    /// A fresh arena, or `None` where the host refuses executable memory,
+    /// is not x86-64, or `VESSEL_EMU_NATIVE=0` turns native runs off.
+    pub fn new() -> Option<Arena> {
+        if !cfg!(target_arch = "x86_64")
+            || std::env::var_os("VESSEL_EMU_NATIVE").is_some_and(|v| v == "0")
+        {
+            return None;
+        }
+        // SAFETY: an anonymous private mapping; no existing memory is
+        // touched. The result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ARENA_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Arena {
+            base: p.cast(),
+            used: 0,
+        })
+    }
+
+    /// Copies `code` in; its address, or `None` when the arena is full.
+    fn add(&mut self, code: &[u8]) -> Option<usize> {
+        if code.len() > ARENA_BYTES - self.used {
+            return None;
+        }
+        // SAFETY: `used + code.len()` is inside the mapping (checked
+        // above), and nothing executes these bytes before they are
+        // written (the stub is published only after this returns).
+        unsafe {
+            let dst = self.base.add(self.used);
+            std::ptr::copy_nonoverlapping(code.as_ptr(), dst, code.len());
+            let at = dst as usize;
+            self.used += code.len().next_multiple_of(16);
+            Some(at)
+        }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no stub runs once the `Core`
+        // owning the arena is gone.
+        unsafe { libc::munmap(self.base.cast(), ARENA_BYTES) };
+    }
+}
+
+/// The stub for guest instruction bytes `body`: `extern "C" fn(gpr:
+/// *mut u64 (16 registers), rflags: *mut u64)`.
+fn stub(body: &[u8]) -> Vec<u8> {
+    let mut c = Vec::with_capacity(body.len() + 200);
+    // Callee-saved registers: rbx, rbp, r12-r15.
+    c.extend_from_slice(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
+    c.extend_from_slice(&[0x56, 0x57]); // push rsi (flags ptr); push rdi (gpr ptr)
+                                        // Host flags with the guest's status bits: pushfq; mov rax, [rsi];
+                                        // and rax, STATUS; and qword [rsp], !STATUS; or [rsp], rax; popfq.
+    c.push(0x9c);
+    c.extend_from_slice(&[0x48, 0x8b, 0x06]);
+    c.extend_from_slice(&[0x48, 0x25]);
+    c.extend_from_slice(&STATUS.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x81, 0x24, 0x24]);
+    c.extend_from_slice(&(!STATUS).to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x09, 0x04, 0x24]);
+    c.push(0x9d);
+    // Guest registers from [rdi + 8n], RSP (4) excluded, RDI (7) last.
+    for n in (0..16u8).filter(|n| *n != 4 && *n != 7) {
+        load_store(&mut c, 0x8b, n);
+    }
+    load_store(&mut c, 0x8b, 7);
+    c.extend_from_slice(body);
+    // push rdi (guest rdi); mov rdi, [rsp + 8] (gpr ptr).
+    c.push(0x57);
+    c.extend_from_slice(&[0x48, 0x8b, 0x7c, 0x24, 0x08]);
+    for n in (0..16u8).filter(|n| *n != 4 && *n != 7) {
+        load_store(&mut c, 0x89, n);
+    }
+    // pop rax (guest rdi); mov [rdi + 56], rax.
+    c.push(0x58);
+    load_store(&mut c, 0x89, 0);
+    let fix = c.len() - 1;
+    c[fix] = 56;
+    // Flags: pushfq; pop rax; mov rsi, [rsp + 8]; mov rcx, [rsi];
+    // and rcx, !STATUS; and rax, STATUS; or rcx, rax; mov [rsi], rcx.
+    c.extend_from_slice(&[0x9c, 0x58]);
+    c.extend_from_slice(&[0x48, 0x8b, 0x74, 0x24, 0x08]);
+    c.extend_from_slice(&[0x48, 0x8b, 0x0e]);
+    c.extend_from_slice(&[0x48, 0x81, 0xe1]);
+    c.extend_from_slice(&(!STATUS).to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x25]);
+    c.extend_from_slice(&STATUS.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x09, 0xc1]);
+    c.extend_from_slice(&[0x48, 0x89, 0x0e]);
+    // add rsp, 16; restore callee-saved; ret.
+    c.extend_from_slice(&[0x48, 0x83, 0xc4, 0x10]);
+    c.extend_from_slice(&[0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b]);
+    c.push(0xc3);
+    c
+}
+
+/// `mov reg(n), [rdi + 8n]` (opcode 0x8b) or `mov [rdi + 8n], reg(n)`
+/// (0x89), with a one-byte displacement.
+fn load_store(c: &mut Vec<u8>, opcode: u8, n: u8) {
+    let rex = 0x48 | if n >= 8 { 0x04 } else { 0 };
+    c.extend_from_slice(&[rex, opcode, 0x40 | ((n & 7) << 3) | 7, n * 8]);
+}
+
+/// Runs the stub whose address is in `op.imm`.
+pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
+    // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
+    // arena, which lives as long as the `Core` (blocks are per vCPU), and
+    // the stub follows the C calling convention with these two pointers,
+    // touching only the 16 registers and the flags word they point to.
+    unsafe {
+        let f: extern "C" fn(*mut u64, *mut u64) = std::mem::transmute(op.imm as usize);
+        f(c.cpu.gpr.as_mut_ptr(), &mut c.cpu.rflags);
+    }
+    Ok(())
+}
+
+/// Replaces each run of at least [`MIN_RUN`] eligible instructions in
+/// `ops` (whose bytes are `bytes[spans[k].0..spans[k].1]`) by one op
+/// running its stub. `ops` and `spans` are parallel.
+pub fn compile_runs(
+    arena: &mut Option<Arena>,
+    ops: &mut Vec<Op>,
+    spans: &[(usize, usize)],
+    bytes: &[u8],
+) {
+    let Some(arena) = arena.as_mut() else {
+        return;
+    };
+    let eligible: Vec<bool> = ops
+        .iter()
+        .map(|op| eligible(&op.instr, u32::from(op.bitness)))
+        .collect();
+    let mut out = Vec::with_capacity(ops.len());
+    let mut k = 0;
+    while k < ops.len() {
+        let mut end = k;
+        while end < ops.len() && eligible[end] {
+            end += 1;
+        }
+        if end - k >= MIN_RUN {
+            let mut body = Vec::new();
+            for (s, e) in &spans[k..end] {
+                body.extend_from_slice(&bytes[*s..*e]);
+            }
+            if let Some(at) = arena.add(&stub(&body)) {
+                let mut op = ops[k].clone();
+                op.handler = run;
+                op.imm = at as u64;
+                op.next_ip = ops[end - 1].next_ip;
+                out.push(op);
+                k = end;
+                continue;
+            }
+        }
+        let stop = end.max(k + 1);
+        out.extend(ops[k..stop].iter().cloned());
+        k = stop;
+    }
+    *ops = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::{Decoder, DecoderOptions};
+
+    fn decoded(bytes: &[u8]) -> iced_x86::Instruction {
+        Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode()
+    }
+
+    #[test]
+    fn only_register_only_instructions_run_natively() {
+        let yes: &[&[u8]] = &[
+            &[0x48, 0x01, 0xd8],             // add rax, rbx
+            &[0x4d, 0x0f, 0xaf, 0xee],       // imul r13, r14
+            &[0x48, 0x8d, 0x44, 0x98, 0x10], // lea rax, [rax + rbx*4 + 0x10]
+            &[0x0f, 0x92, 0xc0],             // setb al
+            &[0x88, 0xdc],                   // mov ah, bl
+        ];
+        let no: &[&[u8]] = &[
+            &[0x48, 0x8b, 0x03],             // mov rax, [rbx]
+            &[0x48, 0x89, 0xe0],             // mov rax, rsp
+            &[0x48, 0x8d, 0x05, 0, 0, 0, 0], // lea rax, [rip]
+            &[0x48, 0x8d, 0x04, 0x24],       // lea rax, [rsp]
+            &[0xf0, 0x48, 0x01, 0x03],       // lock add [rbx], rax
+            &[0x48, 0xf7, 0xf3],             // div rbx (#DE)
+            &[0x50],                         // push rax
+            &[0x0f, 0x22, 0xd8],             // mov cr3, rax
+            &[0x48, 0x0f, 0xbc, 0xc3],       // bsf (differs with TZCNT hosts)
+            &[0xc4, 0xe2, 0xe3, 0xf6, 0xc1], // mulx (not offered)
+            &[0x0f, 0x0b],                   // ud2
+        ];
+        for b in yes {
+            assert!(super::eligible(&decoded(b), 64), "{b:02x?}");
+            assert!(!super::eligible(&decoded(b), 32), "64-bit mode only");
+        }
+        for b in no {
+            assert!(!super::eligible(&decoded(b), 64), "{b:02x?}");
+        }
+    }
+}
