@@ -576,6 +576,14 @@ fn native_runs_match_the_interpreter() {
     a.add(r8, r9).unwrap();
     a.hlt().unwrap();
     load(&mem, CODE, &mut a);
+    // A run that writes only some flags: INC keeps CF, the rest none.
+    const PARTIAL: u64 = CODE + 0x800;
+    let mut b = CodeAssembler::new(64).unwrap();
+    b.inc(rax).unwrap();
+    b.mov(rbx, rcx).unwrap();
+    b.not(rdx).unwrap();
+    b.hlt().unwrap();
+    load(&mem, PARTIAL, &mut b);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         seed ^= seed << 13;
@@ -588,10 +596,16 @@ fn native_runs_match_the_interpreter() {
         let regs: Vec<u64> = (0..16).map(|_| next()).collect();
         let flags = next() & STATUS;
         let mut results = Vec::new();
-        for native in [true, false] {
+        for (native, start) in [
+            (true, CODE),
+            (false, CODE),
+            (true, PARTIAL),
+            (false, PARTIAL),
+        ] {
             let mut e = emulator(&mem);
             e.set_native_runs(native);
             let cpu = e.cpu_mut();
+            cpu.rip = start;
             for (n, v) in regs.iter().enumerate() {
                 if n != 4 {
                     cpu.gpr[n] = *v;
@@ -608,6 +622,12 @@ fn native_runs_match_the_interpreter() {
         assert_eq!(
             results[0], results[1],
             "round {round}: native vs interpreted"
+        );
+        assert_eq!(results[2], results[3], "round {round}: partial flags");
+        assert_eq!(
+            results[2].1 & 1,
+            flags & 1,
+            "round {round}: CF kept through INC"
         );
     }
 }

@@ -224,52 +224,126 @@ impl Drop for Arena {
     }
 }
 
-/// The stub for guest instruction bytes `body`: `extern "C" fn(gpr:
-/// *mut u64 (16 registers), rflags: *mut u64)`.
-fn stub(body: &[u8]) -> Vec<u8> {
+/// What a run needs loaded and stored: the general-purpose registers it
+/// touches (bit n = register n, read or written, implicit operands
+/// included; whole registers, since a partial write keeps the rest),
+/// whether the incoming status flags may matter (read before being
+/// written, or passed through by a shift or rotate whose count may be
+/// zero), and whether it writes any flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Footprint {
+    regs: u16,
+    flags_in: bool,
+    flags_out: bool,
+}
+
+fn footprint(run: &[Instruction]) -> Footprint {
+    // iced's RflagsBits: OF SF ZF AF CF PF.
+    const ALL: u32 = 0x3f;
+    let mut info = iced_x86::InstructionInfoFactory::new();
+    let mut regs = 0u16;
+    let mut written = 0u32;
+    let mut flags_in = false;
+    let mut flags_out = false;
+    for i in run {
+        for used in info.info(i).used_registers() {
+            let full = used.register().full_register();
+            if full.is_gpr64() {
+                regs |= 1 << (full as u32 - Register::RAX as u32);
+            }
+        }
+        if i.rflags_read() & ALL & !written != 0 {
+            flags_in = true;
+        }
+        let may_keep_flags = matches!(
+            i.mnemonic(),
+            Mnemonic::Shl
+                | Mnemonic::Sal
+                | Mnemonic::Shr
+                | Mnemonic::Sar
+                | Mnemonic::Rol
+                | Mnemonic::Ror
+                | Mnemonic::Rcl
+                | Mnemonic::Rcr
+                | Mnemonic::Shld
+                | Mnemonic::Shrd
+        );
+        if may_keep_flags {
+            flags_in = true;
+        } else {
+            written |= i.rflags_modified() & ALL;
+        }
+        flags_out |= i.rflags_modified() != 0;
+    }
+    // The stub stores all six status flags: any the run does not
+    // overwrite must come in from the guest to go back out unchanged.
+    if flags_out && written != ALL {
+        flags_in = true;
+    }
+    Footprint {
+        regs,
+        flags_in,
+        flags_out,
+    }
+}
+
+/// The stub for guest instruction bytes `body` with footprint `fp`:
+/// `extern "C" fn(gpr: *mut u64 (16 registers), rflags: *mut u64)`.
+fn stub(body: &[u8], fp: Footprint) -> Vec<u8> {
+    let used = |n: &u8| fp.regs & (1 << n) != 0;
     let mut c = Vec::with_capacity(body.len() + 200);
     // Callee-saved registers: rbx, rbp, r12-r15.
     c.extend_from_slice(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
-    c.extend_from_slice(&[0x56, 0x57]); // push rsi (flags ptr); push rdi (gpr ptr)
-                                        // Host flags with the guest's status bits: pushfq; mov rax, [rsi];
-                                        // and rax, STATUS; and qword [rsp], !STATUS; or [rsp], rax; popfq.
-    c.push(0x9c);
-    c.extend_from_slice(&[0x48, 0x8b, 0x06]);
-    c.extend_from_slice(&[0x48, 0x25]);
-    c.extend_from_slice(&STATUS.to_le_bytes());
-    c.extend_from_slice(&[0x48, 0x81, 0x24, 0x24]);
-    c.extend_from_slice(&(!STATUS).to_le_bytes());
-    c.extend_from_slice(&[0x48, 0x09, 0x04, 0x24]);
-    c.push(0x9d);
-    // Guest registers from [rdi + 8n], RSP (4) excluded, RDI (7) last.
-    for n in (0..16u8).filter(|n| *n != 4 && *n != 7) {
+    // push rsi (flags pointer); push rdi (register file pointer).
+    c.extend_from_slice(&[0x56, 0x57]);
+    if fp.flags_in {
+        // Host flags with the guest's status bits: pushfq; mov rax,
+        // [rsi]; and rax, STATUS; and qword [rsp], !STATUS;
+        // or [rsp], rax; popfq.
+        c.push(0x9c);
+        c.extend_from_slice(&[0x48, 0x8b, 0x06]);
+        c.extend_from_slice(&[0x48, 0x25]);
+        c.extend_from_slice(&STATUS.to_le_bytes());
+        c.extend_from_slice(&[0x48, 0x81, 0x24, 0x24]);
+        c.extend_from_slice(&(!STATUS).to_le_bytes());
+        c.extend_from_slice(&[0x48, 0x09, 0x04, 0x24]);
+        c.push(0x9d);
+    }
+    // Guest registers from [rdi + 8n]: RSP (4) never, RDI (7) last.
+    for n in (0..16u8).filter(|n| *n != 4 && *n != 7).filter(used) {
         load_store(&mut c, 0x8b, n);
     }
-    load_store(&mut c, 0x8b, 7);
+    if used(&7) {
+        load_store(&mut c, 0x8b, 7);
+    }
     c.extend_from_slice(body);
-    // push rdi (guest rdi); mov rdi, [rsp + 8] (gpr ptr).
+    // push rdi (guest rdi); mov rdi, [rsp + 8] (register file pointer).
     c.push(0x57);
     c.extend_from_slice(&[0x48, 0x8b, 0x7c, 0x24, 0x08]);
-    for n in (0..16u8).filter(|n| *n != 4 && *n != 7) {
+    for n in (0..16u8).filter(|n| *n != 4 && *n != 7).filter(used) {
         load_store(&mut c, 0x89, n);
     }
     // pop rax (guest rdi); mov [rdi + 56], rax.
     c.push(0x58);
-    load_store(&mut c, 0x89, 0);
-    let fix = c.len() - 1;
-    c[fix] = 56;
-    // Flags: pushfq; pop rax; mov rsi, [rsp + 8]; mov rcx, [rsi];
-    // and rcx, !STATUS; and rax, STATUS; or rcx, rax; mov [rsi], rcx.
-    c.extend_from_slice(&[0x9c, 0x58]);
-    c.extend_from_slice(&[0x48, 0x8b, 0x74, 0x24, 0x08]);
-    c.extend_from_slice(&[0x48, 0x8b, 0x0e]);
-    c.extend_from_slice(&[0x48, 0x81, 0xe1]);
-    c.extend_from_slice(&(!STATUS).to_le_bytes());
-    c.extend_from_slice(&[0x48, 0x25]);
-    c.extend_from_slice(&STATUS.to_le_bytes());
-    c.extend_from_slice(&[0x48, 0x09, 0xc1]);
-    c.extend_from_slice(&[0x48, 0x89, 0x0e]);
-    // add rsp, 16; restore callee-saved; ret.
+    if used(&7) {
+        load_store(&mut c, 0x89, 0);
+        let fix = c.len() - 1;
+        c[fix] = 56;
+    }
+    if fp.flags_out {
+        // pushfq; pop rax; mov rsi, [rsp + 8]; mov rcx, [rsi];
+        // and rcx, !STATUS; and rax, STATUS; or rcx, rax; mov [rsi], rcx.
+        c.extend_from_slice(&[0x9c, 0x58]);
+        c.extend_from_slice(&[0x48, 0x8b, 0x74, 0x24, 0x08]);
+        c.extend_from_slice(&[0x48, 0x8b, 0x0e]);
+        c.extend_from_slice(&[0x48, 0x81, 0xe1]);
+        c.extend_from_slice(&(!STATUS).to_le_bytes());
+        c.extend_from_slice(&[0x48, 0x25]);
+        c.extend_from_slice(&STATUS.to_le_bytes());
+        c.extend_from_slice(&[0x48, 0x09, 0xc1]);
+        c.extend_from_slice(&[0x48, 0x89, 0x0e]);
+    }
+    // add rsp, 16; restore the callee-saved registers; ret.
     c.extend_from_slice(&[0x48, 0x83, 0xc4, 0x10]);
     c.extend_from_slice(&[0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b]);
     c.push(0xc3);
@@ -324,7 +398,8 @@ pub fn compile_runs(
             for (s, e) in &spans[k..end] {
                 body.extend_from_slice(&bytes[*s..*e]);
             }
-            if let Some(at) = arena.add(&stub(&body)) {
+            let instrs: Vec<Instruction> = ops[k..end].iter().map(|op| op.instr).collect();
+            if let Some(at) = arena.add(&stub(&body, footprint(&instrs))) {
                 let mut op = ops[k].clone();
                 op.handler = run;
                 op.imm = at as u64;
