@@ -157,7 +157,9 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
 }
 
 /// Executable memory for stubs, bump-allocated and never freed (a stub
-/// of a dropped block is simply unused).
+/// of a dropped block is simply unused). Never writable and executable
+/// at once: the pages a new stub goes to are made writable for the copy
+/// and executable again before anything can run them.
 pub struct Arena {
     base: *mut u8,
     used: usize,
@@ -183,7 +185,7 @@ impl Arena {
             libc::mmap(
                 std::ptr::null_mut(),
                 ARENA_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::PROT_READ | libc::PROT_EXEC,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
@@ -203,12 +205,33 @@ impl Arena {
         if code.len() > ARENA_BYTES - self.used {
             return None;
         }
-        // SAFETY: `used + code.len()` is inside the mapping (checked
-        // above), and nothing executes these bytes before they are
-        // written (the stub is published only after this returns).
+        const PAGE: usize = 4096;
+        let first = self.used / PAGE * PAGE;
+        let span = (self.used + code.len()).next_multiple_of(PAGE) - first;
+        // SAFETY: `[first, first + span)` lies inside the mapping (the
+        // check above, rounded to pages of a page-multiple mapping). No
+        // stub runs while this vCPU decodes, so its pages may be
+        // non-executable for the copy; `used + code.len()` is inside the
+        // mapping, and the stub is published only after this returns.
         unsafe {
+            let pages = self.base.add(first).cast::<libc::c_void>();
+            if libc::mprotect(pages, span, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                return None;
+            }
             let dst = self.base.add(self.used);
             std::ptr::copy_nonoverlapping(code.as_ptr(), dst, code.len());
+            if libc::mprotect(pages, span, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+                // Stubs published earlier on these pages must stay
+                // runnable: fall back to writable and executable, and add
+                // no more stubs. Failing that, no safe state is left.
+                self.used = ARENA_BYTES;
+                let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+                if libc::mprotect(pages, span, rwx) != 0 {
+                    eprintln!("emu: cannot make native stubs executable again");
+                    std::process::abort();
+                }
+                return None;
+            }
             let at = dst as usize;
             self.used += code.len().next_multiple_of(16);
             Some(at)
