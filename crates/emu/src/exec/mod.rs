@@ -1081,10 +1081,17 @@ impl Emulator {
             if *executed >= budget {
                 return Exit::BudgetExhausted;
             }
-            if self.cache.has_garbage() {
+            if self.cache.has_garbage() || self.core.native.as_ref().is_some_and(|a| a.is_full()) {
                 // No block pointer may outlive this (links to the dropped
                 // blocks are already stale).
                 prev = std::ptr::null();
+                if let Some(arena) = self.core.native.as_mut().filter(|a| a.is_full()) {
+                    // Native stubs filled their arena: drop every block (and
+                    // with them every stub) and start the arena afresh.
+                    self.cache.clear();
+                    self.cache.collect();
+                    arena.reset();
+                }
                 self.cache.collect();
             }
             let rip = self.core.cpu.rip;

@@ -14,7 +14,8 @@
 //! What keeps this safe for the host: an instruction is copied only when
 //! iced decoded it in 64-bit mode as one of a fixed list of mnemonics
 //! (none touches memory, the stack, RIP, segment or control state, none
-//! can fault on any x86-64 host), without LOCK, with every operand a
+//! can fault on any x86-64 host: LAHF/SAHF, which the first x86-64
+//! processors lacked in 64-bit mode, are left out), without LOCK, with every operand a
 //! general-purpose register other than RSP or an immediate (LEA's
 //! address arithmetic, which reads no memory, is allowed without RIP or
 //! RSP). The host stack pointer is never a guest register, so a signal
@@ -89,8 +90,6 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
             | M::Clc
             | M::Stc
             | M::Cmc
-            | M::Lahf
-            | M::Sahf
             | M::Nop
     ) || matches!(
         m,
@@ -163,6 +162,9 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
 pub struct Arena {
     base: *mut u8,
     used: usize,
+    /// A block's stubs did not fit: the owner should drop every block
+    /// and [`Arena::reset`].
+    full: bool,
 }
 
 // SAFETY: the arena is owned by one vCPU's `Core` and moves between
@@ -197,12 +199,27 @@ impl Arena {
         Some(Arena {
             base: p.cast(),
             used: 0,
+            full: false,
         })
     }
 
-    /// Copies `code` in; its address, or `None` when the arena is full.
+    /// Whether stubs stopped fitting (see [`Arena::reset`]).
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Makes the whole arena free again. The caller must have dropped
+    /// every block holding a stub of this arena.
+    pub fn reset(&mut self) {
+        self.used = 0;
+        self.full = false;
+    }
+
+    /// Copies `code` (a block's stubs, one write-protect round trip for
+    /// all of them) in; its address, or `None` when the arena is full.
     fn add(&mut self, code: &[u8]) -> Option<usize> {
         if code.len() > ARENA_BYTES - self.used {
+            self.full = true;
             return None;
         }
         const PAGE: usize = 4096;
@@ -294,7 +311,10 @@ fn footprint(run: &[Instruction]) -> Footprint {
         if may_keep_flags {
             flags_in = true;
         } else {
-            written |= i.rflags_modified() & ALL;
+            // Flags left undefined are not counted: some hosts leave them
+            // unchanged, and the guest's own values are the better answer
+            // than whatever the emulator had in the host's flags.
+            written |= (i.rflags_written() | i.rflags_cleared() | i.rflags_set()) & ALL;
         }
         flags_out |= i.rflags_modified() != 0;
     }
@@ -405,11 +425,16 @@ pub fn compile_runs(
     let Some(arena) = arena.as_mut() else {
         return;
     };
+    if arena.is_full() {
+        return;
+    }
     let eligible: Vec<bool> = ops
         .iter()
         .map(|op| eligible(&op.instr, u32::from(op.bitness)))
         .collect();
-    let mut out = Vec::with_capacity(ops.len());
+    // The runs as (first op, end op, offset of the stub in `code`).
+    let mut runs = Vec::new();
+    let mut code = Vec::new();
     let mut k = 0;
     while k < ops.len() {
         let mut end = k;
@@ -422,20 +447,30 @@ pub fn compile_runs(
                 body.extend_from_slice(&bytes[*s..*e]);
             }
             let instrs: Vec<Instruction> = ops[k..end].iter().map(|op| op.instr).collect();
-            if let Some(at) = arena.add(&stub(&body, footprint(&instrs))) {
-                let mut op = ops[k].clone();
-                op.handler = run;
-                op.imm = at as u64;
-                op.next_ip = ops[end - 1].next_ip;
-                out.push(op);
-                k = end;
-                continue;
-            }
+            runs.push((k, end, code.len()));
+            code.extend_from_slice(&stub(&body, footprint(&instrs)));
+            code.resize(code.len().next_multiple_of(16), 0xcc);
         }
-        let stop = end.max(k + 1);
-        out.extend(ops[k..stop].iter().cloned());
-        k = stop;
+        k = end.max(k + 1);
     }
+    if runs.is_empty() {
+        return;
+    }
+    let Some(at) = arena.add(&code) else {
+        return;
+    };
+    let mut out = Vec::with_capacity(ops.len());
+    let mut next = 0;
+    for (first, end, offset) in runs {
+        out.extend(ops[next..first].iter().cloned());
+        let mut op = ops[first].clone();
+        op.handler = run;
+        op.imm = (at + offset) as u64;
+        op.next_ip = ops[end - 1].next_ip;
+        out.push(op);
+        next = end;
+    }
+    out.extend(ops[next..].iter().cloned());
     *ops = out;
 }
 
@@ -468,6 +503,7 @@ mod tests {
             &[0x48, 0x0f, 0xbc, 0xc3],       // bsf (differs with TZCNT hosts)
             &[0xc4, 0xe2, 0xe3, 0xf6, 0xc1], // mulx (not offered)
             &[0x0f, 0x0b],                   // ud2
+            &[0x9f],                         // lahf (#UD in 64-bit mode on early x86-64 hosts)
         ];
         for b in yes {
             assert!(super::eligible(&decoded(b), 64), "{b:02x?}");
