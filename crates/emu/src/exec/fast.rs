@@ -675,17 +675,7 @@ enum Form {
 }
 
 fn is_imm(k: OpKind) -> bool {
-    matches!(
-        k,
-        OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64
-    )
+    super::forms::is_immediate(k)
 }
 
 /// The two-operand form of `i`, with its register indices and immediate.
@@ -913,48 +903,20 @@ fn pick_more(i: &Instruction, s: usize, flags: bool) -> Option<(Handler, [u8; 2]
     use Mnemonic as M;
     let m = i.mnemonic();
     match m {
-        M::Cmovo
-        | M::Cmovno
-        | M::Cmovb
-        | M::Cmovae
-        | M::Cmove
-        | M::Cmovne
-        | M::Cmovbe
-        | M::Cmova
-        | M::Cmovs
-        | M::Cmovns
-        | M::Cmovp
-        | M::Cmovnp
-        | M::Cmovl
-        | M::Cmovge
-        | M::Cmovle
-        | M::Cmovg
-            if i.op_count() == 2 && matches!(s, 2 | 4 | 8) && i.op_kind(0) == OpKind::Register =>
+        m if super::forms::is_cmovcc(m)
+            && i.op_count() == 2
+            && matches!(s, 2 | 4 | 8)
+            && i.op_kind(0) == OpKind::Register =>
         {
             let r0 = gpr_index(i.op0_register())?;
             let mem = i.op_kind(1) == OpKind::Memory;
             let r1 = if mem { 0 } else { gpr_index(i.op1_register())? };
             Some((cmov_handler(i.condition_code(), s, mem), [r0, r1], 0))
         }
-        M::Seto
-        | M::Setno
-        | M::Setb
-        | M::Setae
-        | M::Sete
-        | M::Setne
-        | M::Setbe
-        | M::Seta
-        | M::Sets
-        | M::Setns
-        | M::Setp
-        | M::Setnp
-        | M::Setl
-        | M::Setge
-        | M::Setle
-        | M::Setg
-            if i.op_count() == 1
-                && i.op_kind(0) == OpKind::Register
-                && i.op0_register().size() == 1 =>
+        m if super::forms::is_setcc(m)
+            && i.op_count() == 1
+            && i.op_kind(0) == OpKind::Register
+            && i.op0_register().size() == 1 =>
         {
             let r0 = gpr_index(i.op0_register())?;
             Some((by_cc!(i.condition_code(), setcc_r), [r0, 0], 0))

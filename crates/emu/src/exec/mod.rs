@@ -4,6 +4,7 @@
 mod bulk;
 mod fast;
 pub mod flags;
+mod forms;
 mod fpu;
 #[cfg(target_arch = "x86_64")]
 mod hostfp;
@@ -593,14 +594,7 @@ impl Core {
                 let lin = self.mem_linear(op);
                 self.read(lin, size)
             }
-            OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64 => Ok(i.immediate(n) & mask(size)),
+            k if forms::is_immediate(k) => Ok(i.immediate(n) & mask(size)),
             OpKind::Immediate8_2nd => Ok(u64::from(i.immediate8_2nd())),
             _ => Err(fault(Exception::UD)),
         }

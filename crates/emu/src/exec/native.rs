@@ -91,41 +91,8 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
             | M::Stc
             | M::Cmc
             | M::Nop
-    ) || matches!(
-        m,
-        M::Cmovo
-            | M::Cmovno
-            | M::Cmovb
-            | M::Cmovae
-            | M::Cmove
-            | M::Cmovne
-            | M::Cmovbe
-            | M::Cmova
-            | M::Cmovs
-            | M::Cmovns
-            | M::Cmovp
-            | M::Cmovnp
-            | M::Cmovl
-            | M::Cmovge
-            | M::Cmovle
-            | M::Cmovg
-            | M::Seto
-            | M::Setno
-            | M::Setb
-            | M::Setae
-            | M::Sete
-            | M::Setne
-            | M::Setbe
-            | M::Seta
-            | M::Sets
-            | M::Setns
-            | M::Setp
-            | M::Setnp
-            | M::Setl
-            | M::Setge
-            | M::Setle
-            | M::Setg
-    );
+    ) || super::forms::is_cmovcc(m)
+        || super::forms::is_setcc(m);
     if !listed {
         return false;
     }
@@ -143,15 +110,7 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
                 && (i.memory_base() == Register::None || usable(i.memory_base()))
                 && (i.memory_index() == Register::None || usable(i.memory_index()))
         }
-        OpKind::Immediate8
-        | OpKind::Immediate16
-        | OpKind::Immediate32
-        | OpKind::Immediate64
-        | OpKind::Immediate8to16
-        | OpKind::Immediate8to32
-        | OpKind::Immediate8to64
-        | OpKind::Immediate32to64 => true,
-        _ => false,
+        k => super::forms::is_immediate(k),
     })
 }
 

@@ -118,38 +118,8 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
         // and run BSF/BSR (Linux's `__ffs()` is `rep; bsf` for this reason).
         M::Tzcnt => bsf,
         M::Lzcnt => bsr,
-        M::Seto
-        | M::Setno
-        | M::Setb
-        | M::Setae
-        | M::Sete
-        | M::Setne
-        | M::Setbe
-        | M::Seta
-        | M::Sets
-        | M::Setns
-        | M::Setp
-        | M::Setnp
-        | M::Setl
-        | M::Setge
-        | M::Setle
-        | M::Setg => setcc,
-        M::Cmovo
-        | M::Cmovno
-        | M::Cmovb
-        | M::Cmovae
-        | M::Cmove
-        | M::Cmovne
-        | M::Cmovbe
-        | M::Cmova
-        | M::Cmovs
-        | M::Cmovns
-        | M::Cmovp
-        | M::Cmovnp
-        | M::Cmovl
-        | M::Cmovge
-        | M::Cmovle
-        | M::Cmovg => cmovcc,
+        m if super::forms::is_setcc(m) => setcc,
+        m if super::forms::is_cmovcc(m) => cmovcc,
         M::Jo
         | M::Jno
         | M::Jb
