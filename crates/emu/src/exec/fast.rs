@@ -333,10 +333,7 @@ pub(crate) fn specialize_block(
     // The fused op (the last) stands for two instructions: never part of
     // a run. `spans` still matches every op before it.
     let plain = ops.len() - usize::from(fused);
-    let mut head: Vec<Op> = ops.drain(..plain).collect();
-    super::native::compile_runs(arena, &mut head, &spans[..plain], bytes);
-    head.append(ops);
-    *ops = head;
+    super::native::compile_runs(arena, ops, plain, spans, bytes);
 }
 
 fn specialize_all(ops: &mut [Op]) {
@@ -473,37 +470,10 @@ fn never_stops(i: &Instruction) -> bool {
         return false;
     }
     let m = i.mnemonic();
-    let known = matches!(
-        m,
-        M::Add
-            | M::Or
-            | M::Adc
-            | M::Sbb
-            | M::And
-            | M::Sub
-            | M::Xor
-            | M::Cmp
-            | M::Test
-            | M::Mov
-            | M::Lea
-            | M::Movzx
-            | M::Movsx
-            | M::Movsxd
-            | M::Inc
-            | M::Dec
-            | M::Neg
-            | M::Not
-            | M::Imul
-            | M::Shl
-            | M::Sal
-            | M::Shr
-            | M::Sar
-            | M::Rol
-            | M::Ror
-            | M::Bswap
-            | M::Nop
-    ) || (i.condition_code() != ConditionCode::None
-        && matches!(i.flow_control(), iced_x86::FlowControl::Next));
+    let known = super::forms::is_register_alu(m)
+        || m == M::Bswap
+        || (i.condition_code() != ConditionCode::None
+            && matches!(i.flow_control(), iced_x86::FlowControl::Next));
     if !known || (m == M::Imul && i.op_count() < 2) {
         return false;
     }

@@ -4,6 +4,43 @@
 
 use iced_x86::{Mnemonic, OpKind};
 
+/// The integer moves and arithmetic that, in their register and
+/// immediate forms, only read and write general-purpose registers and
+/// status flags and can raise nothing: what both the dead-flag pass
+/// (`fast::never_stops`) and native runs (`native::eligible`) build on.
+pub(crate) fn is_register_alu(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Mov
+            | M::Lea
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Imul
+            | M::Shl
+            | M::Sal
+            | M::Shr
+            | M::Sar
+            | M::Rol
+            | M::Ror
+            | M::Nop
+    )
+}
+
 /// CMOVcc, any condition.
 pub(crate) fn is_cmovcc(m: Mnemonic) -> bool {
     use Mnemonic as M;

@@ -1016,8 +1016,9 @@ impl Emulator {
         exit
     }
 
-    /// Instructions retired by this vCPU so far (an instruction that
-    /// faulted counts once per attempt).
+    /// Operations retired by this vCPU so far: instructions, except that
+    /// a native run or a fused compare-and-branch counts once, and an
+    /// instruction that faulted counts once per attempt.
     pub fn instructions_retired(&self) -> u64 {
         self.retired
     }
@@ -1039,6 +1040,13 @@ impl Emulator {
         self.settle();
         if let Some(e) = self.core.pop_mmio_write() {
             return e;
+        }
+        if let Some(arena) = self.core.native.as_mut().filter(|a| a.is_full()) {
+            // Native stubs filled their arena (blocks decoded since run
+            // as interpreted): drop every block, and with them every
+            // stub, and start the arena afresh.
+            self.cache.clear();
+            arena.reset();
         }
         self.cache.collect();
         // The block that just ended normally, whose link to the next one
@@ -1075,17 +1083,10 @@ impl Emulator {
             if *executed >= budget {
                 return Exit::BudgetExhausted;
             }
-            if self.cache.has_garbage() || self.core.native.as_ref().is_some_and(|a| a.is_full()) {
+            if self.cache.has_garbage() {
                 // No block pointer may outlive this (links to the dropped
                 // blocks are already stale).
                 prev = std::ptr::null();
-                if let Some(arena) = self.core.native.as_mut().filter(|a| a.is_full()) {
-                    // Native stubs filled their arena: drop every block (and
-                    // with them every stub) and start the arena afresh.
-                    self.cache.clear();
-                    self.cache.collect();
-                    arena.reset();
-                }
                 self.cache.collect();
             }
             let rip = self.core.cpu.rip;

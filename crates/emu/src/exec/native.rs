@@ -44,54 +44,30 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
         return false;
     }
     let m = i.mnemonic();
-    let listed = matches!(
-        m,
-        M::Add
-            | M::Or
-            | M::Adc
-            | M::Sbb
-            | M::And
-            | M::Sub
-            | M::Xor
-            | M::Cmp
-            | M::Test
-            | M::Mov
-            | M::Movzx
-            | M::Movsx
-            | M::Movsxd
-            | M::Lea
-            | M::Inc
-            | M::Dec
-            | M::Neg
-            | M::Not
-            | M::Imul
-            | M::Mul
-            | M::Shl
-            | M::Sal
-            | M::Shr
-            | M::Sar
-            | M::Rol
-            | M::Ror
-            | M::Rcl
-            | M::Rcr
-            | M::Shld
-            | M::Shrd
-            | M::Bt
-            | M::Bts
-            | M::Btr
-            | M::Btc
-            | M::Xchg
-            | M::Cbw
-            | M::Cwde
-            | M::Cdqe
-            | M::Cwd
-            | M::Cdq
-            | M::Cqo
-            | M::Clc
-            | M::Stc
-            | M::Cmc
-            | M::Nop
-    ) || super::forms::is_cmovcc(m)
+    let listed = super::forms::is_register_alu(m)
+        || matches!(
+            m,
+            M::Mul
+                | M::Rcl
+                | M::Rcr
+                | M::Shld
+                | M::Shrd
+                | M::Bt
+                | M::Bts
+                | M::Btr
+                | M::Btc
+                | M::Xchg
+                | M::Cbw
+                | M::Cwde
+                | M::Cdqe
+                | M::Cwd
+                | M::Cdq
+                | M::Cqo
+                | M::Clc
+                | M::Stc
+                | M::Cmc
+        )
+        || super::forms::is_cmovcc(m)
         || super::forms::is_setcc(m);
     if !listed {
         return false;
@@ -372,12 +348,13 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
     Ok(())
 }
 
-/// Replaces each run of at least [`MIN_RUN`] eligible instructions in
-/// `ops` (whose bytes are `bytes[spans[k].0..spans[k].1]`) by one op
-/// running its stub. `ops` and `spans` are parallel.
+/// Replaces each run of at least [`MIN_RUN`] eligible instructions among
+/// the first `limit` of `ops` (op `k`'s bytes are `bytes[spans[k].0..
+/// spans[k].1]`, for `k < limit`) by one op running its stub.
 pub fn compile_runs(
     arena: &mut Option<Arena>,
     ops: &mut Vec<Op>,
+    limit: usize,
     spans: &[(usize, usize)],
     bytes: &[u8],
 ) {
@@ -389,7 +366,8 @@ pub fn compile_runs(
     }
     let eligible: Vec<bool> = ops
         .iter()
-        .map(|op| eligible(&op.instr, u32::from(op.bitness)))
+        .enumerate()
+        .map(|(k, op)| k < limit && eligible(&op.instr, u32::from(op.bitness)))
         .collect();
     // The runs as (first op, end op, offset of the stub in `code`).
     let mut runs = Vec::new();
