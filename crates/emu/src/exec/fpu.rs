@@ -319,9 +319,32 @@ fn st_index(r: Register) -> usize {
     (r as usize).wrapping_sub(Register::ST0 as usize) & 7
 }
 
-/// Reads a memory operand of the instruction as an 80-bit value.
+/// A single- or double-precision signaling NaN widened to 80 bits as the
+/// processor holds it inside an arithmetic instruction: still signaling,
+/// sign and payload kept. (FLD instead quiets it, as the host's `fld`
+/// does.) `None` when `bits` (of `size` bytes) is not a signaling NaN.
 #[cfg(target_arch = "x86_64")]
-fn load_mem(c: &mut Core, op: &Op) -> Result<(F80, u16), Stop> {
+fn widen_snan(bits: u64, size: usize) -> Option<F80> {
+    let (exp_bits, frac_bits) = if size == 4 { (8, 23) } else { (11, 52) };
+    let sign = (bits >> (exp_bits + frac_bits)) & 1;
+    let exp = (bits >> frac_bits) & ((1 << exp_bits) - 1);
+    let frac = bits & ((1u64 << frac_bits) - 1);
+    let quiet = 1u64 << (frac_bits - 1);
+    if exp != (1 << exp_bits) - 1 || frac == 0 || frac & quiet != 0 {
+        return None;
+    }
+    Some(F80 {
+        mant: (1 << 63) | (frac << (63 - frac_bits)),
+        se: ((sign as u16) << 15) | 0x7fff,
+    })
+}
+
+/// Reads a memory operand of the instruction as an 80-bit value: as FLD
+/// converts it, or with `as_source`, as an arithmetic or compare
+/// instruction sees it (a signaling NaN stays signaling, so that the
+/// operation's NaN rules pick the same operand as the processor's).
+#[cfg(target_arch = "x86_64")]
+fn load_mem(c: &mut Core, op: &Op, as_source: bool) -> Result<(F80, u16), Stop> {
     use super::hostfp as h;
     let lin = c.mem_linear(op);
     let ms = op.instr.memory_size();
@@ -341,16 +364,24 @@ fn load_mem(c: &mut Core, op: &Op) -> Result<(F80, u16), Stop> {
             ));
         }
         MemorySize::Float32 | MemorySize::Int32 => {
-            src[..4].copy_from_slice(&(c.read(lin, 4)? as u32).to_le_bytes());
+            let bits = c.read(lin, 4)?;
+            src[..4].copy_from_slice(&(bits as u32).to_le_bytes());
             if ms == MemorySize::Float32 {
+                if let Some(snan) = widen_snan(bits, 4).filter(|_| as_source) {
+                    return Ok((snan, IE));
+                }
                 h::ld32(&src, &mut dst, fcw)
             } else {
                 h::ild32(&src, &mut dst, fcw)
             }
         }
         MemorySize::Float64 | MemorySize::Int64 => {
-            src[..8].copy_from_slice(&c.read(lin, 8)?.to_le_bytes());
+            let bits = c.read(lin, 8)?;
+            src[..8].copy_from_slice(&bits.to_le_bytes());
             if ms == MemorySize::Float64 {
+                if let Some(snan) = widen_snan(bits, 8).filter(|_| as_source) {
+                    return Ok((snan, IE));
+                }
                 h::ld64(&src, &mut dst, fcw)
             } else {
                 h::ild64(&src, &mut dst, fcw)
@@ -389,7 +420,7 @@ mod arith {
                     }
                 }
                 _ => {
-                    let (v, sw) = load_mem(c, op)?;
+                    let (v, sw) = load_mem(c, op, false)?;
                     c.cpu.fpu.raise(sw);
                     v
                 }
@@ -493,7 +524,7 @@ mod arith {
             _ => (1, Some(0)),
         };
         let (b, load_sw) = match other {
-            None => load_mem(c, op)?,
+            None => load_mem(c, op, true)?,
             Some(i) => {
                 if c.cpu.fpu.is_empty(i) {
                     return underflow(c, dst, pop);
@@ -598,7 +629,7 @@ mod arith {
         };
         let mem = op.instr.op_count() == 1 && op.instr.op_kind(0) == OpKind::Memory;
         let (b, load_sw) = if mem {
-            load_mem(c, op)?
+            load_mem(c, op, true)?
         } else if other == 8 {
             (F80::default(), 0)
         } else if c.cpu.fpu.is_empty(other) {
