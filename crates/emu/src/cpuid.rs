@@ -1,7 +1,7 @@
 //! The CPUID model: a small Intel-vendor processor advertising only what
-//! this emulator implements. Later increments add feature bits as they
-//! implement them (Linux x86-64 needs at least FPU, PAE, CX8, PGE, FXSR,
-//! SSE and SSE2 before it boots).
+//! this emulator implements (Linux x86-64 needs at least FPU, PAE, CX8,
+//! PGE, FXSR, SSE and SSE2 before it boots). A feature bit is added only
+//! with the instructions or state it stands for.
 
 use hypervisor::x86::CpuidEntry;
 

@@ -5,7 +5,8 @@
 //! - [`state`]: the architectural register state ([`CpuState`]) and its
 //!   conversion to the hypervisor crate's register structs.
 //! - [`mem`]: guest RAM as host addresses ([`mem::Ram`]), the linear to
-//!   physical translation slot ([`mem::Mmu`], identity until paging lands)
+//!   physical translation ([`mem::Mmu`]: the guest's page tables behind a
+//!   software TLB)
 //!   and the map of pages holding decoded code ([`mem::CodePages`]), one
 //!   for all vCPUs of a VM.
 //! - [`block`]: straight-line blocks decoded once with iced-x86 into
@@ -14,16 +15,19 @@
 //!   byte and dropped when their page is written (by any vCPU: each block
 //!   records its pages' generations in the shared map).
 //! - `exec`: the interpreter. Each handler executes one instruction on
-//!   the [`exec::Core`] (registers, memory, pending I/O). A JIT can later
-//!   replace a whole block's handler sequence without touching the rest.
+//!   the [`exec::Core`] (registers, memory, pending I/O). Stretches of
+//!   register-only instructions run natively on x86-64 hosts (native
+//!   runs: the guest's bytes copied into host stubs).
 //! - [`Emulator`]: runs blocks until something the VMM must see (port I/O,
-//!   MMIO, HLT, an exception not yet delivered, an interrupt request).
+//!   MMIO, HLT, a reported exception, an interrupt request); exceptions
+//!   and interrupts are delivered through the guest's IDT.
 //! - [`vcpu`]: the `hypervisor::{Hypervisor, Vm, Vcpu}` implementation.
 //!
 //! Flags are computed eagerly: each arithmetic handler computes the six
 //! status flags from its inputs with a few ALU operations. That keeps the
 //! handlers independent (no lazy-flag state to thread through exits and
-//! exceptions); a JIT can drop dead flag computations per block later.
+//! exceptions); a per-block liveness pass skips the flags that are
+//! overwritten before anything reads them.
 
 pub mod block;
 pub mod cpuid;

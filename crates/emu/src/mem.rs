@@ -3,9 +3,10 @@
 //! [`Ram`] is a flat table of the RAM regions of a `GuestMemoryMmap`, kept
 //! as host addresses so an access costs a compare and a copy instead of
 //! vm-memory's region lookup and slice building. [`Mmu`] turns linear
-//! addresses into guest-physical ones: identity for now, the place where
-//! 4-level paging goes next. [`CodePages`] remembers which 4 KiB pages hold
-//! decoded blocks, so writes to them can invalidate the block cache.
+//! addresses into guest-physical ones (no paging, 32-bit and PAE paging,
+//! 4-level long-mode paging) through a software TLB. [`CodePages`]
+//! remembers which 4 KiB pages hold decoded blocks, so writes to them can
+//! invalidate the block cache.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Architectural state of one software vCPU.
 //!
 //! Kept as plain fields (GPRs in an array indexed by the x86 register
-//! number) so the interpreter, and later a JIT, can address them with a
+//! number) so the interpreter and native-run stubs can address them with a
 //! constant offset. Conversions to and from the backend-neutral
 //! [`StandardRegisters`]/[`SpecialRegisters`] live here too.
 

@@ -2,9 +2,9 @@
 //!
 //! Everything above this crate (the VMM, the devices, the command line) talks
 //! to a virtual machine through the [`Hypervisor`], [`Vm`] and [`Vcpu`]
-//! traits and never learns which accelerator runs it. Two backends plug in
-//! here: `kvm` (Linux/KVM, hardware virtualization) and, later, `emu`
-//! (vessel's own software x86-64 vCPU). Both share the same guest memory
+//! traits and never learns which accelerator runs it. Two backends
+//! implement them: `kvm` here (Linux/KVM, hardware virtualization) and the
+//! `emu` crate (vessel's own software x86-64 vCPU). Both share the same guest memory
 //! (`vm-memory`) and the same device models, which see only the exits a vCPU
 //! returns.
 
