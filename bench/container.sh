@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Times `vessel run --container -- true` against `runc run` of an equivalent busybox
 # bundle (same root, `true` as the command) and `vessel-runc run` of that same bundle,
-# and prints the means and the vessel/runc ratio.
+# and prints the medians and the vessel/runc ratio.
 #
 #   bench/container.sh [RUNS]          (default 50; needs root and runc; hyperfine if present)
 #
@@ -41,20 +41,33 @@ r_cmd="runc run --bundle $bundle vessel-bench"
 o_cmd="$vrunc run --bundle $bundle vessel-bench"
 $r_cmd; $o_cmd   # sanity: both must succeed
 
+# Every timed run must exit 0: hyperfine stops on a failing command, and the loop below
+# does the same, so a failure is never averaged into a figure.
 if command -v hyperfine >/dev/null; then
   json="$bundle/result.json"
   hyperfine -N --warmup 5 --runs "$runs" --export-json "$json" "$v_cmd" "$r_cmd" "$o_cmd" >&2
-  read -r v r o < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["results"]; print(d[0]["mean"]*1000, d[1]["mean"]*1000, d[2]["mean"]*1000)' "$json")
+  read -r v r o < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["results"]; print(*(x["median"]*1000 for x in d))' "$json")
 else
-  time_ms() {
+  # Interleaved: one run of each command per round, so host noise hits all three alike.
+  declare -a tv tr to
+  time_one() {  # COMMAND... -> milliseconds, or exit the script if it fails
     local start end
     start=$(date +%s%N)
-    for _ in $(seq "$runs"); do $1 >/dev/null; done
+    if ! "$@" >/dev/null; then
+      echo "bench/container.sh: a timed run failed: $*" >&2
+      exit 1
+    fi
     end=$(date +%s%N)
-    echo "scale=3; ($end - $start) / 1000000 / $runs" | bc
+    last_ms=$(( (end - start) / 1000 ))
   }
-  $v_cmd; $r_cmd; $o_cmd
-  v=$(time_ms "$v_cmd"); r=$(time_ms "$r_cmd"); o=$(time_ms "$o_cmd")
+  # shellcheck disable=SC2086
+  for _ in $(seq "$runs"); do
+    time_one $v_cmd; tv+=("$last_ms")
+    time_one $r_cmd; tr+=("$last_ms")
+    time_one $o_cmd; to+=("$last_ms")
+  done
+  median_ms() { python3 -c 'import statistics, sys; print(statistics.median(int(x) for x in sys.argv[1:]) / 1000)' "$@"; }
+  v=$(median_ms "${tv[@]}"); r=$(median_ms "${tr[@]}"); o=$(median_ms "${to[@]}")
 fi
 printf 'vessel run --container -- true: %.2f ms\n' "$v"
 printf 'runc run (busybox bundle):      %.2f ms\n' "$r"
@@ -76,8 +89,12 @@ printf 'peak RSS: vessel %s KiB, runc %s KiB, vessel-runc %s KiB\n' \
 if command -v crun >/dev/null; then
   if crun run --bundle "$bundle" vessel-bench-crun >/dev/null 2>"$bundle/crun.err"; then
     c_cmd="crun run --bundle $bundle vessel-bench-crun"
-    start=$(date +%s%N); for _ in $(seq "$runs"); do $c_cmd >/dev/null; done; end=$(date +%s%N)
-    printf 'crun run (same bundle):         %.2f ms\n' "$(echo "scale=3; ($end - $start) / 1000000 / $runs" | bc)"
+    start=$(date +%s%N)
+    for _ in $(seq "$runs"); do
+      $c_cmd >/dev/null || { echo "bench/container.sh: a timed crun run failed" >&2; exit 1; }
+    done
+    end=$(date +%s%N)
+    printf 'crun run (same bundle):         %.2f ms (mean)\n' "$(echo "scale=3; ($end - $start) / 1000000 / $runs" | bc)"
   else
     echo "crun: refused on this host: $(head -n 1 "$bundle/crun.err")"
   fi

@@ -2,7 +2,7 @@
 //! so checks go through exit statuses (and `test` inside the container).
 //!
 //! Needs root and a static busybox (Debian's busybox-static at /usr/bin/busybox or
-//! /bin/busybox); otherwise each test prints `NOT RUN`.
+//! /bin/busybox); otherwise each test prints `NOT RUN` (a failure under CI).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,24 +11,6 @@ use std::sync::{Mutex, MutexGuard};
 use container::{Config, Error, Net, Status};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn is_static_elf(path: &Path) -> bool {
-    let Ok(bytes) = fs::read(path) else {
-        return false;
-    };
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        bytes
-            .get(o..o + 4)
-            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
-    })
-}
 
 /// Test root (built once per target dir) and a state root private to this test binary,
 /// so the leftover check sees only our containers.
@@ -40,17 +22,15 @@ struct Env {
 
 fn env() -> Option<Env> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("NOT RUN: containers need root");
+    if !testkit::is_root() {
+        testkit::not_run(testkit::prereq::ROOT, "containers need root");
         return None;
     }
-    let Some(busybox) = ["/usr/bin/busybox", "/bin/busybox"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| is_static_elf(p))
-    else {
-        println!("NOT RUN: no static busybox (install Debian's busybox-static)");
+    let Some(busybox) = testkit::static_busybox(&[]) else {
+        testkit::not_run(
+            testkit::prereq::BUSYBOX,
+            "no static busybox (install Debian's busybox-static)",
+        );
         return None;
     };
     let rootfs = Path::new(env!("CARGO_TARGET_TMPDIR")).join("container-busybox-root");
@@ -152,7 +132,7 @@ fn memory_limit_oom_is_counted() {
         && !fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
             .is_ok_and(|c| c.contains("memory"))
     {
-        println!("NOT RUN: no memory cgroup controller");
+        testkit::not_run(testkit::prereq::CGROUP, "no memory cgroup controller");
         return;
     }
     let mut c = config(

@@ -46,19 +46,21 @@ mod fuzz_tests {
     use crate::interrupt::tests::CountingLine;
     use std::sync::{Arc, Mutex};
 
-    /// xorshift64*: deterministic, dependency-free randomness.
-    struct Rng(u64);
+    /// `testkit`'s seeded generator, plus the shapes of device accesses.
+    struct Rng(testkit::Rng);
 
     impl Rng {
+        /// From the running test's seed (`testkit::seed`, printed for replay).
+        fn seeded() -> Rng {
+            Rng(testkit::Rng::new(testkit::seed()))
+        }
+
         fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+            self.0.next()
         }
 
         fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
+            self.0.below(n)
         }
 
         fn offset(&mut self) -> u64 {
@@ -104,7 +106,7 @@ mod fuzz_tests {
 
     #[test]
     fn random_accesses_never_panic() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Rng::seeded();
         for (name, mut dev) in devices() {
             for _ in 0..20_000 {
                 let offset = rng.offset();
@@ -136,7 +138,7 @@ mod fuzz_tests {
             let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(BoxedDevice(dev)));
             bus.insert(dev, 0x100 * i as u64, 8).unwrap();
         }
-        let mut rng = Rng(42);
+        let mut rng = Rng::seeded();
         for _ in 0..50_000 {
             let addr = match rng.below(3) {
                 0 => rng.next(),

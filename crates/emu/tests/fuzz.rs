@@ -37,7 +37,7 @@ fn set_mode(emu: &mut Emulator, bitness: u32) {
 fn random_code_never_panics() {
     let mem = common::memory(MEMORY);
     let mut emu = common::emulator(&mem);
-    let mut rng = Rng::new(0xf022);
+    let mut rng = Rng::seeded("random code");
     let mut code = vec![0u8; MEMORY];
     let mut exits = [0u64; 10];
     for round in 0..20_000u64 {

@@ -584,13 +584,12 @@ fn native_runs_match_the_interpreter() {
     b.not(rdx).unwrap();
     b.hlt().unwrap();
     load(&mem, PARTIAL, &mut b);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
+        return;
+    }
+    let mut rng = testkit::Rng::new(testkit::seed());
+    let mut next = || rng.next();
     const STATUS: u64 = 0x8d5;
     for round in 0..200 {
         let regs: Vec<u64> = (0..16).map(|_| next()).collect();
@@ -615,6 +614,15 @@ fn native_runs_match_the_interpreter() {
             match e.run(10_000, None) {
                 Exit::Halt => {}
                 other => panic!("round {round}: unexpected {other:?}"),
+            }
+            // Otherwise the interpreter would be compared with itself.
+            if native {
+                assert!(
+                    e.native_runs_executed() > 0,
+                    "round {round}: no native stub ran (arena refused or full?)"
+                );
+            } else {
+                assert_eq!(e.native_runs_executed(), 0, "round {round}");
             }
             let cpu = e.cpu();
             results.push((cpu.gpr, cpu.rflags & STATUS));

@@ -219,7 +219,10 @@ mod tests {
     #[test]
     fn rejects_bad_arguments_on_host() {
         if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
-            eprintln!("NOT RUN: rejects_bad_arguments_on_host needs an x86-64 Linux host");
+            testkit::not_run(
+                testkit::prereq::X86_64,
+                "the helper needs an x86-64 Linux host",
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -182,13 +182,14 @@ mod tests {
     #[test]
     fn init_decodes_argv_exactly() {
         let Some(shell) = host_shell() else {
-            eprintln!(
-                "SKIPPED init_decodes_argv_exactly: neither busybox nor sh can be run on this host"
+            testkit::not_run(
+                testkit::prereq::PROGRAM,
+                "neither busybox nor sh can be run on this host",
             );
             return;
         };
         if shell[0] != "busybox" && Command::new("base64").arg("--version").output().is_err() {
-            eprintln!("SKIPPED init_decodes_argv_exactly: no base64 command on this host");
+            testkit::not_run(testkit::prereq::PROGRAM, "no base64 command on this host");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,10 @@ fn kvm() -> Option<KvmHypervisor> {
     match KvmHypervisor::new() {
         Ok(kvm) => Some(kvm),
         Err(e) => {
-            eprintln!("NOT RUN: KVM is not usable on this host ({e})");
+            testkit::not_run(
+                testkit::prereq::KVM,
+                format!("KVM is not usable on this host ({e})"),
+            );
             None
         }
     }

@@ -8,18 +8,19 @@ use irqchip::pic::DualPic;
 use irqchip::pit::Pit;
 use irqchip::{DeliveryMode, Destination, Interrupt};
 
-/// xorshift64*: deterministic, dependency-free.
-struct Rng(u64);
+/// `testkit`'s seeded generator, plus the shapes of guest input.
+struct Rng(testkit::Rng);
 
 impl Rng {
+    /// Stream `round` of model `model`, from the running test's seed.
+    fn seeded(model: &str, round: u64) -> Rng {
+        Rng(testkit::Rng::derived(testkit::seed(), (model, round)))
+    }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next()
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
     fn byte(&mut self) -> u8 {
         self.next() as u8
@@ -75,7 +76,7 @@ const STEPS: usize = 40_000;
 #[test]
 fn pic_never_panics() {
     for seed in 1..=SEEDS {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = Rng::seeded("pic", seed);
         let mut pic = DualPic::new();
         let ports = [0x20u16, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1];
         for _ in 0..STEPS {
@@ -104,7 +105,7 @@ fn pic_never_panics() {
 #[test]
 fn pit_never_panics() {
     for seed in 1..=SEEDS {
-        let mut rng = Rng(seed.wrapping_mul(0x51_7cc1_b727_220a));
+        let mut rng = Rng::seeded("pit", seed);
         let mut pit = Pit::new();
         let mut now = 0;
         for _ in 0..STEPS {
@@ -144,7 +145,7 @@ fn pit_never_panics() {
 #[test]
 fn ioapic_never_panics() {
     for seed in 1..=SEEDS {
-        let mut rng = Rng(seed.wrapping_mul(0x2545_f491));
+        let mut rng = Rng::seeded("ioapic", seed);
         let mut io = IoApic::new();
         let mut out = Vec::new();
         for _ in 0..STEPS {
@@ -182,7 +183,7 @@ fn ioapic_never_panics() {
 #[test]
 fn lapic_never_panics() {
     for seed in 1..=SEEDS {
-        let mut rng = Rng(seed.wrapping_mul(0x1234_5678_9abc_def1));
+        let mut rng = Rng::seeded("lapic", seed);
         let mut apic = LocalApic::new(rng.below(300) as u32, rng.below(2) == 0)
             .with_timer_hz(rng.next() % 3_000_000_000)
             .with_tsc_hz(rng.next() % 5_000_000_000);

@@ -168,7 +168,10 @@ fn emu_is_available_and_checks_the_kernel_first() {
 #[test]
 fn too_long_command_line_and_oversized_initrd_are_refused() {
     if !hypervisor::host::kvm_support().usable {
-        eprintln!("NOT RUN: /dev/kvm is missing or not usable on this host");
+        testkit::not_run(
+            testkit::prereq::KVM,
+            "/dev/kvm is missing or not usable on this host",
+        );
         return;
     }
     // A minimal 64-bit ELF "kernel" is enough to reach these checks.

@@ -2,7 +2,8 @@
 //!
 //! They need root (namespaces, mounts, cgroups) and a static busybox to build a test root
 //! from: the host's (`/usr/bin/busybox` or `/bin/busybox`, e.g. Debian's busybox-static)
-//! or the one `vessel` cached in its data dir. Without them each test prints `NOT RUN`.
+//! or the one `vessel` cached in its data dir. Without them each test prints `NOT RUN`
+//! (a failure under CI, see `testkit::not_run`).
 //! The tests run one at a time so that the host-state snapshots taken around each one
 //! (mounts, cgroups, state directories) see only that test's container.
 
@@ -18,34 +19,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 
-/// Whether the ELF file at `path` is statically linked (has no PT_INTERP).
-fn is_static_elf(path: &Path) -> bool {
-    let Ok(bytes) = fs::read(path) else {
-        return false;
-    };
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        bytes
-            .get(o..o + 4)
-            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
-    })
-}
-
 fn static_busybox() -> Option<PathBuf> {
-    let cached = guest::default_data_dir().join("busybox/busybox");
-    [
-        PathBuf::from("/usr/bin/busybox"),
-        PathBuf::from("/bin/busybox"),
-        cached,
-    ]
-    .into_iter()
-    .find(|p| is_static_elf(p))
+    testkit::static_busybox(&[guest::default_data_dir().join("busybox/busybox")])
 }
 
 struct Env {
@@ -57,17 +32,22 @@ struct Env {
 /// The test root, or why the test cannot run.
 fn env() -> Option<Env> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("NOT RUN: containers need root");
+    if !testkit::is_root() {
+        testkit::not_run(testkit::prereq::ROOT, "containers need root");
         return None;
     }
     if !Path::new("/proc/self/ns/pid").exists() || !Path::new("/proc/self/ns/cgroup").exists() {
-        println!("NOT RUN: this kernel lacks PID or cgroup namespaces");
+        testkit::not_run(
+            testkit::prereq::NAMESPACES,
+            "this kernel lacks PID or cgroup namespaces",
+        );
         return None;
     }
     let Some(busybox) = static_busybox() else {
-        println!("NOT RUN: no static busybox (install Debian's busybox-static)");
+        testkit::not_run(
+            testkit::prereq::BUSYBOX,
+            "no static busybox (install Debian's busybox-static)",
+        );
         return None;
     };
     let rootfs = Path::new(env!("CARGO_TARGET_TMPDIR")).join("container-busybox-root");
@@ -250,7 +230,7 @@ fn memory_limit_kills_and_is_reported() {
         && !fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
             .is_ok_and(|c| c.contains("memory"))
     {
-        println!("NOT RUN: no memory cgroup controller");
+        testkit::not_run(testkit::prereq::CGROUP, "no memory cgroup controller");
         return;
     }
     let out = vessel(
@@ -586,7 +566,10 @@ fn errors_are_one_clear_line() {
 fn tty_flag_gives_a_pseudo_terminal_with_the_window_size() {
     let Some(env) = env() else { return };
     if Command::new("script").arg("--version").output().is_err() {
-        println!("NOT RUN: util-linux `script` is not installed");
+        testkit::not_run(
+            testkit::prereq::PROGRAM,
+            "util-linux `script` is not installed",
+        );
         return;
     }
     let before = host_state();
@@ -609,5 +592,137 @@ fn tty_flag_gives_a_pseudo_terminal_with_the_window_size() {
     assert!(text.contains("/dev/pts/0"), "{text:?}");
     assert!(text.contains("33 101"), "{text:?}");
     assert!(text.contains("stdin-is-a-tty"), "{text:?}");
+    assert_eq!(host_state(), before, "vessel left state behind");
+}
+
+/// The CPU time (user + system) of every process in the cgroup directory
+/// `group`, in seconds, read from /proc (works on cgroup v1 and v2).
+fn group_cpu_seconds(group: &Path) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let procs = fs::read_to_string(group.join("cgroup.procs")).unwrap_or_default();
+    let mut ticks = 0u64;
+    for pid in procs.lines() {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue; // exited since the listing
+        };
+        // Fields after the parenthesized command name; utime and stime are
+        // fields 14 and 15 of the whole line.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ticks as f64 / ticks_per_second
+}
+
+/// The cpu-controller cgroup directory of process `pid`, as the host sees it.
+fn cpu_group_of(pid: u32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        let candidates: Vec<PathBuf> = if controllers.split(',').any(|c| c == "cpu") {
+            ["cpu", "cpu,cpuacct", "cpuacct,cpu"]
+                .iter()
+                .map(|m| Path::new("/sys/fs/cgroup").join(m).join(path))
+                .collect()
+        } else if controllers.is_empty() {
+            // cgroup v2: only where the cpu controller is enabled there.
+            vec![Path::new("/sys/fs/cgroup").join(path)]
+        } else {
+            continue;
+        };
+        if let Some(dir) = candidates
+            .into_iter()
+            .find(|d| d.join("cpu.cfs_quota_us").exists() || d.join("cpu.max").exists())
+        {
+            return Some(dir);
+        }
+    }
+    None
+}
+
+/// `--cpus 0.25`: the container's cgroup carries a quota of a quarter of
+/// one CPU per period, and a busy loop inside gets that much CPU time and
+/// no more (measured from the group's processes over three seconds).
+#[test]
+fn cpu_limit_holds_a_busy_loop_to_its_quota() {
+    let Some(env) = env() else { return };
+    let before = host_state();
+    let mut child = Command::new(VESSEL)
+        .args(["run", "--container", "--cpus", "0.25", "--rootfs"])
+        .arg(&env.rootfs)
+        .args(["--", "sh", "-c", "echo ready; while :; do :; done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting vessel");
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+    assert_eq!(&buf, b"ready\n");
+    // The container's init is vessel's child.
+    let children =
+        fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap_or_default();
+    let group = children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find_map(cpu_group_of);
+    let result = std::panic::catch_unwind(|| {
+        let group = group.expect("the container's cpu cgroup");
+        assert!(
+            group.to_string_lossy().contains("vessel-"),
+            "not a vessel group: {}",
+            group.display()
+        );
+        let read = |f: &str| fs::read_to_string(group.join(f)).unwrap_or_default();
+        let quota = if group.join("cpu.max").exists() {
+            let max = read("cpu.max");
+            let mut it = max
+                .split_whitespace()
+                .map(|v| v.parse::<f64>().unwrap_or(0.0));
+            it.next().unwrap_or(0.0) / it.next().unwrap_or(1.0)
+        } else {
+            read("cpu.cfs_quota_us")
+                .trim()
+                .parse::<f64>()
+                .unwrap_or(0.0)
+                / read("cpu.cfs_period_us")
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or(1.0)
+        };
+        assert!(
+            (quota - 0.25).abs() < 1e-9,
+            "quota/period in the cgroup is {quota}"
+        );
+        let (cpu0, t0) = (group_cpu_seconds(&group), Instant::now());
+        std::thread::sleep(Duration::from_secs(3));
+        let (cpu1, t1) = (group_cpu_seconds(&group), Instant::now());
+        let share = (cpu1 - cpu0) / (t1 - t0).as_secs_f64();
+        eprintln!("busy loop under --cpus 0.25 used {share:.3} of a CPU");
+        // The loop runs (it gets most of its quarter on this host, busy or
+        // not) and is held to its quota (a loop left alone takes a whole
+        // CPU); the margin covers clock-tick accounting.
+        assert!(share > 0.15, "the busy loop got only {share:.3} of a CPU");
+        assert!(
+            share < 0.32,
+            "the busy loop got {share:.3} of a CPU, over its 0.25"
+        );
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    assert_eq!(status.code(), Some(143));
     assert_eq!(host_state(), before, "vessel left state behind");
 }

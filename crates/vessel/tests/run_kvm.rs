@@ -16,7 +16,10 @@ use iced_x86::code_asm::*;
 fn kvm_usable() -> bool {
     let usable = hypervisor::host::kvm_support().usable;
     if !usable {
-        eprintln!("NOT RUN: /dev/kvm is missing or not usable on this host");
+        testkit::not_run(
+            testkit::prereq::KVM,
+            "/dev/kvm is missing or not usable on this host",
+        );
     }
     usable
 }

@@ -2,8 +2,8 @@
 //!
 //! They need root, a static busybox (Debian's busybox-static) and, for the containerd
 //! test, `containerd` and `ctr` (Debian's containerd package). Without them each test
-//! prints `NOT RUN` with the reason. Tests run one at a time (the leftover checks look at
-//! the whole host).
+//! prints `NOT RUN` with the reason (a failure under CI). Tests run one at a time (the
+//! leftover checks look at the whole host).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,24 +17,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const RUNC: &str = env!("CARGO_BIN_EXE_vessel-runc");
 const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 
-fn is_static_elf(path: &Path) -> bool {
-    let Ok(bytes) = fs::read(path) else {
-        return false;
-    };
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        bytes
-            .get(o..o + 4)
-            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
-    })
-}
-
 struct Env {
     rootfs: PathBuf,
     _serial: MutexGuard<'static, ()>,
@@ -42,19 +24,17 @@ struct Env {
 
 fn env() -> Option<Env> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("NOT RUN: containers need root");
+    if !testkit::is_root() {
+        testkit::not_run(testkit::prereq::ROOT, "containers need root");
         return None;
     }
-    let Some(busybox) = [
-        PathBuf::from("/usr/bin/busybox"),
-        PathBuf::from("/bin/busybox"),
-        guest::default_data_dir().join("busybox/busybox"),
-    ]
-    .into_iter()
-    .find(|p| is_static_elf(p)) else {
-        println!("NOT RUN: no static busybox (install Debian's busybox-static)");
+    let Some(busybox) =
+        testkit::static_busybox(&[guest::default_data_dir().join("busybox/busybox")])
+    else {
+        testkit::not_run(
+            testkit::prereq::BUSYBOX,
+            "no static busybox (install Debian's busybox-static)",
+        );
         return None;
     };
     let rootfs = Path::new(env!("CARGO_TARGET_TMPDIR")).join("runc-busybox-root");
@@ -497,7 +477,10 @@ fn have(cmd: &str) -> bool {
 fn ctr_run_with_vessel_runc() {
     let Some(env) = env() else { return };
     if !have("containerd") || !have("ctr") {
-        println!("NOT RUN: containerd and ctr are not installed (apt-get install containerd)");
+        testkit::not_run(
+            testkit::prereq::PROGRAM,
+            "containerd and ctr are not installed (apt-get install containerd)",
+        );
         return;
     }
     let dir = tempfile::Builder::new()

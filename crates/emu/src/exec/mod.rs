@@ -35,9 +35,11 @@ pub use system::InterruptLines;
 pub(crate) use fast::specialize_block;
 pub(crate) use ops::handler_for;
 
-/// An exception the guest raised. Delivered through the IDT once that
-/// lands; for now [`Emulator::run`] returns it with RIP at the faulting
-/// instruction and its effects undone.
+/// An exception the guest raised. Delivered through the guest's IDT, or,
+/// for vectors in the exception-exit bitmap
+/// ([`Emulator::set_exception_exits`]), returned by [`Emulator::run`] as
+/// [`Exit::Exception`] with RIP at the faulting instruction and its
+/// effects undone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exception {
     pub vector: u8,
@@ -221,6 +223,8 @@ pub struct Core {
     pub(crate) tsc_aux: u64,
     /// Where native runs' stubs go; `None`: interpret everything.
     pub(crate) native: Option<native::Arena>,
+    /// Native-run stubs executed so far (see [`Emulator::native_runs_executed`]).
+    pub(crate) native_runs: u64,
 }
 
 impl Core {
@@ -243,6 +247,7 @@ impl Core {
             shadow_rip: u64::MAX,
             tsc_aux: 0,
             native: native::Arena::new(),
+            native_runs: 0,
         }
     }
 
@@ -1021,6 +1026,13 @@ impl Emulator {
     /// instruction that faulted counts once per attempt.
     pub fn instructions_retired(&self) -> u64 {
         self.retired
+    }
+
+    /// How many times this vCPU has executed a native run's stub: zero
+    /// when native runs are off or none was compiled, which tests that
+    /// compare the two modes check.
+    pub fn native_runs_executed(&self) -> u64 {
+        self.core.native_runs
     }
 
     fn run_counted(&mut self, budget: u64, stop: Option<&AtomicBool>, executed: &mut u64) -> Exit {

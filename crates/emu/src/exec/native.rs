@@ -337,6 +337,7 @@ fn load_store(c: &mut Vec<u8>, opcode: u8, n: u8) {
 
 /// Runs the stub whose address is in `op.imm`.
 pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
+    c.native_runs += 1;
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
     // arena, which lives as long as the `Core` (blocks are per vCPU), and
     // the stub follows the C calling convention with these two pointers,

@@ -1,6 +1,6 @@
 //! Test scaffolding shared by the emulator's integration tests: a 64-bit
-//! guest (flat, identity-mapped with 1 GiB pages), and a tiny
-//! deterministic PRNG.
+//! guest (flat, identity-mapped with 1 GiB pages), and random values
+//! shaped for instruction inputs (from `testkit`'s seeded generator).
 
 #![allow(dead_code)]
 
@@ -13,33 +13,26 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 pub const CODE64_DESCRIPTOR: u64 = 0x00af_9b00_0000_ffff;
 pub const DATA64_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
 
-/// xorshift64*: deterministic, dependency-free.
-pub struct Rng(pub u64);
+/// `testkit`'s generator, plus values shaped for instruction inputs.
+pub struct Rng(testkit::Rng);
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed | 1)
+    /// The stream named `stream` of the running test's seed
+    /// (`testkit::seed`, which prints it for replay).
+    pub fn seeded(stream: impl std::hash::Hash) -> Self {
+        Rng(testkit::Rng::derived(testkit::seed(), stream))
     }
 
     pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next()
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
+        self.0.below(n)
     }
 
     pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
+        self.0.pick(items)
     }
 
     /// A register value biased towards the edges where flags change:

@@ -29,8 +29,9 @@ pub fn have(name: &str) -> bool {
 pub fn gpg_available(test: &str) -> bool {
     for tool in ["gpg", "gpgv"] {
         if !have(tool) {
-            eprintln!(
-                "NOT RUN: {test} needs `{tool}` (install gnupg / gpgv), which is not on PATH"
+            testkit::not_run(
+                testkit::prereq::PROGRAM,
+                format!("{test} needs `{tool}` (install gnupg / gpgv), which is not on PATH"),
             );
             return false;
         }

@@ -34,14 +34,16 @@ struct Cli {
     /// Also write errors (and with --debug, progress) to this file.
     #[arg(long, global = true, value_name = "FILE")]
     log: Option<PathBuf>,
-    /// text or json (runc's {"level","msg","time"} lines).
+    /// Log lines as text, or as runc's JSON {"level","msg","time"} objects.
     #[arg(
         long = "log-format",
         global = true,
         default_value = "text",
-        value_name = "FORMAT"
+        value_name = "FORMAT",
+        value_parser = ["text", "json"]
     )]
     log_format: String,
+    /// Also write progress lines to the --log file.
     #[arg(long, global = true)]
     debug: bool,
     /// Accepted for compatibility; systemd cgroups are refused.
@@ -188,11 +190,6 @@ pub fn main() -> ExitCode {
         file: cli.log.clone(),
         json: cli.log_format == "json",
     };
-    if cli.log_format != "json" && cli.log_format != "text" {
-        let msg = format!("--log-format {}: expected text or json", cli.log_format);
-        eprintln!("vessel-runc: {msg}");
-        return ExitCode::from(1);
-    }
     match dispatch(&cli, &logger) {
         Ok(code) => code,
         Err(e) => {
