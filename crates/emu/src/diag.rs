@@ -2,8 +2,9 @@
 //! which instruction it was looking at, read from guest memory without
 //! touching the emulator's TLB or block cache.
 
+use hypervisor::GuestRam;
 use iced_x86::{Decoder, DecoderOptions};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::state::{seg, CpuState};
 
@@ -16,7 +17,7 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Translates linear `lin` with the guest's page tables (4-level long mode,
 /// or no paging). `None` when unmapped or in a mode not handled here.
-pub(crate) fn translate(cpu: &CpuState, memory: &GuestMemoryMmap, lin: u64) -> Option<u64> {
+pub(crate) fn translate(cpu: &CpuState, memory: &GuestRam, lin: u64) -> Option<u64> {
     const CR0_PG: u64 = 1 << 31;
     const EFER_LMA: u64 = 1 << 10;
     if cpu.cr0 & CR0_PG == 0 {
@@ -45,7 +46,7 @@ pub(crate) fn translate(cpu: &CpuState, memory: &GuestMemoryMmap, lin: u64) -> O
 
 /// Reads up to 15 bytes of code at the current CS:RIP (fewer where the
 /// next page is unmapped).
-pub fn code_bytes(cpu: &CpuState, memory: &GuestMemoryMmap) -> Vec<u8> {
+pub fn code_bytes(cpu: &CpuState, memory: &GuestRam) -> Vec<u8> {
     let lin = if cpu.bitness() == 64 {
         cpu.rip
     } else {
@@ -66,7 +67,7 @@ pub fn code_bytes(cpu: &CpuState, memory: &GuestMemoryMmap) -> Vec<u8> {
 
 /// "rip 0x… (cs 0x10, 64-bit): 0f ae 00 = Fxsave_m512byte" — the place
 /// and instruction the vCPU stopped at.
-pub fn describe(cpu: &CpuState, memory: Option<&GuestMemoryMmap>) -> String {
+pub fn describe(cpu: &CpuState, memory: Option<&GuestRam>) -> String {
     let mut s = format!(
         "rip {:#x} (cs {:#x}, {}-bit, cpl {})",
         cpu.rip,
@@ -105,7 +106,7 @@ mod tests {
 
     #[test]
     fn describes_real_mode_code() {
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         // cpuid at 0x1000.
         memory
             .write_slice(&[0x0f, 0xa2], GuestAddress(0x1000))

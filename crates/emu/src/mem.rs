@@ -1,6 +1,6 @@
 //! Guest memory as the interpreter sees it.
 //!
-//! [`Ram`] is a flat table of the RAM regions of a `GuestMemoryMmap`, kept
+//! [`Ram`] is a flat table of the RAM regions of a `GuestRam`, kept
 //! as host addresses so an access costs a compare and a copy instead of
 //! vm-memory's region lookup and slice building. [`Mmu`] turns linear
 //! addresses into guest-physical ones (no paging, 32-bit and PAE paging,
@@ -8,10 +8,11 @@
 //! remembers which 4 KiB pages hold decoded blocks, so writes to them can
 //! invalidate the block cache.
 
+use hypervisor::GuestRam;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub const PAGE_SHIFT: u32 = 12;
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
@@ -26,13 +27,13 @@ struct Region {
     host: usize,
 }
 
-/// The guest's RAM. Holds a clone of the `GuestMemoryMmap` so every host
+/// The guest's RAM. Holds a clone of the `GuestRam` so every host
 /// mapping in `regions` outlives this value.
 #[derive(Debug, Clone)]
 pub struct Ram {
     regions: Vec<Region>,
     end: u64,
-    _keep: Option<GuestMemoryMmap>,
+    _keep: Option<GuestRam>,
 }
 
 impl Default for Ram {
@@ -51,7 +52,7 @@ impl Ram {
         }
     }
 
-    pub fn new(memory: &GuestMemoryMmap) -> Self {
+    pub fn new(memory: &GuestRam) -> Self {
         let mut regions: Vec<Region> = memory
             .iter()
             .map(|r| Region {
@@ -131,7 +132,7 @@ impl Ram {
         match self.host(gpa, data.len()) {
             Some(h) => {
                 // SAFETY: as in `read`; the region mapping is writable
-                // (GuestMemoryMmap maps RAM read-write).
+                // (GuestRam maps RAM read-write).
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), h as *mut u8, data.len()) };
                 true
             }
@@ -343,7 +344,7 @@ pub struct TlbEntry {
     pub shift: u8,
     /// Host address of the physical page when it is RAM, else 0 (MMIO):
     /// the access fast path (`Core::read_as`/`write_as`) uses it directly.
-    /// Valid as long as the entry: `Ram` keeps the `GuestMemoryMmap` (and
+    /// Valid as long as the entry: `Ram` keeps the `GuestRam` (and
     /// so every mapping) alive for the life of the `Core` owning the TLB,
     /// and guest RAM is never remapped.
     pub host: usize,
@@ -509,6 +510,22 @@ struct CodeInner {
 }
 
 impl CodePages {
+    /// Forgets the code in every page that `[gpa, gpa + len)` touches
+    /// (bumping their generations, so every vCPU decodes them again): for
+    /// writes that do not go through a vCPU, such as a device's DMA.
+    pub fn invalidate_range(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> PAGE_SHIFT;
+        let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
+        for page in first..=last {
+            if self.test(page) {
+                self.clear(page);
+            }
+        }
+    }
+
     pub fn new(ram_end: u64) -> Self {
         let pages = ram_end.div_ceil(PAGE_SIZE);
         let words = pages.div_ceil(64) as usize;
@@ -603,11 +620,9 @@ mod tests {
 
     #[test]
     fn ram_bounds() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(0), 0x2000),
-            (GuestAddress(0x10000), 0x1000),
-        ])
-        .unwrap();
+        let mem =
+            GuestRam::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x10000), 0x1000)])
+                .unwrap();
         let ram = Ram::new(&mem);
         assert_eq!(ram.end(), 0x11000);
         assert!(ram.write_u(0x1ffe, 2, 0xbeef));

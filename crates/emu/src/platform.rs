@@ -166,6 +166,8 @@ impl Chips {
 struct IoEvent {
     addr: u64,
     pio: bool,
+    /// Only a 4-byte write of this value signals (KVM's datamatch).
+    datamatch: Option<u32>,
     fd: EventFd,
 }
 
@@ -337,16 +339,34 @@ impl Platform {
     }
 
     /// `Vm::register_ioevent`.
-    pub fn register_ioevent(&self, fd: &EventFd, addr: u64, pio: bool) -> std::io::Result<()> {
+    pub fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: u64,
+        pio: bool,
+        datamatch: Option<u32>,
+    ) -> std::io::Result<()> {
         let fd = fd.try_clone()?;
-        lock(&self.shared.ioevents).push(IoEvent { addr, pio, fd });
+        lock(&self.shared.ioevents).push(IoEvent {
+            addr,
+            pio,
+            datamatch,
+            fd,
+        });
         Ok(())
     }
 
-    /// Signals the ioeventfd registered for a write at `addr`, if any.
-    pub(crate) fn ioevent(&self, addr: u64, pio: bool) -> bool {
+    /// Signals the ioeventfd registered for a `size`-byte write of `data`
+    /// at `addr`, if any.
+    pub(crate) fn ioevent(&self, addr: u64, pio: bool, size: u8, data: u64) -> bool {
         let events = lock(&self.shared.ioevents);
-        match events.iter().find(|e| e.addr == addr && e.pio == pio) {
+        let matches = |e: &&IoEvent| {
+            e.addr == addr
+                && e.pio == pio
+                && e.datamatch
+                    .is_none_or(|want| size == 4 && data & 0xffff_ffff == u64::from(want))
+        };
+        match events.iter().find(matches) {
             Some(e) => {
                 // EAGAIN (counter full) still leaves the event signalled.
                 let _ = e.fd.write(1);

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypervisor::x86::{CpuidEntry, FpuState, MsrEntry, SpecialRegisters, StandardRegisters};
+use hypervisor::GuestRam;
 use hypervisor::{
     Hypervisor, HypervisorError, Result, Vcpu, VcpuExit, VcpuInterrupter, Vm, VmConfig,
 };
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exec::{Emulator, Exception, Exit, InterruptLines};
@@ -114,7 +114,7 @@ pub struct EmuVm {
     /// The guest memory, the code-page map every vCPU shares, and the
     /// instant their TSCs count from (one TSC for all: Linux checks that
     /// the CPUs' TSCs agree).
-    memory: Mutex<Option<(GuestMemoryMmap, CodePages, Instant)>>,
+    memory: Mutex<Option<(GuestRam, CodePages, Instant)>>,
     /// The interrupt controllers and timers (`VmConfig::irqchip`).
     platform: Option<Arc<Platform>>,
 }
@@ -130,7 +130,7 @@ impl EmuVm {
 }
 
 impl Vm for EmuVm {
-    fn set_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
+    fn set_memory(&self, memory: &GuestRam) -> Result<()> {
         let mut held = self
             .memory
             .lock()
@@ -141,6 +141,14 @@ impl Vm for EmuVm {
             ));
         }
         let code = CodePages::new(crate::mem::Ram::new(memory).end());
+        // Devices write guest memory from their own threads (virtio DMA):
+        // code decoded from a page they overwrite must be decoded again,
+        // as when a vCPU writes it.
+        let watched = code.clone();
+        hypervisor::watch_writes(
+            memory,
+            Arc::new(move |gpa, len| watched.invalidate_range(gpa, len as u64)),
+        );
         *held = Some((memory.clone(), code, Instant::now()));
         Ok(())
     }
@@ -226,14 +234,20 @@ impl Vm for EmuVm {
         }
     }
 
-    fn register_ioevent(&self, fd: &EventFd, addr: u64, pio: bool) -> Result<()> {
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: u64,
+        pio: bool,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
         if pio && addr > u64::from(u16::MAX) {
             return Err(HypervisorError::InvalidArgument(format!(
                 "port {addr:#x} does not exist"
             )));
         }
         self.platform("register_ioevent")?
-            .register_ioevent(fd, addr, pio)
+            .register_ioevent(fd, addr, pio, datamatch)
             .map_err(|e| HypervisorError::Unsupported(format!("ioeventfd: {e}")))
     }
 }
@@ -270,7 +284,7 @@ pub struct EmuVcpu {
     /// vCPU id = initial APIC ID = index into the platform's APICs.
     index: usize,
     /// Guest memory, for diagnostics.
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     platform: Option<Arc<Platform>>,
     interrupter: Arc<EmuInterrupter>,
     signal: Arc<CpuSignal>,
@@ -465,7 +479,9 @@ impl Vcpu for EmuVcpu {
                 }
                 Exit::IoOut { port, size, data } => {
                     if let Some(p) = platform {
-                        if p.ioevent(u64::from(port), true) || p.pio_out(port, size, data) {
+                        if p.ioevent(u64::from(port), true, size, u64::from(data))
+                            || p.pio_out(port, size, data)
+                        {
                             continue;
                         }
                     }
@@ -492,7 +508,9 @@ impl Vcpu for EmuVcpu {
                 }
                 Exit::MmioWrite { addr, size, data } => {
                     if let Some(p) = platform {
-                        if p.ioevent(addr, false) || p.mmio_write(self.index, addr, size, data) {
+                        if p.ioevent(addr, false, size, data)
+                            || p.mmio_write(self.index, addr, size, data)
+                        {
                             continue;
                         }
                     }

@@ -18,12 +18,13 @@ mod common;
 
 use common::Rng;
 use emu::Exit;
+use hypervisor::GuestRam;
 use iced_x86::code_asm::*;
 use iced_x86::{
     Code, Encoder, EncodingKind, Instruction, MemoryOperand, Mnemonic, OpCodeOperandKind as K,
     Register, RepPrefixKind,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const BUF_LEN: usize = 1024;
 const GUEST_CODE: u64 = 0x1000;
@@ -199,7 +200,7 @@ struct Case {
 struct Bench {
     native: Native,
     host_buf: Vec<u8>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     emu: emu::Emulator,
     cases: u64,
     code_len: u64,

@@ -7,6 +7,7 @@
 
 mod common;
 
+use hypervisor::GuestRam;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use hypervisor::{
     DescriptorTable, Hypervisor, Segment, StandardRegisters, Vcpu, VcpuExit, Vm, VmConfig,
 };
 use iced_x86::code_asm::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const CODE: u64 = 0x1000;
 const MMIO_REAL_MODE: u64 = 0x8_0000;
@@ -33,7 +34,7 @@ enum Event {
     Halt,
 }
 
-fn vm_with_code(code: &[u8]) -> (Arc<dyn Vm>, GuestMemoryMmap) {
+fn vm_with_code(code: &[u8]) -> (Arc<dyn Vm>, GuestRam) {
     let vm = EmuHypervisor::new()
         .create_vm(&VmConfig {
             num_cpus: 1,

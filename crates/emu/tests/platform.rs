@@ -9,10 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 const CODE: u64 = 0x1000;
 
-fn run_code(
-    a: &mut CodeAssembler,
-    mem_size: usize,
-) -> (Emulator, Exit, vm_memory::GuestMemoryMmap) {
+fn run_code(a: &mut CodeAssembler, mem_size: usize) -> (Emulator, Exit, hypervisor::GuestRam) {
     let code = a.assemble(CODE).expect("assemble");
     let mem = common::memory(mem_size);
     mem.write_slice(&code, GuestAddress(CODE)).unwrap();
@@ -95,6 +92,12 @@ fn vm_interrupt_wiring_through_the_traits() {
     a.out(dx, al).unwrap(); // ioeventfd
     a.in_(al, 0x21).unwrap(); // PIC mask read back
     a.out(0x80, al).unwrap(); // the VMM's
+                              // A virtio-style notify register with one eventfd per queue index.
+    a.mov(rax, 0xd000_0050u64).unwrap();
+    a.mov(word_ptr(rax), 1u32).unwrap(); // 2 bytes: no datamatch, an exit
+    a.mov(dword_ptr(rax), 1u32).unwrap(); // queue 1's eventfd
+    a.mov(dword_ptr(rax), 0u32).unwrap(); // queue 0's eventfd
+    a.mov(dword_ptr(rax), 2u32).unwrap(); // nobody's: an exit
     let code = a.assemble(CODE).expect("assemble");
     let mem = common::memory(0x10_0000);
     mem.write_slice(&code, GuestAddress(CODE)).unwrap();
@@ -108,7 +111,13 @@ fn vm_interrupt_wiring_through_the_traits() {
         .unwrap();
     vm.set_memory(&mem).unwrap();
     let doorbell = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    vm.register_ioevent(&doorbell, 0x600, true).unwrap();
+    vm.register_ioevent(&doorbell, 0x600, true, None).unwrap();
+    let queue0 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let queue1 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_ioevent(&queue0, 0xd000_0050, false, Some(0))
+        .unwrap();
+    vm.register_ioevent(&queue1, 0xd000_0050, false, Some(1))
+        .unwrap();
     assert!(vm.set_irq_line(24, true).is_err());
     vm.set_irq_line(4, true).unwrap();
     vm.set_irq_line(4, false).unwrap();
@@ -134,6 +143,20 @@ fn vm_interrupt_wiring_through_the_traits() {
         other => panic!("unexpected exit {other:?}"),
     }
     assert_eq!(doorbell.read().unwrap(), 1);
+    match vcpu.run().unwrap() {
+        VcpuExit::MmioWrite { addr, data } => {
+            assert_eq!((addr, data), (0xd000_0050, &[1u8, 0][..]));
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    match vcpu.run().unwrap() {
+        VcpuExit::MmioWrite { addr, data } => {
+            assert_eq!((addr, data), (0xd000_0050, &[2u8, 0, 0, 0][..]));
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    assert_eq!(queue0.read().unwrap(), 1);
+    assert_eq!(queue1.read().unwrap(), 1);
 
     let plain = EmuHypervisor::new()
         .create_vm(&VmConfig {

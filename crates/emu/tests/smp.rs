@@ -17,7 +17,7 @@ const WRITER: u64 = 0x3000;
 
 /// A second emulator sharing `first`'s code-page map (as the vCPUs of one
 /// VM do).
-fn sibling(first: &Emulator, mem: &vm_memory::GuestMemoryMmap) -> Emulator {
+fn sibling(first: &Emulator, mem: &hypervisor::GuestRam) -> Emulator {
     let cpuid: Arc<[hypervisor::x86::CpuidEntry]> = emu::cpuid::table(1, 2).into();
     let mut e = Emulator::with_code_pages(mem, cpuid, Some(first.code_pages()));
     common::long_mode(e.cpu_mut());
@@ -28,7 +28,7 @@ fn sibling(first: &Emulator, mem: &vm_memory::GuestMemoryMmap) -> Emulator {
 
 /// `mov eax, imm32; out 0x80, al` at VICTIM; the writer vCPU patches the
 /// immediate.
-fn setup() -> (vm_memory::GuestMemoryMmap, Emulator) {
+fn setup() -> (hypervisor::GuestRam, Emulator) {
     let mem = common::memory(0x10_0000);
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(eax, 1u32).unwrap();

@@ -6,13 +6,14 @@
 
 mod common;
 
+use hypervisor::GuestRam;
 use std::sync::Arc;
 
 use emu::exec::InterruptLines;
 use emu::{Emulator, Exception, Exit};
 use hypervisor::x86::{DescriptorTable, Segment};
 use iced_x86::code_asm::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const PML4: u64 = 0x10000;
 const PDPT: u64 = 0x11000;
@@ -39,7 +40,7 @@ fn pte_addr(lin: u64) -> u64 {
 /// Memory with 4-level tables mapping the low 2 MiB with 4 KiB user,
 /// writable pages (identity), a GDT, a 64-bit TSS with RSP0 = STACK and
 /// IST1 = IST1, and an empty IDT.
-fn setup() -> GuestMemoryMmap {
+fn setup() -> GuestRam {
     let mem = common::memory(MEM);
     mem.write_obj(PDPT | 7, GuestAddress(PML4)).unwrap();
     mem.write_obj(PD | 7, GuestAddress(PDPT)).unwrap();
@@ -67,7 +68,7 @@ fn setup() -> GuestMemoryMmap {
     mem
 }
 
-fn set_gate(mem: &GuestMemoryMmap, vector: u8, handler: u64, ist: u64, dpl: u64, trap: bool) {
+fn set_gate(mem: &GuestRam, vector: u8, handler: u64, ist: u64, dpl: u64, trap: bool) {
     let typ: u64 = if trap { 0xf } else { 0xe };
     let lo = (handler & 0xffff)
         | (0x08 << 16)
@@ -81,7 +82,7 @@ fn set_gate(mem: &GuestMemoryMmap, vector: u8, handler: u64, ist: u64, dpl: u64,
     mem.write_obj(handler >> 32, GuestAddress(a + 8)).unwrap();
 }
 
-fn emulator(mem: &GuestMemoryMmap) -> Emulator {
+fn emulator(mem: &GuestRam) -> Emulator {
     let mut e = common::emulator(mem);
     let cpu = e.cpu_mut();
     cpu.cr3 = PML4;
@@ -103,7 +104,7 @@ fn emulator(mem: &GuestMemoryMmap) -> Emulator {
     e
 }
 
-fn load(mem: &GuestMemoryMmap, at: u64, a: &mut CodeAssembler) {
+fn load(mem: &GuestRam, at: u64, a: &mut CodeAssembler) {
     let code = a.assemble(at).unwrap();
     mem.write_slice(&code, GuestAddress(at)).unwrap();
 }

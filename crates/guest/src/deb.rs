@@ -23,6 +23,42 @@ pub(crate) fn extract(
     description: &str,
     mut wanted: impl FnMut(&str) -> bool,
 ) -> Result<Extracted> {
+    let mut found = None;
+    // `take` stops the walk at the first match.
+    walk(deb, package, &mut wanted, |file| {
+        found = Some(file);
+        false
+    })?;
+    found.ok_or_else(|| Error::Deb {
+        package: package.to_owned(),
+        path: deb.to_owned(),
+        reason: format!("its data archive contains no {description}"),
+    })
+}
+
+/// Every regular file in `deb`'s data archive whose path `wanted` accepts, in archive
+/// order, read in one pass over the (compressed) archive.
+pub(crate) fn extract_all(
+    deb: &Path,
+    package: &str,
+    wanted: impl FnMut(&str) -> bool,
+) -> Result<Vec<Extracted>> {
+    let mut found = Vec::new();
+    walk(deb, package, wanted, |file| {
+        found.push(file);
+        true
+    })?;
+    Ok(found)
+}
+
+/// Reads the regular files of `deb`'s data archive that `wanted` accepts and hands each
+/// to `take`, until `take` returns false or the archive ends.
+fn walk(
+    deb: &Path,
+    package: &str,
+    mut wanted: impl FnMut(&str) -> bool,
+    mut take: impl FnMut(Extracted) -> bool,
+) -> Result<()> {
     let err = |reason: String| Error::Deb {
         package: package.to_owned(),
         path: deb.to_owned(),
@@ -73,9 +109,11 @@ pub(crate) fn extract(
             entry
                 .read_to_end(&mut contents)
                 .map_err(|e| err(format!("cannot read {path} from {name}: {e}")))?;
-            return Ok(Extracted { path, contents });
+            if !take(Extracted { path, contents }) {
+                return Ok(());
+            }
         }
-        return Err(err(format!("{name} contains no {description}")));
+        return Ok(());
     }
     Err(err("no data.tar member; is this a .deb?".to_owned()))
 }

@@ -4,6 +4,7 @@ use std::io::{self, Write};
 
 use crate::cpio::CpioWriter;
 use crate::exit_helper::exit_status_helper;
+use crate::modules::{GuestModules, MODULE_DIR};
 
 /// `/init` of the guest, run by busybox sh.
 ///
@@ -36,6 +37,29 @@ export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
 umask 022
 hostname vessel
 cd /root
+
+# Drivers for the virtio devices vessel gave this machine, from the kernel's own
+# package: the virtio-mmio transport only when ACPI describes such a device
+# (LNRO0005); it finds the devices, and each one's driver is loaded by device type.
+vessel_modules=/lib/modules/vessel
+vessel_load() {
+	for vessel_m in $(cat "$vessel_modules/$1.deps"); do
+		[ -d "/sys/module/$vessel_m" ] || insmod "$vessel_modules/$vessel_m.ko"
+	done
+}
+for vessel_dev in /sys/bus/acpi/devices/LNRO0005:*; do
+	[ -e "$vessel_dev" ] || break
+	vessel_load virtio_mmio
+	for vessel_dev in /sys/bus/virtio/devices/*; do
+		case $(cat "$vessel_dev/device" 2>/dev/null) in
+		0x0001) vessel_load virtio_net ;;
+		0x0002) vessel_load virtio_blk ;;
+		0x0004) vessel_load virtio_rng ;;
+		0x0013) vessel_load vmw_vsock_virtio_transport ;;
+		esac
+	done
+	break
+done
 
 # >>> decode vessel.cmd
 vessel_cmdline=${VESSEL_CMDLINE:-/proc/cmdline}
@@ -102,18 +126,43 @@ poweroff -f
 "#;
 
 /// Writes the newc initramfs with `busybox` as /bin/busybox,
-/// [`INIT_SCRIPT`] as /init and the exit-status helper as /sbin/vessel-exit-status.
+/// [`INIT_SCRIPT`] as /init, the exit-status helper as /sbin/vessel-exit-status
+/// and `modules` under [`MODULE_DIR`] (each driver's load order in `DRIVER.deps`).
 /// Equal input gives byte-for-byte equal output (all mtimes are 0).
-pub fn build_initramfs(busybox: &[u8], out: impl Write) -> io::Result<()> {
+pub fn build_initramfs(busybox: &[u8], modules: &GuestModules, out: impl Write) -> io::Result<()> {
     // Uncompressed: the kernel then only copies the archive instead of
     // inflating it, which on the software vCPU costs a few percent of the
     // boot (about 50 million guest instructions for gzip); the price is a
     // bigger file (about 2.2 MiB instead of 1 MiB), freed after unpacking.
     let mut cpio = CpioWriter::new(out);
     for dir in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "mnt", "run",
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "etc",
+        "mnt",
+        "run",
+        "lib",
+        "lib/modules",
+        MODULE_DIR,
     ] {
         cpio.dir(dir, 0o755)?;
+    }
+    for (name, ko) in &modules.files {
+        cpio.file(&format!("{MODULE_DIR}/{name}.ko"), 0o644, ko)?;
+    }
+    for (driver, order) in &modules.orders {
+        let list: String = order.iter().map(|m| format!("{m}\n")).collect();
+        cpio.file(
+            &format!("{MODULE_DIR}/{driver}.deps"),
+            0o644,
+            list.as_bytes(),
+        )?;
     }
     cpio.dir("tmp", 0o1777)?;
     cpio.dir("root", 0o700)?;
@@ -280,9 +329,9 @@ mod tests {
     #[test]
     fn initramfs_contents_and_determinism() {
         let mut a = Vec::new();
-        build_initramfs(b"BUSYBOX", &mut a).unwrap();
+        build_initramfs(b"BUSYBOX", &GuestModules::default(), &mut a).unwrap();
         let mut b = Vec::new();
-        build_initramfs(b"BUSYBOX", &mut b).unwrap();
+        build_initramfs(b"BUSYBOX", &GuestModules::default(), &mut b).unwrap();
         assert_eq!(a, b, "same input must give the same bytes");
 
         let entries = parse(&a);

@@ -25,6 +25,7 @@ mod gpg;
 mod index;
 mod initramfs;
 mod mirror;
+pub mod modules;
 
 use std::fs::{self, File};
 use std::io::{BufReader, Write};
@@ -168,6 +169,8 @@ pub fn initramfs_id() -> String {
     // The archive format is part of the identity too.
     hash.update(b"newc, uncompressed\n");
     hash.update(INIT_SCRIPT.as_bytes());
+    // Which drivers the initramfs carries modules for.
+    hash.update(modules::DRIVERS.join(",").as_bytes());
     hash.update(exit_helper::exit_status_helper());
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -273,11 +276,22 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
         &work.join("busybox.deb"),
     )?;
 
-    // 4. Unpack.
-    let vmlinuz = deb::extract(&kernel_deb, &kernel_pkg.name, "boot/vmlinuz-*", |p| {
+    // 4. Unpack: the kernel and the modules its virtio drivers need, in one pass.
+    let is_vmlinuz = |p: &str| {
         p.strip_prefix("boot/vmlinuz-")
             .is_some_and(|r| !r.is_empty() && !r.contains('/'))
+    };
+    let mut kernel_files = deb::extract_all(&kernel_deb, &kernel_pkg.name, |p| {
+        is_vmlinuz(p) || modules::wanted_path(p)
     })?;
+    let Some(at) = kernel_files.iter().position(|f| is_vmlinuz(&f.path)) else {
+        return Err(Error::Deb {
+            package: kernel_pkg.name.clone(),
+            path: kernel_deb.clone(),
+            reason: "its data archive contains no boot/vmlinuz-*".into(),
+        });
+    };
+    let vmlinuz = kernel_files.swap_remove(at);
     let release = vmlinuz.path.trim_start_matches("boot/vmlinuz-").to_owned();
     if !is_valid_release(&release) {
         return Err(Error::BadKernelRelease {
@@ -285,6 +299,21 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
             release,
         });
     }
+    // Only this release's modules: a package never holds another's, but
+    // the check costs nothing.
+    let module_prefix = format!("lib/modules/{release}/");
+    let guest_modules = modules::GuestModules::from_package(
+        kernel_files
+            .into_iter()
+            .filter(|f| f.path.starts_with(&module_prefix))
+            .map(|f| (f.path, f.contents))
+            .collect(),
+    )
+    .map_err(|reason| Error::Deb {
+        package: kernel_pkg.name.clone(),
+        path: kernel_deb.clone(),
+        reason: format!("virtio driver modules: {reason}"),
+    })?;
     let busybox = deb::extract(&busybox_deb, &busybox_pkg.name, "bin/busybox", |p| {
         p == "bin/busybox" || p == "usr/bin/busybox"
     })?;
@@ -294,7 +323,11 @@ pub fn fetch_latest(opts: &FetchOptions) -> Result<GuestImage> {
     write_synced(&work_kernel, |f| f.write_all(&vmlinuz.contents))?;
     let work_initrd = work.join("initrd.img");
     write_synced(&work_initrd, |f| {
-        build_initramfs(&busybox.contents, std::io::BufWriter::new(f))
+        build_initramfs(
+            &busybox.contents,
+            &guest_modules,
+            std::io::BufWriter::new(f),
+        )
     })?;
 
     let guest_dir = data_dir.join("guest");

@@ -47,6 +47,18 @@ fn fetch_builds_and_caches_the_guest() {
     assert_eq!(init_text, guest::INIT_SCRIPT);
     assert_eq!(get("bin/busybox").mode, 0o100755);
     assert_eq!(get("bin/busybox").data, BUSYBOX_BYTES);
+    // The virtio drivers' modules from the kernel package, with their load orders.
+    assert_eq!(
+        get("lib/modules/vessel/virtio_blk.deps").data,
+        b"virtio_ring\nvirtio\nvirtio_blk\n"
+    );
+    assert_eq!(
+        &get("lib/modules/vessel/virtio_net.ko").data[..4],
+        b"\x7fELF",
+        "a module file"
+    );
+    let kos = entries.iter().filter(|e| e.name.ends_with(".ko")).count();
+    assert_eq!(kos, 11, "only the modules the drivers need");
     assert_eq!(get("dev/console").mode, 0o020600);
     assert_eq!(get("dev/console").rdev, (5, 1));
     assert_eq!(get("dev/null").mode & S_IFMT, 0o020000);

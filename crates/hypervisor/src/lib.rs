@@ -14,8 +14,9 @@ pub mod x86;
 
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+pub use ram::{watch_writes, GuestRam, WriteHook, WriteWatch};
 
 pub use x86::{
     CpuidEntry, DescriptorTable, FpuState, MsrEntry, Segment, SpecialRegisters, StandardRegisters,
@@ -94,7 +95,7 @@ pub trait Hypervisor: Send + Sync {
 pub trait Vm: Send + Sync {
     /// Makes every region of `memory` guest RAM at its guest-physical
     /// address. The VM keeps a reference so the mapping outlives it.
-    fn set_memory(&self, memory: &GuestMemoryMmap) -> Result<()>;
+    fn set_memory(&self, memory: &GuestRam) -> Result<()>;
     /// Creates vCPU `id` (its APIC ID), with the backend's CPUID model.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// Drives interrupt line `gsi` to `level` (edge devices pulse it).
@@ -104,7 +105,16 @@ pub trait Vm: Send + Sync {
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
     /// Signals `fd` instead of exiting when the guest writes to `addr`
     /// (an MMIO address, or a port when `pio`): virtio queue notifications.
-    fn register_ioevent(&self, fd: &EventFd, addr: u64, pio: bool) -> Result<()>;
+    /// With `datamatch`, only a 4-byte write of that value does (one
+    /// eventfd per queue on a shared notify register); other writes exit
+    /// as usual.
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: u64,
+        pio: bool,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
 }
 
 /// One virtual processor. A vCPU is run by one host thread at a time.

@@ -7,6 +7,7 @@
 //! run and return. On nested-PVM hosts ring-0 guest code is emulated one
 //! instruction at a time by the host kernel, so the programs are short.
 
+use hypervisor::GuestRam;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use hypervisor::{
     DescriptorTable, Hypervisor, Segment, StandardRegisters, Vcpu, VcpuExit, Vm, VmConfig,
 };
 use iced_x86::code_asm::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Where test programs are loaded.
 const CODE: u64 = 0x1000;
@@ -42,8 +43,7 @@ fn vm_with_code(kvm: &KvmHypervisor, num_cpus: u32, irqchip: bool, code: &[u8]) 
     let vm = kvm
         .create_vm(&VmConfig { num_cpus, irqchip })
         .expect("create VM");
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
     mem.write_slice(code, GuestAddress(CODE))
         .expect("load code");
     vm.set_memory(&mem).expect("set memory");
@@ -185,7 +185,7 @@ const PD: u64 = 0xb000;
 const CODE64_DESCRIPTOR: u64 = 0x00af_9b00_0000_ffff;
 const DATA64_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
 
-fn build_long_mode_tables(mem: &GuestMemoryMmap) {
+fn build_long_mode_tables(mem: &GuestRam) {
     mem.write_obj(0u64, GuestAddress(GDT)).unwrap();
     mem.write_obj(CODE64_DESCRIPTOR, GuestAddress(GDT + 8))
         .unwrap();
@@ -243,8 +243,7 @@ fn long_mode_vm(kvm: &KvmHypervisor, num_cpus: u32) -> Arc<dyn Vm> {
             irqchip: false,
         })
         .expect("create VM");
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("memory");
     build_long_mode_tables(&mem);
     mem.write_slice(&long_mode_program(), GuestAddress(CODE))
         .expect("load code");
@@ -391,12 +390,13 @@ fn ioeventfd_turns_guest_writes_into_events() {
     let vm = vm_with_code(&kvm, 1, false, &code);
     let mmio_event = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).expect("eventfd");
     let pio_event = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).expect("eventfd");
-    vm.register_ioevent(&mmio_event, MMIO_REAL_MODE + 0x10, false)
+    vm.register_ioevent(&mmio_event, MMIO_REAL_MODE + 0x10, false, None)
         .expect("MMIO ioeventfd");
-    vm.register_ioevent(&pio_event, 0x470, true)
+    vm.register_ioevent(&pio_event, 0x470, true, None)
         .expect("PIO ioeventfd");
     assert!(
-        vm.register_ioevent(&pio_event, 0x1_0000, true).is_err(),
+        vm.register_ioevent(&pio_event, 0x1_0000, true, None)
+            .is_err(),
         "ports are 16-bit"
     );
     let mut vcpu = start_real_mode_vcpu(vm.as_ref(), 0);

@@ -70,6 +70,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         ("--initrd", args.initrd.is_some()),
         ("--cmdline", args.cmdline.is_some()),
         ("--accel", args.accel != AccelArg::Auto),
+        ("--disk", !args.disk.is_empty()),
+        ("--rng", args.rng),
     ];
     if let Some((flag, _)) = vm_only.iter().find(|(_, g)| *g) {
         bail!("{flag} applies to VMs only, not to --container");

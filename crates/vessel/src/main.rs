@@ -100,6 +100,13 @@ struct RunArgs {
     /// Kernel command line, replacing vessel's default.
     #[arg(long)]
     cmdline: Option<String>,
+    /// A virtio disk: an image file, with options readonly, format=raw and
+    /// serial=S, comma-separated (repeatable; the guest sees /dev/vda, /dev/vdb, ...).
+    #[arg(long, value_name = "PATH[,OPTION...]")]
+    disk: Vec<String>,
+    /// A virtio entropy device fed from the host's random source (/dev/hwrng in the guest).
+    #[arg(long)]
+    rng: bool,
     #[command(flatten)]
     container: container_cmd::ContainerArgs,
     /// Command to run in the guest; without it, an interactive shell.
@@ -256,6 +263,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(initrd) = &args.initrd {
         check_file(initrd, "initrd")?;
     }
+    let disks = args
+        .disk
+        .iter()
+        .map(|spec| vmm::config::DiskConfig::parse(spec))
+        .collect::<Result<Vec<_>, _>>()?;
     let accel = choose_accel(args.accel)?;
     let hypervisor: Box<dyn hypervisor::Hypervisor> = match accel {
         Accel::Kvm => Box::new(hypervisor::kvm::KvmHypervisor::new().context("opening KVM")?),
@@ -291,6 +303,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         initrd,
         cmdline,
         exit_status_port: Some(guest::EXIT_STATUS_PORT),
+        disks,
+        rng: args.rng,
     };
 
     let stdin = libc::STDIN_FILENO;

@@ -175,22 +175,7 @@ fn too_long_command_line_and_oversized_initrd_are_refused() {
         return;
     }
     // A minimal 64-bit ELF "kernel" is enough to reach these checks.
-    let mut elf = vec![0u8; 0x1001];
-    elf[0..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
-    elf[16] = 2;
-    elf[18] = 62;
-    elf[20] = 1;
-    elf[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    elf[32] = 64;
-    elf[52] = 64;
-    elf[54] = 56;
-    elf[56] = 1;
-    elf[64] = 1;
-    elf[72..80].copy_from_slice(&0x1000u64.to_le_bytes());
-    elf[80..88].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    elf[88..96].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    elf[96] = 1;
-    elf[104] = 1;
+    let elf = tiny_elf_kernel();
     let kernel = temp_file(&elf);
     let path = kernel.path().to_str().unwrap();
     let long = "x".repeat(5000);
@@ -219,4 +204,77 @@ fn too_long_command_line_and_oversized_initrd_are_refused() {
         initrd.path().to_str().unwrap(),
     ]);
     assert_one_clear_error(&out, "does not fit");
+}
+
+/// A minimal 64-bit ELF "kernel": enough to pass the kernel checks and
+/// reach the ones after them.
+fn tiny_elf_kernel() -> Vec<u8> {
+    let mut elf = vec![0u8; 0x1001];
+    elf[0..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    elf[16] = 2;
+    elf[18] = 62;
+    elf[20] = 1;
+    elf[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    elf[32] = 64;
+    elf[52] = 64;
+    elf[54] = 56;
+    elf[56] = 1;
+    elf[64] = 1;
+    elf[72..80].copy_from_slice(&0x1000u64.to_le_bytes());
+    elf[80..88].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    elf[88..96].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    elf[96] = 1;
+    elf[104] = 1;
+    elf
+}
+
+/// `--disk` input vessel refuses before the VM starts, each with one line
+/// naming the image: a missing file, a directory, an image another VM
+/// holds, a qcow2 image given as raw, malformed options, and disks with
+/// --container.
+#[test]
+fn bad_disks_are_refused_with_one_clear_line() {
+    let kernel = temp_file(&tiny_elf_kernel());
+    let kernel = kernel.path().to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let run_with = |disk: &str| {
+        vessel(&[
+            "run", "--accel", "emu", "--memory", "32M", "--kernel", &kernel, "--disk", disk,
+        ])
+    };
+    let missing = dir.path().join("missing.img");
+    assert_one_clear_error(
+        &run_with(missing.to_str().unwrap()),
+        "missing.img: No such file",
+    );
+    assert_one_clear_error(&run_with(dir.path().to_str().unwrap()), "is a directory");
+
+    let image = dir.path().join("busy.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let held = std::fs::File::open(&image).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) },
+        0
+    );
+    assert_one_clear_error(&run_with(image.to_str().unwrap()), "in use by another VM");
+    // A shared (reader's) lock keeps writers out but lets readers in;
+    // the reader then fails later, on the tiny kernel, not on the image.
+    drop(held);
+
+    let qcow = dir.path().join("disk.qcow2");
+    let mut header = b"QFI\xfb".to_vec();
+    header.resize(1 << 20, 0);
+    std::fs::write(&qcow, header).unwrap();
+    assert_one_clear_error(&run_with(qcow.to_str().unwrap()), "is a qcow2 image");
+
+    assert_one_clear_error(
+        &run_with("x.img,cache=none"),
+        "--disk x.img,cache=none: unknown option",
+    );
+    assert_one_clear_error(&run_with("x.img,format=vmdk"), "format=vmdk");
+    assert_one_clear_error(
+        &vessel(&["run", "--container", "--disk", "x.img", "--", "true"]),
+        "--disk applies to VMs only",
+    );
 }

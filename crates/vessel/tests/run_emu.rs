@@ -122,6 +122,13 @@ fn serial_input_reaches_the_guest() {
     check_serial_input_reaches_the_guest("emu");
 }
 
+/// A virtio-blk request from a tiny guest driver: the emulator's
+/// ioeventfd, the device's I/O thread, the image.
+#[test]
+fn a_guest_driver_reads_and_writes_a_virtio_disk() {
+    check_virtio_block_through_a_virtqueue("emu");
+}
+
 #[test]
 fn triple_fault_stops_the_vm_and_says_so() {
     check_triple_fault_is_reported("emu");

@@ -75,6 +75,16 @@ fn serial_input_reaches_the_guest() {
     check_serial_input_reaches_the_guest("kvm");
 }
 
+/// A virtio-blk request from a tiny guest driver: ioeventfd in KVM, the
+/// device's I/O thread, the image.
+#[test]
+fn a_guest_driver_reads_and_writes_a_virtio_disk() {
+    if !kvm_usable() {
+        return;
+    }
+    check_virtio_block_through_a_virtqueue("kvm");
+}
+
 #[test]
 fn i8042_reset_ends_the_vm() {
     if !kvm_usable() {

@@ -17,6 +17,10 @@
 //!   which Linux reads even on hardware-reduced machines.
 //! * DSDT: `\_S5_` with [`S5_SLP_TYP`], and COM1 as a PNP0501 device so Linux
 //!   takes its ports and IRQ from firmware instead of probing for them.
+//!   Each virtio-mmio device is a `LNRO0005` device with its register window
+//!   and its interrupt (edge-triggered, active-high) in `_CRS`, which is how
+//!   Linux's `virtio_mmio` driver finds devices on ACPI machines (as on
+//!   QEMU's microvm) without kernel parameters.
 //! * MADT: the local APIC address, one enabled local APIC per vCPU (APIC ID
 //!   = processor UID = vCPU index), one IOAPIC with ID `num_cpus` and GSI base
 //!   0, the ISA IRQ 0 -> GSI 2 override that the PC timer wiring needs, and
@@ -35,7 +39,10 @@ use devices::acpi_pm::{
 use devices::i8042::{I8042_COMMAND_PORT, I8042_DATA_PORT};
 use devices::rtc::{RTC_CENTURY_INDEX, RTC_INDEX_PORT, RTC_LEN};
 use devices::serial::{COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use hypervisor::GuestRam;
+
+use crate::layout::MmioSlot;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Where the RSDP goes; the other tables follow it.
 pub const RSDP_ADDR: u64 = 0x000e_0000;
@@ -144,7 +151,13 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-fn build_dsdt() -> Vec<u8> {
+/// The `_HID` under which Linux's virtio_mmio driver binds on ACPI.
+const VIRTIO_MMIO_HID: &str = "LNRO0005";
+/// The bytes of a virtio-mmio window the DSDT describes (registers and
+/// configuration space).
+const VIRTIO_MMIO_REGISTERS: u32 = 0x200;
+
+fn build_dsdt(virtio: &[MmioSlot]) -> Vec<u8> {
     // \_S5_: the SLP_TYP the guest writes to the sleep control register to
     // power off. One element is all ACPICA requires (it is SLP_TYPa).
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLP_TYP]));
@@ -182,7 +195,38 @@ fn build_dsdt() -> Vec<u8> {
     let rtc_crs = aml::Name::new("_CRS".into(), &rtc_crs);
     let rtc = aml::Device::new("RTC_".into(), vec![&rtc_hid, &rtc_crs]);
 
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &rtc]);
+    // virtio-mmio devices: VR00, VR01, ...
+    struct VirtioAml {
+        hid: aml::Name,
+        uid: aml::Name,
+        crs: aml::Name,
+    }
+    let virtio_aml: Vec<(String, VirtioAml)> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            // The windows sit below 4 GiB (layout::VIRTIO_MMIO_START).
+            let base = u32::try_from(slot.base).unwrap_or(u32::MAX);
+            let window = aml::Memory32Fixed::new(true, base, VIRTIO_MMIO_REGISTERS);
+            let irq = aml::Interrupt::new(true, true, false, false, slot.gsi);
+            let crs = aml::ResourceTemplate::new(vec![&window, &irq]);
+            (
+                format!("VR{i:02X}"),
+                VirtioAml {
+                    hid: aml::Name::new("_HID".into(), &VIRTIO_MMIO_HID),
+                    uid: aml::Name::new("_UID".into(), &i),
+                    crs: aml::Name::new("_CRS".into(), &crs),
+                },
+            )
+        })
+        .collect();
+    let virtio_devices: Vec<aml::Device> = virtio_aml
+        .iter()
+        .map(|(name, d)| aml::Device::new(name.as_str().into(), vec![&d.hid, &d.uid, &d.crs]))
+        .collect();
+    let mut children: Vec<&dyn Aml> = vec![&com1, &kbd, &rtc];
+    children.extend(virtio_devices.iter().map(|d| d as &dyn Aml));
+    let sb = aml::Scope::new("\\_SB_".into(), children);
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -282,8 +326,9 @@ fn place(sizes: &[usize]) -> Result<(Vec<u64>, u64), AcpiError> {
 /// Builds the RSDP, XSDT, FADT, DSDT and MADT for `cfg` and writes them to
 /// `mem` from [`RSDP_ADDR`]. Returns the RSDP's address.
 pub fn create_acpi_tables(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     cfg: &AcpiConfig,
+    virtio: &[MmioSlot],
 ) -> Result<GuestAddress, AcpiError> {
     if cfg.num_cpus == 0 || cfg.num_cpus > MAX_CPUS {
         return Err(AcpiError::CpuCount(cfg.num_cpus));
@@ -292,7 +337,7 @@ pub fn create_acpi_tables(
     // Sizes are known before addresses: the only cross-references are the
     // FADT's DSDT pointer, the XSDT's entries and the RSDP's XSDT pointer,
     // none of which change a table's size.
-    let dsdt = build_dsdt();
+    let dsdt = build_dsdt(virtio);
     let madt = build_madt(cfg);
     let fadt_len = build_fadt(0).len();
     // XSDT: header plus one 64-bit pointer each for the FADT and the MADT.
@@ -354,11 +399,11 @@ mod tests {
         lapic_addr: 0xfee0_0000,
     };
 
-    fn memory(size: usize) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    fn memory(size: usize) -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), size)]).unwrap()
     }
 
-    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    fn read(mem: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
         mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
         buf
@@ -381,7 +426,7 @@ mod tests {
     }
 
     /// Reads a whole table (header length) and checks its checksum.
-    fn table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+    fn table(mem: &GuestRam, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
         assert!((RSDP_ADDR..ACPI_REGION_END).contains(&addr), "{addr:#x}");
         let header = read(mem, addr, 36);
         assert_eq!(&header[..4], signature);
@@ -405,7 +450,7 @@ mod tests {
         dsdt: Vec<u8>,
     }
 
-    fn parse(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Tables {
+    fn parse(mem: &GuestRam, rsdp_addr: GuestAddress) -> Tables {
         assert_eq!(rsdp_addr.0, RSDP_ADDR);
         let rsdp = read(mem, RSDP_ADDR, 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -447,7 +492,7 @@ mod tests {
     #[test]
     fn tables_parse_back() {
         let mem = memory(2 << 20);
-        let rsdp = create_acpi_tables(&mem, &CONFIG).unwrap();
+        let rsdp = create_acpi_tables(&mem, &CONFIG, &[]).unwrap();
         let t = parse(&mem, rsdp);
         assert_eq!(t.xsdt_entries.len(), 2);
 
@@ -569,7 +614,7 @@ mod tests {
                 num_cpus: n,
                 ..CONFIG
             };
-            let t = parse(&mem, create_acpi_tables(&mem, &cfg).unwrap());
+            let t = parse(&mem, create_acpi_tables(&mem, &cfg, &[]).unwrap());
             let m = &t.madt;
             assert_eq!(u32_at(m, 36), 0xfee0_0000);
             let entries = madt_entries(m);
@@ -605,7 +650,7 @@ mod tests {
                 ..CONFIG
             };
             assert!(matches!(
-                create_acpi_tables(&mem, &cfg),
+                create_acpi_tables(&mem, &cfg, &[]),
                 Err(AcpiError::CpuCount(x)) if x == n
             ));
         }
@@ -615,7 +660,7 @@ mod tests {
     fn rejects_memory_without_the_acpi_area() {
         // RAM ends below the RSDP.
         let mem = memory(0x8_0000);
-        let err = create_acpi_tables(&mem, &CONFIG).unwrap_err();
+        let err = create_acpi_tables(&mem, &CONFIG, &[]).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -634,7 +679,7 @@ mod tests {
             ..CONFIG
         };
         assert!(matches!(
-            create_acpi_tables(&mem, &cfg),
+            create_acpi_tables(&mem, &cfg, &[]),
             Err(AcpiError::MemoryTooSmall { .. })
         ));
         assert_eq!(read(&mem, RSDP_ADDR, 8), vec![0u8; 8]);

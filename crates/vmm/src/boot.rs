@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use hypervisor::x86::bits::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED};
 use hypervisor::x86::msr;
 use hypervisor::{
-    DescriptorTable, FpuState, MsrEntry, Segment, SpecialRegisters, StandardRegisters,
+    DescriptorTable, FpuState, GuestRam, MsrEntry, Segment, SpecialRegisters, StandardRegisters,
 };
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{self, E820Entry};
 
@@ -172,7 +172,7 @@ impl LoadedKernel {
 
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     path: &Path,
     memory_size: u64,
 ) -> Result<LoadedKernel, BootError> {
@@ -294,7 +294,7 @@ pub fn place_initrd(
 
 /// Reads the initrd into guest memory at its placement.
 pub fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &LoadedKernel,
     memory_size: u64,
     path: &Path,
@@ -331,11 +331,7 @@ pub fn load_initrd(
 }
 
 /// Checks `cmdline` against the kernel's limit and writes it to guest memory.
-pub fn load_cmdline(
-    mem: &GuestMemoryMmap,
-    kernel: &LoadedKernel,
-    cmdline: &str,
-) -> Result<(), BootError> {
+pub fn load_cmdline(mem: &GuestRam, kernel: &LoadedKernel, cmdline: &str) -> Result<(), BootError> {
     let cmdline = build_cmdline(cmdline, kernel.cmdline_max())?;
     loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmdline).map_err(|e| {
         BootError::GuestMemory {
@@ -411,8 +407,8 @@ pub fn zero_page(
 }
 
 /// Writes the zero page at [`layout::ZERO_PAGE_ADDR`].
-pub fn write_zero_page(mem: &GuestMemoryMmap, params: &boot_params) -> Result<(), BootError> {
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+pub fn write_zero_page(mem: &GuestRam, params: &boot_params) -> Result<(), BootError> {
+    LinuxBootConfigurator::write_bootparams::<GuestRam>(
         &BootParams::new::<boot_params>(params, GuestAddress(layout::ZERO_PAGE_ADDR)),
         mem,
     )
@@ -425,7 +421,7 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, params: &boot_params) -> Result<()
 /// Writes the boot GDT and page tables that identity-map the first 4 GiB
 /// with 2 MiB pages, as the 64-bit boot protocol requires for the kernel,
 /// the zero page and the command line.
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub fn write_boot_tables(mem: &GuestRam) -> Result<(), BootError> {
     let err = |what| {
         move |e: vm_memory::GuestMemoryError| BootError::GuestMemory {
             what,
@@ -526,8 +522,8 @@ pub fn boot_cpu_state(entry: GuestAddress) -> BootCpuState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hypervisor::GuestRam;
     use std::io::Write;
-    use vm_memory::GuestMemoryMmap;
 
     const MIB: u64 = 1 << 20;
 
@@ -560,8 +556,8 @@ mod tests {
         file
     }
 
-    fn memory(size: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&layout::ram_regions(size)).expect("guest memory")
+    fn memory(size: u64) -> GuestRam {
+        GuestRam::from_ranges(&layout::ram_regions(size)).expect("guest memory")
     }
 
     #[test]

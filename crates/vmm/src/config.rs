@@ -20,6 +20,99 @@ pub struct MachineConfig {
     /// The I/O port where the guest reports its command's exit status, if
     /// the guest speaks that protocol.
     pub exit_status_port: Option<u16>,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device fed from the host's random source.
+    pub rng: bool,
+}
+
+/// Disk image formats vessel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+}
+
+/// One `--disk PATH[,readonly][,format=raw][,serial=S]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub format: DiskFormat,
+    /// The serial number the guest reads (at most 20 bytes); default: the
+    /// image's file name, cut to 20 bytes.
+    pub serial: Option<String>,
+}
+
+impl DiskConfig {
+    /// Parses `PATH[,readonly][,format=raw][,serial=S]` (the options in
+    /// any order; a path containing a comma is written with `,,`, as in
+    /// QEMU).
+    pub fn parse(text: &str) -> Result<DiskConfig, ConfigError> {
+        let bad = |why: String| ConfigError::BadDisk {
+            spec: text.to_string(),
+            why,
+        };
+        // Split on single commas; ",," stands for a comma.
+        let mut parts = vec![String::new()];
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    if let Some(last) = parts.last_mut() {
+                        last.push(',');
+                    }
+                } else {
+                    parts.push(String::new());
+                }
+            } else if let Some(last) = parts.last_mut() {
+                last.push(c);
+            }
+        }
+        let path = parts.remove(0);
+        if path.is_empty() {
+            return Err(bad("no image path".into()));
+        }
+        let mut disk = DiskConfig {
+            path: PathBuf::from(path),
+            readonly: false,
+            format: DiskFormat::Raw,
+            serial: None,
+        };
+        for option in parts {
+            match option.split_once('=') {
+                None if option == "readonly" || option == "ro" => disk.readonly = true,
+                Some(("readonly", v)) | Some(("ro", v)) => {
+                    disk.readonly = match v {
+                        "on" | "true" | "yes" | "1" => true,
+                        "off" | "false" | "no" | "0" => false,
+                        _ => return Err(bad(format!("readonly={v}: expected on or off"))),
+                    }
+                }
+                Some(("format", "raw")) => disk.format = DiskFormat::Raw,
+                Some(("format", "qcow2")) => {
+                    return Err(bad("format=qcow2: qcow2 images are not supported yet; convert with `qemu-img convert -O raw`".into()))
+                }
+                Some(("format", other)) => {
+                    return Err(bad(format!("format={other}: expected raw")))
+                }
+                Some(("serial", s)) => {
+                    if s.len() > 20 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(bad(format!(
+                            "serial={s}: at most 20 printable ASCII characters"
+                        )));
+                    }
+                    disk.serial = Some(s.to_string());
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option {option:?} (expected readonly, format=raw or serial=S)"
+                    )))
+                }
+            }
+        }
+        Ok(disk)
+    }
 }
 
 /// A configuration vessel refuses, with the reason in one line.
@@ -35,6 +128,10 @@ pub enum ConfigError {
     NoCpus(u32),
     #[error("--cpus {requested}: at most {max} vCPUs here")]
     TooManyCpus { requested: u32, max: u32 },
+    #[error("--disk {spec}: {why}")]
+    BadDisk { spec: String, why: String },
+    #[error("{count} virtio devices: a machine has room for {max}")]
+    TooManyDevices { count: usize, max: usize },
 }
 
 /// Parses `512M`, `2G`, `1048576K`, `1T`, or a plain number of MiB (as
@@ -167,6 +264,34 @@ mod tests {
                 max: 4
             })
         );
+    }
+
+    #[test]
+    fn disk_specs_parse_like_qemu_drive_options() {
+        let d = DiskConfig::parse("/img/a.raw").unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
+        assert!(!d.readonly && d.serial.is_none() && d.format == DiskFormat::Raw);
+        let d = DiskConfig::parse("a.img,readonly,format=raw,serial=disk-1").unwrap();
+        assert!(d.readonly);
+        assert_eq!(d.serial.as_deref(), Some("disk-1"));
+        assert!(DiskConfig::parse("a.img,readonly=off").is_ok_and(|d| !d.readonly));
+        assert_eq!(
+            DiskConfig::parse("odd,,name.img,ro").unwrap().path,
+            PathBuf::from("odd,name.img")
+        );
+        for bad in [
+            "",
+            ",readonly",
+            "a.img,format=vmdk",
+            "a.img,format=qcow2",
+            "a.img,cache=none",
+            "a.img,readonly=maybe",
+            "a.img,serial=012345678901234567890",
+            "a.img,serial=has space",
+        ] {
+            let e = DiskConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--disk "), "{bad:?}: {e}");
+        }
     }
 
     #[test]

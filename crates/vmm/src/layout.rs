@@ -10,6 +10,7 @@
 //! 0x000e_0000  ACPI tables, RSDP first (reserved)
 //! 0x0010_0000  kernel, then RAM; the initrd sits at the top of low RAM
 //! 0xc000_0000  MMIO hole up to 4 GiB (IOAPIC, LAPIC, device windows)
+//! 0xd000_0000  virtio-mmio device windows, 4 KiB each
 //! 0x1_0000_0000  RAM above the hole, when the guest has more than 3 GiB
 //! ```
 
@@ -29,6 +30,34 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The first virtio-mmio window; each device takes [`VIRTIO_WINDOW`].
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_WINDOW: u64 = 0x1000;
+/// IOAPIC pins (= GSIs) for virtio devices, in the order they are handed
+/// out: first the pins above the ISA range, then the ISA IRQs no legacy
+/// device of this machine uses (0 and 2 timer, 1 keyboard, 4 COM1, 8 RTC).
+pub const VIRTIO_GSIS: [u32; 18] = [
+    16, 17, 18, 19, 20, 21, 22, 23, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15,
+];
+
+/// Where one virtio-mmio device sits: its register window and its
+/// interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
+
+/// Slot `index` of the virtio devices, or `None` past the last GSI.
+pub fn virtio_slot(index: usize) -> Option<MmioSlot> {
+    let gsi = *VIRTIO_GSIS.get(index)?;
+    Some(MmioSlot {
+        base: VIRTIO_MMIO_START + index as u64 * VIRTIO_WINDOW,
+        len: VIRTIO_WINDOW,
+        gsi,
+    })
+}
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
 /// Smallest guest vessel accepts: enough for the boot structures below 1 MiB
@@ -106,6 +135,20 @@ pub fn e820_map(memory_size: u64) -> Vec<E820Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtio_slots_are_distinct_and_inside_the_hole() {
+        let slots: Vec<MmioSlot> = (0..VIRTIO_GSIS.len()).filter_map(virtio_slot).collect();
+        assert_eq!(slots.len(), VIRTIO_GSIS.len());
+        assert_eq!(virtio_slot(VIRTIO_GSIS.len()), None);
+        for (i, a) in slots.iter().enumerate() {
+            assert!(a.base >= MMIO_HOLE_START && a.base + a.len <= IOAPIC_ADDR);
+            assert!(![0, 1, 2, 4, 8].contains(&a.gsi) && a.gsi < 24);
+            for b in &slots[i + 1..] {
+                assert!(a.base + a.len <= b.base && a.gsi != b.gsi);
+            }
+        }
+    }
 
     #[test]
     fn small_guest_has_one_region_and_no_high_ram() {

@@ -3,6 +3,7 @@
 //! loop that waits for the guest to stop, for the console's input and for
 //! stop signals.
 
+use hypervisor::GuestRam;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +19,11 @@ use devices::power::{PowerSignal, VmEvent};
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, Serial};
 use hypervisor::{Hypervisor, Vcpu, VcpuExit, VcpuInterrupter, Vm, VmConfig};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::MachineConfig;
+use crate::config::{DiskConfig, DiskFormat, MachineConfig};
+use crate::layout::MmioSlot;
 use crate::sys::{self, SignalFd};
 use crate::{acpi, boot, layout};
 
@@ -89,6 +91,12 @@ pub enum VmmError {
     },
     #[error("device set-up: {0}")]
     Device(String),
+    /// A disk image that cannot be used (missing, locked, ...); the
+    /// message names it.
+    #[error(transparent)]
+    Disk(#[from] virtio::image::ImageError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 fn hv_err(op: &'static str) -> impl FnOnce(hypervisor::HypervisorError) -> VmmError {
@@ -128,21 +136,142 @@ impl Shared {
 /// Guest memory with the kernel, initrd, command line, zero page, boot
 /// tables and ACPI tables in place, and the boot vCPU's entry state.
 pub struct PreparedGuest {
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     pub boot_cpu: boot::BootCpuState,
+}
+
+/// The virtio devices of a machine, in slot order: the disks, then the
+/// entropy device.
+enum VirtioKind<'a> {
+    Disk(&'a DiskConfig),
+    Rng,
+}
+
+fn virtio_kinds(config: &MachineConfig) -> Vec<VirtioKind<'_>> {
+    let mut kinds: Vec<VirtioKind> = config.disks.iter().map(VirtioKind::Disk).collect();
+    if config.rng {
+        kinds.push(VirtioKind::Rng);
+    }
+    kinds
+}
+
+/// Where each virtio device of `config` sits (window and GSI).
+pub fn virtio_slots(config: &MachineConfig) -> Result<Vec<MmioSlot>, VmmError> {
+    let count = virtio_kinds(config).len();
+    (0..count)
+        .map(|i| {
+            layout::virtio_slot(i).ok_or(VmmError::Config(
+                crate::config::ConfigError::TooManyDevices {
+                    count,
+                    max: layout::VIRTIO_GSIS.len(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Opens (and locks) every disk image of `config`, before anything else
+/// is set up, so that a missing or busy image is the first error.
+fn open_disks(config: &MachineConfig) -> Result<Vec<Box<dyn virtio::image::DiskImage>>, VmmError> {
+    let mut images: Vec<Box<dyn virtio::image::DiskImage>> = Vec::new();
+    for disk in &config.disks {
+        let file = virtio::image::open_locked(&disk.path, disk.readonly)?;
+        match disk.format {
+            DiskFormat::Raw => {
+                if virtio::image::looks_like_qcow2(&file) {
+                    return Err(VmmError::Device(format!(
+                        "disk image {}: is a qcow2 image, which vessel does not read yet \
+                         (and would corrupt as format=raw)",
+                        disk.path.display()
+                    )));
+                }
+                images.push(Box::new(virtio::image::RawImage::new(file, &disk.path)?));
+            }
+        }
+    }
+    Ok(images)
+}
+
+/// The serial number of `disk`: the configured one, else its file name
+/// (at most 20 bytes, cut at a character boundary).
+fn disk_serial(disk: &DiskConfig) -> String {
+    if let Some(serial) = &disk.serial {
+        return serial.clone();
+    }
+    let name = disk
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut cut = name.len().min(virtio::block::ID_BYTES);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    name[..cut].to_string()
+}
+
+/// Creates the virtio devices on the MMIO bus: each one's queue
+/// notifications are ioeventfds and its interrupt an irqfd, so the guest's
+/// I/O goes between the vCPU and the device's I/O thread without the VMM.
+fn create_virtio_devices(
+    vm: &dyn Vm,
+    config: &MachineConfig,
+    memory: &GuestRam,
+    mut disks: Vec<Box<dyn virtio::image::DiskImage>>,
+    mmio: &Bus,
+) -> Result<(), VmmError> {
+    let slots = virtio_slots(config)?;
+    disks.reverse();
+    for (index, (kind, slot)) in virtio_kinds(config).into_iter().zip(slots).enumerate() {
+        let device: Box<dyn virtio::VirtioDevice> = match kind {
+            VirtioKind::Disk(disk) => {
+                let Some(image) = disks.pop() else {
+                    return Err(VmmError::Device("a disk image went missing".into()));
+                };
+                let name = format!("virtio-blk{index}");
+                Box::new(virtio::Block::new(
+                    image,
+                    disk.readonly,
+                    &disk_serial(disk),
+                    &name,
+                ))
+            }
+            VirtioKind::Rng => Box::new(virtio::Rng::new(&format!("virtio-rng{index}"))),
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("virtio interrupt eventfd"))?;
+        vm.register_irqfd(&irq, slot.gsi)
+            .map_err(hv_err("wiring a virtio device's interrupt"))?;
+        let interrupt = Arc::new(virtio::Interrupt::new(Arc::new(EventFdLine(irq))));
+        let mut notifiers = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("virtio queue eventfd"))?;
+            vm.register_ioevent(
+                &fd,
+                slot.base + virtio::mmio::QUEUE_NOTIFY,
+                false,
+                Some(queue as u32),
+            )
+            .map_err(hv_err("wiring a virtio queue notification"))?;
+            notifiers.push(Arc::new(fd));
+        }
+        let transport = virtio::MmioTransport::new(device, memory.clone(), interrupt, notifiers)
+            .map_err(VmmError::Device)?;
+        mmio.insert(transport.into_bus_device(), slot.base, slot.len)
+            .map_err(|e| VmmError::Device(format!("virtio device {index}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Builds guest memory and everything the kernel finds in it at entry.
 /// Nothing runs yet, so this is where bad kernels, initrds and command
 /// lines are refused.
 pub fn prepare_guest(config: &MachineConfig) -> Result<PreparedGuest, VmmError> {
-    let memory =
-        GuestMemoryMmap::from_ranges(&layout::ram_regions(config.memory)).map_err(|e| {
-            VmmError::Memory {
-                mib: config.memory >> 20,
-                reason: e.to_string(),
-            }
-        })?;
+    let memory = GuestRam::from_ranges(&layout::ram_regions(config.memory)).map_err(|e| {
+        VmmError::Memory {
+            mib: config.memory >> 20,
+            reason: e.to_string(),
+        }
+    })?;
     let kernel = boot::load_kernel(&memory, &config.kernel, config.memory)?;
     boot::load_cmdline(&memory, &kernel, &config.cmdline)?;
     let initrd = match &config.initrd {
@@ -155,7 +284,7 @@ pub fn prepare_guest(config: &MachineConfig) -> Result<PreparedGuest, VmmError> 
         ioapic_addr: layout::IOAPIC_ADDR as u32,
         lapic_addr: layout::LAPIC_ADDR as u32,
     };
-    let rsdp = acpi::create_acpi_tables(&memory, &acpi_config)
+    let rsdp = acpi::create_acpi_tables(&memory, &acpi_config, &virtio_slots(config)?)
         .map_err(|e| VmmError::Acpi(e.to_string()))?;
     let params = boot::zero_page(
         &kernel,
@@ -250,6 +379,7 @@ pub fn run(
     config: &MachineConfig,
     console: Console,
 ) -> Result<Outcome, VmmError> {
+    let disks = open_disks(config)?;
     let guest = prepare_guest(config)?;
     let vm = hypervisor
         .create_vm(&VmConfig {
@@ -260,6 +390,8 @@ pub fn run(
     vm.set_memory(&guest.memory)
         .map_err(hv_err("mapping guest memory"))?;
     let devices = create_devices(vm.as_ref(), config, console.output)?;
+    let mmio = Bus::new();
+    create_virtio_devices(vm.as_ref(), config, &guest.memory, disks, &mmio)?;
 
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
     for id in 0..config.cpus {
@@ -281,7 +413,7 @@ pub fn run(
 
     let shared = Arc::new(Shared {
         pio: devices.pio,
-        mmio: Bus::new(),
+        mmio,
         power: devices.power,
         stopping: AtomicBool::new(false),
         vcpu_stop: Mutex::new(None),

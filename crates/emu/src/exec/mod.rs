@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hypervisor::x86::CpuidEntry;
+use hypervisor::GuestRam;
 use iced_x86::{OpKind, Register};
-use vm_memory::GuestMemoryMmap;
 
 use crate::block::{Block, BlockCache, EaForm, Link, Op};
 use crate::mem::{
@@ -453,7 +453,7 @@ impl Core {
                 .lookup_host(lin, perm::NEED[usize::from(user)][Access::Write as usize])
             {
                 // SAFETY: as in `read_as`; a nonzero host address means the
-                // page is RAM, which GuestMemoryMmap maps read-write.
+                // page is RAM, which GuestRam maps read-write.
                 unsafe { host_store(h, size, v) };
                 let page = self.mmu.page_of(lin);
                 self.note_write(page << PAGE_SHIFT);
@@ -739,7 +739,7 @@ pub struct Emulator {
 
 impl Emulator {
     /// A vCPU in the reset state over `memory`, presenting `cpuid`.
-    pub fn new(memory: &GuestMemoryMmap, cpuid: Arc<[CpuidEntry]>) -> Self {
+    pub fn new(memory: &GuestRam, cpuid: Arc<[CpuidEntry]>) -> Self {
         Self::with_code_pages(memory, cpuid, None)
     }
 
@@ -748,7 +748,7 @@ impl Emulator {
     /// their writes invalidate this vCPU's decoded blocks. `None`: a map
     /// of its own.
     pub fn with_code_pages(
-        memory: &GuestMemoryMmap,
+        memory: &GuestRam,
         cpuid: Arc<[CpuidEntry]>,
         code: Option<CodePages>,
     ) -> Self {

@@ -4,11 +4,12 @@
 
 #![allow(dead_code)]
 
+use hypervisor::GuestRam;
 use std::sync::Arc;
 
 use emu::{CpuState, Emulator};
 use hypervisor::x86::Segment;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 pub const CODE64_DESCRIPTOR: u64 = 0x00af_9b00_0000_ffff;
 pub const DATA64_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
@@ -79,8 +80,8 @@ pub fn long_mode(cpu: &mut CpuState) {
     cpu.efer = (1 << 8) | (1 << 10);
 }
 
-pub fn memory(size: usize) -> GuestMemoryMmap {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory")
+pub fn memory(size: usize) -> GuestRam {
+    GuestRam::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory")
 }
 
 /// Where [`emulator`] puts its identity-mapping page tables.
@@ -88,7 +89,7 @@ pub const TABLES: u64 = 0xe000;
 
 /// Writes a PML4 at `pml4` and a PDPT right after it identity-mapping the
 /// low 4 GiB with 1 GiB pages (writable, user, executable).
-pub fn identity_tables(mem: &GuestMemoryMmap, pml4: u64) {
+pub fn identity_tables(mem: &GuestRam, pml4: u64) {
     use vm_memory::Bytes;
     let pdpt = pml4 + 0x1000;
     mem.write_obj(pdpt | 0x7, GuestAddress(pml4)).expect("pml4");
@@ -100,7 +101,7 @@ pub fn identity_tables(mem: &GuestMemoryMmap, pml4: u64) {
 
 /// A 64-bit emulator with identity paging (tables at [`TABLES`]) that
 /// reports every exception as an exit instead of delivering it.
-pub fn emulator(mem: &GuestMemoryMmap) -> Emulator {
+pub fn emulator(mem: &GuestRam) -> Emulator {
     let cpuid: Arc<[hypervisor::x86::CpuidEntry]> = emu::cpuid::table(0, 1).into();
     let mut e = Emulator::new(mem, cpuid);
     identity_tables(mem, TABLES);

@@ -142,6 +142,19 @@ pub enum Compression {
 /// A .deb whose data.tar holds `./dir/` entries and one regular file at `path` (written
 /// with the `./` prefix real packages use).
 pub fn make_deb(path: &str, contents: &[u8], compression: Compression) -> Vec<u8> {
+    make_deb_files(&[(path.to_string(), contents.to_vec())], compression)
+}
+
+/// A kernel package for `release`: its vmlinuz holds `kernel_bytes`, and it carries the
+/// modules (fake ELF files with real `.modinfo` dependencies) the guest's drivers need.
+pub fn kernel_deb(release: &str, kernel_bytes: &[u8]) -> Vec<u8> {
+    let mut files = vec![(format!("boot/vmlinuz-{release}"), kernel_bytes.to_vec())];
+    files.extend(guest::modules::fake_package_modules(release));
+    make_deb_files(&files, Compression::Xz)
+}
+
+/// A .deb whose data.tar holds `files` (path, contents) and their directories.
+pub fn make_deb_files(files: &[(String, Vec<u8>)], compression: Compression) -> Vec<u8> {
     fn tar_with(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
         let mut tar = tar::Builder::new(Vec::new());
         for (name, data) in entries {
@@ -167,12 +180,16 @@ pub fn make_deb(path: &str, contents: &[u8], compression: Compression) -> Vec<u8
         tar.into_inner().unwrap()
     }
     let mut entries: Vec<(String, Option<&[u8]>)> = vec![("./".into(), None)];
-    let mut dir = String::from(".");
-    for comp in path.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
-        dir = format!("{dir}/{comp}");
-        entries.push((format!("{dir}/"), None));
+    for (path, contents) in files {
+        let mut dir = String::from(".");
+        for comp in path.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+            dir = format!("{dir}/{comp}");
+            if !entries.iter().any(|(n, _)| *n == format!("{dir}/")) {
+                entries.push((format!("{dir}/"), None));
+            }
+        }
+        entries.push((format!("./{path}"), Some(contents)));
     }
-    entries.push((format!("./{path}"), Some(contents)));
     // A decoy that must not be mistaken for the wanted file.
     entries.push(("./usr/share/doc/README".into(), Some(b"doc")));
     let entries: Vec<(&str, Option<&[u8]>)> =
@@ -252,11 +269,7 @@ impl FakeMirror {
         let release = format!("6.1.0-{abi}-cloud-amd64");
         let package = format!("linux-image-{release}");
         let pool = format!("pool/updates/main/l/linux-signed-amd64/{package}_{version}_amd64.deb");
-        let deb = make_deb(
-            &format!("boot/vmlinuz-{release}"),
-            kernel_bytes,
-            Compression::Xz,
-        );
+        let deb = kernel_deb(&release, kernel_bytes);
         let p = root.path().join(&pool);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, &deb).unwrap();
@@ -322,11 +335,7 @@ pub fn build_mirror_with(signers: &[&str], trusted: &[&str]) -> FakeMirror {
         gpg.gen_key(e);
     }
 
-    let kernel_deb = make_deb(
-        &format!("boot/vmlinuz-{RELEASE}"),
-        KERNEL_BYTES,
-        Compression::Xz,
-    );
+    let kernel_deb = kernel_deb(RELEASE, KERNEL_BYTES);
     let busybox_deb = make_deb("bin/busybox", BUSYBOX_BYTES, Compression::Gz);
     for (pool, deb) in [(KERNEL_POOL, &kernel_deb), (BUSYBOX_POOL, &busybox_deb)] {
         let p = root.path().join(pool);

@@ -2,6 +2,7 @@
 
 mod kick;
 
+use crate::GuestRam;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +12,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use kick::{install_kick_handler, kick_signal, KvmInterrupter};
@@ -103,11 +104,11 @@ pub struct KvmVm {
     cpuid: CpuId,
     config: VmConfig,
     /// Keeps the guest RAM mapped for as long as KVM may touch it.
-    memory: Mutex<Option<GuestMemoryMmap>>,
+    memory: Mutex<Option<GuestRam>>,
 }
 
 impl Vm for KvmVm {
-    fn set_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
+    fn set_memory(&self, memory: &GuestRam) -> Result<()> {
         let mut held = self
             .memory
             .lock()
@@ -170,7 +171,13 @@ impl Vm for KvmVm {
             .map_err(kvm_err("KVM_IRQFD"))
     }
 
-    fn register_ioevent(&self, fd: &EventFd, addr: u64, pio: bool) -> Result<()> {
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: u64,
+        pio: bool,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
         let addr = if pio {
             let port = u16::try_from(addr).map_err(|_| {
                 HypervisorError::InvalidArgument(format!(
@@ -181,9 +188,11 @@ impl Vm for KvmVm {
         } else {
             IoEventAddress::Mmio(addr)
         };
-        self.fd
-            .register_ioevent(fd, &addr, NoDatamatch)
-            .map_err(kvm_err("KVM_IOEVENTFD"))
+        match datamatch {
+            Some(value) => self.fd.register_ioevent(fd, &addr, value),
+            None => self.fd.register_ioevent(fd, &addr, NoDatamatch),
+        }
+        .map_err(kvm_err("KVM_IOEVENTFD"))
     }
 }
 

@@ -1,0 +1,214 @@
+//! A device's I/O thread: waits for queue notifications (eventfds the VMM
+//! registers as ioeventfds, so the guest's notify write never leaves the
+//! accelerator) and serves the notified queue, off the vCPU threads.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ram::GuestRam;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{Activation, ActiveQueue, Interrupt};
+
+/// What a device does with one request, on its I/O thread.
+pub trait RequestHandler: Send + 'static {
+    /// Serves the descriptor chain `chain` taken from queue `queue`, and
+    /// returns how many bytes it wrote into the chain's buffers (the used
+    /// length). `Err` means the chain is so malformed that no status could
+    /// be reported in it: the device then needs a reset.
+    fn handle(
+        &mut self,
+        queue: usize,
+        memory: &GuestRam,
+        chain: DescriptorChain<&GuestRam>,
+    ) -> Result<u32, RequestError>;
+}
+
+/// A request the device could not even answer with an error status.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RequestError(pub String);
+
+/// A running I/O thread; dropping it stops it.
+pub struct IoThread {
+    stop: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl IoThread {
+    /// Starts the thread `name` serving the queues of `activation` with
+    /// `handler`.
+    pub fn spawn(
+        name: String,
+        activation: Activation,
+        handler: impl RequestHandler,
+    ) -> io::Result<IoThread> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            std::os::fd::AsRawFd::as_raw_fd(&stop),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        for (index, q) in activation.queues.iter().enumerate() {
+            if let Some(q) = q {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(&q.notify),
+                    EpollEvent::new(EventSet::IN, index as u64),
+                )?;
+            }
+        }
+        let thread_stop = stop.try_clone()?;
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            let mut state = Served {
+                memory: activation.memory,
+                queues: activation.queues,
+                interrupt: activation.interrupt,
+                needs_reset: activation.needs_reset,
+                handler,
+            };
+            state.run(&epoll, &thread_stop);
+        })?;
+        Ok(IoThread {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        // A failed write leaves the thread running until the VMM exits;
+        // nothing better can be done from a destructor.
+        let _ = self.stop.write(1);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+const STOP_TOKEN: u64 = u64::MAX;
+
+struct Served<H> {
+    memory: GuestRam,
+    queues: Vec<Option<ActiveQueue>>,
+    interrupt: Arc<Interrupt>,
+    needs_reset: Arc<AtomicBool>,
+    handler: H,
+}
+
+impl<H: RequestHandler> Served<H> {
+    fn run(&mut self, epoll: &Epoll, stop: &EventFd) {
+        // Requests queued before DRIVER_OK (a driver may) are served now.
+        for index in 0..self.queues.len() {
+            self.serve(index);
+        }
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 1];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio I/O thread: waiting for notifications: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                let token = event.data();
+                if token == STOP_TOKEN {
+                    let _ = stop.read();
+                    return;
+                }
+                let index = token as usize;
+                if let Some(Some(q)) = self.queues.get(index) {
+                    // Consume the notification; serving drains the queue.
+                    let _ = q.notify.read();
+                }
+                self.serve(index);
+            }
+        }
+    }
+
+    /// Takes every available chain of queue `index`, hands it to the
+    /// handler and returns it used, then interrupts the driver if it asked.
+    fn serve(&mut self, index: usize) {
+        if self.needs_reset.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(Some(active)) = self.queues.get_mut(index) else {
+            return;
+        };
+        let memory = &self.memory;
+        let result = serve_queue(&mut active.queue, memory, |chain| {
+            self.handler.handle(index, memory, chain)
+        });
+        match result {
+            Ok(true) => {
+                if let Err(e) = self.interrupt.signal_used_queue() {
+                    tracing::error!("virtio: raising the queue interrupt: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // The driver broke the queue (rings outside RAM, a
+                // runaway available index, a chain without room for a
+                // status): stop serving the device until it resets it.
+                tracing::warn!("virtio queue {index}: {e}; the device needs a reset");
+                self.needs_reset.store(true, Ordering::SeqCst);
+                let _ = self.interrupt.signal_config_change();
+            }
+        }
+    }
+}
+
+/// Serves every available chain of `queue`; whether the driver wants an
+/// interrupt for the chains returned.
+fn serve_queue(
+    queue: &mut Queue,
+    memory: &GuestRam,
+    mut handle: impl FnMut(DescriptorChain<&GuestRam>) -> Result<u32, RequestError>,
+) -> Result<bool, RequestError> {
+    let bad = |what: &str, e: virtio_queue::Error| RequestError(format!("{what}: {e}"));
+    let mut returned = 0usize;
+    loop {
+        queue
+            .disable_notification(memory)
+            .map_err(|e| bad("disabling notifications", e))?;
+        loop {
+            let chain = {
+                let mut available = queue
+                    .iter(memory)
+                    .map_err(|e| bad("reading the available ring", e))?;
+                available.next()
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            let used = handle(chain)?;
+            queue
+                .add_used(memory, head, used)
+                .map_err(|e| bad("returning a used buffer", e))?;
+            returned += 1;
+        }
+        // Re-enable notifications, then look again: a chain made
+        // available in between would otherwise wait for the next kick.
+        if !queue
+            .enable_notification(memory)
+            .map_err(|e| bad("enabling notifications", e))?
+        {
+            break;
+        }
+    }
+    if returned == 0 {
+        return Ok(false);
+    }
+    queue
+        .needs_notification(memory)
+        .map_err(|e| bad("reading the used event", e))
+}
