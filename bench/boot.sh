@@ -22,7 +22,7 @@ info=$("$vessel" guest info --json)
 kernel=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["kernel"])' "$info")
 initrd=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["initrd"])' "$info")
 memory=512
-base="console=ttyS0 panic=-1 quiet loglevel=3 tsc=reliable"
+base="console=ttyS0 panic=-1 quiet tsc=reliable"
 marker=vessel-bench-ok
 # argv ["echo", MARKER] as the guest's /init reads it: each argument in base64, commas between.
 cmd="vessel.cmd=$(printf echo | base64 -w0),$(printf %s "$marker" | base64 -w0)"

@@ -14,6 +14,7 @@
 //! | 0x70-0x71     | [`rtc::Rtc`]                             |
 //! | 0x80          | [`sink::Sink`] (POST codes / I/O delay)  |
 //! | 0x3f8-0x3ff   | [`serial::Serial`] (COM1, IRQ 4)         |
+//! | 0xcf8-0xcff   | [`pci_host::PciHostBridge`] (no devices) |
 //! | 0x501         | [`exit_status::ExitStatusPort`]          |
 //! | 0x600-0x602   | [`acpi_pm::AcpiPowerDevice`]                      |
 
@@ -22,6 +23,7 @@ pub mod bus;
 pub mod exit_status;
 pub mod i8042;
 pub mod interrupt;
+pub mod pci_host;
 pub mod power;
 pub mod rtc;
 pub mod serial;
@@ -100,6 +102,7 @@ mod fuzz_tests {
             ("rtc", Box::new(Rtc::new())),
             ("acpi_pm", Box::new(AcpiPowerDevice::new(power))),
             ("exit_status", Box::new(ExitStatusPort::new().0)),
+            ("pci_host", Box::new(pci_host::PciHostBridge::new())),
             ("sink", Box::new(Sink)),
         ]
     }

@@ -33,7 +33,16 @@ fn bad_log_lines(log: &str) -> Vec<&str> {
     log.lines()
         .filter(|l| {
             let lower = l.to_ascii_lowercase();
-            let bad = ["oops", "bug", "warning", "call trace", "unchecked msr"]
+            let bad = [
+                "oops",
+                "bug",
+                "warning",
+                "call trace",
+                "unchecked msr",
+                "error",
+                "fatal",
+                "fail",
+            ]
                 .iter()
                 .any(|w| lower.contains(w))
                 || (lower.contains("probe of") && lower.contains("failed"));

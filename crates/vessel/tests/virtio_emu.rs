@@ -78,7 +78,9 @@ fn bad_log_lines(log: &str) -> Vec<&str> {
                 "bug",
                 "warning",
                 "call trace",
-                "i/o error",
+                "error",
+                "fatal",
+                "fail",
                 "virtio",
             ]
             .iter()

@@ -351,6 +351,16 @@ fn create_devices(
     pio.insert(rtc, u64::from(rtc::RTC_INDEX_PORT), rtc::RTC_LEN)
         .map_err(dev_err("RTC"))?;
     AcpiPowerDevice::register(&pio, power.clone()).map_err(dev_err("ACPI power"))?;
+    // An empty PCI bus behind a host bridge: Linux then finds a PCI
+    // configuration mechanism instead of reporting an error.
+    let pci: Arc<Mutex<dyn BusDevice>> =
+        Arc::new(Mutex::new(devices::pci_host::PciHostBridge::new()));
+    pio.insert(
+        pci,
+        u64::from(devices::pci_host::PCI_CONFIG_ADDRESS_PORT),
+        devices::pci_host::PCI_CONFIG_PORTS_LEN,
+    )
+    .map_err(dev_err("PCI host bridge"))?;
     let post: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(devices::Sink));
     // Linux writes to the POST port as an I/O delay.
     pio.insert(post, u64::from(devices::sink::POST_CODE_PORT), 1)
