@@ -94,7 +94,9 @@ mod tests {
     fn read(b: &mut PciHostBridge, offset: u64, len: usize) -> u32 {
         let mut data = vec![0u8; len];
         b.read(offset, &mut data);
-        data.iter().rev().fold(0, |v, byte| (v << 8) | u32::from(*byte))
+        data.iter()
+            .rev()
+            .fold(0, |v, byte| (v << 8) | u32::from(*byte))
     }
 
     fn select(b: &mut PciHostBridge, bus: u32, dev: u32, func: u32, reg: u32) {

@@ -182,6 +182,8 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
     if num_cpus > 1 {
         table.extend(extended_topology(apic_id, num_cpus));
     }
+    // KVM's paravirtual interface: the guest reads time from kvmclock.
+    table.extend(crate::pvclock::cpuid_leaves());
     table
 }
 

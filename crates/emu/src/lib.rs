@@ -35,6 +35,7 @@ pub mod diag;
 pub mod exec;
 pub mod mem;
 pub mod platform;
+pub mod pvclock;
 pub mod state;
 pub mod vcpu;
 

@@ -1023,3 +1023,78 @@ fn port_io_at_cpl3_follows_the_tss_bitmap() {
         other => panic!("expected #GP, got {other:?}"),
     }
 }
+
+/// kvmclock: CPUID names KVM, and enabling MSR_KVM_SYSTEM_TIME_NEW writes
+/// a structure from which the guest's reading of its TSC gives the system
+/// time (the TSC without the guest's offset), even after the guest moves
+/// its TSC; the wall clock lands where asked; an address outside RAM is #GP.
+#[test]
+fn kvmclock_structures_tell_the_guest_the_time() {
+    const CLOCK: u64 = 0x1_0800;
+    const WALL: u64 = 0x1_0900;
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 0x4000_0000u32).unwrap();
+    a.cpuid().unwrap();
+    a.out(0x10, eax).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.out(0x11, eax).unwrap();
+    // Move the TSC first: kvmclock must hide the offset.
+    a.mov(ecx, 0x10u32).unwrap();
+    a.mov(eax, 0u32).unwrap();
+    a.mov(edx, 0x100u32).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0x4b56_4d01u32).unwrap();
+    a.mov(eax, (CLOCK | 1) as u32).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0x4b56_4d00u32).unwrap();
+    a.mov(eax, WALL as u32).unwrap();
+    a.wrmsr().unwrap();
+    a.rdtsc().unwrap();
+    a.out(0x12, eax).unwrap();
+    a.mov(eax, edx).unwrap();
+    a.out(0x13, eax).unwrap();
+    // Outside RAM: #GP (reported as an exit below).
+    a.mov(ecx, 0x4b56_4d01u32).unwrap();
+    a.mov(eax, 0xf000_0001u32).unwrap();
+    a.wrmsr().unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let mut outs = Vec::new();
+    loop {
+        e.set_exception_exits(1 << 13);
+        match e.run(1_000_000, None) {
+            Exit::IoOut { port, data, .. } => outs.push((port, data)),
+            Exit::Exception(x) => {
+                assert_eq!(x.vector, Exception::GP);
+                break;
+            }
+            other => panic!("unexpected {other:?} after {outs:x?}"),
+        }
+    }
+    assert_eq!(outs[0], (0x10, 0x4000_0001));
+    assert_eq!(outs[1], (0x11, u32::from_le_bytes(*b"KVMK")));
+    let tsc = u64::from(outs[2].1) | (u64::from(outs[3].1) << 32);
+    let info: [u8; 32] = mem.read_obj(GuestAddress(CLOCK)).unwrap();
+    assert_eq!(info[0] % 2, 0, "version even: not being updated");
+    assert_eq!(info[29] & 1, 1, "TSC stable");
+    let system = emu::pvclock::guest_reading(&info, tsc);
+    // The guest set its TSC to 0x100 << 32 a moment before reading it.
+    let offset_free = tsc - (0x100u64 << 32);
+    assert!(
+        system.abs_diff(offset_free) < 50_000_000,
+        "system time {system} vs TSC less its jump {offset_free}"
+    );
+    let wall: [u8; 12] = mem.read_obj(GuestAddress(WALL)).unwrap();
+    let sec = u32::from_le_bytes(wall[4..8].try_into().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        u64::from(sec).abs_diff(now) < 60,
+        "wall clock {sec} vs {now}"
+    );
+}

@@ -496,3 +496,22 @@ fn irqfd_interrupt_reaches_a_real_mode_handler() {
     let outs = runner.join().expect("vCPU thread");
     assert_eq!(outs.last(), Some(&(0x11, 0x44)));
 }
+
+/// The paravirtual interface passes through: a vCPU's CPUID carries KVM's
+/// signature leaf and its feature leaf with the kvmclock MSRs.
+#[test]
+fn vcpus_see_kvms_paravirtual_interface() {
+    let Some(kvm) = kvm() else { return };
+    let vm = vm_with_code(&kvm, 1, true, &[0xf4]);
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let cpuid = vcpu.cpuid().unwrap();
+    let leaf = |f: u32| cpuid.iter().find(|e| e.function == f).copied();
+    let sig = leaf(0x4000_0000).expect("hypervisor signature leaf");
+    let mut name = Vec::new();
+    for w in [sig.ebx, sig.ecx, sig.edx] {
+        name.extend_from_slice(&w.to_le_bytes());
+    }
+    assert_eq!(&name, b"KVMKVMKVM\0\0\0");
+    let features = leaf(0x4000_0001).expect("KVM feature leaf");
+    assert_ne!(features.eax & (1 << 3), 0, "KVM_FEATURE_CLOCKSOURCE2");
+}

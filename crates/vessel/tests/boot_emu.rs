@@ -43,8 +43,8 @@ fn bad_log_lines(log: &str) -> Vec<&str> {
                 "fatal",
                 "fail",
             ]
-                .iter()
-                .any(|w| lower.contains(w))
+            .iter()
+            .any(|w| lower.contains(w))
                 || (lower.contains("probe of") && lower.contains("failed"));
             bad && !lower.contains("host bridge windows from acpi")
         })

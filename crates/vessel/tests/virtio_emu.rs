@@ -2,8 +2,8 @@
 //! made on the host with `mkfs.ext4 -d` is mounted and read back; data the
 //! guest synced survives a SIGKILL of vessel right after the sync and the
 //! file system checks clean; a read-only disk refuses writes and stays
-//! byte-for-byte the same; the guest's hwrng is virtio-rng; and the kernel
-//! log stays clean. Needs the cached default guest and e2fsprogs.
+//! byte-for-byte the same; the guest's hwrng is virtio-rng, its clock
+//! kvm-clock; and the kernel log stays clean. Needs the cached default guest and e2fsprogs.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -93,7 +93,7 @@ fn bad_log_lines(log: &str) -> Vec<&str> {
 }
 
 #[test]
-fn a_host_made_disk_is_mounted_and_the_hwrng_is_virtio() {
+fn a_host_made_disk_is_mounted_the_hwrng_is_virtio_and_the_clock_kvmclock() {
     if !ready() {
         return;
     }
@@ -103,6 +103,7 @@ fn a_host_made_disk_is_mounted_and_the_hwrng_is_virtio() {
     let script = "mount /dev/vda /mnt && cat /mnt/hello.txt; \
                   echo serial=$(cat /sys/block/vda/serial); \
                   echo rng=$(cat /sys/class/misc/hw_random/rng_current); \
+                  echo clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource); \
                   echo random=$(head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); \
                   echo ==dmesg==; dmesg; echo ==end==";
     let out = vessel()
@@ -121,6 +122,7 @@ fn a_host_made_disk_is_mounted_and_the_hwrng_is_virtio() {
     assert!(stdout.contains("made on the host"), "{context}");
     assert!(stdout.contains("serial=test-disk-1"), "{context}");
     assert!(stdout.contains("rng=virtio_rng.0"), "{context}");
+    assert!(stdout.contains("clocksource=kvm-clock"), "{context}");
     let random = stdout
         .lines()
         .find_map(|l| l.trim_end_matches('\r').strip_prefix("random="))

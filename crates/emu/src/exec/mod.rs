@@ -225,6 +225,11 @@ pub struct Core {
     pub(crate) native: Option<native::Arena>,
     /// Native-run stubs executed so far (see [`Emulator::native_runs_executed`]).
     pub(crate) native_runs: u64,
+    /// MSR_KVM_SYSTEM_TIME_NEW: where this vCPU's kvmclock structure is
+    /// (bit 0: enabled).
+    pub(crate) kvmclock: u64,
+    /// MSR_KVM_WALL_CLOCK_NEW as last written.
+    pub(crate) wall_clock: u64,
 }
 
 impl Core {
@@ -248,7 +253,55 @@ impl Core {
             tsc_aux: 0,
             native: native::Arena::new(),
             native_runs: 0,
+            kvmclock: 0,
+            wall_clock: 0,
         }
+    }
+
+    /// Writes `data` at guest-physical `pa` as the processor would (code
+    /// decoded from those pages is dropped); false unless it is all RAM.
+    pub(crate) fn write_phys(&mut self, pa: u64, data: &[u8]) -> bool {
+        if data.is_empty() || !self.ram.write(pa, data) {
+            return data.is_empty();
+        }
+        let last = pa + data.len() as u64 - 1;
+        for page in (pa >> PAGE_SHIFT)..=(last >> PAGE_SHIFT) {
+            self.note_write(page << PAGE_SHIFT);
+        }
+        true
+    }
+
+    /// kvmclock's system time: nanoseconds since the VM's time origin (the
+    /// guest TSC without the guest's offset).
+    fn system_time_ns(&self) -> u64 {
+        self.tsc().wrapping_sub(self.cpu.msrs.tsc_offset)
+    }
+
+    /// (Re)writes this vCPU's kvmclock structure, if enabled; false if its
+    /// address is not RAM.
+    pub(crate) fn publish_kvmclock(&mut self) -> bool {
+        if self.kvmclock & 1 == 0 {
+            return true;
+        }
+        let system = self.system_time_ns();
+        let tsc = system.wrapping_add(self.cpu.msrs.tsc_offset);
+        let info = crate::pvclock::vcpu_time_info(2, tsc, system);
+        self.write_phys(self.kvmclock & !1, &info)
+    }
+
+    /// Writes the wall clock at system time zero where MSR_KVM_WALL_CLOCK_NEW
+    /// points; false if that is not RAM.
+    pub(crate) fn publish_wall_clock(&mut self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let boot = now.saturating_sub(std::time::Duration::from_nanos(self.system_time_ns()));
+        let info = crate::pvclock::wall_clock(
+            2,
+            boot.as_secs().min(u64::from(u32::MAX)) as u32,
+            boot.subsec_nanos(),
+        );
+        self.write_phys(self.wall_clock, &info)
     }
 
     /// Guest TSC: a 1 GHz count of host time since the vCPU was created,

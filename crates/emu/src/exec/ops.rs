@@ -1550,6 +1550,8 @@ pub(crate) fn read_msr(c: &Core, index: u32) -> Option<u64> {
         0xc000_0101 => c.cpu.segs[seg::GS].base,
         0xc000_0102 => m.kernel_gs_base,
         0xc000_0103 => c.tsc_aux,
+        crate::pvclock::MSR_KVM_SYSTEM_TIME_NEW => c.kvmclock,
+        crate::pvclock::MSR_KVM_WALL_CLOCK_NEW => c.wall_clock,
         _ => return None,
     })
 }
@@ -1559,6 +1561,16 @@ pub(crate) fn write_msr(c: &mut Core, index: u32, v: u64) -> bool {
         0x10 => {
             let host = c.tsc().wrapping_sub(c.cpu.msrs.tsc_offset);
             c.cpu.msrs.tsc_offset = v.wrapping_sub(host);
+            // kvmclock relates TSC to system time: tell the guest anew.
+            return c.publish_kvmclock();
+        }
+        crate::pvclock::MSR_KVM_SYSTEM_TIME_NEW => {
+            c.kvmclock = v;
+            return c.publish_kvmclock();
+        }
+        crate::pvclock::MSR_KVM_WALL_CLOCK_NEW => {
+            c.wall_clock = v;
+            return c.publish_wall_clock();
         }
         0x1b => c.cpu.apic_base = v,
         // IA32_BIOS_SIGN_ID: writing it only arms the next CPUID(1) to
