@@ -5,17 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::ValueEnum;
 
 use super::{AccelArg, RunArgs};
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-pub enum NetArg {
-    /// A new network namespace with only loopback, up.
-    None,
-    /// The host's network.
-    Host,
-}
 
 /// The flags of `vessel run` that only containers use.
 #[derive(clap::Args, Debug)]
@@ -30,9 +21,6 @@ pub struct ContainerArgs {
     /// Container: the most processes and threads it may have.
     #[arg(long, value_name = "N")]
     pub pids: Option<u64>,
-    /// Container network: a new namespace with loopback only, or the host's.
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub net: Option<NetArg>,
     /// Container hostname (default: the container's id).
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
@@ -52,7 +40,6 @@ pub fn refuse_container_flags(args: &ContainerArgs) -> Result<()> {
     let given = [
         ("--rootfs", args.rootfs.is_some()),
         ("--pids", args.pids.is_some()),
-        ("--net", args.net.is_some()),
         ("--hostname", args.hostname.is_some()),
         ("-e", !args.env.is_empty()),
         ("-w", args.workdir.is_some()),
@@ -104,9 +91,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         }
         config.limits.pids = Some(pids);
     }
-    config.net = match c.net.unwrap_or(NetArg::None) {
-        NetArg::None => container::Net::None,
-        NetArg::Host => container::Net::Host,
+    config.net = match args.net.as_slice() {
+        [] => container::Net::None,
+        [one] if one == "none" => container::Net::None,
+        [one] if one == "host" => container::Net::Host,
+        [one] => bail!("--net {one}: a container's network is none or host"),
+        _ => bail!("--net: a container takes one network mode (none or host)"),
     };
     config.hostname = c.hostname;
     config.env = c

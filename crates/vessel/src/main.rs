@@ -107,6 +107,11 @@ struct RunArgs {
     /// A virtio entropy device fed from the host's random source (/dev/hwrng in the guest).
     #[arg(long)]
     rng: bool,
+    /// Network. A VM: a virtio NIC on a host tap device, tap[=NAME][,mac=MAC]
+    /// (repeatable; without NAME a new tap vessel0, vessel1, ... that goes with the VM).
+    /// A container: none (a namespace with loopback only, the default) or host.
+    #[arg(long, value_name = "MODE")]
+    net: Vec<String>,
     #[command(flatten)]
     container: container_cmd::ContainerArgs,
     /// Command to run in the guest; without it, an interactive shell.
@@ -268,6 +273,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         .iter()
         .map(|spec| vmm::config::DiskConfig::parse(spec))
         .collect::<Result<Vec<_>, _>>()?;
+    let nics = args
+        .net
+        .iter()
+        .map(|spec| vmm::config::NicConfig::parse(spec))
+        .collect::<Result<Vec<_>, _>>()?;
     let accel = choose_accel(args.accel)?;
     let hypervisor: Box<dyn hypervisor::Hypervisor> = match accel {
         Accel::Kvm => Box::new(hypervisor::kvm::KvmHypervisor::new().context("opening KVM")?),
@@ -304,6 +314,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         cmdline,
         exit_status_port: Some(guest::EXIT_STATUS_PORT),
         disks,
+        nics,
         rng: args.rng,
     };
 

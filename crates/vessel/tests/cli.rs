@@ -278,3 +278,50 @@ fn bad_disks_are_refused_with_one_clear_line() {
         "--disk applies to VMs only",
     );
 }
+
+/// `--net` input vessel refuses before the VM starts: container modes for
+/// a VM, tap for a container, a bad MAC, and a tap vessel may not create
+/// (without CAP_NET_ADMIN, by dropping it from the bounding set with
+/// util-linux's setpriv).
+#[test]
+fn bad_nics_are_refused_with_one_clear_line() {
+    let kernel = temp_file(&tiny_elf_kernel());
+    let kernel = kernel.path().to_str().unwrap().to_owned();
+    let vm = |net: &str| {
+        vessel(&[
+            "run", "--accel", "emu", "--memory", "32M", "--kernel", &kernel, "--net", net,
+        ])
+    };
+    assert_one_clear_error(&vm("host"), "a VM's network is tap");
+    assert_one_clear_error(&vm("tap,mac=01:00:5e:00:00:01"), "multicast");
+    assert_one_clear_error(&vm("tap,mac=52:54"), "six hex bytes");
+    assert_one_clear_error(&vm("tap=this-name-is-too-long"), "longer than 15 bytes");
+    assert_one_clear_error(
+        &vessel(&["run", "--container", "--net", "tap", "--", "true"]),
+        "a container's network is none or host",
+    );
+    if !testkit::is_root() {
+        testkit::not_run(
+            testkit::prereq::ROOT,
+            "dropping CAP_NET_ADMIN needs it first",
+        );
+        return;
+    }
+    let out = Command::new("setpriv")
+        .arg("--bounding-set=-net_admin")
+        .arg(env!("CARGO_BIN_EXE_vessel"))
+        .args([
+            "run",
+            "--accel",
+            "emu",
+            "--memory",
+            "32M",
+            "--kernel",
+            &kernel,
+            "--net",
+            "tap=vtnope0",
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert_one_clear_error(&out, "needs CAP_NET_ADMIN");
+}

@@ -10,7 +10,7 @@
 //!   its own, woken by the queue's eventfd (an ioeventfd in the
 //!   accelerator), and interrupts through an irqfd: device I/O never runs
 //!   on a vCPU thread.
-//! - [`block`] over [`image`]s, and [`rng`].
+//! - [`block`] over [`image`]s, [`net`] over a host [`tap`], and [`rng`].
 //!
 //! Devices see guest memory ([`ram::GuestRam`]) and an interrupt line,
 //! nothing else; they do not know which accelerator runs the VM. Every
@@ -21,10 +21,13 @@ pub mod block;
 pub mod device;
 pub mod image;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 pub mod worker;
 
 pub use block::Block;
 pub use device::{Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
+pub use net::Net;
 pub use rng::Rng;

@@ -22,8 +22,68 @@ pub struct MachineConfig {
     pub exit_status_port: Option<u16>,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs on host taps, in the order the guest sees them.
+    pub nics: Vec<NicConfig>,
     /// A virtio-rng device fed from the host's random source.
     pub rng: bool,
+}
+
+/// One `--net tap[=NAME][,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    /// The tap to attach to (created if missing); `None`: a new one.
+    pub tap: Option<String>,
+    /// The NIC's address; `None`: a random one in QEMU's 52:54:00 range.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl NicConfig {
+    pub fn parse(text: &str) -> Result<NicConfig, ConfigError> {
+        let bad = |why: String| ConfigError::BadNic {
+            spec: text.to_string(),
+            why,
+        };
+        let mut parts = text.split(',');
+        let kind = parts.next().unwrap_or_default();
+        let tap = match kind.split_once('=') {
+            None if kind == "tap" => None,
+            Some(("tap", name)) if !name.is_empty() => Some(name.to_string()),
+            _ => {
+                return Err(bad(
+                    "a VM's network is tap[=NAME][,mac=MAC] (none and host are for --container)"
+                        .into(),
+                ))
+            }
+        };
+        let mut nic = NicConfig { tap, mac: None };
+        for option in parts {
+            match option.split_once('=') {
+                Some(("mac", mac)) => nic.mac = Some(parse_mac(mac).map_err(bad)?),
+                _ => return Err(bad(format!("unknown option {option:?} (expected mac=MAC)"))),
+            }
+        }
+        Ok(nic)
+    }
+}
+
+/// `52:54:00:12:34:56`: six two-digit hex bytes of a unicast address.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("mac={text}: expected six hex bytes like 52:54:00:12:34:56"));
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(format!("mac={text}: {part:?} is not two hex digits"));
+        }
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("mac={text}: {part:?} is not two hex digits"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("mac={text}: a multicast address cannot be a NIC's"));
+    }
+    Ok(mac)
 }
 
 /// Disk image formats vessel reads.
@@ -130,6 +190,8 @@ pub enum ConfigError {
     TooManyCpus { requested: u32, max: u32 },
     #[error("--disk {spec}: {why}")]
     BadDisk { spec: String, why: String },
+    #[error("--net {spec}: {why}")]
+    BadNic { spec: String, why: String },
     #[error("{count} virtio devices: a machine has room for {max}")]
     TooManyDevices { count: usize, max: usize },
 }
@@ -291,6 +353,30 @@ mod tests {
         ] {
             let e = DiskConfig::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("--disk "), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn nic_specs_and_macs_parse() {
+        assert_eq!(
+            NicConfig::parse("tap").unwrap(),
+            NicConfig { tap: None, mac: None }
+        );
+        let n = NicConfig::parse("tap=tap0,mac=52:54:00:12:34:ab").unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0xab]));
+        for bad in [
+            "none",
+            "host",
+            "tap=",
+            "user",
+            "tap,mac=01:00:5e:00:00:01",
+            "tap,mac=52:54:00:12:34",
+            "tap,mac=zz:54:00:12:34:56",
+            "tap,model=e1000",
+        ] {
+            let e = NicConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--net "), "{bad:?}: {e}");
         }
     }
 

@@ -22,7 +22,7 @@ use hypervisor::{Hypervisor, Vcpu, VcpuExit, VcpuInterrupter, Vm, VmConfig};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{DiskConfig, DiskFormat, MachineConfig};
+use crate::config::{DiskConfig, DiskFormat, MachineConfig, NicConfig};
 use crate::layout::MmioSlot;
 use crate::sys::{self, SignalFd};
 use crate::{acpi, boot, layout};
@@ -95,6 +95,9 @@ pub enum VmmError {
     /// message names it.
     #[error(transparent)]
     Disk(#[from] virtio::image::ImageError),
+    /// A tap device that cannot be opened; the message says why.
+    #[error(transparent)]
+    Tap(#[from] virtio::tap::TapError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
@@ -140,15 +143,17 @@ pub struct PreparedGuest {
     pub boot_cpu: boot::BootCpuState,
 }
 
-/// The virtio devices of a machine, in slot order: the disks, then the
-/// entropy device.
+/// The virtio devices of a machine, in slot order: the disks, the NICs,
+/// then the entropy device.
 enum VirtioKind<'a> {
     Disk(&'a DiskConfig),
+    Nic(&'a NicConfig),
     Rng,
 }
 
 fn virtio_kinds(config: &MachineConfig) -> Vec<VirtioKind<'_>> {
     let mut kinds: Vec<VirtioKind> = config.disks.iter().map(VirtioKind::Disk).collect();
+    kinds.extend(config.nics.iter().map(VirtioKind::Nic));
     if config.rng {
         kinds.push(VirtioKind::Rng);
     }
@@ -192,6 +197,25 @@ fn open_disks(config: &MachineConfig) -> Result<Vec<Box<dyn virtio::image::DiskI
     Ok(images)
 }
 
+/// Opens every tap of `config` (each a clear error when it cannot be).
+fn open_taps(config: &MachineConfig) -> Result<Vec<virtio::tap::Tap>, VmmError> {
+    config
+        .nics
+        .iter()
+        .map(|nic| Ok(virtio::tap::Tap::open(nic.tap.as_deref())?))
+        .collect()
+}
+
+/// A random address in QEMU's 52:54:00 range (as QEMU gives a NIC without
+/// one; the random part keeps two VMs on one bridge apart).
+fn random_mac() -> [u8; 6] {
+    let mut tail = [0u8; 3];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut tail);
+    }
+    [0x52, 0x54, 0x00, tail[0], tail[1], tail[2]]
+}
+
 /// The serial number of `disk`: the configured one, else its file name
 /// (at most 20 bytes, cut at a character boundary).
 fn disk_serial(disk: &DiskConfig) -> String {
@@ -218,10 +242,12 @@ fn create_virtio_devices(
     config: &MachineConfig,
     memory: &GuestRam,
     mut disks: Vec<Box<dyn virtio::image::DiskImage>>,
+    mut taps: Vec<virtio::tap::Tap>,
     mmio: &Bus,
 ) -> Result<(), VmmError> {
     let slots = virtio_slots(config)?;
     disks.reverse();
+    taps.reverse();
     for (index, (kind, slot)) in virtio_kinds(config).into_iter().zip(slots).enumerate() {
         let device: Box<dyn virtio::VirtioDevice> = match kind {
             VirtioKind::Disk(disk) => {
@@ -235,6 +261,14 @@ fn create_virtio_devices(
                     &disk_serial(disk),
                     &name,
                 ))
+            }
+            VirtioKind::Nic(nic) => {
+                let Some(tap) = taps.pop() else {
+                    return Err(VmmError::Device("a tap device went missing".into()));
+                };
+                let mac = nic.mac.unwrap_or_else(random_mac);
+                tracing::info!(tap = tap.name(), "virtio-net on the tap");
+                Box::new(virtio::Net::new(tap, mac, &format!("virtio-net{index}")))
             }
             VirtioKind::Rng => Box::new(virtio::Rng::new(&format!("virtio-rng{index}"))),
         };
@@ -390,6 +424,7 @@ pub fn run(
     console: Console,
 ) -> Result<Outcome, VmmError> {
     let disks = open_disks(config)?;
+    let taps = open_taps(config)?;
     let guest = prepare_guest(config)?;
     let vm = hypervisor
         .create_vm(&VmConfig {
@@ -401,7 +436,7 @@ pub fn run(
         .map_err(hv_err("mapping guest memory"))?;
     let devices = create_devices(vm.as_ref(), config, console.output)?;
     let mmio = Bus::new();
-    create_virtio_devices(vm.as_ref(), config, &guest.memory, disks, &mmio)?;
+    create_virtio_devices(vm.as_ref(), config, &guest.memory, disks, taps, &mmio)?;
 
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
     for id in 0..config.cpus {

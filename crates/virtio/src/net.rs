@@ -1,0 +1,409 @@
+//! virtio-net (virtio 1.2, section 5.1) on a host tap device: one receive
+//! and one transmit queue, served by an I/O thread that moves frames
+//! between them and the tap.
+//!
+//! Frames keep their virtio-net header on the way through: the tap is
+//! opened with 12-byte virtio-net headers, so checksum offload and TSO
+//! negotiated with the guest become the tap's offloads, and segmentation
+//! and checksumming happen once, in the host kernel, or not at all.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ram::GuestRam;
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{read_config_bytes, Activation, Interrupt, VirtioDevice, COMMON_FEATURES};
+use crate::tap::{Tap, OFFLOAD_CSUM, OFFLOAD_TSO4, OFFLOAD_TSO6, VNET_HDR_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// The largest frame with its header: a 64 KiB TSO frame, its Ethernet
+/// and VLAN headers, and the virtio-net header.
+const MAX_FRAME: usize = VNET_HDR_LEN + 65536 + 18;
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_STATUS: u64 = 1 << 16;
+const STATUS_LINK_UP: u16 = 1;
+
+/// One network device.
+pub struct Net {
+    tap: Arc<Tap>,
+    features: u64,
+    config: [u8; 8],
+    queue_sizes: [u16; 2],
+    thread: Option<NetThread>,
+    name: String,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6], name: &str) -> Net {
+        let offloads = tap.supported_offloads();
+        let mut features = COMMON_FEATURES
+            | F_MAC
+            | F_STATUS
+            // The tap takes checksum-offloaded and GSO frames from the
+            // guest whatever it can receive.
+            | F_CSUM
+            | F_HOST_TSO4
+            | F_HOST_TSO6;
+        if offloads & OFFLOAD_CSUM != 0 {
+            features |= F_GUEST_CSUM;
+            if offloads & OFFLOAD_TSO4 != 0 {
+                features |= F_GUEST_TSO4;
+            }
+            if offloads & OFFLOAD_TSO6 != 0 {
+                features |= F_GUEST_TSO6;
+            }
+        }
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
+        Net {
+            tap: Arc::new(tap),
+            features,
+            config,
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            thread: None,
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> io::Result<()> {
+        let f = activation.features;
+        let mut offloads = 0;
+        if f & F_GUEST_CSUM != 0 {
+            offloads |= OFFLOAD_CSUM;
+            if f & F_GUEST_TSO4 != 0 {
+                offloads |= OFFLOAD_TSO4;
+            }
+            if f & F_GUEST_TSO6 != 0 {
+                offloads |= OFFLOAD_TSO6;
+            }
+        }
+        self.tap.set_offloads(offloads)?;
+        self.thread = Some(NetThread::spawn(&self.name, self.tap.clone(), activation)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.thread = None;
+    }
+}
+
+struct NetThread {
+    stop: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+const STOP: u64 = 100;
+const TAP: u64 = 101;
+
+impl NetThread {
+    fn spawn(name: &str, tap: Arc<Tap>, mut activation: Activation) -> io::Result<NetThread> {
+        let (Some(Some(rx)), Some(Some(tx))) = (
+            activation.queues.get_mut(RX).map(Option::take),
+            activation.queues.get_mut(TX).map(Option::take),
+        ) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "virtio-net: the driver enabled neither both queues",
+            ));
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        for (fd, token) in [
+            (stop.as_raw_fd(), STOP),
+            (rx.notify.as_raw_fd(), RX as u64),
+            (tx.notify.as_raw_fd(), TX as u64),
+            (tap.as_raw_fd(), TAP),
+        ] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        let thread_stop = stop.try_clone()?;
+        let mut frames = Frames {
+            memory: activation.memory,
+            rx: rx.queue,
+            tx: tx.queue,
+            rx_notify: rx.notify,
+            tx_notify: tx.notify,
+            interrupt: activation.interrupt,
+            needs_reset: activation.needs_reset,
+            tap,
+            rx_frame: vec![0; MAX_FRAME],
+            rx_pending: 0,
+            tap_armed: true,
+            tx_frame: vec![0; MAX_FRAME],
+        };
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || frames.run(&epoll, &thread_stop))?;
+        Ok(NetThread {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for NetThread {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The I/O thread's state.
+struct Frames {
+    memory: GuestRam,
+    rx: Queue,
+    tx: Queue,
+    rx_notify: EventFd,
+    tx_notify: EventFd,
+    interrupt: Arc<Interrupt>,
+    needs_reset: Arc<AtomicBool>,
+    tap: Arc<Tap>,
+    /// A frame read from the tap that waits for a receive buffer
+    /// (`rx_pending` bytes of `rx_frame`).
+    rx_frame: Vec<u8>,
+    rx_pending: usize,
+    /// Whether the tap is watched (not while no receive buffer is free).
+    tap_armed: bool,
+    tx_frame: Vec<u8>,
+}
+
+/// A broken queue: the device stops until the driver resets it.
+struct QueueBroken(String);
+
+impl Frames {
+    fn run(&mut self, epoll: &Epoll, stop: &EventFd) {
+        let mut events = vec![EpollEvent::default(); 8];
+        self.step(epoll, TX as u64);
+        self.step(epoll, TAP);
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-net: waiting for events: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                if event.data() == STOP {
+                    let _ = stop.read();
+                    return;
+                }
+                self.step(epoll, event.data());
+            }
+        }
+    }
+
+    fn step(&mut self, epoll: &Epoll, token: u64) {
+        if self.needs_reset.load(Ordering::SeqCst) {
+            return;
+        }
+        let result = match token {
+            t if t == TX as u64 => {
+                let _ = self.tx_notify.read();
+                self.transmit()
+            }
+            t if t == RX as u64 => {
+                let _ = self.rx_notify.read();
+                self.receive(epoll)
+            }
+            _ => self.receive(epoll),
+        };
+        if let Err(QueueBroken(why)) = result {
+            tracing::warn!("virtio-net: {why}; the device needs a reset");
+            self.needs_reset.store(true, Ordering::SeqCst);
+            let _ = self.interrupt.signal_config_change();
+        }
+    }
+
+    /// Sends every frame the guest queued to the tap.
+    fn transmit(&mut self) -> Result<(), QueueBroken> {
+        let bad = |what: &str, e: virtio_queue::Error| QueueBroken(format!("{what}: {e}"));
+        let memory = &self.memory;
+        let mut sent = 0;
+        loop {
+            self.tx
+                .disable_notification(memory)
+                .map_err(|e| bad("transmit queue", e))?;
+            loop {
+                let chain = self
+                    .tx
+                    .iter(memory)
+                    .map_err(|e| bad("transmit ring", e))?
+                    .next();
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let mut reader =
+                    Reader::new(memory, chain).map_err(|e| bad("transmit buffer", e))?;
+                let len = reader.available_bytes();
+                if (VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+                    match reader.read_exact(&mut self.tx_frame[..len]) {
+                        Ok(()) => {
+                            if let Err(e) = self.tap.write_frame(&self.tx_frame[..len]) {
+                                // The host dropped it (queue full, link
+                                // down): as a NIC would, so does the guest.
+                                tracing::debug!("virtio-net: tap write: {e}");
+                            }
+                        }
+                        Err(e) => tracing::debug!("virtio-net: reading a frame: {e}"),
+                    }
+                } else {
+                    tracing::debug!("virtio-net: dropped a transmit chain of {len} bytes");
+                }
+                self.tx
+                    .add_used(memory, head, 0)
+                    .map_err(|e| bad("transmit used ring", e))?;
+                sent += 1;
+            }
+            if !self
+                .tx
+                .enable_notification(memory)
+                .map_err(|e| bad("transmit queue", e))?
+            {
+                break;
+            }
+        }
+        if sent > 0
+            && self
+                .tx
+                .needs_notification(memory)
+                .map_err(|e| bad("transmit queue", e))?
+        {
+            let _ = self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the tap into receive buffers while both last.
+    fn receive(&mut self, epoll: &Epoll) -> Result<(), QueueBroken> {
+        let bad = |what: &str, e: virtio_queue::Error| QueueBroken(format!("{what}: {e}"));
+        let mut delivered = 0;
+        loop {
+            if self.rx_pending == 0 {
+                match self.tap.read_frame(&mut self.rx_frame) {
+                    Ok(n) if n >= VNET_HDR_LEN => self.rx_pending = n,
+                    Ok(_) => continue, // a runt: nothing to deliver
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: reading the tap: {e}");
+                        break;
+                    }
+                }
+            }
+            let memory = &self.memory;
+            let chain = self
+                .rx
+                .iter(memory)
+                .map_err(|e| bad("receive ring", e))?
+                .next();
+            let Some(chain) = chain else {
+                // No buffer: keep the frame, stop watching the tap until
+                // the driver adds buffers (its notification re-arms it).
+                arm_tap(&mut self.tap_armed, &self.tap, epoll, false);
+                if self
+                    .rx
+                    .enable_notification(memory)
+                    .map_err(|e| bad("receive queue", e))?
+                {
+                    continue; // buffers arrived meanwhile
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = Writer::new(memory, chain).map_err(|e| bad("receive buffer", e))?;
+            let n = self.rx_pending;
+            self.rx_pending = 0;
+            if writer.available_bytes() < n {
+                // Too small for this frame: drop it and use the buffer for
+                // the next one.
+                tracing::debug!("virtio-net: a {n}-byte frame does not fit a receive buffer");
+                self.rx.set_next_avail(self.rx.next_avail().wrapping_sub(1));
+                continue;
+            }
+            // num_buffers: without mergeable buffers, always one.
+            self.rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            writer
+                .write_all(&self.rx_frame[..n])
+                .map_err(|e| QueueBroken(format!("writing a received frame: {e}")))?;
+            self.rx
+                .add_used(memory, head, n as u32)
+                .map_err(|e| bad("receive used ring", e))?;
+            delivered += 1;
+        }
+        if self.rx_pending == 0 {
+            arm_tap(&mut self.tap_armed, &self.tap, epoll, true);
+        }
+        if delivered > 0
+            && self
+                .rx
+                .needs_notification(&self.memory)
+                .map_err(|e| bad("receive queue", e))?
+        {
+            let _ = self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
+/// Watches the tap for frames, or stops (`armed` false), unless it already does.
+fn arm_tap(tap_armed: &mut bool, tap: &Tap, epoll: &Epoll, armed: bool) {
+    if *tap_armed == armed {
+        return;
+    }
+    let events = if armed {
+        EventSet::IN
+    } else {
+        EventSet::empty()
+    };
+    if epoll
+        .ctl(
+            ControlOperation::Modify,
+            tap.as_raw_fd(),
+            EpollEvent::new(events, TAP),
+        )
+        .is_ok()
+    {
+        *tap_armed = armed;
+    }
+}
