@@ -517,6 +517,9 @@ impl CodePages {
         if len == 0 {
             return;
         }
+        // Order the device's copy before the code-bit tests (as a vCPU's
+        // own write is ordered before its check).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let first = gpa >> PAGE_SHIFT;
         let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
         for page in first..=last {

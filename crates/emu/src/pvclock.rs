@@ -14,7 +14,7 @@
 //! offset. So one structure per vCPU, written when the guest enables it
 //! (or moves its TSC), stays exact for good: `tsc_to_system_mul` is 2^31
 //! with a shift of 1 (a factor of exactly one), and the TSC-stable flag
-//! tells the guest that all vCPUs agree.
+//! tells the guest that all vCPUs agree (until it moves a vCPU's TSC).
 
 use hypervisor::x86::CpuidEntry;
 
@@ -62,8 +62,9 @@ pub fn cpuid_leaves() -> [CpuidEntry; 2] {
 }
 
 /// `pvclock_vcpu_time_info` for a vCPU whose TSC reads `tsc` when its
-/// system time is `system_ns` (32 bytes, little-endian).
-pub fn vcpu_time_info(version: u32, tsc: u64, system_ns: u64) -> [u8; 32] {
+/// system time is `system_ns` (32 bytes, little-endian); `stable`: every
+/// vCPU's TSC agrees with this one.
+pub fn vcpu_time_info(version: u32, tsc: u64, system_ns: u64, stable: bool) -> [u8; 32] {
     let mut b = [0u8; 32];
     b[0..4].copy_from_slice(&version.to_le_bytes());
     b[8..16].copy_from_slice(&tsc.to_le_bytes());
@@ -71,7 +72,7 @@ pub fn vcpu_time_info(version: u32, tsc: u64, system_ns: u64) -> [u8; 32] {
     // ns = ((tsc_delta << 1) * 2^31) >> 32 = tsc_delta: the TSC is 1 GHz.
     b[24..28].copy_from_slice(&(1u32 << 31).to_le_bytes());
     b[28] = 1; // tsc_shift
-    b[29] = PVCLOCK_TSC_STABLE_BIT;
+    b[29] = if stable { PVCLOCK_TSC_STABLE_BIT } else { 0 };
     b
 }
 
@@ -110,7 +111,7 @@ mod tests {
 
     #[test]
     fn the_scale_is_exactly_one() {
-        let info = vcpu_time_info(2, 5_000, 1_000);
+        let info = vcpu_time_info(2, 5_000, 1_000, true);
         for t in [5_000u64, 5_001, 1 << 40, 5_000 + 3_600_000_000_000] {
             assert_eq!(guest_reading(&info, t), 1_000 + (t - 5_000));
         }

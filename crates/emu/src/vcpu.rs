@@ -145,10 +145,14 @@ impl Vm for EmuVm {
         // code decoded from a page they overwrite must be decoded again,
         // as when a vCPU writes it.
         let watched = code.clone();
-        hypervisor::watch_writes(
+        if !hypervisor::watch_writes(
             memory,
             Arc::new(move |gpa, len| watched.invalidate_range(gpa, len as u64)),
-        );
+        ) {
+            return Err(HypervisorError::InvalidArgument(
+                "guest memory already belongs to another software-vCPU VM".into(),
+            ));
+        }
         *held = Some((memory.clone(), code, Instant::now()));
         Ok(())
     }
@@ -385,6 +389,8 @@ impl EmuVcpu {
         let cpu = self.emu.cpu_mut();
         *cpu = CpuState::reset();
         cpu.apic_base = base;
+        self.emu.reset_paravirt();
+        let cpu = self.emu.cpu_mut();
         cpu.segs[seg::CS].selector = u16::from(vector) << 8;
         cpu.segs[seg::CS].base = u64::from(vector) << 12;
         cpu.rip = 0;

@@ -6,6 +6,10 @@ use crate::cpio::CpioWriter;
 use crate::exit_helper::exit_status_helper;
 use crate::modules::{GuestModules, MODULE_DIR};
 
+/// `vessel-agent` (crates/agent), built static by this crate's build
+/// script: the initramfs's /sbin/vessel-agent.
+pub const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/agent/vessel-agent"));
+
 /// `/init` of the guest, run by busybox sh.
 ///
 /// Protocol: `vessel.cmd=B64,B64,...` on the kernel command line is the argv to run (each
@@ -55,7 +59,11 @@ for vessel_dev in /sys/bus/acpi/devices/LNRO0005:*; do
 		0x0001) vessel_load virtio_net ;;
 		0x0002) vessel_load virtio_blk ;;
 		0x0004) vessel_load virtio_rng ;;
-		0x0013) vessel_load vmw_vsock_virtio_transport ;;
+		0x0013)
+			vessel_load vmw_vsock_virtio_transport
+			# The host runs commands in the guest through the agent.
+			/sbin/vessel-agent </dev/null &
+			;;
 		esac
 	done
 	break
@@ -172,6 +180,7 @@ pub fn build_initramfs(busybox: &[u8], modules: &GuestModules, out: impl Write) 
     cpio.char_device("dev/null", 0o666, 1, 3)?;
     cpio.file("bin/busybox", 0o755, busybox)?;
     cpio.file("sbin/vessel-exit-status", 0o755, &exit_status_helper())?;
+    cpio.file("sbin/vessel-agent", 0o755, AGENT)?;
     cpio.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
     // Enough of /etc for `id`, `ls -l` and `mount` to show names instead of numbers/errors.
     cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;

@@ -172,6 +172,7 @@ pub fn initramfs_id() -> String {
     // Which drivers the initramfs carries modules for.
     hash.update(modules::DRIVERS.join(",").as_bytes());
     hash.update(exit_helper::exit_status_helper());
+    hash.update(initramfs::AGENT);
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 

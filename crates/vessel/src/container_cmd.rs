@@ -59,6 +59,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         ("--accel", args.accel != AccelArg::Auto),
         ("--disk", !args.disk.is_empty()),
         ("--rng", args.rng),
+        ("--vsock", args.vsock.is_some()),
     ];
     if let Some((flag, _)) = vm_only.iter().find(|(_, g)| *g) {
         bail!("{flag} applies to VMs only, not to --container");

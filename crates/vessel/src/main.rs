@@ -112,6 +112,11 @@ struct RunArgs {
     /// A container: none (a namespace with loopback only, the default) or host.
     #[arg(long, value_name = "MODE")]
     net: Vec<String>,
+    /// A virtio-vsock device (guest CID 3) whose host side is the Unix socket PATH:
+    /// write `CONNECT <port>` to reach a guest listener; guest connections to host
+    /// port P reach the socket PATH_P (Firecracker's protocol).
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
     #[command(flatten)]
     container: container_cmd::ContainerArgs,
     /// Command to run in the guest; without it, an interactive shell.
@@ -316,6 +321,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         disks,
         nics,
         rng: args.rng,
+        vsock: args.vsock,
     };
 
     let stdin = libc::STDIN_FILENO;

@@ -325,3 +325,32 @@ fn bad_nics_are_refused_with_one_clear_line() {
         .expect("setpriv (util-linux)");
     assert_one_clear_error(&out, "needs CAP_NET_ADMIN");
 }
+
+/// `--vsock` refuses a path another program accepts connections on, and
+/// a path that is not a socket, before the VM starts.
+#[test]
+fn a_vsock_path_in_use_is_refused() {
+    let kernel = temp_file(&tiny_elf_kernel());
+    let kernel = kernel.path().to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let busy = dir.path().join("busy.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    let run = |path: &std::path::Path| {
+        vessel(&[
+            "run",
+            "--accel",
+            "emu",
+            "--memory",
+            "32M",
+            "--kernel",
+            &kernel,
+            "--vsock",
+            path.to_str().unwrap(),
+        ])
+    };
+    assert_one_clear_error(&run(&busy), "is in use by another program");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert_one_clear_error(&run(&file), "exists and is not a socket");
+    assert!(busy.exists(), "the other program's socket is left alone");
+}

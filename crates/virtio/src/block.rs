@@ -24,7 +24,8 @@ const QUEUE_SIZE: u16 = 256;
 const CHUNK: usize = 256 << 10;
 /// Segments one DISCARD or WRITE_ZEROES request may carry.
 const MAX_SEGMENTS: u32 = 32;
-/// Sectors one discard or write-zeroes segment may cover (2 GiB - 512).
+/// Sectors one discard or write-zeroes segment may cover (4 GiB - 1 KiB,
+/// so a segment's byte length fits in 32 bits).
 const MAX_SEGMENT_SECTORS: u32 = (u32::MAX >> 9) - 1;
 /// Length of a GET_ID answer.
 pub const ID_BYTES: usize = blk::VIRTIO_BLK_ID_BYTES as usize;

@@ -96,15 +96,16 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// The disk is the file's size rounded down to whole sectors.
+    /// The disk is the file's size (a block device's too, which its
+    /// metadata does not give) rounded down to whole sectors.
     pub fn new(file: File, path: &Path) -> Result<RawImage, ImageError> {
-        let len = file
-            .metadata()
+        use std::io::{Seek, SeekFrom};
+        let len = (&file)
+            .seek(SeekFrom::End(0))
             .map_err(|error| ImageError::Open {
                 path: path.to_owned(),
                 error,
             })?
-            .len()
             / 512
             * 512;
         if len == 0 {

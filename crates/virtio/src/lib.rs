@@ -10,7 +10,8 @@
 //!   its own, woken by the queue's eventfd (an ioeventfd in the
 //!   accelerator), and interrupts through an irqfd: device I/O never runs
 //!   on a vCPU thread.
-//! - [`block`] over [`image`]s, [`net`] over a host [`tap`], and [`rng`].
+//! - [`block`] over [`image`]s, [`net`] over a host [`tap`], [`rng`], and
+//!   [`vsock`] with Firecracker's Unix-socket host side.
 //!
 //! Devices see guest memory ([`ram::GuestRam`]) and an interrupt line,
 //! nothing else; they do not know which accelerator runs the VM. Every
@@ -24,6 +25,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 pub mod worker;
 
 pub use block::Block;
@@ -31,3 +33,4 @@ pub use device::{Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;
 pub use net::Net;
 pub use rng::Rng;
+pub use vsock::Vsock;

@@ -43,6 +43,9 @@ const VENDOR_ID: u32 = 0;
 struct QueueSetup {
     queue: Queue,
     notify: Arc<EventFd>,
+    /// The driver wrote a size or ring address the queue cannot take
+    /// (virtio-queue keeps the old value): enabling it must fail.
+    invalid: bool,
 }
 
 /// One virtio device on the MMIO bus.
@@ -64,7 +67,8 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// `device` on `memory`, interrupting through `interrupt`. `notifiers`
     /// holds one eventfd per queue, which the VMM registers as the
-    /// queue's ioeventfd.
+    /// queue's ioeventfd; they must be non-blocking (EFD_NONBLOCK), since
+    /// a reset drains them from a vCPU thread.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         memory: GuestRam,
@@ -82,7 +86,11 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(sizes.len());
         for (max, notify) in sizes.into_iter().zip(notifiers) {
             let queue = Queue::new(max).map_err(|e| format!("queue of {max}: {e}"))?;
-            queues.push(QueueSetup { queue, notify });
+            queues.push(QueueSetup {
+                queue,
+                notify,
+                invalid: false,
+            });
         }
         Ok(MmioTransport {
             device,
@@ -180,9 +188,14 @@ impl MmioTransport {
             reg::VIRTIO_MMIO_QUEUE_NUM => {
                 if self.queue_writable() {
                     if let Some(q) = self.selected() {
-                        // An invalid size is remembered as such and
-                        // refused when the queue is enabled.
-                        q.queue.set_size(value.min(u32::from(u16::MAX)) as u16);
+                        let max = u32::from(q.queue.max_size());
+                        if value == 0 || value > max || !value.is_power_of_two() {
+                            // Remembered, and refused when the queue is
+                            // enabled (the queue keeps its old size).
+                            q.invalid = true;
+                        } else {
+                            q.queue.set_size(value as u16);
+                        }
                     }
                 }
             }
@@ -202,6 +215,18 @@ impl MmioTransport {
                 } else {
                     (None, Some(value))
                 };
+                // The rings' alignment (2.7): descriptors 16, available 2,
+                // used 4 bytes; virtio-queue would ignore a misaligned one.
+                let align = match offset {
+                    reg::VIRTIO_MMIO_QUEUE_DESC_LOW => 16,
+                    reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => 2,
+                    reg::VIRTIO_MMIO_QUEUE_USED_LOW => 4,
+                    _ => 1,
+                };
+                if !value.is_multiple_of(align) {
+                    q.invalid = true;
+                    return;
+                }
                 match offset {
                     reg::VIRTIO_MMIO_QUEUE_DESC_LOW | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => {
                         q.queue.set_desc_table_address(low, high)
@@ -221,7 +246,7 @@ impl MmioTransport {
             reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.acknowledge(value),
             reg::VIRTIO_MMIO_STATUS => self.set_status(value),
             _ => {
-                tracing::debug!(
+                tracing::trace!(
                     offset,
                     value,
                     "virtio-mmio: write to a read-only or unknown register"
@@ -237,12 +262,14 @@ impl MmioTransport {
         let memory = self.memory.clone();
         let Some(q) = self.selected() else { return };
         q.queue.set_ready(ready);
-        if ready && !q.queue.is_valid(&memory) {
-            // Rings outside guest RAM (sizes that are no power of two and
-            // misaligned rings were refused when written): the queue stays
-            // disabled, and the driver reads QueueReady back as 0.
-            tracing::warn!("virtio-mmio: the driver enabled an invalid queue");
+        if ready && (q.invalid || !q.queue.is_valid(&memory)) {
+            // A bad size, misaligned rings or rings outside guest RAM: the
+            // queue stays disabled (QueueReady reads 0) and, since Linux
+            // does not read it back, the device asks for a reset.
+            tracing::debug!("virtio-mmio: the driver enabled an invalid queue");
             q.queue.set_ready(false);
+            self.needs_reset.store(true, Ordering::SeqCst);
+            let _ = self.interrupt.signal_config_change();
         }
     }
 
@@ -254,7 +281,7 @@ impl MmioTransport {
         let added = value & !self.status;
         // Status bits only ever get set, one step at a time (3.1.1).
         if value & self.status != self.status {
-            tracing::warn!(
+            tracing::debug!(
                 old = self.status,
                 new = value,
                 "virtio-mmio: the driver cleared status bits without a reset"
@@ -267,8 +294,12 @@ impl MmioTransport {
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !accepted {
                 // FEATURES_OK stays clear: the driver sees the device
-                // refused (a legacy driver, or features never offered).
-                self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+                // refused (a legacy driver, or features never offered). A
+                // DRIVER_OK in the same write cannot start it either.
+                self.status = value & !(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
+                if value & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+                    self.needs_reset.store(true, Ordering::SeqCst);
+                }
                 return;
             }
         }
@@ -286,7 +317,7 @@ impl MmioTransport {
         let need =
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
         if self.status & need != need {
-            tracing::warn!("virtio-mmio: DRIVER_OK before feature negotiation finished");
+            tracing::debug!("virtio-mmio: DRIVER_OK before feature negotiation finished");
             self.needs_reset.store(true, Ordering::SeqCst);
             return;
         }
@@ -341,6 +372,7 @@ impl MmioTransport {
         }
         for q in &mut self.queues {
             q.queue.reset();
+            q.invalid = false;
             // A notification left pending from before the reset must not
             // wake the next activation's thread for nothing.
             let _ = q.notify.read();

@@ -11,7 +11,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use ram::GuestRam;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
@@ -20,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{read_config_bytes, Activation, Interrupt, VirtioDevice, COMMON_FEATURES};
 use crate::tap::{Tap, OFFLOAD_CSUM, OFFLOAD_TSO4, OFFLOAD_TSO6, VNET_HDR_LEN};
+use crate::worker::{DeviceThread, StopSignal};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -44,7 +44,7 @@ pub struct Net {
     features: u64,
     config: [u8; 8],
     queue_sizes: [u16; 2],
-    thread: Option<NetThread>,
+    thread: Option<DeviceThread>,
     name: String,
 }
 
@@ -112,80 +112,62 @@ impl VirtioDevice for Net {
             }
         }
         self.tap.set_offloads(offloads)?;
-        self.thread = Some(NetThread::spawn(&self.name, self.tap.clone(), activation)?);
+        // Frames the tap queued while the device was stopped were shaped
+        // for the offloads of before: drop them.
+        let mut scratch = vec![0u8; MAX_FRAME];
+        while self.tap.read_frame(&mut scratch).is_ok() {}
+        self.thread = Some(spawn_thread(&self.name, self.tap.clone(), activation)?);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.thread = None;
+        // Until the next driver negotiates, it takes no offloads.
+        let _ = self.tap.set_offloads(0);
     }
-}
-
-struct NetThread {
-    stop: EventFd,
-    handle: Option<JoinHandle<()>>,
 }
 
 const STOP: u64 = 100;
 const TAP: u64 = 101;
 
-impl NetThread {
-    fn spawn(name: &str, tap: Arc<Tap>, mut activation: Activation) -> io::Result<NetThread> {
-        let (Some(Some(rx)), Some(Some(tx))) = (
-            activation.queues.get_mut(RX).map(Option::take),
-            activation.queues.get_mut(TX).map(Option::take),
-        ) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "virtio-net: the driver enabled neither both queues",
-            ));
-        };
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (stop.as_raw_fd(), STOP),
-            (rx.notify.as_raw_fd(), RX as u64),
-            (tx.notify.as_raw_fd(), TX as u64),
-            (tap.as_raw_fd(), TAP),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        let thread_stop = stop.try_clone()?;
-        let mut frames = Frames {
-            memory: activation.memory,
-            rx: rx.queue,
-            tx: tx.queue,
-            rx_notify: rx.notify,
-            tx_notify: tx.notify,
-            interrupt: activation.interrupt,
-            needs_reset: activation.needs_reset,
-            tap,
-            rx_frame: vec![0; MAX_FRAME],
-            rx_pending: 0,
-            tap_armed: true,
-            tx_frame: vec![0; MAX_FRAME],
-        };
-        let handle = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || frames.run(&epoll, &thread_stop))?;
-        Ok(NetThread {
-            stop,
-            handle: Some(handle),
-        })
+fn spawn_thread(name: &str, tap: Arc<Tap>, mut activation: Activation) -> io::Result<DeviceThread> {
+    let (Some(Some(rx)), Some(Some(tx))) = (
+        activation.queues.get_mut(RX).map(Option::take),
+        activation.queues.get_mut(TX).map(Option::take),
+    ) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "virtio-net: the driver did not enable both queues",
+        ));
+    };
+    let epoll = Epoll::new()?;
+    for (fd, token) in [
+        (rx.notify.as_raw_fd(), RX as u64),
+        (tx.notify.as_raw_fd(), TX as u64),
+        (tap.as_raw_fd(), TAP),
+    ] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
     }
-}
-
-impl Drop for NetThread {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
-    }
+    let mut frames = Frames {
+        memory: activation.memory,
+        rx: rx.queue,
+        tx: tx.queue,
+        rx_notify: rx.notify,
+        tx_notify: tx.notify,
+        interrupt: activation.interrupt,
+        needs_reset: activation.needs_reset,
+        tap,
+        rx_frame: vec![0; MAX_FRAME],
+        rx_pending: 0,
+        tap_armed: true,
+        tx_frame: vec![0; MAX_FRAME],
+        epoll,
+    };
+    DeviceThread::spawn(name, move |stop| frames.run(&stop))
 }
 
 /// The I/O thread's state.
@@ -205,18 +187,31 @@ struct Frames {
     /// Whether the tap is watched (not while no receive buffer is free).
     tap_armed: bool,
     tx_frame: Vec<u8>,
+    epoll: Epoll,
 }
 
 /// A broken queue: the device stops until the driver resets it.
 struct QueueBroken(String);
 
 impl Frames {
-    fn run(&mut self, epoll: &Epoll, stop: &EventFd) {
+    fn run(&mut self, stop: &StopSignal) {
+        if self
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.event.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP),
+            )
+            .is_err()
+        {
+            tracing::error!("virtio-net: cannot watch the stop event");
+            return;
+        }
         let mut events = vec![EpollEvent::default(); 8];
-        self.step(epoll, TX as u64);
-        self.step(epoll, TAP);
+        self.step(TX as u64, stop);
+        self.step(TAP, stop);
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -225,39 +220,50 @@ impl Frames {
                 }
             };
             for event in &events[..n] {
-                if event.data() == STOP {
-                    let _ = stop.read();
+                if event.data() == STOP || stop.requested() {
                     return;
                 }
-                self.step(epoll, event.data());
+                self.step(event.data(), stop);
             }
         }
     }
 
-    fn step(&mut self, epoll: &Epoll, token: u64) {
+    fn step(&mut self, token: u64, stop: &StopSignal) {
+        // Consume the notification first: a level-triggered eventfd left
+        // set would wake the thread forever.
+        if token == TX as u64 {
+            let _ = self.tx_notify.read();
+        } else if token == RX as u64 {
+            let _ = self.rx_notify.read();
+        }
         if self.needs_reset.load(Ordering::SeqCst) {
             return;
         }
-        let result = match token {
-            t if t == TX as u64 => {
-                let _ = self.tx_notify.read();
-                self.transmit()
-            }
-            t if t == RX as u64 => {
-                let _ = self.rx_notify.read();
-                self.receive(epoll)
-            }
-            _ => self.receive(epoll),
+        let result = if token == TX as u64 {
+            self.transmit(stop)
+        } else {
+            self.receive(stop)
         };
         if let Err(QueueBroken(why)) = result {
             tracing::warn!("virtio-net: {why}; the device needs a reset");
             self.needs_reset.store(true, Ordering::SeqCst);
+            // Nothing is served until the driver resets the device: stop
+            // watching the queues and the tap, or their events would spin.
+            for fd in [
+                self.rx_notify.as_raw_fd(),
+                self.tx_notify.as_raw_fd(),
+                self.tap.as_raw_fd(),
+            ] {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
             let _ = self.interrupt.signal_config_change();
         }
     }
 
     /// Sends every frame the guest queued to the tap.
-    fn transmit(&mut self) -> Result<(), QueueBroken> {
+    fn transmit(&mut self, stop: &StopSignal) -> Result<(), QueueBroken> {
         let bad = |what: &str, e: virtio_queue::Error| QueueBroken(format!("{what}: {e}"));
         let memory = &self.memory;
         let mut sent = 0;
@@ -266,6 +272,9 @@ impl Frames {
                 .disable_notification(memory)
                 .map_err(|e| bad("transmit queue", e))?;
             loop {
+                if stop.requested() {
+                    return Ok(());
+                }
                 let chain = self
                     .tx
                     .iter(memory)
@@ -315,10 +324,13 @@ impl Frames {
     }
 
     /// Moves frames from the tap into receive buffers while both last.
-    fn receive(&mut self, epoll: &Epoll) -> Result<(), QueueBroken> {
+    fn receive(&mut self, stop: &StopSignal) -> Result<(), QueueBroken> {
         let bad = |what: &str, e: virtio_queue::Error| QueueBroken(format!("{what}: {e}"));
         let mut delivered = 0;
         loop {
+            if stop.requested() {
+                return Ok(());
+            }
             if self.rx_pending == 0 {
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(n) if n >= VNET_HDR_LEN => self.rx_pending = n,
@@ -326,8 +338,17 @@ impl Frames {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        tracing::warn!("virtio-net: reading the tap: {e}");
-                        break;
+                        // The tap is gone (deleted on the host): no more
+                        // frames will come, and its error would wake us
+                        // forever. The link stays down for this VM.
+                        tracing::warn!("virtio-net: reading the tap: {e}; no more frames");
+                        let _ = self.epoll.ctl(
+                            ControlOperation::Delete,
+                            self.tap.as_raw_fd(),
+                            EpollEvent::default(),
+                        );
+                        self.tap_armed = false;
+                        return Ok(());
                     }
                 }
             }
@@ -340,7 +361,7 @@ impl Frames {
             let Some(chain) = chain else {
                 // No buffer: keep the frame, stop watching the tap until
                 // the driver adds buffers (its notification re-arms it).
-                arm_tap(&mut self.tap_armed, &self.tap, epoll, false);
+                arm_tap(&mut self.tap_armed, &self.tap, &self.epoll, false);
                 if self
                     .rx
                     .enable_notification(memory)
@@ -372,7 +393,7 @@ impl Frames {
             delivered += 1;
         }
         if self.rx_pending == 0 {
-            arm_tap(&mut self.tap_armed, &self.tap, epoll, true);
+            arm_tap(&mut self.tap_armed, &self.tap, &self.epoll, true);
         }
         if delivered > 0
             && self

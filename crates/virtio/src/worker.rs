@@ -33,10 +33,66 @@ pub trait RequestHandler: Send + 'static {
 #[error("{0}")]
 pub struct RequestError(pub String);
 
-/// A running I/O thread; dropping it stops it.
-pub struct IoThread {
+/// A device's I/O thread; dropping it stops it (the thread sees the stop
+/// between two requests, however busy the guest keeps its queues).
+pub struct DeviceThread {
     stop: EventFd,
+    stopping: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+}
+
+/// The I/O thread's side of the stop: an eventfd to wait on, and a flag
+/// to check between requests.
+pub struct StopSignal {
+    pub event: EventFd,
+    stopping: Arc<AtomicBool>,
+}
+
+impl StopSignal {
+    /// Whether the thread must return now.
+    pub fn requested(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+impl DeviceThread {
+    /// Runs `body` on a thread named `name`.
+    pub fn spawn(
+        name: &str,
+        body: impl FnOnce(StopSignal) + Send + 'static,
+    ) -> io::Result<DeviceThread> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let signal = StopSignal {
+            event: stop.try_clone()?,
+            stopping: stopping.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || body(signal))?;
+        Ok(DeviceThread {
+            stop,
+            stopping,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for DeviceThread {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // A failed write still leaves the flag, which the thread checks
+        // before it waits again.
+        let _ = self.stop.write(1);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A running I/O thread serving one [`RequestHandler`]; dropping it stops it.
+pub struct IoThread {
+    _thread: DeviceThread,
 }
 
 impl IoThread {
@@ -47,13 +103,7 @@ impl IoThread {
         activation: Activation,
         handler: impl RequestHandler,
     ) -> io::Result<IoThread> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&stop),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
-        )?;
         for (index, q) in activation.queues.iter().enumerate() {
             if let Some(q) = q {
                 epoll.ctl(
@@ -63,8 +113,18 @@ impl IoThread {
                 )?;
             }
         }
-        let thread_stop = stop.try_clone()?;
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
+        let thread = DeviceThread::spawn(&name, move |stop| {
+            if epoll
+                .ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(&stop.event),
+                    EpollEvent::new(EventSet::IN, STOP_TOKEN),
+                )
+                .is_err()
+            {
+                tracing::error!("virtio I/O thread: cannot watch its stop event");
+                return;
+            }
             let mut state = Served {
                 memory: activation.memory,
                 queues: activation.queues,
@@ -72,23 +132,9 @@ impl IoThread {
                 needs_reset: activation.needs_reset,
                 handler,
             };
-            state.run(&epoll, &thread_stop);
+            state.run(&epoll, &stop);
         })?;
-        Ok(IoThread {
-            stop,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for IoThread {
-    fn drop(&mut self) {
-        // A failed write leaves the thread running until the VMM exits;
-        // nothing better can be done from a destructor.
-        let _ = self.stop.write(1);
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+        Ok(IoThread { _thread: thread })
     }
 }
 
@@ -103,10 +149,10 @@ struct Served<H> {
 }
 
 impl<H: RequestHandler> Served<H> {
-    fn run(&mut self, epoll: &Epoll, stop: &EventFd) {
+    fn run(&mut self, epoll: &Epoll, stop: &StopSignal) {
         // Requests queued before DRIVER_OK (a driver may) are served now.
         for index in 0..self.queues.len() {
-            self.serve(index);
+            self.serve(index, stop);
         }
         let mut events = vec![EpollEvent::default(); self.queues.len() + 1];
         loop {
@@ -120,8 +166,7 @@ impl<H: RequestHandler> Served<H> {
             };
             for event in &events[..n] {
                 let token = event.data();
-                if token == STOP_TOKEN {
-                    let _ = stop.read();
+                if token == STOP_TOKEN || stop.requested() {
                     return;
                 }
                 let index = token as usize;
@@ -129,14 +174,14 @@ impl<H: RequestHandler> Served<H> {
                     // Consume the notification; serving drains the queue.
                     let _ = q.notify.read();
                 }
-                self.serve(index);
+                self.serve(index, stop);
             }
         }
     }
 
     /// Takes every available chain of queue `index`, hands it to the
     /// handler and returns it used, then interrupts the driver if it asked.
-    fn serve(&mut self, index: usize) {
+    fn serve(&mut self, index: usize, stop: &StopSignal) {
         if self.needs_reset.load(Ordering::SeqCst) {
             return;
         }
@@ -144,7 +189,7 @@ impl<H: RequestHandler> Served<H> {
             return;
         };
         let memory = &self.memory;
-        let result = serve_queue(&mut active.queue, memory, |chain| {
+        let result = serve_queue(&mut active.queue, memory, stop, |chain| {
             self.handler.handle(index, memory, chain)
         });
         match result {
@@ -166,11 +211,12 @@ impl<H: RequestHandler> Served<H> {
     }
 }
 
-/// Serves every available chain of `queue`; whether the driver wants an
-/// interrupt for the chains returned.
+/// Serves every available chain of `queue` (until a stop is requested);
+/// whether the driver wants an interrupt for the chains returned.
 fn serve_queue(
     queue: &mut Queue,
     memory: &GuestRam,
+    stop: &StopSignal,
     mut handle: impl FnMut(DescriptorChain<&GuestRam>) -> Result<u32, RequestError>,
 ) -> Result<bool, RequestError> {
     let bad = |what: &str, e: virtio_queue::Error| RequestError(format!("{what}: {e}"));
@@ -180,6 +226,9 @@ fn serve_queue(
             .disable_notification(memory)
             .map_err(|e| bad("disabling notifications", e))?;
         loop {
+            if stop.requested() {
+                return Ok(false);
+            }
             let chain = {
                 let mut available = queue
                     .iter(memory)

@@ -97,10 +97,34 @@ fn transport_identifies_the_device_and_negotiates() {
     assert_eq!(b, [0; 2]);
     // Queue 7 does not exist: its size max is 0 and it cannot be enabled.
     assert!(!d.setup_queue(7, DESC, AVAIL, USED, 16));
-    // A queue whose rings lie outside guest RAM is not enabled.
+    // A queue whose rings lie outside guest RAM is not enabled, and the
+    // device asks for a reset (Linux never reads QueueReady back).
     assert!(!d.setup_queue(0, DESC, AVAIL, RAM as u64 + 0x1000, 16));
-    // Nor one whose size is no power of two.
-    assert!(!d.setup_queue(0, DESC, AVAIL, USED, 12) || d.read(0x38) != 12);
+    assert_ne!(d.read(0x70) & STATUS_NEEDS_RESET, 0);
+    // Nor one whose size is no power of two, or whose rings are misaligned.
+    assert!(d.negotiate(1 << 32));
+    assert_eq!(d.read(0x70) & STATUS_NEEDS_RESET, 0, "a reset clears it");
+    assert!(!d.setup_queue(0, DESC, AVAIL, USED, 12));
+    assert_ne!(d.read(0x70) & STATUS_NEEDS_RESET, 0);
+    assert!(d.negotiate(1 << 32));
+    assert!(!d.setup_queue(0, DESC + 8, AVAIL, USED, 16));
+    assert_ne!(d.read(0x70) & STATUS_NEEDS_RESET, 0);
+    // FEATURES_OK refused in the same write as DRIVER_OK: not started.
+    d.write(0x70, 0);
+    d.write(0x70, STATUS_ACK | STATUS_DRIVER);
+    d.write(0x24, 1);
+    d.write(0x20, 1 << 8); // bit 40: never offered
+    d.write(
+        0x70,
+        STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
+    let status = d.read(0x70);
+    assert_eq!(
+        status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+        0,
+        "{status:#x}"
+    );
+    assert_ne!(status & STATUS_NEEDS_RESET, 0, "{status:#x}");
 }
 
 #[test]

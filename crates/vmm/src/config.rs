@@ -26,6 +26,9 @@ pub struct MachineConfig {
     pub nics: Vec<NicConfig>,
     /// A virtio-rng device fed from the host's random source.
     pub rng: bool,
+    /// A virtio-vsock device whose host side is the Unix socket at this
+    /// path (Firecracker's protocol); the guest is CID 3.
+    pub vsock: Option<PathBuf>,
 }
 
 /// One `--net tap[=NAME][,mac=MAC]`.
@@ -45,16 +48,15 @@ impl NicConfig {
         };
         let mut parts = text.split(',');
         let kind = parts.next().unwrap_or_default();
-        let tap = match kind.split_once('=') {
-            None if kind == "tap" => None,
-            Some(("tap", name)) if !name.is_empty() => Some(name.to_string()),
-            _ => {
-                return Err(bad(
+        let tap =
+            match kind.split_once('=') {
+                None if kind == "tap" => None,
+                Some(("tap", name)) if !name.is_empty() => Some(name.to_string()),
+                _ => return Err(bad(
                     "a VM's network is tap[=NAME][,mac=MAC] (none and host are for --container)"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         let mut nic = NicConfig { tap, mac: None };
         for option in parts {
             match option.split_once('=') {
@@ -70,7 +72,9 @@ impl NicConfig {
 pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
-        return Err(format!("mac={text}: expected six hex bytes like 52:54:00:12:34:56"));
+        return Err(format!(
+            "mac={text}: expected six hex bytes like 52:54:00:12:34:56"
+        ));
     }
     let mut mac = [0u8; 6];
     for (byte, part) in mac.iter_mut().zip(parts) {
@@ -360,7 +364,10 @@ mod tests {
     fn nic_specs_and_macs_parse() {
         assert_eq!(
             NicConfig::parse("tap").unwrap(),
-            NicConfig { tap: None, mac: None }
+            NicConfig {
+                tap: None,
+                mac: None
+            }
         );
         let n = NicConfig::parse("tap=tap0,mac=52:54:00:12:34:ab").unwrap();
         assert_eq!(n.tap.as_deref(), Some("tap0"));

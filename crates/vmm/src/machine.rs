@@ -98,6 +98,9 @@ pub enum VmmError {
     /// A tap device that cannot be opened; the message says why.
     #[error(transparent)]
     Tap(#[from] virtio::tap::TapError),
+    /// The vsock socket path cannot be used.
+    #[error(transparent)]
+    Vsock(#[from] virtio::vsock::VsockError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
@@ -149,6 +152,7 @@ enum VirtioKind<'a> {
     Disk(&'a DiskConfig),
     Nic(&'a NicConfig),
     Rng,
+    Vsock,
 }
 
 fn virtio_kinds(config: &MachineConfig) -> Vec<VirtioKind<'_>> {
@@ -156,6 +160,9 @@ fn virtio_kinds(config: &MachineConfig) -> Vec<VirtioKind<'_>> {
     kinds.extend(config.nics.iter().map(VirtioKind::Nic));
     if config.rng {
         kinds.push(VirtioKind::Rng);
+    }
+    if config.vsock.is_some() {
+        kinds.push(VirtioKind::Vsock);
     }
     kinds
 }
@@ -243,6 +250,7 @@ fn create_virtio_devices(
     memory: &GuestRam,
     mut disks: Vec<Box<dyn virtio::image::DiskImage>>,
     mut taps: Vec<virtio::tap::Tap>,
+    mut vsock: Option<virtio::Vsock>,
     mmio: &Bus,
 ) -> Result<(), VmmError> {
     let slots = virtio_slots(config)?;
@@ -271,6 +279,10 @@ fn create_virtio_devices(
                 Box::new(virtio::Net::new(tap, mac, &format!("virtio-net{index}")))
             }
             VirtioKind::Rng => Box::new(virtio::Rng::new(&format!("virtio-rng{index}"))),
+            VirtioKind::Vsock => match vsock.take() {
+                Some(device) => Box::new(device),
+                None => return Err(VmmError::Device("the vsock device went missing".into())),
+            },
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("virtio interrupt eventfd"))?;
         vm.register_irqfd(&irq, slot.gsi)
@@ -425,6 +437,14 @@ pub fn run(
 ) -> Result<Outcome, VmmError> {
     let disks = open_disks(config)?;
     let taps = open_taps(config)?;
+    let vsock = match &config.vsock {
+        Some(path) => Some(virtio::Vsock::new(
+            virtio::vsock::DEFAULT_GUEST_CID,
+            path,
+            "virtio-vsock",
+        )?),
+        None => None,
+    };
     let guest = prepare_guest(config)?;
     let vm = hypervisor
         .create_vm(&VmConfig {
@@ -436,7 +456,15 @@ pub fn run(
         .map_err(hv_err("mapping guest memory"))?;
     let devices = create_devices(vm.as_ref(), config, console.output)?;
     let mmio = Bus::new();
-    create_virtio_devices(vm.as_ref(), config, &guest.memory, disks, taps, &mmio)?;
+    create_virtio_devices(
+        vm.as_ref(),
+        config,
+        &guest.memory,
+        disks,
+        taps,
+        vsock,
+        &mmio,
+    )?;
 
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
     for id in 0..config.cpus {

@@ -230,6 +230,9 @@ pub struct Core {
     pub(crate) kvmclock: u64,
     /// MSR_KVM_WALL_CLOCK_NEW as last written.
     pub(crate) wall_clock: u64,
+    /// The version of this vCPU's kvmclock structure, even between
+    /// updates.
+    pub(crate) kvmclock_version: u32,
 }
 
 impl Core {
@@ -255,6 +258,7 @@ impl Core {
             native_runs: 0,
             kvmclock: 0,
             wall_clock: 0,
+            kvmclock_version: 0,
         }
     }
 
@@ -278,15 +282,30 @@ impl Core {
     }
 
     /// (Re)writes this vCPU's kvmclock structure, if enabled; false if its
-    /// address is not RAM.
+    /// address is not RAM. The version is odd while the body changes (the
+    /// pvclock protocol: readers retry), even after.
     pub(crate) fn publish_kvmclock(&mut self) -> bool {
         if self.kvmclock & 1 == 0 {
             return true;
         }
+        let at = self.kvmclock & !1;
         let system = self.system_time_ns();
         let tsc = system.wrapping_add(self.cpu.msrs.tsc_offset);
-        let info = crate::pvclock::vcpu_time_info(2, tsc, system);
-        self.write_phys(self.kvmclock & !1, &info)
+        // All vCPUs' TSCs agree (one clock, no offset) until the guest
+        // moves one; then the guest must not mix them.
+        let stable = self.cpu.msrs.tsc_offset == 0;
+        let updating = self.kvmclock_version.wrapping_add(1);
+        let done = self.kvmclock_version.wrapping_add(2);
+        let info = crate::pvclock::vcpu_time_info(done, tsc, system, stable);
+        if !self.write_phys(at, &updating.to_le_bytes()) {
+            return false;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.write_phys(at + 4, &info[4..]);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.write_phys(at, &info[..4]);
+        self.kvmclock_version = done;
+        true
     }
 
     /// Writes the wall clock at system time zero where MSR_KVM_WALL_CLOCK_NEW
@@ -1086,6 +1105,13 @@ impl Emulator {
     /// compare the two modes check.
     pub fn native_runs_executed(&self) -> u64 {
         self.core.native_runs
+    }
+
+    /// INIT: the paravirtual clock MSRs go back to disabled (as KVM's
+    /// vCPU reset does).
+    pub fn reset_paravirt(&mut self) {
+        self.core.kvmclock = 0;
+        self.core.wall_clock = 0;
     }
 
     fn run_counted(&mut self, budget: u64, stop: Option<&AtomicBool>, executed: &mut u64) -> Exit {

@@ -1562,15 +1562,17 @@ pub(crate) fn write_msr(c: &mut Core, index: u32, v: u64) -> bool {
             let host = c.tsc().wrapping_sub(c.cpu.msrs.tsc_offset);
             c.cpu.msrs.tsc_offset = v.wrapping_sub(host);
             // kvmclock relates TSC to system time: tell the guest anew.
-            return c.publish_kvmclock();
+            c.publish_kvmclock();
         }
+        // As in KVM, an address that is not RAM is accepted and nothing is
+        // written there (no #GP).
         crate::pvclock::MSR_KVM_SYSTEM_TIME_NEW => {
             c.kvmclock = v;
-            return c.publish_kvmclock();
+            c.publish_kvmclock();
         }
         crate::pvclock::MSR_KVM_WALL_CLOCK_NEW => {
             c.wall_clock = v;
-            return c.publish_wall_clock();
+            c.publish_wall_clock();
         }
         0x1b => c.cpu.apic_base = v,
         // IA32_BIOS_SIGN_ID: writing it only arms the next CPUID(1) to

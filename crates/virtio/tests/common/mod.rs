@@ -17,9 +17,11 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const RAM: usize = 4 << 20;
+/// Queue 0's rings; queue `q` has its own at `q * QUEUE_STRIDE` above.
 pub const DESC: u64 = 0x1000;
 pub const AVAIL: u64 = 0x2000;
 pub const USED: u64 = 0x3000;
+pub const QUEUE_STRIDE: u64 = 0x4000;
 /// Where tests put request buffers.
 pub const BUFFERS: u64 = 0x10_0000;
 pub const QUEUE_SIZE: u16 = 16;
@@ -34,16 +36,27 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 64;
 
+/// The driver's side of one queue.
+#[derive(Default, Clone, Copy)]
+struct DriverQueue {
+    /// Next free descriptor and the driver's avail index.
+    next_desc: u16,
+    avail_idx: u16,
+    /// The used index seen last.
+    used_seen: u16,
+}
+
+fn rings(q: usize) -> (u64, u64, u64) {
+    let off = q as u64 * QUEUE_STRIDE;
+    (DESC + off, AVAIL + off, USED + off)
+}
+
 pub struct Driver {
     pub memory: GuestRam,
     pub transport: MmioTransport,
     pub irq: Arc<EventFd>,
     pub notify: Vec<Arc<EventFd>>,
-    /// Next free descriptor and the driver's avail index.
-    next_desc: u16,
-    avail_idx: u16,
-    /// The used index seen last.
-    pub used_seen: u16,
+    queues: Vec<DriverQueue>,
 }
 
 impl Driver {
@@ -53,9 +66,8 @@ impl Driver {
         let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let line = Arc::new(EventFdLine(irq.try_clone().unwrap()));
         let interrupt = Arc::new(Interrupt::new(line));
-        let notify: Vec<Arc<EventFd>> = device
-            .queue_max_sizes()
-            .iter()
+        let count = device.queue_max_sizes().len();
+        let notify: Vec<Arc<EventFd>> = (0..count)
             .map(|_| Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
             .collect();
         let transport =
@@ -65,9 +77,7 @@ impl Driver {
             transport,
             irq,
             notify,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
+            queues: vec![DriverQueue::default(); count],
         }
     }
 
@@ -102,7 +112,7 @@ impl Driver {
         self.read(0x70) & STATUS_FEATURES_OK != 0
     }
 
-    /// Sets up queue 0 at DESC/AVAIL/USED with QUEUE_SIZE entries;
+    /// Sets up queue `index` at the given rings with `size` entries;
     /// whether the device took it (QueueReady reads back 1).
     pub fn setup_queue(&mut self, index: u32, desc: u64, avail: u64, used: u64, size: u16) -> bool {
         self.write(0x30, index);
@@ -117,10 +127,13 @@ impl Driver {
         self.read(0x44) == 1
     }
 
-    /// The whole start-up with VERSION_1 only and one queue.
+    /// The whole start-up with VERSION_1 only and every queue.
     pub fn start(&mut self) {
         assert!(self.negotiate(1 << 32));
-        assert!(self.setup_queue(0, DESC, AVAIL, USED, QUEUE_SIZE));
+        for q in 0..self.queues.len() {
+            let (desc, avail, used) = rings(q);
+            assert!(self.setup_queue(q as u32, desc, avail, used, QUEUE_SIZE));
+        }
         self.write(
             0x70,
             STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
@@ -131,54 +144,72 @@ impl Driver {
     pub fn restart(&mut self) {
         self.write(0x70, 0);
         assert_eq!(self.read(0x70), 0, "status after reset");
+        let len = self.queues.len() as u64 * QUEUE_STRIDE;
         self.memory
-            .write_slice(
-                &vec![0u8; (USED - DESC) as usize + 0x1000],
-                GuestAddress(DESC),
-            )
+            .write_slice(&vec![0u8; len as usize], GuestAddress(DESC))
             .unwrap();
-        self.next_desc = 0;
-        self.avail_idx = 0;
-        self.used_seen = 0;
+        for q in &mut self.queues {
+            *q = DriverQueue::default();
+        }
         self.start();
     }
 
-    /// Writes descriptor `index` of the table at DESC.
+    /// Writes descriptor `index` of queue 0's table.
     pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = DESC + u64::from(index) * 16;
+        self.set_desc_on(0, index, addr, len, flags, next);
+    }
+
+    pub fn set_desc_on(&self, q: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = rings(q).0 + u64::from(index) * 16;
         self.memory.write_obj(addr, GuestAddress(at)).unwrap();
         self.memory.write_obj(len, GuestAddress(at + 8)).unwrap();
         self.memory.write_obj(flags, GuestAddress(at + 12)).unwrap();
         self.memory.write_obj(next, GuestAddress(at + 14)).unwrap();
     }
 
-    /// Adds a chain of `(addr, len, device_writable)` buffers; its head.
+    /// Adds a chain of `(addr, len, device_writable)` buffers to queue 0;
+    /// its head.
     pub fn add_chain(&mut self, buffers: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
+        self.add_chain_on(0, buffers)
+    }
+
+    pub fn add_chain_on(&mut self, q: usize, buffers: &[(u64, u32, bool)]) -> u16 {
+        let head = self.queues[q].next_desc;
         for (i, (addr, len, write)) in buffers.iter().enumerate() {
             let index = (head + i as u16) % QUEUE_SIZE;
             let last = i + 1 == buffers.len();
             let flags = if *write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            self.set_desc(index, *addr, *len, flags, (index + 1) % QUEUE_SIZE);
+            self.set_desc_on(q, index, *addr, *len, flags, (index + 1) % QUEUE_SIZE);
         }
-        self.next_desc = (head + buffers.len() as u16) % QUEUE_SIZE;
-        self.publish(head);
+        self.queues[q].next_desc = (head + buffers.len() as u16) % QUEUE_SIZE;
+        self.publish_on(q, head);
         head
     }
 
-    /// Puts `head` in the available ring (without notifying).
+    /// Puts `head` in queue 0's available ring (without notifying).
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
+        self.publish_on(0, head);
+    }
+
+    pub fn publish_on(&mut self, q: usize, head: u16) {
+        let slot = u64::from(self.queues[q].avail_idx % QUEUE_SIZE);
+        let avail = rings(q).1;
         self.memory
-            .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
+            .write_obj(head, GuestAddress(avail + 4 + slot * 2))
             .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(self.avail_idx);
+        self.queues[q].avail_idx = self.queues[q].avail_idx.wrapping_add(1);
+        self.set_avail_idx_on(q, self.queues[q].avail_idx);
     }
 
     pub fn set_avail_idx(&self, idx: u16) {
+        self.set_avail_idx_on(0, idx);
+    }
+
+    pub fn set_avail_idx_on(&self, q: usize, idx: u16) {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.memory.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+        self.memory
+            .write_obj(idx, GuestAddress(rings(q).1 + 2))
+            .unwrap();
     }
 
     /// The driver's QueueNotify write (what the ioeventfd turns into an
@@ -187,31 +218,36 @@ impl Driver {
         self.write(0x50, queue);
     }
 
-    pub fn used_idx(&self) -> u16 {
-        self.memory.read_obj(GuestAddress(USED + 2)).unwrap()
+    pub fn used_idx_on(&self, q: usize) -> u16 {
+        self.memory.read_obj(GuestAddress(rings(q).2 + 2)).unwrap()
     }
 
-    /// Waits (at most 5 s) for the next used element; (head, len).
+    /// Waits (at most 5 s) for queue 0's next used element; (head, len).
     pub fn wait_used(&mut self) -> (u32, u32) {
+        self.wait_used_on(0)
+    }
+
+    pub fn wait_used_on(&mut self, q: usize) -> (u32, u32) {
         let start = Instant::now();
-        while self.used_idx() == self.used_seen {
+        while self.used_idx_on(q) == self.queues[q].used_seen {
             assert!(
                 start.elapsed() < Duration::from_secs(5),
-                "the device returned nothing (status {:#x})",
+                "the device returned nothing on queue {q} (status {:#x})",
                 self.read(0x70)
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        let slot = u64::from(self.used_seen % QUEUE_SIZE);
+        let used = rings(q).2;
+        let slot = u64::from(self.queues[q].used_seen % QUEUE_SIZE);
         let id: u32 = self
             .memory
-            .read_obj(GuestAddress(USED + 4 + slot * 8))
+            .read_obj(GuestAddress(used + 4 + slot * 8))
             .unwrap();
         let len: u32 = self
             .memory
-            .read_obj(GuestAddress(USED + 8 + slot * 8))
+            .read_obj(GuestAddress(used + 8 + slot * 8))
             .unwrap();
-        self.used_seen = self.used_seen.wrapping_add(1);
+        self.queues[q].used_seen = self.queues[q].used_seen.wrapping_add(1);
         (id, len)
     }
 
