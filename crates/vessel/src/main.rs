@@ -100,7 +100,7 @@ struct RunArgs {
     /// Kernel command line, replacing vessel's default.
     #[arg(long)]
     cmdline: Option<String>,
-    /// A virtio disk: an image file, with options readonly, format=raw and
+    /// A virtio disk: an image file, with options readonly, format=raw|qcow2 and
     /// serial=S, comma-separated (repeatable; the guest sees /dev/vda, /dev/vdb, ...).
     #[arg(long, value_name = "PATH[,OPTION...]")]
     disk: Vec<String>,

@@ -267,6 +267,11 @@ fn bad_disks_are_refused_with_one_clear_line() {
     header.resize(1 << 20, 0);
     std::fs::write(&qcow, header).unwrap();
     assert_one_clear_error(&run_with(qcow.to_str().unwrap()), "is a qcow2 image");
+    // Said to be qcow2, but not one: the header is refused.
+    assert_one_clear_error(
+        &run_with(&format!("{},format=qcow2", image.display())),
+        "no qcow2 magic",
+    );
 
     assert_one_clear_error(
         &run_with("x.img,cache=none"),

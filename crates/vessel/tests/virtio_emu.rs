@@ -255,3 +255,95 @@ fn a_readonly_disk_refuses_writes_and_is_unchanged() {
     assert!(stdout.contains("done"), "{stdout}");
     assert_eq!(sha256(&image), before, "the image changed");
 }
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img")
+}
+
+/// qcow2 disks from the guest's side: a plain qcow2 image and a qcow2
+/// overlay on a raw backing file; files the guest writes there pass
+/// `qemu-img check` and show up in `qemu-img convert`'s raw output, and
+/// the backing file stays as it was.
+#[test]
+fn qcow2_images_and_overlays_take_the_guests_writes() {
+    if !ready() {
+        return;
+    }
+    if qemu_img(&["--version"]).status.code().is_none() {
+        testkit::not_run(testkit::prereq::PROGRAM, "qemu-img is not installed");
+        return;
+    }
+    let _timed = testkit::timed();
+    let dir = tempfile::tempdir().unwrap();
+    let base = ext4_image(dir.path(), &[("base.txt", b"from the base\n")]);
+    let base_sum = sha256(&base);
+    let plain = dir.path().join("plain.qcow2");
+    let overlay = dir.path().join("overlay.qcow2");
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    assert!(qemu_img(&["convert", "-O", "qcow2", &s(&base), &s(&plain)])
+        .status
+        .success());
+    assert!(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &s(&base),
+        "-F",
+        "raw",
+        &s(&overlay)
+    ])
+    .status
+    .success());
+    let script = "for d in vda vdb; do mkdir /mnt/$d && mount /dev/$d /mnt/$d && \
+                  cat /mnt/$d/base.txt && yes $d | head -c 300000 > /mnt/$d/new.txt; done; \
+                  sync; umount /mnt/vda /mnt/vdb; echo done";
+    let out = vessel()
+        .arg("run")
+        .arg("--disk")
+        .arg(format!("{},format=qcow2", plain.display()))
+        .arg("--disk")
+        .arg(format!("{},format=qcow2", overlay.display()))
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("from the base").count(), 2, "{stdout}");
+    assert!(stdout.contains("done"), "{stdout}");
+    assert_eq!(sha256(&base), base_sum, "the backing file is untouched");
+    for (image, name) in [(&plain, "vda"), (&overlay, "vdb")] {
+        let check = qemu_img(&["check", "-f", "qcow2", &s(image)]);
+        assert_eq!(
+            check.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let raw = dir.path().join(format!("{name}.raw"));
+        assert!(qemu_img(&["convert", "-O", "raw", &s(image), &s(&raw)])
+            .status
+            .success());
+        let dumped = dir.path().join(format!("{name}.txt"));
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump /new.txt {}", dumped.display()))
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let want: Vec<u8> = format!("{name}\n").bytes().cycle().take(300_000).collect();
+        assert!(
+            std::fs::read(&dumped).unwrap() == want,
+            "{name}: new.txt differs"
+        );
+    }
+}

@@ -14,8 +14,8 @@ use virtio_bindings::virtio_blk as blk;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 
 use crate::device::{read_config_bytes, Activation, VirtioDevice, COMMON_FEATURES};
-use crate::image::DiskImage;
 use crate::worker::{IoThread, RequestError, RequestHandler};
+use disk::DiskImage;
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;

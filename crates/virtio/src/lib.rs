@@ -10,7 +10,7 @@
 //!   its own, woken by the queue's eventfd (an ioeventfd in the
 //!   accelerator), and interrupts through an irqfd: device I/O never runs
 //!   on a vCPU thread.
-//! - [`block`] over [`image`]s, [`net`] over a host [`tap`], [`rng`], and
+//! - [`block`] over `disk` images, [`net`] over a host [`tap`], [`rng`], and
 //!   [`vsock`] with Firecracker's Unix-socket host side.
 //!
 //! Devices see guest memory ([`ram::GuestRam`]) and an interrupt line,
@@ -20,7 +20,6 @@
 
 pub mod block;
 pub mod device;
-pub mod image;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use common::*;
 use devices::bus::BusDevice;
+use disk::{open_locked, RawImage};
 use virtio::block::Block;
-use virtio::image::{open_locked, RawImage};
 use virtio::Rng;
 use vm_memory::{Bytes, GuestAddress};
 

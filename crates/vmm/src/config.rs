@@ -94,9 +94,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
     Raw,
+    Qcow2,
 }
 
-/// One `--disk PATH[,readonly][,format=raw][,serial=S]`.
+/// One `--disk PATH[,readonly][,format=raw|qcow2][,serial=S]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -108,7 +109,7 @@ pub struct DiskConfig {
 }
 
 impl DiskConfig {
-    /// Parses `PATH[,readonly][,format=raw][,serial=S]` (the options in
+    /// Parses `PATH[,readonly][,format=raw|qcow2][,serial=S]` (the options in
     /// any order; a path containing a comma is written with `,,`, as in
     /// QEMU).
     pub fn parse(text: &str) -> Result<DiskConfig, ConfigError> {
@@ -154,11 +155,9 @@ impl DiskConfig {
                     }
                 }
                 Some(("format", "raw")) => disk.format = DiskFormat::Raw,
-                Some(("format", "qcow2")) => {
-                    return Err(bad("format=qcow2: qcow2 images are not supported yet; convert with `qemu-img convert -O raw`".into()))
-                }
+                Some(("format", "qcow2")) => disk.format = DiskFormat::Qcow2,
                 Some(("format", other)) => {
-                    return Err(bad(format!("format={other}: expected raw")))
+                    return Err(bad(format!("format={other}: expected raw or qcow2")))
                 }
                 Some(("serial", s)) => {
                     if s.len() > 20 || !s.bytes().all(|b| b.is_ascii_graphic()) {
@@ -170,8 +169,8 @@ impl DiskConfig {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {option:?} (expected readonly, format=raw or serial=S)"
-                    )))
+                    "unknown option {option:?} (expected readonly, format=raw|qcow2 or serial=S)"
+                )))
                 }
             }
         }
@@ -342,6 +341,10 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("disk-1"));
         assert!(DiskConfig::parse("a.img,readonly=off").is_ok_and(|d| !d.readonly));
         assert_eq!(
+            DiskConfig::parse("a.qcow2,format=qcow2").unwrap().format,
+            DiskFormat::Qcow2
+        );
+        assert_eq!(
             DiskConfig::parse("odd,,name.img,ro").unwrap().path,
             PathBuf::from("odd,name.img")
         );
@@ -349,7 +352,6 @@ mod tests {
             "",
             ",readonly",
             "a.img,format=vmdk",
-            "a.img,format=qcow2",
             "a.img,cache=none",
             "a.img,readonly=maybe",
             "a.img,serial=012345678901234567890",

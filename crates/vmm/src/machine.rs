@@ -94,7 +94,7 @@ pub enum VmmError {
     /// A disk image that cannot be used (missing, locked, ...); the
     /// message names it.
     #[error(transparent)]
-    Disk(#[from] virtio::image::ImageError),
+    Disk(#[from] disk::ImageError),
     /// A tap device that cannot be opened; the message says why.
     #[error(transparent)]
     Tap(#[from] virtio::tap::TapError),
@@ -184,21 +184,27 @@ pub fn virtio_slots(config: &MachineConfig) -> Result<Vec<MmioSlot>, VmmError> {
 
 /// Opens (and locks) every disk image of `config`, before anything else
 /// is set up, so that a missing or busy image is the first error.
-fn open_disks(config: &MachineConfig) -> Result<Vec<Box<dyn virtio::image::DiskImage>>, VmmError> {
-    let mut images: Vec<Box<dyn virtio::image::DiskImage>> = Vec::new();
-    for disk in &config.disks {
-        let file = virtio::image::open_locked(&disk.path, disk.readonly)?;
-        match disk.format {
+fn open_disks(config: &MachineConfig) -> Result<Vec<Box<dyn disk::DiskImage>>, VmmError> {
+    let mut images: Vec<Box<dyn disk::DiskImage>> = Vec::new();
+    for spec in &config.disks {
+        let file = disk::open_locked(&spec.path, spec.readonly)?;
+        match spec.format {
             DiskFormat::Raw => {
-                if virtio::image::looks_like_qcow2(&file) {
+                // Never guessed: a raw image whose guest wrote a qcow2
+                // header (naming any backing file) must stay raw.
+                if disk::looks_like_qcow2(&file) {
                     return Err(VmmError::Device(format!(
-                        "disk image {}: is a qcow2 image, which vessel does not read yet \
-                         (and would corrupt as format=raw)",
-                        disk.path.display()
+                        "disk image {}: is a qcow2 image; say so with format=qcow2",
+                        spec.path.display()
                     )));
                 }
-                images.push(Box::new(virtio::image::RawImage::new(file, &disk.path)?));
+                images.push(Box::new(disk::RawImage::new(file, &spec.path)?));
             }
+            DiskFormat::Qcow2 => images.push(Box::new(disk::qcow2::Qcow2Image::open(
+                file,
+                &spec.path,
+                spec.readonly,
+            )?)),
         }
     }
     Ok(images)
@@ -248,7 +254,7 @@ fn create_virtio_devices(
     vm: &dyn Vm,
     config: &MachineConfig,
     memory: &GuestRam,
-    mut disks: Vec<Box<dyn virtio::image::DiskImage>>,
+    mut disks: Vec<Box<dyn disk::DiskImage>>,
     mut taps: Vec<virtio::tap::Tap>,
     mut vsock: Option<virtio::Vsock>,
     mmio: &Bus,

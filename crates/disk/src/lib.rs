@@ -1,4 +1,7 @@
-//! Disk images behind virtio-blk: opening, locking and the raw format.
+//! Disk images for VMs: opening and locking them, and the formats: raw
+//! here, qcow2 in [`qcow2`].
+
+pub mod qcow2;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -39,6 +42,8 @@ pub enum ImageError {
     Locked(PathBuf),
     #[error("disk image {}: is smaller than one 512-byte sector", .0.display())]
     Empty(PathBuf),
+    #[error("disk image {}: {why}", path.display())]
+    Corrupt { path: PathBuf, why: String },
 }
 
 /// Opens `path` for a VM, read-only or read-write, and locks it for as
