@@ -21,6 +21,9 @@ pub mod leaf1_edx {
     pub const CX8: u32 = 1 << 8;
     pub const PGE: u32 = 1 << 13;
     pub const CMOV: u32 = 1 << 15;
+    /// MMX: with CMOV, CX8, FPU, FXSR, SSE, SSE2 and SYSCALL, the x86-64
+    /// baseline glibc's dynamic loader requires of a CPU.
+    pub const MMX: u32 = 1 << 23;
 }
 
 /// Leaf 1 ECX: CMPXCHG16B.
@@ -135,6 +138,7 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
                 | leaf1_edx::CX8
                 | leaf1_edx::PGE
                 | leaf1_edx::CMOV
+                | leaf1_edx::MMX
                 | leaf1_edx::CLFSH
                 | leaf1_edx::FXSR
                 | leaf1_edx::SSE

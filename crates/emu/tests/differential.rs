@@ -1830,3 +1830,120 @@ fn x87_nan_memory_operands() {
         }
     }
 }
+
+/// MMX: each operation between MM registers loaded from the buffer (or
+/// with a memory source), its results stored back, and the x87 state
+/// saved after it with FXSAVE (TOP and the tags of MMX state, or of EMMS,
+/// and the registers with their all-ones exponents); then the MMX forms of PINSRW/PEXTRW/PMOVMSKB/MASKMOVQ/MOVD/MOVQ
+/// and the MM/XMM conversions. Everything in the buffer, the GPRs, XMM
+/// registers and MXCSR must match the host.
+#[test]
+fn mmx_operations() {
+    type Op = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
+    let ops: Vec<(&str, Op)> = vec![
+        ("paddb", |a| a.paddb(mm0, mm1)),
+        ("paddw", |a| a.paddw(mm0, mm1)),
+        ("paddd", |a| a.paddd(mm0, mm1)),
+        ("paddq", |a| a.paddq(mm0, mm1)),
+        ("psubsw", |a| a.psubsw(mm0, mm1)),
+        ("paddusb", |a| a.paddusb(mm0, qword_ptr(rbx + 72))),
+        ("pxor", |a| a.pxor(mm0, mm1)),
+        ("pandn", |a| a.pandn(mm0, mm1)),
+        ("pcmpgtw", |a| a.pcmpgtw(mm0, mm1)),
+        ("pcmpeqb", |a| a.pcmpeqb(mm0, mm1)),
+        ("pmullw", |a| a.pmullw(mm0, mm1)),
+        ("pmulhw", |a| a.pmulhw(mm0, mm1)),
+        ("pmulhuw", |a| a.pmulhuw(mm0, mm1)),
+        ("pmuludq", |a| a.pmuludq(mm0, mm1)),
+        ("pmaddwd", |a| a.pmaddwd(mm0, mm1)),
+        ("psadbw", |a| a.psadbw(mm0, mm1)),
+        ("pavgb", |a| a.pavgb(mm0, mm1)),
+        ("pminsw", |a| a.pminsw(mm0, mm1)),
+        ("pmaxub", |a| a.pmaxub(mm0, mm1)),
+        ("psllw", |a| a.psllw(mm0, mm1)),
+        ("psrad", |a| a.psrad(mm0, mm1)),
+        ("psrlq", |a| a.psrlq(mm0, qword_ptr(rbx + 72))),
+        ("psllq imm", |a| a.psllq(mm0, 13)),
+        ("psraw imm", |a| a.psraw(mm0, 7)),
+        ("psrld imm", |a| a.psrld(mm0, 33)),
+        ("punpcklbw", |a| a.punpcklbw(mm0, mm1)),
+        ("punpckhbw", |a| a.punpckhbw(mm0, mm1)),
+        ("punpckhwd", |a| a.punpckhwd(mm0, mm1)),
+        ("punpckhdq", |a| a.punpckhdq(mm0, mm1)),
+        ("punpckldq", |a| a.punpckldq(mm0, qword_ptr(rbx + 72))),
+        ("packsswb", |a| a.packsswb(mm0, mm1)),
+        ("packssdw", |a| a.packssdw(mm0, mm1)),
+        ("packuswb", |a| a.packuswb(mm0, mm1)),
+        ("pshufw", |a| a.pshufw(mm0, mm1, 0x1b)),
+        ("pshufw m", |a| a.pshufw(mm0, qword_ptr(rbx + 72), 0xd2)),
+        ("pinsrw", |a| a.pinsrw(mm0, ecx, 2)),
+        ("pinsrw m", |a| a.pinsrw(mm0, word_ptr(rbx + 72), 7)),
+        ("pextrw", |a| a.pextrw(ecx, mm1, 5)),
+        ("pmovmskb", |a| a.pmovmskb(edx, mm1)),
+        ("maskmovq", |a| a.maskmovq(mm0, mm1)),
+        ("movd r32", |a| a.movd(esi, mm1)),
+        ("movd mm", |a| a.movd(mm0, ecx)),
+        ("movq r64", |a| a.movq(rsi, mm1)),
+        ("movq mm r64", |a| a.movq(mm0, rcx)),
+        ("movq m", |a| a.movq(qword_ptr(rbx + 80), mm1)),
+        ("movntq", |a| a.movntq(qword_ptr(rbx + 88), mm1)),
+        ("movdq2q", |a| a.movdq2q(mm0, xmm3)),
+        ("movq2dq", |a| a.movq2dq(xmm3, mm1)),
+        ("cvtpi2ps", |a| a.cvtpi2ps(xmm2, mm1)),
+        ("cvtpi2pd", |a| a.cvtpi2pd(xmm2, mm1)),
+        ("cvtps2pi", |a| a.cvtps2pi(mm0, xmm2)),
+        ("cvttps2pi", |a| a.cvttps2pi(mm0, xmm2)),
+        ("cvtpd2pi", |a| a.cvtpd2pi(mm0, xmm2)),
+        ("cvttpd2pi", |a| a.cvttpd2pi(mm0, xmm2)),
+        ("emms", |a| a.emms()),
+    ];
+    let mut rng = Rng::seeded("mmx");
+    let mut bench = Bench::new();
+    // In the FXSAVE image: FOP, FIP, FDP (no x87 instruction ran) and
+    // MXCSR_MASK (AMD hosts differ) are not compared; FCW, FSW (TOP), the
+    // tag byte and the registers are.
+    bench.ignore = vec![512 + 6..512 + 24, 512 + 28..512 + 32];
+    for (name, op) in ops {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.movq(mm0, qword_ptr(rbx + 64)).unwrap();
+        a.movq(mm1, qword_ptr(rbx + 72)).unwrap();
+        op(&mut a).unwrap();
+        // The registers as MMX sees them, then the x87 environment
+        // (TOP in FSW, the full tag word) they leave.
+        a.movq(qword_ptr(rbx + 128), mm0).unwrap();
+        a.movq(qword_ptr(rbx + 136), mm1).unwrap();
+        if name == "emms" {
+            a.emms().unwrap();
+        }
+        a.fxsave64(ptr(rbx + 512)).unwrap();
+        let bytes = a.assemble(GUEST_CODE).unwrap();
+        bench.load(&bytes);
+        let instr = Instruction::with2(Code::Movq_mm_mmm64, Register::MM0, mem(64)).unwrap();
+        for _ in 0..200 {
+            let mut case = random_case(&mut rng, &instr);
+            // MASKMOVQ stores through RDI: into the buffer.
+            case.ctx.gpr[7] = 256 + rng.below(64);
+            case.ptr_regs |= 1 << 7;
+            for x in case.ctx.xmm.iter_mut() {
+                *x = u128::from(rng.value()) | (u128::from(rng.value()) << 64);
+            }
+            if name.starts_with("cvt") && rng.below(2) == 0 {
+                // Representable floats as well as anything at all.
+                let f = |v: f32| u128::from(v.to_bits());
+                let d = |v: f64| u128::from(v.to_bits());
+                case.ctx.xmm[2] = if name.contains("pd") {
+                    d(rng.below(1 << 20) as f64 / 7.0) | (d(-(rng.below(999) as f64) * 1.5) << 64)
+                } else {
+                    f(rng.below(1 << 20) as f32 / 7.0) | (f(-(rng.below(999) as f32)) << 32)
+                };
+                case.ctx.mxcsr = 0x1f80 | (rng.below(4) as u32) << 13;
+            }
+            let what = format!("mmx: {name}");
+            match bench.check(&what, &case, STATUS) {
+                Outcome::Match => {}
+                Outcome::Exception(v) => panic!("{what}: the emulator raised vector {v}"),
+            }
+        }
+    }
+    eprintln!("mmx: {} cases matched", bench.cases);
+}

@@ -69,6 +69,45 @@ for vessel_dev in /sys/bus/acpi/devices/LNRO0005:*; do
 	break
 done
 
+# root=DEVICE (with rootfstype=, rootflags=, ro/rw, init=): a system on a disk. Mount
+# it and hand the machine over to its init; vessel.cmd is then not run.
+vessel_root= vessel_rootfstype= vessel_rootflags= vessel_rootmode=ro vessel_init=/sbin/init
+set -f
+for vessel_word in $(cat /proc/cmdline); do
+	case $vessel_word in
+	root=*) vessel_root=${vessel_word#root=} ;;
+	rootfstype=*) vessel_rootfstype=${vessel_word#rootfstype=} ;;
+	rootflags=*) vessel_rootflags=${vessel_word#rootflags=} ;;
+	rw) vessel_rootmode=rw ;;
+	ro) vessel_rootmode=ro ;;
+	init=*) vessel_init=${vessel_word#init=} ;;
+	esac
+done
+set +f
+if [ -n "$vessel_root" ]; then
+	case $vessel_root in
+	UUID=* | LABEL=*) vessel_root=$(findfs "$vessel_root") ;;
+	esac
+	# The disk's driver was loaded above; its node may take a moment.
+	vessel_wait=0
+	while [ ! -b "$vessel_root" ] && [ $vessel_wait -lt 50 ]; do
+		sleep 0.1
+		vessel_wait=$((vessel_wait + 1))
+	done
+	mkdir -p /newroot
+	if mount -o "$vessel_rootmode${vessel_rootflags:+,$vessel_rootflags}" \
+		${vessel_rootfstype:+-t "$vessel_rootfstype"} "$vessel_root" /newroot; then
+		# The new system mounts what it needs itself; /dev moves with it.
+		umount /dev/pts /dev/shm /tmp /run 2>/dev/null
+		mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+		umount /sys /proc
+		exec switch_root /newroot "$vessel_init"
+	fi
+	echo "vessel: cannot mount root=$vessel_root" >&2
+	/sbin/vessel-exit-status 1
+	poweroff -f
+fi
+
 # >>> decode vessel.cmd
 vessel_cmdline=${VESSEL_CMDLINE:-/proc/cmdline}
 vessel_has_cmd=0

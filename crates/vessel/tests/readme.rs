@@ -212,7 +212,11 @@ fn parse_shown(line: &str) -> Option<Shown> {
             let values: Vec<String> = words
                 .get(i + 1)
                 .map(|v| bare(v))
-                .filter(|v| v.contains('|'))
+                // `a|b|c` alone: a choice of values (not a `PATH[,x|y]` synopsis).
+                .filter(|v| {
+                    v.contains('|')
+                        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '|' || c == '-')
+                })
                 .map(|v| v.split('|').map(str::to_owned).collect())
                 .unwrap_or_default();
             if !values.is_empty() {

@@ -8,6 +8,7 @@ mod forms;
 mod fpu;
 #[cfg(target_arch = "x86_64")]
 mod hostfp;
+mod mmx;
 mod native;
 mod ops;
 pub mod paging;

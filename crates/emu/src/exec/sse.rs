@@ -7,8 +7,7 @@
 //! must be 16-byte aligned (#GP(0)) except for the unaligned moves.
 //! Masked floating-point exceptions set the sticky MXCSR flags; an
 //! unmasked one raises #XM (or #UD with CR4.OSXMMEXCPT clear) and leaves
-//! the destination unchanged. MMX register forms are not implemented (#UD;
-//! CPUID does not advertise MMX).
+//! the destination unchanged. Forms with an MMX register are `super::mmx`'s.
 
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
@@ -171,11 +170,11 @@ fn l64(a: u128, b: u128, f: impl Fn(u64, u64) -> u64) -> u128 {
 }
 
 #[inline(always)]
-fn lane(v: u128, k: usize, w: usize) -> u128 {
+pub(super) fn lane(v: u128, k: usize, w: usize) -> u128 {
     (v >> (k * w)) & ((1u128 << w) - 1)
 }
 
-fn mask_eq(c: bool) -> u64 {
+pub(super) fn mask_eq(c: bool) -> u64 {
     if c {
         u64::MAX
     } else {
@@ -183,16 +182,16 @@ fn mask_eq(c: bool) -> u64 {
     }
 }
 
-fn sat_i8(v: i32) -> u8 {
+pub(super) fn sat_i8(v: i32) -> u8 {
     v.clamp(-128, 127) as i8 as u8
 }
-fn sat_u8(v: i32) -> u8 {
+pub(super) fn sat_u8(v: i32) -> u8 {
     v.clamp(0, 255) as u8
 }
-fn sat_i16(v: i32) -> u16 {
+pub(super) fn sat_i16(v: i32) -> u16 {
     v.clamp(-32768, 32767) as i16 as u16
 }
-fn sat_u16(v: i32) -> u16 {
+pub(super) fn sat_u16(v: i32) -> u16 {
     v.clamp(0, 65535) as u16
 }
 
@@ -228,7 +227,7 @@ fn shift_count(b: u128) -> u64 {
     b as u64
 }
 
-fn psll(a: u128, cnt: u64, w: u32) -> u128 {
+pub(super) fn psll(a: u128, cnt: u64, w: u32) -> u128 {
     if cnt >= u64::from(w) {
         return 0;
     }
@@ -240,7 +239,7 @@ fn psll(a: u128, cnt: u64, w: u32) -> u128 {
     }
 }
 
-fn psrl(a: u128, cnt: u64, w: u32) -> u128 {
+pub(super) fn psrl(a: u128, cnt: u64, w: u32) -> u128 {
     if cnt >= u64::from(w) {
         return 0;
     }
@@ -252,7 +251,7 @@ fn psrl(a: u128, cnt: u64, w: u32) -> u128 {
     }
 }
 
-fn psra(a: u128, cnt: u64, w: u32) -> u128 {
+pub(super) fn psra(a: u128, cnt: u64, w: u32) -> u128 {
     let c = cnt.min(u64::from(w) - 1) as u32;
     match w {
         16 => l16(a, 0, |x, _| ((x as i16) >> c) as u16),
@@ -277,12 +276,24 @@ fn binop(c: &mut Core, op: &Op, f: impl Fn(u128, u128, u8) -> u128) -> R {
     Ok(())
 }
 
+/// A packed operation on 128 bits: `f(dst, src, imm8)`.
+pub(super) type LaneOp = fn(u128, u128, u8) -> u128;
+
 macro_rules! int_ops {
-    ($($name:ident => $f:expr;)*) => {$(
-        fn $name(c: &mut Core, op: &Op) -> R {
-            binop(c, op, $f)
+    ($($name:ident => $f:expr;)*) => {
+        /// The packed operations as values: the MMX forms (`super::mmx`)
+        /// run the lane-local ones on 64-bit operands.
+        #[allow(non_upper_case_globals)]
+        pub(super) mod lane_ops {
+            use super::*;
+            $(pub(in crate::exec) const $name: LaneOp = $f;)*
         }
-    )*};
+        $(
+            fn $name(c: &mut Core, op: &Op) -> R {
+                binop(c, op, lane_ops::$name)
+            }
+        )*
+    };
 }
 
 int_ops! {
@@ -772,14 +783,10 @@ fn float_handler(_: &Instruction) -> Option<Handler> {
 /// if `i` is not one.
 pub(crate) fn handler(i: &Instruction) -> Option<Handler> {
     use Mnemonic as M;
-    // MMX register forms are not implemented.
-    for n in 0..i.op_count() {
-        if i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm() {
-            return match i.mnemonic() {
-                M::Movnti => None,
-                _ => Some(ud),
-            };
-        }
+    if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_mm())
+        || matches!(i.mnemonic(), M::Emms | M::Movntq)
+    {
+        return super::mmx::handler(i);
     }
     let h: Handler = match i.mnemonic() {
         M::Movaps
@@ -895,8 +902,4 @@ pub(crate) fn handler(i: &Instruction) -> Option<Handler> {
         _ => return float_handler(i),
     };
     Some(h)
-}
-
-fn ud(_: &mut Core, _: &Op) -> R {
-    Err(fault(Exception::UD))
 }
