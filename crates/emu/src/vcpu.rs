@@ -215,6 +215,8 @@ impl Vm for EmuVm {
             exit_on,
             reflecting: false,
             pf_trace,
+            profile: std::env::var_os("VESSEL_EMU_PROFILE")
+                .map(|_| std::collections::HashMap::new()),
         }))
     }
 
@@ -309,12 +311,32 @@ pub struct EmuVcpu {
     /// RSP, error code), each reported to this loop before delivery; a
     /// page fault recurring at the same kernel RIP stops the VM with them.
     pf_trace: Option<VecDeque<(u64, u16, u64, u32)>>,
+    /// With `VESSEL_EMU_PROFILE` set: how often each guest RIP was where a
+    /// short run of blocks ended (a sampling profile of the guest,
+    /// printed when the vCPU goes away).
+    profile: Option<std::collections::HashMap<u64, u64>>,
 }
+
+/// Operations per run while profiling: short runs, many samples (a run
+/// also ends at each exit, so device-heavy code shows more than its share).
+const PROFILE_SLICE: u64 = 256;
 
 /// With `VESSEL_EMU_STATS` set, each vCPU reports how many instructions
 /// it retired when it goes away (the emulator performance work).
 impl Drop for EmuVcpu {
     fn drop(&mut self) {
+        if let Some(profile) = &self.profile {
+            let mut top: Vec<(u64, u64)> = profile.iter().map(|(r, n)| (*n, *r)).collect();
+            top.sort_unstable_by(|a, b| b.cmp(a));
+            let total: u64 = top.iter().map(|(n, _)| n).sum();
+            for (n, rip) in top.iter().take(60) {
+                eprintln!(
+                    "emu profile: vCPU {} {rip:#018x} {n} ({:.1}%)",
+                    self.index,
+                    *n as f64 * 100.0 / total.max(1) as f64
+                );
+            }
+        }
         if std::env::var_os("VESSEL_EMU_STATS").is_some() {
             eprintln!(
                 "emu: vCPU {} retired {} instructions",
@@ -423,8 +445,8 @@ impl Vcpu for EmuVcpu {
             Answer::None => {}
         }
         self.answer = Answer::None;
-        // An interrupt waits for RFLAGS.IF: run one block at a time (STI,
-        // POPF and IRET end blocks) so it is handed over as soon as it can.
+        // An interrupt waits for RFLAGS.IF: run until the first block
+        // boundary with IF set, so it is handed over as soon as it can.
         let mut interrupt_blocked = false;
         loop {
             if let Some(platform) = &self.platform {
@@ -445,7 +467,7 @@ impl Vcpu for EmuVcpu {
             let budget = match &mut self.trace {
                 // Letting one exception through: one block, then the
                 // exception exits are back.
-                _ if self.reflecting || interrupt_blocked => 1,
+                _ if self.reflecting => 1,
                 Some(t) => {
                     if t.len() == t.capacity().max(1) {
                         t.pop_front();
@@ -453,13 +475,22 @@ impl Vcpu for EmuVcpu {
                     t.push_back(self.emu.cpu().rip);
                     1
                 }
+                None if self.profile.is_some() => PROFILE_SLICE,
                 None => RUN_SLICE,
             };
-            let exit = self.emu.run(budget, Some(&self.signal.attention));
+            let exit = if interrupt_blocked {
+                self.emu
+                    .run_until_interruptible(budget, Some(&self.signal.attention))
+            } else {
+                self.emu.run(budget, Some(&self.signal.attention))
+            };
             if std::mem::take(&mut self.reflecting) {
                 self.emu.set_exception_exits(self.exception_exits());
             }
             let platform = self.platform.as_deref();
+            if let Some(profile) = self.profile.as_mut() {
+                *profile.entry(self.emu.cpu().rip).or_insert(0) += 1;
+            }
             return Ok(match exit {
                 Exit::BudgetExhausted => continue,
                 Exit::Interrupted => {

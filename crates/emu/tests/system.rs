@@ -1093,3 +1093,22 @@ fn kvmclock_structures_tell_the_guest_the_time() {
         "wall clock {sec} vs {now}"
     );
 }
+
+/// Instructions of absent extensions in the reserved-NOP space run as
+/// NOPs: RDSSP leaves its register alone (libgcc's unwinder relies on
+/// it) and CLDEMOTE does nothing.
+#[test]
+fn the_reserved_nop_space_is_nops() {
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0x1234u64).unwrap();
+    a.rdsspq(rax).unwrap();
+    a.rdsspd(eax).unwrap();
+    a.cldemote(byte_ptr(rax)).unwrap();
+    a.out(0x10, eax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.set_exception_exits(1 << 6);
+    assert_eq!(run_outs(&mut e), vec![(0x10, 0x1234)]);
+}

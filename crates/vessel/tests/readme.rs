@@ -215,7 +215,8 @@ fn parse_shown(line: &str) -> Option<Shown> {
                 // `a|b|c` alone: a choice of values (not a `PATH[,x|y]` synopsis).
                 .filter(|v| {
                     v.contains('|')
-                        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '|' || c == '-')
+                        && v.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '|' || c == '-')
                 })
                 .map(|v| v.split('|').map(str::to_owned).collect())
                 .unwrap_or_default();

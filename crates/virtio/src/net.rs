@@ -35,6 +35,7 @@ const F_GUEST_TSO4: u64 = 1 << 7;
 const F_GUEST_TSO6: u64 = 1 << 8;
 const F_HOST_TSO4: u64 = 1 << 11;
 const F_HOST_TSO6: u64 = 1 << 12;
+const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
 const STATUS_LINK_UP: u16 = 1;
 
@@ -58,7 +59,10 @@ impl Net {
             // guest whatever it can receive.
             | F_CSUM
             | F_HOST_TSO4
-            | F_HOST_TSO6;
+            | F_HOST_TSO6
+            // Small receive buffers a frame may span: the driver needs no
+            // 64 KiB chains of pages for TSO frames.
+            | F_MRG_RXBUF;
         if offloads & OFFLOAD_CSUM != 0 {
             features |= F_GUEST_CSUM;
             if offloads & OFFLOAD_TSO4 != 0 {
@@ -166,6 +170,7 @@ fn spawn_thread(name: &str, tap: Arc<Tap>, mut activation: Activation) -> io::Re
         tap_armed: true,
         tx_frame: vec![0; MAX_FRAME],
         epoll,
+        mergeable: activation.features & F_MRG_RXBUF != 0,
     };
     DeviceThread::spawn(name, move |stop| frames.run(&stop))
 }
@@ -188,6 +193,8 @@ struct Frames {
     tap_armed: bool,
     tx_frame: Vec<u8>,
     epoll: Epoll,
+    /// VIRTIO_NET_F_MRG_RXBUF: a frame may span several receive buffers.
+    mergeable: bool,
 }
 
 /// A broken queue: the device stops until the driver resets it.
@@ -352,45 +359,27 @@ impl Frames {
                     }
                 }
             }
-            let memory = &self.memory;
-            let chain = self
-                .rx
-                .iter(memory)
-                .map_err(|e| bad("receive ring", e))?
-                .next();
-            let Some(chain) = chain else {
-                // No buffer: keep the frame, stop watching the tap until
-                // the driver adds buffers (its notification re-arms it).
-                arm_tap(&mut self.tap_armed, &self.tap, &self.epoll, false);
-                if self
-                    .rx
-                    .enable_notification(memory)
-                    .map_err(|e| bad("receive queue", e))?
-                {
-                    continue; // buffers arrived meanwhile
-                }
-                break;
-            };
-            let head = chain.head_index();
-            let mut writer = Writer::new(memory, chain).map_err(|e| bad("receive buffer", e))?;
             let n = self.rx_pending;
-            self.rx_pending = 0;
-            if writer.available_bytes() < n {
-                // Too small for this frame: drop it and use the buffer for
-                // the next one.
-                tracing::debug!("virtio-net: a {n}-byte frame does not fit a receive buffer");
-                self.rx.set_next_avail(self.rx.next_avail().wrapping_sub(1));
-                continue;
+            match self.deliver(n)? {
+                Delivery::Delivered => {
+                    self.rx_pending = 0;
+                    delivered += 1;
+                }
+                Delivery::Dropped => self.rx_pending = 0,
+                Delivery::NoBuffers => {
+                    // Keep the frame, stop watching the tap until the
+                    // driver adds buffers (its notification re-arms it).
+                    arm_tap(&mut self.tap_armed, &self.tap, &self.epoll, false);
+                    if self
+                        .rx
+                        .enable_notification(&self.memory)
+                        .map_err(|e| bad("receive queue", e))?
+                    {
+                        continue; // buffers arrived meanwhile
+                    }
+                    break;
+                }
             }
-            // num_buffers: without mergeable buffers, always one.
-            self.rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            writer
-                .write_all(&self.rx_frame[..n])
-                .map_err(|e| QueueBroken(format!("writing a received frame: {e}")))?;
-            self.rx
-                .add_used(memory, head, n as u32)
-                .map_err(|e| bad("receive used ring", e))?;
-            delivered += 1;
         }
         if self.rx_pending == 0 {
             arm_tap(&mut self.tap_armed, &self.tap, &self.epoll, true);
@@ -404,6 +393,71 @@ impl Frames {
             let _ = self.interrupt.signal_used_queue();
         }
         Ok(())
+    }
+}
+
+/// What became of a frame offered to the receive queue.
+enum Delivery {
+    Delivered,
+    /// It fits no buffer: dropped (the buffers stay for the next one).
+    Dropped,
+    /// Not enough buffers now: nothing was taken.
+    NoBuffers,
+}
+
+impl Frames {
+    /// Puts the `n`-byte frame (header included) in `rx_frame` into receive
+    /// buffers: one chain, or with mergeable buffers as many as it takes
+    /// (their count in the header's `num_buffers`).
+    fn deliver(&mut self, n: usize) -> Result<Delivery, QueueBroken> {
+        let bad = |what: &str, e: virtio_queue::Error| QueueBroken(format!("{what}: {e}"));
+        let memory = &self.memory;
+        let mut writers = Vec::new();
+        let mut room = 0usize;
+        while room < n {
+            let Some(chain) = self
+                .rx
+                .iter(memory)
+                .map_err(|e| bad("receive ring", e))?
+                .next()
+            else {
+                // Give back what was taken for this frame.
+                let taken = writers.len() as u16;
+                self.rx
+                    .set_next_avail(self.rx.next_avail().wrapping_sub(taken));
+                return Ok(Delivery::NoBuffers);
+            };
+            let head = chain.head_index();
+            let writer = Writer::new(memory, chain).map_err(|e| bad("receive buffer", e))?;
+            room += writer.available_bytes();
+            writers.push((head, writer));
+            if !self.mergeable {
+                break;
+            }
+        }
+        if room < n || writers.len() > usize::from(u16::MAX) {
+            // One buffer too small for the frame (no mergeable buffers):
+            // drop the frame and keep the buffer.
+            tracing::debug!("virtio-net: a {n}-byte frame does not fit the receive buffers");
+            let taken = writers.len() as u16;
+            self.rx
+                .set_next_avail(self.rx.next_avail().wrapping_sub(taken));
+            return Ok(Delivery::Dropped);
+        }
+        // num_buffers: how many buffers the frame spans.
+        self.rx_frame[10..12].copy_from_slice(&(writers.len() as u16).to_le_bytes());
+        let mut done = 0;
+        for (head, mut writer) in writers {
+            let part = writer.available_bytes().min(n - done);
+            writer
+                .write_all(&self.rx_frame[done..done + part])
+                .map_err(|e| QueueBroken(format!("writing a received frame: {e}")))?;
+            self.rx
+                .add_used(memory, head, part as u32)
+                .map_err(|e| bad("receive used ring", e))?;
+            done += part;
+        }
+        Ok(Delivery::Delivered)
     }
 }
 

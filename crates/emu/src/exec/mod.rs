@@ -808,6 +808,9 @@ pub struct Emulator {
     resync: bool,
     /// Instructions retired so far (all runs).
     retired: u64,
+    /// This run ends at the first block boundary with RFLAGS.IF set (an
+    /// interrupt waits at the APIC for it).
+    until_interruptible: bool,
 }
 
 impl Emulator {
@@ -833,6 +836,7 @@ impl Emulator {
             halted: false,
             resync: true,
             retired: 0,
+            until_interruptible: false,
         }
     }
 
@@ -846,6 +850,7 @@ impl Emulator {
             halted: false,
             resync: true,
             retired: 0,
+            until_interruptible: false,
         }
     }
 
@@ -1094,6 +1099,19 @@ impl Emulator {
         exit
     }
 
+    /// Like [`Self::run`], but also ending (with
+    /// [`Exit::BudgetExhausted`]) at the first block boundary where
+    /// RFLAGS.IF is set: for a VMM holding an interrupt that the guest
+    /// has masked, so that it can hand the interrupt over as soon as the
+    /// guest unmasks (STI, POPF and IRET end blocks) without running one
+    /// block at a time until then.
+    pub fn run_until_interruptible(&mut self, budget: u64, stop: Option<&AtomicBool>) -> Exit {
+        self.until_interruptible = true;
+        let exit = self.run(budget, stop);
+        self.until_interruptible = false;
+        exit
+    }
+
     /// Operations retired by this vCPU so far: instructions, except that
     /// a native run or a fused compare-and-branch counts once, and an
     /// instruction that faulted counts once per attempt.
@@ -1150,6 +1168,9 @@ impl Emulator {
                 if flag.load(Ordering::Relaxed) {
                     return Exit::Interrupted;
                 }
+            }
+            if self.until_interruptible && self.core.cpu.rflags & crate::state::rflags::IF != 0 {
+                return Exit::BudgetExhausted;
             }
             if self.halted {
                 prev = std::ptr::null();

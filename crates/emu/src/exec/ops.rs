@@ -176,6 +176,21 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
         M::Lahf => lahf,
         M::Sahf => sahf,
         M::Nop | M::Pause | M::Endbr32 | M::Endbr64 => nop,
+        // The reserved-NOP space (0F 18-0F 1F): instructions of extensions
+        // this CPU model lacks execute as NOPs there, which software relies
+        // on (libgcc's unwinder runs RDSSP to find a CET shadow stack;
+        // without one the register keeps its 0). MPX's are NOPs too with
+        // MPX absent.
+        M::Rdsspd
+        | M::Rdsspq
+        | M::Cldemote
+        | M::Bndcl
+        | M::Bndcu
+        | M::Bndcn
+        | M::Bndmk
+        | M::Bndmov
+        | M::Bndldx
+        | M::Bndstx => nop,
         M::In => in_,
         M::Out => out,
         M::Hlt => hlt,
