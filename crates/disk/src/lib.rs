@@ -1,12 +1,14 @@
 //! Disk images for VMs: opening and locking them, and the formats: raw
 //! here, qcow2 in [`qcow2`].
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod qcow2;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A disk image as the block device sees it: bytes at offsets.
@@ -38,6 +40,8 @@ pub enum ImageError {
     Open { path: PathBuf, error: io::Error },
     #[error("disk image {}: is a directory", .0.display())]
     Directory(PathBuf),
+    #[error("disk image {}: is neither a regular file nor a block device", .0.display())]
+    NotADisk(PathBuf),
     #[error("disk image {}: is in use by another VM (it is locked)", .0.display())]
     Locked(PathBuf),
     #[error("disk image {}: is smaller than one 512-byte sector", .0.display())]
@@ -56,17 +60,30 @@ pub fn open_locked(path: &Path, readonly: bool) -> Result<File, ImageError> {
         error,
     };
     // A directory cannot be opened for writing at all: say what it is.
-    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        return Err(ImageError::Directory(path.to_owned()));
+    // Nor can a FIFO without a reader: say what it is too.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.is_dir() {
+            return Err(ImageError::Directory(path.to_owned()));
+        }
+        if !meta.is_file() && !meta.file_type().is_block_device() {
+            return Err(ImageError::NotADisk(path.to_owned()));
+        }
     }
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is then
+    // refused below); it changes nothing for files and block devices.
     let file = OpenOptions::new()
         .read(true)
         .write(!readonly)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
     if meta.is_dir() {
         return Err(ImageError::Directory(path.to_owned()));
+    }
+    let kind = meta.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(ImageError::NotADisk(path.to_owned()));
     }
     let how = if readonly {
         libc::LOCK_SH
@@ -236,6 +253,18 @@ mod tests {
         );
         let e = open_locked(dir.path(), true).unwrap_err().to_string();
         assert!(e.contains("is a directory"), "{e}");
+        // A FIFO is refused at once, not waited on for a writer.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for readonly in [true, false] {
+            let e = open_locked(&fifo, readonly).unwrap_err().to_string();
+            assert!(
+                e.contains("neither a regular file nor a block device"),
+                "{e}"
+            );
+        }
         let tiny = dir.path().join("tiny.img");
         std::fs::write(&tiny, b"abc").unwrap();
         let f = open_locked(&tiny, false).unwrap();

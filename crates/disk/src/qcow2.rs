@@ -15,7 +15,7 @@
 //! expose one that is not fully written. Metadata is written through (no
 //! dirty cache); FLUSH is an fdatasync.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -225,6 +225,15 @@ pub struct Qcow2Image {
     tables: HashMap<u64, Vec<u8>>,
     /// Where the next cluster is allocated: the end of the file.
     next_free: u64,
+    /// The end of the file when opened: every offset in the image's own
+    /// tables must lie below it (a cluster past it would be handed out
+    /// again by allocation, and two owners would share it).
+    opened_end: u64,
+    /// The image's original L2 tables whose entries have been checked.
+    checked_tables: HashSet<u64>,
+    /// Host clusters holding L2 tables or refcount blocks: guest data is
+    /// never written over them.
+    metadata: HashSet<u64>,
     backing: Backing,
     /// The last compressed cluster decompressed: (entry, contents).
     inflated: Option<(u64, Vec<u8>)>,
@@ -267,12 +276,28 @@ impl Qcow2Image {
         let mut l1_bytes = vec![0u8; h.l1_size as usize * 8];
         file.read_exact_at(&mut l1_bytes, h.l1_table_offset)
             .map_err(|_| invalid(path, "the L1 table lies past the end of the file"))?;
-        let l1 = l1_bytes.chunks_exact(8).map(|e| be64(e, 0)).collect();
+        let l1: Vec<u64> = l1_bytes.chunks_exact(8).map(|e| be64(e, 0)).collect();
         let mut rt_bytes = vec![0u8; (u64::from(h.refcount_table_clusters) * cluster) as usize];
         file.read_exact_at(&mut rt_bytes, h.refcount_table_offset)
             .map_err(|_| invalid(path, "the refcount table lies past the end of the file"))?;
-        let refcount_table = rt_bytes.chunks_exact(8).map(|e| be64(e, 0)).collect();
+        let refcount_table: Vec<u64> = rt_bytes.chunks_exact(8).map(|e| be64(e, 0)).collect();
         let file_len = file.metadata().map_err(io_err)?.len();
+        let opened_end = file_len.next_multiple_of(cluster);
+        // Every table the header's tables point at exists and is a cluster.
+        let mut metadata = HashSet::new();
+        let tables = l1.iter().map(|e| ("an L2 table", e & OFFSET_MASK));
+        let blocks = refcount_table
+            .iter()
+            .map(|e| ("a refcount block", e & OFFSET_MASK));
+        for (what, offset) in tables.chain(blocks).filter(|(_, o)| *o != 0) {
+            if !offset.is_multiple_of(cluster) || offset >= opened_end {
+                return Err(invalid(
+                    path,
+                    format!("{what} at {offset:#x} lies outside the file"),
+                ));
+            }
+            metadata.insert(offset);
+        }
         let backing = match &h.backing_file {
             None => Backing::None,
             Some(name) => {
@@ -318,7 +343,10 @@ impl Qcow2Image {
             refcount_table_offset: h.refcount_table_offset,
             refcount_table,
             tables: HashMap::new(),
-            next_free: file_len.next_multiple_of(cluster),
+            next_free: opened_end,
+            opened_end,
+            checked_tables: HashSet::new(),
+            metadata,
             backing,
             inflated: None,
         })
@@ -377,9 +405,37 @@ impl Qcow2Image {
             return Ok((0, None));
         }
         let l2_offset = self.check_offset(l2_offset, "an L2 table")?;
+        if l2_offset < self.opened_end && !self.checked_tables.contains(&l2_offset) {
+            self.check_l2_table(l2_offset)?;
+            self.checked_tables.insert(l2_offset);
+        }
         let table = self.table(l2_offset)?;
         let entry = be64(table, l2_index * 8);
         Ok((entry, Some((l2_offset, l2_index))))
+    }
+
+    /// Checks every entry of the image's own L2 table at `offset`: no
+    /// reserved bits, and clusters inside the file as it was opened. (A
+    /// table vessel allocated holds only entries vessel wrote.)
+    fn check_l2_table(&mut self, offset: u64) -> io::Result<()> {
+        const RESERVED: u64 = 0x3f00_0000_0000_01fe;
+        let x = 62 - (self.cluster_bits - 8);
+        let end = self.opened_end;
+        let path = self.path.display().to_string();
+        let table = self.table(offset)?;
+        for (i, e) in table.chunks_exact(8).map(|e| be64(e, 0)).enumerate() {
+            let (host, bad_bits) = if e & COMPRESSED != 0 {
+                (e & ((1u64 << x) - 1), false)
+            } else {
+                (e & OFFSET_MASK, e & RESERVED != 0)
+            };
+            if bad_bits || host >= end {
+                return Err(io_invalid(format!(
+                    "{path}: entry {i} of the L2 table at {offset:#x} ({e:#x}) is invalid"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes of virtual cluster `vcluster` from `within`.
@@ -481,6 +537,7 @@ impl Qcow2Image {
             // count itself).
             block = self.next_free;
             self.next_free += self.cluster_size();
+            self.metadata.insert(block);
             self.file
                 .write_all_at(&vec![0u8; self.cluster_size() as usize], block)?;
             self.refcount_table[block_index] = block;
@@ -516,7 +573,14 @@ impl Qcow2Image {
         let host = entry & OFFSET_MASK;
         let plain = entry & COMPRESSED == 0 && !(self.version >= 3 && entry & ZERO != 0);
         if plain && host != 0 && entry & COPIED != 0 {
-            return self.check_offset(host, "a data cluster");
+            let host = self.check_offset(host, "a data cluster")?;
+            if self.overlaps_metadata(host) {
+                return Err(io_invalid(format!(
+                    "{}: the data cluster at {host:#x} overlaps the image's metadata",
+                    self.path.display()
+                )));
+            }
+            return Ok(host);
         }
         // Copy on write: the cluster's current contents into a new one.
         let mut data = vec![0u8; self.cluster_size() as usize];
@@ -526,6 +590,7 @@ impl Qcow2Image {
             Some(p) => p,
             None => {
                 let table = self.allocate(&vec![0u8; self.cluster_size() as usize])?;
+                self.metadata.insert(table);
                 let l1_index = (vcluster / self.l2_entries()) as usize;
                 self.l1[l1_index] = table | COPIED;
                 self.file.write_all_at(
@@ -545,6 +610,20 @@ impl Qcow2Image {
         // it is left counted: `qemu-img check` calls that a leak, not an
         // error).
         Ok(new)
+    }
+
+    /// Whether host cluster `host` holds the header, the L1 or refcount
+    /// table, an L2 table or a refcount block.
+    fn overlaps_metadata(&self, host: u64) -> bool {
+        let cs = self.cluster_size();
+        let within = |start: u64, len: u64| host + cs > start && host < start.saturating_add(len);
+        host < cs
+            || within(self.l1_offset, self.l1.len() as u64 * 8)
+            || within(
+                self.refcount_table_offset,
+                self.refcount_table.len() as u64 * 8,
+            )
+            || self.metadata.contains(&host)
     }
 
     /// The pieces of `[offset, offset + len)` that each lie in one cluster:

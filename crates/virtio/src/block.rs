@@ -108,12 +108,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> std::io::Result<()> {
-        let handler = BlockRequests {
-            image: self.image.clone(),
-            readonly: self.readonly,
-            serial: self.serial,
-            buffer: Vec::new(),
-        };
+        let handler = BlockRequests::new(self.image.clone(), self.readonly, self.serial);
         self.thread = Some(IoThread::spawn(self.name.clone(), activation, handler)?);
         Ok(())
     }
@@ -125,11 +120,26 @@ impl VirtioDevice for Block {
 }
 
 /// The I/O thread's side of the device.
-struct BlockRequests {
+pub(crate) struct BlockRequests {
     image: Arc<Mutex<Box<dyn DiskImage>>>,
     readonly: bool,
     serial: [u8; ID_BYTES],
     buffer: Vec<u8>,
+}
+
+impl BlockRequests {
+    pub(crate) fn new(
+        image: Arc<Mutex<Box<dyn DiskImage>>>,
+        readonly: bool,
+        serial: [u8; ID_BYTES],
+    ) -> BlockRequests {
+        BlockRequests {
+            image,
+            readonly,
+            serial,
+            buffer: Vec::new(),
+        }
+    }
 }
 
 /// Why a request failed, as the status byte says it.

@@ -20,6 +20,8 @@
 
 pub mod block;
 pub mod device;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod rng;

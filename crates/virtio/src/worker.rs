@@ -140,6 +140,40 @@ impl IoThread {
 
 const STOP_TOKEN: u64 = u64::MAX;
 
+impl StopSignal {
+    /// A stop that is never requested, for serving queues on the calling
+    /// thread.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn never() -> io::Result<StopSignal> {
+        Ok(StopSignal {
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+            stopping: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+/// Serves each enabled queue of `activation` once with `handler`, on the
+/// calling thread, as the I/O thread would after a notification of each;
+/// whether the device then needs a reset.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn serve_each_queue_once(
+    activation: Activation,
+    handler: impl RequestHandler,
+) -> io::Result<bool> {
+    let stop = StopSignal::never()?;
+    let mut state = Served {
+        memory: activation.memory,
+        queues: activation.queues,
+        interrupt: activation.interrupt,
+        needs_reset: activation.needs_reset,
+        handler,
+    };
+    for index in 0..state.queues.len() {
+        state.serve(index, &stop);
+    }
+    Ok(state.needs_reset.load(Ordering::SeqCst))
+}
+
 struct Served<H> {
     memory: GuestRam,
     queues: Vec<Option<ActiveQueue>>,

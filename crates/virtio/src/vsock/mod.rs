@@ -100,6 +100,21 @@ impl Vsock {
     }
 }
 
+impl Vsock {
+    /// Activates the device and serves its transmit then its receive
+    /// queue once, on the calling thread (as the I/O thread would after a
+    /// notification of each); whether the device then needs a reset.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn serve_once(&self, activation: Activation) -> io::Result<bool> {
+        let needs_reset = activation.needs_reset.clone();
+        let listener = self.listener.try_clone()?;
+        let mut muxer = muxer::Muxer::new(activation, self.cid, listener, self.path.clone())?;
+        let stop = crate::worker::StopSignal::never()?;
+        muxer.serve_notified_queues(&stop);
+        Ok(needs_reset.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.thread = None;

@@ -209,6 +209,14 @@ impl Muxer {
         }
     }
 
+    /// What the thread does after notifications of the transmit and the
+    /// receive queue.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(super) fn serve_notified_queues(&mut self, stop: &StopSignal) {
+        self.step(TOKEN_TX, EventSet::IN, stop);
+        self.step(TOKEN_RX, EventSet::IN, stop);
+    }
+
     fn step(&mut self, token: u64, events: EventSet, stop: &StopSignal) {
         // Consume a notification first: a level-triggered eventfd left set
         // would wake the thread forever.
