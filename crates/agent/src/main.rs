@@ -3,8 +3,12 @@
 //! and the exit status (protocol: the `vessel_agent` library).
 //!
 //! `vessel-agent [PORT]`; the default guest's init starts it when the
-//! machine has a vsock device.
+//! machine has a vsock device. `vessel-agent --stdio` serves one session
+//! on its stdin instead (a socket), and `vessel-agent init` is a
+//! container's PID 1 (see [`init`]): the daemon runs both in containers,
+//! so that exec is the same protocol for VMs and containers.
 
+mod init;
 mod session;
 mod sys;
 
@@ -13,12 +17,24 @@ use std::os::fd::AsRawFd;
 use vessel_agent::AGENT_PORT;
 
 fn main() {
-    let port = match std::env::args().nth(1) {
+    let arg = std::env::args().nth(1);
+    let port = match arg.as_deref() {
         None => AGENT_PORT,
+        // One session on the socket that is this process's stdin (a
+        // container's supervisor hands each exec its own connection).
+        Some("--stdio") => {
+            match std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned() {
+                Ok(stream) => session::serve(stream),
+                Err(e) => eprintln!("vessel-agent: stdin: {e}"),
+            }
+            return;
+        }
+        // PID 1 of a container.
+        Some("init") => init::run(),
         Some(p) => match p.parse() {
             Ok(p) => p,
             Err(_) => {
-                eprintln!("vessel-agent: {p}: not a port number");
+                eprintln!("vessel-agent: {p}: not a port number (or --stdio, init)");
                 std::process::exit(2);
             }
         },

@@ -46,6 +46,68 @@ extern "C" {
     fn ioctl(fd: c_int, request: c_ulong, ...) -> c_int;
     fn setsid() -> c_int;
     fn kill(pid: c_int, signal: c_int) -> c_int;
+    fn sigemptyset(set: *mut SigSet) -> c_int;
+    fn sigaddset(set: *mut SigSet, signal: c_int) -> c_int;
+    fn sigprocmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
+    fn sigwaitinfo(set: *const SigSet, info: *mut SigInfo) -> c_int;
+    fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
+}
+
+pub const SIGINT: c_int = 2;
+pub const SIGTERM: c_int = 15;
+pub const SIGCHLD: c_int = 17;
+const SIG_BLOCK: c_int = 0;
+const WNOHANG: c_int = 1;
+const ECHILD: i32 = 10;
+
+/// glibc's sigset_t: 1024 bits.
+#[repr(C)]
+struct SigSet([u64; 16]);
+
+/// siginfo_t: 128 bytes; only the signal number (first) is read.
+#[repr(C)]
+struct SigInfo([i32; 32]);
+
+fn signal_set(signals: &[c_int]) -> io::Result<SigSet> {
+    let mut set = SigSet([0; 16]);
+    // SAFETY: `set` is a valid sigset_t the calls write in place.
+    unsafe {
+        check(sigemptyset(&mut set))?;
+        for &s in signals {
+            check(sigaddset(&mut set, s))?;
+        }
+    }
+    Ok(set)
+}
+
+/// Blocks `signals` in this (single-threaded) process, so that they are
+/// only taken by [`wait_signal`].
+pub fn block_signals(signals: &[c_int]) -> io::Result<()> {
+    let set = signal_set(signals)?;
+    // SAFETY: `set` is a valid sigset_t; the old mask is not wanted.
+    check(unsafe { sigprocmask(SIG_BLOCK, &set, std::ptr::null_mut()) }).map(|_| ())
+}
+
+/// Waits for one of `signals` (blocked); its number.
+pub fn wait_signal(signals: &[c_int]) -> io::Result<c_int> {
+    let set = signal_set(signals)?;
+    let mut info = SigInfo([0; 32]);
+    // SAFETY: both pointers are valid for the call; `info` is as large
+    // as siginfo_t.
+    check(unsafe { sigwaitinfo(&set, &mut info) })
+}
+
+/// Reaps every exited child; whether none is left at all.
+pub fn reap_all() -> bool {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid int for waitpid to write.
+        let pid = unsafe { waitpid(-1, &mut status, WNOHANG) };
+        if pid > 0 {
+            continue;
+        }
+        return pid < 0 && io::Error::last_os_error().raw_os_error() == Some(ECHILD);
+    }
 }
 
 fn check(r: c_int) -> io::Result<c_int> {

@@ -24,6 +24,7 @@
 mod cgroup;
 mod child;
 mod error;
+pub mod lasting;
 mod plan;
 pub mod rootfs;
 mod run;

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 pub use cmdline::{command_line_for, CMD_PARAM, KERNEL_COMMAND_LINE_MAX};
 pub use error::{Error, Result};
 pub use gpg::{DEFAULT_KEYRING, KEYRING_ENV};
-pub use initramfs::{build_initramfs, INIT_SCRIPT};
+pub use initramfs::{build_initramfs, AGENT, INIT_SCRIPT};
 pub use mirror::{
     parse_deb822_sources, parse_deb822_sources_for, parse_sources_list, parse_sources_list_for,
     MIRROR_ENV, SECURITY_MIRROR_ENV,

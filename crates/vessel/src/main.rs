@@ -2,6 +2,7 @@
 
 mod container_cmd;
 mod host;
+mod instance_cmd;
 mod terminal;
 
 use std::io::Write;
@@ -51,6 +52,35 @@ enum Command {
     /// Boot a transient VM with its serial console on this terminal (or, with
     /// --container, run the command in a container on this host's kernel).
     Run(Box<RunArgs>),
+    /// Run the vessel daemon in the foreground: lasting instances behind its API socket.
+    Daemon(instance_cmd::DaemonArgs),
+    /// Create an instance and start it (through the daemon).
+    Launch(instance_cmd::NewInstanceArgs),
+    /// Create an instance, stopped.
+    Create(instance_cmd::NewInstanceArgs),
+    /// Start an instance.
+    Start { name: String },
+    /// Stop an instance: gracefully (SIGTERM to a container's init), then by force
+    /// after the timeout.
+    Stop(instance_cmd::StopArgs),
+    /// Stop an instance, then start it.
+    Restart(instance_cmd::StopArgs),
+    /// Delete an instance and its files.
+    Rm(instance_cmd::RmArgs),
+    /// List the instances.
+    List(instance_cmd::ListArgs),
+    /// Show one instance as JSON.
+    Info { name: String },
+    /// Run a command in a running instance.
+    Exec(instance_cmd::ExecArgs),
+    /// Print an instance's console log (kept across restarts, size-capped).
+    Logs { name: String },
+    /// The supervising process of one instance (started by the daemon).
+    #[command(hide = true)]
+    Supervise { dir: PathBuf },
+    /// Starts the agent in a running instance (started by its supervisor).
+    #[command(hide = true, name = "supervise-exec")]
+    SuperviseExec { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -142,6 +172,19 @@ fn main() -> ExitCode {
             command: GuestCommand::Info { json },
         } => guest_info(json),
         Command::Run(args) => run(*args),
+        Command::Daemon(args) => instance_cmd::daemon(args),
+        Command::Launch(args) => instance_cmd::new_instance(args, true),
+        Command::Create(args) => instance_cmd::new_instance(args, false),
+        Command::Start { name } => instance_cmd::start(&name),
+        Command::Stop(args) => instance_cmd::stop(args, false),
+        Command::Restart(args) => instance_cmd::stop(args, true),
+        Command::Rm(args) => instance_cmd::rm(args),
+        Command::List(args) => instance_cmd::list(args),
+        Command::Info { name } => instance_cmd::info(&name),
+        Command::Exec(args) => instance_cmd::exec(args),
+        Command::Logs { name } => instance_cmd::logs(&name),
+        Command::Supervise { dir } => instance_cmd::supervise(dir),
+        Command::SuperviseExec { dir } => instance_cmd::supervise_exec(dir),
     };
     match result {
         Ok(code) => code,

@@ -48,3 +48,14 @@ impl Drop for RawModeGuard {
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
     }
 }
+
+/// The window size (rows, columns) of the terminal on `fd`.
+pub fn window_size(fd: RawFd) -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data, filled by the ioctl.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a struct winsize, which `size` is.
+    if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) } != 0 || size.ws_row == 0 {
+        return None;
+    }
+    Some((size.ws_row, size.ws_col))
+}

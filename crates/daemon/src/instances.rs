@@ -1,0 +1,527 @@
+//! The instances' lifecycle: create, start, stop, restart, delete, and
+//! finding running instances again when the daemon starts.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::{Action, CreateRequest, InstanceConfig, Kind, Operation, StateRequest, Status};
+use supervisor::{Control, Layout};
+
+use crate::routes::ApiError;
+use crate::{images, Daemon};
+
+/// How long a supervisor may take to report its instance started.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Runs blocking work (supervisor sockets, processes, files) off the
+/// async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// The record of `name`, or 404.
+fn record(daemon: &Daemon, name: &str) -> Result<state::InstanceRecord, ApiError> {
+    daemon
+        .store()
+        .get(name)
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no instance named {name:?}")))
+}
+
+fn config_of(record: &state::InstanceRecord) -> Result<InstanceConfig, ApiError> {
+    serde_json::from_str(&record.config).map_err(|e| {
+        ApiError::internal(format!(
+            "instance {}: its stored configuration is unreadable: {e}",
+            record.name
+        ))
+    })
+}
+
+/// What `name` is doing now: its supervisor's answer, else an operation
+/// in progress, else stopped.
+fn status_now(daemon: &Daemon, name: &str) -> (Status, Option<i32>) {
+    match Control::status(&daemon.layout(name)) {
+        Ok(pid) => (Status::Running, Some(pid)),
+        Err(_) => match daemon.ops.running_on(name) {
+            Some(d) if d.starts_with("start") || d.starts_with("restart") => {
+                (Status::Starting, None)
+            }
+            Some(d) if d.starts_with("stop") => (Status::Stopping, None),
+            _ => (Status::Stopped, None),
+        },
+    }
+}
+
+fn view(daemon: &Daemon, record: &state::InstanceRecord) -> Result<api::Instance, ApiError> {
+    let (status, pid) = status_now(daemon, &record.name);
+    Ok(api::Instance {
+        name: record.name.clone(),
+        config: config_of(record)?,
+        status,
+        pid,
+        created_at: record.created_at,
+    })
+}
+
+pub async fn list(daemon: Arc<Daemon>) -> Result<Vec<api::Instance>, ApiError> {
+    blocking(move || {
+        let records = daemon.store().list().map_err(ApiError::internal)?;
+        records.iter().map(|r| view(&daemon, r)).collect()
+    })
+    .await
+}
+
+pub async fn get(daemon: Arc<Daemon>, name: String) -> Result<api::Instance, ApiError> {
+    blocking(move || view(&daemon, &record(&daemon, &name)?)).await
+}
+
+/// Checks a configuration: the kind, the image, the limits.
+fn check_config(config: &InstanceConfig) -> Result<(), ApiError> {
+    if config.kind == Kind::Vm {
+        return Err(ApiError::bad_request(
+            "VM instances are not run by the daemon yet: it runs containers (use `vessel run` for a VM)",
+        ));
+    }
+    images::check(&config.image).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(cpus) = &config.cpus {
+        container::parse_cpus(cpus, container::host_cpus())
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    if let Some(bytes) = config.memory {
+        container::check_memory(bytes, &format!("{bytes}"))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `POST /1.0/instances`.
+pub async fn create(daemon: Arc<Daemon>, request: CreateRequest) -> Result<Operation, ApiError> {
+    api::check_name(&request.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_config(&request.config)?;
+    let name = request.name.clone();
+    if record(&daemon, &name).is_ok() {
+        return Err(ApiError::conflict(format!(
+            "an instance named {name:?} already exists"
+        )));
+    }
+    let verb = if request.start { "launch" } else { "create" };
+    let op = daemon.ops.begin(format!("{verb} {name}"), &name);
+    let id = op.id.clone();
+    tokio::spawn(async move {
+        let lock = daemon.instance_lock(&name);
+        let _held = lock.lock().await;
+        let result = create_now(&daemon, &request).await;
+        let result = match result {
+            Ok(()) if request.start => start_now(&daemon, &name).await,
+            other => other,
+        };
+        daemon.ops.end(&id, result);
+    });
+    Ok(op)
+}
+
+async fn create_now(daemon: &Arc<Daemon>, request: &CreateRequest) -> Result<(), String> {
+    let daemon2 = daemon.clone();
+    let request = request.clone();
+    blocking(move || {
+        let daemon = daemon2;
+        let layout = daemon.layout(&request.name);
+        // A directory without a record is what a daemon killed during a
+        // create left: nothing of value.
+        if layout.dir.exists() && !layout.is_supervised() {
+            let _ = std::fs::remove_dir_all(&layout.dir);
+        }
+        std::fs::create_dir_all(&layout.dir)
+            .map_err(|e| format!("creating {}: {e}", layout.dir.display()))?;
+        let config = serde_json::to_string(&request.config).map_err(|e| e.to_string())?;
+        let inserted = daemon.store().insert(&state::InstanceRecord {
+            name: request.name.clone(),
+            kind: "container".into(),
+            config,
+            running: false,
+            autostart: request.config.autostart,
+            created_at: now_secs(),
+        });
+        if let Err(e) = inserted {
+            let _ = std::fs::remove_dir_all(&layout.dir);
+            return Err(e.to_string());
+        }
+        daemon.emit(&request.name, Some(Status::Stopped));
+        Ok(())
+    })
+    .await
+}
+
+/// The host's memory, from /proc/meminfo.
+fn host_memory() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Refuses a start that would commit more memory than the host has
+/// times the overcommit ratio.
+fn admit(daemon: &Daemon, name: &str, config: &InstanceConfig) -> Result<(), String> {
+    let Some(wanted) = config.memory else {
+        return Ok(());
+    };
+    let records = daemon.store().list().map_err(|e| e.to_string())?;
+    let mut committed = 0u64;
+    for r in records.iter().filter(|r| r.name != name) {
+        if Control::status(&daemon.layout(&r.name)).is_ok() {
+            if let Ok(c) = serde_json::from_str::<InstanceConfig>(&r.config) {
+                committed += c.memory.unwrap_or(0);
+            }
+        }
+    }
+    let limit = (host_memory() as f64 * daemon.config.overcommit) as u64;
+    if committed + wanted > limit {
+        let mib = |b: u64| b >> 20;
+        return Err(format!(
+            "starting {name} would commit {} MiB of memory ({} MiB running, {} MiB for it), over the limit of {} MiB (host memory times the overcommit ratio {})",
+            mib(committed + wanted),
+            mib(committed),
+            mib(wanted),
+            mib(limit),
+            daemon.config.overcommit
+        ));
+    }
+    Ok(())
+}
+
+/// Starts `name` (its lock held); the error says why not.
+async fn start_now(daemon: &Arc<Daemon>, name: &str) -> Result<(), String> {
+    let daemon2 = daemon.clone();
+    let name2 = name.to_owned();
+    let pid = blocking(move || start_blocking(&daemon2, &name2)).await?;
+    tracing::info!(instance = name, pid, "started");
+    daemon
+        .store()
+        .set_running(name, true)
+        .map_err(|e| e.to_string())?;
+    daemon.emit(name, Some(Status::Running));
+    watch(daemon.clone(), name.to_owned());
+    Ok(())
+}
+
+fn start_blocking(daemon: &Daemon, name: &str) -> Result<i32, String> {
+    let record = record(daemon, name).map_err(|e| e.message)?;
+    let config = config_of(&record).map_err(|e| e.message)?;
+    let layout = daemon.layout(name);
+    if let Ok(pid) = Control::status(&layout) {
+        return Ok(pid);
+    }
+    admit(daemon, name, &config)?;
+    let image_root =
+        images::root(&daemon.config.data_dir, &config.image).map_err(|e| e.to_string())?;
+    let cpu = match &config.cpus {
+        Some(text) => {
+            let limit =
+                container::parse_cpus(text, container::host_cpus()).map_err(|e| e.to_string())?;
+            Some((limit.quota_us, limit.period_us))
+        }
+        None => None,
+    };
+    let spec = supervisor::Spec {
+        name: name.to_owned(),
+        image_root,
+        memory: config.memory,
+        cpu,
+    };
+    let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
+    std::fs::write(layout.spec(), json)
+        .map_err(|e| format!("writing {}: {e}", layout.spec().display()))?;
+    spawn_supervisor(&daemon.config.supervisor_program, &layout)
+}
+
+/// Starts `PROGRAM supervise DIR` in a process group of its own (a
+/// terminal's ^C to the daemon does not reach it) and reads its ready
+/// line.
+fn spawn_supervisor(program: &Path, layout: &Layout) -> Result<i32, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(layout.supervisor_log())
+        .map_err(|e| format!("opening {}: {e}", layout.supervisor_log().display()))?;
+    let mut child = Command::new(program)
+        .arg("supervise")
+        .arg(&layout.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting the supervisor {}: {e}", program.display()))?;
+    let stdout = child.stdout.take();
+    // Reaped here when it ends, while this daemon lives.
+    std::thread::spawn(move || child.wait());
+    let Some(stdout) = stdout else {
+        return Err("the supervisor has no ready pipe".into());
+    };
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout.take(4096)).read_line(&mut line);
+        let _ = sender.send(read.map(|_| line));
+    });
+    let line = match receiver.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => return Err(format!("reading the supervisor's report: {e}")),
+        Err(_) => return Err("the supervisor did not report within 60 s".into()),
+    };
+    let line = line.trim_end();
+    if let Some(pid) = line.strip_prefix("ok ") {
+        return pid
+            .parse()
+            .map_err(|_| format!("the supervisor reported {line:?}"));
+    }
+    match line.strip_prefix("error: ") {
+        Some(why) => Err(why.to_owned()),
+        None => Err(format!(
+            "the supervisor ended without starting the instance (see {})",
+            layout.supervisor_log().display()
+        )),
+    }
+}
+
+/// Notices when `name`'s supervisor ends: an instance that stopped by
+/// itself (its init exited) is recorded as stopped.
+pub fn watch(daemon: Arc<Daemon>, name: String) {
+    let layout = daemon.layout(&name);
+    std::thread::spawn(move || {
+        let Ok((_, mut conn)) = Control::request(&layout, &supervisor::Request::Watch) else {
+            return;
+        };
+        let mut sink = [0u8; 64];
+        while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+        let expected = daemon
+            .stopping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&name);
+        if !expected {
+            let _ = supervisor::wait_unsupervised(&layout, Duration::from_secs(10));
+            tracing::info!(instance = name, "stopped by itself");
+            // The record may be gone (deleted meanwhile).
+            let _ = daemon.store().set_running(&name, false);
+            daemon.emit(&name, Some(Status::Stopped));
+        }
+    });
+}
+
+/// Stops `name` (its lock held).
+async fn stop_now(
+    daemon: &Arc<Daemon>,
+    name: &str,
+    timeout: u64,
+    force: bool,
+) -> Result<(), String> {
+    daemon
+        .stopping
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_owned());
+    let daemon2 = daemon.clone();
+    let name2 = name.to_owned();
+    let stopped = blocking(move || Control::stop(&daemon2.layout(&name2), timeout, force)).await;
+    daemon
+        .stopping
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(name);
+    stopped.map_err(|e| e.to_string())?;
+    daemon
+        .store()
+        .set_running(name, false)
+        .map_err(|e| e.to_string())?;
+    daemon.emit(name, Some(Status::Stopped));
+    Ok(())
+}
+
+/// `PUT /1.0/instances/{name}/state`.
+pub async fn change_state(
+    daemon: Arc<Daemon>,
+    name: String,
+    request: StateRequest,
+) -> Result<Operation, ApiError> {
+    record(&daemon, &name)?;
+    let daemon2 = daemon.clone();
+    let name2 = name.clone();
+    let running = blocking(move || Control::status(&daemon2.layout(&name2)).is_ok()).await;
+    match (request.action, running) {
+        (Action::Start, true) => {
+            return Err(ApiError::conflict(format!("{name} is already running")))
+        }
+        (Action::Stop, false) => return Err(ApiError::conflict(format!("{name} is not running"))),
+        _ => {}
+    }
+    let verb = match request.action {
+        Action::Start => "start",
+        Action::Stop => "stop",
+        Action::Restart => "restart",
+    };
+    let op = daemon.ops.begin(format!("{verb} {name}"), &name);
+    let id = op.id.clone();
+    let timeout = request.timeout.unwrap_or(api::DEFAULT_STOP_TIMEOUT);
+    tokio::spawn(async move {
+        let lock = daemon.instance_lock(&name);
+        let _held = lock.lock().await;
+        let result = match request.action {
+            Action::Start => start_now(&daemon, &name).await,
+            Action::Stop => stop_now(&daemon, &name, timeout, request.force).await,
+            Action::Restart => match stop_now(&daemon, &name, timeout, request.force).await {
+                Ok(()) => start_now(&daemon, &name).await,
+                Err(e) => Err(e),
+            },
+        };
+        daemon.ops.end(&id, result);
+    });
+    Ok(op)
+}
+
+/// `DELETE /1.0/instances/{name}`.
+pub async fn delete(daemon: Arc<Daemon>, name: String, force: bool) -> Result<Operation, ApiError> {
+    record(&daemon, &name)?;
+    let daemon2 = daemon.clone();
+    let name2 = name.clone();
+    let running = blocking(move || Control::status(&daemon2.layout(&name2)).is_ok()).await;
+    if running && !force {
+        return Err(ApiError::conflict(format!(
+            "{name} is running: stop it first, or delete it with --force"
+        )));
+    }
+    let op = daemon.ops.begin(format!("delete {name}"), &name);
+    let id = op.id.clone();
+    tokio::spawn(async move {
+        let lock = daemon.instance_lock(&name);
+        let _held = lock.lock().await;
+        let result = delete_now(&daemon, &name).await;
+        daemon.ops.end(&id, result);
+    });
+    Ok(op)
+}
+
+async fn delete_now(daemon: &Arc<Daemon>, name: &str) -> Result<(), String> {
+    if record(daemon, name).is_err() {
+        return Err(format!("no instance named {name:?}"));
+    }
+    let layout = daemon.layout(name);
+    let daemon2 = daemon.clone();
+    let name2 = name.to_owned();
+    let running = blocking(move || Control::status(&daemon2.layout(&name2)).is_ok()).await;
+    if running {
+        stop_now(daemon, name, 0, true).await?;
+    }
+    // The record first: a daemon killed after it leaves a directory
+    // without a record, which the next create or start-up removes.
+    daemon.store().delete(name).map_err(|e| e.to_string())?;
+    blocking(move || std::fs::remove_dir_all(&layout.dir))
+        .await
+        .map_err(|e| format!("removing the instance's directory: {e}"))?;
+    daemon.emit(name, None);
+    Ok(())
+}
+
+/// At start-up: adopts the instances whose supervisors still run,
+/// records as stopped those that ended while the daemon was away, removes
+/// directories without records, and after a host reboot starts the
+/// autostart instances.
+pub async fn recover(daemon: &Arc<Daemon>) {
+    let boot_id = std::fs::read_to_string(&daemon.config.boot_id_file)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let (records, rebooted) = {
+        let mut store = daemon.store();
+        let last = store.meta("boot_id").ok().flatten();
+        let _ = store.set_meta("boot_id", &boot_id);
+        let records = store.list().unwrap_or_default();
+        (records, last.is_some_and(|l| l != boot_id))
+    };
+    let known: std::collections::HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    if let Ok(entries) = std::fs::read_dir(daemon.config.state_dir.join("instances")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let layout = Layout::new(entry.path());
+            if !known.contains(name.as_str()) && !layout.is_supervised() {
+                tracing::info!(
+                    "removing {}, left by an unfinished create",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    for record in records {
+        let layout = daemon.layout(&record.name);
+        if Control::status(&layout).is_ok() {
+            tracing::info!(instance = record.name, "adopted");
+            if !record.running {
+                let _ = daemon.store().set_running(&record.name, true);
+            }
+            watch(daemon.clone(), record.name.clone());
+            continue;
+        }
+        if record.running {
+            let _ = daemon.store().set_running(&record.name, false);
+        }
+        if rebooted && record.autostart {
+            tracing::info!(instance = record.name, "autostart");
+            let request = StateRequest {
+                action: Action::Start,
+                timeout: None,
+                force: false,
+            };
+            if let Err(e) = change_state(daemon.clone(), record.name.clone(), request).await {
+                tracing::warn!(instance = record.name, "autostart: {}", e.message);
+            }
+        }
+    }
+}
+
+/// `POST /1.0/instances/{name}/exec`: the supervisor's connection, now
+/// the agent's, once the instance is known to run.
+pub async fn exec(
+    daemon: Arc<Daemon>,
+    name: String,
+) -> Result<std::os::unix::net::UnixStream, ApiError> {
+    record(&daemon, &name)?;
+    blocking(move || {
+        let layout = daemon.layout(&name);
+        match Control::request(&layout, &supervisor::Request::Exec) {
+            Ok((_, conn)) => Ok(conn),
+            Err(supervisor::Error::NotRunning(_)) => {
+                Err(ApiError::conflict(format!("{name} is not running")))
+            }
+            Err(e) => Err(ApiError::internal(e)),
+        }
+    })
+    .await
+}
+
+/// `GET /1.0/instances/{name}/logs`: the rotated log, then the current.
+pub async fn logs(daemon: Arc<Daemon>, name: String) -> Result<Vec<u8>, ApiError> {
+    record(&daemon, &name)?;
+    let layout = daemon.layout(&name);
+    blocking(move || {
+        let current = layout.console_log();
+        let mut out = std::fs::read(current.with_extension("log.1")).unwrap_or_default();
+        out.extend(std::fs::read(&current).unwrap_or_default());
+        Ok(out)
+    })
+    .await
+}

@@ -1,0 +1,322 @@
+//! One supervising process per running instance of the vessel daemon
+//! (`vessel supervise DIR`), as containerd's shims or Incus's QEMU
+//! processes: the instance lives as long as its supervisor, not as long
+//! as the daemon, so the daemon can be restarted (or killed) and adopt
+//! its running instances again.
+//!
+//! A supervisor owns one instance directory ([`Layout`]): it mounts the
+//! instance's root in a mount namespace of its own, starts the instance,
+//! keeps its console log (size-capped), answers the daemon on a control
+//! socket ([`Request`]), and when the instance ends, cleans up and exits.
+//! Exec requests hand the daemon's connection to a `vessel-agent
+//! --stdio` started inside the instance, so exec speaks the agent's
+//! protocol on containers as it does on VMs.
+
+mod console;
+mod control;
+mod sys;
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub use control::{wait_unsupervised, Control, Reply, Request};
+
+/// How large the console log grows before it is rotated (the previous
+/// one is kept as `console.log.1`).
+pub const CONSOLE_LOG_MAX: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("instance {0}: {1}")]
+    Container(String, container::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("instance directory {0} already has a supervisor")]
+    AlreadySupervised(PathBuf),
+    #[error("no supervisor answers at {0}: the instance is not running")]
+    NotRunning(PathBuf),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// What to run, as the daemon resolved it (written to `spec.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub name: String,
+    /// The image's root directory (the overlay's read-only layer).
+    pub image_root: PathBuf,
+    /// Memory limit in bytes.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// CPU limit: CFS quota and period in microseconds.
+    #[serde(default)]
+    pub cpu: Option<(u64, u64)>,
+}
+
+/// The files of one instance's directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(dir: impl Into<PathBuf>) -> Layout {
+        Layout { dir: dir.into() }
+    }
+    pub fn spec(&self) -> PathBuf {
+        self.dir.join("spec.json")
+    }
+    /// The supervisor's control socket.
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    /// Held (flock) by the live supervisor.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("supervisor.lock")
+    }
+    /// The kept upper layer of the root: the instance's own files.
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+    fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// The supervisor's own messages.
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.dir.join("supervisor.log")
+    }
+    /// The running instance's pid and cgroups, for exec helpers.
+    fn runtime(&self) -> PathBuf {
+        self.dir.join("runtime.json")
+    }
+    fn agent(&self) -> PathBuf {
+        self.dir.join("vessel-agent")
+    }
+    fn exec_fifo(&self) -> PathBuf {
+        self.dir.join("exec.fifo")
+    }
+
+    /// Whether a supervisor holds this directory now.
+    pub fn is_supervised(&self) -> bool {
+        match sys::try_lock(&self.lock()) {
+            Ok(Some(_lock)) => false,
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+/// What exec helpers read: the running init and its cgroups.
+#[derive(Debug, Serialize, Deserialize)]
+struct Runtime {
+    pid: i32,
+    cgroups: Vec<PathBuf>,
+}
+
+/// The state the control threads share with the main thread.
+pub(crate) struct Shared {
+    pub(crate) layout: Layout,
+    pub(crate) pid: i32,
+    /// Set once the instance has ended.
+    pub(crate) ended: Mutex<bool>,
+    pub(crate) ended_signal: Condvar,
+}
+
+impl Shared {
+    /// Blocks until the instance has ended.
+    pub(crate) fn wait_ended(&self) {
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        while !*ended {
+            ended = self
+                .ended_signal
+                .wait(ended)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// `vessel supervise DIR`: runs the instance described in `DIR/spec.json`
+/// until it ends. `ready` (the process's stdout, a pipe from the daemon)
+/// gets one line once the instance runs, `ok <pid>`, or `error: <why>`
+/// if it could not start; then it is closed.
+pub fn supervise(dir: &Path, ready: OwnedFd) -> Result<()> {
+    let mut ready = fs::File::from(ready);
+    match start(dir) {
+        Ok(running) => {
+            let _ = writeln!(ready, "ok {}", running.shared.pid);
+            drop(ready);
+            running.run()
+        }
+        Err(e) => {
+            let _ = writeln!(ready, "error: {e}");
+            Err(e)
+        }
+    }
+}
+
+/// A started instance and what its supervision needs.
+struct Running {
+    shared: Arc<Shared>,
+    cgroups: container::runtime::CgroupPaths,
+    _lock: fs::File,
+}
+
+fn start(dir: &Path) -> Result<Running> {
+    let layout = Layout::new(dir);
+    let text = fs::read_to_string(layout.spec())
+        .map_err(io_err(format!("reading {}", layout.spec().display())))?;
+    let spec: Spec = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", layout.spec().display())))?;
+    let lock = sys::try_lock(&layout.lock())
+        .map_err(io_err(format!("locking {}", layout.lock().display())))?
+        .ok_or_else(|| Error::AlreadySupervised(layout.dir.clone()))?;
+    let name = spec.name.clone();
+    let container_err = |e| Error::Container(name.clone(), e);
+    // The agents exec helpers start outlive the helpers: as their
+    // subreaper, this process gets and reaps them.
+    sys::become_subreaper().map_err(io_err("becoming a subreaper"))?;
+    // Before any thread: the namespace change is the calling thread's.
+    container::lasting::private_mount_namespace().map_err(container_err)?;
+    container::lasting::OverlayRoot {
+        image: spec.image_root.clone(),
+        upper: layout.upper(),
+        work: layout.work(),
+        merged: layout.rootfs(),
+    }
+    .mount()
+    .map_err(container_err)?;
+    write_agent(&layout.agent())?;
+
+    let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
+    let limits = container::Limits {
+        memory: spec.memory,
+        cpu: spec.cpu.map(|(quota_us, period_us)| container::CpuLimit {
+            quota_us,
+            period_us,
+        }),
+        pids: None,
+    };
+    let lasting = container::lasting::LastingSpec {
+        name: spec.name.clone(),
+        root: layout.rootfs(),
+        agent: layout.agent(),
+        limits,
+        exec_fifo: layout.exec_fifo(),
+    };
+    // The init's stdout and stderr are the console pipe: set them for
+    // the create, then give this process its own back.
+    let created = sys::with_stdio(console_write.as_raw_fd(), || {
+        container::lasting::start(&lasting)
+    })
+    .map_err(io_err("redirecting the console"))?
+    .map_err(container_err)?;
+    drop(console_write);
+
+    let runtime = Runtime {
+        pid: created.pid,
+        cgroups: created.cgroups.groups.clone(),
+    };
+    let json = serde_json::to_vec(&runtime).map_err(|e| Error::Invalid(e.to_string()))?;
+    fs::write(layout.runtime(), json).map_err(io_err("writing runtime.json"))?;
+
+    console::pump(console_read, layout.console_log(), CONSOLE_LOG_MAX);
+    let shared = Arc::new(Shared {
+        layout: layout.clone(),
+        pid: created.pid,
+        ended: Mutex::new(false),
+        ended_signal: Condvar::new(),
+    });
+    control::serve(shared.clone())?;
+    Ok(Running {
+        shared,
+        cgroups: created.cgroups,
+        _lock: lock,
+    })
+}
+
+impl Running {
+    /// Reaps children until the instance's init ends, then cleans up.
+    fn run(self) -> Result<()> {
+        // `ended` is set before the init is reaped: a stop's SIGKILL
+        // timer, which checks it under its lock, never signals a pid that
+        // could have been reused.
+        let status = sys::reap_until(self.shared.pid, || {
+            *self.shared.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        });
+        tracing::info!(pid = self.shared.pid, status, "the instance ended");
+        self.cgroups.remove();
+        let _ = fs::remove_file(self.shared.layout.runtime());
+        let _ = fs::remove_file(self.shared.layout.control());
+        self.shared.ended_signal.notify_all();
+        // Let the control threads answer their stop requests.
+        control::drain();
+        Ok(())
+    }
+}
+
+/// Writes the agent binary the container runs as its init and for exec.
+fn write_agent(path: &Path) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(&tmp)
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    f.write_all(guest::AGENT)
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    f.set_permissions(fs::Permissions::from_mode(0o755))
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// `vessel supervise-exec DIR`: started by the supervisor with a daemon
+/// connection as stdin and stdout, starts `vessel-agent --stdio` in the
+/// instance on that connection and exits; the agent then serves it. A
+/// failure is reported on the connection as an agent error frame.
+pub fn exec_helper(dir: &Path) -> Result<()> {
+    let layout = Layout::new(dir);
+    let result = (|| {
+        let text = fs::read_to_string(layout.runtime())
+            .map_err(io_err(format!("reading {}", layout.runtime().display())))?;
+        let runtime: Runtime =
+            serde_json::from_str(&text).map_err(|e| Error::Invalid(e.to_string()))?;
+        let cgroups = container::runtime::CgroupPaths {
+            groups: runtime.cgroups,
+            parents: Vec::new(),
+        };
+        container::lasting::exec_agent(runtime.pid, &cgroups)
+            .map_err(|e| Error::Invalid(format!("starting the agent in the instance: {e}")))
+    })();
+    if let Err(e) = &result {
+        let frame = vessel_agent::Frame::Error(e.to_string());
+        let _ = frame.write(&mut io::stdout().lock());
+    }
+    result.map(|_| ())
+}

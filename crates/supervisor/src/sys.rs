@@ -1,0 +1,117 @@
+//! The system calls the supervisor needs that std does not wrap.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+/// An exclusive, non-blocking flock on `path` (created if missing):
+/// `None` if another process holds it.
+pub fn try_lock(path: &Path) -> io::Result<Option<fs::File>> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    // SAFETY: flock on a descriptor we own; no pointers.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both are new descriptors only we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Runs `f` with this process's stdout and stderr pointing at `fd`, then
+/// restores them (children started inside inherit `fd`).
+pub fn with_stdio<T>(fd: RawFd, f: impl FnOnce() -> T) -> io::Result<T> {
+    // SAFETY: dup of the process's own standard descriptors.
+    let saved_out = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    if saved_out < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; `saved_out` is ours to close.
+    let saved_out = unsafe { OwnedFd::from_raw_fd(saved_out) };
+    // SAFETY: as above.
+    let saved_err = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    if saved_err < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let saved_err = unsafe { OwnedFd::from_raw_fd(saved_err) };
+    // SAFETY: dup2 onto the standard descriptors from valid ones.
+    unsafe {
+        if libc::dup2(fd, 1) < 0 || libc::dup2(fd, 2) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let result = f();
+    // SAFETY: restoring the saved descriptors, which are valid.
+    unsafe {
+        libc::dup2(saved_out.as_raw_fd(), 1);
+        libc::dup2(saved_err.as_raw_fd(), 2);
+    }
+    Ok(result)
+}
+
+/// Reaps every child (exec helpers too) until `pid` ends. `pid` is only
+/// reaped after `ended` ran: until then it is a zombie, so its number
+/// cannot be reused by another process. Its wait status.
+pub fn reap_until(pid: libc::pid_t, ended: impl Fn()) -> i32 {
+    loop {
+        // SAFETY: siginfo_t is plain data, filled by waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid siginfo_t for waitid to write;
+        // WNOWAIT leaves the child to be reaped below.
+        let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ECHILD) {
+                ended();
+                return -1;
+            }
+            continue;
+        }
+        // SAFETY: waitid filled `info` for an exited child.
+        let child = unsafe { info.si_pid() };
+        if child == pid {
+            ended();
+        }
+        let mut status = 0;
+        // SAFETY: `status` is a valid int for waitpid to write.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        if child == pid {
+            return status;
+        }
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn kill(pid: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// Orphaned descendants become this process's children, not init's.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag, no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

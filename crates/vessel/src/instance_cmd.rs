@@ -1,0 +1,326 @@
+//! Lasting instances: `vessel daemon` and the verbs that talk to it
+//! (launch, create, start, stop, restart, rm, list, info, exec, logs),
+//! plus the supervisor's hidden entry points.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use client::Client;
+use hyper::Method;
+
+/// `vessel daemon`.
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// The API socket (default: $VESSEL_SOCKET, then /run/vessel/vessel.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Where the database and the instances live (default: $VESSEL_STATE_DIR, then
+    /// /var/lib/vessel).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Memory the running instances may commit, as a multiple of the host's memory.
+    #[arg(long, value_name = "RATIO", default_value = "1.0")]
+    overcommit: f64,
+}
+
+/// What `launch` and `create` make.
+#[derive(clap::Args, Debug)]
+pub struct NewInstanceArgs {
+    /// The instance's name: lowercase letters, digits and '-', starting with a letter.
+    name: String,
+    /// A virtual machine.
+    #[arg(long, conflicts_with = "container")]
+    vm: bool,
+    /// A container on this host's kernel (the default).
+    #[arg(long)]
+    container: bool,
+    /// A VM's accelerator: auto, kvm or emu.
+    #[arg(long, value_name = "ACCEL")]
+    accel: Option<String>,
+    /// A container's CPU limit such as 0.5, or a VM's vCPUs.
+    #[arg(long)]
+    cpus: Option<String>,
+    /// A container's memory limit or a VM's memory, such as 256M or 1G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// A VM's root disk size, such as 4G.
+    #[arg(long, value_name = "SIZE")]
+    disk: Option<String>,
+    /// The image (see the images list in the README; default busybox).
+    #[arg(long, default_value = "busybox")]
+    image: String,
+    /// Start the instance again after the host reboots.
+    #[arg(long)]
+    autostart: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StopArgs {
+    name: String,
+    /// Stop at once (SIGKILL to a container's processes).
+    #[arg(long)]
+    force: bool,
+    /// Seconds a graceful stop may take before it is forced.
+    #[arg(long, value_name = "S", default_value_t = api::DEFAULT_STOP_TIMEOUT)]
+    timeout: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RmArgs {
+    name: String,
+    /// Delete it even if it runs (it is stopped at once first).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    name: String,
+    /// Give the command a pseudo-terminal.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// An environment variable for the command (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// The command's working directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn client() -> Client {
+    Client::new(client::socket_path())
+}
+
+pub fn daemon(args: DaemonArgs) -> Result<ExitCode> {
+    if !(args.overcommit > 0.0 && args.overcommit.is_finite()) {
+        bail!(
+            "--overcommit {}: must be a positive number",
+            args.overcommit
+        );
+    }
+    let config = daemon::Config {
+        socket: args.socket.unwrap_or_else(client::socket_path),
+        state_dir: args.state_dir.unwrap_or_else(|| {
+            std::env::var_os("VESSEL_STATE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/vessel"))
+        }),
+        supervisor_program: std::env::current_exe().context("finding the vessel binary")?,
+        data_dir: guest::default_data_dir(),
+        overcommit: args.overcommit,
+        boot_id_file: PathBuf::from(daemon::BOOT_ID_FILE),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(daemon::serve(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_memory(text: &str) -> Result<u64> {
+    vmm::config::parse_size(text).with_context(|| format!("--memory {text}"))
+}
+
+pub fn new_instance(args: NewInstanceArgs, start: bool) -> Result<ExitCode> {
+    let kind = if args.vm {
+        api::Kind::Vm
+    } else {
+        api::Kind::Container
+    };
+    if kind == api::Kind::Container {
+        if let Some((flag, _)) = [
+            ("--accel", args.accel.is_some()),
+            ("--disk", args.disk.is_some()),
+        ]
+        .iter()
+        .find(|(_, given)| *given)
+        {
+            bail!("{flag} applies to VMs only (add --vm)");
+        }
+    }
+    api::check_name(&args.name)?;
+    let request = api::CreateRequest {
+        name: args.name.clone(),
+        config: api::InstanceConfig {
+            kind,
+            image: args.image,
+            cpus: args.cpus,
+            memory: args.memory.as_deref().map(parse_memory).transpose()?,
+            autostart: args.autostart,
+        },
+        start,
+    };
+    runtime()?.block_on(client().operation(Method::POST, "/1.0/instances", Some(&request)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn change_state(
+    name: &str,
+    action: api::Action,
+    timeout: Option<u64>,
+    force: bool,
+) -> Result<ExitCode> {
+    let request = api::StateRequest {
+        action,
+        timeout,
+        force,
+    };
+    let path = format!("/1.0/instances/{name}/state");
+    runtime()?.block_on(client().operation(Method::PUT, &path, Some(&request)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn start(name: &str) -> Result<ExitCode> {
+    change_state(name, api::Action::Start, None, false)
+}
+
+pub fn stop(args: StopArgs, restart: bool) -> Result<ExitCode> {
+    let action = if restart {
+        api::Action::Restart
+    } else {
+        api::Action::Stop
+    };
+    change_state(&args.name, action, Some(args.timeout), args.force)
+}
+
+pub fn rm(args: RmArgs) -> Result<ExitCode> {
+    let path = format!("/1.0/instances/{}?force={}", args.name, args.force);
+    runtime()?.block_on(client().operation::<()>(Method::DELETE, &path, None))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(args: ListArgs) -> Result<ExitCode> {
+    let instances: Vec<api::Instance> = runtime()?.block_on(client().get("/1.0/instances"))?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string(&instances)?)?,
+        Format::Table => {
+            writeln!(
+                out,
+                "{:<24} {:<10} {:<9} {:<10} {:>8}",
+                "NAME", "KIND", "STATUS", "IMAGE", "PID"
+            )?;
+            for i in &instances {
+                let kind = match i.config.kind {
+                    api::Kind::Container => "container",
+                    api::Kind::Vm => "vm",
+                };
+                let pid = i.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+                writeln!(
+                    out,
+                    "{:<24} {:<10} {:<9} {:<10} {:>8}",
+                    i.name,
+                    kind,
+                    i.status.as_str(),
+                    i.config.image,
+                    pid
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn info(name: &str) -> Result<ExitCode> {
+    let instance: api::Instance =
+        runtime()?.block_on(client().get(&format!("/1.0/instances/{name}")))?;
+    println!("{}", serde_json::to_string_pretty(&instance)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(name: &str) -> Result<ExitCode> {
+    let text = runtime()?.block_on(client().get_text(&format!("/1.0/instances/{name}/logs")))?;
+    std::io::stdout().lock().write_all(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn exec(args: ExecArgs) -> Result<ExitCode> {
+    for pair in &args.env {
+        container::parse_env(pair)?;
+    }
+    let stream = runtime()?.block_on(client().exec(&args.name))?;
+    let (rows, cols) = if args.tty {
+        crate::terminal::window_size(libc::STDOUT_FILENO).unwrap_or((24, 80))
+    } else {
+        (0, 0)
+    };
+    let _raw = if args.tty && crate::terminal::is_terminal(libc::STDIN_FILENO) {
+        Some(crate::terminal::RawModeGuard::enter(
+            libc::STDIN_FILENO,
+            false,
+        )?)
+    } else {
+        None
+    };
+    let exec = vessel_agent::Exec {
+        argv: args.command,
+        env: args.env,
+        cwd: args.workdir.unwrap_or_default(),
+        tty: args.tty,
+        rows,
+        cols,
+    };
+    match client::exec::run(stream, exec) {
+        Ok(code) => Ok(ExitCode::from((code & 0xff) as u8)),
+        Err(client::exec::SessionError::NotStarted(why)) => {
+            drop(_raw);
+            eprintln!("vessel: exec in {}: {why}", args.name);
+            // The shell's conventions: 127 not found, 126 not runnable.
+            Ok(ExitCode::from(
+                if why.contains("No such file") || why.contains("not found") {
+                    127
+                } else {
+                    126
+                },
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `vessel supervise DIR` (started by the daemon, not by users).
+pub fn supervise(dir: PathBuf) -> Result<ExitCode> {
+    use std::os::fd::AsFd;
+    let ready = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("taking the ready pipe")?;
+    // Standard output becomes /dev/null: the ready pipe is closed once
+    // reported, and nothing else may write to the daemon through it.
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    // SAFETY: dup2 onto stdout from a descriptor we own.
+    unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), libc::STDOUT_FILENO) };
+    supervisor::supervise(&dir, ready)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vessel supervise-exec DIR` (started by a supervisor).
+pub fn supervise_exec(dir: PathBuf) -> Result<ExitCode> {
+    supervisor::exec_helper(&dir)?;
+    Ok(ExitCode::SUCCESS)
+}
