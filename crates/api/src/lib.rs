@@ -10,6 +10,8 @@
 //! - `GET /1.0/instances/{name}/logs`: the console log, as text.
 //! - `GET /1.0/operations/{id}`, `GET /1.0/operations/{id}/wait?timeout=S`.
 //! - `GET /1.0/events`: one JSON [`Event`] per line as instances change.
+//! - `GET /1.0/images`, `POST /1.0/images` ([`BuildRequest`]),
+//!   `DELETE /1.0/images/{name}` (names contain `/`: `debian/bookworm`).
 //!
 //! Changes that take time (create, start, stop, restart, delete) answer
 //! `202 Accepted` with an [`Operation`] to wait on. Every error is an
@@ -161,6 +163,21 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// An image, as `GET /1.0/images` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub name: String,
+    /// Whether its root is built (else it is built when first used).
+    pub built: bool,
+}
+
+/// `POST /1.0/images`: build an image now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    pub name: String,
 }
 
 /// `GET /1.0`.

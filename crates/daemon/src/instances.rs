@@ -227,8 +227,7 @@ fn start_blocking(daemon: &Daemon, name: &str) -> Result<i32, String> {
         return Ok(pid);
     }
     admit(daemon, name, &config)?;
-    let image_root =
-        images::root(&daemon.config.data_dir, &config.image).map_err(|e| e.to_string())?;
+    let image_root = images::root(&daemon.config, &config.image).map_err(|e| e.to_string())?;
     let cpu = match &config.cpus {
         Some(text) => {
             let limit =
@@ -524,4 +523,51 @@ pub async fn logs(daemon: Arc<Daemon>, name: String) -> Result<Vec<u8>, ApiError
         Ok(out)
     })
     .await
+}
+
+/// `GET /1.0/images`.
+pub async fn images(daemon: Arc<Daemon>) -> Result<Vec<api::Image>, ApiError> {
+    blocking(move || Ok(images::list(&daemon.config))).await
+}
+
+/// `POST /1.0/images`: builds the image in an operation.
+pub async fn build_image(daemon: Arc<Daemon>, name: String) -> Result<Operation, ApiError> {
+    images::check(&name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let op = daemon.ops.begin(format!("build image {name}"), &name);
+    let id = op.id.clone();
+    tokio::spawn(async move {
+        let daemon2 = daemon.clone();
+        let result = blocking(move || images::build(&daemon2.config, &name))
+            .await
+            .map_err(|e| e.to_string());
+        daemon.ops.end(&id, result);
+    });
+    Ok(op)
+}
+
+/// `DELETE /1.0/images/{name}`: refused while any instance is made from it.
+pub async fn remove_image(daemon: Arc<Daemon>, name: String) -> Result<Operation, ApiError> {
+    images::check(&name).map_err(|e| ApiError::not_found(e.to_string()))?;
+    let records = daemon.store().list().map_err(ApiError::internal)?;
+    let users: Vec<String> = records
+        .iter()
+        .filter(|r| config_of(r).is_ok_and(|c| c.image == name))
+        .map(|r| r.name.clone())
+        .collect();
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "image {name} is used by {}: delete them first",
+            users.join(", ")
+        )));
+    }
+    let op = daemon.ops.begin(format!("remove image {name}"), &name);
+    let id = op.id.clone();
+    tokio::spawn(async move {
+        let daemon2 = daemon.clone();
+        let result = blocking(move || images::remove(&daemon2.config, &name))
+            .await
+            .map_err(|e| e.to_string());
+        daemon.ops.end(&id, result);
+    });
+    Ok(op)
 }

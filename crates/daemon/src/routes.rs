@@ -37,6 +37,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/1.0/operations/{id}"),
     ("GET", "/1.0/operations/{id}/wait"),
     ("GET", "/1.0/events"),
+    ("GET", "/1.0/images"),
+    ("POST", "/1.0/images"),
+    ("DELETE", "/1.0/images/{name}"),
 ];
 
 /// An error response.
@@ -137,6 +140,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/1.0/operations/{id}", get(operation))
         .route("/1.0/operations/{id}/wait", get(wait))
         .route("/1.0/events", get(events))
+        .route("/1.0/images", get(images).post(build_image))
+        .route("/1.0/images/{*name}", axum::routing::delete(remove_image))
         .fallback(no_endpoint)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -276,6 +281,21 @@ async fn wait(
         .await
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no operation {id}")))
+}
+
+async fn images(State(d): Shared) -> Result<Json<Vec<api::Image>>, ApiError> {
+    instances::images(d).await.map(Json)
+}
+
+async fn build_image(
+    State(d): Shared,
+    ApiJson(request): ApiJson<api::BuildRequest>,
+) -> Result<Response, ApiError> {
+    instances::build_image(d, request.name).await.map(accepted)
+}
+
+async fn remove_image(State(d): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+    instances::remove_image(d, name).await.map(accepted)
 }
 
 async fn events(State(d): Shared) -> Response {

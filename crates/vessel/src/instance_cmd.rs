@@ -48,7 +48,7 @@ pub struct NewInstanceArgs {
     /// A VM's root disk size, such as 4G.
     #[arg(long, value_name = "SIZE")]
     disk: Option<String>,
-    /// The image (see the images list in the README; default busybox).
+    /// The image: busybox (the default) or debian/bookworm (`vessel image list`).
     #[arg(long, default_value = "busybox")]
     image: String,
     /// Start the instance again after the host reboots.
@@ -104,6 +104,19 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum ImageCommand {
+    /// List the images and whether each is built.
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Build an image now (it is otherwise built when an instance first needs it).
+    Build { name: String },
+    /// Remove an image's built root (refused while an instance uses it).
+    Rm { name: String },
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -146,6 +159,60 @@ fn parse_memory(text: &str) -> Result<u64> {
     vmm::config::parse_size(text).with_context(|| format!("--memory {text}"))
 }
 
+/// Waits for `work` with a spinner on a terminal's stderr (image builds
+/// and first launches take minutes).
+fn with_spinner<T>(message: String, work: impl std::future::Future<Output = T>) -> Result<T> {
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(message);
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Some(bar)
+    } else {
+        None
+    };
+    let result = runtime()?.block_on(work);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(result)
+}
+
+pub fn image(command: ImageCommand) -> Result<ExitCode> {
+    let client = client();
+    match command {
+        ImageCommand::List { format } => {
+            let images: Vec<api::Image> = runtime()?.block_on(client.get("/1.0/images"))?;
+            if format == Format::Json {
+                println!("{}", serde_json::to_string(&images)?);
+            } else {
+                println!("{:<20} BUILT", "NAME");
+                for i in images {
+                    println!("{:<20} {}", i.name, if i.built { "yes" } else { "no" });
+                }
+            }
+        }
+        ImageCommand::Build { name } => {
+            let request = api::BuildRequest { name: name.clone() };
+            with_spinner(
+                format!("building image {name}"),
+                client.operation(Method::POST, "/1.0/images", Some(&request)),
+            )??;
+        }
+        ImageCommand::Rm { name } => {
+            runtime()?.block_on(client.operation::<()>(
+                Method::DELETE,
+                &format!("/1.0/images/{name}"),
+                None,
+            ))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn new_instance(args: NewInstanceArgs, start: bool) -> Result<ExitCode> {
     let kind = if args.vm {
         api::Kind::Vm
@@ -175,7 +242,12 @@ pub fn new_instance(args: NewInstanceArgs, start: bool) -> Result<ExitCode> {
         },
         start,
     };
-    runtime()?.block_on(client().operation(Method::POST, "/1.0/instances", Some(&request)))?;
+    let verb = if start { "launching" } else { "creating" };
+    let client = client();
+    with_spinner(
+        format!("{verb} {}", args.name),
+        client.operation(Method::POST, "/1.0/instances", Some(&request)),
+    )??;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -75,6 +75,11 @@ enum Command {
     Exec(instance_cmd::ExecArgs),
     /// Print an instance's console log (kept across restarts, size-capped).
     Logs { name: String },
+    /// Manage the images instances are made from (through the daemon).
+    Image {
+        #[command(subcommand)]
+        command: instance_cmd::ImageCommand,
+    },
     /// The supervising process of one instance (started by the daemon).
     #[command(hide = true)]
     Supervise { dir: PathBuf },
@@ -183,6 +188,7 @@ fn main() -> ExitCode {
         Command::Info { name } => instance_cmd::info(&name),
         Command::Exec(args) => instance_cmd::exec(args),
         Command::Logs { name } => instance_cmd::logs(&name),
+        Command::Image { command } => instance_cmd::image(command),
         Command::Supervise { dir } => instance_cmd::supervise(dir),
         Command::SuperviseExec { dir } => instance_cmd::supervise_exec(dir),
     };

@@ -367,7 +367,16 @@ fn every_verb_refuses_bad_input_with_one_line() {
     );
     d.ok(&["rm", "huge"]);
 
+    d.fails(&["image", "build", "nosuch"], "unknown image");
+    d.fails(&["image", "rm", "nosuch"], "unknown image");
     d.ok(&["create", "web"]);
+    d.fails(&["image", "rm", "busybox"], "is used by web");
+    let images: Vec<api::Image> =
+        serde_json::from_str(&d.ok(&["image", "list", "--format", "json"])).unwrap();
+    assert!(
+        images.iter().any(|i| i.name == "busybox" && i.built),
+        "{images:?}"
+    );
     d.fails(&["create", "web"], "already exists");
     d.fails(&["stop", "web"], "is not running");
     d.fails(&["exec", "web", "--", "true"], "is not running");
@@ -623,4 +632,36 @@ fn autostart_instances_start_again_after_a_host_reboot() {
         ["stopped", "stopped"],
         "no reboot, no autostart"
     );
+}
+
+#[test]
+#[ignore = "builds a Debian root with mmdebstrap from the network"]
+fn a_container_runs_from_the_debian_image() {
+    let Some(d) = Daemon::start() else { return };
+    if Command::new("mmdebstrap")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        testkit::not_run(testkit::prereq::PROGRAM, "mmdebstrap is not installed");
+        return;
+    }
+    let _t = testkit::timed();
+    d.ok(&["launch", "web", "--container", "--image", "debian/bookworm"]);
+    let version = d.ok(&["exec", "web", "--", "cat", "/etc/debian_version"]);
+    assert!(version.starts_with("12."), "{version}");
+    d.ok(&["exec", "web", "--", "sh", "-c", "echo kept > /root/file"]);
+    d.ok(&["restart", "web"]);
+    assert_eq!(
+        d.ok(&["exec", "web", "--", "cat", "/root/file"]).trim(),
+        "kept"
+    );
+    d.fails(&["image", "rm", "debian/bookworm"], "is used by web");
+    d.ok(&["rm", "--force", "web"]);
+    d.ok(&["image", "rm", "debian/bookworm"]);
+    let images: Vec<api::Image> =
+        serde_json::from_str(&d.ok(&["image", "list", "--format", "json"])).unwrap();
+    assert!(images
+        .iter()
+        .any(|i| i.name == "debian/bookworm" && !i.built));
 }
