@@ -18,10 +18,11 @@ pub enum SessionError {
     NoExit,
 }
 
-/// Runs `exec` on `stream`: this process's stdin goes to the command
-/// (until EOF), its output comes to stdout and stderr. Returns the exit
-/// status as a shell reports it.
-pub fn run(stream: UnixStream, exec: Exec) -> Result<i32, SessionError> {
+/// Runs `exec` on `stream` (whose first bytes, already read, are
+/// `early`): this process's stdin goes to the command (until EOF), its
+/// output comes to stdout and stderr. Returns the exit status as a shell
+/// reports it.
+pub fn run(stream: UnixStream, early: Vec<u8>, exec: Exec) -> Result<i32, SessionError> {
     let mut writer = stream.try_clone()?;
     writer.write_all(&Frame::Exec(exec).encode())?;
     let mut stdin_writer = stream.try_clone()?;
@@ -50,7 +51,7 @@ pub fn run(stream: UnixStream, exec: Exec) -> Result<i32, SessionError> {
             }
         }
     });
-    let mut reader = io::BufReader::new(stream);
+    let mut reader = io::BufReader::new(io::Cursor::new(early).chain(stream));
     loop {
         match Frame::read(&mut reader)? {
             None => return Err(SessionError::NoExit),

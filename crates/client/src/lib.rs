@@ -169,8 +169,9 @@ impl Client {
     }
 
     /// Opens an exec session on instance `name`: the upgraded connection,
-    /// as a blocking stream that carries the agent protocol.
-    pub async fn exec(&self, name: &str) -> Result<std::os::unix::net::UnixStream> {
+    /// as a blocking stream that carries the agent protocol, and the bytes
+    /// of it already read with the response (an early error frame).
+    pub async fn exec(&self, name: &str) -> Result<(std::os::unix::net::UnixStream, Vec<u8>)> {
         let io = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
@@ -199,13 +200,10 @@ impl Client {
         let parts = upgraded
             .downcast::<TokioIo<tokio::net::UnixStream>>()
             .map_err(|_| protocol("the upgraded connection is not the Unix socket"))?;
-        if !parts.read_buf.is_empty() {
-            // The daemon sends nothing before the client's exec frame.
-            return Err(protocol("unexpected bytes after the upgrade"));
-        }
+        let early = parts.read_buf.to_vec();
         let stream = parts.io.into_inner().into_std().map_err(protocol)?;
         stream.set_nonblocking(false).map_err(protocol)?;
-        Ok(stream)
+        Ok((stream, early))
     }
 }
 

@@ -32,6 +32,28 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
+/// Runs `work` as operation `id`: its result ends the operation, and so
+/// does a panic in it (as an internal error), so no client waits forever.
+fn run_op(
+    daemon: Arc<Daemon>,
+    id: String,
+    work: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let result = match tokio::spawn(work).await {
+            Ok(result) => result,
+            Err(e) => Err(format!("internal error: {e}")),
+        };
+        daemon.ops.end(&id, result);
+    });
+}
+
+/// The longest graceful stop accepted, seconds.
+const MAX_STOP_TIMEOUT: u64 = 3600;
+
+/// Starts only one at a time: admission sees every running instance.
+static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The record of `name`, or 404.
 fn record(daemon: &Daemon, name: &str) -> Result<state::InstanceRecord, ApiError> {
     daemon
@@ -119,16 +141,15 @@ pub async fn create(daemon: Arc<Daemon>, request: CreateRequest) -> Result<Opera
     }
     let verb = if request.start { "launch" } else { "create" };
     let op = daemon.ops.begin(format!("{verb} {name}"), &name);
-    let id = op.id.clone();
-    tokio::spawn(async move {
-        let lock = daemon.instance_lock(&name);
+    let d = daemon.clone();
+    run_op(daemon, op.id.clone(), async move {
+        let lock = d.instance_lock(&name);
         let _held = lock.lock().await;
-        let result = create_now(&daemon, &request).await;
-        let result = match result {
-            Ok(()) if request.start => start_now(&daemon, &name).await,
-            other => other,
-        };
-        daemon.ops.end(&id, result);
+        create_now(&d, &request).await?;
+        if request.start {
+            start_now(&d, &name).await?;
+        }
+        Ok(())
     });
     Ok(op)
 }
@@ -139,6 +160,14 @@ async fn create_now(daemon: &Arc<Daemon>, request: &CreateRequest) -> Result<(),
     blocking(move || {
         let daemon = daemon2;
         let layout = daemon.layout(&request.name);
+        // Checked again under the instance's lock: another create may
+        // have made it since the request was accepted.
+        if record(&daemon, &request.name).is_ok() {
+            return Err(format!(
+                "an instance named {:?} already exists",
+                request.name
+            ));
+        }
         // A directory without a record is what a daemon killed during a
         // create left: nothing of value.
         if layout.dir.exists() && !layout.is_supervised() {
@@ -156,7 +185,10 @@ async fn create_now(daemon: &Arc<Daemon>, request: &CreateRequest) -> Result<(),
             created_at: now_secs(),
         });
         if let Err(e) = inserted {
-            let _ = std::fs::remove_dir_all(&layout.dir);
+            // Not ours to remove if the name was taken meanwhile.
+            if !matches!(e, state::StateError::Exists(_)) {
+                let _ = std::fs::remove_dir_all(&layout.dir);
+            }
             return Err(e.to_string());
         }
         daemon.emit(&request.name, Some(Status::Stopped));
@@ -185,16 +217,16 @@ fn admit(daemon: &Daemon, name: &str, config: &InstanceConfig) -> Result<(), Str
     for r in records.iter().filter(|r| r.name != name) {
         if Control::status(&daemon.layout(&r.name)).is_ok() {
             if let Ok(c) = serde_json::from_str::<InstanceConfig>(&r.config) {
-                committed += c.memory.unwrap_or(0);
+                committed = committed.saturating_add(c.memory.unwrap_or(0));
             }
         }
     }
     let limit = (host_memory() as f64 * daemon.config.overcommit) as u64;
-    if committed + wanted > limit {
+    if committed.saturating_add(wanted) > limit {
         let mib = |b: u64| b >> 20;
         return Err(format!(
             "starting {name} would commit {} MiB of memory ({} MiB running, {} MiB for it), over the limit of {} MiB (host memory times the overcommit ratio {})",
-            mib(committed + wanted),
+            mib(committed.saturating_add(wanted)),
             mib(committed),
             mib(wanted),
             mib(limit),
@@ -208,7 +240,10 @@ fn admit(daemon: &Daemon, name: &str, config: &InstanceConfig) -> Result<(), Str
 async fn start_now(daemon: &Arc<Daemon>, name: &str) -> Result<(), String> {
     let daemon2 = daemon.clone();
     let name2 = name.to_owned();
-    let pid = blocking(move || start_blocking(&daemon2, &name2)).await?;
+    let (pid, started) = blocking(move || start_blocking(&daemon2, &name2)).await?;
+    if !started {
+        return Ok(()); // already running (and watched)
+    }
     tracing::info!(instance = name, pid, "started");
     daemon
         .store()
@@ -219,15 +254,19 @@ async fn start_now(daemon: &Arc<Daemon>, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn start_blocking(daemon: &Daemon, name: &str) -> Result<i32, String> {
+/// Starts `name` unless it runs: its pid, and whether it was started now.
+fn start_blocking(daemon: &Daemon, name: &str) -> Result<(i32, bool), String> {
     let record = record(daemon, name).map_err(|e| e.message)?;
     let config = config_of(&record).map_err(|e| e.message)?;
     let layout = daemon.layout(name);
     if let Ok(pid) = Control::status(&layout) {
-        return Ok(pid);
+        return Ok((pid, false));
     }
-    admit(daemon, name, &config)?;
+    // The image first (a build can take minutes), then admission and the
+    // start together, one start at a time.
     let image_root = images::root(&daemon.config, &config.image).map_err(|e| e.to_string())?;
+    let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    admit(daemon, name, &config)?;
     let cpu = match &config.cpus {
         Some(text) => {
             let limit =
@@ -245,7 +284,7 @@ fn start_blocking(daemon: &Daemon, name: &str) -> Result<i32, String> {
     let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
     std::fs::write(layout.spec(), json)
         .map_err(|e| format!("writing {}: {e}", layout.spec().display()))?;
-    spawn_supervisor(&daemon.config.supervisor_program, &layout)
+    spawn_supervisor(&daemon.config.supervisor_program, &layout).map(|pid| (pid, true))
 }
 
 /// Starts `PROGRAM supervise DIR` in a process group of its own (a
@@ -267,10 +306,19 @@ fn spawn_supervisor(program: &Path, layout: &Layout) -> Result<i32, String> {
         .spawn()
         .map_err(|e| format!("starting the supervisor {}: {e}", program.display()))?;
     let stdout = child.stdout.take();
+    let supervisor_pid = child.id();
     // Reaped here when it ends, while this daemon lives.
     std::thread::spawn(move || child.wait());
     let Some(stdout) = stdout else {
         return Err("the supervisor has no ready pipe".into());
+    };
+    let give_up = |why: String| {
+        // A supervisor that never reported goes, and its instance with it
+        // (the init dies with its supervisor). It had not exited: that
+        // would have closed the pipe.
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(supervisor_pid as i32, libc::SIGKILL) };
+        Err(why)
     };
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -280,8 +328,8 @@ fn spawn_supervisor(program: &Path, layout: &Layout) -> Result<i32, String> {
     });
     let line = match receiver.recv_timeout(START_TIMEOUT) {
         Ok(Ok(line)) => line,
-        Ok(Err(e)) => return Err(format!("reading the supervisor's report: {e}")),
-        Err(_) => return Err("the supervisor did not report within 60 s".into()),
+        Ok(Err(e)) => return give_up(format!("reading the supervisor's report: {e}")),
+        Err(_) => return give_up("the supervisor did not report within 60 s".into()),
     };
     let line = line.trim_end();
     if let Some(pid) = line.strip_prefix("ok ") {
@@ -298,25 +346,27 @@ fn spawn_supervisor(program: &Path, layout: &Layout) -> Result<i32, String> {
     }
 }
 
-/// Notices when `name`'s supervisor ends: an instance that stopped by
-/// itself (its init exited) is recorded as stopped.
+/// Notices when `name`'s supervisor ends. Then, under the instance's
+/// lock (so after any stop or restart in progress has finished and
+/// recorded itself), an instance that is not running but is recorded as
+/// running stopped by itself (its init exited): it is recorded stopped.
 pub fn watch(daemon: Arc<Daemon>, name: String) {
     let layout = daemon.layout(&name);
     std::thread::spawn(move || {
-        let Ok((_, mut conn)) = Control::request(&layout, &supervisor::Request::Watch) else {
-            return;
-        };
-        let mut sink = [0u8; 64];
-        while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
-        let expected = daemon
-            .stopping
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&name);
-        if !expected {
-            let _ = supervisor::wait_unsupervised(&layout, Duration::from_secs(10));
+        if let Ok((_, mut conn)) = Control::request(&layout, &supervisor::Request::Watch) {
+            let mut sink = [0u8; 64];
+            while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+        }
+        let lock = daemon.instance_lock(&name);
+        let _held = lock.blocking_lock();
+        let _ = supervisor::wait_unsupervised(&layout, Duration::from_secs(10));
+        if Control::status(&layout).is_ok() {
+            return; // restarted meanwhile, and watched again
+        }
+        // The record may be gone (deleted meanwhile).
+        let recorded = matches!(daemon.store().get(&name), Ok(Some(r)) if r.running);
+        if recorded {
             tracing::info!(instance = name, "stopped by itself");
-            // The record may be gone (deleted meanwhile).
             let _ = daemon.store().set_running(&name, false);
             daemon.emit(&name, Some(Status::Stopped));
         }
@@ -330,20 +380,11 @@ async fn stop_now(
     timeout: u64,
     force: bool,
 ) -> Result<(), String> {
-    daemon
-        .stopping
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name.to_owned());
     let daemon2 = daemon.clone();
     let name2 = name.to_owned();
-    let stopped = blocking(move || Control::stop(&daemon2.layout(&name2), timeout, force)).await;
-    daemon
-        .stopping
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(name);
-    stopped.map_err(|e| e.to_string())?;
+    blocking(move || Control::stop(&daemon2.layout(&name2), timeout, force))
+        .await
+        .map_err(|e| e.to_string())?;
     daemon
         .store()
         .set_running(name, false)
@@ -352,21 +393,45 @@ async fn stop_now(
     Ok(())
 }
 
-/// `PUT /1.0/instances/{name}/state`.
+/// A forced stop does not wait behind a graceful one (or anything else
+/// holding the instance's lock): the instance is killed at once, and the
+/// bookkeeping follows under the lock.
+async fn kill_now(daemon: &Arc<Daemon>, name: &str) {
+    let layout = daemon.layout(name);
+    let _ = blocking(move || Control::stop(&layout, 0, true)).await;
+}
+
+/// Whether `name` runs now, or an operation on it is under way.
+async fn running_or_busy(daemon: &Arc<Daemon>, name: &str) -> (bool, bool) {
+    let daemon2 = daemon.clone();
+    let name2 = name.to_owned();
+    let running = blocking(move || Control::status(&daemon2.layout(&name2)).is_ok()).await;
+    (running, daemon.ops.running_on(name).is_some())
+}
+
+/// `PUT /1.0/instances/{name}/state`. The state is checked when the
+/// request comes (for a clear refusal) and again under the instance's
+/// lock, where the change happens.
 pub async fn change_state(
     daemon: Arc<Daemon>,
     name: String,
     request: StateRequest,
 ) -> Result<Operation, ApiError> {
     record(&daemon, &name)?;
-    let daemon2 = daemon.clone();
-    let name2 = name.clone();
-    let running = blocking(move || Control::status(&daemon2.layout(&name2)).is_ok()).await;
-    match (request.action, running) {
-        (Action::Start, true) => {
+    let timeout = request.timeout.unwrap_or(api::DEFAULT_STOP_TIMEOUT);
+    if timeout > MAX_STOP_TIMEOUT {
+        return Err(ApiError::bad_request(format!(
+            "a stop timeout of {timeout} s: at most {MAX_STOP_TIMEOUT}"
+        )));
+    }
+    let (running, busy) = running_or_busy(&daemon, &name).await;
+    match (request.action, running, busy) {
+        (Action::Start, true, false) => {
             return Err(ApiError::conflict(format!("{name} is already running")))
         }
-        (Action::Stop, false) => return Err(ApiError::conflict(format!("{name} is not running"))),
+        (Action::Stop, false, false) => {
+            return Err(ApiError::conflict(format!("{name} is not running")))
+        }
         _ => {}
     }
     let verb = match request.action {
@@ -375,20 +440,21 @@ pub async fn change_state(
         Action::Restart => "restart",
     };
     let op = daemon.ops.begin(format!("{verb} {name}"), &name);
-    let id = op.id.clone();
-    let timeout = request.timeout.unwrap_or(api::DEFAULT_STOP_TIMEOUT);
-    tokio::spawn(async move {
-        let lock = daemon.instance_lock(&name);
+    let d = daemon.clone();
+    run_op(daemon, op.id.clone(), async move {
+        if request.force && request.action != Action::Start {
+            kill_now(&d, &name).await;
+        }
+        let lock = d.instance_lock(&name);
         let _held = lock.lock().await;
-        let result = match request.action {
-            Action::Start => start_now(&daemon, &name).await,
-            Action::Stop => stop_now(&daemon, &name, timeout, request.force).await,
-            Action::Restart => match stop_now(&daemon, &name, timeout, request.force).await {
-                Ok(()) => start_now(&daemon, &name).await,
-                Err(e) => Err(e),
-            },
-        };
-        daemon.ops.end(&id, result);
+        match request.action {
+            Action::Start => start_now(&d, &name).await,
+            Action::Stop => stop_now(&d, &name, timeout, request.force).await,
+            Action::Restart => {
+                stop_now(&d, &name, timeout, request.force).await?;
+                start_now(&d, &name).await
+            }
+        }
     });
     Ok(op)
 }
@@ -396,34 +462,37 @@ pub async fn change_state(
 /// `DELETE /1.0/instances/{name}`.
 pub async fn delete(daemon: Arc<Daemon>, name: String, force: bool) -> Result<Operation, ApiError> {
     record(&daemon, &name)?;
-    let daemon2 = daemon.clone();
-    let name2 = name.clone();
-    let running = blocking(move || Control::status(&daemon2.layout(&name2)).is_ok()).await;
+    let (running, _) = running_or_busy(&daemon, &name).await;
     if running && !force {
         return Err(ApiError::conflict(format!(
             "{name} is running: stop it first, or delete it with --force"
         )));
     }
     let op = daemon.ops.begin(format!("delete {name}"), &name);
-    let id = op.id.clone();
-    tokio::spawn(async move {
-        let lock = daemon.instance_lock(&name);
+    let d = daemon.clone();
+    run_op(daemon, op.id.clone(), async move {
+        if force {
+            kill_now(&d, &name).await;
+        }
+        let lock = d.instance_lock(&name);
         let _held = lock.lock().await;
-        let result = delete_now(&daemon, &name).await;
-        daemon.ops.end(&id, result);
+        delete_now(&d, &name, force).await
     });
     Ok(op)
 }
 
-async fn delete_now(daemon: &Arc<Daemon>, name: &str) -> Result<(), String> {
+async fn delete_now(daemon: &Arc<Daemon>, name: &str, force: bool) -> Result<(), String> {
     if record(daemon, name).is_err() {
         return Err(format!("no instance named {name:?}"));
     }
     let layout = daemon.layout(name);
-    let daemon2 = daemon.clone();
-    let name2 = name.to_owned();
-    let running = blocking(move || Control::status(&daemon2.layout(&name2)).is_ok()).await;
+    let (running, _) = running_or_busy(daemon, name).await;
     if running {
+        if !force {
+            return Err(format!(
+                "{name} is running: stop it first, or delete it with --force"
+            ));
+        }
         stop_now(daemon, name, 0, true).await?;
     }
     // The record first: a daemon killed after it leaves a directory
@@ -534,13 +603,11 @@ pub async fn images(daemon: Arc<Daemon>) -> Result<Vec<api::Image>, ApiError> {
 pub async fn build_image(daemon: Arc<Daemon>, name: String) -> Result<Operation, ApiError> {
     images::check(&name).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let op = daemon.ops.begin(format!("build image {name}"), &name);
-    let id = op.id.clone();
-    tokio::spawn(async move {
-        let daemon2 = daemon.clone();
-        let result = blocking(move || images::build(&daemon2.config, &name))
+    let d = daemon.clone();
+    run_op(daemon, op.id.clone(), async move {
+        blocking(move || images::build(&d.config, &name))
             .await
-            .map_err(|e| e.to_string());
-        daemon.ops.end(&id, result);
+            .map_err(|e| e.to_string())
     });
     Ok(op)
 }
@@ -561,13 +628,11 @@ pub async fn remove_image(daemon: Arc<Daemon>, name: String) -> Result<Operation
         )));
     }
     let op = daemon.ops.begin(format!("remove image {name}"), &name);
-    let id = op.id.clone();
-    tokio::spawn(async move {
-        let daemon2 = daemon.clone();
-        let result = blocking(move || images::remove(&daemon2.config, &name))
+    let d = daemon.clone();
+    run_op(daemon, op.id.clone(), async move {
+        blocking(move || images::remove(&d.config, &name))
             .await
-            .map_err(|e| e.to_string());
-        daemon.ops.end(&id, result);
+            .map_err(|e| e.to_string())
     });
     Ok(op)
 }

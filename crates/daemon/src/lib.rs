@@ -6,9 +6,9 @@
 //!   (`instances/<name>`: its kept root layer, console log, control
 //!   socket).
 //! - Each running instance has its own supervisor process ([`supervisor`]),
-//!   started by the daemon in a session of its own: the daemon can stop or
-//!   die and the instance keeps running; a restarted daemon finds it again
-//!   through its control socket (adoption).
+//!   started by the daemon in a process group of its own: the daemon can
+//!   stop or die and the instance keeps running; a restarted daemon finds
+//!   it again through its control socket (adoption).
 //! - Changes (create, start, stop, restart, delete) are operations
 //!   ([`ops`]), serialized per instance; every status change is an event.
 //! - After a host reboot, instances marked autostart are started again.
@@ -21,7 +21,7 @@ mod instances;
 mod ops;
 mod routes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -83,9 +83,6 @@ pub struct Daemon {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) ops: ops::Operations,
     pub(crate) events: broadcast::Sender<api::Event>,
-    /// Instances the daemon is stopping itself (their supervisor's end is
-    /// expected, not news).
-    pub(crate) stopping: Mutex<HashSet<String>>,
 }
 
 impl Daemon {
@@ -104,7 +101,6 @@ impl Daemon {
             locks: Mutex::new(HashMap::new()),
             ops: ops::Operations::default(),
             events,
-            stopping: Mutex::new(HashSet::new()),
         }))
     }
 

@@ -110,6 +110,11 @@ fn answer(shared: &Arc<Shared>, mut conn: UnixStream) -> io::Result<()> {
             )
         }
     };
+    // An instance that has ended answers nothing (the connection closes,
+    // which the daemon reads as "not running"): its pid may be reaped.
+    if shared.has_ended() {
+        return Ok(());
+    }
     let ok = Reply {
         ok: true,
         pid: Some(shared.pid),
@@ -118,24 +123,7 @@ fn answer(shared: &Arc<Shared>, mut conn: UnixStream) -> io::Result<()> {
     match request {
         Request::Status => reply(&mut conn, &ok),
         Request::Stop { timeout, force } => {
-            if force {
-                sys::kill(shared.pid, libc::SIGKILL);
-            } else {
-                sys::kill(shared.pid, libc::SIGTERM);
-                let shared = shared.clone();
-                // The escalation, unless the instance ends first (checked
-                // under the lock the main thread sets `ended` with before
-                // reaping the init, so a reaped pid is never signalled).
-                let _ = std::thread::Builder::new()
-                    .name("stop-timeout".into())
-                    .spawn(move || {
-                        std::thread::sleep(Duration::from_secs(timeout));
-                        let ended = shared.ended.lock().unwrap_or_else(|e| e.into_inner());
-                        if !*ended {
-                            sys::kill(shared.pid, libc::SIGKILL);
-                        }
-                    });
-            }
+            stop(shared, timeout, force);
             shared.wait_ended();
             reply(&mut conn, &ok)
         }
@@ -143,18 +131,18 @@ fn answer(shared: &Arc<Shared>, mut conn: UnixStream) -> io::Result<()> {
             reply(&mut conn, &ok)?;
             let stdin = OwnedFd::from(conn.try_clone()?);
             let stdout = OwnedFd::from(conn);
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(shared.layout.supervisor_log())?;
-            // Not waited for here: the main thread reaps every child.
+            // The agent inherits the helper's stdio: nothing of the host's
+            // (no log file) may reach the container, so stderr is null.
+            // The helper reports its own failures on the connection.
             Command::new("/proc/self/exe")
                 .arg("supervise-exec")
                 .arg(&shared.layout.dir)
                 .stdin(Stdio::from(stdin))
                 .stdout(Stdio::from(stdout))
-                .stderr(Stdio::from(log))
-                .spawn()?;
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| io::Error::new(e.kind(), format!("starting the exec helper: {e}")))?;
+            // Not waited for here: the main thread reaps every child.
             Ok(())
         }
         Request::Watch => {
@@ -165,6 +153,47 @@ fn answer(shared: &Arc<Shared>, mut conn: UnixStream) -> io::Result<()> {
     }
 }
 
+/// Ends the instance: SIGKILL with `force`, else SIGTERM to its init
+/// (repeated each second, in case the init had not yet set up its
+/// handlers) and SIGKILL after `timeout` seconds. Every signal is sent
+/// under the `ended` lock, which the main thread sets before it reaps the
+/// init, so a reaped (and perhaps reused) pid is never signalled.
+pub(crate) fn stop(shared: &Arc<Shared>, timeout: u64, force: bool) {
+    let signal = |sig| {
+        let ended = shared.ended.lock().unwrap_or_else(|e| e.into_inner());
+        if !*ended {
+            sys::kill(shared.pid, sig);
+        }
+        !*ended
+    };
+    if force {
+        signal(libc::SIGKILL);
+        return;
+    }
+    signal(libc::SIGTERM);
+    let shared = shared.clone();
+    let _ = std::thread::Builder::new()
+        .name("stop-timeout".into())
+        .spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if shared.wait_ended_for(left.min(Duration::from_secs(1))) {
+                    return;
+                }
+                let ended = shared.ended.lock().unwrap_or_else(|e| e.into_inner());
+                if *ended {
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    sys::kill(shared.pid, libc::SIGKILL);
+                    return;
+                }
+                sys::kill(shared.pid, libc::SIGTERM);
+            }
+        });
+}
+
 /// The daemon's side of a supervisor's control socket.
 pub struct Control;
 
@@ -172,13 +201,37 @@ impl Control {
     /// Sends `request` and reads the reply line; the connection, for
     /// exec and watch. [`Error::NotRunning`] if no supervisor answers.
     pub fn request(layout: &Layout, request: &Request) -> Result<(Reply, UnixStream)> {
+        Self::request_within(layout, request, Duration::from_secs(10))
+    }
+
+    /// [`Self::request`], waiting at most `limit` for the reply.
+    fn request_within(
+        layout: &Layout,
+        request: &Request,
+        limit: Duration,
+    ) -> Result<(Reply, UnixStream)> {
         let path = layout.control();
-        let not_running = |_| Error::NotRunning(path.clone());
-        let mut conn = UnixStream::connect(&path).map_err(not_running)?;
+        let mut conn = UnixStream::connect(&path).map_err(|_| Error::NotRunning(path.clone()))?;
+        let broken = |e: io::Error| Error::Io {
+            context: format!("the supervisor at {} did not answer", path.display()),
+            source: e,
+        };
+        conn.set_read_timeout(Some(limit)).map_err(broken)?;
+        conn.set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(broken)?;
         let mut line = serde_json::to_vec(request).map_err(|e| Error::Invalid(e.to_string()))?;
         line.push(b'\n');
-        conn.write_all(&line).map_err(not_running)?;
-        let reply = read_reply(&conn).map_err(not_running)?;
+        conn.write_all(&line).map_err(broken)?;
+        let reply = match read_reply(&conn) {
+            Ok(r) => r,
+            // Closed without a word: the instance has ended.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(Error::NotRunning(path.clone()))
+            }
+            Err(e) => return Err(broken(e)),
+        };
+        conn.set_read_timeout(None).map_err(broken)?;
+        conn.set_write_timeout(None).map_err(broken)?;
         if !reply.ok {
             return Err(Error::Invalid(
                 reply
@@ -200,7 +253,8 @@ impl Control {
     /// Stops the instance and returns once it has ended and its
     /// supervisor is gone.
     pub fn stop(layout: &Layout, timeout: u64, force: bool) -> Result<()> {
-        match Self::request(layout, &Request::Stop { timeout, force }) {
+        let limit = Duration::from_secs(timeout.saturating_add(30));
+        match Self::request_within(layout, &Request::Stop { timeout, force }, limit) {
             Ok(_) | Err(Error::NotRunning(_)) => {}
             Err(e) => return Err(e),
         }

@@ -147,6 +147,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn has_ended(&self) -> bool {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `limit` for the instance to end; whether it has.
+    pub(crate) fn wait_ended_for(&self, limit: std::time::Duration) -> bool {
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let (ended, _) = self
+            .ended_signal
+            .wait_timeout_while(ended, limit, |ended| !*ended)
+            .unwrap_or_else(|e| e.into_inner());
+        *ended
+    }
+
     /// Blocks until the instance has ended.
     pub(crate) fn wait_ended(&self) {
         let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
@@ -240,9 +254,16 @@ fn start(dir: &Path) -> Result<Running> {
         pid: created.pid,
         cgroups: created.cgroups.groups.clone(),
     };
-    let json = serde_json::to_vec(&runtime).map_err(|e| Error::Invalid(e.to_string()))?;
+    let json = serde_json::to_vec(&runtime)
+        .map_err(|e| Error::Invalid(format!("encoding runtime.json: {e}")))?;
     fs::write(layout.runtime(), json).map_err(io_err("writing runtime.json"))?;
 
+    // From here on SIGTERM, SIGINT and SIGHUP (a host shutting down, the
+    // supervisor killed politely) are taken by one thread, which stops
+    // the instance gracefully; threads started after this inherit the
+    // mask (the container's init, started above, does not).
+    let stop_signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    sys::block_signals(&stop_signals).map_err(io_err("blocking signals"))?;
     console::pump(console_read, layout.console_log(), CONSOLE_LOG_MAX);
     let shared = Arc::new(Shared {
         layout: layout.clone(),
@@ -251,6 +272,16 @@ fn start(dir: &Path) -> Result<Running> {
         ended_signal: Condvar::new(),
     });
     control::serve(shared.clone())?;
+    let on_signal = shared.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = sys::wait_signal(&stop_signals) {
+                tracing::info!(signal = sig, "stopping the instance");
+                control::stop(&on_signal, SIGNAL_STOP_TIMEOUT, false);
+            }
+        })
+        .map_err(io_err("starting the signal thread"))?;
     Ok(Running {
         shared,
         cgroups: created.cgroups,
@@ -266,6 +297,8 @@ impl Running {
         // could have been reused.
         let status = sys::reap_until(self.shared.pid, || {
             *self.shared.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            // No exec helper may find the pid from now on.
+            let _ = fs::remove_file(self.shared.layout.runtime());
         });
         tracing::info!(pid = self.shared.pid, status, "the instance ended");
         self.cgroups.remove();
@@ -277,6 +310,9 @@ impl Running {
         Ok(())
     }
 }
+
+/// How long a graceful stop on a signal may take (as a default `stop`).
+const SIGNAL_STOP_TIMEOUT: u64 = 30;
 
 /// Writes the agent binary the container runs as its init and for exec.
 fn write_agent(path: &Path) -> Result<()> {
@@ -305,8 +341,8 @@ pub fn exec_helper(dir: &Path) -> Result<()> {
     let result = (|| {
         let text = fs::read_to_string(layout.runtime())
             .map_err(io_err(format!("reading {}", layout.runtime().display())))?;
-        let runtime: Runtime =
-            serde_json::from_str(&text).map_err(|e| Error::Invalid(e.to_string()))?;
+        let runtime: Runtime = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", layout.runtime().display())))?;
         let cgroups = container::runtime::CgroupPaths {
             groups: runtime.cgroups,
             parents: Vec::new(),

@@ -54,10 +54,14 @@ pub fn with_stdio<T>(fd: RawFd, f: impl FnOnce() -> T) -> io::Result<T> {
     }
     // SAFETY: as above.
     let saved_err = unsafe { OwnedFd::from_raw_fd(saved_err) };
-    // SAFETY: dup2 onto the standard descriptors from valid ones.
+    // SAFETY: dup2 onto the standard descriptors from valid ones; on a
+    // failure the saved ones are put back.
     unsafe {
         if libc::dup2(fd, 1) < 0 || libc::dup2(fd, 2) < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            libc::dup2(saved_out.as_raw_fd(), 1);
+            libc::dup2(saved_err.as_raw_fd(), 2);
+            return Err(e);
         }
     }
     let result = f();
@@ -114,4 +118,36 @@ pub fn become_subreaper() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for both calls.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// Blocks `signals` in the calling thread (and the threads it starts).
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = signal_set(signals);
+    // SAFETY: a valid set; the old mask is not wanted.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Waits for one of `signals` (blocked in every thread); its number.
+pub fn wait_signal(signals: &[libc::c_int]) -> Option<libc::c_int> {
+    let set = signal_set(signals);
+    let mut sig = 0;
+    // SAFETY: a valid set and a valid int to write the signal into.
+    (unsafe { libc::sigwait(&set, &mut sig) } == 0).then_some(sig)
 }

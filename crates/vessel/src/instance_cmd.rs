@@ -147,11 +147,15 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode> {
         overcommit: args.overcommit,
         boot_id_file: PathBuf::from(daemon::BOOT_ID_FILE),
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(daemon::serve(config))?;
+        .context("starting the async runtime")?;
+    let served = runtime.block_on(daemon::serve(config));
+    // Requests still in flight (a stop waiting for its timeout) are not
+    // waited for: instances live on in their supervisors.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -335,7 +339,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     for pair in &args.env {
         container::parse_env(pair)?;
     }
-    let stream = runtime()?.block_on(client().exec(&args.name))?;
+    let (stream, early) = runtime()?.block_on(client().exec(&args.name))?;
     let (rows, cols) = if args.tty {
         crate::terminal::window_size(libc::STDOUT_FILENO).unwrap_or((24, 80))
     } else {
@@ -357,7 +361,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
         rows,
         cols,
     };
-    match client::exec::run(stream, exec) {
+    match client::exec::run(stream, early, exec) {
         Ok(code) => Ok(ExitCode::from((code & 0xff) as u8)),
         Err(client::exec::SessionError::NotStarted(why)) => {
             drop(_raw);
@@ -384,9 +388,14 @@ pub fn supervise(dir: PathBuf) -> Result<ExitCode> {
         .context("taking the ready pipe")?;
     // Standard output becomes /dev/null: the ready pipe is closed once
     // reported, and nothing else may write to the daemon through it.
-    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .context("opening /dev/null")?;
     // SAFETY: dup2 onto stdout from a descriptor we own.
-    unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), libc::STDOUT_FILENO) };
+    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), libc::STDOUT_FILENO) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("redirecting stdout");
+    }
     supervisor::supervise(&dir, ready)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -330,6 +330,39 @@ fn a_stop_that_is_ignored_is_forced_after_the_timeout() {
     d.ok(&["stop", "--force", "stubborn"]);
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(leftovers(&d.state(), "stubborn").is_empty());
+
+    // A forced stop does not wait behind a long graceful one.
+    d.ok(&["start", "stubborn"]);
+    d.ok(&[
+        "exec",
+        "stubborn",
+        "--",
+        "sh",
+        "-c",
+        "(trap '' TERM HUP; while :; do sleep 1; done) >/dev/null 2>&1 & echo",
+    ]);
+    let graceful = Command::new(VESSEL)
+        .args(["stop", "--timeout", "600", "stubborn"])
+        .env("VESSEL_SOCKET", d.socket())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    d.ok(&["stop", "--force", "stubborn"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let out = graceful.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.instance("stubborn")["status"], "stopped");
+    d.fails(&["stop", "--timeout", "99999", "stubborn"], "at most 3600");
 }
 
 #[test]
@@ -366,6 +399,36 @@ fn every_verb_refuses_bad_input_with_one_line() {
         "refused to start, kept created"
     );
     d.ok(&["rm", "huge"]);
+
+    // Two creates of one name at once: one wins, the other is refused,
+    // and the winner is intact.
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(VESSEL)
+                .args(["launch", "dup"])
+                .env("VESSEL_SOCKET", d.socket())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outcomes: Vec<Output> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| o.status.success()).count(),
+        1,
+        "one create wins"
+    );
+    assert!(outcomes
+        .iter()
+        .any(|o| String::from_utf8_lossy(&o.stderr).contains("already exists")));
+    assert_eq!(
+        d.ok(&["exec", "dup", "--", "echo", "intact"]).trim(),
+        "intact"
+    );
+    d.ok(&["rm", "--force", "dup"]);
 
     d.fails(&["image", "build", "nosuch"], "unknown image");
     d.fails(&["image", "rm", "nosuch"], "unknown image");
@@ -664,4 +727,43 @@ fn a_container_runs_from_the_debian_image() {
     assert!(images
         .iter()
         .any(|i| i.name == "debian/bookworm" && !i.built));
+}
+
+/// The pid of the supervisor of instance directory `dir`.
+fn supervisor_of(dir: &Path) -> Option<i32> {
+    let wanted = format!("supervise\0{}\0", dir.display());
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .contains(&wanted)
+            .then_some(pid)
+    })
+}
+
+#[test]
+fn a_supervisor_sent_sigterm_stops_its_instance_gracefully() {
+    let Some(d) = Daemon::start() else { return };
+    d.ok(&["launch", "polite"]);
+    // A process that records the SIGTERM it gets (as a service would
+    // shut down cleanly when the host does).
+    d.ok(&["exec", "polite", "--", "sh", "-c",
+        "(trap 'echo graceful > /root/marker; exit 0' TERM; while :; do sleep 1; done) >/dev/null 2>&1 & echo"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = d.state().join("instances/polite");
+    let pid = supervisor_of(&dir).expect("the supervisor's pid");
+    // SAFETY: kill takes no pointers.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.instance("polite")["status"] != "stopped" {
+        assert!(Instant::now() < deadline, "the instance did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(leftovers(&d.state(), "polite").is_empty());
+    d.ok(&["start", "polite"]);
+    assert_eq!(
+        d.ok(&["exec", "polite", "--", "cat", "/root/marker"])
+            .trim(),
+        "graceful"
+    );
 }
