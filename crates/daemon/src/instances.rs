@@ -280,6 +280,7 @@ fn start_blocking(daemon: &Daemon, name: &str) -> Result<(i32, bool), String> {
         image_root,
         memory: config.memory,
         cpu,
+        agent: daemon.config.state_dir.join(crate::AGENT_FILE),
     };
     let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
     std::fs::write(layout.spec(), json)

@@ -94,6 +94,7 @@ impl Daemon {
         std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err(format!("chmod {}", config.state_dir.display())))?;
         let store = state::Store::open(&config.state_dir.join("state.db"))?;
+        install_agent(&config.state_dir.join(AGENT_FILE))?;
         let (events, _) = broadcast::channel(256);
         Ok(Arc::new(Daemon {
             config,
@@ -128,6 +129,25 @@ impl Daemon {
             status,
         });
     }
+}
+
+/// The agent binary every container runs, under the state directory.
+pub(crate) const AGENT_FILE: &str = "vessel-agent";
+
+/// Writes this vessel's agent binary to `path` unless it is there already
+/// (replaced by a rename: running containers keep the file they mapped).
+fn install_agent(path: &Path) -> Result<()> {
+    if std::fs::read(path).is_ok_and(|bytes| bytes == guest::AGENT) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("new");
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::write(&tmp, guest::AGENT)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(io_err(format!("installing {}", path.display())))
 }
 
 /// Binds the socket (root-only), refusing one a live daemon holds or

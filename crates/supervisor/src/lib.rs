@@ -19,7 +19,6 @@ mod sys;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -69,6 +68,10 @@ pub struct Spec {
     /// CPU limit: CFS quota and period in microseconds.
     #[serde(default)]
     pub cpu: Option<(u64, u64)>,
+    /// The vessel-agent binary on the host, which the container runs as
+    /// its init and for exec (one file for every instance, so its pages
+    /// are shared).
+    pub agent: PathBuf,
 }
 
 /// The files of one instance's directory.
@@ -112,9 +115,6 @@ impl Layout {
     /// The running instance's pid and cgroups, for exec helpers.
     fn runtime(&self) -> PathBuf {
         self.dir.join("runtime.json")
-    }
-    fn agent(&self) -> PathBuf {
-        self.dir.join("vessel-agent")
     }
     fn exec_fifo(&self) -> PathBuf {
         self.dir.join("exec.fifo")
@@ -223,7 +223,6 @@ fn start(dir: &Path) -> Result<Running> {
     }
     .mount()
     .map_err(container_err)?;
-    write_agent(&layout.agent())?;
 
     let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
     let limits = container::Limits {
@@ -237,7 +236,7 @@ fn start(dir: &Path) -> Result<Running> {
     let lasting = container::lasting::LastingSpec {
         name: spec.name.clone(),
         root: layout.rootfs(),
-        agent: layout.agent(),
+        agent: spec.agent.clone(),
         limits,
         exec_fifo: layout.exec_fifo(),
     };
@@ -313,24 +312,6 @@ impl Running {
 
 /// How long a graceful stop on a signal may take (as a default `stop`).
 const SIGNAL_STOP_TIMEOUT: u64 = 30;
-
-/// Writes the agent binary the container runs as its init and for exec.
-fn write_agent(path: &Path) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o755)
-        .open(&tmp)
-        .map_err(io_err(format!("writing {}", tmp.display())))?;
-    f.write_all(guest::AGENT)
-        .map_err(io_err(format!("writing {}", tmp.display())))?;
-    f.set_permissions(fs::Permissions::from_mode(0o755))
-        .map_err(io_err(format!("writing {}", tmp.display())))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(format!("writing {}", path.display())))
-}
 
 /// `vessel supervise-exec DIR`: started by the supervisor with a daemon
 /// connection as stdin and stdout, starts `vessel-agent --stdio` in the
