@@ -203,6 +203,119 @@ impl Header {
     }
 }
 
+/// The backing file a new image reads unwritten clusters from.
+#[derive(Debug, Clone)]
+pub struct NewBacking {
+    /// As written in the image: absolute, or relative to the image's
+    /// directory.
+    pub name: String,
+    /// `raw` or `qcow2` (written down, never guessed when read).
+    pub format: String,
+}
+
+/// Cluster size of the images vessel creates (qemu-img's default).
+const NEW_CLUSTER_BITS: u32 = 16;
+
+/// Creates a qcow2 (version 3) image of `size` bytes at `path`, which must
+/// not exist: 64 KiB clusters, 16-bit refcounts, and optionally a backing
+/// file. Everything reads as zeros (or as the backing file) until written.
+pub fn create(path: &Path, size: u64, backing: Option<&NewBacking>) -> Result<(), ImageError> {
+    let cluster = 1u64 << NEW_CLUSTER_BITS;
+    if size == 0 || size % 512 != 0 {
+        return Err(invalid(
+            path,
+            format!("a size of {size} bytes: a positive multiple of 512"),
+        ));
+    }
+    if let Some(b) = backing {
+        if b.name.is_empty() || b.name.len() > 1023 {
+            return Err(invalid(path, "a backing file name of bad length"));
+        }
+        if b.format != "raw" && b.format != "qcow2" {
+            return Err(invalid(
+                path,
+                format!("backing format {:?} (raw or qcow2)", b.format),
+            ));
+        }
+    }
+    let l1_size = size.div_ceil(cluster * (cluster / 8));
+    let l1_bytes = l1_size * 8;
+    if l1_bytes > MAX_L1_BYTES {
+        return Err(invalid(
+            path,
+            format!("a size of {size} bytes is too large"),
+        ));
+    }
+    let l1_clusters = l1_bytes.div_ceil(cluster).max(1);
+    // Cluster 0: header, extensions, backing name. 1: refcount table.
+    // 2: its one refcount block. 3..: the L1 table.
+    let (refcount_table, refcount_block, l1_table) = (cluster, 2 * cluster, 3 * cluster);
+    let clusters = 3 + l1_clusters;
+    if clusters > cluster / 2 {
+        return Err(invalid(
+            path,
+            format!("a size of {size} bytes is too large"),
+        ));
+    }
+    let mut header = vec![0u8; cluster as usize];
+    let put32 =
+        |h: &mut Vec<u8>, at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let put64 =
+        |h: &mut Vec<u8>, at: usize, v: u64| h[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    put32(&mut header, 0, MAGIC);
+    put32(&mut header, 4, 3);
+    put32(&mut header, 20, NEW_CLUSTER_BITS);
+    put64(&mut header, 24, size);
+    put32(&mut header, 36, l1_size as u32);
+    put64(&mut header, 40, l1_table);
+    put64(&mut header, 48, refcount_table);
+    put32(&mut header, 56, 1);
+    put32(&mut header, 96, REFCOUNT_ORDER);
+    put32(&mut header, 100, 104);
+    // Header extensions from byte 104: the backing format, then the end.
+    let mut at = 104usize;
+    if let Some(b) = backing {
+        let len = b.format.len();
+        put32(&mut header, at, EXT_BACKING_FORMAT);
+        put32(&mut header, at + 4, len as u32);
+        header[at + 8..at + 8 + len].copy_from_slice(b.format.as_bytes());
+        at += 8 + len.next_multiple_of(8);
+    }
+    at += 8; // the end-of-extensions marker: zeros
+    if let Some(b) = backing {
+        put64(&mut header, 8, at as u64);
+        put32(&mut header, 16, b.name.len() as u32);
+        header[at..at + b.name.len()].copy_from_slice(b.name.as_bytes());
+    }
+    let mut table = vec![0u8; cluster as usize];
+    table[..8].copy_from_slice(&refcount_block.to_be_bytes());
+    let mut block = vec![0u8; cluster as usize];
+    for i in 0..clusters as usize {
+        block[i * 2..i * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    let io_err = |error| ImageError::Open {
+        path: path.to_owned(),
+        error,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err)?;
+    let written = (|| -> std::io::Result<()> {
+        file.write_all_at(&header, 0)?;
+        file.write_all_at(&table, refcount_table)?;
+        file.write_all_at(&block, refcount_block)?;
+        file.set_len(l1_table + l1_clusters * cluster)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(io_err(e));
+    }
+    Ok(())
+}
+
 /// Where the clusters nobody wrote come from.
 enum Backing {
     None,

@@ -248,3 +248,73 @@ fn corrupt_and_unsupported_images_are_refused_in_one_line() {
         .to_string();
     assert!(err.contains("shorter than a qcow2 header"), "{err}");
 }
+
+/// Images vessel creates: `qemu-img` checks them clean and reads their
+/// size and backing file; vessel then writes them (over a raw backing
+/// file too) and `qemu-img convert` shows the writes over the backing.
+#[test]
+fn created_images_are_valid_qcow2_and_take_writes() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Plain: 3 GiB (six L2 tables' worth of L1 entries), all zeros.
+    let plain = dir.path().join("plain.qcow2");
+    disk::qcow2::create(&plain, 3 << 30, None).unwrap();
+    check(&plain, false);
+    let info = run(&["info", "--output=json", plain.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 3u64 << 30);
+    let mut image = open(&plain, false);
+    image.write_at(&pattern(8192, 7), (2 << 30) + 512).unwrap();
+    drop(image);
+    check(&plain, false);
+    let mut back = vec![0u8; 8192];
+    open(&plain, true)
+        .read_at(&mut back, (2 << 30) + 512)
+        .unwrap();
+    assert_eq!(back, pattern(8192, 7));
+
+    // Over a raw backing file named relative to the image.
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, pattern(1 << 20, 3)).unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    let backing = disk::qcow2::NewBacking {
+        name: "base.raw".into(),
+        format: "raw".into(),
+    };
+    disk::qcow2::create(&overlay, 1 << 20, Some(&backing)).unwrap();
+    check(&overlay, false);
+    let info = run(&["info", "--output=json", overlay.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], "base.raw");
+    assert_eq!(info["backing-filename-format"], "raw");
+    let mut image = open(&overlay, false);
+    image.write_at(&pattern(4096, 9), 4096).unwrap();
+    drop(image);
+    check(&overlay, false);
+    let mut expected = pattern(1 << 20, 3);
+    expected[4096..8192].copy_from_slice(&pattern(4096, 9));
+    assert!(
+        to_raw(&overlay, dir.path()) == expected,
+        "the overlay over its backing"
+    );
+
+    // Refusals: an existing file, a bad size, a bad backing format.
+    let e = disk::qcow2::create(&overlay, 1 << 20, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overlay.qcow2") && e.contains("exists"), "{e}");
+    let e = disk::qcow2::create(&dir.path().join("odd.qcow2"), 1000, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of 512"), "{e}");
+    let vmdk = disk::qcow2::NewBacking {
+        name: "x".into(),
+        format: "vmdk".into(),
+    };
+    let e = disk::qcow2::create(&dir.path().join("b.qcow2"), 1 << 20, Some(&vmdk))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vmdk"), "{e}");
+}
