@@ -221,7 +221,7 @@ const NEW_CLUSTER_BITS: u32 = 16;
 /// file. Everything reads as zeros (or as the backing file) until written.
 pub fn create(path: &Path, size: u64, backing: Option<&NewBacking>) -> Result<(), ImageError> {
     let cluster = 1u64 << NEW_CLUSTER_BITS;
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         return Err(invalid(
             path,
             format!("a size of {size} bytes: a positive multiple of 512"),
