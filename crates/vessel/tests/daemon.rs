@@ -748,8 +748,18 @@ fn a_supervisor_sent_sigterm_stops_its_instance_gracefully() {
     // A process that records the SIGTERM it gets (as a service would
     // shut down cleanly when the host does).
     d.ok(&["exec", "polite", "--", "sh", "-c",
-        "(trap 'echo graceful > /root/marker; exit 0' TERM; while :; do sleep 1; done) >/dev/null 2>&1 & echo"]);
-    std::thread::sleep(Duration::from_millis(300));
+        "(trap 'echo graceful > /root/marker; exit 0' TERM; touch /root/trapping; while :; do sleep 1; done) >/dev/null 2>&1 & echo"]);
+    // The background shell may not have installed its trap when exec
+    // returns (on a loaded host it can take a while): wait until it says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d
+        .vessel(&["exec", "polite", "--", "test", "-e", "/root/trapping"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the trap was never installed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let dir = d.state().join("instances/polite");
     let pid = supervisor_of(&dir).expect("the supervisor's pid");
     // SAFETY: kill takes no pointers.
