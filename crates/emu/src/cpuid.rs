@@ -103,6 +103,10 @@ fn leaf(function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
     }
 }
 
+/// CPUID.06H:EAX bit 2: the APIC timer runs at a constant rate in every
+/// C-state.
+const LEAF6_EAX_ARAT: u32 = 1 << 2;
+
 /// The CPUID table for vCPU `apic_id` of `num_cpus`.
 pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
     let vendor = b"GenuineIntel";
@@ -145,6 +149,13 @@ pub fn table(apic_id: u32, num_cpus: u32) -> Vec<CpuidEntry> {
                 | leaf1_edx::SSE2
                 | htt,
         ),
+        // Thermal and power management: only ARAT, "the APIC timer always
+        // runs" (the emulated one never stops in a C-state). Without it
+        // Linux must assume the LAPIC timer stops when the CPU idles; with
+        // no broadcast timer to fall back on it then keeps the periodic
+        // tick forever (no NO_HZ idle), and an idle guest wakes its vCPU
+        // HZ times a second.
+        leaf(6, LEAF6_EAX_ARAT, 0, 0, 0),
         // Structured extended features, subleaf 0 (the only one): none of
         // the instruction-set extensions, only the capabilities MSR.
         CpuidEntry {

@@ -37,6 +37,7 @@ pub mod mem;
 pub mod platform;
 pub mod pvclock;
 pub mod state;
+mod sys;
 pub mod vcpu;
 
 pub use exec::{Emulator, Exception, Exit};

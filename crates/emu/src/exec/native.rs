@@ -150,6 +150,24 @@ impl Arena {
         self.full = false;
     }
 
+    /// [`Arena::reset`], and the pages that held stubs go back to the host
+    /// (an idle vCPU keeps no resident code it no longer runs). The
+    /// caller must have dropped every block holding a stub of this arena.
+    pub fn release(&mut self) {
+        const PAGE: usize = 4096;
+        let used = self.used.min(ARENA_BYTES).next_multiple_of(PAGE);
+        self.reset();
+        if used == 0 {
+            return;
+        }
+        // SAFETY: `[base, base + used)` lies inside the private anonymous
+        // mapping; no stub in it can run (no block refers to one), and its
+        // pages read back as zeros until stubs are copied in again.
+        unsafe {
+            libc::madvise(self.base.cast(), used, libc::MADV_DONTNEED);
+        }
+    }
+
     /// Copies `code` (a block's stubs, one write-protect round trip for
     /// all of them) in; its address, or `None` when the arena is full.
     fn add(&mut self, code: &[u8]) -> Option<usize> {
