@@ -9,6 +9,7 @@
 //! so that exec is the same protocol for VMs and containers.
 
 mod init;
+mod power;
 mod session;
 mod sys;
 
@@ -39,6 +40,8 @@ fn main() {
             }
         },
     };
+    // The guest agent also answers the machine's power button.
+    power::watch();
     let listener = match sys::vsock_listen(port) {
         Ok(l) => l,
         Err(e) => {

@@ -51,6 +51,8 @@ extern "C" {
     fn sigprocmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
     fn sigwaitinfo(set: *const SigSet, info: *mut SigInfo) -> c_int;
     fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
+    fn sync();
+    fn reboot(cmd: c_int) -> c_int;
 }
 
 pub const SIGINT: c_int = 2;
@@ -209,4 +211,19 @@ pub fn become_session_leader_on_stdin() -> io::Result<()> {
 pub fn send_signal(pid: i32, signal: i32) -> io::Result<()> {
     // SAFETY: kill(2) takes no pointers.
     check(unsafe { kill(pid, signal) }).map(|_| ())
+}
+
+/// Flushes every file system and powers the machine off (the agent as a
+/// guest's last resort when there is no service manager to ask). Returns
+/// only if the kernel refused.
+pub fn sync_and_power_off() {
+    const RB_POWER_OFF: c_int = 0x4321_fedc;
+    // SAFETY: sync(2) and reboot(2) take no pointers.
+    let refused = unsafe {
+        sync();
+        reboot(RB_POWER_OFF)
+    };
+    if refused != 0 {
+        eprintln!("vessel-agent: powering off: {}", io::Error::last_os_error());
+    }
 }

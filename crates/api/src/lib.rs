@@ -51,6 +51,12 @@ pub struct InstanceConfig {
     /// Memory in bytes: a container's limit, a VM's guest memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<u64>,
+    /// A VM's accelerator: `auto` (the default), `kvm` or `emu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// A VM's root disk size in bytes (at least its image's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u64>,
     /// Start with the daemon after the host boots.
     #[serde(default)]
     pub autostart: bool,

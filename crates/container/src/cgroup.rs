@@ -247,18 +247,39 @@ impl Cgroups {
     /// Creates the groups `limits` needs (plus the v1 devices group, where there is one)
     /// and writes the limits into them.
     pub(crate) fn create(id: &str, limits: &Limits) -> Result<Cgroups> {
-        Self::create_in(&Location::Child(format!("vessel-{id}")), limits, false)
+        Self::create_in(
+            &Location::Child(format!("vessel-{id}")),
+            limits,
+            false,
+            true,
+        )
     }
 
     /// An OCI container's groups at `linux.cgroupsPath`: the same path (relative to each
     /// hierarchy's root) in every hierarchy that has one of the controllers, whether a
     /// limit is set or not, so that `kill --all` and `ps` find every process.
     pub(crate) fn create_at(path: &str, limits: &Limits) -> Result<Cgroups> {
-        Self::create_in(&Location::Absolute(path.to_owned()), limits, true)
+        Self::create_in(&Location::Absolute(path.to_owned()), limits, true, true)
     }
 
-    fn create_in(location: &Location, limits: &Limits, all: bool) -> Result<Cgroups> {
-        let mut needed: Vec<&'static str> = vec!["devices"];
+    /// Groups at `path` for a process that is not a container (a VM's
+    /// VMM): every controller `create_at` takes but devices, since the
+    /// process opens host devices (/dev/kvm, taps) and has no container
+    /// root to police.
+    pub(crate) fn create_unconfined_at(path: &str, limits: &Limits) -> Result<Cgroups> {
+        Self::create_in(&Location::Absolute(path.to_owned()), limits, true, false)
+    }
+
+    fn create_in(
+        location: &Location,
+        limits: &Limits,
+        all: bool,
+        devices: bool,
+    ) -> Result<Cgroups> {
+        let mut needed: Vec<&'static str> = Vec::new();
+        if devices {
+            needed.push("devices");
+        }
         if all || limits.memory.is_some() {
             needed.push("memory");
         }

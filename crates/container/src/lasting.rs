@@ -309,3 +309,12 @@ pub fn exec_agent(pid: libc::pid_t, cgroups: &CgroupPaths) -> Result<libc::pid_t
         None,
     )
 }
+
+/// Cgroups `vessel/<name>` with `limits` for a process that is not a
+/// container (a VM instance's VMM), as a lasting container's: its
+/// supervisor removes them when the instance ends.
+pub fn cgroups_for_process(name: &str, limits: &Limits) -> Result<CgroupPaths> {
+    let cgroups = crate::cgroup::Cgroups::create_unconfined_at(&format!("vessel/{name}"), limits)?;
+    let (groups, parents) = cgroups.keep();
+    Ok(CgroupPaths { groups, parents })
+}

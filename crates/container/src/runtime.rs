@@ -109,6 +109,16 @@ impl CgroupPaths {
         pids
     }
 
+    /// Moves `pid` into every group.
+    pub fn add(&self, pid: libc::pid_t) -> Result<()> {
+        for dir in &self.groups {
+            let procs = dir.join("cgroup.procs");
+            fs::write(&procs, pid.to_string())
+                .map_err(|e| Error::path("joining cgroup", &procs, e))?;
+        }
+        Ok(())
+    }
+
     /// Kills anything left in the groups and removes them (and empty created parents).
     pub fn remove(&self) {
         for dir in self.groups.iter().rev() {

@@ -5,9 +5,9 @@
 //! - `busybox`: a static busybox and its applets (Debian's busybox-static,
 //!   verified against Debian's signed index), built into the default
 //!   guest's data directory, as `vessel run --container` uses.
-//! - `debian/bookworm`: a minimal Debian system built by mmdebstrap from
-//!   Debian's signed packages (apt checks them against the host's Debian
-//!   keyring), under the state directory.
+//! - `debian/bookworm`: a minimal Debian system with systemd built by
+//!   mmdebstrap from Debian's signed packages (apt checks them against the
+//!   host's Debian keyring), under the state directory.
 //!
 //! An image is built in a temporary directory and renamed into place, so a
 //! half-built image is never used; builds are serialized.
@@ -112,8 +112,15 @@ fn build_debian(root: &Path) -> Result<()> {
     }
     let mirror = std::env::var("VESSEL_DEBIAN_MIRROR").ok();
     let mut cmd = Command::new("mmdebstrap");
-    cmd.args(["--quiet", "--variant=minbase", "bookworm"])
-        .arg(&tmp);
+    // systemd and udev: a VM made from the image boots them (a container
+    // runs vessel's own init instead and leaves them unused).
+    cmd.args([
+        "--quiet",
+        "--variant=minbase",
+        "--include=systemd-sysv,udev",
+        "bookworm",
+    ])
+    .arg(&tmp);
     if let Some(m) = mirror.filter(|m| !m.is_empty()) {
         cmd.arg(m);
     }
@@ -137,7 +144,109 @@ fn build_debian(root: &Path) -> Result<()> {
     std::fs::rename(&tmp, root).map_err(|e| fail(format!("{}: {e}", root.display())))
 }
 
-/// Removes image `name`'s root; it is built again when next used.
+/// Whether image `name` can boot as a VM: it has an init system (the
+/// default guest's initramfs hands the machine over to `/sbin/init`).
+pub fn check_vm(name: &str) -> Result<()> {
+    check(name)?;
+    if name == "busybox" {
+        return Err(Error::Refused(
+            "image busybox has no init system to boot as a VM; use --image debian/bookworm".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Where image `name`'s VM disk is (built or not).
+fn vm_disk_path(config: &Config, name: &str) -> PathBuf {
+    config
+        .state_dir
+        .join("images")
+        .join(name.replace('/', "-"))
+        .join("disk.ext4")
+}
+
+/// Image `name` as a VM's disk: its root made into an ext4 file system
+/// (raw, read-only), built from the root once (the root first if need
+/// be). Every VM made from the image has it as the read-only backing
+/// file of its own copy-on-write root disk.
+pub fn vm_disk(config: &Config, name: &str) -> Result<PathBuf> {
+    check_vm(name)?;
+    let root = root(config, name)?;
+    let disk = vm_disk_path(config, name);
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    if disk.is_file() {
+        return Ok(disk);
+    }
+    let fail = |why: String| Error::Refused(format!("image {name} as a VM disk: {why}"));
+    if !root.join("sbin/init").exists() {
+        return Err(fail(format!(
+            "{} has no /sbin/init (an image built by an older vessel: `vessel image rm {name}` and build it again)",
+            root.display()
+        )));
+    }
+    // The root file system's entry: mounted read-write by the kernel
+    // command line already, grown by systemd to a larger disk.
+    std::fs::write(
+        root.join("etc/fstab"),
+        "# vessel: the VM's root disk
+/dev/vda / ext4 rw,x-systemd.growfs 0 1
+",
+    )
+    .map_err(|e| fail(format!("writing its /etc/fstab: {e}")))?;
+    let used = tree_size(&root).map_err(|e| fail(format!("measuring {}: {e}", root.display())))?;
+    // Room for ext4's own structures and the first writes, in whole 64 MiB.
+    let size = (used + used / 4 + (256 << 20)).div_ceil(64 << 20) * (64 << 20);
+    let tmp = disk.with_extension("building");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::File::create(&tmp)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| fail(format!("{}: {e}", tmp.display())))?;
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "root", "-d"])
+        .arg(&root)
+        .arg(&tmp)
+        .output()
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            if e.kind() == std::io::ErrorKind::NotFound {
+                fail("making it needs mkfs.ext4 (apt-get install e2fsprogs)".into())
+            } else {
+                fail(format!("running mkfs.ext4: {e}"))
+            }
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(format!(
+            "mkfs.ext4 failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    // Read-only: the VMs' root disks are written, never their base.
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        .map_err(|e| fail(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &disk).map_err(|e| fail(format!("{}: {e}", disk.display())))?;
+    Ok(disk)
+}
+
+/// The bytes of the regular files under `dir` (not following links).
+fn tree_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            total += tree_size(&entry.path())?;
+        } else if kind.is_file() {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Removes image `name`'s root (and its VM disk); it is built again when
+/// next used. VMs made from it keep their own writes but need the disk
+/// back to start (the same image rebuilt gives them a changed base).
 pub fn remove(config: &Config, name: &str) -> Result<()> {
     check(name)?;
     let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
@@ -145,6 +254,11 @@ pub fn remove(config: &Config, name: &str) -> Result<()> {
     if root.exists() {
         std::fs::remove_dir_all(&root)
             .map_err(|e| Error::Refused(format!("removing image {name}: {e}")))?;
+    }
+    let disk = vm_disk_path(config, name);
+    if disk.exists() {
+        std::fs::remove_file(&disk)
+            .map_err(|e| Error::Refused(format!("removing image {name}'s VM disk: {e}")))?;
     }
     Ok(())
 }

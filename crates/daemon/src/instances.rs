@@ -110,21 +110,82 @@ pub async fn get(daemon: Arc<Daemon>, name: String) -> Result<api::Instance, Api
     blocking(move || view(&daemon, &record(&daemon, &name)?)).await
 }
 
+/// A VM's guest memory when none is asked for.
+pub const DEFAULT_VM_MEMORY: u64 = 256 << 20;
+/// The least guest memory a VM of the default guest boots in.
+const MIN_VM_MEMORY: u64 = 64 << 20;
+/// The most vCPUs a VM may ask for (the machine's limit).
+const MAX_VM_CPUS: u32 = 254;
+/// What a VM's VMM process needs beyond its guest memory (its own heap,
+/// the software vCPU's caches, device buffers): part of its memory
+/// limit and of what admission counts.
+pub const VMM_OVERHEAD: u64 = 64 << 20;
+
+/// A VM's vCPUs (`cpus` is a whole number for VMs).
+fn vm_cpus(config: &InstanceConfig) -> Result<u32, String> {
+    match &config.cpus {
+        None => Ok(1),
+        Some(text) => match text.trim().parse::<u32>() {
+            Ok(n) if (1..=MAX_VM_CPUS).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "cpus {text:?}: a VM's vCPUs, a whole number from 1 to {MAX_VM_CPUS}"
+            )),
+        },
+    }
+}
+
+/// The memory an instance commits: a container's limit (none: nothing
+/// reserved), a VM's guest memory and its VMM's overhead.
+fn committed_memory(config: &InstanceConfig) -> u64 {
+    match config.kind {
+        Kind::Container => config.memory.unwrap_or(0),
+        Kind::Vm => config
+            .memory
+            .unwrap_or(DEFAULT_VM_MEMORY)
+            .saturating_add(VMM_OVERHEAD),
+    }
+}
+
 /// Checks a configuration: the kind, the image, the limits.
 fn check_config(config: &InstanceConfig) -> Result<(), ApiError> {
-    if config.kind == Kind::Vm {
-        return Err(ApiError::bad_request(
-            "VM instances are not run by the daemon yet: it runs containers (use `vessel run` for a VM)",
-        ));
-    }
-    images::check(&config.image).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if let Some(cpus) = &config.cpus {
-        container::parse_cpus(cpus, container::host_cpus())
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    }
-    if let Some(bytes) = config.memory {
-        container::check_memory(bytes, &format!("{bytes}"))
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let bad = |why: String| ApiError::bad_request(why);
+    match config.kind {
+        Kind::Container => {
+            images::check(&config.image).map_err(|e| bad(e.to_string()))?;
+            if config.accel.is_some() || config.disk.is_some() {
+                return Err(bad("accel and disk apply to VMs only".into()));
+            }
+            if let Some(cpus) = &config.cpus {
+                container::parse_cpus(cpus, container::host_cpus())
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+            if let Some(bytes) = config.memory {
+                container::check_memory(bytes, &format!("{bytes}"))
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        Kind::Vm => {
+            images::check_vm(&config.image).map_err(|e| bad(e.to_string()))?;
+            vm_cpus(config).map_err(bad)?;
+            if let Some(accel) = &config.accel {
+                if !["auto", "kvm", "emu"].contains(&accel.as_str()) {
+                    return Err(bad(format!("accel {accel:?}: one of auto, kvm, emu")));
+                }
+            }
+            if let Some(bytes) = config.memory {
+                if bytes < MIN_VM_MEMORY || bytes % (1 << 20) != 0 {
+                    return Err(bad(format!(
+                        "memory {bytes}: a VM needs a whole number of MiB, at least {} MiB",
+                        MIN_VM_MEMORY >> 20
+                    )));
+                }
+            }
+            if let Some(bytes) = config.disk {
+                if bytes == 0 || bytes > 1 << 50 {
+                    return Err(bad(format!("disk {bytes}: from 1 byte to 1 PiB")));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -178,7 +239,10 @@ async fn create_now(daemon: &Arc<Daemon>, request: &CreateRequest) -> Result<(),
         let config = serde_json::to_string(&request.config).map_err(|e| e.to_string())?;
         let inserted = daemon.store().insert(&state::InstanceRecord {
             name: request.name.clone(),
-            kind: "container".into(),
+            kind: match request.config.kind {
+                Kind::Container => "container".into(),
+                Kind::Vm => "vm".into(),
+            },
             config,
             running: false,
             autostart: request.config.autostart,
@@ -209,15 +273,16 @@ fn host_memory() -> u64 {
 /// Refuses a start that would commit more memory than the host has
 /// times the overcommit ratio.
 fn admit(daemon: &Daemon, name: &str, config: &InstanceConfig) -> Result<(), String> {
-    let Some(wanted) = config.memory else {
+    let wanted = committed_memory(config);
+    if wanted == 0 {
         return Ok(());
-    };
+    }
     let records = daemon.store().list().map_err(|e| e.to_string())?;
     let mut committed = 0u64;
     for r in records.iter().filter(|r| r.name != name) {
         if Control::status(&daemon.layout(&r.name)).is_ok() {
             if let Ok(c) = serde_json::from_str::<InstanceConfig>(&r.config) {
-                committed = committed.saturating_add(c.memory.unwrap_or(0));
+                committed = committed.saturating_add(committed_memory(&c));
             }
         }
     }
@@ -264,9 +329,24 @@ fn start_blocking(daemon: &Daemon, name: &str) -> Result<(i32, bool), String> {
     }
     // The image first (a build can take minutes), then admission and the
     // start together, one start at a time.
-    let image_root = images::root(&daemon.config, &config.image).map_err(|e| e.to_string())?;
+    let spec = match config.kind {
+        Kind::Container => container_spec(daemon, name, &config)?,
+        Kind::Vm => vm_spec(daemon, name, &config)?,
+    };
     let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
     admit(daemon, name, &config)?;
+    let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
+    std::fs::write(layout.spec(), json)
+        .map_err(|e| format!("writing {}: {e}", layout.spec().display()))?;
+    spawn_supervisor(&daemon.config.supervisor_program, &layout).map(|pid| (pid, true))
+}
+
+fn container_spec(
+    daemon: &Daemon,
+    name: &str,
+    config: &InstanceConfig,
+) -> Result<supervisor::Spec, String> {
+    let image_root = images::root(&daemon.config, &config.image).map_err(|e| e.to_string())?;
     let cpu = match &config.cpus {
         Some(text) => {
             let limit =
@@ -275,17 +355,52 @@ fn start_blocking(daemon: &Daemon, name: &str) -> Result<(i32, bool), String> {
         }
         None => None,
     };
-    let spec = supervisor::Spec {
+    Ok(supervisor::Spec {
         name: name.to_owned(),
         image_root,
         memory: config.memory,
         cpu,
         agent: daemon.config.state_dir.join(crate::AGENT_FILE),
-    };
-    let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
-    std::fs::write(layout.spec(), json)
-        .map_err(|e| format!("writing {}: {e}", layout.spec().display()))?;
-    spawn_supervisor(&daemon.config.supervisor_program, &layout).map(|pid| (pid, true))
+        vm: None,
+    })
+}
+
+/// A VM boots the default guest's kernel and initramfs on a root disk over
+/// its image's VM disk. Its cgroups hold its guest memory plus the VMM's
+/// overhead, and as much CPU time as it has vCPUs.
+fn vm_spec(
+    daemon: &Daemon,
+    name: &str,
+    config: &InstanceConfig,
+) -> Result<supervisor::Spec, String> {
+    let cpus = vm_cpus(config)?;
+    let base = images::vm_disk(&daemon.config, &config.image).map_err(|e| e.to_string())?;
+    let guest = guest::fetch(&guest::FetchOptions {
+        data_dir: daemon.config.data_dir.clone(),
+        mirror: None,
+        keyring: None,
+        security_mirror: None,
+        progress: false,
+    })
+    .map_err(|e| format!("fetching the default guest: {e}"))?;
+    let memory = config.memory.unwrap_or(DEFAULT_VM_MEMORY);
+    let period_us = 100_000;
+    Ok(supervisor::Spec {
+        name: name.to_owned(),
+        image_root: base.clone(),
+        memory: Some(memory.saturating_add(VMM_OVERHEAD)),
+        cpu: Some((period_us * u64::from(cpus), period_us)),
+        agent: daemon.config.state_dir.join(crate::AGENT_FILE),
+        vm: Some(supervisor::VmSpec {
+            kernel: guest.kernel,
+            initrd: guest.initrd,
+            base,
+            disk_size: config.disk.unwrap_or(0),
+            cpus,
+            memory,
+            accel: config.accel.clone().unwrap_or_else(|| "auto".into()),
+        }),
+    })
 }
 
 /// Starts `PROGRAM supervise DIR` in a process group of its own (a

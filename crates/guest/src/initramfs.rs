@@ -46,6 +46,7 @@ cd /root
 # package: the virtio-mmio transport only when ACPI describes such a device
 # (LNRO0005); it finds the devices, and each one's driver is loaded by device type.
 vessel_modules=/lib/modules/vessel
+vessel_vsock=0
 vessel_load() {
 	for vessel_m in $(cat "$vessel_modules/$1.deps"); do
 		[ -d "/sys/module/$vessel_m" ] || insmod "$vessel_modules/$vessel_m.ko"
@@ -61,11 +62,18 @@ for vessel_dev in /sys/bus/acpi/devices/LNRO0005:*; do
 		0x0004) vessel_load virtio_rng ;;
 		0x0013)
 			vessel_load vmw_vsock_virtio_transport
-			# The host runs commands in the guest through the agent.
-			/sbin/vessel-agent </dev/null &
+			vessel_vsock=1
 			;;
 		esac
 	done
+	break
+done
+# The ACPI power button (PNP0C0C), which the agent reads through evdev: the host's
+# graceful stop.
+for vessel_dev in /sys/bus/acpi/devices/PNP0C0C:*; do
+	[ -e "$vessel_dev" ] || break
+	vessel_load button
+	vessel_load evdev
 	break
 done
 
@@ -98,14 +106,44 @@ if [ -n "$vessel_root" ]; then
 	if mount -o "$vessel_rootmode${vessel_rootflags:+,$vessel_rootflags}" \
 		${vessel_rootfstype:+-t "$vessel_rootfstype"} "$vessel_root" /newroot; then
 		# The new system mounts what it needs itself; /dev moves with it.
-		umount /dev/pts /dev/shm /tmp /run 2>/dev/null
+		umount /dev/pts /dev/shm /tmp 2>/dev/null
 		mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+		# With a vsock device, the new system runs the agent (the host's exec
+		# and power button): the binary and a systemd unit go to /run, which
+		# moves with it (systemd keeps a /run it finds mounted, and reads units
+		# in /run/systemd/system), so nothing is written to the disk.
+		if [ "$vessel_vsock" = 1 ]; then
+			mkdir -p /run/vessel /run/systemd/system/sysinit.target.wants
+			cp /sbin/vessel-agent /run/vessel/vessel-agent
+			cat >/run/systemd/system/vessel-agent.service <<-'EOF'
+			[Unit]
+			Description=vessel guest agent (the host's exec and power button)
+			DefaultDependencies=no
+			After=systemd-remount-fs.service
+			Before=sysinit.target shutdown.target
+			Conflicts=shutdown.target
+
+			[Service]
+			ExecStart=/run/vessel/vessel-agent
+			Restart=always
+			RestartSec=1
+			EOF
+			ln -s ../vessel-agent.service /run/systemd/system/sysinit.target.wants/
+			mount --move /run /newroot/run 2>/dev/null || umount /run
+		else
+			umount /run 2>/dev/null
+		fi
 		umount /sys /proc
 		exec switch_root /newroot "$vessel_init"
 	fi
 	echo "vessel: cannot mount root=$vessel_root" >&2
 	/sbin/vessel-exit-status 1
 	poweroff -f
+fi
+
+# The host runs commands in the guest through the agent.
+if [ "$vessel_vsock" = 1 ]; then
+	/sbin/vessel-agent </dev/null &
 fi
 
 # >>> decode vessel.cmd

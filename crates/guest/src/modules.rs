@@ -15,13 +15,16 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const MODULE_DIR: &str = "lib/modules/vessel";
 
 /// The drivers init may load, by module name: the virtio-mmio transport
-/// and the device drivers for block, network, entropy and vsock.
-pub const DRIVERS: [&str; 5] = [
+/// and the device drivers for block, network, entropy and vsock; the ACPI
+/// power button and the event interface the agent reads it through.
+pub const DRIVERS: [&str; 7] = [
     "virtio_mmio",
     "virtio_blk",
     "virtio_net",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    "button",
+    "evdev",
 ];
 
 /// A module file's name as its module name (`virtio-rng.ko` is module
@@ -177,6 +180,8 @@ pub fn wanted_path(path: &str) -> bool {
             "kernel/drivers/net/net_failover.ko",
             "kernel/net/core/failover.ko",
             "kernel/net/vmw_vsock/",
+            "kernel/drivers/acpi/button.ko",
+            "kernel/drivers/input/evdev.ko",
         ]
         .iter()
         .any(|prefix| inner.starts_with(prefix))
@@ -276,6 +281,8 @@ pub fn fake_package_modules(release: &str) -> Vec<(String, Vec<u8>)> {
             "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
             "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
         ),
+        module("drivers/acpi/button.ko", ""),
+        module("drivers/input/evdev.ko", ""),
     ]
 }
 
@@ -329,8 +336,13 @@ mod tests {
             "vmw_vsock_virtio_transport".to_string(),
             module(b"depends=virtio,vsock,rng_core\0"),
         );
-        let builtin = parse_builtin("kernel/drivers/char/hw_random/rng-core.ko\n");
+        // A driver the kernel has built in is nothing to load.
+        let builtin = parse_builtin(
+            "kernel/drivers/char/hw_random/rng-core.ko\nkernel/drivers/acpi/button.ko\n\
+             kernel/drivers/input/evdev.ko\n",
+        );
         let orders = load_orders(&available, &builtin).unwrap();
+        assert!(orders["button"].is_empty() && orders["evdev"].is_empty());
         assert_eq!(
             orders["virtio_blk"],
             ["virtio_ring", "virtio", "virtio_blk"]
@@ -376,7 +388,7 @@ mod tests {
         let m = GuestModules::from_package(files).unwrap();
         assert_eq!(m.orders.len(), DRIVERS.len());
         assert!(!m.files.contains_key("virtio_mem"));
-        assert_eq!(m.files.len(), 11);
+        assert_eq!(m.files.len(), 13);
         assert!(wanted_path("lib/modules/r/kernel/drivers/virtio/virtio.ko"));
         assert!(wanted_path("lib/modules/r/modules.builtin"));
         assert!(!wanted_path("lib/modules/r/kernel/fs/ext4/ext4.ko"));

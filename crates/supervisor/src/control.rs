@@ -24,10 +24,12 @@ const MAX_REQUEST: u64 = 4096;
 pub enum Request {
     /// Is the instance running, and as which pid.
     Status,
-    /// End the instance: SIGTERM to its init, SIGKILL after `timeout`
-    /// seconds (at once with `force`). Answered once it has ended.
+    /// End the instance: SIGTERM to its init (a VM's VMM, which presses
+    /// the power button), SIGKILL after `timeout` seconds (at once with
+    /// `force`). Answered once it has ended.
     Stop { timeout: u64, force: bool },
-    /// Hand this connection to a new `vessel-agent --stdio` inside.
+    /// Hand this connection to a new `vessel-agent --stdio` inside (a
+    /// container), or to the guest agent (a VM).
     Exec,
     /// Keep this connection open until the instance ends.
     Watch,
@@ -126,6 +128,11 @@ fn answer(shared: &Arc<Shared>, mut conn: UnixStream) -> io::Result<()> {
             stop(shared, timeout, force);
             shared.wait_ended();
             reply(&mut conn, &ok)
+        }
+        Request::Exec if shared.is_vm => {
+            reply(&mut conn, &ok)?;
+            crate::vm::exec(&shared.layout, conn, || shared.has_ended());
+            Ok(())
         }
         Request::Exec => {
             reply(&mut conn, &ok)?;

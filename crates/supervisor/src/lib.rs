@@ -4,17 +4,20 @@
 //! as the daemon, so the daemon can be restarted (or killed) and adopt
 //! its running instances again.
 //!
-//! A supervisor owns one instance directory ([`Layout`]): it mounts the
-//! instance's root in a mount namespace of its own, starts the instance,
+//! A supervisor owns one instance directory ([`Layout`]). For a container
+//! it mounts the instance's root in a mount namespace of its own; for a VM
+//! it runs the VM's VMM process on the instance's root disk (see [`vm`]).
+//! It starts the instance,
 //! keeps its console log (size-capped), answers the daemon on a control
 //! socket ([`Request`]), and when the instance ends, cleans up and exits.
 //! Exec requests hand the daemon's connection to a `vessel-agent
-//! --stdio` started inside the instance, so exec speaks the agent's
-//! protocol on containers as it does on VMs.
+//! --stdio` started inside a container, or relay it to the guest agent of
+//! a VM over vsock, so exec speaks the agent's protocol on both.
 
 mod console;
 mod control;
 mod sys;
+mod vm;
 
 use std::fs;
 use std::io::{self, Write};
@@ -25,6 +28,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub use control::{wait_unsupervised, Control, Reply, Request};
+pub use vm::VmSpec;
 
 /// How large the console log grows before it is rotated (the previous
 /// one is kept as `console.log.1`).
@@ -72,6 +76,9 @@ pub struct Spec {
     /// its init and for exec (one file for every instance, so its pages
     /// are shared).
     pub agent: PathBuf,
+    /// Set for a VM: what it boots (`image_root` is then unused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmSpec>,
 }
 
 /// The files of one instance's directory.
@@ -141,6 +148,8 @@ struct Runtime {
 pub(crate) struct Shared {
     pub(crate) layout: Layout,
     pub(crate) pid: i32,
+    /// A VM's: exec goes to its guest agent.
+    pub(crate) is_vm: bool,
     /// Set once the instance has ended.
     pub(crate) ended: Mutex<bool>,
     pub(crate) ended_signal: Condvar,
@@ -213,18 +222,6 @@ fn start(dir: &Path) -> Result<Running> {
     // The agents exec helpers start outlive the helpers: as their
     // subreaper, this process gets and reaps them.
     sys::become_subreaper().map_err(io_err("becoming a subreaper"))?;
-    // Before any thread: the namespace change is the calling thread's.
-    container::lasting::private_mount_namespace().map_err(container_err)?;
-    container::lasting::OverlayRoot {
-        image: spec.image_root.clone(),
-        upper: layout.upper(),
-        work: layout.work(),
-        merged: layout.rootfs(),
-    }
-    .mount()
-    .map_err(container_err)?;
-
-    let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
     let limits = container::Limits {
         memory: spec.memory,
         cpu: spec.cpu.map(|(quota_us, period_us)| container::CpuLimit {
@@ -233,25 +230,29 @@ fn start(dir: &Path) -> Result<Running> {
         }),
         pids: None,
     };
-    let lasting = container::lasting::LastingSpec {
-        name: spec.name.clone(),
-        root: layout.rootfs(),
-        agent: spec.agent.clone(),
-        limits,
-        exec_fifo: layout.exec_fifo(),
+    let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
+    let (pid, cgroups) = match &spec.vm {
+        Some(vm_spec) => {
+            let cgroups = container::lasting::cgroups_for_process(&spec.name, &limits)
+                .map_err(container_err)?;
+            match vm::start(&layout, &spec.name, vm_spec, &cgroups, &console_write) {
+                Ok(pid) => (pid, cgroups),
+                Err(e) => {
+                    cgroups.remove();
+                    return Err(e);
+                }
+            }
+        }
+        None => {
+            let created = start_container(&layout, &spec, limits, &console_write)?;
+            (created.pid, created.cgroups)
+        }
     };
-    // The init's stdout and stderr are the console pipe: set them for
-    // the create, then give this process its own back.
-    let created = sys::with_stdio(console_write.as_raw_fd(), || {
-        container::lasting::start(&lasting)
-    })
-    .map_err(io_err("redirecting the console"))?
-    .map_err(container_err)?;
     drop(console_write);
 
     let runtime = Runtime {
-        pid: created.pid,
-        cgroups: created.cgroups.groups.clone(),
+        pid,
+        cgroups: cgroups.groups.clone(),
     };
     let json = serde_json::to_vec(&runtime)
         .map_err(|e| Error::Invalid(format!("encoding runtime.json: {e}")))?;
@@ -266,7 +267,8 @@ fn start(dir: &Path) -> Result<Running> {
     console::pump(console_read, layout.console_log(), CONSOLE_LOG_MAX);
     let shared = Arc::new(Shared {
         layout: layout.clone(),
-        pid: created.pid,
+        pid,
+        is_vm: spec.vm.is_some(),
         ended: Mutex::new(false),
         ended_signal: Condvar::new(),
     });
@@ -283,9 +285,43 @@ fn start(dir: &Path) -> Result<Running> {
         .map_err(io_err("starting the signal thread"))?;
     Ok(Running {
         shared,
-        cgroups: created.cgroups,
+        cgroups,
         _lock: lock,
     })
+}
+
+/// Mounts a container's root (overlay over its image, in a mount
+/// namespace of this process's own) and creates its init, whose stdout
+/// and stderr are `console`.
+fn start_container(
+    layout: &Layout,
+    spec: &Spec,
+    limits: container::Limits,
+    console: &OwnedFd,
+) -> Result<container::runtime::Created> {
+    let container_err = |e| Error::Container(spec.name.clone(), e);
+    // Before any thread: the namespace change is the calling thread's.
+    container::lasting::private_mount_namespace().map_err(container_err)?;
+    container::lasting::OverlayRoot {
+        image: spec.image_root.clone(),
+        upper: layout.upper(),
+        work: layout.work(),
+        merged: layout.rootfs(),
+    }
+    .mount()
+    .map_err(container_err)?;
+    let lasting = container::lasting::LastingSpec {
+        name: spec.name.clone(),
+        root: layout.rootfs(),
+        agent: spec.agent.clone(),
+        limits,
+        exec_fifo: layout.exec_fifo(),
+    };
+    // The init's stdout and stderr are the console pipe: set them for
+    // the create, then give this process its own back.
+    sys::with_stdio(console.as_raw_fd(), || container::lasting::start(&lasting))
+        .map_err(io_err("redirecting the console"))?
+        .map_err(container_err)
 }
 
 impl Running {

@@ -1,5 +1,6 @@
 //! The system calls the supervisor needs that std does not wrap.
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -150,4 +151,31 @@ pub fn wait_signal(signals: &[libc::c_int]) -> Option<libc::c_int> {
     let mut sig = 0;
     // SAFETY: a valid set and a valid int to write the signal into.
     (unsafe { libc::sigwait(&set, &mut sig) } == 0).then_some(sig)
+}
+
+/// Makes `command`'s child join the cgroups whose `cgroup.procs` files
+/// are `procs` between fork and exec, so that everything it ever
+/// allocates is charged to them. The child fails to start if it cannot.
+pub fn join_cgroups_before_exec(command: &mut std::process::Command, procs: Vec<CString>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and
+    // makes only async-signal-safe calls (open, write, close) on C strings
+    // made before the fork; "0" names the writing process.
+    unsafe {
+        command.pre_exec(move || {
+            for path in &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
+            }
+            Ok(())
+        });
+    }
 }

@@ -60,6 +60,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         ("--disk", !args.disk.is_empty()),
         ("--rng", args.rng),
         ("--vsock", args.vsock.is_some()),
+        ("--on-sigterm", args.on_sigterm != crate::OnSigtermArg::Stop),
     ];
     if let Some((flag, _)) = vm_only.iter().find(|(_, g)| *g) {
         bail!("{flag} applies to VMs only, not to --container");

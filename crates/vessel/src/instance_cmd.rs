@@ -59,7 +59,7 @@ pub struct NewInstanceArgs {
 #[derive(clap::Args, Debug)]
 pub struct StopArgs {
     name: String,
-    /// Stop at once (SIGKILL to a container's processes).
+    /// Stop at once (SIGKILL to a container's processes or a VM's VMM).
     #[arg(long)]
     force: bool,
     /// Seconds a graceful stop may take before it is forced.
@@ -242,6 +242,12 @@ pub fn new_instance(args: NewInstanceArgs, start: bool) -> Result<ExitCode> {
             image: args.image,
             cpus: args.cpus,
             memory: args.memory.as_deref().map(parse_memory).transpose()?,
+            accel: args.accel,
+            disk: args
+                .disk
+                .as_deref()
+                .map(|text| vmm::config::parse_size(text).with_context(|| format!("--disk {text}")))
+                .transpose()?,
             autostart: args.autostart,
         },
         start,

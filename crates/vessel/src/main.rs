@@ -60,8 +60,8 @@ enum Command {
     Create(instance_cmd::NewInstanceArgs),
     /// Start an instance.
     Start { name: String },
-    /// Stop an instance: gracefully (SIGTERM to a container's init), then by force
-    /// after the timeout.
+    /// Stop an instance: gracefully (SIGTERM to a container's init, a VM's ACPI power
+    /// button), then by force after the timeout.
     Stop(instance_cmd::StopArgs),
     /// Stop an instance, then start it.
     Restart(instance_cmd::StopArgs),
@@ -114,6 +114,14 @@ enum AccelArg {
     Emu,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum OnSigtermArg {
+    /// Tear the VM down.
+    Stop,
+    /// Press the VM's power button.
+    PowerButton,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Accelerator.
@@ -152,6 +160,10 @@ struct RunArgs {
     /// port P reach the socket PATH_P (Firecracker's protocol).
     #[arg(long, value_name = "PATH")]
     vsock: Option<PathBuf>,
+    /// What SIGTERM does to a VM: stop it at once, or press its ACPI power button so
+    /// the guest shuts itself down (each SIGTERM one press; the daemon's graceful stop).
+    #[arg(long, value_enum, default_value = "stop", value_name = "ACTION")]
+    on_sigterm: OnSigtermArg,
     #[command(flatten)]
     container: container_cmd::ContainerArgs,
     /// Command to run in the guest; without it, an interactive shell.
@@ -371,6 +383,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         nics,
         rng: args.rng,
         vsock: args.vsock,
+        on_sigterm: match args.on_sigterm {
+            OnSigtermArg::Stop => vmm::SigtermAction::Stop,
+            OnSigtermArg::PowerButton => vmm::SigtermAction::PowerButton,
+        },
     };
 
     let stdin = libc::STDIN_FILENO;

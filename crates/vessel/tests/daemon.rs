@@ -388,9 +388,16 @@ fn every_verb_refuses_bad_input_with_one_line() {
         &["launch", "web", "--disk", "4G"],
         "--disk applies to VMs only",
     );
+    // VMs: an image without an init system, bad vCPUs, memory, accelerator.
+    d.fails(&["launch", "web", "--vm"], "image busybox has no init system");
+    let vm = ["launch", "web", "--vm", "--image", "debian/bookworm"];
+    d.fails(&[&vm[..], &["--cpus", "0.5"]].concat(), "a whole number");
+    d.fails(&[&vm[..], &["--cpus", "999"]].concat(), "a whole number");
+    d.fails(&[&vm[..], &["--memory", "16M"]].concat(), "at least 64 MiB");
+    d.fails(&[&vm[..], &["--accel", "fast"]].concat(), "one of auto, kvm, emu");
     d.fails(
-        &["launch", "web", "--vm"],
-        "VM instances are not run by the daemon yet",
+        &["launch", "web", "--accel", "emu"],
+        "--accel applies to VMs only",
     );
     // Admission: more memory than the host has.
     d.fails(&["launch", "huge", "--memory", "100000G"], "over the limit");
@@ -697,30 +704,118 @@ fn autostart_instances_start_again_after_a_host_reboot() {
     );
 }
 
+/// Acceptance 1 to 3 of the daemon's issue on one Debian image: a
+/// container and a VM (on the software vCPU here) made from it, exec in
+/// both, files that survive stop, start and a daemon SIGKILL (with the
+/// instances running on, unrestarted), a graceful ACPI stop of the VM in
+/// under 30 s and a forced one at once.
 #[test]
-#[ignore = "builds a Debian root with mmdebstrap from the network"]
-fn a_container_runs_from_the_debian_image() {
-    let Some(d) = Daemon::start() else { return };
-    if Command::new("mmdebstrap")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        testkit::not_run(testkit::prereq::PROGRAM, "mmdebstrap is not installed");
+#[ignore = "builds a Debian root with mmdebstrap from the network, boots it"]
+fn a_container_and_a_vm_run_from_the_debian_image() {
+    let Some(mut d) = Daemon::start() else { return };
+    for tool in ["mmdebstrap", "mkfs.ext4"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            testkit::not_run(testkit::prereq::PROGRAM, format!("{tool} is not installed"));
+            return;
+        }
+    }
+    if !matches!(guest::cached(&guest::default_data_dir()), Ok(Some(_))) {
+        testkit::not_run(testkit::prereq::GUEST, "the default guest is not cached");
         return;
     }
+    // The daemon's data directory gets the cached default guest.
+    std::os::unix::fs::symlink(
+        guest::default_data_dir().join("guest"),
+        d.dir.path().join("data/guest"),
+    )
+    .unwrap();
     let _t = testkit::timed();
     d.ok(&["launch", "web", "--container", "--image", "debian/bookworm"]);
-    let version = d.ok(&["exec", "web", "--", "cat", "/etc/debian_version"]);
-    assert!(version.starts_with("12."), "{version}");
-    d.ok(&["exec", "web", "--", "sh", "-c", "echo kept > /root/file"]);
-    d.ok(&["restart", "web"]);
+    d.ok(&[
+        "launch",
+        "vm1",
+        "--vm",
+        "--accel",
+        "emu",
+        "--image",
+        "debian/bookworm",
+        "--memory",
+        "256M",
+    ]);
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&d.ok(&["list", "--format", "json"])).unwrap();
+    let status = |name: &str| {
+        list.iter()
+            .find(|i| i["name"] == name)
+            .map(|i| i["status"].clone())
+    };
+    assert_eq!(status("web"), Some("running".into()), "{list:?}");
+    assert_eq!(status("vm1"), Some("running".into()), "{list:?}");
+    for name in ["web", "vm1"] {
+        // The VM's first exec waits for its guest agent (the boot).
+        let version = d.ok(&["exec", name, "--", "cat", "/etc/debian_version"]);
+        assert!(version.starts_with("12."), "{name}: {version}");
+        d.ok(&["exec", name, "--", "sh", "-c", "echo kept > /root/file"]);
+    }
+    // The VM is a VM: its own kernel, its own hostname, systemd as PID 1.
+    let uname = d.ok(&["exec", "vm1", "--", "uname", "-r"]);
+    assert!(uname.trim().ends_with("-cloud-amd64"), "{uname}");
+    assert_eq!(d.ok(&["exec", "vm1", "--", "hostname"]).trim(), "vm1");
     assert_eq!(
-        d.ok(&["exec", "web", "--", "cat", "/root/file"]).trim(),
-        "kept"
+        d.ok(&["exec", "vm1", "--", "cat", "/proc/1/comm"]).trim(),
+        "systemd"
     );
-    d.fails(&["image", "rm", "debian/bookworm"], "is used by web");
+    let out = d.vessel(&["exec", "vm1", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+
+    // The daemon dies; the instances do not, and are adopted unrestarted.
+    let pids: Vec<i64> = ["web", "vm1"]
+        .iter()
+        .map(|n| d.instance(n)["pid"].as_i64().unwrap())
+        .collect();
+    d.kill();
+    d.spawn(&[]);
+    for (name, pid) in ["web", "vm1"].iter().zip(&pids) {
+        let info = d.instance(name);
+        assert_eq!(info["status"], "running", "{info}");
+        assert_eq!(info["pid"].as_i64(), Some(*pid), "{name} unrestarted");
+        assert_eq!(
+            d.ok(&["exec", name, "--", "cat", "/root/file"]).trim(),
+            "kept"
+        );
+    }
+
+    // A graceful stop: the ACPI power button, and systemd powers off.
+    let started = Instant::now();
+    d.ok(&["stop", "vm1"]);
+    let took = started.elapsed();
+    let log = d.ok(&["logs", "vm1"]);
+    assert!(
+        log.contains("reboot: Power down"),
+        "the guest powered itself off (took {took:?}):\n{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "a graceful stop took {took:?}"
+    );
+    d.ok(&["restart", "web"]);
+    d.ok(&["start", "vm1"]);
+    for name in ["web", "vm1"] {
+        assert_eq!(
+            d.ok(&["exec", name, "--", "cat", "/root/file"]).trim(),
+            "kept",
+            "{name}'s file after stop and start"
+        );
+    }
+    let started = Instant::now();
+    d.ok(&["stop", "--force", "vm1"]);
+    assert!(started.elapsed() < Duration::from_secs(5), "a forced stop");
+    assert!(leftovers(&d.state(), "vm1").is_empty());
+
+    d.fails(&["image", "rm", "debian/bookworm"], "is used by");
     d.ok(&["rm", "--force", "web"]);
+    d.ok(&["rm", "--force", "vm1"]);
     d.ok(&["image", "rm", "debian/bookworm"]);
     let images: Vec<api::Image> =
         serde_json::from_str(&d.ok(&["image", "list", "--format", "json"])).unwrap();

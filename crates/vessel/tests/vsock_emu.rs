@@ -2,8 +2,9 @@
 //! program reaches the guest agent through the Unix socket of `--vsock`
 //! (Firecracker's `CONNECT <port>`), has it run `cat`, and 1 MiB goes in
 //! through the command's stdin and comes back through its stdout, both
-//! ways through vsock. Then a command's exit status and stderr, and a
-//! command that does not exist.
+//! ways through vsock. Then a command's exit status and stderr, a command
+//! that does not exist, and the power button (SIGTERM with `--on-sigterm
+//! power-button`), which the agent answers by shutting the guest down.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -111,7 +112,9 @@ fn a_host_program_and_the_guest_agent_exchange_a_mib_each_way() {
         .arg("run")
         .arg("--vsock")
         .arg(&path)
-        .args(["--", "sleep", "600"])
+        .args(["--on-sigterm", "power-button"])
+        // The guest's command says when the guest shut it down.
+        .args(["--", "sh", "-c", "trap 'exit 42' TERM; sleep 600 & wait"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -139,6 +142,23 @@ fn a_host_program_and_the_guest_agent_exchange_a_mib_each_way() {
         status < 0,
         "a command that cannot start is an error, got {status}"
     );
-    drop(vm);
-    assert!(!path.exists(), "the socket goes with the VM (on SIGTERM)");
+
+    // SIGTERM presses the power button: the guest agent ends the guest's
+    // processes (the command's trap reports it) and powers off.
+    let mut vm = vm;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(vm.0.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = vm.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest did not shut down on the power button"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(42), "the guest's command saw SIGTERM");
+    assert!(!path.exists(), "the socket goes with the VM");
 }

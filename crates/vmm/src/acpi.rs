@@ -21,6 +21,8 @@
 //!   and its interrupt (edge-triggered, active-high) in `_CRS`, which is how
 //!   Linux's `virtio_mmio` driver finds devices on ACPI machines (as on
 //!   QEMU's microvm) without kernel parameters.
+//!   The power button is a `PNP0C0C` device notified by a Generic Event
+//!   Device (`ACPI0013`) on [`POWER_BUTTON_GSI`], as on QEMU's microvm.
 //! * MADT: the local APIC address, one enabled local APIC per vCPU (APIC ID
 //!   = processor UID = vCPU index), one IOAPIC with ID `num_cpus` and GSI base
 //!   0, the ISA IRQ 0 -> GSI 2 override that the PC timer wiring needs, and
@@ -153,6 +155,11 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
 
 /// The `_HID` under which Linux's virtio_mmio driver binds on ACPI.
 const VIRTIO_MMIO_HID: &str = "LNRO0005";
+/// The Generic Event Device.
+const GED_HID: &str = "ACPI0013";
+/// The GSI of the power button's GED interrupt: ISA IRQ 3 (COM2's, which
+/// this machine does not have; no virtio device is given it).
+pub const POWER_BUTTON_GSI: u32 = 3;
 /// The bytes of a virtio-mmio window the DSDT describes (registers and
 /// configuration space).
 const VIRTIO_MMIO_REGISTERS: u32 = 0x200;
@@ -224,7 +231,28 @@ fn build_dsdt(virtio: &[MmioSlot]) -> Vec<u8> {
         .iter()
         .map(|(name, d)| aml::Device::new(name.as_str().into(), vec![&d.hid, &d.uid, &d.crs]))
         .collect();
-    let mut children: Vec<&dyn Aml> = vec![&com1, &kbd, &rtc];
+    // The power button: a control-method button (PNP0C0C) and a Generic
+    // Event Device (ACPI0013) whose interrupt says "pressed". Linux's GED
+    // driver runs _EVT with the GSI on each interrupt, which notifies the
+    // button (0x80: pressed); the button driver then reports KEY_POWER,
+    // as on QEMU's microvm. A hardware-reduced machine has no fixed power
+    // button, so this is how a guest learns it should shut down.
+    let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let pwrb_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let pwrb = aml::Device::new("PWRB".into(), vec![&pwrb_hid, &pwrb_uid]);
+    let ged_hid = aml::Name::new("_HID".into(), &GED_HID);
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ged_irq = aml::Interrupt::new(true, true, false, false, POWER_BUTTON_GSI);
+    let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let ged_crs = aml::Name::new("_CRS".into(), &ged_crs);
+    let pwrb_path = aml::Path::new("\\_SB_.PWRB");
+    let pressed = 0x80u8;
+    let notify = aml::Notify::new(&pwrb_path, &pressed);
+    let is_button = aml::Equal::new(&aml::Arg(0), &POWER_BUTTON_GSI);
+    let if_button = aml::If::new(&is_button, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&if_button]);
+    let ged = aml::Device::new("GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
+    let mut children: Vec<&dyn Aml> = vec![&com1, &kbd, &rtc, &pwrb, &ged];
     children.extend(virtio_devices.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new("\\_SB_".into(), children);
 
@@ -559,7 +587,19 @@ mod tests {
             .filter(|w| w[..4] == *b"_HID" && w[4] == 0x0c)
             .map(|w| eisa_id(u32::from_le_bytes([w[5], w[6], w[7], w[8]])))
             .collect();
-        assert_eq!(hids, ["PNP0501", "PNP0303", "PNP0B00"]);
+        assert_eq!(hids, ["PNP0501", "PNP0303", "PNP0B00", "PNP0C0C"]);
+        // The GED's _HID is a string, and it has an _EVT method taking one
+        // argument that notifies \_SB_.PWRB with 0x80 when it is the
+        // button's GSI.
+        assert!(d.windows(9).any(|w| w == b"ACPI0013\0"));
+        let evt = d
+            .windows(4)
+            .position(|w| w == b"_EVT")
+            .expect("_EVT in the DSDT");
+        assert_eq!(d[evt + 4], 0x09, "one argument, serialized");
+        let body = &d[evt..];
+        // NotifyOp, \ MultiNamePrefix... or DualNamePrefix _SB_ PWRB, BytePrefix 0x80.
+        assert!(body.windows(13).any(|w| w == b"\x86\\\x2e_SB_PWRB\x0a\x80"));
         // The i8042's two single ports, the RTC's pair.
         assert!(d
             .windows(8)
@@ -577,7 +617,7 @@ mod tests {
             .filter(|w| w[0] == 0x89 && w[1] == 6 && w[2] == 0 && w[4] == 1)
             .map(|w| u32::from_le_bytes([w[5], w[6], w[7], w[8]]))
             .collect();
-        assert_eq!(irqs, [4, 1, 8]);
+        assert_eq!(irqs, [4, 1, 8, POWER_BUTTON_GSI]);
     }
 
     /// Walks the MADT's interrupt controller structures.

@@ -29,6 +29,20 @@ pub struct MachineConfig {
     /// A virtio-vsock device whose host side is the Unix socket at this
     /// path (Firecracker's protocol); the guest is CID 3.
     pub vsock: Option<PathBuf>,
+    /// What SIGTERM to the VMM does.
+    pub on_sigterm: SigtermAction,
+}
+
+/// What SIGTERM to the VMM does (SIGINT and SIGHUP always stop the VM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SigtermAction {
+    /// Tear the VM down at once, as QEMU does.
+    #[default]
+    Stop,
+    /// Press the machine's ACPI power button, so that the guest shuts
+    /// itself down (a supervisor's graceful stop, which SIGKILLs after a
+    /// timeout). Each SIGTERM is one press.
+    PowerButton,
 }
 
 /// One `--net tap[=NAME][,mac=MAC]`.

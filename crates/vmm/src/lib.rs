@@ -10,5 +10,5 @@ pub mod layout;
 pub mod machine;
 mod sys;
 
-pub use config::{MachineConfig, MAX_CPUS};
+pub use config::{MachineConfig, SigtermAction, MAX_CPUS};
 pub use machine::{run, Console, Outcome, StopReason, VmmError};

@@ -14,7 +14,7 @@ use devices::acpi_pm::AcpiPowerDevice;
 use devices::bus::{Bus, BusDevice};
 use devices::exit_status::{ExitStatus, ExitStatusPort};
 use devices::i8042::{self, I8042};
-use devices::interrupt::EventFdLine;
+use devices::interrupt::{EventFdLine, InterruptLine};
 use devices::power::{PowerSignal, VmEvent};
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, Serial};
@@ -22,7 +22,7 @@ use hypervisor::{Hypervisor, Vcpu, VcpuExit, VcpuInterrupter, Vm, VmConfig};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{DiskConfig, DiskFormat, MachineConfig, NicConfig};
+use crate::config::{DiskConfig, DiskFormat, MachineConfig, NicConfig, SigtermAction};
 use crate::layout::MmioSlot;
 use crate::sys::{self, SignalFd};
 use crate::{acpi, boot, layout};
@@ -460,7 +460,12 @@ pub fn run(
         .map_err(hv_err("creating the VM"))?;
     vm.set_memory(&guest.memory)
         .map_err(hv_err("mapping guest memory"))?;
+    let (console_input, console_escape) = (console.input, console.escape);
     let devices = create_devices(vm.as_ref(), config, console.output)?;
+    let power_button = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("power button eventfd"))?;
+    vm.register_irqfd(&power_button, acpi::POWER_BUTTON_GSI)
+        .map_err(hv_err("wiring the power button"))?;
+    let power_button = EventFdLine(power_button);
     let mmio = Bus::new();
     create_virtio_devices(
         vm.as_ref(),
@@ -526,8 +531,8 @@ pub fn run(
         &shared,
         &signals,
         &devices.serial,
-        console.input,
-        console.escape,
+        (console_input, console_escape),
+        (config.on_sigterm, &power_button),
     );
     stop_vcpus(&shared, &interrupters, threads);
     drop(signals);
@@ -557,8 +562,8 @@ fn main_loop(
     shared: &Shared,
     signals: &SignalFd,
     serial: &Mutex<Serial>,
-    input: Option<RawFd>,
-    escape: bool,
+    (input, escape): (Option<RawFd>, bool),
+    (on_sigterm, power_button): (SigtermAction, &dyn InterruptLine),
 ) -> StopReason {
     let mut input = input;
     let mut pending: Vec<u8> = Vec::new();
@@ -592,8 +597,15 @@ fn main_loop(
             Err(e) => return StopReason::Error(format!("waiting for events: {e}")),
         };
         if ready[2] {
-            if let Some(signal) = signals.read_signal() {
-                return StopReason::Signal(signal);
+            match signals.read_signal() {
+                Some(libc::SIGTERM) if on_sigterm == SigtermAction::PowerButton => {
+                    tracing::info!("SIGTERM: pressing the power button");
+                    if let Err(e) = power_button.trigger() {
+                        return StopReason::Error(format!("pressing the power button: {e}"));
+                    }
+                }
+                Some(signal) => return StopReason::Signal(signal),
+                None => {}
             }
         }
         if ready.get(3).copied().unwrap_or(false) {
