@@ -29,6 +29,10 @@ pub const DEFAULT_SOCKET: &str = "/run/vessel/vessel.sock";
 
 /// The protocol name of the exec upgrade.
 pub const EXEC_UPGRADE: &str = "vessel-exec";
+/// The protocol name of the console upgrade: after it, the console's
+/// output comes as raw bytes, and what the client sends is a VM's serial
+/// input (a container's console takes none).
+pub const CONSOLE_UPGRADE: &str = "vessel-console";
 
 /// A VM or a container: the same object with the same verbs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -172,6 +172,29 @@ impl Client {
     /// as a blocking stream that carries the agent protocol, and the bytes
     /// of it already read with the response (an early error frame).
     pub async fn exec(&self, name: &str) -> Result<(std::os::unix::net::UnixStream, Vec<u8>)> {
+        self.upgrade(&format!("/1.0/instances/{name}/exec"), api::EXEC_UPGRADE)
+            .await
+    }
+
+    /// Attaches to instance `name`'s console: the upgraded connection (its
+    /// output in, a VM's serial input out), and the bytes of it already
+    /// read with the response.
+    pub async fn console(&self, name: &str) -> Result<(std::os::unix::net::UnixStream, Vec<u8>)> {
+        self.upgrade(
+            &format!("/1.0/instances/{name}/console"),
+            api::CONSOLE_UPGRADE,
+        )
+        .await
+    }
+
+    /// POSTs an HTTP upgrade to `upgrade_to` at `path`: the upgraded
+    /// connection as a blocking stream, and what was read past the
+    /// response.
+    async fn upgrade(
+        &self,
+        path: &str,
+        upgrade_to: &str,
+    ) -> Result<(std::os::unix::net::UnixStream, Vec<u8>)> {
         let io = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
@@ -179,10 +202,10 @@ impl Client {
         tokio::spawn(conn.with_upgrades());
         let request = Request::builder()
             .method(Method::POST)
-            .uri(format!("/1.0/instances/{name}/exec"))
+            .uri(path)
             .header(hyper::header::HOST, "vessel")
             .header(hyper::header::CONNECTION, "upgrade")
-            .header(hyper::header::UPGRADE, api::EXEC_UPGRADE)
+            .header(hyper::header::UPGRADE, upgrade_to)
             .body(Full::new(Bytes::new()))
             .map_err(protocol)?;
         let response = sender.send_request(request).await.map_err(protocol)?;

@@ -156,13 +156,22 @@ pub fn check_vm(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Where image `name`'s VM disk is (built or not).
-fn vm_disk_path(config: &Config, name: &str) -> PathBuf {
-    config
-        .state_dir
-        .join("images")
-        .join(name.replace('/', "-"))
-        .join("disk.ext4")
+/// The directory of image `name`'s VM disks.
+fn vm_disk_dir(config: &Config, name: &str) -> PathBuf {
+    config.state_dir.join("images").join(name.replace('/', "-"))
+}
+
+/// Names the current VM disk of an image (`disk-<build time>.ext4`). Each
+/// build gets a file name of its own, so an instance's root disk never
+/// finds another build's file system under its backing file's name.
+const CURRENT_DISK: &str = "disk.current";
+
+/// Image `name`'s VM disk, if one is built.
+fn current_vm_disk(config: &Config, name: &str) -> Option<PathBuf> {
+    let dir = vm_disk_dir(config, name);
+    let file = std::fs::read_to_string(dir.join(CURRENT_DISK)).ok()?;
+    let disk = dir.join(file.trim());
+    disk.is_file().then_some(disk)
 }
 
 /// Image `name` as a VM's disk: its root made into an ext4 file system
@@ -172,9 +181,8 @@ fn vm_disk_path(config: &Config, name: &str) -> PathBuf {
 pub fn vm_disk(config: &Config, name: &str) -> Result<PathBuf> {
     check_vm(name)?;
     let root = root(config, name)?;
-    let disk = vm_disk_path(config, name);
     let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-    if disk.is_file() {
+    if let Some(disk) = current_vm_disk(config, name) {
         return Ok(disk);
     }
     let fail = |why: String| Error::Refused(format!("image {name} as a VM disk: {why}"));
@@ -184,49 +192,108 @@ pub fn vm_disk(config: &Config, name: &str) -> Result<PathBuf> {
             root.display()
         )));
     }
-    // The root file system's entry: mounted read-write by the kernel
-    // command line already, grown by systemd to a larger disk.
-    std::fs::write(
-        root.join("etc/fstab"),
-        "# vessel: the VM's root disk
-/dev/vda / ext4 rw,x-systemd.growfs 0 1
-",
-    )
-    .map_err(|e| fail(format!("writing its /etc/fstab: {e}")))?;
+    let dir = vm_disk_dir(config, name);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let file_name = format!("disk-{stamp}.ext4");
+    let disk = dir.join(&file_name);
     let used = tree_size(&root).map_err(|e| fail(format!("measuring {}: {e}", root.display())))?;
     // Room for ext4's own structures and the first writes, in whole 64 MiB.
     let size = (used + used / 4 + (256 << 20)).div_ceil(64 << 20) * (64 << 20);
-    let tmp = disk.with_extension("building");
+    let tmp = dir.join("disk.building");
     let _ = std::fs::remove_file(&tmp);
-    std::fs::File::create(&tmp)
-        .and_then(|f| f.set_len(size))
-        .map_err(|e| fail(format!("{}: {e}", tmp.display())))?;
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "root", "-d"])
-        .arg(&root)
-        .arg(&tmp)
-        .output()
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            if e.kind() == std::io::ErrorKind::NotFound {
-                fail("making it needs mkfs.ext4 (apt-get install e2fsprogs)".into())
-            } else {
-                fail(format!("running mkfs.ext4: {e}"))
-            }
-        })?;
-    if !out.status.success() {
+    let made = make_ext4(&root, &tmp, size, &dir);
+    if let Err(why) = made {
         let _ = std::fs::remove_file(&tmp);
-        return Err(fail(format!(
-            "mkfs.ext4 failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(fail(why));
     }
     // Read-only: the VMs' root disks are written, never their base.
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o444))
         .map_err(|e| fail(format!("{}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, &disk).map_err(|e| fail(format!("{}: {e}", disk.display())))?;
+    let pointer = dir.join("disk.current.new");
+    std::fs::write(&pointer, &file_name)
+        .and_then(|()| std::fs::rename(&pointer, dir.join(CURRENT_DISK)))
+        .map_err(|e| fail(format!("recording {file_name}: {e}")))?;
     Ok(disk)
+}
+
+/// Makes `disk` (`size` bytes) an ext4 file system holding `root`, plus
+/// the VM's own /etc/fstab (written into the file system only: `root` is
+/// also the lower layer of containers' roots, which must not change).
+fn make_ext4(
+    root: &Path,
+    disk: &Path,
+    size: u64,
+    scratch: &Path,
+) -> std::result::Result<(), String> {
+    std::fs::File::create(disk)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| format!("{}: {e}", disk.display()))?;
+    let run = |program: &str, args: &[&std::ffi::OsStr]| -> std::result::Result<String, String> {
+        let out = Command::new(program).args(args).output().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                format!("making it needs {program} (apt-get install e2fsprogs)")
+            } else {
+                format!("running {program}: {e}")
+            }
+        })?;
+        if !out.status.success() {
+            return Err(format!(
+                "{program} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    run(
+        "mkfs.ext4",
+        &[
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-L".as_ref(),
+            "root".as_ref(),
+            "-d".as_ref(),
+            root.as_os_str(),
+            disk.as_os_str(),
+        ],
+    )?;
+    // The root file system's entry: mounted read-write by the kernel
+    // command line already, grown by systemd to a larger disk.
+    let fstab = "# vessel: the VM's root disk\n/dev/vda / ext4 rw,x-systemd.growfs 0 1\n";
+    let fstab_file = scratch.join("fstab.vm");
+    let commands = scratch.join("fstab.debugfs");
+    std::fs::write(&fstab_file, fstab).map_err(|e| format!("{}: {e}", fstab_file.display()))?;
+    std::fs::write(
+        &commands,
+        format!("rm /etc/fstab\nwrite {} /etc/fstab\n", fstab_file.display()),
+    )
+    .map_err(|e| format!("{}: {e}", commands.display()))?;
+    let written = run(
+        "debugfs",
+        &[
+            "-w".as_ref(),
+            "-f".as_ref(),
+            commands.as_os_str(),
+            disk.as_os_str(),
+        ],
+    );
+    let _ = std::fs::remove_file(&commands);
+    let _ = std::fs::remove_file(&fstab_file);
+    written?;
+    // debugfs goes on past a failed command: read the file back.
+    let back = run(
+        "debugfs",
+        &["-R".as_ref(), "cat /etc/fstab".as_ref(), disk.as_os_str()],
+    )?;
+    if back != fstab {
+        return Err(format!(
+            "writing /etc/fstab into the disk: it reads back as {back:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// The bytes of the regular files under `dir` (not following links).
@@ -245,8 +312,7 @@ fn tree_size(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// Removes image `name`'s root (and its VM disk); it is built again when
-/// next used. VMs made from it keep their own writes but need the disk
-/// back to start (the same image rebuilt gives them a changed base).
+/// next used. (The daemon refuses while an instance is made from it.)
 pub fn remove(config: &Config, name: &str) -> Result<()> {
     check(name)?;
     let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
@@ -255,10 +321,17 @@ pub fn remove(config: &Config, name: &str) -> Result<()> {
         std::fs::remove_dir_all(&root)
             .map_err(|e| Error::Refused(format!("removing image {name}: {e}")))?;
     }
-    let disk = vm_disk_path(config, name);
-    if disk.exists() {
-        std::fs::remove_file(&disk)
-            .map_err(|e| Error::Refused(format!("removing image {name}'s VM disk: {e}")))?;
+    let dir = vm_disk_dir(config, name);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let file_name = file_name.to_string_lossy();
+            if file_name.starts_with("disk") {
+                std::fs::remove_file(entry.path()).map_err(|e| {
+                    Error::Refused(format!("removing image {name}'s VM disk {file_name}: {e}"))
+                })?;
+            }
+        }
     }
     Ok(())
 }

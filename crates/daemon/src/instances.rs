@@ -116,10 +116,13 @@ pub const DEFAULT_VM_MEMORY: u64 = 256 << 20;
 const MIN_VM_MEMORY: u64 = 64 << 20;
 /// The most vCPUs a VM may ask for (the machine's limit).
 const MAX_VM_CPUS: u32 = 254;
-/// What a VM's VMM process needs beyond its guest memory (its own heap,
-/// the software vCPU's caches, device buffers): part of its memory
-/// limit and of what admission counts.
-pub const VMM_OVERHEAD: u64 = 64 << 20;
+/// What a VM's VMM process needs beyond its guest memory: its own heap
+/// and device buffers, and per vCPU the software vCPU's decoded code (up
+/// to about 45 MiB) and native stubs (8 MiB). Part of its memory limit
+/// and of what admission counts.
+pub fn vmm_overhead(cpus: u32) -> u64 {
+    (32 << 20) + (64 << 20) * u64::from(cpus)
+}
 
 /// A VM's vCPUs (`cpus` is a whole number for VMs).
 fn vm_cpus(config: &InstanceConfig) -> Result<u32, String> {
@@ -142,7 +145,7 @@ fn committed_memory(config: &InstanceConfig) -> u64 {
         Kind::Vm => config
             .memory
             .unwrap_or(DEFAULT_VM_MEMORY)
-            .saturating_add(VMM_OVERHEAD),
+            .saturating_add(vmm_overhead(vm_cpus(config).unwrap_or(1))),
     }
 }
 
@@ -177,6 +180,14 @@ fn check_config(config: &InstanceConfig) -> Result<(), ApiError> {
                     return Err(bad(format!(
                         "memory {bytes}: a VM needs a whole number of MiB, at least {} MiB",
                         MIN_VM_MEMORY >> 20
+                    )));
+                }
+                let host = host_memory();
+                if bytes > host {
+                    return Err(bad(format!(
+                        "memory {} MiB: more than this host's {} MiB",
+                        bytes >> 20,
+                        host >> 20
                     )));
                 }
             }
@@ -388,7 +399,7 @@ fn vm_spec(
     Ok(supervisor::Spec {
         name: name.to_owned(),
         image_root: base.clone(),
-        memory: Some(memory.saturating_add(VMM_OVERHEAD)),
+        memory: Some(memory.saturating_add(vmm_overhead(cpus))),
         cpu: Some((period_us * u64::from(cpus), period_us)),
         agent: daemon.config.state_dir.join(crate::AGENT_FILE),
         vm: Some(supervisor::VmSpec {
@@ -677,16 +688,18 @@ pub async fn recover(daemon: &Arc<Daemon>) {
     }
 }
 
-/// `POST /1.0/instances/{name}/exec`: the supervisor's connection, now
-/// the agent's, once the instance is known to run.
-pub async fn exec(
+/// `POST /1.0/instances/{name}/exec` and `.../console`: the supervisor's
+/// connection after `request` (then the agent's, or the console's), once
+/// the instance is known to run.
+pub async fn attach(
     daemon: Arc<Daemon>,
     name: String,
+    request: supervisor::Request,
 ) -> Result<std::os::unix::net::UnixStream, ApiError> {
     record(&daemon, &name)?;
     blocking(move || {
         let layout = daemon.layout(&name);
-        match Control::request(&layout, &supervisor::Request::Exec) {
+        match Control::request(&layout, &request) {
             Ok((_, conn)) => Ok(conn),
             Err(supervisor::Error::NotRunning(_)) => {
                 Err(ApiError::conflict(format!("{name} is not running")))

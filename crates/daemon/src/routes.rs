@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/1.0/instances/{name}"),
     ("PUT", "/1.0/instances/{name}/state"),
     ("POST", "/1.0/instances/{name}/exec"),
+    ("POST", "/1.0/instances/{name}/console"),
     ("GET", "/1.0/instances/{name}/logs"),
     ("GET", "/1.0/operations/{id}"),
     ("GET", "/1.0/operations/{id}/wait"),
@@ -136,6 +137,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/1.0/instances/{name}", get(info).delete(delete))
         .route("/1.0/instances/{name}/state", put(change_state))
         .route("/1.0/instances/{name}/exec", post(exec))
+        .route("/1.0/instances/{name}/console", post(console))
         .route("/1.0/instances/{name}/logs", get(logs))
         .route("/1.0/operations/{id}", get(operation))
         .route("/1.0/operations/{id}/wait", get(wait))
@@ -216,18 +218,45 @@ async fn exec(
     Path(name): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    upgrade_to_supervisor(d, name, req, api::EXEC_UPGRADE, supervisor::Request::Exec).await
+}
+
+async fn console(
+    State(d): Shared,
+    Path(name): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    upgrade_to_supervisor(
+        d,
+        name,
+        req,
+        api::CONSOLE_UPGRADE,
+        supervisor::Request::Console,
+    )
+    .await
+}
+
+/// Answers an HTTP upgrade to `protocol` by handing the connection to the
+/// instance's supervisor with `request` (exec, console): bytes are
+/// relayed both ways until either side closes.
+async fn upgrade_to_supervisor(
+    d: std::sync::Arc<crate::Daemon>,
+    name: String,
+    req: Request,
+    protocol: &'static str,
+    request: supervisor::Request,
+) -> Result<Response, ApiError> {
     let upgrade = req
         .headers()
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok());
-    if upgrade != Some(api::EXEC_UPGRADE) {
+    if upgrade != Some(protocol) {
         return Err(ApiError::bad_request(format!(
-            "exec is an HTTP upgrade: send Connection: upgrade and Upgrade: {}",
-            api::EXEC_UPGRADE
+            "this is an HTTP upgrade: send Connection: upgrade and Upgrade: {protocol}"
         )));
     }
     let on_upgrade = hyper::upgrade::on(req);
-    let conn = instances::exec(d, name).await?;
+    let conn = instances::attach(d, name, request).await?;
     conn.set_nonblocking(true).map_err(ApiError::internal)?;
     let mut conn = tokio::net::UnixStream::from_std(conn).map_err(ApiError::internal)?;
     tokio::spawn(async move {
@@ -237,13 +266,13 @@ async fn exec(
                 // Either side closing ends the session.
                 let _ = tokio::io::copy_bidirectional(&mut upgraded, &mut conn).await;
             }
-            Err(e) => tracing::debug!("exec: the client did not upgrade: {e}"),
+            Err(e) => tracing::debug!("{protocol}: the client did not upgrade: {e}"),
         }
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, api::EXEC_UPGRADE)
+        .header(header::UPGRADE, protocol)
         .body(Body::empty())
         .map_err(ApiError::internal)
 }

@@ -33,6 +33,9 @@ pub enum Request {
     Exec,
     /// Keep this connection open until the instance ends.
     Watch,
+    /// Attach this connection to the console: its output, live, and what
+    /// the client sends as a VM's serial input.
+    Console,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,7 +160,34 @@ fn answer(shared: &Arc<Shared>, mut conn: UnixStream) -> io::Result<()> {
             shared.wait_ended();
             Ok(())
         }
+        Request::Console => {
+            reply(&mut conn, &ok)?;
+            attach_console(shared, conn)
+        }
     }
+}
+
+/// Serves one console client until it leaves or the instance ends.
+fn attach_console(shared: &Arc<Shared>, conn: UnixStream) -> io::Result<()> {
+    let output = conn.try_clone()?;
+    let id = shared.console_attached.add(output);
+    let mut input = conn;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // A container's console takes no input: what is typed is dropped.
+        if let Some(serial) = &shared.console_input {
+            let mut serial = serial.lock().unwrap_or_else(|e| e.into_inner());
+            if serial.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    }
+    shared.console_attached.remove(id);
+    Ok(())
 }
 
 /// Ends the instance: SIGKILL with `force`, else SIGTERM to its init

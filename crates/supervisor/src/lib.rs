@@ -150,6 +150,11 @@ pub(crate) struct Shared {
     pub(crate) pid: i32,
     /// A VM's: exec goes to its guest agent.
     pub(crate) is_vm: bool,
+    /// The clients of `vessel console`.
+    pub(crate) console_attached: Arc<console::Attached>,
+    /// What the console's clients type goes here: a VM's serial input
+    /// (containers have none).
+    pub(crate) console_input: Option<Mutex<fs::File>>,
     /// Set once the instance has ended.
     pub(crate) ended: Mutex<bool>,
     pub(crate) ended_signal: Condvar,
@@ -231,12 +236,12 @@ fn start(dir: &Path) -> Result<Running> {
         pids: None,
     };
     let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
-    let (pid, cgroups) = match &spec.vm {
+    let (pid, cgroups, console_input) = match &spec.vm {
         Some(vm_spec) => {
             let cgroups = container::lasting::cgroups_for_process(&spec.name, &limits)
                 .map_err(container_err)?;
             match vm::start(&layout, &spec.name, vm_spec, &cgroups, &console_write) {
-                Ok(pid) => (pid, cgroups),
+                Ok((pid, input)) => (pid, cgroups, Some(fs::File::from(input))),
                 Err(e) => {
                     cgroups.remove();
                     return Err(e);
@@ -245,11 +250,40 @@ fn start(dir: &Path) -> Result<Running> {
         }
         None => {
             let created = start_container(&layout, &spec, limits, &console_write)?;
-            (created.pid, created.cgroups)
+            (created.pid, created.cgroups, None)
         }
     };
     drop(console_write);
 
+    match serve_started(&layout, &spec, pid, &cgroups, console_read, console_input) {
+        Ok(shared) => Ok(Running {
+            shared,
+            cgroups,
+            _lock: lock,
+        }),
+        Err(e) => {
+            // Nothing may outlive a start that failed: not the instance's
+            // process (a VMM would run on unsupervised), nor its cgroups.
+            sys::kill(pid, libc::SIGKILL);
+            sys::reap(pid);
+            cgroups.remove();
+            let _ = fs::remove_file(layout.runtime());
+            Err(e)
+        }
+    }
+}
+
+/// With the instance's process `pid` started: records it for exec
+/// helpers, takes the stop signals, keeps the console, and answers the
+/// control socket.
+fn serve_started(
+    layout: &Layout,
+    spec: &Spec,
+    pid: i32,
+    cgroups: &container::runtime::CgroupPaths,
+    console_read: OwnedFd,
+    console_input: Option<fs::File>,
+) -> Result<Arc<Shared>> {
     let runtime = Runtime {
         pid,
         cgroups: cgroups.groups.clone(),
@@ -264,11 +298,19 @@ fn start(dir: &Path) -> Result<Running> {
     // mask (the container's init, started above, does not).
     let stop_signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
     sys::block_signals(&stop_signals).map_err(io_err("blocking signals"))?;
-    console::pump(console_read, layout.console_log(), CONSOLE_LOG_MAX);
+    let attached = Arc::new(console::Attached::default());
+    console::pump(
+        console_read,
+        layout.console_log(),
+        CONSOLE_LOG_MAX,
+        attached.clone(),
+    );
     let shared = Arc::new(Shared {
         layout: layout.clone(),
         pid,
         is_vm: spec.vm.is_some(),
+        console_attached: attached,
+        console_input: console_input.map(Mutex::new),
         ended: Mutex::new(false),
         ended_signal: Condvar::new(),
     });
@@ -283,11 +325,7 @@ fn start(dir: &Path) -> Result<Running> {
             }
         })
         .map_err(io_err("starting the signal thread"))?;
-    Ok(Running {
-        shared,
-        cgroups,
-        _lock: lock,
-    })
+    Ok(shared)
 }
 
 /// Mounts a container's root (overlay over its image, in a mount

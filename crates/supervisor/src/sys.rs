@@ -153,16 +153,29 @@ pub fn wait_signal(signals: &[libc::c_int]) -> Option<libc::c_int> {
     (unsafe { libc::sigwait(&set, &mut sig) } == 0).then_some(sig)
 }
 
-/// Makes `command`'s child join the cgroups whose `cgroup.procs` files
-/// are `procs` between fork and exec, so that everything it ever
-/// allocates is charged to them. The child fails to start if it cannot.
-pub fn join_cgroups_before_exec(command: &mut std::process::Command, procs: Vec<CString>) {
+/// Makes `command`'s child, between fork and exec, die with this process
+/// (`PR_SET_PDEATHSIG`: a VMM must not run on unsupervised) and join the
+/// cgroups whose `cgroup.procs` files are `procs`, so that everything it
+/// ever allocates is charged to them. The child fails to start if it
+/// cannot. Call from the thread that lives as long as the child should
+/// (the parent-death signal follows the forking thread).
+pub fn confine_before_exec(command: &mut std::process::Command, procs: Vec<CString>) {
     use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the child between fork and exec and
-    // makes only async-signal-safe calls (open, write, close) on C strings
-    // made before the fork; "0" names the writing process.
+    // makes only async-signal-safe calls (prctl, getppid, open, write,
+    // close) on C strings made before the fork, and builds its errors
+    // from error numbers (no allocation); "0" names the writing process.
     unsafe {
         command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor died before the signal was armed.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
             for path in &procs {
                 let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
@@ -178,4 +191,29 @@ pub fn join_cgroups_before_exec(command: &mut std::process::Command, procs: Vec<
             Ok(())
         });
     }
+}
+
+/// Reaps child `pid` (after it was killed).
+pub fn reap(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: `status` is a valid int for waitpid to write.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// Sends what of `bytes` the socket `fd` takes now, without blocking
+/// (only this call: the socket stays blocking for its other users).
+pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is valid for its length; send only reads it.
+    let n = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }

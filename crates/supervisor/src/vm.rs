@@ -70,6 +70,8 @@ fn ensure_root_disk(layout: &Layout, vm: &VmSpec) -> Result<()> {
         format: "raw".into(),
     };
     let partial = layout.dir.join("root.qcow2.new");
+    // Left by a supervisor killed mid-create (the instance's lock is ours).
+    let _ = fs::remove_file(&partial);
     disk::qcow2::create(&partial, size, Some(&backing))
         .map_err(|e| Error::Invalid(format!("making the root disk: {e}")))?;
     fs::rename(&partial, &path).map_err(io_err(format!("renaming {}", partial.display())))
@@ -82,17 +84,19 @@ fn cmdline(name: &str) -> String {
 }
 
 /// Starts the VMM in `cgroups`, its console output (stdout and stderr)
-/// going to `console`. The VMM's pid.
+/// going to `console`. The VMM's pid, and the write end of its serial
+/// console's input (its stdin).
 pub(crate) fn start(
     layout: &Layout,
     name: &str,
     vm: &VmSpec,
     cgroups: &container::runtime::CgroupPaths,
     console: &OwnedFd,
-) -> Result<i32> {
+) -> Result<(i32, OwnedFd)> {
     ensure_root_disk(layout, vm)?;
     let _ = fs::remove_file(layout.vsock());
     let memory_mib = vm.memory.div_ceil(1 << 20);
+    let (input_read, input_write) = sys::pipe().map_err(io_err("making the console input pipe"))?;
     let mut command = Command::new("/proc/self/exe");
     command
         .arg("run")
@@ -115,7 +119,7 @@ pub(crate) fn start(
         .arg("--rng")
         .arg("--on-sigterm")
         .arg("power-button")
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(input_read))
         .stdout(Stdio::from(
             console.try_clone().map_err(io_err("the console pipe"))?,
         ))
@@ -130,14 +134,14 @@ pub(crate) fn start(
         .map(|dir| CString::new(dir.join("cgroup.procs").into_os_string().into_vec()))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|_| Error::Invalid("a cgroup path with a NUL byte".into()))?;
-    sys::join_cgroups_before_exec(&mut command, procs);
+    sys::confine_before_exec(&mut command, procs);
     let child = command.spawn().map_err(io_err(
         "starting the VMM (vessel run) in the instance's cgroups",
     ))?;
     let pid = child.id() as i32;
     // Not waited for here: the main thread reaps every child.
     drop(child);
-    Ok(pid)
+    Ok((pid, input_write))
 }
 
 /// Serves an exec on `conn` (its reply already sent): connects to the

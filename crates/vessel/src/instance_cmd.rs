@@ -2,7 +2,7 @@
 //! (launch, create, start, stop, restart, rm, list, info, exec, logs),
 //! plus the supervisor's hidden entry points.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -382,6 +382,93 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
             ))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Ctrl-a, the first key of the console's detach sequence (Ctrl-a q, as
+/// Incus's console).
+const DETACH_PREFIX: u8 = 0x01;
+
+/// `vessel console NAME`: the console's output to stdout until the
+/// instance ends or the user detaches; stdin to a VM's serial input (raw
+/// on a terminal). At the end of stdin the input side is closed and the
+/// output goes on.
+pub fn console(name: &str) -> Result<ExitCode> {
+    let (stream, early) = runtime()?.block_on(client().console(name))?;
+    let stdin_fd = libc::STDIN_FILENO;
+    let on_terminal = crate::terminal::is_terminal(stdin_fd);
+    let _raw = if on_terminal {
+        eprint!("vessel: attached to the console of {name}; Ctrl-a q detaches\r\n");
+        Some(crate::terminal::RawModeGuard::enter(stdin_fd, false)?)
+    } else {
+        None
+    };
+    let input = stream.try_clone().context("the console connection")?;
+    std::thread::Builder::new()
+        .name("console-input".into())
+        .spawn(move || forward_console_input(input))
+        .context("starting the console's input thread")?;
+    let mut stdout = std::io::stdout();
+    stdout.write_all(&early)?;
+    stdout.flush()?;
+    let mut from = &stream;
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                stdout.write_all(&buf[..n])?;
+                stdout.flush()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The connection shut down by a detach ends like this too.
+            Err(_) => break,
+        }
+    }
+    drop(_raw);
+    if on_terminal {
+        eprintln!("\nvessel: detached from the console of {name}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies stdin to the console until Ctrl-a q (which ends the session)
+/// or the end of stdin (which closes only the input side).
+fn forward_console_input(conn: std::os::unix::net::UnixStream) {
+    let mut stdin = std::io::stdin().lock();
+    let mut to = &conn;
+    let mut buf = [0u8; 1024];
+    let mut armed = false;
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+        };
+        let mut out = Vec::with_capacity(n);
+        for &byte in &buf[..n] {
+            if armed {
+                armed = false;
+                match byte {
+                    b'q' | b'Q' => {
+                        let _ = to.write_all(&out);
+                        let _ = conn.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    DETACH_PREFIX => out.push(DETACH_PREFIX),
+                    other => out.extend_from_slice(&[DETACH_PREFIX, other]),
+                }
+            } else if byte == DETACH_PREFIX {
+                armed = true;
+            } else {
+                out.push(byte);
+            }
+        }
+        if to.write_all(&out).is_err() {
+            return;
+        }
     }
 }
 

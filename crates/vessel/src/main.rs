@@ -75,6 +75,9 @@ enum Command {
     Exec(instance_cmd::ExecArgs),
     /// Print an instance's console log (kept across restarts, size-capped).
     Logs { name: String },
+    /// Attach to an instance's console: a VM's serial console (input and output), a
+    /// container's output. Ctrl-a q detaches; Ctrl-a Ctrl-a sends Ctrl-a.
+    Console { name: String },
     /// Manage the images instances are made from (through the daemon).
     Image {
         #[command(subcommand)]
@@ -200,6 +203,7 @@ fn main() -> ExitCode {
         Command::Info { name } => instance_cmd::info(&name),
         Command::Exec(args) => instance_cmd::exec(args),
         Command::Logs { name } => instance_cmd::logs(&name),
+        Command::Console { name } => instance_cmd::console(&name),
         Command::Image { command } => instance_cmd::image(command),
         Command::Supervise { dir } => instance_cmd::supervise(dir),
         Command::SuperviseExec { dir } => instance_cmd::supervise_exec(dir),

@@ -119,6 +119,58 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Attaches `vessel console NAME`, types `input`, waits (up to 60 s)
+    /// until the output holds `expect`, then detaches with Ctrl-a q, which
+    /// must end it with status 0. The output.
+    fn console(&self, name: &str, input: &[u8], expect: &str) -> String {
+        let mut child = Command::new(VESSEL)
+            .args(["console", name])
+            .env("VESSEL_SOCKET", self.socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let output = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        };
+        // Type the input every few seconds until the expected text shows
+        // (the first may come before the attachment).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        'typing: loop {
+            stdin.write_all(input).unwrap();
+            let retype = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < retype {
+                if String::from_utf8_lossy(&output.lock().unwrap()).contains(expect) {
+                    break 'typing;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{expect:?} never showed on {name}'s console"
+            );
+        }
+        stdin.write_all(b"\x01q").unwrap();
+        let status = child.wait().unwrap();
+        reader.join().unwrap();
+        let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+        assert!(status.success(), "vessel console {name}: {status}\n{out}");
+        out
+    }
+
     /// Runs `vessel ARGS`, which must succeed; its stdout.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.vessel(args);
@@ -389,12 +441,22 @@ fn every_verb_refuses_bad_input_with_one_line() {
         "--disk applies to VMs only",
     );
     // VMs: an image without an init system, bad vCPUs, memory, accelerator.
-    d.fails(&["launch", "web", "--vm"], "image busybox has no init system");
+    d.fails(
+        &["launch", "web", "--vm"],
+        "image busybox has no init system",
+    );
     let vm = ["launch", "web", "--vm", "--image", "debian/bookworm"];
     d.fails(&[&vm[..], &["--cpus", "0.5"]].concat(), "a whole number");
     d.fails(&[&vm[..], &["--cpus", "999"]].concat(), "a whole number");
     d.fails(&[&vm[..], &["--memory", "16M"]].concat(), "at least 64 MiB");
-    d.fails(&[&vm[..], &["--accel", "fast"]].concat(), "one of auto, kvm, emu");
+    d.fails(
+        &[&vm[..], &["--memory", "100000G"]].concat(),
+        "more than this host's",
+    );
+    d.fails(
+        &[&vm[..], &["--accel", "fast"]].concat(),
+        "one of auto, kvm, emu",
+    );
     d.fails(
         &["launch", "web", "--accel", "emu"],
         "--accel applies to VMs only",
@@ -757,6 +819,13 @@ fn a_container_and_a_vm_run_from_the_debian_image() {
         assert!(version.starts_with("12."), "{name}: {version}");
         d.ok(&["exec", name, "--", "sh", "-c", "echo kept > /root/file"]);
     }
+    // The console: the VM's serial getty answers a typed Enter; Ctrl-a q
+    // detaches. A container's console attaches and detaches too.
+    let out = d.console("vm1", b"\r", "login:");
+    assert!(out.contains("vm1 login:"), "{out}");
+    d.console("web", b"", "");
+    d.fails(&["console", "ghost"], "no instance named");
+
     // The VM is a VM: its own kernel, its own hostname, systemd as PID 1.
     let uname = d.ok(&["exec", "vm1", "--", "uname", "-r"]);
     assert!(uname.trim().ends_with("-cloud-amd64"), "{uname}");
