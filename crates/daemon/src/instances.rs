@@ -112,8 +112,10 @@ pub async fn get(daemon: Arc<Daemon>, name: String) -> Result<api::Instance, Api
 
 /// A VM's guest memory when none is asked for.
 pub const DEFAULT_VM_MEMORY: u64 = 256 << 20;
-/// The least guest memory a VM of the default guest boots in.
-const MIN_VM_MEMORY: u64 = 64 << 20;
+/// The least guest memory a Debian VM boots in: Debian's cloud kernel
+/// decompresses into 51.5 MiB above 16 MiB before anything else runs, and
+/// systemd wants room after that.
+const MIN_VM_MEMORY: u64 = 96 << 20;
 /// The most vCPUs a VM may ask for (the machine's limit).
 const MAX_VM_CPUS: u32 = 254;
 /// What a VM's VMM process needs beyond its guest memory: its own heap

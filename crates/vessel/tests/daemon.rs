@@ -448,7 +448,7 @@ fn every_verb_refuses_bad_input_with_one_line() {
     let vm = ["launch", "web", "--vm", "--image", "debian/bookworm"];
     d.fails(&[&vm[..], &["--cpus", "0.5"]].concat(), "a whole number");
     d.fails(&[&vm[..], &["--cpus", "999"]].concat(), "a whole number");
-    d.fails(&[&vm[..], &["--memory", "16M"]].concat(), "at least 64 MiB");
+    d.fails(&[&vm[..], &["--memory", "16M"]].concat(), "at least 96 MiB");
     d.fails(
         &[&vm[..], &["--memory", "100000G"]].concat(),
         "more than this host's",

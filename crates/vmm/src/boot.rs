@@ -61,7 +61,7 @@ pub enum BootError {
     NotAKernel(PathBuf),
     #[error("kernel {path} is not usable: {reason}")]
     KernelInvalid { path: PathBuf, reason: String },
-    #[error("kernel {path} ({size} bytes loaded at {load:#x}) does not fit in {memory_mib} MiB of guest memory")]
+    #[error("kernel {path} ({size} bytes, decompressed at {load:#x}) does not fit in {memory_mib} MiB of guest memory; give the guest more")]
     KernelTooBig {
         path: PathBuf,
         size: u64,
@@ -171,6 +171,14 @@ impl LoadedKernel {
 }
 
 /// Loads the kernel at `path` into `mem`.
+/// Where a bzImage loaded at `load` decompresses itself: at `load`, or
+/// up at its preferred address if that is higher (the decompressor of a
+/// relocatable kernel never goes below `pref_address`).
+fn decompress_base(load: u64, hdr: &setup_header) -> u64 {
+    let pref = hdr.pref_address;
+    load.max(pref)
+}
+
 pub fn load_kernel(
     mem: &GuestRam,
     path: &Path,
@@ -218,14 +226,15 @@ pub fn load_kernel(
                     ),
                 });
             }
-            // The decompressor needs init_size bytes from its load address.
-            let needed_end = result
-                .kernel_load
-                .0
+            // The decompressor needs init_size bytes from where it runs:
+            // its load address, or the kernel's preferred address when that
+            // is higher (a relocatable kernel moves up to it: Debian's to
+            // 16 MiB, needing 51.5 MiB from there).
+            let needed_end = decompress_base(result.kernel_load.0, &hdr)
                 .saturating_add(u64::from(hdr.init_size))
                 .max(result.kernel_end);
             if needed_end > layout::low_ram_end(memory_size) {
-                return Err(too_big(result.kernel_load.0));
+                return Err(too_big(decompress_base(result.kernel_load.0, &hdr)));
             }
             Ok(LoadedKernel {
                 format,
@@ -274,9 +283,10 @@ pub fn place_initrd(
     // The bzImage decompressor works in [load, load + init_size); keep the
     // initrd out of it.
     let kernel_end = match &kernel.setup_header {
-        Some(hdr) => kernel
-            .end
-            .max(layout::HIGH_MEMORY_START + u64::from(hdr.init_size)),
+        Some(hdr) => kernel.end.max(
+            decompress_base(layout::HIGH_MEMORY_START, hdr)
+                .saturating_add(u64::from(hdr.init_size)),
+        ),
         None => kernel.end,
     };
     let too_big = || BootError::InitrdTooBig {
@@ -585,6 +595,24 @@ mod tests {
         let err = load_kernel(&mem, image.path(), 16 * MIB).expect_err("must not fit");
         assert!(matches!(err, BootError::KernelTooBig { .. }), "{err}");
         assert!(err.to_string().contains("does not fit in 16 MiB"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_decompresses_at_its_preferred_address() {
+        // 40 MiB from 1 MiB would fit in 48 MiB; from the preferred 16 MiB
+        // (where a relocatable kernel's decompressor moves) it does not.
+        let image = fake_bzimage(64 * 1024, 40 * MIB as u32, 2047);
+        let mut bytes = std::fs::read(image.path()).unwrap();
+        bytes[0x258..0x260].copy_from_slice(&(16 * MIB).to_le_bytes());
+        std::fs::write(image.path(), &bytes).unwrap();
+        let mem = memory(48 * MIB);
+        let err = load_kernel(&mem, image.path(), 48 * MIB).expect_err("must not fit");
+        assert!(
+            err.to_string().contains("at 0x1000000") && err.to_string().contains("48 MiB"),
+            "{err}"
+        );
+        let mem = memory(64 * MIB);
+        load_kernel(&mem, image.path(), 64 * MIB).expect("16 + 40 MiB fit in 64");
     }
 
     #[test]
