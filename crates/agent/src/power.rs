@@ -18,6 +18,9 @@ const BUTTON_NAME: &str = "Power Button";
 const EVENT_SIZE: usize = 24;
 const EV_KEY: u16 = 1;
 const KEY_POWER: u16 = 116;
+/// How long an init without a service manager gets to power off by
+/// itself after its processes were told to end.
+const INIT_GRACE: Duration = Duration::from_secs(20);
 /// systemd starts poweroff.target on SIGRTMIN+4 (glibc's SIGRTMIN is 34).
 const SYSTEMD_POWEROFF: i32 = 34 + 4;
 
@@ -92,10 +95,13 @@ fn shut_down() {
         }
         return;
     }
-    // No service manager to ask: end everything else, give it a moment,
-    // keep what was written, and power off.
+    // No service manager to ask: end everything else. An init that
+    // powers off when its work ends (the default guest's, once its
+    // command has exited and its status is reported) does so now; if the
+    // machine is still up after a while, keep what was written and power
+    // off here.
     let _ = sys::send_signal(-1, sys::SIGTERM);
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(INIT_GRACE);
     sys::sync_and_power_off();
 }
 

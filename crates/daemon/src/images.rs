@@ -311,11 +311,19 @@ fn tree_size(dir: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Removes image `name`'s root (and its VM disk); it is built again when
-/// next used. (The daemon refuses while an instance is made from it.)
-pub fn remove(config: &Config, name: &str) -> Result<()> {
+/// Removes image `name`'s root (and its VM disk), unless `in_use` (asked
+/// under the lock every image lookup takes) says why not; it is built
+/// again when next used.
+pub fn remove_unless(
+    config: &Config,
+    name: &str,
+    in_use: impl FnOnce() -> Option<String>,
+) -> Result<()> {
     check(name)?;
     let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = in_use() {
+        return Err(Error::Refused(why));
+    }
     let root = root_dir(config, name);
     if root.exists() {
         std::fs::remove_dir_all(&root)

@@ -746,24 +746,37 @@ pub async fn build_image(daemon: Arc<Daemon>, name: String) -> Result<Operation,
 /// `DELETE /1.0/images/{name}`: refused while any instance is made from it.
 pub async fn remove_image(daemon: Arc<Daemon>, name: String) -> Result<Operation, ApiError> {
     images::check(&name).map_err(|e| ApiError::not_found(e.to_string()))?;
-    let records = daemon.store().list().map_err(ApiError::internal)?;
+    if let Some(why) = image_in_use(&daemon, &name).map_err(ApiError::internal)? {
+        return Err(ApiError::conflict(why));
+    }
+    let op = daemon.ops.begin(format!("remove image {name}"), &name);
+    let d = daemon.clone();
+    run_op(daemon, op.id.clone(), async move {
+        blocking(move || {
+            // Checked again under the images' lock, which every start
+            // takes to find its image: no instance made meanwhile loses it.
+            images::remove_unless(&d.config, &name, || {
+                image_in_use(&d, &name).unwrap_or_else(|e| Some(e.to_string()))
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())
+    });
+    Ok(op)
+}
+
+/// Why image `name` may not be removed (the instances made from it).
+fn image_in_use(daemon: &Daemon, name: &str) -> Result<Option<String>, state::StateError> {
+    let records = daemon.store().list()?;
     let users: Vec<String> = records
         .iter()
         .filter(|r| config_of(r).is_ok_and(|c| c.image == name))
         .map(|r| r.name.clone())
         .collect();
-    if !users.is_empty() {
-        return Err(ApiError::conflict(format!(
+    Ok((!users.is_empty()).then(|| {
+        format!(
             "image {name} is used by {}: delete them first",
             users.join(", ")
-        )));
-    }
-    let op = daemon.ops.begin(format!("remove image {name}"), &name);
-    let d = daemon.clone();
-    run_op(daemon, op.id.clone(), async move {
-        blocking(move || images::remove(&d.config, &name))
-            .await
-            .map_err(|e| e.to_string())
-    });
-    Ok(op)
+        )
+    }))
 }

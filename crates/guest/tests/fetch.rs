@@ -57,8 +57,11 @@ fn fetch_builds_and_caches_the_guest() {
         b"\x7fELF",
         "a module file"
     );
+    // The power button's driver and its event interface come too.
+    assert_eq!(get("lib/modules/vessel/button.deps").data, b"button\n");
+    assert_eq!(get("lib/modules/vessel/evdev.deps").data, b"evdev\n");
     let kos = entries.iter().filter(|e| e.name.ends_with(".ko")).count();
-    assert_eq!(kos, 11, "only the modules the drivers need");
+    assert_eq!(kos, 13, "only the modules the drivers need");
     assert_eq!(get("dev/console").mode, 0o020600);
     assert_eq!(get("dev/console").rdev, (5, 1));
     assert_eq!(get("dev/null").mode & S_IFMT, 0o020000);

@@ -114,7 +114,14 @@ fn a_host_program_and_the_guest_agent_exchange_a_mib_each_way() {
         .arg(&path)
         .args(["--on-sigterm", "power-button"])
         // The guest's command says when the guest shut it down.
-        .args(["--", "sh", "-c", "trap 'exit 42' TERM; sleep 600 & wait"])
+        // (No child process: a child would get the same SIGTERM, and the
+        // shell could end with its status before running the trap.)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; touch /tmp/trapping; while :; do read -t 1 line; done",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -144,7 +151,16 @@ fn a_host_program_and_the_guest_agent_exchange_a_mib_each_way() {
     );
 
     // SIGTERM presses the power button: the guest agent ends the guest's
-    // processes (the command's trap reports it) and powers off.
+    // processes (the command's trap reports it) and powers off. The init
+    // starts the agent before the command, so wait for the trap first.
+    let start = Instant::now();
+    while exec(&path, &["test", "-e", "/tmp/trapping"], b"").2 != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest's command never installed its trap"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut vm = vm;
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(vm.0.id() as i32, libc::SIGTERM) };
@@ -159,6 +175,14 @@ fn a_host_program_and_the_guest_agent_exchange_a_mib_each_way() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(42), "the guest's command saw SIGTERM");
+    let mut stderr = String::new();
+    if let Some(mut e) = vm.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "the guest's command saw SIGTERM; stderr: {stderr}"
+    );
     assert!(!path.exists(), "the socket goes with the VM");
 }
