@@ -6,6 +6,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vessel_agent::{Exec, Frame};
@@ -140,6 +141,11 @@ fn run(exec: Exec, mut input: File, out: &Out) -> io::Result<()> {
     }
     // Input from the host, on its own thread: stdin, signals, resizes.
     let group = if exec.tty { pid as i32 } else { -(pid as i32) };
+    // Set once the command has exited (before its Exit frame goes out):
+    // from then on the host's leaving, or a late signal, is not for the
+    // processes it left running in the background on purpose.
+    let exited = Arc::new(AtomicBool::new(false));
+    let exited_seen = exited.clone();
     std::thread::spawn(move || {
         loop {
             match Frame::read(&mut input) {
@@ -162,7 +168,9 @@ fn run(exec: Exec, mut input: File, out: &Out) -> io::Result<()> {
                     }
                 }
                 Ok(Some(Frame::Signal(signal))) => {
-                    let _ = sys::send_signal(group, signal);
+                    if !exited_seen.load(Ordering::SeqCst) {
+                        let _ = sys::send_signal(group, signal);
+                    }
                 }
                 Ok(Some(Frame::Resize { rows, cols })) => {
                     if let Some(fd) = master_fd {
@@ -170,15 +178,19 @@ fn run(exec: Exec, mut input: File, out: &Out) -> io::Result<()> {
                     }
                 }
                 Ok(Some(_)) => {}
-                // The host went away: so does the command.
+                // The host went away while the command ran: so does the
+                // command.
                 Ok(None) | Err(_) => {
-                    let _ = sys::send_signal(group, 9);
+                    if !exited_seen.load(Ordering::SeqCst) {
+                        let _ = sys::send_signal(group, 9);
+                    }
                     return;
                 }
             }
         }
     });
     let status = child.wait()?;
+    exited.store(true, Ordering::SeqCst);
     for reader in readers {
         let _ = reader.join();
     }

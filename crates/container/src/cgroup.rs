@@ -283,7 +283,7 @@ impl Cgroups {
         if all || limits.memory.is_some() {
             needed.push("memory");
         }
-        if all || limits.cpu.is_some() {
+        if all || limits.cpu.is_some() || limits.cpu_shares.is_some() {
             needed.push("cpu");
         }
         if all || limits.pids.is_some() {
@@ -453,6 +453,14 @@ impl Cgroups {
                         }
                     }
                     ("cpu", v2) => {
+                        if let Some(shares) = limits.cpu_shares {
+                            let (name, value) = if v2 {
+                                ("cpu.weight", shares_to_weight(shares))
+                            } else {
+                                ("cpu.shares", shares)
+                            };
+                            write_ctx(&file(name), &value.to_string())?;
+                        }
                         let Some(cpu) = limits.cpu else { continue };
                         if v2 {
                             write_ctx(
@@ -663,5 +671,25 @@ mod tests {
             1
         );
         assert_eq!(oom_kill_count(""), 0);
+    }
+}
+
+/// cgroup v1's CPU shares (2 to 262144, 1024 the default) as v2's weight
+/// (1 to 10000, 100 the default), by the conversion runc and crun use.
+pub(crate) fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + (shares - 2) * 9999 / 262_142
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::shares_to_weight;
+
+    #[test]
+    fn shares_map_onto_weights_as_runc_maps_them() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        assert_eq!(shares_to_weight(0), 1, "clamped");
     }
 }

@@ -75,6 +75,10 @@ pub struct Limits {
     /// Memory in bytes (swap disabled where the kernel lets us).
     pub memory: Option<u64>,
     pub cpu: Option<CpuLimit>,
+    /// CPU weight against other groups when the CPUs are contended, in
+    /// cgroup v1's shares (1024 is the default; v2 gets the equivalent
+    /// `cpu.weight`).
+    pub cpu_shares: Option<u64>,
     /// Maximum number of tasks (processes and threads).
     pub pids: Option<u64>,
 }

@@ -233,6 +233,11 @@ fn start(dir: &Path) -> Result<Running> {
             quota_us,
             period_us,
         }),
+        // The weight follows the quota: an instance of 2 CPUs weighs as
+        // much as two of 1 when CPUs are contended (1024 shares per CPU).
+        cpu_shares: spec.cpu.map(|(quota_us, period_us)| {
+            (1024u64.saturating_mul(quota_us) / period_us.max(1)).max(2)
+        }),
         pids: None,
     };
     let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;

@@ -628,6 +628,11 @@ fn two_busy_containers_keep_to_their_cpu_quota() {
         testkit::not_run(testkit::prereq::CGROUP, "no cgroup v1 cpu hierarchy here");
         return;
     };
+    // The weight follows the quota: half a CPU, half the default shares.
+    for dir in &groups {
+        let shares = std::fs::read_to_string(dir.join("cpu.shares")).unwrap();
+        assert_eq!(shares.trim(), "512", "{}", dir.display());
+    }
     // CPU time of the group's processes, in clock ticks (100 per second).
     let usage = |name: &str| -> u64 {
         let dir = &groups[if name == "busy1" { 0 } else { 1 }];
