@@ -11,6 +11,8 @@
 # (read-only root) does not; so vessel does a little more work per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 runs=${1:-50}
 [ "$(id -u)" = 0 ] || { echo "bench/container.sh: needs root" >&2; exit 1; }
 command -v runc >/dev/null || { echo "bench/container.sh: needs runc (apt-get install runc)" >&2; exit 1; }
@@ -20,11 +22,7 @@ vessel=${VESSEL:-target/release/vessel}
 vessel=$(realpath "$vessel")
 vrunc=$(dirname "$vessel")/vessel-runc
 "$vessel" run --container -- true   # fetches busybox and builds the default root once
-# The data dir, found as vessel finds it (guest::default_data_dir).
-if [ -n "${VESSEL_DATA_DIR:-}" ]; then data=$VESSEL_DATA_DIR
-elif [[ "${XDG_DATA_HOME:-}" == /* ]]; then data=$XDG_DATA_HOME/vessel
-elif [ -n "${HOME:-}" ]; then data=$HOME/.local/share/vessel
-else data=/var/lib/vessel; fi
+data=$(vessel_data_dir)
 root=$data/container/busybox-root
 [ -x "$root/bin/busybox" ] || { echo "bench/container.sh: no busybox root at $root" >&2; exit 1; }
 

@@ -9,51 +9,20 @@
 #   bench/fairness.sh          (needs root and containerd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench/fairness.sh: needs root" >&2; exit 1; }
-for tool in containerd ctr python3; do
-  command -v "$tool" >/dev/null || { echo "bench/fairness.sh: needs $tool" >&2; exit 1; }
-done
-vessel=${VESSEL:-target/release/vessel}
-[ -x "$vessel" ] || cargo build --release -p vessel
-vessel=$(realpath "$vessel")
-"$vessel" run --container -- true   # fetches busybox and builds the default root once
-if [ -n "${VESSEL_DATA_DIR:-}" ]; then data=$VESSEL_DATA_DIR
-elif [[ "${XDG_DATA_HOME:-}" == /* ]]; then data=$XDG_DATA_HOME/vessel
-elif [ -n "${HOME:-}" ]; then data=$HOME/.local/share/vessel
-else data=/var/lib/vessel; fi
-root=$data/container/busybox-root
-
-work=$(mktemp -d /tmp/vessel-fairness.XXXXXX)
-export VESSEL_SOCKET=$work/vessel.sock
-ctr_sock=$work/containerd.sock
-ctr() { command ctr --address "$ctr_sock" --namespace vessel-bench "$@"; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+containers_bench_setup fairness.sh
 names="hog1 hog2 probe"
 cleanup() {
-  for name in $names; do
-    "$vessel" rm --force "$name" >/dev/null 2>&1 || true
-    ctr task kill -s KILL "$name" >/dev/null 2>&1 || true
-  done
-  sleep 1
-  for name in $names; do
-    ctr task delete -f "$name" >/dev/null 2>&1 || true
-    ctr container delete "$name" >/dev/null 2>&1 || true
-  done
-  [ -n "${vd_pid:-}" ] && kill "$vd_pid" 2>/dev/null || true
-  [ -n "${cd_pid:-}" ] && kill "$cd_pid" 2>/dev/null || true
+  # shellcheck disable=SC2086
+  remove_instances $names
+  stop_daemons
   wait 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-"$vessel" daemon --state-dir "$work/state" >"$work/vessel.log" 2>&1 &
-vd_pid=$!
-containerd --address "$ctr_sock" --root "$work/containerd-root" --state "$work/containerd-state" \
-  >"$work/containerd.log" 2>&1 &
-cd_pid=$!
-for _ in $(seq 100); do
-  [ -S "$VESSEL_SOCKET" ] && [ -S "$ctr_sock" ] && break
-  sleep 0.1
-done
+start_daemons "$work"
 
 hog='while :; do :; done'
 # Prints "wait_ns timeslices" of the probing shell after its 300 sleeps.

@@ -13,6 +13,8 @@
 #                                          mmdebstrap, mkfs.ext4, qemu-system-x86_64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 n=${1:-3}
 mem=${2:-96}
 [ "$(id -u)" = 0 ] || { echo "bench/vm_density.sh: needs root" >&2; exit 1; }
@@ -33,15 +35,13 @@ qemu_pids=()
 cleanup() {
   for i in $(seq "$n"); do "$vessel" rm --force "vm$i" >/dev/null 2>&1 || true; done
   for pid in "${qemu_pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  [ -n "${vd_pid:-}" ] && kill "$vd_pid" 2>/dev/null || true
+  stop_daemons
   wait 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-"$vessel" daemon --state-dir "$work/state" >"$work/vessel.log" 2>&1 &
-vd_pid=$!
-for _ in $(seq 100); do [ -S "$VESSEL_SOCKET" ] && break; sleep 0.1; done
+NO_CONTAINERD=1 start_daemons "$work"
 echo "building the debian/bookworm image (mmdebstrap) ..." >&2
 "$vessel" image build debian/bookworm >/dev/null
 

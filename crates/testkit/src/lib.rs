@@ -263,6 +263,24 @@ pub fn have_program(name: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether every program of `names` can be started at all (some, such as
+/// mkfs.ext4, have no `--version` that exits 0); otherwise the first one
+/// missing is reported with [`not_run`] and the caller returns.
+pub fn programs_present(names: &[&str]) -> bool {
+    for name in names {
+        let started = std::process::Command::new(name)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if started.is_err() {
+            not_run(prereq::PROGRAM, format!("{name} is not installed"));
+            return false;
+        }
+    }
+    true
+}
+
 /// Whether `path` is a statically linked 64-bit ELF (no PT_INTERP).
 pub fn is_static_elf(path: &Path) -> bool {
     let Ok(bytes) = fs::read(path) else {

@@ -780,11 +780,8 @@ fn autostart_instances_start_again_after_a_host_reboot() {
 #[ignore = "builds a Debian root with mmdebstrap from the network, boots it"]
 fn a_container_and_a_vm_run_from_the_debian_image() {
     let Some(mut d) = Daemon::start() else { return };
-    for tool in ["mmdebstrap", "mkfs.ext4"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            testkit::not_run(testkit::prereq::PROGRAM, format!("{tool} is not installed"));
-            return;
-        }
+    if !testkit::programs_present(&["mmdebstrap", "mkfs.ext4", "debugfs"]) {
+        return;
     }
     if !matches!(guest::cached(&guest::default_data_dir()), Ok(Some(_))) {
         testkit::not_run(testkit::prereq::GUEST, "the default guest is not cached");

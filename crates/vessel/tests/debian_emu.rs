@@ -15,11 +15,8 @@ fn a_debian_system_on_a_disk_boots_to_multi_user_and_powers_off() {
         testkit::not_run(testkit::prereq::ROOT, "mmdebstrap needs root here");
         return;
     }
-    for tool in ["mmdebstrap", "mkfs.ext4"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            testkit::not_run(testkit::prereq::PROGRAM, format!("{tool} is not installed"));
-            return;
-        }
+    if !testkit::programs_present(&["mmdebstrap", "mkfs.ext4"]) {
+        return;
     }
     if !matches!(guest::cached(&guest::default_data_dir()), Ok(Some(_))) {
         testkit::not_run(testkit::prereq::GUEST, "the default guest is not cached");
