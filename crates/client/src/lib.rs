@@ -89,14 +89,7 @@ impl Client {
             .map_err(protocol)?;
         tokio::spawn(conn);
         let response = sender.send_request(request).await.map_err(protocol)?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(protocol)?
-            .to_bytes();
-        Ok(Answer { status, body })
+        answer(response).await
     }
 
     fn build(method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Request<Full<Bytes>>> {
@@ -210,14 +203,7 @@ impl Client {
             .map_err(protocol)?;
         let response = sender.send_request(request).await.map_err(protocol)?;
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(protocol)?
-                .to_bytes();
-            return Err(api_error(&Answer { status, body }));
+            return Err(api_error(&answer(response).await?));
         }
         let upgraded = hyper::upgrade::on(response).await.map_err(protocol)?;
         let parts = upgraded
@@ -228,6 +214,18 @@ impl Client {
         stream.set_nonblocking(false).map_err(protocol)?;
         Ok((stream, early))
     }
+}
+
+/// A response's status and whole body.
+async fn answer(response: hyper::Response<hyper::body::Incoming>) -> Result<Answer> {
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(protocol)?
+        .to_bytes();
+    Ok(Answer { status, body })
 }
 
 fn api_error(answer: &Answer) -> ClientError {

@@ -171,6 +171,29 @@ impl Daemon {
         out
     }
 
+    /// Leaves `sh -c "{prelude}; {work}"` running in the background in
+    /// `name` (output discarded), and returns once its prelude (a trap,
+    /// say) is in effect: exec returns before a background shell has run
+    /// anything, and on a loaded host it can take a while.
+    fn background(&self, name: &str, prelude: &str, work: &str) {
+        const STARTED: &str = "/root/.background-started";
+        self.ok(&["exec", name, "--", "rm", "-f", STARTED]);
+        let script = format!("({prelude}; touch {STARTED}; {work}) >/dev/null 2>&1 & echo");
+        self.ok(&["exec", name, "--", "sh", "-c", &script]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self
+            .vessel(&["exec", name, "--", "test", "-e", STARTED])
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the background shell in {name} never started"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs `vessel ARGS`, which must succeed; its stdout.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.vessel(args);
@@ -362,14 +385,7 @@ fn a_stop_that_is_ignored_is_forced_after_the_timeout() {
     let Some(d) = Daemon::start() else { return };
     d.ok(&["launch", "stubborn"]);
     // A process that ignores SIGTERM, left running in the background.
-    d.ok(&[
-        "exec",
-        "stubborn",
-        "--",
-        "sh",
-        "-c",
-        "(trap '' TERM HUP; while :; do sleep 1; done) >/dev/null 2>&1 & echo",
-    ]);
+    d.background("stubborn", "trap '' TERM HUP", "while :; do sleep 1; done");
     let started = Instant::now();
     d.ok(&["stop", "--timeout", "2", "stubborn"]);
     let took = started.elapsed();
@@ -385,14 +401,7 @@ fn a_stop_that_is_ignored_is_forced_after_the_timeout() {
 
     // A forced stop does not wait behind a long graceful one.
     d.ok(&["start", "stubborn"]);
-    d.ok(&[
-        "exec",
-        "stubborn",
-        "--",
-        "sh",
-        "-c",
-        "(trap '' TERM HUP; while :; do sleep 1; done) >/dev/null 2>&1 & echo",
-    ]);
+    d.background("stubborn", "trap '' TERM HUP", "while :; do sleep 1; done");
     let graceful = Command::new(VESSEL)
         .args(["stop", "--timeout", "600", "stubborn"])
         .env("VESSEL_SOCKET", d.socket())
@@ -611,14 +620,7 @@ fn two_busy_containers_keep_to_their_cpu_quota() {
     };
     for name in ["busy1", "busy2"] {
         d.ok(&["launch", name, "--cpus", "0.5"]);
-        d.ok(&[
-            "exec",
-            name,
-            "--",
-            "sh",
-            "-c",
-            "(while :; do :; done) >/dev/null 2>&1 & echo",
-        ]);
+        d.background(name, ":", "while :; do :; done");
     }
     let Some(groups) = ["busy1", "busy2"]
         .iter()
@@ -913,19 +915,11 @@ fn a_supervisor_sent_sigterm_stops_its_instance_gracefully() {
     d.ok(&["launch", "polite"]);
     // A process that records the SIGTERM it gets (as a service would
     // shut down cleanly when the host does).
-    d.ok(&["exec", "polite", "--", "sh", "-c",
-        "(trap 'echo graceful > /root/marker; exit 0' TERM; touch /root/trapping; while :; do sleep 1; done) >/dev/null 2>&1 & echo"]);
-    // The background shell may not have installed its trap when exec
-    // returns (on a loaded host it can take a while): wait until it says so.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !d
-        .vessel(&["exec", "polite", "--", "test", "-e", "/root/trapping"])
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "the trap was never installed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.background(
+        "polite",
+        "trap 'echo graceful > /root/marker; exit 0' TERM",
+        "while :; do sleep 1; done",
+    );
     let dir = d.state().join("instances/polite");
     let pid = supervisor_of(&dir).expect("the supervisor's pid");
     // SAFETY: kill takes no pointers.
