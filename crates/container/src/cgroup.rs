@@ -94,9 +94,13 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
         let controllers = if v2 {
             Vec::new()
         } else {
+            // Named hierarchies (`name=systemd`) count as controllers of that name,
+            // as /proc/self/cgroup lists them.
             super_opts
                 .split(',')
-                .filter(|o| !o.contains('=') && *o != "rw" && *o != "ro")
+                .filter(|o| {
+                    (!o.contains('=') || o.starts_with("name=")) && *o != "rw" && *o != "ro"
+                })
                 .map(str::to_owned)
                 .collect()
         };
@@ -233,6 +237,8 @@ pub(crate) struct Cgroups {
     parents: Vec<PathBuf>,
     /// Whether the devices controller restricts the container (v1 only).
     pub devices_restricted: bool,
+    /// An OCI container's: the kernel's swap defaults stay, as under runc.
+    oci: bool,
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
@@ -255,11 +261,18 @@ impl Cgroups {
         )
     }
 
-    /// An OCI container's groups at `linux.cgroupsPath`: the same path (relative to each
-    /// hierarchy's root) in every hierarchy that has one of the controllers, whether a
-    /// limit is set or not, so that `kill --all` and `ps` find every process.
+    /// An OCI container's groups at `linux.cgroupsPath` in every hierarchy the host has,
+    /// whether a limit is set there or not, so that `kill --all` and `ps` find every
+    /// process and the container sees its own group everywhere (as under runc). An
+    /// absolute path is taken from each hierarchy's root; a relative one from this
+    /// process's own group, as runc takes it.
     pub(crate) fn create_at(path: &str, limits: &Limits) -> Result<Cgroups> {
-        Self::create_in(&Location::Absolute(path.to_owned()), limits, true, true)
+        let location = if path.starts_with('/') {
+            Location::Absolute(path.to_owned())
+        } else {
+            Location::Child(path.to_owned())
+        };
+        Self::create_in(&location, limits, true, true)
     }
 
     /// Groups at `path` for a process that is not a container (a VM's
@@ -290,7 +303,13 @@ impl Cgroups {
             needed.push("pids");
         }
         if all {
-            needed.push("freezer");
+            needed.extend(OTHER_HIERARCHIES);
+        }
+        for setting in &limits.settings {
+            setting.validate()?;
+            if !needed.contains(&setting.controller()) {
+                needed.push(setting.controller());
+            }
         }
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
@@ -298,7 +317,16 @@ impl Cgroups {
             .map_err(|e| Error::io("reading /proc/self/cgroup", e))?;
         let mounts = parse_mountinfo(&mountinfo);
         let memberships = parse_proc_cgroup(&proc_cgroup);
-        let v2_available = v2_controllers(&mounts, &memberships);
+        let has_v1_controllers = mounts
+            .iter()
+            .any(|m| !m.v2 && m.controllers.iter().any(|c| !c.starts_with("name=")));
+        // An OCI container on a v1 or hybrid host uses the v1 hierarchies alone, as
+        // runc does there; its v2 group (below) only holds the processes.
+        let v2_available = if all && has_v1_controllers {
+            Vec::new()
+        } else {
+            v2_controllers(&mounts, &memberships)
+        };
         let (placements, missing) = place(&mounts, &memberships, &v2_available, &needed);
         for controller in missing {
             // On v2, devices are policed by eBPF programs, which this increment does not
@@ -314,14 +342,30 @@ impl Cgroups {
                     "{flag}: this host has no usable {controller} cgroup controller"
                 )));
             }
+            // runc fails the same way.
+            if let Some(setting) = limits
+                .settings
+                .iter()
+                .find(|s| s.controller() == controller)
+            {
+                return Err(Error::Invalid(format!(
+                    "{}: cannot set it: this host has no {controller} cgroup controller",
+                    setting.field()
+                )));
+            }
         }
         let mut placements = placements;
-        if all && placements.is_empty() {
-            // A pure v2 host without delegated controllers: one plain group still holds
-            // the processes.
+        if all && !placements.iter().any(|p| p.v2) {
+            // A v2 hierarchy without the controllers (a hybrid host's, or a pure v2
+            // host's without delegation): a plain group there still holds the
+            // processes.
             if let Some(mount) = mounts.iter().find(|m| m.v2) {
+                let own = memberships
+                    .iter()
+                    .find(|m| m.controllers.is_empty())
+                    .map_or("/", |m| m.path.as_str());
                 placements.push(Placement {
-                    parent: mount.mountpoint.clone(),
+                    parent: group_dir(mount, own),
                     v2: true,
                     controllers: Vec::new(),
                 });
@@ -329,9 +373,13 @@ impl Cgroups {
         }
 
         let mut cgroups = Cgroups::default();
+        cgroups.oci = all;
         for placement in placements {
             let (dir, v2_root) = match location {
-                Location::Child(name) => (placement.parent.join(name), None),
+                Location::Child(name) => (
+                    placement.parent.join(name.trim_start_matches('/')),
+                    Some(placement.parent.clone()),
+                ),
                 Location::Absolute(path) => {
                     let mount = mounts
                         .iter()
@@ -349,10 +397,7 @@ impl Cgroups {
                 let mut ancestors: Vec<&Path> = dir
                     .ancestors()
                     .skip(1)
-                    .take_while(|a| match &v2_root {
-                        Some(root) => a.starts_with(root),
-                        None => *a == placement.parent,
-                    })
+                    .take_while(|a| v2_root.as_ref().is_some_and(|root| a.starts_with(root)))
                     .collect();
                 ancestors.reverse();
                 for ancestor in ancestors {
@@ -384,6 +429,9 @@ impl Cgroups {
                 for ancestor in missing.into_iter().rev() {
                     fs::create_dir(&ancestor)
                         .map_err(|e| Error::path("creating cgroup", &ancestor, e))?;
+                    if placement.controllers.contains(&"cpuset") {
+                        inherit_cpuset(&ancestor)?;
+                    }
                     cgroups.parents.push(ancestor);
                 }
             }
@@ -400,6 +448,9 @@ impl Cgroups {
                     }
                 }
                 Err(e) => return Err(Error::path("creating cgroup", &dir, e)),
+            }
+            if !placement.v2 && placement.controllers.contains(&"cpuset") {
+                inherit_cpuset(&dir)?;
             }
             cgroups.groups.push(Group {
                 dir,
@@ -441,6 +492,9 @@ impl Cgroups {
                                 "--memory: the kernel refused a limit of {bytes} bytes ({e})"
                             ))
                         })?;
+                        if self.oci {
+                            continue;
+                        }
                         // No swapping past the limit: the container is held to it. Best
                         // effort, as either file may be absent or read-only.
                         let (swap_file, swap_value) = if v2 {
@@ -484,6 +538,29 @@ impl Cgroups {
             if group.controllers.contains(&"devices") && !group.v2 {
                 self.devices_restricted = true;
             }
+        }
+        for setting in &limits.settings {
+            let controller = setting.controller();
+            // Placed by create_in, or it failed there.
+            let Some(group) = self
+                .groups
+                .iter()
+                .find(|g| g.controllers.contains(&controller))
+            else {
+                continue;
+            };
+            let Some(w) = setting.write_for(&group.dir, group.v2)? else {
+                continue;
+            };
+            let path = group.dir.join(&w.file);
+            write(&path, &w.value).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: writing {:?} to {}: {e}",
+                    setting.field(),
+                    w.value,
+                    path.display()
+                ))
+            })?;
         }
         Ok(())
     }
@@ -570,9 +647,42 @@ pub(crate) fn remove_parents(parents: &[PathBuf]) {
     }
 }
 
+/// The v1 hierarchies an OCI container joins besides those of its limits (runc's list),
+/// where the host has them.
+const OTHER_HIERARCHIES: &[&str] = &[
+    "freezer",
+    "cpuset",
+    "cpuacct",
+    "blkio",
+    "hugetlb",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "rdma",
+    "misc",
+    "name=systemd",
+];
+
+/// A new v1 cpuset group has no CPUs and no memory nodes, and takes no task until it
+/// has: it gets its parent's, as under runc.
+fn inherit_cpuset(dir: &Path) -> Result<()> {
+    let Some(parent) = dir.parent() else {
+        return Ok(());
+    };
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let own = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if own.trim().is_empty() {
+            let inherited = fs::read_to_string(parent.join(file))
+                .map_err(|e| Error::path("reading", &parent.join(file), e))?;
+            write_ctx(&dir.join(file), inherited.trim())?;
+        }
+    }
+    Ok(())
+}
+
 /// Where a container's group goes in each hierarchy.
 enum Location {
-    /// A child of this process's own group.
+    /// A path below this process's own group.
     Child(String),
     /// A path from the hierarchy's root (OCI `cgroupsPath`).
     Absolute(String),

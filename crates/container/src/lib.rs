@@ -26,6 +26,7 @@ mod child;
 mod error;
 pub mod lasting;
 mod plan;
+pub mod resources;
 pub mod rootfs;
 mod run;
 pub mod runtime;
@@ -81,6 +82,8 @@ pub struct Limits {
     pub cpu_shares: Option<u64>,
     /// Maximum number of tasks (processes and threads).
     pub pids: Option<u64>,
+    /// The rest of an OCI `linux.resources`, written after the above.
+    pub settings: Vec<resources::Setting>,
 }
 
 /// One container run.

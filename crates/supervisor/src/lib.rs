@@ -239,6 +239,7 @@ fn start(dir: &Path) -> Result<Running> {
             (1024u64.saturating_mul(quota_us) / period_us.max(1)).max(2)
         }),
         pids: None,
+        settings: Vec::new(),
     };
     let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
     let (pid, cgroups, console_input) = match &spec.vm {

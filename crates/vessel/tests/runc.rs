@@ -69,20 +69,26 @@ fn host_state(root: &Path) -> BTreeSet<String> {
     state
 }
 
-/// A bundle whose config.json is runc's default spec, edited by the test.
+/// A bundle whose config.json is runc's default spec, edited by the test, and the
+/// runtime that runs it.
 struct Bundle {
     dir: tempfile::TempDir,
     root: PathBuf,
+    runtime: &'static str,
 }
 
 impl Bundle {
     fn new(env: &Env, args: &[&str]) -> Bundle {
+        Bundle::for_runtime(env, args, RUNC)
+    }
+
+    fn for_runtime(env: &Env, args: &[&str], runtime: &'static str) -> Bundle {
         let dir = tempfile::Builder::new()
             .prefix("vessel-runc-test")
             .tempdir()
             .unwrap();
         let root = dir.path().join("state");
-        let b = Bundle { dir, root };
+        let b = Bundle { dir, root, runtime };
         b.write_config(&default_config(&env.rootfs, args));
         b
     }
@@ -103,7 +109,7 @@ impl Bundle {
         let log = self.path().join("log.json");
         let out_path = self.path().join("stdout");
         let err_path = self.path().join("stderr");
-        let status = Command::new(RUNC)
+        let status = Command::new(self.runtime)
             .arg("--root")
             .arg(&self.root)
             .arg("--log")
@@ -137,6 +143,16 @@ impl Bundle {
         let out = self.runc(&["state", id]);
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Bundle {
+    /// A test that failed half-way leaves no container behind for the next.
+    fn drop(&mut self) {
+        let out = self.runc(&["list", "--quiet"]);
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = self.runc(&["delete", "--force", id]);
+        }
     }
 }
 
@@ -539,4 +555,314 @@ fn ctr_run_with_vessel_runc() {
             "no cgroup left"
         );
     }
+}
+
+// The OCI features below run under vessel-runc and, as the reference, under runc where
+// it is installed: each check holds for both, or the test says where vessel-runc
+// deliberately differs.
+
+/// vessel-runc, then runc where it is installed (Debian's runc package).
+fn runtimes() -> Vec<&'static str> {
+    let mut list = vec![RUNC];
+    if have("runc") {
+        list.push("runc");
+    } else {
+        testkit::not_run(
+            testkit::prereq::PROGRAM,
+            "runc is not installed (apt-get install runc): the reference half is not run",
+        );
+    }
+    list
+}
+
+/// The runtime's name for messages.
+fn name(runtime: &str) -> &str {
+    if runtime == RUNC {
+        "vessel-runc"
+    } else {
+        runtime
+    }
+}
+
+/// The whole disk holding `/` as major:minor (a throttle needs a whole disk).
+fn root_disk() -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata("/").ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let disk = if sys.join("partition").exists() {
+        sys.join("..")
+    } else {
+        sys
+    };
+    let text = fs::read_to_string(disk.join("dev")).ok()?;
+    let (major, minor) = text.trim().split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The group of `pid` in each hierarchy, from the host's view: (controllers, path).
+fn groups_of(pid: i32) -> Vec<(String, String)> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _ = parts.next()?;
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn cgroup_resources_are_written_as_runc_writes_them() {
+    let Some(env) = env() else { return };
+    let bps = root_disk().map(
+        |(major, minor)| serde_json::json!([{"major": major, "minor": minor, "rate": 1048576}]),
+    );
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let b = Bundle::for_runtime(&env, &["sleep", "1000"], runtime);
+        let before = host_state(&b.root);
+        let mut config = default_config(&env.rootfs, &["sleep", "1000"]);
+        config["linux"]["cgroupsPath"] = "/vessel-runc-test".into();
+        config["linux"]["resources"] = serde_json::json!({
+            "cpu": {"cpus": "0", "mems": "0", "shares": 512},
+            "memory": {"limit": 67108864, "reservation": 33554432, "swap": 134217728,
+                       "swappiness": 10, "disableOOMKiller": true},
+            "pids": {"limit": 50},
+            "blockIO": {"weight": 300, "throttleReadBpsDevice": bps.clone().unwrap_or_default()}
+        });
+        b.write_config(&config);
+        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "res"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let pid = b.state("res")["pid"].as_i64().unwrap() as i32;
+        let read = |hierarchy: &str, file: &str| {
+            let path = Path::new("/sys/fs/cgroup")
+                .join(hierarchy)
+                .join("vessel-runc-test")
+                .join(file);
+            fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{who}: {}: {e}", path.display()))
+                .trim()
+                .to_owned()
+        };
+        let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+        if v1 {
+            assert_eq!(read("cpuset", "cpuset.cpus"), "0", "{who}");
+            assert_eq!(read("cpuset", "cpuset.mems"), "0", "{who}");
+            assert_eq!(read("cpu", "cpu.shares"), "512", "{who}");
+            assert_eq!(read("memory", "memory.limit_in_bytes"), "67108864", "{who}");
+            assert_eq!(
+                read("memory", "memory.soft_limit_in_bytes"),
+                "33554432",
+                "{who}"
+            );
+            if Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists() {
+                assert_eq!(
+                    read("memory", "memory.memsw.limit_in_bytes"),
+                    "134217728",
+                    "{who}"
+                );
+            }
+            assert_eq!(read("memory", "memory.swappiness"), "10", "{who}");
+            assert!(
+                read("memory", "memory.oom_control").contains("oom_kill_disable 1"),
+                "{who}"
+            );
+            assert_eq!(read("pids", "pids.max"), "50", "{who}");
+            let weight = ["blkio.bfq.weight", "blkio.weight"]
+                .iter()
+                .map(|f| Path::new("/sys/fs/cgroup/blkio/vessel-runc-test").join(f))
+                .find(|p| p.exists())
+                .map(|p| fs::read_to_string(p).unwrap());
+            if let Some(weight) = weight {
+                // BFQ's file lists the default weight first.
+                assert!(
+                    weight
+                        .lines()
+                        .any(|l| l.split_whitespace().last() == Some("300")),
+                    "{who}: {weight}"
+                );
+            }
+            if let Some((major, minor)) = root_disk() {
+                assert_eq!(
+                    read("blkio", "blkio.throttle.read_bps_device"),
+                    format!("{major}:{minor} 1048576"),
+                    "{who}"
+                );
+            }
+        } else {
+            testkit::not_run(
+                testkit::prereq::CGROUP,
+                "the host has no cgroup v1 memory hierarchy: the v1 files are not checked",
+            );
+        }
+        // The init joined a group at the path in every hierarchy the host has.
+        for (controllers, path) in groups_of(pid) {
+            assert_eq!(path, "/vessel-runc-test", "{who}: {controllers}");
+        }
+        // Seen from inside: the CPUs the container may use.
+        let out = b.runc(&[
+            "exec",
+            "res",
+            "grep",
+            "Cpus_allowed_list",
+            "/proc/self/status",
+        ]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .last(),
+            Some("0"),
+            "{who}"
+        );
+        let out = b.runc(&["delete", "--force", "res"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        assert_eq!(host_state(&b.root), before, "{who}: nothing left");
+    }
+}
+
+#[test]
+fn a_relative_cgroups_path_is_below_the_runtimes_own_group() {
+    let Some(env) = env() else { return };
+    let own = groups_of(std::process::id() as i32);
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let b = Bundle::for_runtime(&env, &["sleep", "1000"], runtime);
+        let mut config = default_config(&env.rootfs, &["sleep", "1000"]);
+        config["linux"]["cgroupsPath"] = "vessel-runc-test-rel".into();
+        b.write_config(&config);
+        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "rel"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let pid = b.state("rel")["pid"].as_i64().unwrap() as i32;
+        let theirs = groups_of(pid);
+        for (controllers, path) in &theirs {
+            let base = &own.iter().find(|(c, _)| c == controllers).unwrap().1;
+            assert_eq!(
+                Path::new(path),
+                Path::new(base).join("vessel-runc-test-rel"),
+                "{who}: {controllers}"
+            );
+        }
+        let out = b.runc(&["delete", "--force", "rel"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for (controllers, path) in theirs {
+            let Some(mount) = mounts.lines().find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let mountpoint = left.split(' ').nth(4)?;
+                let opts = right.split(' ').nth(2)?;
+                let matches = if controllers.is_empty() {
+                    right.starts_with("cgroup2 ")
+                } else {
+                    right.starts_with("cgroup ")
+                        && controllers
+                            .split(',')
+                            .all(|c| opts.split(',').any(|o| o == c))
+                };
+                matches.then(|| mountpoint.to_owned())
+            }) else {
+                continue;
+            };
+            let dir = Path::new(&mount).join(path.trim_start_matches('/'));
+            assert!(!dir.exists(), "{who}: {} is left", dir.display());
+        }
+    }
+}
+
+#[test]
+fn settings_for_controllers_the_host_lacks_fail_as_under_runc() {
+    let Some(env) = env() else { return };
+    let cases = [
+        (
+            "net_cls",
+            serde_json::json!({"network": {"classID": 1048577}}),
+        ),
+        (
+            "hugetlb",
+            serde_json::json!({"hugepageLimits": [{"pageSize": "2MB", "limit": 4194304}]}),
+        ),
+    ];
+    for (controller, resources) in cases {
+        if Path::new("/sys/fs/cgroup").join(controller).exists() {
+            eprintln!("the host has {controller}: its failure case is not run");
+            continue;
+        }
+        for runtime in runtimes() {
+            let who = name(runtime);
+            let b = Bundle::for_runtime(&env, &["true"], runtime);
+            let before = host_state(&b.root);
+            let mut config = default_config(&env.rootfs, &["true"]);
+            config["linux"]["cgroupsPath"] = "/vessel-runc-test".into();
+            config["linux"]["resources"] = resources.clone();
+            b.write_config(&config);
+            let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "lack"]);
+            assert!(!out.status.success(), "{who}: {}", text(&out));
+            let errors = b.log_errors();
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e["msg"].as_str().unwrap_or("").contains(controller)),
+                "{who}: {errors:?}"
+            );
+            let _ = b.runc(&["delete", "--force", "lack"]);
+            assert_eq!(host_state(&b.root), before, "{who}: nothing left");
+        }
+    }
+}
+
+#[test]
+fn bad_resource_values_are_refused() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let before = host_state(&b.root);
+    for (resources, needle) in [
+        (
+            serde_json::json!({"cpu": {"cpus": "0\n1"}}),
+            "linux.resources.cpu.cpus",
+        ),
+        (
+            serde_json::json!({"hugepageLimits": [{"pageSize": "../../x", "limit": 1}]}),
+            "hugepageLimits",
+        ),
+        (
+            serde_json::json!({"network": {"priorities": [{"name": "lo 1\neth0", "priority": 2}]}}),
+            "network.priorities",
+        ),
+        (
+            serde_json::json!({"memory": {"swappiness": 200}}),
+            "swappiness",
+        ),
+    ] {
+        let mut config = default_config(&env.rootfs, &["true"]);
+        config["linux"]["resources"] = resources;
+        b.write_config(&config);
+        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "bad"]);
+        assert!(!out.status.success(), "{needle}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{needle}: {}",
+            text(&out)
+        );
+        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+    }
+}
+
+#[test]
+fn an_unknown_capability_is_an_error() {
+    // runc 1.1 ignores it with a warning; the runtime spec says a value that cannot be
+    // mapped to the kernel MUST be an error, and vessel-runc follows the spec.
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let mut config = default_config(&env.rootfs, &["true"]);
+    config["process"]["capabilities"]["bounding"] = serde_json::json!(["CAP_KILL", "CAP_NOPE"]);
+    b.write_config(&config);
+    let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "cap"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CAP_NOPE"),
+        "{}",
+        text(&out)
+    );
 }

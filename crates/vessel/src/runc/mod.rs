@@ -616,11 +616,9 @@ fn exec(
     console_socket: Option<&Path>,
 ) -> Result<ExitCode> {
     let state = State::load(root, id)?;
-    if state.status() != Status::Running {
-        bail!(
-            "cannot exec in a container that is not running ({})",
-            state.status()
-        );
+    // As runc: a created container's init has its namespaces and cgroups already.
+    if state.status() == Status::Stopped {
+        bail!("cannot exec in a stopped container");
     }
     let bundle = PathBuf::from(&state.bundle);
     let oci = spec::load(&bundle)?;

@@ -3,14 +3,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use container::resources::{Setting, Throttle};
 use container::runtime::{
     capability_number, is_clean_container_path, InitSpec, MountSpec, NamespaceSpec, ProcessSpec,
 };
 use container::seccomp::{Action, ArgCmp, ArgOp, Profile, Programs, SyscallRule};
 use container::CapSets;
 use oci_spec::runtime::{
-    Arch, LinuxNamespaceType, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator,
-    PosixRlimitType, Process, Spec,
+    Arch, LinuxNamespaceType, LinuxResources, LinuxSeccomp, LinuxSeccompAction,
+    LinuxSeccompOperator, PosixRlimitType, Process, Spec,
 };
 
 /// Reads and parses `<bundle>/config.json`.
@@ -222,27 +223,10 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
         }
         Ok(paths)
     };
-    let mut limits = container::Limits::default();
-    if let Some(res) = linux.resources() {
-        if let Some(limit) = res.memory().as_ref().and_then(|m| m.limit()) {
-            if limit > 0 {
-                limits.memory = Some(limit as u64);
-            }
-        }
-        if let Some(cpu) = res.cpu() {
-            if let Some(quota) = cpu.quota().filter(|q| *q > 0) {
-                limits.cpu = Some(container::CpuLimit {
-                    quota_us: quota as u64,
-                    period_us: cpu.period().unwrap_or(container::CPU_PERIOD_US),
-                });
-            }
-        }
-        if let Some(pids) = res.pids() {
-            if pids.limit() > 0 {
-                limits.pids = Some(pids.limit() as u64);
-            }
-        }
-    }
+    let limits = match linux.resources() {
+        Some(res) => limits(res)?,
+        None => container::Limits::default(),
+    };
     let cgroups_path = match linux.cgroups_path() {
         Some(p) => {
             let s = p.to_string_lossy().into_owned();
@@ -257,7 +241,8 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
             }
             s
         }
-        None => format!("/{id}"),
+        // runc's default: a group named after the container below its own.
+        None => id.to_owned(),
     };
     let seccomp = match linux.seccomp() {
         Some(s) => seccomp(s)?,
@@ -300,4 +285,126 @@ pub fn rootfs_path(spec: &Spec, bundle: &Path) -> PathBuf {
             }
         })
         .unwrap_or_default()
+}
+
+/// `linux.resources` as cgroup limits and settings. Kernel memory limits are ignored
+/// with a warning, as runc 1.1 does: the kernel deprecated them.
+pub fn limits(res: &LinuxResources) -> Result<container::Limits> {
+    let mut limits = container::Limits::default();
+    let mut settings = Vec::new();
+    if let Some(memory) = res.memory() {
+        let limit = memory.limit().filter(|l| *l > 0);
+        limits.memory = limit.map(|l| l as u64);
+        if let Some(bytes) = memory.reservation() {
+            settings.push(Setting::MemoryReservation(bytes));
+        }
+        if let Some(total) = memory.swap() {
+            if total != 0 {
+                settings.push(Setting::MemorySwap {
+                    total,
+                    memory: limit,
+                });
+            }
+        }
+        if memory.kernel().is_some() || memory.kernel_tcp().is_some() {
+            eprintln!("vessel-runc: warning: kernel memory settings are ignored (the kernel deprecated them)");
+        }
+        if let Some(value) = memory.swappiness() {
+            settings.push(Setting::MemorySwappiness(value));
+        }
+        if memory.disable_oom_killer() == Some(true) {
+            settings.push(Setting::DisableOomKiller);
+        }
+    }
+    if let Some(cpu) = res.cpu() {
+        if let Some(quota) = cpu.quota().filter(|q| *q > 0) {
+            limits.cpu = Some(container::CpuLimit {
+                quota_us: quota as u64,
+                period_us: cpu.period().unwrap_or(container::CPU_PERIOD_US),
+            });
+        }
+        limits.cpu_shares = cpu.shares().filter(|s| *s > 0);
+        if let Some(cpus) = cpu.cpus().as_ref().filter(|c| !c.is_empty()) {
+            settings.push(Setting::CpusetCpus(cpus.clone()));
+        }
+        if let Some(mems) = cpu.mems().as_ref().filter(|m| !m.is_empty()) {
+            settings.push(Setting::CpusetMems(mems.clone()));
+        }
+        if let Some(idle) = cpu.idle() {
+            settings.push(Setting::CpuIdle(idle));
+        }
+        if let Some(us) = cpu.realtime_period().filter(|p| *p > 0) {
+            settings.push(Setting::CpuRealtimePeriod(us));
+        }
+        if let Some(us) = cpu.realtime_runtime().filter(|r| *r != 0) {
+            settings.push(Setting::CpuRealtimeRuntime(us));
+        }
+    }
+    if let Some(pids) = res.pids() {
+        if pids.limit() > 0 {
+            limits.pids = Some(pids.limit() as u64);
+        }
+    }
+    if let Some(blkio) = res.block_io() {
+        if let Some(weight) = blkio.weight().filter(|w| *w > 0) {
+            settings.push(Setting::BlkioWeight(weight));
+        }
+        if let Some(weight) = blkio.leaf_weight().filter(|w| *w > 0) {
+            settings.push(Setting::BlkioLeafWeight(weight));
+        }
+        for device in blkio.weight_device().iter().flatten() {
+            let (major, minor) = (device.major(), device.minor());
+            if let Some(weight) = device.weight() {
+                settings.push(Setting::BlkioWeightDevice {
+                    major,
+                    minor,
+                    weight,
+                });
+            }
+            if let Some(weight) = device.leaf_weight() {
+                settings.push(Setting::BlkioLeafWeightDevice {
+                    major,
+                    minor,
+                    weight,
+                });
+            }
+        }
+        for (throttle, devices) in [
+            (Throttle::ReadBps, blkio.throttle_read_bps_device()),
+            (Throttle::WriteBps, blkio.throttle_write_bps_device()),
+            (Throttle::ReadIops, blkio.throttle_read_iops_device()),
+            (Throttle::WriteIops, blkio.throttle_write_iops_device()),
+        ] {
+            for device in devices.iter().flatten() {
+                settings.push(Setting::BlkioThrottle {
+                    throttle,
+                    major: device.major(),
+                    minor: device.minor(),
+                    rate: device.rate(),
+                });
+            }
+        }
+    }
+    if let Some(network) = res.network() {
+        if let Some(id) = network.class_id().filter(|id| *id != 0) {
+            settings.push(Setting::NetClsClassid(id));
+        }
+        for prio in network.priorities().iter().flatten() {
+            settings.push(Setting::NetPrio {
+                interface: prio.name().clone(),
+                priority: prio.priority(),
+            });
+        }
+    }
+    for page in res.hugepage_limits().iter().flatten() {
+        settings.push(Setting::Hugetlb {
+            page_size: page.page_size().clone(),
+            limit: page.limit(),
+        });
+    }
+    for setting in &settings {
+        setting.validate()?;
+    }
+    limits.settings = settings;
+    Ok(limits)
 }
