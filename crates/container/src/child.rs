@@ -46,12 +46,15 @@ pub(crate) enum Step {
     ExecFifo,
     /// Not a failure: an OCI init is set up and waits for `start` on its exec FIFO.
     Ready,
+    /// Not a failure: the root is mounted and the child waits, before pivot_root, for
+    /// the creator to run its hooks and send one more byte.
+    BeforePivot,
 }
 
 impl Step {
     pub(crate) fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 24] = [
+        const ALL: [Step; 25] = [
             WaitParent,
             DeathSignal,
             CgroupNamespace,
@@ -76,6 +79,7 @@ impl Step {
             Seccomp,
             ExecFifo,
             Ready,
+            BeforePivot,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -221,29 +225,37 @@ fn setup_and_exec(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -
     }
 }
 
-fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<(), Failure> {
-    // Wait until the parent has moved us into the cgroups, so that everything from here
-    // on (including the cgroup namespace's root) is the container's.
+/// Blocks until the parent writes one byte on the sync pipe (`index` tells the waits
+/// apart in a failure).
+fn wait_parent(sync_read: RawFd, index: u32) -> Result<(), Failure> {
     let mut byte = 0u8;
     loop {
         // SAFETY: reading one byte into a stack variable.
-        let n = unsafe { libc::read(fds.sync_read, (&mut byte as *mut u8).cast(), 1) };
+        let n = unsafe { libc::read(sync_read, (&mut byte as *mut u8).cast(), 1) };
         match n {
-            1 => break,
+            1 => return Ok(()),
             0 => {
                 return Err(Failure {
                     step: Step::WaitParent,
-                    index: 0,
+                    index,
                     errno: libc::EPIPE,
                 })
             }
             _ if errno() == libc::EINTR => continue,
-            _ => return Err(fail(Step::WaitParent, 0)),
+            _ => return Err(fail(Step::WaitParent, index as usize)),
         }
     }
+}
+
+fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<(), Failure> {
+    // Wait until the parent has moved us into the cgroups, so that everything from here
+    // on (including the cgroup namespace's root) is the container's.
+    wait_parent(fds.sync_read, 0)?;
     // SAFETY: plain syscalls on integers.
     unsafe {
-        libc::close(fds.sync_read);
+        if !plan.pause_before_pivot {
+            libc::close(fds.sync_read);
+        }
         if plan.pdeathsig {
             // If vessel dies (even by SIGKILL), PID 1 dies, and with it the whole namespace.
             check(
@@ -304,6 +316,22 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
                 index: i as u32,
                 errno: e,
             })?;
+        }
+        if plan.pause_before_pivot {
+            let paused = Failure {
+                step: Step::BeforePivot,
+                index: 0,
+                errno: 0,
+            }
+            .encode();
+            // SAFETY: writing a stack buffer to our end of the error pipe.
+            let n = unsafe { libc::write(fds.error_write, paused.as_ptr().cast(), paused.len()) };
+            if n != paused.len() as isize {
+                return Err(fail(Step::WaitParent, 1));
+            }
+            wait_parent(fds.sync_read, 1)?;
+            // SAFETY: closing our own descriptor.
+            unsafe { libc::close(fds.sync_read) };
         }
         pivot(plan)?;
         for (i, op) in plan.post_pivot.iter().enumerate() {

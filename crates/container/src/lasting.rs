@@ -239,6 +239,7 @@ pub fn start(spec: &LastingSpec) -> Result<runtime::Created> {
     let created = runtime::create(
         &init,
         CreateOptions {
+            before_pivot: None,
             exec_fifo: spec.exec_fifo.clone(),
             console_socket: None,
             die_with_parent: true,

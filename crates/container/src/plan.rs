@@ -220,6 +220,9 @@ pub(crate) struct Plan {
     pub pre_pivot: Vec<Op>,
     /// The mount point that becomes `/`.
     pub new_root: CString,
+    /// Report [`crate::child::Step::BeforePivot`] and wait for the parent before
+    /// pivot_root (an OCI create with hooks to run there).
+    pub pause_before_pivot: bool,
     /// After pivot_root, with container paths.
     pub post_pivot: Vec<Op>,
     /// Namespaces to join (descriptors opened by the parent) before anything else.
@@ -471,6 +474,7 @@ pub(crate) fn build(
         root_propagation: libc::MS_REC | libc::MS_PRIVATE,
         pre_pivot: pre,
         new_root: path_cstr(&merged)?,
+        pause_before_pivot: false,
         post_pivot: post,
         join: Vec::new(),
         cgroup_ns: true,

@@ -128,14 +128,19 @@ impl CgroupPaths {
     }
 }
 
+/// Runs in the creator while the init waits before pivot_root, given the init's pid:
+/// its namespaces exist and its root is mounted. An error fails the create.
+pub type BeforePivot<'a> = &'a mut dyn FnMut(libc::pid_t) -> Result<()>;
+
 /// How to create: where the exec FIFO is, and the console socket (a connected unix
 /// socket the pty master goes to, runc's `--console-socket` protocol).
-#[derive(Debug)]
-pub struct CreateOptions {
+pub struct CreateOptions<'a> {
     pub exec_fifo: PathBuf,
     pub console_socket: Option<OwnedFd>,
     /// Kill the init if the creating process dies (`run` without `--detach`).
     pub die_with_parent: bool,
+    /// The OCI hooks of the create, where the spec puts them.
+    pub before_pivot: Option<BeforePivot<'a>>,
 }
 
 /// The result of `create`.
@@ -519,6 +524,7 @@ fn process_plan(process: &ProcessSpec, seccomp: &Programs) -> Result<Plan> {
         root_propagation: libc::MS_REC | libc::MS_PRIVATE,
         pre_pivot: Vec::new(),
         new_root: cstr("/")?,
+        pause_before_pivot: false,
         post_pivot: Vec::new(),
         join: Vec::new(),
         cgroup_ns: false,
@@ -583,7 +589,7 @@ fn open_namespace(path: &Path) -> Result<OwnedFd> {
 
 /// Creates the container: its cgroups, then its init process in new namespaces, set up
 /// and blocked on the exec FIFO. On error nothing is left behind.
-pub fn create(spec: &InitSpec, options: CreateOptions) -> Result<Created> {
+pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     let root = fs::canonicalize(&spec.root).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::Invalid(format!(
@@ -694,6 +700,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions) -> Result<Created> {
     plan.loopback_up = clone_flags & libc::CLONE_NEWNET != 0
         && !join.iter().any(|(_, k)| *k == libc::CLONE_NEWNET);
     plan.exec_fifo = Some(path_cstr(&options.exec_fifo)?);
+    plan.pause_before_pivot = options.before_pivot.is_some();
     if spec.process.terminal && options.console_socket.is_none() {
         return Err(Error::Invalid(
             "process.terminal is true but no --console-socket was given".into(),
@@ -705,7 +712,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions) -> Result<Created> {
         clone_flags,
         &cgroups,
         options.console_socket,
-        true,
+        options.before_pivot,
         spec,
     )?;
     drop(join);
@@ -723,7 +730,7 @@ fn start_child(
     clone_flags: c_int,
     cgroups: &Cgroups,
     console_socket: Option<OwnedFd>,
-    init: bool,
+    before_pivot: Option<BeforePivot<'_>>,
     spec: &InitSpec,
 ) -> Result<libc::pid_t> {
     let (sync_read, sync_write) = pipe()?;
@@ -736,21 +743,52 @@ fn start_child(
     let child = run::spawn_with(plan, clone_flags, fds)?;
     drop((sync_read, error_write, console_socket));
     cgroups.add(child.pid)?;
-    start_and_report(child, sync_write, error_read, plan, init, &spec.process)
+    start_and_report(
+        child,
+        sync_write,
+        error_read,
+        plan,
+        Role::Init(before_pivot),
+        &spec.process,
+    )
 }
 
+/// What a started child is: an OCI init, which reports Ready, with what to run when it
+/// pauses before pivot_root; or a process exec'd into a running container.
+enum Role<'a> {
+    Init(Option<BeforePivot<'a>>),
+    Exec,
+}
+
+/// Lets the child go on and reads its report (after the hooks, for an init that pauses
+/// before pivot_root).
 fn start_and_report(
     mut child: run::Child,
     sync_write: OwnedFd,
     error_read: OwnedFd,
     plan: &Plan,
-    init: bool,
+    role: Role<'_>,
     process: &ProcessSpec,
 ) -> Result<libc::pid_t> {
     write_all(sync_write.as_raw_fd(), &[1]).map_err(|e| Error::io("starting the container", e))?;
+    let mut report = read_failure(error_read.as_raw_fd())?;
+    let init = matches!(role, Role::Init(_));
+    if let (Some(paused), Role::Init(Some(before_pivot))) = (report, role) {
+        if paused.step == Step::BeforePivot {
+            if let Err(e) = before_pivot(child.pid) {
+                // SAFETY: kill on our own child, which is waiting and not yet reaped.
+                unsafe { libc::kill(child.pid, libc::SIGKILL) };
+                child.wait()?;
+                return Err(e);
+            }
+            write_all(sync_write.as_raw_fd(), &[1])
+                .map_err(|e| Error::io("resuming the container's set-up", e))?;
+            report = read_failure(error_read.as_raw_fd())?;
+        }
+    }
     drop(sync_write);
     let cmd = process.args.first().map_or("", |c| c.as_str());
-    match read_failure(error_read.as_raw_fd())? {
+    match report {
         Some(f) if f.step == Step::Ready && init => Ok(child.release()),
         None if !init => Ok(child.release()),
         None => {
@@ -829,7 +867,48 @@ pub fn exec(
         fs::write(&procs, child.pid.to_string())
             .map_err(|e| Error::path("joining cgroup", &procs, e))?;
     }
-    start_and_report(child, sync_write, error_read, &plan, false, process)
+    start_and_report(child, sync_write, error_read, &plan, Role::Exec, process)
+}
+
+/// Makes `command` start in the namespaces of process `pid` (a container's init): its
+/// IPC, UTS, network, PID (for the command's children), cgroup and mount namespaces,
+/// those that differ from this process's. With the mount namespace comes that
+/// namespace's root: after the init's pivot_root, the container's. For the OCI hooks
+/// that run in the container's namespaces.
+pub fn in_namespaces_of(pid: libc::pid_t, command: &mut std::process::Command) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let own = |name: &str| fs::read_link(format!("/proc/self/ns/{name}")).ok();
+    let mut fds: Vec<(OwnedFd, c_int)> = Vec::new();
+    for (name, kind) in [
+        ("ipc", libc::CLONE_NEWIPC),
+        ("uts", libc::CLONE_NEWUTS),
+        ("net", libc::CLONE_NEWNET),
+        ("pid", libc::CLONE_NEWPID),
+        ("cgroup", libc::CLONE_NEWCGROUP),
+        ("mnt", libc::CLONE_NEWNS),
+    ] {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/{name}"));
+        let theirs = fs::read_link(&path).map_err(|e| Error::path("reading", &path, e))?;
+        if Some(&theirs) != own(name).as_ref() {
+            fds.push((open_namespace(&path)?, kind));
+        }
+    }
+    let joins: Vec<(c_int, c_int)> = fds.iter().map(|(fd, k)| (fd.as_raw_fd(), *k)).collect();
+    // SAFETY: the closure runs in the forked child before exec and makes only setns
+    // calls (async-signal-safe) on descriptors that stay open until the command is
+    // spawned: `fds` moves into the closure, which the Command keeps.
+    unsafe {
+        command.pre_exec(move || {
+            let _keep = &fds;
+            for &(fd, kind) in &joins {
+                if libc::setns(fd, kind) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Whether `path` names an absolute container path without `..` (masked paths, ...).

@@ -772,6 +772,18 @@ fn a_relative_cgroups_path_is_below_the_runtimes_own_group() {
 }
 
 #[test]
+/// Removes the (empty) test groups a reference run left.
+fn remove_test_cgroups() {
+    for entry in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = fs::remove_dir(entry.path().join("vessel-runc-test"));
+    }
+}
+
+#[test]
 fn settings_for_controllers_the_host_lacks_fail_as_under_runc() {
     let Some(env) = env() else { return };
     let cases = [
@@ -807,7 +819,12 @@ fn settings_for_controllers_the_host_lacks_fail_as_under_runc() {
                 "{who}: {errors:?}"
             );
             let _ = b.runc(&["delete", "--force", "lack"]);
-            assert_eq!(host_state(&b.root), before, "{who}: nothing left");
+            if runtime == RUNC {
+                assert_eq!(host_state(&b.root), before, "{who}: nothing left");
+            } else {
+                // runc 1.1 sometimes leaves the groups of a failed create behind.
+                remove_test_cgroups();
+            }
         }
     }
 }
@@ -865,4 +882,291 @@ fn an_unknown_capability_is_an_error() {
         "{}",
         text(&out)
     );
+}
+
+/// A hook that appends its name to `dir/order` and keeps its stdin and its mount
+/// namespace in `dir/NAME.json` and `dir/NAME.mnt`, then runs `then`.
+fn recording_hook(dir: &Path, name: &str, then: &str) -> serde_json::Value {
+    let d = dir.display();
+    serde_json::json!({
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!(
+            "cat > {d}/{name}.json; readlink /proc/self/ns/mnt > {d}/{name}.mnt; \
+             echo {name} >> {d}/order; {then}"
+        )]
+    })
+}
+
+/// A bundle whose config has `hooks` and the directory they record into, mounted at
+/// the same path in the container (for the hooks that run there).
+fn hooked_bundle(
+    env: &Env,
+    runtime: &'static str,
+    args: &[&str],
+) -> (Bundle, PathBuf, serde_json::Value) {
+    let b = Bundle::for_runtime(env, args, runtime);
+    let dir = b.path().join("hooks");
+    fs::create_dir(&dir).unwrap();
+    let mut config = default_config(&env.rootfs, args);
+    config["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"destination": dir, "type": "bind", "source": dir, "options": ["rbind", "rw"]}));
+    (b, dir, config)
+}
+
+fn order(dir: &Path) -> Vec<String> {
+    fs::read_to_string(dir.join("order"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn hooks_run_in_order_with_the_state_where_the_spec_says() {
+    let Some(env) = env() else { return };
+    let host_mnt = fs::read_link("/proc/self/ns/mnt").unwrap();
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let (b, dir, mut config) = hooked_bundle(&env, runtime, &["sleep", "1000"]);
+        let before = host_state(&b.root);
+        let mut hooks = serde_json::Map::new();
+        for kind in [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop",
+        ] {
+            hooks.insert(
+                kind.into(),
+                serde_json::json!([recording_hook(&dir, kind, "")]),
+            );
+        }
+        // env replaces the runtime's; args[0] is the hook's argv[0].
+        hooks["poststart"].as_array_mut().unwrap().push(serde_json::json!({
+            "path": "/bin/sh",
+            "args": ["hook-argv0", "-c", format!("echo \"$0 $HOOKVAR ${{HOME:-none}}\" > {}/env", dir.display())],
+            "env": ["HOOKVAR=set"],
+            "timeout": 10
+        }));
+        config["hooks"] = serde_json::Value::Object(hooks);
+        config["annotations"] = serde_json::json!({"org.example.key": "value"});
+        b.write_config(&config);
+        let bundle = b.path().to_str().unwrap().to_owned();
+        let out = b.runc(&["create", "--bundle", &bundle, "hk"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        // runc 1.1 runs the poststart hooks at create already (fixed in runc 1.2), and
+        // gives the hooks in the container the init's pid there (1): vessel-runc runs
+        // them after start and gives the host's pid, as the spec says.
+        let vessel = runtime == RUNC;
+        if vessel {
+            assert_eq!(
+                order(&dir),
+                ["prestart", "createRuntime", "createContainer"],
+                "{who}"
+            );
+        }
+        let pid = b.state("hk")["pid"].as_i64().unwrap();
+        let container_mnt = fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        let out = b.runc(&["start", "hk"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let out = b.runc(&["delete", "--force", "hk"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let mut all = vec![
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop",
+        ];
+        if !vessel {
+            all.swap(3, 4);
+        }
+        assert_eq!(order(&dir), all, "{who}");
+        let read = |name: &str| -> serde_json::Value {
+            let text = fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{who}: {name}: {e}: {text}"))
+        };
+        for (kind, status) in [
+            ("prestart", "creating"),
+            ("createRuntime", "creating"),
+            ("createContainer", "creating"),
+            ("startContainer", "created"),
+            ("poststart", "running"),
+            ("poststop", "stopped"),
+        ] {
+            let state = read(kind);
+            assert_eq!(state["id"], "hk", "{who}: {kind}");
+            if vessel || kind != "poststart" {
+                assert_eq!(state["status"], status, "{who}: {kind}");
+            }
+            assert_eq!(state["bundle"], bundle.as_str(), "{who}: {kind}");
+            assert_eq!(
+                state["annotations"]["org.example.key"], "value",
+                "{who}: {kind}"
+            );
+            let in_container = kind == "createContainer" || kind == "startContainer";
+            if kind != "poststop" && (vessel || !in_container) {
+                assert_eq!(state["pid"], pid, "{who}: {kind}");
+            }
+            let mnt = fs::read_to_string(dir.join(format!("{kind}.mnt"))).unwrap();
+            let expected = if kind == "createContainer" || kind == "startContainer" {
+                &container_mnt
+            } else {
+                &host_mnt
+            };
+            assert_eq!(
+                Path::new(mnt.trim()),
+                expected,
+                "{who}: {kind}'s mount namespace"
+            );
+        }
+        assert_eq!(
+            fs::read_to_string(dir.join("env")).unwrap(),
+            "hook-argv0 set none\n",
+            "{who}"
+        );
+        assert_eq!(host_state(&b.root), before, "{who}: nothing left");
+    }
+}
+
+#[test]
+fn a_failing_or_late_create_hook_fails_the_create_and_leaves_nothing() {
+    let Some(env) = env() else { return };
+    for runtime in runtimes() {
+        let who = name(runtime);
+        for (case, hook, needle) in [
+            ("failing", "exit 3", "exit status"),
+            ("late", "exec sleep 30", "time"),
+        ] {
+            let (b, dir, mut config) = hooked_bundle(&env, runtime, &["true"]);
+            let before = host_state(&b.root);
+            let mut failing = recording_hook(&dir, "createRuntime", hook);
+            failing["timeout"] = 1.into();
+            config["hooks"] = serde_json::json!({
+                "createRuntime": [failing],
+                "startContainer": [recording_hook(&dir, "startContainer", "")],
+                "poststop": [recording_hook(&dir, "poststop", "")]
+            });
+            b.write_config(&config);
+            let started = Instant::now();
+            let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "hf"]);
+            assert!(!out.status.success(), "{who}: {case}: {}", text(&out));
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{who}: {case}: the timeout ended it"
+            );
+            let said = format!(
+                "{}{:?}",
+                String::from_utf8_lossy(&out.stderr),
+                b.log_errors()
+            );
+            assert!(said.contains(needle), "{who}: {case}: {said}");
+            assert_eq!(order(&dir)[0], "createRuntime", "{who}: {case}");
+            assert!(
+                !order(&dir).contains(&"startContainer".to_owned()),
+                "{who}: {case}"
+            );
+            if runtime == RUNC {
+                assert_eq!(host_state(&b.root), before, "{who}: {case}: nothing left");
+            } else {
+                // runc 1.1 leaves the groups of a create whose hook failed.
+                remove_test_cgroups();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failing_poststart_hook_is_a_warning() {
+    // The spec: "If any poststart hook fails, the runtime MUST log a warning, but the
+    // remaining hooks and lifecycle continue as if the hook had succeeded." runc 1.1
+    // fails the start instead; vessel-runc follows the spec.
+    let Some(env) = env() else { return };
+    let (b, dir, mut config) = hooked_bundle(&env, RUNC, &["sleep", "1000"]);
+    config["hooks"] = serde_json::json!({
+        "poststart": [recording_hook(&dir, "poststart", "exit 1"), recording_hook(&dir, "poststart2", "")]
+    });
+    b.write_config(&config);
+    let out = b.runc(&[
+        "run",
+        "--detach",
+        "--bundle",
+        b.path().to_str().unwrap(),
+        "pw",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("warning: poststart hook"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(order(&dir), ["poststart", "poststart2"]);
+    assert_eq!(b.state("pw")["status"], "running");
+}
+
+#[test]
+fn edits_of_config_json_after_create_do_not_change_the_container() {
+    let Some(env) = env() else { return };
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let (b, dir, mut config) = hooked_bundle(&env, runtime, &["sleep", "1000"]);
+        b.write_config(&config);
+        let bundle = b.path().to_str().unwrap().to_owned();
+        let out = b.runc(&["create", "--bundle", &bundle, "snap"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        config["process"]["args"] = serde_json::json!(["sleep", "2000"]);
+        config["hooks"] =
+            serde_json::json!({"startContainer": [recording_hook(&dir, "startContainer", "")]});
+        b.write_config(&config);
+        let out = b.runc(&["start", "snap"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let pid = b.state("snap")["pid"].as_i64().unwrap();
+        wait_until("the command to run", || {
+            fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default() == b"sleep\x001000\x00"
+        });
+        assert!(
+            order(&dir).is_empty(),
+            "{who}: a hook added after create ran"
+        );
+        let out = b.runc(&["delete", "--force", "snap"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+    }
+}
+
+#[test]
+fn bad_hooks_are_refused_before_anything_runs() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let before = host_state(&b.root);
+    for (hook, needle) in [
+        (
+            serde_json::json!({"path": "relative/hook"}),
+            "must be absolute",
+        ),
+        (
+            serde_json::json!({"path": "/bin/true", "timeout": 0}),
+            "greater than zero",
+        ),
+        (
+            serde_json::json!({"path": "/bin/true", "env": ["NOEQUALS"]}),
+            "KEY=VALUE",
+        ),
+    ] {
+        let mut config = default_config(&env.rootfs, &["true"]);
+        config["hooks"] = serde_json::json!({"prestart": [hook]});
+        b.write_config(&config);
+        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "bh"]);
+        assert!(!out.status.success(), "{needle}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{needle}: {}",
+            text(&out)
+        );
+        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+    }
 }

@@ -1,5 +1,6 @@
 //! The commands of `vessel-runc`.
 
+mod hooks;
 mod spec;
 mod state;
 
@@ -372,6 +373,7 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
         .with_context(|| format!("bundle {}", args.bundle.display()))?;
     let oci = spec::load(&bundle)?;
     let init = spec::init_spec(&oci, &bundle, &args.id)?;
+    hooks::validate(&oci)?;
     if init.process.terminal && args.console_socket.is_none() {
         bail!("process.terminal is true: --console-socket is required");
     }
@@ -385,6 +387,11 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
         Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
     }
     let mut guard = DirGuard(Some(dir.clone()));
+    // The config as it was at create: start, exec and delete read this copy, so an
+    // edit of the bundle's config.json cannot change the container.
+    let snapshot = dir.join(CONFIG_SNAPSHOT);
+    fs::write(&snapshot, serde_json::to_vec(&oci)?)
+        .with_context(|| format!("writing {}", snapshot.display()))?;
     let fifo = dir.join("exec.fifo");
     let fifo_c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
     // SAFETY: mkfifo on a NUL-terminated path.
@@ -397,14 +404,68 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
         .as_deref()
         .map(connect_console)
         .transpose()?;
+    let bundle_text = bundle.to_string_lossy().into_owned();
+    let annotations = oci.annotations().clone().unwrap_or_default();
+    let mut hooks_ran = false;
+    let mut create_hooks = |pid: libc::pid_t| -> container::Result<()> {
+        hooks_ran = true;
+        let state = hooks::HookState {
+            oci_version: oci.version(),
+            id: &args.id,
+            status: "creating",
+            pid,
+            bundle: &bundle_text,
+            annotations: &annotations,
+        };
+        [
+            hooks::Kind::Prestart,
+            hooks::Kind::CreateRuntime,
+            hooks::Kind::CreateContainer,
+        ]
+        .into_iter()
+        .try_for_each(|kind| hooks::run(&oci, kind, &state))
+        .map_err(|e| container::Error::Invalid(format!("{e:#}")))
+    };
+    let has_create_hooks = oci.hooks().as_ref().is_some_and(|h| {
+        [&h.prestart(), &h.create_runtime(), &h.create_container()]
+            .iter()
+            .any(|list| list.as_ref().is_some_and(|l| !l.is_empty()))
+    });
     let created = container::runtime::create(
         &init,
         container::runtime::CreateOptions {
             exec_fifo: fifo,
             console_socket,
             die_with_parent,
+            before_pivot: if has_create_hooks {
+                Some(&mut create_hooks)
+            } else {
+                None
+            },
         },
-    )?;
+    );
+    let created = match created {
+        Ok(created) => created,
+        Err(e) => {
+            // A create hook failed or ran before a failure: the container is destroyed
+            // (create's guards did it) and the poststop hooks run, as the lifecycle says.
+            if hooks_ran {
+                hooks::run_warning(
+                    &oci,
+                    hooks::Kind::Poststop,
+                    &hooks::HookState {
+                        oci_version: oci.version(),
+                        id: &args.id,
+                        status: "stopped",
+                        pid: 0,
+                        bundle: &bundle_text,
+                        annotations: &annotations,
+                    },
+                );
+            }
+            return Err(e.into());
+        }
+    };
     let state = State::new(
         root,
         &args.id,
@@ -426,6 +487,42 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
     Ok(state)
 }
 
+/// The copy of config.json in a container's state directory.
+const CONFIG_SNAPSHOT: &str = "config.json";
+
+/// The config the container was created with.
+fn snapshot(state: &State) -> Result<oci_spec::runtime::Spec> {
+    spec::load(&state.dir)
+}
+
+/// The state hooks read, with `status`.
+fn hook_state<'a>(
+    state: &'a State,
+    oci: &'a oci_spec::runtime::Spec,
+    status: &'a str,
+) -> hooks::HookState<'a> {
+    hooks::HookState {
+        oci_version: oci.version(),
+        id: &state.id,
+        status,
+        pid: state.pid,
+        bundle: &state.bundle,
+        annotations: &state.annotations,
+    }
+}
+
+/// Destroys the container, then runs its poststop hooks (failures are warnings).
+fn destroy_and_poststop(state: &State, root: &Path, oci: Option<&oci_spec::runtime::Spec>) {
+    destroy(state, root);
+    if let Some(oci) = oci {
+        hooks::run_warning(
+            oci,
+            hooks::Kind::Poststop,
+            &hook_state(state, oci, "stopped"),
+        );
+    }
+}
+
 /// Kills the init (and so its PID namespace), removes cgroups and state.
 fn destroy(state: &State, root: &Path) {
     if state.status() != Status::Stopped {
@@ -444,6 +541,15 @@ fn start(root: &Path, id: &str) -> Result<()> {
         Status::Created => {}
         Status::Running => bail!("cannot start an already running container"),
         Status::Stopped => bail!("cannot start a container that has stopped"),
+    }
+    let oci = snapshot(&state)?;
+    if let Err(e) = hooks::run(
+        &oci,
+        hooks::Kind::StartContainer,
+        &hook_state(&state, &oci, "created"),
+    ) {
+        destroy_and_poststop(&state, root, Some(&oci));
+        return Err(e);
     }
     let fifo = root.join(id).join("exec.fifo");
     let file = fs::OpenOptions::new()
@@ -477,6 +583,11 @@ fn start(root: &Path, id: &str) -> Result<()> {
         unsafe { libc::poll(&mut pfd, 1, 20) };
     }
     fs::remove_file(&fifo).with_context(|| format!("removing {}", fifo.display()))?;
+    hooks::run_warning(
+        &oci,
+        hooks::Kind::Poststart,
+        &hook_state(&state, &oci, "running"),
+    );
     Ok(())
 }
 
@@ -563,22 +674,27 @@ fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         }
         _ => {}
     }
-    destroy(&state, root);
+    let oci = snapshot(&state).ok();
+    destroy_and_poststop(&state, root, oci.as_ref());
     Ok(())
 }
 
 fn run(root: &Path, args: &CreateArgs, detach: bool) -> Result<ExitCode> {
     // Without --detach we are the init's parent: its status comes to us.
     let state = create_container(root, args, !detach)?;
+    let oci = snapshot(&state).ok();
     if let Err(e) = start(root, &args.id) {
-        destroy(&state, root);
+        // A failed startContainer hook has destroyed it already.
+        if root.join(&args.id).exists() {
+            destroy_and_poststop(&state, root, oci.as_ref());
+        }
         return Err(e);
     }
     if detach {
         return Ok(ExitCode::SUCCESS);
     }
     let status = wait_child(state.pid);
-    destroy(&state, root);
+    destroy_and_poststop(&state, root, oci.as_ref());
     Ok(ExitCode::from(status?))
 }
 
@@ -620,8 +736,7 @@ fn exec(
     if state.status() == Status::Stopped {
         bail!("cannot exec in a stopped container");
     }
-    let bundle = PathBuf::from(&state.bundle);
-    let oci = spec::load(&bundle)?;
+    let oci = snapshot(&state)?;
     let process = match process_file {
         Some(path) => spec::process(&spec::load_process(path)?)?,
         None => {
