@@ -22,14 +22,15 @@ use crate::Limits;
 const DEVICE_ALLOW: &[&str] = &[
     "c *:* m",
     "b *:* m",
-    "c 1:3 rwm",   // null
-    "c 1:5 rwm",   // zero
-    "c 1:7 rwm",   // full
-    "c 1:8 rwm",   // random
-    "c 1:9 rwm",   // urandom
-    "c 5:0 rwm",   // tty
-    "c 5:2 rwm",   // ptmx
-    "c 136:* rwm", // pts
+    "c 1:3 rwm",    // null
+    "c 1:5 rwm",    // zero
+    "c 1:7 rwm",    // full
+    "c 1:8 rwm",    // random
+    "c 1:9 rwm",    // urandom
+    "c 5:0 rwm",    // tty
+    "c 5:2 rwm",    // ptmx
+    "c 10:200 rwm", // tun
+    "c 136:* rwm",  // pts
 ];
 
 /// A cgroup filesystem mount from /proc/self/mountinfo.
@@ -476,6 +477,14 @@ impl Cgroups {
                 match (*controller, group.v2) {
                     ("devices", false) => {
                         write_ctx(&file("devices.deny"), "a")?;
+                        for rule in &limits.device_rules {
+                            let name = if rule.allow {
+                                "devices.allow"
+                            } else {
+                                "devices.deny"
+                            };
+                            write_ctx(&file(name), &rule.line()?)?;
+                        }
                         for rule in DEVICE_ALLOW {
                             write_ctx(&file("devices.allow"), rule)?;
                         }

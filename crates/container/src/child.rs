@@ -582,6 +582,35 @@ fn apply(op: &Op) -> Result<(), i32> {
                 libc::S_IFCHR | 0o666,
                 libc::makedev(*major, *minor),
             )),
+            Op::Device {
+                path,
+                kind,
+                mode,
+                major,
+                minor,
+                uid,
+                gid,
+            } => {
+                let rdev = libc::makedev(*major, *minor);
+                if libc::mknod(path.as_ptr(), *kind | *mode, rdev) == -1 {
+                    if errno() != libc::EEXIST {
+                        return Err(errno());
+                    }
+                    let mut st: libc::stat = std::mem::zeroed();
+                    if libc::lstat(path.as_ptr(), &mut st) == -1 {
+                        return Err(errno());
+                    }
+                    let same_node = st.st_mode & libc::S_IFMT == *kind
+                        && (*kind == libc::S_IFIFO || st.st_rdev == rdev);
+                    if !same_node {
+                        return Err(libc::EEXIST);
+                    }
+                    if libc::chmod(path.as_ptr(), *mode) == -1 {
+                        return Err(errno());
+                    }
+                }
+                ok(libc::lchown(path.as_ptr(), *uid, *gid))
+            }
             Op::Symlink { target, link } => ok(libc::symlink(target.as_ptr(), link.as_ptr())),
             Op::Mask { path } => {
                 let mut st: libc::stat = std::mem::zeroed();

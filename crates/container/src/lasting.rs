@@ -206,6 +206,7 @@ fn init_spec(spec: &LastingSpec) -> Result<InitSpec> {
         root: spec.root.clone(),
         readonly_root: false,
         mounts,
+        devices: Vec::new(),
         namespaces,
         hostname: Some(spec.name.clone()),
         masked_paths: strings(crate::plan::MASKED_PATHS),

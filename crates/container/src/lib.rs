@@ -84,6 +84,9 @@ pub struct Limits {
     pub pids: Option<u64>,
     /// The rest of an OCI `linux.resources`, written after the above.
     pub settings: Vec<resources::Setting>,
+    /// OCI `linux.resources.devices`: device cgroup rules applied, in order, before
+    /// the default allow list (v1's devices controller).
+    pub device_rules: Vec<resources::DeviceRule>,
 }
 
 /// One container run.

@@ -89,6 +89,18 @@ pub(crate) enum Op {
         major: u32,
         minor: u32,
     },
+    /// An OCI `linux.devices` node: `kind` is S_IFCHR, S_IFBLK or S_IFIFO. A node
+    /// already there of the same kind and number is kept (and gets the mode and owner);
+    /// anything else there is an error.
+    Device {
+        path: CString,
+        kind: libc::mode_t,
+        mode: libc::mode_t,
+        major: u32,
+        minor: u32,
+        uid: libc::uid_t,
+        gid: libc::gid_t,
+    },
     Symlink {
         target: CString,
         link: CString,
@@ -134,7 +146,9 @@ impl fmt::Display for Op {
             Op::Mount { fstype, target, .. } => {
                 write!(f, "mounting {} on {}", s(fstype), s(target))
             }
-            Op::Mknod { path, .. } => write!(f, "creating device node {}", s(path)),
+            Op::Mknod { path, .. } | Op::Device { path, .. } => {
+                write!(f, "creating device node {}", s(path))
+            }
             Op::Symlink { link, .. } => write!(f, "creating symlink {}", s(link)),
             Op::Mask { path } => write!(f, "masking {}", s(path)),
             Op::ReadOnly { path } => write!(f, "making {} read-only", s(path)),

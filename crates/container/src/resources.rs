@@ -420,3 +420,70 @@ mod tests {
         .is_err());
     }
 }
+
+/// One device cgroup rule (`linux.resources.devices`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRule {
+    pub allow: bool,
+    /// `a`, `c` or `b`.
+    pub kind: char,
+    /// `None`: any.
+    pub major: Option<i64>,
+    pub minor: Option<i64>,
+    /// A subset of `rwm`.
+    pub access: String,
+}
+
+impl DeviceRule {
+    /// The rule as v1's devices.allow and devices.deny take it (`c 1:3 rwm`), checked.
+    pub fn line(&self) -> Result<String> {
+        let bad = |what: String| Err(Error::Invalid(format!("linux.resources.devices: {what}")));
+        if !matches!(self.kind, 'a' | 'c' | 'b') {
+            return bad(format!("type {:?} is not a, c or b", self.kind));
+        }
+        if self.access.is_empty() || !self.access.chars().all(|c| "rwm".contains(c)) {
+            return bad(format!(
+                "access {:?} is not made of r, w and m",
+                self.access
+            ));
+        }
+        let number = |n: Option<i64>| match n {
+            None | Some(-1) => Ok("*".to_owned()),
+            Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => Ok(n.to_string()),
+            Some(n) => Err(n),
+        };
+        let (major, minor) = match (number(self.major), number(self.minor)) {
+            (Ok(major), Ok(minor)) => (major, minor),
+            (Err(n), _) | (_, Err(n)) => return bad(format!("device number {n} is out of range")),
+        };
+        Ok(format!("{} {major}:{minor} {}", self.kind, self.access))
+    }
+}
+
+#[cfg(test)]
+mod device_rule_tests {
+    use super::DeviceRule;
+
+    #[test]
+    fn rules_as_v1_lines() {
+        let rule = |kind, major, minor, access: &str| DeviceRule {
+            allow: true,
+            kind,
+            major,
+            minor,
+            access: access.into(),
+        };
+        assert_eq!(
+            rule('c', Some(1), Some(11), "w").line().unwrap(),
+            "c 1:11 w"
+        );
+        assert_eq!(
+            rule('a', None, Some(-1), "rwm").line().unwrap(),
+            "a *:* rwm"
+        );
+        assert!(rule('x', None, None, "rwm").line().is_err());
+        assert!(rule('c', None, None, "rwx").line().is_err());
+        assert!(rule('c', Some(-5), None, "r").line().is_err());
+        assert!(rule('c', None, None, "").line().is_err());
+    }
+}

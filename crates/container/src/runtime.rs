@@ -34,6 +34,21 @@ pub struct MountSpec {
     pub options: Vec<String>,
 }
 
+/// A device node of OCI `linux.devices`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Absolute path in the container.
+    pub path: String,
+    /// `c`, `b`, `u` (a character device too) or `p` (a FIFO).
+    pub kind: String,
+    pub major: i64,
+    pub minor: i64,
+    /// Permission bits; runc's default is 0666.
+    pub file_mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
 /// A namespace of the container: new, or joined from `path`.
 #[derive(Debug, Clone)]
 pub struct NamespaceSpec {
@@ -70,6 +85,8 @@ pub struct InitSpec {
     pub root: PathBuf,
     pub readonly_root: bool,
     pub mounts: Vec<MountSpec>,
+    /// Device nodes made in the container after its mounts.
+    pub devices: Vec<DeviceSpec>,
     pub namespaces: Vec<NamespaceSpec>,
     pub hostname: Option<String>,
     pub masked_paths: Vec<String>,
@@ -483,6 +500,61 @@ fn device_ops(root: &Path) -> Result<Vec<Op>> {
     Ok(ops)
 }
 
+/// The nodes of `linux.devices`, under `root`, each with its missing parents.
+fn oci_device_ops(root: &Path, devices: &[DeviceSpec]) -> Result<Vec<Op>> {
+    let mut ops = Vec::new();
+    for device in devices {
+        if !is_clean_container_path(&device.path) || device.path.trim_end_matches('/') == "" {
+            return Err(Error::Invalid(format!(
+                "linux.devices: {:?} is not an absolute path without '..'",
+                device.path
+            )));
+        }
+        let kind = match device.kind.as_str() {
+            "c" | "u" => libc::S_IFCHR,
+            "b" => libc::S_IFBLK,
+            "p" => libc::S_IFIFO,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "linux.devices: {}: type {other:?} is not c, b, u or p",
+                    device.path
+                )))
+            }
+        };
+        let number = |n: i64, what: &str| {
+            u32::try_from(n).map_err(|_| {
+                Error::Invalid(format!(
+                    "linux.devices: {}: {what} number {n} is out of range",
+                    device.path
+                ))
+            })
+        };
+        let mode = device.file_mode.unwrap_or(0o666);
+        if mode & !0o7777 != 0 {
+            return Err(Error::Invalid(format!(
+                "linux.devices: {}: fileMode {mode:#o} has bits beyond the permissions",
+                device.path
+            )));
+        }
+        let target = secure_join(root, &device.path);
+        if let Some(parent) = target.parent() {
+            ops.push(Op::MkdirAll {
+                path: path_cstr(parent)?,
+            });
+        }
+        ops.push(Op::Device {
+            path: path_cstr(&target)?,
+            kind,
+            mode,
+            major: number(device.major, "major")?,
+            minor: number(device.minor, "minor")?,
+            uid: device.uid.unwrap_or(0),
+            gid: device.gid.unwrap_or(0),
+        });
+    }
+    Ok(ops)
+}
+
 /// argv, envp and the exec candidates of a process.
 fn command_parts(process: &ProcessSpec) -> Result<(Vec<CString>, CStringArray, CStringArray)> {
     let Some(command) = process.args.first().filter(|c| !c.is_empty()) else {
@@ -651,6 +723,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     if dev_is_tmpfs {
         pre.extend(device_ops(&root)?);
     }
+    pre.extend(oci_device_ops(&root, &spec.devices)?);
     let mut post = Vec::new();
     if let Some(adj) = spec.process.oom_score_adj {
         post.push(Op::WriteFile {

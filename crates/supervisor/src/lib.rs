@@ -240,6 +240,7 @@ fn start(dir: &Path) -> Result<Running> {
         }),
         pids: None,
         settings: Vec::new(),
+        device_rules: Vec::new(),
     };
     let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
     let (pid, cgroups, console_input) = match &spec.vm {

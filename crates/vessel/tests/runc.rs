@@ -1170,3 +1170,99 @@ fn bad_hooks_are_refused_before_anything_runs() {
         assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
     }
 }
+
+#[test]
+fn linux_devices_are_made_and_device_rules_applied() {
+    let Some(env) = env() else { return };
+    let script = "ls -ln /dev/vt-null /dev/sub/vt-loopctl /dev/vt-fifo; \
+                  (: < /dev/sub/vt-loopctl) 2>&1 && echo opened; \
+                  (: < /dev/vt-denied) 2>&1; true";
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let b = Bundle::for_runtime(&env, &["sh", "-c", script], runtime);
+        let before = host_state(&b.root);
+        let mut config = default_config(&env.rootfs, &["sh", "-c", script]);
+        config["linux"]["devices"] = serde_json::json!([
+            {"path": "/dev/vt-null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o640, "uid": 1000, "gid": 1001},
+            {"path": "/dev/sub/vt-loopctl", "type": "c", "major": 10, "minor": 237},
+            {"path": "/dev/vt-denied", "type": "c", "major": 10, "minor": 236},
+            {"path": "/dev/vt-fifo", "type": "p"}
+        ]);
+        // Everything denied but reading loop-control (10:237).
+        config["linux"]["resources"]["devices"] = serde_json::json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 10, "minor": 237, "access": "r"}
+        ]);
+        b.write_config(&config);
+        let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "dev"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<Vec<&str>> = stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let node = |name: &str| {
+            lines
+                .iter()
+                .find(|l| l.last() == Some(&name))
+                .unwrap_or_else(|| panic!("{who}: no {name} in {stdout}"))
+                .clone()
+        };
+        // ls -ln: mode, links, uid, gid, major, minor, ...
+        let null = node("/dev/vt-null");
+        assert_eq!(
+            &null[..6],
+            ["crw-r-----", "1", "1000", "1001", "1,", "3"],
+            "{who}"
+        );
+        let loopctl = node("/dev/sub/vt-loopctl");
+        assert_eq!(
+            &loopctl[..6],
+            ["crw-rw-rw-", "1", "0", "0", "10,", "237"],
+            "{who}"
+        );
+        assert!(node("/dev/vt-fifo")[0].starts_with('p'), "{who}");
+        assert!(
+            stdout.contains("opened"),
+            "{who}: the allowed device opens: {stdout}"
+        );
+        assert!(
+            stdout.contains("/dev/vt-denied: Operation not permitted"),
+            "{who}: {stdout}"
+        );
+        assert_eq!(host_state(&b.root), before, "{who}: nothing left");
+    }
+}
+
+#[test]
+fn a_device_path_that_holds_another_file_or_leaves_the_root_is_refused() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let before = host_state(&b.root);
+    for (device, needle) in [
+        (
+            serde_json::json!({"path": "/dev/../../etc/x", "type": "c", "major": 1, "minor": 3}),
+            "without '..'",
+        ),
+        (
+            serde_json::json!({"path": "/dev/null", "type": "c", "major": 1, "minor": 5}),
+            "/dev/null",
+        ),
+        (
+            serde_json::json!({"path": "/dev/big", "type": "c", "major": 1, "minor": 5, "fileMode": 0o100644}),
+            "fileMode",
+        ),
+    ] {
+        let mut config = default_config(&env.rootfs, &["true"]);
+        config["linux"]["devices"] = serde_json::json!([device]);
+        b.write_config(&config);
+        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "bd"]);
+        assert!(!out.status.success(), "{needle}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{needle}: {}",
+            text(&out)
+        );
+        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+    }
+}

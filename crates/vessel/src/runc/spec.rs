@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use container::resources::{Setting, Throttle};
+use container::resources::{DeviceRule, Setting, Throttle};
 use container::runtime::{
-    capability_number, is_clean_container_path, InitSpec, MountSpec, NamespaceSpec, ProcessSpec,
+    capability_number, is_clean_container_path, DeviceSpec, InitSpec, MountSpec, NamespaceSpec,
+    ProcessSpec,
 };
 use container::seccomp::{Action, ArgCmp, ArgOp, Profile, Programs, SyscallRule};
 use container::CapSets;
@@ -216,6 +217,20 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
             options: m.options().clone().unwrap_or_default(),
         })
         .collect();
+    let devices = linux
+        .devices()
+        .iter()
+        .flatten()
+        .map(|d| DeviceSpec {
+            path: d.path().to_string_lossy().into_owned(),
+            kind: d.typ().as_str().to_owned(),
+            major: d.major(),
+            minor: d.minor(),
+            file_mode: d.file_mode(),
+            uid: d.uid(),
+            gid: d.gid(),
+        })
+        .collect();
     let check_paths = |what: &str, paths: &Option<Vec<String>>| -> Result<Vec<String>> {
         let paths = paths.clone().unwrap_or_default();
         if let Some(bad) = paths.iter().find(|p| !is_clean_container_path(p)) {
@@ -260,6 +275,7 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
         root: root_path,
         readonly_root: root.readonly().unwrap_or(false),
         mounts,
+        devices,
         namespaces,
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
         masked_paths: check_paths("linux.maskedPaths", linux.masked_paths())?,
@@ -406,5 +422,18 @@ pub fn limits(res: &LinuxResources) -> Result<container::Limits> {
         setting.validate()?;
     }
     limits.settings = settings;
+    for rule in res.devices().iter().flatten() {
+        let rule = DeviceRule {
+            allow: rule.allow(),
+            kind: rule
+                .typ()
+                .map_or('a', |t| t.as_str().chars().next().unwrap_or('a')),
+            major: rule.major(),
+            minor: rule.minor(),
+            access: rule.access().clone().unwrap_or_else(|| "rwm".into()),
+        };
+        rule.line()?;
+        limits.device_rules.push(rule);
+    }
     Ok(limits)
 }
