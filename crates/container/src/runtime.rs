@@ -504,7 +504,7 @@ fn device_ops(root: &Path) -> Result<Vec<Op>> {
 fn oci_device_ops(root: &Path, devices: &[DeviceSpec]) -> Result<Vec<Op>> {
     let mut ops = Vec::new();
     for device in devices {
-        if !is_clean_container_path(&device.path) || device.path.trim_end_matches('/') == "" {
+        if !is_clean_container_path(&device.path) || device.path.trim_end_matches('/').is_empty() {
             return Err(Error::Invalid(format!(
                 "linux.devices: {:?} is not an absolute path without '..'",
                 device.path
