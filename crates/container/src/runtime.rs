@@ -691,28 +691,33 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     }
     let mut new_flags: c_int = 0;
     let mut join: Vec<(OwnedFd, c_int)> = Vec::new();
+    // A PID namespace is entered at birth: the creator enters it (for its children)
+    // around the clone.
+    let mut pid_ns: Option<OwnedFd> = None;
     for ns in &spec.namespaces {
         match &ns.path {
             None => new_flags |= ns.kind,
-            Some(path) => {
-                if ns.kind == libc::CLONE_NEWPID || ns.kind == libc::CLONE_NEWNS {
-                    return Err(Error::Invalid(format!(
-                        "joining an existing {} namespace ({}) is not supported",
-                        if ns.kind == libc::CLONE_NEWPID {
-                            "pid"
-                        } else {
-                            "mount"
-                        },
-                        path.display()
-                    )));
-                }
-                join.push((open_namespace(path)?, ns.kind));
-            }
+            Some(path) if ns.kind == libc::CLONE_NEWPID => pid_ns = Some(open_namespace(path)?),
+            Some(path) => join.push((open_namespace(path)?, ns.kind)),
         }
     }
-    if new_flags & libc::CLONE_NEWNS == 0 {
+    // Joined in this order: the mount namespace last, as it changes root and cwd.
+    let rank = |kind: c_int| {
+        [
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWNET,
+            libc::CLONE_NEWCGROUP,
+            libc::CLONE_NEWNS,
+        ]
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(0)
+    };
+    join.sort_by_key(|(_, kind)| rank(*kind));
+    if new_flags & libc::CLONE_NEWNS == 0 && !join.iter().any(|(_, k)| *k == libc::CLONE_NEWNS) {
         return Err(Error::Invalid(
-            "the container needs a new mount namespace (linux.namespaces has no \"mount\")".into(),
+            "the container needs a mount namespace of its own or joined (linux.namespaces has no \"mount\")".into(),
         ));
     }
     let cgroup_ns = new_flags & libc::CLONE_NEWCGROUP != 0;
@@ -783,6 +788,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     let pid = start_child(
         &plan,
         clone_flags,
+        pid_ns.as_ref(),
         &cgroups,
         options.console_socket,
         options.before_pivot,
@@ -798,9 +804,11 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
 
 /// Clones the child, puts it in the cgroups and waits for its report: Ready (OCI init)
 /// or a successful exec (EOF). On failure the child is killed and reaped.
+#[allow(clippy::too_many_arguments)]
 fn start_child(
     plan: &Plan,
     clone_flags: c_int,
+    pid_ns: Option<&OwnedFd>,
     cgroups: &Cgroups,
     console_socket: Option<OwnedFd>,
     before_pivot: Option<BeforePivot<'_>>,
@@ -813,7 +821,28 @@ fn start_child(
         error_write: error_write.as_raw_fd(),
         tty_socket: console_socket.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
     };
-    let child = run::spawn_with(plan, clone_flags, fds)?;
+    let child = match pid_ns {
+        Some(target) => {
+            let own = open_namespace(Path::new("/proc/self/ns/pid"))?;
+            // SAFETY: setns on descriptors we own; it changes only the namespace this
+            // thread's children are born in, and it is set back right after the clone,
+            // so that the hooks and every later child are the runtime's.
+            unsafe {
+                if libc::setns(target.as_raw_fd(), libc::CLONE_NEWPID) == -1 {
+                    return Err(Error::last_os(
+                        "joining the PID namespace of linux.namespaces",
+                    ));
+                }
+                let child = run::spawn_with(plan, clone_flags, fds);
+                if libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) == -1 {
+                    // The child (if any) is killed by its guard.
+                    return Err(Error::last_os("returning to the runtime's PID namespace"));
+                }
+                child?
+            }
+        }
+        None => run::spawn_with(plan, clone_flags, fds)?,
+    };
     drop((sync_read, error_write, console_socket));
     cgroups.add(child.pid)?;
     start_and_report(

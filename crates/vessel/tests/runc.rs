@@ -771,9 +771,13 @@ fn a_relative_cgroups_path_is_below_the_runtimes_own_group() {
     }
 }
 
-#[test]
-/// Removes the (empty) test groups a reference run left.
-fn remove_test_cgroups() {
+/// Checks that vessel-runc left nothing on the host. runc 1.1 leaves the parents of its
+/// groups, and the groups of a create that failed: their empty test groups are removed.
+fn nothing_left(runtime: &str, root: &Path, before: &BTreeSet<String>, what: &str) {
+    if runtime == RUNC {
+        assert_eq!(&host_state(root), before, "{what}: nothing left");
+        return;
+    }
     for entry in fs::read_dir("/sys/fs/cgroup")
         .into_iter()
         .flatten()
@@ -819,12 +823,7 @@ fn settings_for_controllers_the_host_lacks_fail_as_under_runc() {
                 "{who}: {errors:?}"
             );
             let _ = b.runc(&["delete", "--force", "lack"]);
-            if runtime == RUNC {
-                assert_eq!(host_state(&b.root), before, "{who}: nothing left");
-            } else {
-                // runc 1.1 sometimes leaves the groups of a failed create behind.
-                remove_test_cgroups();
-            }
+            nothing_left(runtime, &b.root, &before, who);
         }
     }
 }
@@ -1071,12 +1070,7 @@ fn a_failing_or_late_create_hook_fails_the_create_and_leaves_nothing() {
                 !order(&dir).contains(&"startContainer".to_owned()),
                 "{who}: {case}"
             );
-            if runtime == RUNC {
-                assert_eq!(host_state(&b.root), before, "{who}: {case}: nothing left");
-            } else {
-                // runc 1.1 leaves the groups of a create whose hook failed.
-                remove_test_cgroups();
-            }
+            nothing_left(runtime, &b.root, &before, &format!("{who}: {case}"));
         }
     }
 }
@@ -1264,5 +1258,128 @@ fn a_device_path_that_holds_another_file_or_leaves_the_root_is_refused() {
             text(&out)
         );
         assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+    }
+}
+
+/// Runs a host command that must succeed.
+fn host(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {}", text(&out));
+}
+
+/// A network namespace with a veth pair, and a persistent mount namespace in which a
+/// tmpfs with a marker file covers `<rootfs>/home`: namespaces for a container to join.
+/// Removed when dropped.
+struct HostNamespaces {
+    netns: String,
+    mntdir: tempfile::TempDir,
+}
+
+impl HostNamespaces {
+    fn new(rootfs: &Path) -> HostNamespaces {
+        let mntdir = tempfile::Builder::new()
+            .prefix("vessel-runc-test-mntns")
+            .tempdir()
+            .unwrap();
+        let ns = HostNamespaces {
+            netns: format!("vessel-runc-test-{}", std::process::id()),
+            mntdir,
+        };
+        host("ip", &["netns", "add", &ns.netns]);
+        host(
+            "ip",
+            &[
+                "-n", &ns.netns, "link", "add", "vt-veth0", "type", "veth", "peer", "name",
+                "vt-veth1",
+            ],
+        );
+        let dir = ns.mntdir.path().to_str().unwrap();
+        // unshare keeps a namespace by binding it onto a file of a private mount.
+        host("mount", &["-t", "tmpfs", "tmpfs", dir]);
+        host("mount", &["--make-private", dir]);
+        fs::write(ns.mnt(), "").unwrap();
+        let home = rootfs.join("home");
+        let script = format!(
+            "mount -t tmpfs tmpfs {0} && touch {0}/marker",
+            home.display()
+        );
+        host(
+            "unshare",
+            &[
+                &format!("--mount={}", ns.mnt().display()),
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        ns
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.mntdir.path().join("mnt")
+    }
+}
+
+impl Drop for HostNamespaces {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = Command::new("umount").arg(self.mnt()).status();
+        let _ = Command::new("umount").arg(self.mntdir.path()).status();
+    }
+}
+
+#[test]
+fn namespaces_given_by_path_are_joined() {
+    let Some(env) = env() else { return };
+    if !testkit::programs_present(&["ip", "unshare", "mount", "umount"]) {
+        return;
+    }
+    let script =
+        "tr '\\0' ' ' < /proc/1/cmdline; echo; hostname; grep -c vt-veth0 /proc/net/dev; ls /home";
+    for runtime in runtimes() {
+        let who = name(runtime);
+        // A container whose PID and UTS namespaces the next one joins.
+        let a = Bundle::for_runtime(&env, &["sleep", "1000"], runtime);
+        let before = host_state(&a.root);
+        let ns = HostNamespaces::new(&env.rootfs);
+        let out = a.runc(&[
+            "run",
+            "--detach",
+            "--bundle",
+            a.path().to_str().unwrap(),
+            "nsa",
+        ]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let pid_a = a.state("nsa")["pid"].as_i64().unwrap();
+
+        let b = Bundle::for_runtime(&env, &["sh", "-c", script], runtime);
+        let mut config = default_config(&env.rootfs, &["sh", "-c", script]);
+        config["linux"]["cgroupsPath"] = "/vessel-runc-test/b".into();
+        config.as_object_mut().unwrap().remove("hostname");
+        config["linux"]["namespaces"] = serde_json::json!([
+            {"type": "pid", "path": format!("/proc/{pid_a}/ns/pid")},
+            {"type": "uts", "path": format!("/proc/{pid_a}/ns/uts")},
+            {"type": "network", "path": format!("/run/netns/{}", ns.netns)},
+            {"type": "mount", "path": ns.mnt()},
+            {"type": "ipc"},
+            {"type": "cgroup"}
+        ]);
+        b.write_config(&config);
+        let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "nsb"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "sleep 1000 \nruncgiven\n1\nmarker\n".replace("runcgiven", "runc-test"),
+            "{who}: A's processes and hostname, the named network, the mount namespace's marker"
+        );
+        drop(b);
+        let out = a.runc(&["delete", "--force", "nsa"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        drop(ns);
+        nothing_left(runtime, &a.root, &before, who);
     }
 }
