@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::resources::Setting;
 use crate::Limits;
 
 /// Devices a container may use (runc's default allow list); everything else is denied.
@@ -181,7 +182,7 @@ pub(crate) fn place(
         } else {
             let v2 = mounts.iter().find(|m| m.v2);
             match v2 {
-                Some(mount) if v2_available.iter().any(|c| c == controller) => {
+                Some(mount) if v2_available.iter().any(|c| c == v2_name(controller)) => {
                     let path = memberships
                         .iter()
                         .find(|m| m.controllers.is_empty())
@@ -409,6 +410,7 @@ impl Cgroups {
                     }
                     let control = ancestor.join("cgroup.subtree_control");
                     for controller in &placement.controllers {
+                        let controller = v2_name(controller);
                         write(&control, &format!("+{controller}")).map_err(|e| {
                             Error::io(
                                 format!(
@@ -496,6 +498,21 @@ impl Cgroups {
                         } else {
                             "memory.limit_in_bytes"
                         };
+                        // v1 keeps memory+swap at least the memory limit: a limit raised
+                        // above the current memsw needs the new memsw written first.
+                        let memsw = limits.settings.iter().find_map(|s| match s {
+                            Setting::MemorySwap { total, .. } => Some(*total),
+                            _ => None,
+                        });
+                        if let (Some(total), false) = (memsw, v2) {
+                            let current = number(&group.dir, "memory.memsw.limit_in_bytes");
+                            if bytes > current {
+                                write_ctx(
+                                    &file("memory.memsw.limit_in_bytes"),
+                                    &total.to_string(),
+                                )?;
+                            }
+                        }
                         write(&file(name), &bytes.to_string()).map_err(|e| {
                             Error::Invalid(format!(
                                 "--memory: the kernel refused a limit of {bytes} bytes ({e})"
@@ -811,4 +828,256 @@ mod weight_tests {
         assert_eq!(shares_to_weight(262_144), 10_000);
         assert_eq!(shares_to_weight(0), 1, "clamped");
     }
+}
+
+/// An existing group and what its hierarchy holds (for groups known only by path).
+pub(crate) struct Known {
+    pub dir: PathBuf,
+    pub v2: bool,
+    pub controllers: Vec<String>,
+}
+
+/// What each of `dirs` is: the cgroup mount holding it (the longest mount point that
+/// is a prefix) tells its version and controllers. Dirs under no cgroup mount are left
+/// out.
+pub(crate) fn identify(dirs: &[PathBuf]) -> Vec<Known> {
+    let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    dirs.iter()
+        .filter_map(|dir| {
+            let mount = mounts
+                .iter()
+                .filter(|m| dir.starts_with(&m.mountpoint))
+                .max_by_key(|m| m.mountpoint.as_os_str().len())?;
+            let controllers = if mount.v2 {
+                fs::read_to_string(dir.join("cgroup.controllers"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect()
+            } else {
+                mount.controllers.clone()
+            };
+            Some(Known {
+                dir: dir.clone(),
+                v2: mount.v2,
+                controllers,
+            })
+        })
+        .collect()
+}
+
+/// Writes `limits` into existing groups (`runc update`); device rules are left alone,
+/// as runc's update leaves them.
+pub(crate) fn update(dirs: &[PathBuf], limits: &Limits) -> Result<()> {
+    let mut cgroups = Cgroups::default();
+    cgroups.oci = true;
+    for known in identify(dirs) {
+        let controllers = ALL_CONTROLLERS
+            .iter()
+            .copied()
+            .filter(|c| {
+                let name = if known.v2 { v2_name(c) } else { c };
+                *c != "devices" && known.controllers.iter().any(|k| k == name)
+            })
+            .collect();
+        cgroups.groups.push(Group {
+            dir: known.dir,
+            v2: known.v2,
+            controllers,
+        });
+    }
+    let missing = limits.settings.iter().find(|s| {
+        !cgroups
+            .groups
+            .iter()
+            .any(|g| g.controllers.contains(&s.controller()))
+    });
+    let applied = match missing {
+        Some(setting) => Err(Error::Invalid(format!(
+            "{}: the container has no {} cgroup",
+            setting.field(),
+            setting.controller()
+        ))),
+        None => cgroups.apply(limits),
+    };
+    // The groups are the container's: they stay.
+    cgroups.keep();
+    applied
+}
+
+/// Every controller name this module writes to, for [`update`].
+const ALL_CONTROLLERS: &[&str] = &[
+    "devices", "memory", "cpu", "pids", "freezer", "cpuset", "cpuacct", "blkio", "hugetlb",
+    "net_cls", "net_prio",
+];
+
+/// A controller's name on cgroup v2, where blkio became io.
+fn v2_name(controller: &str) -> &str {
+    match controller {
+        "blkio" => "io",
+        other => other,
+    }
+}
+
+/// Freezes (or thaws) the container's processes and waits until the kernel says so.
+pub(crate) fn freeze(dirs: &[PathBuf], frozen: bool) -> Result<()> {
+    let known = identify(dirs);
+    let group = known
+        .iter()
+        .find(|k| !k.v2 && k.controllers.iter().any(|c| c == "freezer"))
+        .map(|k| {
+            (
+                k.dir.join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+            )
+        })
+        .or_else(|| {
+            known
+                .iter()
+                .find(|k| k.v2 && k.dir.join("cgroup.freeze").exists())
+                .map(|k| (k.dir.join("cgroup.freeze"), if frozen { "1" } else { "0" }))
+        });
+    let Some((file, value)) = group else {
+        return Err(Error::Invalid(
+            "the container has no freezer cgroup (v1 freezer or v2 cgroup.freeze)".into(),
+        ));
+    };
+    for _ in 0..1000 {
+        write_ctx(&file, value)?;
+        if is_frozen_file(&file) == frozen {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Err(Error::Invalid(format!(
+        "{} did not become {value}",
+        file.display()
+    )))
+}
+
+/// Whether the container's processes are frozen.
+pub(crate) fn is_frozen(dirs: &[PathBuf]) -> bool {
+    identify(dirs).iter().any(|k| {
+        (!k.v2 && is_frozen_file(&k.dir.join("freezer.state")))
+            || (k.v2 && is_frozen_file(&k.dir.join("cgroup.events")))
+    })
+}
+
+fn is_frozen_file(file: &Path) -> bool {
+    let text = fs::read_to_string(file).unwrap_or_default();
+    match file.file_name().and_then(|n| n.to_str()) {
+        Some("freezer.state") => text.trim() == "FROZEN",
+        Some("cgroup.freeze") => text.trim() == "1",
+        Some("cgroup.events") => text.lines().any(|l| l.trim() == "frozen 1"),
+        _ => false,
+    }
+}
+
+/// Usage figures of a container's groups, as runc's `events` reports them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub cpu_total_ns: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_kernel_ns: u64,
+    pub cpu_percpu_ns: Vec<u64>,
+    pub throttle_periods: u64,
+    pub throttled_periods: u64,
+    pub throttled_time_ns: u64,
+    pub memory_usage: u64,
+    pub memory_max_usage: u64,
+    /// 0: no limit.
+    pub memory_limit: u64,
+    pub memory_failcnt: u64,
+    /// Processes the memory limit's OOM killer has killed.
+    pub oom_kills: u64,
+    /// memory.stat's counters.
+    pub memory_raw: Vec<(String, u64)>,
+    pub pids_current: u64,
+    /// 0: no limit.
+    pub pids_limit: u64,
+}
+
+/// `key value` lines as pairs.
+fn pairs(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn number(dir: &Path, file: &str) -> u64 {
+    fs::read_to_string(dir.join(file))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads the figures of the groups `dirs` (v1 or v2).
+pub(crate) fn stats(dirs: &[PathBuf]) -> Stats {
+    let mut s = Stats::default();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    let get = |pairs: &[(String, u64)], key: &str| {
+        pairs.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
+    };
+    for known in identify(dirs) {
+        let has = |c: &str| known.controllers.iter().any(|k| k == c);
+        let dir = &known.dir;
+        let read = |file: &str| fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if known.v2 {
+            let cpu = pairs(&read("cpu.stat"));
+            s.cpu_total_ns = get(&cpu, "usage_usec") * 1000;
+            s.cpu_user_ns = get(&cpu, "user_usec") * 1000;
+            s.cpu_kernel_ns = get(&cpu, "system_usec") * 1000;
+            s.throttle_periods = get(&cpu, "nr_periods");
+            s.throttled_periods = get(&cpu, "nr_throttled");
+            s.throttled_time_ns = get(&cpu, "throttled_usec") * 1000;
+            if has("memory") {
+                s.memory_usage = number(dir, "memory.current");
+                s.memory_max_usage = number(dir, "memory.peak");
+                s.memory_limit = number(dir, "memory.max");
+                s.oom_kills = oom_kill_count(&read("memory.events"));
+                s.memory_raw = pairs(&read("memory.stat"));
+            }
+            if has("pids") {
+                s.pids_current = number(dir, "pids.current");
+                s.pids_limit = number(dir, "pids.max");
+            }
+            continue;
+        }
+        if has("cpuacct") {
+            s.cpu_total_ns = number(dir, "cpuacct.usage");
+            s.cpu_percpu_ns = read("cpuacct.usage_percpu")
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            let acct = pairs(&read("cpuacct.stat"));
+            s.cpu_user_ns = get(&acct, "user") * 1_000_000_000 / ticks;
+            s.cpu_kernel_ns = get(&acct, "system") * 1_000_000_000 / ticks;
+        }
+        if has("cpu") {
+            let cpu = pairs(&read("cpu.stat"));
+            s.throttle_periods = get(&cpu, "nr_periods");
+            s.throttled_periods = get(&cpu, "nr_throttled");
+            s.throttled_time_ns = get(&cpu, "throttled_time");
+        }
+        if has("memory") {
+            s.memory_usage = number(dir, "memory.usage_in_bytes");
+            s.memory_max_usage = number(dir, "memory.max_usage_in_bytes");
+            s.memory_limit = number(dir, "memory.limit_in_bytes");
+            s.memory_failcnt = number(dir, "memory.failcnt");
+            s.oom_kills = oom_kill_count(&read("memory.oom_control"));
+            s.memory_raw = pairs(&read("memory.stat"));
+        }
+        if has("pids") {
+            s.pids_current = number(dir, "pids.current");
+            s.pids_limit = number(dir, "pids.max");
+        }
+    }
+    s
 }

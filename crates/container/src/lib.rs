@@ -36,6 +36,7 @@ mod tty;
 
 use std::path::PathBuf;
 
+pub use cgroup::Stats;
 pub use error::{Error, Result};
 pub use plan::CapSets;
 pub use run::run;

@@ -136,6 +136,26 @@ impl CgroupPaths {
         Ok(())
     }
 
+    /// Writes new limits into the groups (`update`); device rules stay as they are.
+    pub fn update(&self, limits: &Limits) -> Result<()> {
+        cgroup::update(&self.groups, limits)
+    }
+
+    /// Freezes or thaws every process of the container (`pause`, `resume`).
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        cgroup::freeze(&self.groups, frozen)
+    }
+
+    /// Whether the container is paused.
+    pub fn is_frozen(&self) -> bool {
+        cgroup::is_frozen(&self.groups)
+    }
+
+    /// The groups' usage figures.
+    pub fn stats(&self) -> cgroup::Stats {
+        cgroup::stats(&self.groups)
+    }
+
     /// Kills anything left in the groups and removes them (and empty created parents).
     pub fn remove(&self) {
         for dir in self.groups.iter().rev() {
@@ -167,54 +187,59 @@ pub struct Created {
     pub cgroups: CgroupPaths,
 }
 
+/// The capabilities this runtime knows, without `CAP_`, by number.
+pub const CAPABILITY_NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
 /// The bit of each capability name (`CAP_` optional, any case).
 pub fn capability_number(name: &str) -> Option<u32> {
-    const NAMES: [&str; 41] = [
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "DAC_READ_SEARCH",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "SETGID",
-        "SETUID",
-        "SETPCAP",
-        "LINUX_IMMUTABLE",
-        "NET_BIND_SERVICE",
-        "NET_BROADCAST",
-        "NET_ADMIN",
-        "NET_RAW",
-        "IPC_LOCK",
-        "IPC_OWNER",
-        "SYS_MODULE",
-        "SYS_RAWIO",
-        "SYS_CHROOT",
-        "SYS_PTRACE",
-        "SYS_PACCT",
-        "SYS_ADMIN",
-        "SYS_BOOT",
-        "SYS_NICE",
-        "SYS_RESOURCE",
-        "SYS_TIME",
-        "SYS_TTY_CONFIG",
-        "MKNOD",
-        "LEASE",
-        "AUDIT_WRITE",
-        "AUDIT_CONTROL",
-        "SETFCAP",
-        "MAC_OVERRIDE",
-        "MAC_ADMIN",
-        "SYSLOG",
-        "WAKE_ALARM",
-        "BLOCK_SUSPEND",
-        "AUDIT_READ",
-        "PERFMON",
-        "BPF",
-        "CHECKPOINT_RESTORE",
-    ];
     let upper = name.to_ascii_uppercase();
     let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
-    NAMES.iter().position(|n| *n == bare).map(|i| i as u32)
+    CAPABILITY_NAMES
+        .iter()
+        .position(|n| *n == bare)
+        .map(|i| i as u32)
 }
 
 /// Mount flags and the filesystem data of OCI mount options.

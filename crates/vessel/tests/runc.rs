@@ -538,6 +538,54 @@ fn ctr_run_with_vessel_runc() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+
+    // A detached task paused, resumed and measured through containerd's shim.
+    let ctr = |args: &[&str]| {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(ctrd.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let task = format!("{id}-task");
+    let rootfs = env.rootfs.to_str().unwrap();
+    ctr(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        RUNC,
+        "--rootfs",
+        rootfs,
+        &task,
+        "sleep",
+        "1000",
+    ]);
+    let status = |ctr_out: String| {
+        ctr_out
+            .lines()
+            .find(|l| l.starts_with(task.as_str()))
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
+    };
+    ctr(&["task", "pause", &task]);
+    assert_eq!(status(ctr(&["task", "ls"])).as_deref(), Some("PAUSED"));
+    ctr(&["task", "resume", &task]);
+    assert_eq!(status(ctr(&["task", "ls"])).as_deref(), Some("RUNNING"));
+    let metrics = ctr(&["task", "metrics", "--format", "json", &task]);
+    eprintln!("METRICS {}", &metrics[..metrics.len().min(900)]);
+    assert!(
+        metrics.contains("memory") || metrics.contains("Memory"),
+        "{metrics}"
+    );
+    ctr(&["task", "kill", "-s", "SIGKILL", &task]);
+    wait_until("the task to stop", || {
+        status(ctr(&["task", "ls"])).as_deref() == Some("STOPPED")
+    });
+    ctr(&["task", "rm", &task]);
+    ctr(&["container", "rm", &task]);
     drop(ctrd);
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains("vessel-runc-test"), "nothing left mounted");
@@ -1381,5 +1429,131 @@ fn namespaces_given_by_path_are_joined() {
         assert!(out.status.success(), "{who}: {}", text(&out));
         drop(ns);
         nothing_left(runtime, &a.root, &before, who);
+    }
+}
+
+#[test]
+fn pause_resume_update_and_events() {
+    let Some(env) = env() else { return };
+    let v1 = Path::new("/sys/fs/cgroup/freezer").exists();
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let b = Bundle::for_runtime(&env, &["sleep", "1000"], runtime);
+        let before = host_state(&b.root);
+        let mut config = default_config(&env.rootfs, &["sleep", "1000"]);
+        config["linux"]["cgroupsPath"] = "/vessel-runc-test".into();
+        b.write_config(&config);
+        let ok = |args: &[&str]| {
+            let out = b.runc(args);
+            assert!(out.status.success(), "{who}: {args:?}: {}", text(&out));
+            out
+        };
+        ok(&[
+            "run",
+            "--detach",
+            "--bundle",
+            b.path().to_str().unwrap(),
+            "pr",
+        ]);
+        let group = |hierarchy: &str, file: &str| {
+            fs::read_to_string(
+                Path::new("/sys/fs/cgroup")
+                    .join(hierarchy)
+                    .join("vessel-runc-test")
+                    .join(file),
+            )
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+        };
+        ok(&["pause", "pr"]);
+        assert_eq!(b.state("pr")["status"], "paused", "{who}");
+        if v1 {
+            assert_eq!(group("freezer", "freezer.state"), "FROZEN", "{who}");
+        }
+        let refused = b.runc(&["exec", "pr", "true"]);
+        assert!(
+            !refused.status.success(),
+            "{who}: exec into a paused container"
+        );
+        ok(&["resume", "pr"]);
+        assert_eq!(b.state("pr")["status"], "running", "{who}");
+        if v1 {
+            assert_eq!(group("freezer", "freezer.state"), "THAWED", "{who}");
+        }
+
+        ok(&["update", "--memory", "128m", "--pids-limit", "80", "pr"]);
+        let resources = b.path().join("resources.json");
+        fs::write(&resources, r#"{"cpu": {"shares": 256}}"#).unwrap();
+        ok(&["update", "--resources", resources.to_str().unwrap(), "pr"]);
+        if v1 {
+            assert_eq!(
+                group("memory", "memory.limit_in_bytes"),
+                "134217728",
+                "{who}"
+            );
+            assert_eq!(group("pids", "pids.max"), "80", "{who}");
+            assert_eq!(group("cpu", "cpu.shares"), "256", "{who}");
+        }
+
+        let out = ok(&["events", "--stats", "pr"]);
+        let event: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{who}: {e}: {}", text(&out)));
+        assert_eq!(event["type"], "stats", "{who}");
+        assert_eq!(event["id"], "pr", "{who}");
+        assert!(
+            event["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0,
+            "{who}: {event}"
+        );
+        assert_eq!(
+            event["data"]["memory"]["usage"]["limit"], 134217728,
+            "{who}"
+        );
+        assert!(
+            event["data"]["pids"]["current"].as_u64().unwrap() >= 1,
+            "{who}: {event}"
+        );
+        assert_eq!(event["data"]["pids"]["limit"], 80, "{who}");
+
+        ok(&["pause", "pr"]);
+        // A paused container is deleted by force: its processes die once thawed.
+        ok(&["delete", "--force", "pr"]);
+        nothing_left(runtime, &b.root, &before, who);
+    }
+}
+
+#[test]
+fn features_says_what_is_implemented() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let out = b.runc(&["features"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let features: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(features["hooks"].as_array().unwrap().len(), 6);
+    assert!(features["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .contains(&"pid".into()));
+    assert!(features["linux"]["capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&"CAP_SYS_ADMIN".into()));
+    assert_eq!(features["linux"]["seccomp"]["enabled"], true);
+    if have("runc") {
+        // The same document's shape as runc's.
+        let theirs = Command::new("runc").arg("features").output().unwrap();
+        let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+        for key in [
+            "ociVersionMin",
+            "ociVersionMax",
+            "hooks",
+            "mountOptions",
+            "linux",
+        ] {
+            assert!(
+                theirs.get(key).is_some() && features.get(key).is_some(),
+                "{key}"
+            );
+        }
     }
 }

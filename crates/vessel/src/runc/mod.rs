@@ -1,6 +1,7 @@
 //! The commands of `vessel-runc`.
 
 mod hooks;
+mod manage;
 mod spec;
 mod state;
 
@@ -125,6 +126,27 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Freeze every process of a container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Change a running container's cgroup limits.
+    Update {
+        #[command(flatten)]
+        flags: manage::UpdateFlags,
+        id: String,
+    },
+    /// Print a container's resource usage as JSON: once with --stats, else every
+    /// --interval (and an "oom" event when the memory limit kills) until it stops.
+    Events {
+        #[arg(long)]
+        stats: bool,
+        #[arg(long, default_value = "5s", value_name = "DURATION")]
+        interval: String,
+        id: String,
+    },
+    /// Print what this runtime implements (the runtime spec's features document).
+    Features,
 }
 
 #[derive(clap::Args, Debug)]
@@ -291,6 +313,27 @@ fn dispatch(cli: &Cli, logger: &Logger) -> Result<ExitCode> {
                 }
                 other => bail!("--format {other}: expected json or table"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { id } => {
+            manage::pause(root, id)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { id } => {
+            manage::resume(root, id)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Update { flags, id } => {
+            manage::update(root, id, flags)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events {
+            stats,
+            interval,
+            id,
+        } => manage::events(root, id, *stats, interval),
+        Command::Features => {
+            println!("{}", serde_json::to_string_pretty(&manage::features())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::List { format, quiet } => {
@@ -529,6 +572,10 @@ fn destroy(state: &State, root: &Path) {
         // SAFETY: kill has no memory-safety preconditions; the pid is checked against the
         // recorded start time by status().
         unsafe { libc::kill(state.pid, libc::SIGKILL) };
+        // A paused container's processes die only once thawed.
+        if state.cgroups().is_frozen() {
+            let _ = state.cgroups().freeze(false);
+        }
         state.wait_gone(Duration::from_secs(5));
     }
     state.cgroups().remove();
@@ -539,7 +586,7 @@ fn start(root: &Path, id: &str) -> Result<()> {
     let state = State::load(root, id)?;
     match state.status() {
         Status::Created => {}
-        Status::Running => bail!("cannot start an already running container"),
+        Status::Running | Status::Paused => bail!("cannot start an already running container"),
         Status::Stopped => bail!("cannot start a container that has stopped"),
     }
     let oci = snapshot(&state)?;
@@ -669,8 +716,8 @@ fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         Err(e) => return Err(e),
     };
     match state.status() {
-        Status::Running if !force => {
-            bail!("cannot delete container {id} that is not stopped: running")
+        status @ (Status::Running | Status::Paused) if !force => {
+            bail!("cannot delete container {id} that is not stopped: {status}")
         }
         _ => {}
     }
@@ -733,8 +780,10 @@ fn exec(
 ) -> Result<ExitCode> {
     let state = State::load(root, id)?;
     // As runc: a created container's init has its namespaces and cgroups already.
-    if state.status() == Status::Stopped {
-        bail!("cannot exec in a stopped container");
+    match state.status() {
+        Status::Stopped => bail!("cannot exec in a stopped container"),
+        Status::Paused => bail!("cannot exec in a paused container"),
+        Status::Created | Status::Running => {}
     }
     let oci = snapshot(&state)?;
     let process = match process_file {

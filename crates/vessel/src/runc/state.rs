@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub enum Status {
     Created,
     Running,
+    /// Running, but frozen by `pause`.
+    Paused,
     Stopped,
 }
 
@@ -21,6 +23,7 @@ impl std::fmt::Display for Status {
         f.write_str(match self {
             Status::Created => "created",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Stopped => "stopped",
         })
     }
@@ -182,6 +185,8 @@ impl State {
             Status::Stopped
         } else if self.dir.join("exec.fifo").exists() {
             Status::Created
+        } else if self.cgroups().is_frozen() {
+            Status::Paused
         } else {
             Status::Running
         }
