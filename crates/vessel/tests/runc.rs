@@ -575,9 +575,13 @@ fn ctr_run_with_vessel_runc() {
     ctr(&["task", "resume", &task]);
     assert_eq!(status(ctr(&["task", "ls"])).as_deref(), Some("RUNNING"));
     let metrics = ctr(&["task", "metrics", "--format", "json", &task]);
-    eprintln!("METRICS {}", &metrics[..metrics.len().min(900)]);
+    let metrics: serde_json::Value = serde_json::from_str(&metrics).unwrap();
+    assert_eq!(
+        metrics["pids"]["current"], 1,
+        "the task's cgroups: {metrics}"
+    );
     assert!(
-        metrics.contains("memory") || metrics.contains("Memory"),
+        metrics["memory"]["usage"]["usage"].as_u64().unwrap() > 0,
         "{metrics}"
     );
     ctr(&["task", "kill", "-s", "SIGKILL", &task]);
