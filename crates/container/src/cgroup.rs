@@ -617,10 +617,10 @@ impl Cgroups {
         oom_kill_count(&text)
     }
 
-    /// The group directories, for tests and diagnostics.
-    #[allow(dead_code)]
-    pub(crate) fn dirs(&self) -> Vec<PathBuf> {
-        self.groups.iter().map(|g| g.dir.clone()).collect()
+    /// The groups with their hierarchies, for the container's /sys/fs/cgroup.
+    pub(crate) fn hierarchies(&self) -> Vec<Known> {
+        let dirs: Vec<PathBuf> = self.groups.iter().map(|g| g.dir.clone()).collect();
+        identify(&dirs)
     }
 }
 
@@ -835,6 +835,8 @@ pub(crate) struct Known {
     pub dir: PathBuf,
     pub v2: bool,
     pub controllers: Vec<String>,
+    /// Where the host mounts the hierarchy.
+    pub mountpoint: PathBuf,
 }
 
 /// What each of `dirs` is: the cgroup mount holding it (the longest mount point that
@@ -861,6 +863,7 @@ pub(crate) fn identify(dirs: &[PathBuf]) -> Vec<Known> {
                 dir: dir.clone(),
                 v2: mount.v2,
                 controllers,
+                mountpoint: mount.mountpoint.clone(),
             })
         })
         .collect()

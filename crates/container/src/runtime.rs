@@ -377,8 +377,93 @@ fn is_cgroup2_host() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
+/// A v1 or hybrid host's cgroup mount, as runc makes it: a tmpfs at `target` holding
+/// one mount per v1 hierarchy of the container, named as on the host (`memory`,
+/// `systemd`), with a link per controller of a shared hierarchy
+/// (`cpu` -> `cpu,cpuacct`). Each shows the container's own group: a cgroup mount in
+/// the container's cgroup namespace, or a bind mount of the group without one. `flags`
+/// (the config's: read-only, ...) apply to each and, last, to the tmpfs.
+fn v1_cgroup_ops(
+    target: &Path,
+    hierarchies: &[cgroup::Known],
+    cgroup_ns: bool,
+    flags: c_ulong,
+) -> Result<Vec<Op>> {
+    let target_c = path_cstr(target)?;
+    let safe = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let mut ops = vec![
+        Op::MkdirAll {
+            path: target_c.clone(),
+        },
+        Op::Mount {
+            source: cstr("tmpfs")?,
+            target: target_c.clone(),
+            fstype: cstr("tmpfs")?,
+            flags: safe,
+            data: Some(cstr("mode=755")?),
+            no_symlink: true,
+        },
+    ];
+    let mut sorted: Vec<&cgroup::Known> = hierarchies.iter().collect();
+    sorted.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+    // A hybrid host's v2 hierarchy is left out, as runc leaves it.
+    for known in sorted.into_iter().filter(|k| !k.v2) {
+        let Some(name) = known.mountpoint.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let sub = target.join(name);
+        let sub_c = path_cstr(&sub)?;
+        ops.push(Op::MkdirAll {
+            path: sub_c.clone(),
+        });
+        if cgroup_ns {
+            ops.push(Op::Mount {
+                source: cstr("cgroup")?,
+                target: sub_c.clone(),
+                fstype: cstr("cgroup")?,
+                flags: flags | safe,
+                data: Some(cstr(known.controllers.join(","))?),
+                no_symlink: true,
+            });
+        } else {
+            ops.push(Op::Mount {
+                source: path_cstr(&known.dir)?,
+                target: sub_c.clone(),
+                fstype: cstr("")?,
+                flags: libc::MS_BIND,
+                data: None,
+                no_symlink: true,
+            });
+            ops.push(Op::Remount {
+                target: sub_c.clone(),
+                flags: (flags & libc::MS_RDONLY) | safe,
+            });
+        }
+        if name.contains(',') {
+            for controller in known.controllers.iter().filter(|c| !c.contains('=')) {
+                ops.push(Op::Symlink {
+                    target: cstr(name)?,
+                    link: path_cstr(&target.join(controller))?,
+                });
+            }
+        }
+    }
+    if flags & libc::MS_RDONLY != 0 {
+        ops.push(Op::Remount {
+            target: target_c,
+            flags: libc::MS_RDONLY | safe,
+        });
+    }
+    Ok(ops)
+}
+
 /// The mount operations of an OCI spec, before pivot_root (host paths under `root`).
-fn mount_ops(spec: &InitSpec, root: &Path) -> Result<(Vec<Op>, bool)> {
+fn mount_ops(
+    spec: &InitSpec,
+    root: &Path,
+    hierarchies: &[cgroup::Known],
+    cgroup_ns: bool,
+) -> Result<(Vec<Op>, bool)> {
     let root_c = path_cstr(root)?;
     // pivot_root needs the new root to be a mount point: bind it onto itself.
     let mut ops = vec![Op::Mount {
@@ -451,18 +536,15 @@ fn mount_ops(spec: &InitSpec, root: &Path) -> Result<(Vec<Op>, bool)> {
         } else {
             let mut fstype = mount.kind.clone();
             let mut data = opts.data.join(",");
-            let mut flags = opts.flags;
+            let flags = opts.flags;
             if fstype == "cgroup" || fstype == "cgroup2" {
-                // The container sees its own cgroup (it is in a cgroup namespace). On a
-                // v1 or hybrid host a read-only empty tmpfs stands in for the per-
-                // controller hierarchies, which this runtime does not mount.
                 if is_cgroup2_host() {
+                    // The container's own group, as it is in a cgroup namespace.
                     fstype = "cgroup2".into();
                     data.clear();
                 } else {
-                    fstype = "tmpfs".into();
-                    data = "mode=755".into();
-                    flags |= libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                    ops.extend(v1_cgroup_ops(&target, hierarchies, cgroup_ns, opts.flags)?);
+                    continue;
                 }
             }
             if mount.destination == "/dev" && fstype == "tmpfs" {
@@ -749,7 +831,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     let clone_flags = new_flags & !libc::CLONE_NEWCGROUP;
 
     let cgroups = Cgroups::create_at(&spec.cgroups_path, &spec.limits)?;
-    let (mut pre, dev_is_tmpfs) = mount_ops(spec, &root)?;
+    let (mut pre, dev_is_tmpfs) = mount_ops(spec, &root, &cgroups.hierarchies(), cgroup_ns)?;
     if dev_is_tmpfs {
         pre.extend(device_ops(&root)?);
     }

@@ -1561,3 +1561,145 @@ fn features_says_what_is_implemented() {
         }
     }
 }
+
+#[test]
+fn the_cgroup_mount_shows_the_containers_own_groups() {
+    let Some(env) = env() else { return };
+    let script = "ls /sys/fs/cgroup; cat /sys/fs/cgroup/memory/memory.limit_in_bytes \
+                  /sys/fs/cgroup/pids/pids.max; grep -c ' /sys/fs/cgroup/' /proc/self/mountinfo; \
+                  (echo 1 > /sys/fs/cgroup/pids/pids.max) 2>&1; true";
+    if !Path::new("/sys/fs/cgroup/memory").exists() {
+        testkit::not_run(
+            testkit::prereq::CGROUP,
+            "the host has no cgroup v1 memory hierarchy",
+        );
+        return;
+    }
+    let mut seen = Vec::new();
+    for runtime in runtimes() {
+        let who = name(runtime);
+        for cgroup_ns in [true, false] {
+            let b = Bundle::for_runtime(&env, &["sh", "-c", script], runtime);
+            let before = host_state(&b.root);
+            let mut config = default_config(&env.rootfs, &["sh", "-c", script]);
+            config["linux"]["cgroupsPath"] = "/vessel-runc-test".into();
+            config["linux"]["resources"]["pids"]["limit"] = 50.into();
+            if !cgroup_ns {
+                config["linux"]["namespaces"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|n| n["type"] != "cgroup");
+            }
+            b.write_config(&config);
+            let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "cg"]);
+            assert!(out.status.success(), "{who}: {}", text(&out));
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                stdout.contains("67108864\n50\n"),
+                "{who}: the container's own limits: {stdout}"
+            );
+            assert!(
+                stdout.contains("Read-only file system"),
+                "{who}: read-only: {stdout}"
+            );
+            seen.push((who.to_owned(), cgroup_ns, stdout));
+            nothing_left(runtime, &b.root, &before, who);
+        }
+    }
+    // The same hierarchies, limits and read-only mounts under both runtimes.
+    for (who, cgroup_ns, stdout) in &seen[1..] {
+        let (_, _, first) = seen.iter().find(|(_, ns, _)| ns == cgroup_ns).unwrap();
+        assert_eq!(
+            stdout, first,
+            "{who} (cgroup namespace: {cgroup_ns}) against vessel-runc"
+        );
+    }
+}
+
+#[test]
+fn podman_sees_the_same_cgroups_as_under_runc() {
+    let Some(env) = env() else { return };
+    if !testkit::programs_present(&["podman"]) {
+        return;
+    }
+    let script = "ls /sys/fs/cgroup; cat /sys/fs/cgroup/memory/memory.limit_in_bytes \
+                  /sys/fs/cgroup/pids/pids.max; cat /proc/self/cgroup";
+    let dir = tempfile::Builder::new()
+        .prefix("vessel-runc-test-podman")
+        .tempdir()
+        .unwrap();
+    let mut seen = Vec::new();
+    for runtime in runtimes() {
+        let runtime_path = if runtime == RUNC {
+            PathBuf::from(RUNC)
+        } else {
+            PathBuf::from("/usr/sbin/runc")
+        };
+        // Podman's own storage and state in the test's directory; this host's hard
+        // limits are below Podman's defaults, hence the ulimits.
+        let out = Command::new("podman")
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--runroot")
+            .arg(dir.path().join("run"))
+            .args([
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "none",
+                "--runtime",
+            ])
+            .arg(&runtime_path)
+            .args([
+                "run",
+                "--rm",
+                "--memory",
+                "64m",
+                "--pids-limit",
+                "50",
+                "--net",
+                "none",
+            ])
+            .args([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+                "--rootfs",
+            ])
+            .arg(&env.rootfs)
+            .args(["sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", name(runtime), text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // The container's id differs between the runs.
+        let normalized: Vec<String> = stdout
+            .lines()
+            .map(|l| match l.split_once("/libpod-") {
+                Some((head, _)) => format!("{head}/libpod-ID"),
+                None => l.to_owned(),
+            })
+            .collect();
+        assert!(
+            normalized.contains(&"67108864".to_owned()),
+            "{}: {stdout}",
+            name(runtime)
+        );
+        assert!(
+            normalized.contains(&"50".to_owned()),
+            "{}: {stdout}",
+            name(runtime)
+        );
+        seen.push(normalized);
+    }
+    if seen.len() == 2 {
+        assert_eq!(seen[0], seen[1], "vessel-runc against runc");
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(dir.path().to_str().unwrap()),
+        "nothing left mounted"
+    );
+}
