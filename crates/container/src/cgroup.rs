@@ -1084,3 +1084,59 @@ pub(crate) fn stats(dirs: &[PathBuf]) -> Stats {
     }
     s
 }
+
+/// This process's own group in each hierarchy mounted here, with the mount.
+fn own_groups() -> Vec<(CgroupMount, PathBuf)> {
+    let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    let memberships =
+        parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+    mounts
+        .into_iter()
+        .filter_map(|mount| {
+            let membership = memberships.iter().find(|m| {
+                if mount.v2 {
+                    m.controllers.is_empty()
+                } else {
+                    m.controllers.iter().any(|c| mount.controllers.contains(c))
+                }
+            })?;
+            let dir = group_dir(&mount, &membership.path);
+            Some((mount, dir))
+        })
+        .collect()
+}
+
+/// Removes the group `name` below this process's own group in every hierarchy, where
+/// it exists (a run that died left it).
+pub(crate) fn remove_own_children(name: &str) {
+    for (_, own) in own_groups() {
+        let dir = own.join(name);
+        if dir.is_dir() {
+            remove_group(&dir);
+        }
+    }
+}
+
+/// Where an OCI container with `linux.cgroupsPath` `path` has its group in each
+/// hierarchy, as [`Cgroups::create_at`] places it; only those that exist.
+pub(crate) fn dirs_at(path: &str) -> Vec<PathBuf> {
+    let relative = path.trim_start_matches('/');
+    if relative.is_empty()
+        || Path::new(relative)
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Vec::new();
+    }
+    own_groups()
+        .into_iter()
+        .map(|(mount, own)| {
+            if path.starts_with('/') {
+                mount.mountpoint.join(relative)
+            } else {
+                own.join(relative)
+            }
+        })
+        .filter(|dir| dir.is_dir())
+        .collect()
+}

@@ -123,6 +123,9 @@ pub(crate) struct ChildFds {
     pub error_write: RawFd,
     /// With a tty: a unix socket the pty master is sent over; else -1.
     pub tty_socket: RawFd,
+    /// The parent's ends of the two pipes, which the clone copied: closed first, so
+    /// that the parent's death reads as end-of-file here, and ours there.
+    pub parent_ends: [RawFd; 2],
 }
 
 fn errno() -> i32 {
@@ -248,6 +251,10 @@ fn wait_parent(sync_read: RawFd, index: u32) -> Result<(), Failure> {
 }
 
 fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<(), Failure> {
+    for fd in fds.parent_ends {
+        // SAFETY: closing this process's copies of the parent's descriptors.
+        unsafe { libc::close(fd) };
+    }
     // Wait until the parent has moved us into the cgroups, so that everything from here
     // on (including the cgroup namespace's root) is the container's.
     wait_parent(fds.sync_read, 0)?;

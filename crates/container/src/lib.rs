@@ -25,6 +25,7 @@ mod cgroup;
 mod child;
 mod error;
 pub mod lasting;
+pub mod leftovers;
 mod plan;
 pub mod resources;
 pub mod rootfs;

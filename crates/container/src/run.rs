@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::cgroup::Cgroups;
 use crate::child::{self, ChildFds, Failure, Step};
 use crate::error::{Error, Result};
+use crate::leftovers;
 use crate::plan::{self, Plan};
 use crate::tty;
 use crate::{Config, Net, Outcome, Status, ID_LEN};
@@ -66,6 +67,7 @@ pub fn run(config: &Config) -> Result<Outcome> {
         sync_read: sync_read.as_raw_fd(),
         error_write: error_write.as_raw_fd(),
         tty_socket: tty_child.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        parent_ends: [sync_write.as_raw_fd(), error_read.as_raw_fd()],
     };
     let mut child = spawn(&plan, config.net, fds)?;
     // Only the child may hold these ends, so that its exit reads as EOF here.
@@ -147,9 +149,11 @@ fn new_id() -> Result<[u8; ID_LEN]> {
 }
 
 /// The per-container state directory (overlay upper, work and mount point); removed with
-/// everything in it when dropped.
+/// everything in it when dropped. Its lock file is held while it lives, so that a run
+/// killed by SIGKILL leaves a directory the next run recognizes and removes.
 struct StateDir {
     path: PathBuf,
+    _lock: fs::File,
 }
 
 impl StateDir {
@@ -159,12 +163,24 @@ impl StateDir {
             .mode(0o700)
             .create(root)
             .map_err(|e| Error::path("creating state directory", root, e))?;
+        leftovers::sweep_runs(root);
         let path = root.join(id);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
             .map_err(|e| Error::path("creating state directory", &path, e))?;
-        let state = StateDir { path };
+        let lock_path = path.join(leftovers::LOCK_FILE);
+        let lock = match leftovers::try_lock(&lock_path) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                return Err(Error::Invalid(format!(
+                    "{} is locked by another process",
+                    lock_path.display()
+                )))
+            }
+            Err(e) => return Err(Error::path("locking", &lock_path, e)),
+        };
+        let state = StateDir { path, _lock: lock };
         for sub in ["upper", "work", "merged"] {
             let dir = state.path.join(sub);
             fs::create_dir(&dir).map_err(|e| Error::path("creating", &dir, e))?;
@@ -181,13 +197,7 @@ impl Drop for StateDir {
     fn drop(&mut self) {
         // The mounts live in the container's mount namespace, which is gone by now; but
         // if one were visible here, deleting through it could reach the root's files.
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = self.path.to_string_lossy();
-        if mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .any(|mp| mp.starts_with(prefix.as_ref()))
-        {
+        if leftovers::has_mounts_below(&self.path) {
             tracing::warn!(
                 "not removing {}: something is mounted in it",
                 self.path.display()

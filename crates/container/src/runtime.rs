@@ -927,6 +927,7 @@ fn start_child(
         sync_read: sync_read.as_raw_fd(),
         error_write: error_write.as_raw_fd(),
         tty_socket: console_socket.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        parent_ends: [sync_write.as_raw_fd(), error_read.as_raw_fd()],
     };
     let child = match pid_ns {
         Some(target) => {
@@ -1068,6 +1069,7 @@ pub fn exec(
         sync_read: sync_read.as_raw_fd(),
         error_write: error_write.as_raw_fd(),
         tty_socket: console_socket.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        parent_ends: [sync_write.as_raw_fd(), error_read.as_raw_fd()],
     };
     let child = run::spawn_with(&plan, 0, fds)?;
     drop((sync_read, error_write, console_socket, join));

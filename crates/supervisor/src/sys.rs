@@ -9,22 +9,7 @@ use std::path::Path;
 /// An exclusive, non-blocking flock on `path` (created if missing):
 /// `None` if another process holds it.
 pub fn try_lock(path: &Path) -> io::Result<Option<fs::File>> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    // SAFETY: flock on a descriptor we own; no pointers.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(Some(file));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(None)
-    } else {
-        Err(e)
-    }
+    container::leftovers::try_lock(path)
 }
 
 /// A pipe, both ends close-on-exec: (read, write).

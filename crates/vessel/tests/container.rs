@@ -726,3 +726,44 @@ fn cpu_limit_holds_a_busy_loop_to_its_quota() {
     assert_eq!(status.code(), Some(143));
     assert_eq!(host_state(), before, "vessel left state behind");
 }
+
+#[test]
+fn a_run_killed_by_sigkill_is_cleaned_up_by_the_next() {
+    let Some(env) = env() else { return };
+    let before = host_state();
+    let mut child = Command::new(VESSEL)
+        .args(["run", "--container", "--rootfs"])
+        .arg(&env.rootfs)
+        .args(["--", "sleep", "100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host_state() == before {
+        assert!(Instant::now() < deadline, "the run made no state");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The container's PID 1 dies with vessel (its parent-death signal); the state
+    // directory and the cgroups stay.
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = host_state();
+    assert!(
+        left.iter().any(|s| s.starts_with("state "))
+            && left.iter().any(|s| s.starts_with("cgroup ")),
+        "a SIGKILL leaves state and cgroups: {left:?}"
+    );
+    // The next run finds them (their lock is free) and removes them.
+    let out = Command::new(VESSEL)
+        .args(["run", "--container", "--rootfs"])
+        .arg(&env.rootfs)
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert_eq!(host_state(), before, "the next run removed the leftovers");
+}

@@ -1703,3 +1703,54 @@ fn podman_sees_the_same_cgroups_as_under_runc() {
         "nothing left mounted"
     );
 }
+
+#[test]
+fn a_create_killed_by_sigkill_is_cleaned_up_by_the_next_command() {
+    let Some(env) = env() else { return };
+    for (case, next) in [
+        ("delete", &["delete", "half"][..]),
+        ("any command", &["list"][..]),
+    ] {
+        let (b, dir, mut config) = hooked_bundle(&env, RUNC, &["true"]);
+        let before = host_state(&b.root);
+        config["linux"]["cgroupsPath"] = "/vessel-runc-test".into();
+        // A hook that waits, so the create can be killed half-way.
+        let then = format!(
+            "echo $$ > {0}/hook.tmp && mv {0}/hook.tmp {0}/hook.pid; exec sleep 30",
+            dir.display()
+        );
+        config["hooks"] =
+            serde_json::json!({"createRuntime": [recording_hook(&dir, "createRuntime", &then)]});
+        b.write_config(&config);
+        let mut create = Command::new(RUNC)
+            .arg("--root")
+            .arg(&b.root)
+            .args(["create", "--bundle", b.path().to_str().unwrap(), "half"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("the hook to run", || dir.join("hook.pid").exists());
+        create.kill().unwrap();
+        create.wait().unwrap();
+        // The hook was the runtime's child, not the container's: the test ends it.
+        let hook = fs::read_to_string(dir.join("hook.pid")).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the hook still sleeps, so
+        // its pid is its own.
+        unsafe { libc::kill(hook.trim().parse().unwrap(), libc::SIGKILL) };
+        let left = host_state(&b.root);
+        assert!(
+            left.iter().any(|s| s.starts_with("state "))
+                && left.iter().any(|s| s.starts_with("cgroup ")),
+            "{case}: a SIGKILL leaves state and cgroups: {left:?}"
+        );
+        let out = b.runc(next);
+        assert!(out.status.success(), "{case}: {}", text(&out));
+        assert_eq!(
+            host_state(&b.root),
+            before,
+            "{case}: the leftovers are gone"
+        );
+    }
+}

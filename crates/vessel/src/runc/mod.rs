@@ -240,6 +240,31 @@ fn one_line(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Removes what creates killed half-way left under `root` (a container directory
+/// without state.json whose lock is free): the container's cgroups and the directory.
+/// Returns the ids removed.
+fn sweep(root: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() || dir.join("state.json").exists() {
+            continue;
+        }
+        let Some(_held) = container::leftovers::abandoned(&dir) else {
+            continue;
+        };
+        let cgroups_path =
+            fs::read_to_string(dir.join(container::leftovers::LOCK_FILE)).unwrap_or_default();
+        if !cgroups_path.is_empty() {
+            container::leftovers::remove_groups_at(&cgroups_path);
+        }
+        if fs::remove_dir_all(&dir).is_ok() {
+            removed.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    removed
+}
+
 fn dispatch(cli: &Cli, logger: &Logger) -> Result<ExitCode> {
     if cli.systemd_cgroup {
         bail!("--systemd-cgroup: systemd cgroups are not supported by vessel-runc; use cgroupfs (drop the flag / SystemdCgroup = false)");
@@ -251,6 +276,10 @@ fn dispatch(cli: &Cli, logger: &Logger) -> Result<ExitCode> {
         logger.log("debug", &format!("{:?}", cli.command));
     }
     let root = &cli.root;
+    let swept = sweep(root);
+    if !swept.is_empty() && cli.debug {
+        logger.log("debug", &format!("removed the leftovers of {swept:?}"));
+    }
     match &cli.command {
         Command::Create { create } => {
             create_container(root, create, false)?;
@@ -270,7 +299,10 @@ fn dispatch(cli: &Cli, logger: &Logger) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Delete { force, id } => {
-            delete(root, id, *force)?;
+            // A create killed half-way: its leftovers are gone now, which is the delete.
+            if !swept.contains(id) {
+                delete(root, id, *force)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { create, detach } => run(root, create, *detach),
@@ -430,6 +462,16 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
         Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
     }
     let mut guard = DirGuard(Some(dir.clone()));
+    // Held until the state is saved: a create killed before that leaves a directory
+    // whose lock is free, and the cgroups path in the lock file, for the next command
+    // to clean up (see `sweep`).
+    let lock_path = dir.join(container::leftovers::LOCK_FILE);
+    let mut creating = container::leftovers::try_lock(&lock_path)
+        .with_context(|| format!("locking {}", lock_path.display()))?
+        .ok_or_else(|| anyhow!("{} is locked by another process", lock_path.display()))?;
+    creating
+        .write_all(init.cgroups_path.as_bytes())
+        .with_context(|| format!("writing {}", lock_path.display()))?;
     // The config as it was at create: start, exec and delete read this copy, so an
     // edit of the bundle's config.json cannot change the container.
     let snapshot = dir.join(CONFIG_SNAPSHOT);
