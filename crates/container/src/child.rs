@@ -281,6 +281,13 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
             check(libc::setns(fd, nstype), Step::JoinNamespace, i)?;
             libc::close(fd);
         }
+        if plan.userns_root {
+            // In a user namespace (new, with its maps written by now, or joined) this
+            // process still has the host's ids, which it may not map: it becomes the
+            // namespace's root before it makes a file.
+            check(libc::setresgid(0, 0, 0), Step::User, 10)?;
+            check(libc::setresuid(0, 0, 0), Step::User, 11)?;
+        }
         if plan.cgroup_ns {
             check(
                 libc::unshare(libc::CLONE_NEWCGROUP),
@@ -289,8 +296,8 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
             )?;
         }
     }
-    // The exec FIFO is a host path: open it (as a path only) before the host's
-    // filesystem goes away with pivot_root.
+    // The exec FIFO, opened as a path only by the parent (a host path the container's
+    // user might not be allowed to reach): this process's copy of that descriptor.
     let mut fifo = -1;
     if plan.pivot {
         // SAFETY: plain syscalls on C strings from the plan and literals.
@@ -309,12 +316,8 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
             )?;
             // Device nodes and mount points get exactly the modes in the plan.
             libc::umask(0);
-            if let Some(path) = &plan.exec_fifo {
-                fifo = check(
-                    libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC),
-                    Step::ExecFifo,
-                    0,
-                )?;
+            if let Some(fd) = plan.exec_fifo {
+                fifo = fd;
             }
         }
         for (i, op) in plan.pre_pivot.iter().enumerate() {

@@ -207,6 +207,8 @@ fn init_spec(spec: &LastingSpec) -> Result<InitSpec> {
         readonly_root: false,
         mounts,
         devices: Vec::new(),
+        uid_mappings: Vec::new(),
+        gid_mappings: Vec::new(),
         namespaces,
         hostname: Some(spec.name.clone()),
         masked_paths: strings(crate::plan::MASKED_PATHS),

@@ -243,6 +243,8 @@ pub(crate) struct Plan {
     pub join: Vec<(RawFd, c_int)>,
     /// Unshare a cgroup namespace once in the cgroups.
     pub cgroup_ns: bool,
+    /// In a user namespace: become its root (ids 0) right after joining.
+    pub userns_root: bool,
     /// Die with the parent (a supervised run); not for OCI containers, whose creator exits.
     pub pdeathsig: bool,
     pub hostname: Option<Vec<u8>>,
@@ -263,9 +265,10 @@ pub(crate) struct Plan {
     pub no_new_privs: bool,
     /// Installed last before exec (or before dropping privileges without no_new_privs).
     pub seccomp: crate::seccomp::Programs,
-    /// OCI create: the exec FIFO (host path); the child reports ready, then blocks
-    /// opening it for writing until `start` opens it for reading.
-    pub exec_fifo: Option<CString>,
+    /// OCI create: the exec FIFO, a descriptor opened with O_PATH by the parent (the
+    /// clone has a copy); the child reports ready, then blocks reopening it for writing
+    /// until `start` opens it for reading.
+    pub exec_fifo: Option<RawFd>,
 }
 
 pub(crate) fn cstr(s: impl Into<Vec<u8>>) -> Result<CString> {
@@ -492,6 +495,7 @@ pub(crate) fn build(
         post_pivot: post,
         join: Vec::new(),
         cgroup_ns: true,
+        userns_root: false,
         pdeathsig: true,
         hostname: Some(hostname.as_bytes().to_vec()),
         loopback_up: config.net == Net::None,

@@ -12,6 +12,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::raw::{c_int, c_ulong};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::cgroup::{self, Cgroups};
@@ -47,6 +48,38 @@ pub struct DeviceSpec {
     pub file_mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+}
+
+/// One line of a user namespace's uid_map or gid_map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMapping {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub size: u32,
+}
+
+/// The text of a uid_map or gid_map.
+fn map_text(mappings: &[IdMapping]) -> String {
+    mappings
+        .iter()
+        .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+        .collect()
+}
+
+/// Writes a new user namespace's maps for process `pid` (before it goes on).
+fn write_id_maps(pid: libc::pid_t, uids: &[IdMapping], gids: &[IdMapping]) -> Result<()> {
+    for (file, mappings) in [("uid_map", uids), ("gid_map", gids)] {
+        let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+        fs::write(&path, map_text(mappings)).map_err(|e| {
+            Error::Invalid(format!(
+                "linux.{}Mappings: the kernel refused {:?} in {} ({e})",
+                &file[..3],
+                map_text(mappings),
+                path.display()
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// A namespace of the container: new, or joined from `path`.
@@ -88,6 +121,9 @@ pub struct InitSpec {
     /// Device nodes made in the container after its mounts.
     pub devices: Vec<DeviceSpec>,
     pub namespaces: Vec<NamespaceSpec>,
+    /// A new user namespace's mappings: (id inside, id on the host, count).
+    pub uid_mappings: Vec<IdMapping>,
+    pub gid_mappings: Vec<IdMapping>,
     pub hostname: Option<String>,
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
@@ -580,11 +616,46 @@ fn mount_ops(
     Ok((ops, dev_is_tmpfs))
 }
 
-/// The device nodes and links runc creates in a tmpfs `/dev`.
-fn device_ops(root: &Path) -> Result<Vec<Op>> {
+/// A bind mount of the host's node at `host` onto `target` (inside a user namespace,
+/// where mknod is not allowed, as runc does).
+fn bind_device(host: &Path, target: &Path) -> Result<Vec<Op>> {
+    if !host.exists() {
+        return Err(Error::Invalid(format!(
+            "{}: in a user namespace a device is bound from the host's node, and the host has none",
+            host.display()
+        )));
+    }
+    let target_c = path_cstr(target)?;
+    Ok(vec![
+        Op::Touch {
+            path: target_c.clone(),
+        },
+        // Touch refuses a symlink at the target (O_NOFOLLOW), so this binds onto the
+        // file it made or found.
+        Op::Mount {
+            source: path_cstr(host)?,
+            target: target_c,
+            fstype: cstr("")?,
+            flags: libc::MS_BIND,
+            data: None,
+            no_symlink: false,
+        },
+    ])
+}
+
+/// The device nodes and links runc creates in a tmpfs `/dev` (bound from the host's in
+/// a user namespace).
+fn device_ops(root: &Path, userns: bool) -> Result<Vec<Op>> {
     let mut ops = Vec::new();
     let in_root = |rel: &str| path_cstr(&root.join(rel));
     for (name, major, minor) in plan::DEVICES {
+        if userns {
+            ops.extend(bind_device(
+                &Path::new("/dev").join(name),
+                &root.join("dev").join(name),
+            )?);
+            continue;
+        }
         ops.push(Op::Mknod {
             path: in_root(&format!("dev/{name}"))?,
             major: *major,
@@ -607,8 +678,9 @@ fn device_ops(root: &Path) -> Result<Vec<Op>> {
     Ok(ops)
 }
 
-/// The nodes of `linux.devices`, under `root`, each with its missing parents.
-fn oci_device_ops(root: &Path, devices: &[DeviceSpec]) -> Result<Vec<Op>> {
+/// The nodes of `linux.devices`, under `root`, each with its missing parents (in a user
+/// namespace, bind mounts of the host's nodes at the same paths).
+fn oci_device_ops(root: &Path, devices: &[DeviceSpec], userns: bool) -> Result<Vec<Op>> {
     let mut ops = Vec::new();
     for device in devices {
         if !is_clean_container_path(&device.path) || device.path.trim_end_matches('/').is_empty() {
@@ -648,6 +720,10 @@ fn oci_device_ops(root: &Path, devices: &[DeviceSpec]) -> Result<Vec<Op>> {
             ops.push(Op::MkdirAll {
                 path: path_cstr(parent)?,
             });
+        }
+        if userns {
+            ops.extend(bind_device(Path::new(&device.path), &target)?);
+            continue;
         }
         ops.push(Op::Device {
             path: path_cstr(&target)?,
@@ -707,6 +783,7 @@ fn process_plan(process: &ProcessSpec, seccomp: &Programs) -> Result<Plan> {
         post_pivot: Vec::new(),
         join: Vec::new(),
         cgroup_ns: false,
+        userns_root: false,
         pdeathsig: false,
         hostname: None,
         loopback_up: false,
@@ -811,6 +888,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     // Joined in this order: the mount namespace last, as it changes root and cwd.
     let rank = |kind: c_int| {
         [
+            libc::CLONE_NEWUSER,
             libc::CLONE_NEWIPC,
             libc::CLONE_NEWUTS,
             libc::CLONE_NEWNET,
@@ -829,13 +907,30 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     }
     let cgroup_ns = new_flags & libc::CLONE_NEWCGROUP != 0;
     let clone_flags = new_flags & !libc::CLONE_NEWCGROUP;
+    let new_userns = new_flags & libc::CLONE_NEWUSER != 0;
+    let in_userns = new_userns || join.iter().any(|(_, k)| *k == libc::CLONE_NEWUSER);
+    if new_userns && (spec.uid_mappings.is_empty() || spec.gid_mappings.is_empty()) {
+        return Err(Error::Invalid(
+            "a new user namespace needs linux.uidMappings and linux.gidMappings".into(),
+        ));
+    }
+    let has_mappings = !spec.uid_mappings.is_empty() || !spec.gid_mappings.is_empty();
+    if has_mappings && !new_userns {
+        return Err(Error::Invalid(
+            "linux.uidMappings and gidMappings need a new user namespace in linux.namespaces"
+                .into(),
+        ));
+    }
+    let id_maps = new_userns.then_some((&spec.uid_mappings[..], &spec.gid_mappings[..]));
 
     let cgroups = Cgroups::create_at(&spec.cgroups_path, &spec.limits)?;
-    let (mut pre, dev_is_tmpfs) = mount_ops(spec, &root, &cgroups.hierarchies(), cgroup_ns)?;
+    // In a user namespace cgroup v1 cannot be mounted: the groups are bound instead.
+    let (mut pre, dev_is_tmpfs) =
+        mount_ops(spec, &root, &cgroups.hierarchies(), cgroup_ns && !in_userns)?;
     if dev_is_tmpfs {
-        pre.extend(device_ops(&root)?);
+        pre.extend(device_ops(&root, in_userns)?);
     }
-    pre.extend(oci_device_ops(&root, &spec.devices)?);
+    pre.extend(oci_device_ops(&root, &spec.devices, in_userns)?);
     let mut post = Vec::new();
     if let Some(adj) = spec.process.oom_score_adj {
         post.push(Op::WriteFile {
@@ -880,11 +975,17 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
         .map(|(fd, kind)| (fd.as_raw_fd(), *kind))
         .collect();
     plan.cgroup_ns = cgroup_ns;
+    plan.userns_root = in_userns;
     plan.pdeathsig = options.die_with_parent;
     plan.hostname = spec.hostname.as_ref().map(|h| h.as_bytes().to_vec());
     plan.loopback_up = clone_flags & libc::CLONE_NEWNET != 0
         && !join.iter().any(|(_, k)| *k == libc::CLONE_NEWNET);
-    plan.exec_fifo = Some(path_cstr(&options.exec_fifo)?);
+    let fifo = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(&options.exec_fifo)
+        .map_err(|e| Error::path("opening the exec FIFO", &options.exec_fifo, e))?;
+    plan.exec_fifo = Some(fifo.as_raw_fd());
     plan.pause_before_pivot = options.before_pivot.is_some();
     if spec.process.terminal && options.console_socket.is_none() {
         return Err(Error::Invalid(
@@ -895,6 +996,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     let pid = start_child(
         &plan,
         clone_flags,
+        id_maps,
         pid_ns.as_ref(),
         &cgroups,
         options.console_socket,
@@ -915,6 +1017,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
 fn start_child(
     plan: &Plan,
     clone_flags: c_int,
+    id_maps: Option<(&[IdMapping], &[IdMapping])>,
     pid_ns: Option<&OwnedFd>,
     cgroups: &Cgroups,
     console_socket: Option<OwnedFd>,
@@ -952,6 +1055,10 @@ fn start_child(
         None => run::spawn_with(plan, clone_flags, fds)?,
     };
     drop((sync_read, error_write, console_socket));
+    if let Some((uids, gids)) = id_maps {
+        // The child waits on the sync pipe until its ids are mapped.
+        write_id_maps(child.pid, uids, gids)?;
+    }
     cgroups.add(child.pid)?;
     start_and_report(
         child,
@@ -1029,9 +1136,10 @@ pub fn exec(
         ));
     }
     let mut plan = process_plan(process, seccomp)?;
-    // The order matters: the user and cgroup namespaces first would change what the
-    // others mean; mount last, as it changes root and cwd.
+    // The order matters: the user namespace first, as the others belong to it; mount
+    // last, as it changes root and cwd.
     let kinds = [
+        ("user", libc::CLONE_NEWUSER),
         ("ipc", libc::CLONE_NEWIPC),
         ("uts", libc::CLONE_NEWUTS),
         ("net", libc::CLONE_NEWNET),

@@ -1754,3 +1754,121 @@ fn a_create_killed_by_sigkill_is_cleaned_up_by_the_next_command() {
         );
     }
 }
+
+#[test]
+fn a_user_namespace_maps_the_containers_root_to_another_host_user() {
+    let Some(env) = env() else { return };
+    let script = "id; cat /proc/self/uid_map /proc/self/gid_map; stat -c '%u %g' /bin/busybox; \
+                  ls -ln /dev/null; cat /sys/fs/cgroup/pids/pids.max; exec sleep 1000";
+    let mut seen = Vec::new();
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let b = Bundle::for_runtime(&env, &["sh", "-c", script], runtime);
+        let before = host_state(&b.root);
+        let mut config = default_config(&env.rootfs, &["sh", "-c", script]);
+        config["linux"]["cgroupsPath"] = "/vessel-runc-test".into();
+        config["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "user"}));
+        let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        config["linux"]["uidMappings"] = map.clone();
+        config["linux"]["gidMappings"] = map;
+        b.write_config(&config);
+        let out_path = b.path().join("container.out");
+        let out = Command::new(runtime)
+            .arg("--root")
+            .arg(&b.root)
+            .args([
+                "run",
+                "--detach",
+                "--bundle",
+                b.path().to_str().unwrap(),
+                "us",
+            ])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_path).unwrap())
+            // Not a pipe: the container keeps the runtime's stderr.
+            .stderr(fs::File::create(b.path().join("container.err")).unwrap())
+            .status()
+            .unwrap();
+        let err = fs::read_to_string(b.path().join("container.err")).unwrap();
+        assert!(out.success(), "{who}: {out}: {err}");
+        let pid = b.state("us")["pid"].as_i64().unwrap();
+        wait_until("the container's output", || {
+            fs::read_to_string(&out_path)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                >= 6
+        });
+        // From the host: the container's root is host user 100000.
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert_eq!(
+            uid_line.split_whitespace().nth(1),
+            Some("100000"),
+            "{who}: {uid_line}"
+        );
+        // exec joins the user namespace too.
+        let exec = b.runc(&["exec", "us", "id", "-u"]);
+        assert!(exec.status.success(), "{who}: {}", text(&exec));
+        assert_eq!(String::from_utf8_lossy(&exec.stdout), "0\n", "{who}");
+        let out = b.runc(&["delete", "--force", "us"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let inside = fs::read_to_string(&out_path).unwrap();
+        let lines: Vec<&str> = inside.lines().collect();
+        assert!(
+            lines[0].starts_with("uid=0(root) gid=0(root)"),
+            "{who}: {inside}"
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["0", "100000", "65536"],
+            "{who}"
+        );
+        assert_eq!(
+            lines[3], "65534 65534",
+            "{who}: host root's files belong to nobody inside"
+        );
+        seen.push(inside);
+        nothing_left(runtime, &b.root, &before, who);
+    }
+    if seen.len() == 2 {
+        assert_eq!(seen[0], seen[1], "vessel-runc against runc");
+    }
+}
+
+#[test]
+fn user_namespace_configs_that_cannot_work_are_refused() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let before = host_state(&b.root);
+    let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    let mut no_maps = default_config(&env.rootfs, &["true"]);
+    no_maps["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "user"}));
+    let mut maps_without_ns = default_config(&env.rootfs, &["true"]);
+    maps_without_ns["linux"]["uidMappings"] = map.clone();
+    maps_without_ns["linux"]["gidMappings"] = map;
+    let mut overlapping = no_maps.clone();
+    overlapping["linux"]["uidMappings"] = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 10}, {"containerID": 5, "hostID": 200000, "size": 10}]);
+    overlapping["linux"]["gidMappings"] = overlapping["linux"]["uidMappings"].clone();
+    for (config, needle) in [
+        (no_maps, "needs linux.uidMappings"),
+        (maps_without_ns, "need a new user namespace"),
+        (overlapping, "uidMappings"),
+    ] {
+        b.write_config(&config);
+        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "ub"]);
+        assert!(!out.status.success(), "{needle}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{needle}: {}",
+            text(&out)
+        );
+        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+    }
+}

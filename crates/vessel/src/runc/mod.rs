@@ -108,7 +108,9 @@ enum Command {
         #[arg(long = "preserve-fds", default_value_t = 0)]
         preserve_fds: u32,
         id: String,
-        /// Command and arguments (when no --process is given).
+        /// Command and arguments (when no --process is given); options after the id
+        /// belong to the command, as with runc.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// List the processes of a container.
@@ -483,6 +485,18 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
     if unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o622) } == -1 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("creating {}", fifo.display()));
+    }
+    // The init opens it for writing as the container's root, which in a user namespace
+    // is another host user: it owns the FIFO, as under runc.
+    let host_id = |mappings: &[container::runtime::IdMapping]| {
+        mappings
+            .iter()
+            .find(|m| m.container_id == 0 && m.size > 0)
+            .map(|m| m.host_id)
+    };
+    if let (Some(uid), Some(gid)) = (host_id(&init.uid_mappings), host_id(&init.gid_mappings)) {
+        std::os::unix::fs::chown(&fifo, Some(uid), Some(gid))
+            .with_context(|| format!("giving {} to the container's root", fifo.display()))?;
     }
     let console_socket = args
         .console_socket

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use container::resources::{DeviceRule, Setting, Throttle};
 use container::runtime::{
-    capability_number, is_clean_container_path, DeviceSpec, InitSpec, MountSpec, NamespaceSpec,
-    ProcessSpec,
+    capability_number, is_clean_container_path, DeviceSpec, IdMapping, InitSpec, MountSpec,
+    NamespaceSpec, ProcessSpec,
 };
 use container::seccomp::{Action, ArgCmp, ArgOp, Profile, Programs, SyscallRule};
 use container::CapSets;
@@ -183,9 +183,16 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
     };
     let process = process(process_oci)?;
     let linux = spec.linux().clone().unwrap_or_default();
-    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
-        bail!("user namespaces (uidMappings) are not supported");
-    }
+    let mappings = |list: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        list.iter()
+            .flatten()
+            .map(|m| IdMapping {
+                container_id: m.container_id(),
+                host_id: m.host_id(),
+                size: m.size(),
+            })
+            .collect::<Vec<_>>()
+    };
     let mut namespaces = Vec::new();
     for ns in linux.namespaces().iter().flatten() {
         let kind = match ns.typ() {
@@ -195,7 +202,7 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
             LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
             LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
             LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
-            LinuxNamespaceType::User => bail!("user namespaces are not supported"),
+            LinuxNamespaceType::User => libc::CLONE_NEWUSER,
             LinuxNamespaceType::Time => bail!("time namespaces are not supported"),
         };
         if namespaces.iter().any(|n: &NamespaceSpec| n.kind == kind) {
@@ -277,6 +284,8 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
         mounts,
         devices,
         namespaces,
+        uid_mappings: mappings(linux.uid_mappings()),
+        gid_mappings: mappings(linux.gid_mappings()),
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
         masked_paths: check_paths("linux.maskedPaths", linux.masked_paths())?,
         readonly_paths: check_paths("linux.readonlyPaths", linux.readonly_paths())?,
