@@ -263,6 +263,17 @@ impl Cgroups {
         )
     }
 
+    /// A rootless container's groups for its limits, without the devices controller
+    /// (a user namespace makes no device nodes).
+    pub(crate) fn create_unconfined(id: &str, limits: &Limits) -> Result<Cgroups> {
+        Self::create_in(
+            &Location::Child(format!("vessel-{id}")),
+            limits,
+            false,
+            false,
+        )
+    }
+
     /// An OCI container's groups at `linux.cgroupsPath` in every hierarchy the host has,
     /// whether a limit is set there or not, so that `kill --all` and `ps` find every
     /// process and the container sees its own group everywhere (as under runc). An

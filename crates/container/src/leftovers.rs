@@ -93,7 +93,7 @@ pub(crate) fn sweep_runs(root: &Path) {
             tracing::warn!("not removing {}: something is mounted in it", dir.display());
             continue;
         }
-        if let Err(e) = fs::remove_dir_all(&dir) {
+        if let Err(e) = crate::run::remove_state_dir(&dir) {
             tracing::warn!("cannot remove {}: {e}", dir.display());
         }
     }

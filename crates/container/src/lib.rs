@@ -29,6 +29,7 @@ pub mod leftovers;
 mod plan;
 pub mod resources;
 pub mod rootfs;
+mod rootless;
 mod run;
 pub mod runtime;
 pub mod seccomp;

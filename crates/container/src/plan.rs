@@ -349,6 +349,7 @@ pub(crate) fn build(
     state: &Path,
     hostname: &str,
     devices_restricted: bool,
+    rootless: bool,
 ) -> Result<Plan> {
     let merged = state.join("merged");
     let upper = state.join("upper");
@@ -369,16 +370,24 @@ pub(crate) fn build(
         target: path_cstr(&merged)?,
         fstype: cstr("overlay")?,
         flags: 0,
+        // In a user namespace overlayfs keeps its metadata in user.* xattrs, the
+        // trusted.* ones being the host root's.
         data: Some(cstr(format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={}{}",
             rootfs.display(),
             upper.display(),
-            work.display()
+            work.display(),
+            if rootless { ",userxattr" } else { "" }
         ))?),
         no_symlink: false,
     }];
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    let mut mount = |rel: &str, fstype: &str, flags: c_ulong, data: Option<&str>, mode: u32| {
+    let mount = |pre: &mut Vec<Op>,
+                 rel: &str,
+                 fstype: &str,
+                 flags: c_ulong,
+                 data: Option<&str>,
+                 mode: u32| {
         pre.push(Op::Mkdir {
             path: in_root(rel)?,
             mode,
@@ -395,15 +404,35 @@ pub(crate) fn build(
         });
         Ok::<(), Error>(())
     };
-    mount("proc", "proc", nosuid_nodev_noexec, None, 0o555)?;
+    mount(&mut pre, "proc", "proc", nosuid_nodev_noexec, None, 0o555)?;
+    if rootless && config.net == Net::Host {
+        // sysfs may be mounted only from a network namespace of the user namespace's
+        // own; with the host's network the host's /sys is bound instead (read-only
+        // below, with the masked paths).
+        pre.push(Op::Mkdir {
+            path: in_root("sys")?,
+            mode: 0o555,
+        });
+        pre.push(Op::Mount {
+            source: cstr("/sys")?,
+            target: in_root("sys")?,
+            fstype: cstr("")?,
+            flags: libc::MS_BIND | libc::MS_REC,
+            data: None,
+            no_symlink: true,
+        });
+    } else {
+        mount(
+            &mut pre,
+            "sys",
+            "sysfs",
+            nosuid_nodev_noexec | libc::MS_RDONLY,
+            None,
+            0o555,
+        )?;
+    }
     mount(
-        "sys",
-        "sysfs",
-        nosuid_nodev_noexec | libc::MS_RDONLY,
-        None,
-        0o555,
-    )?;
-    mount(
+        &mut pre,
         "dev",
         "tmpfs",
         libc::MS_NOSUID | libc::MS_STRICTATIME,
@@ -411,23 +440,51 @@ pub(crate) fn build(
         0o755,
     )?;
     mount(
+        &mut pre,
         "dev/pts",
         "devpts",
         libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        // A rootless container maps one group, so the tty group (5) is not there.
+        Some(if rootless {
+            "newinstance,ptmxmode=0666,mode=0620"
+        } else {
+            "newinstance,ptmxmode=0666,mode=0620,gid=5"
+        }),
         0o755,
     )?;
     mount(
+        &mut pre,
         "dev/shm",
         "tmpfs",
         nosuid_nodev_noexec,
         Some("mode=1777,size=65536k"),
         0o1777,
     )?;
-    mount("dev/mqueue", "mqueue", nosuid_nodev_noexec, None, 0o755)?;
+    mount(
+        &mut pre,
+        "dev/mqueue",
+        "mqueue",
+        nosuid_nodev_noexec,
+        None,
+        0o755,
+    )?;
     for (name, major, minor) in DEVICES {
+        let path = in_root(&format!("dev/{name}"))?;
+        if rootless {
+            // mknod is not allowed in a user namespace: the host's node is bound.
+            pre.push(Op::Touch { path: path.clone() });
+            pre.push(Op::Mount {
+                source: cstr(format!("/dev/{name}"))?,
+                target: path,
+                fstype: cstr("")?,
+                flags: libc::MS_BIND,
+                data: None,
+                no_symlink: false,
+            });
+            continue;
+        }
         pre.push(Op::Mknod {
-            path: in_root(&format!("dev/{name}"))?,
+            path,
             major: *major,
             minor: *minor,
         });
@@ -495,7 +552,7 @@ pub(crate) fn build(
         post_pivot: post,
         join: Vec::new(),
         cgroup_ns: true,
-        userns_root: false,
+        userns_root: rootless,
         pdeathsig: true,
         hostname: Some(hostname.as_bytes().to_vec()),
         loopback_up: config.net == Net::None,
@@ -564,12 +621,20 @@ mod tests {
     #[test]
     fn plan_refuses_overlay_separators_and_relative_cwd() {
         let config = Config::new("/a,b", vec!["sh".into()]);
-        assert!(build(&config, Path::new("/a,b"), Path::new("/s"), "h", true).is_err());
+        assert!(build(
+            &config,
+            Path::new("/a,b"),
+            Path::new("/s"),
+            "h",
+            true,
+            false
+        )
+        .is_err());
         let mut config = Config::new("/r", vec!["sh".into()]);
         config.cwd = "rel".into();
-        assert!(build(&config, Path::new("/r"), Path::new("/s"), "h", true).is_err());
+        assert!(build(&config, Path::new("/r"), Path::new("/s"), "h", true, false).is_err());
         config.cwd = "/".into();
-        let plan = build(&config, Path::new("/r"), Path::new("/s"), "h", true).unwrap();
+        let plan = build(&config, Path::new("/r"), Path::new("/s"), "h", true, false).unwrap();
         assert_eq!(plan.argv.strings().len(), 1);
         assert!(plan.loopback_up);
         assert_eq!(plan.new_root.to_str().unwrap(), "/s/merged");

@@ -4,7 +4,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_int;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::cgroup::Cgroups;
@@ -45,14 +45,26 @@ pub fn run(config: &Config) -> Result<Outcome> {
     let id = new_id()?;
     let id_str = std::str::from_utf8(&id).unwrap_or("container");
     let hostname = config.hostname.clone().unwrap_or_else(|| id_str.to_owned());
-    let state = StateDir::create(&config.state_root, id_str)?;
-    let cgroups = Cgroups::create(id_str, &config.limits)?;
+    // SAFETY: geteuid has no preconditions.
+    let rootless = unsafe { libc::geteuid() } != 0;
+    let state_root = if rootless && config.state_root == Path::new(crate::DEFAULT_STATE_ROOT) {
+        rootless_state_root()
+    } else {
+        config.state_root.clone()
+    };
+    let state = StateDir::create(&state_root, id_str)?;
+    let cgroups = if rootless {
+        rootless_cgroups(id_str, &config.limits)?
+    } else {
+        Cgroups::create(id_str, &config.limits)?
+    };
     let plan = plan::build(
         config,
         &rootfs,
         state.path(),
         &hostname,
         cgroups.devices_restricted,
+        rootless,
     )?;
 
     let (sync_read, sync_write) = pipe()?;
@@ -69,9 +81,12 @@ pub fn run(config: &Config) -> Result<Outcome> {
         tty_socket: tty_child.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
         parent_ends: [sync_write.as_raw_fd(), error_read.as_raw_fd()],
     };
-    let mut child = spawn(&plan, config.net, fds)?;
+    let mut child = spawn(&plan, config.net, rootless, fds)?;
     // Only the child may hold these ends, so that its exit reads as EOF here.
     drop((sync_read, error_write, tty_child));
+    if rootless {
+        crate::rootless::map_ids(child.pid)?;
+    }
 
     cgroups.add(child.pid)?;
     write_all(sync_write.as_raw_fd(), &[1]).map_err(|e| Error::io("starting the container", e))?;
@@ -130,6 +145,29 @@ fn check_rootfs(rootfs: &Path) -> Result<PathBuf> {
         )));
     }
     fs::canonicalize(rootfs).map_err(|e| Error::path("resolving --rootfs", rootfs, e))
+}
+
+/// Where an unprivileged user's runs keep their state: `$XDG_RUNTIME_DIR/vessel`, or
+/// `/tmp/vessel-UID`.
+fn rootless_state_root() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("vessel"),
+        // SAFETY: getuid has no preconditions.
+        None => PathBuf::from(format!("/tmp/vessel-{}", unsafe { libc::getuid() })),
+    }
+}
+
+/// An unprivileged user's container has no cgroups of its own unless it asks for
+/// limits, which need groups that user may write (a delegated subtree).
+fn rootless_cgroups(id: &str, limits: &crate::Limits) -> Result<Cgroups> {
+    if limits.memory.is_none() && limits.cpu.is_none() && limits.pids.is_none() {
+        return Ok(Cgroups::default());
+    }
+    Cgroups::create_unconfined(id, limits).map_err(|e| {
+        Error::Invalid(format!(
+            "limits in a rootless container need a cgroup this user may write (a delegated cgroup v2 subtree): {e}"
+        ))
+    })
 }
 
 /// 12 random hex digits.
@@ -204,9 +242,30 @@ impl Drop for StateDir {
             );
             return;
         }
-        if let Err(e) = fs::remove_dir_all(&self.path) {
+        if let Err(e) = remove_state_dir(&self.path) {
             tracing::warn!("cannot remove {}: {e}", self.path.display());
         }
+    }
+}
+
+/// Removes a state directory. Overlayfs leaves its work directory with mode 0, which
+/// a rootless owner (without CAP_DAC_OVERRIDE) cannot list: directories are opened up
+/// first where the removal is refused.
+pub(crate) fn remove_state_dir(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            fn open_up(dir: &Path) {
+                let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+                for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        open_up(&entry.path());
+                    }
+                }
+            }
+            open_up(path);
+            fs::remove_dir_all(path)
+        }
+        other => other,
     }
 }
 
@@ -380,11 +439,14 @@ impl Drop for Child {
 
 /// Clones the child into its namespaces (the cgroup namespace comes later, once it is in
 /// its cgroups). Like fork: the child runs on a copy of this stack.
-fn spawn(plan: &Plan, net: Net, fds: ChildFds) -> Result<Child> {
+fn spawn(plan: &Plan, net: Net, rootless: bool, fds: ChildFds) -> Result<Child> {
     let mut flags =
         libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if net == Net::None {
         flags |= libc::CLONE_NEWNET;
+    }
+    if rootless {
+        flags |= libc::CLONE_NEWUSER;
     }
     spawn_with(plan, flags, fds)
 }

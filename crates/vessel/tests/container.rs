@@ -767,3 +767,115 @@ fn a_run_killed_by_sigkill_is_cleaned_up_by_the_next() {
     assert_ok(&out);
     assert_eq!(host_state(), before, "the next run removed the leftovers");
 }
+
+/// The id of the unprivileged user the rootless test runs as (nobody).
+const NOBODY: u32 = 65534;
+
+/// Changes the owner of everything under `dir` (no symlink followed).
+fn chown_tree(dir: &Path, id: u32) {
+    std::os::unix::fs::lchown(dir, Some(id), Some(id)).unwrap();
+    if fs::symlink_metadata(dir).unwrap().is_dir() {
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            chown_tree(&entry.path(), id);
+        }
+    }
+}
+
+#[test]
+fn a_rootless_run_is_root_inside_and_the_user_outside() {
+    let Some(env) = env() else { return };
+    let userns_max = fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    if userns_max.trim() == "0" {
+        testkit::not_run(testkit::prereq::NAMESPACES, "user namespaces are disabled");
+        return;
+    }
+    // The user's own root, as a rootless user builds one: files it owns are root's
+    // inside, so it can write (through the overlay).
+    let home = tempfile::tempdir().unwrap();
+    let rootfs = home.path().join("rootfs");
+    container::rootfs::build_busybox_root(&env.busybox, &rootfs).unwrap();
+    chown_tree(home.path(), NOBODY);
+    let state_root = PathBuf::from(format!("/tmp/vessel-{NOBODY}"));
+    let before = host_state();
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(VESSEL)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .env_remove("XDG_RUNTIME_DIR")
+        .args(["run", "--container", "--rootfs"])
+        .arg(&rootfs)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "id; echo written > /tmp/f && cat /tmp/f; sleep 2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The container's PID 1 is vessel's child: from the host it is the user.
+    let children = format!("/proc/{0}/task/{0}/children", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let init = loop {
+        let text = fs::read_to_string(&children).unwrap_or_default();
+        if let Some(pid) = text.split_whitespace().next() {
+            break pid.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no container process");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    let uids: Vec<&str> = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .collect();
+    assert_eq!(
+        uids, ["65534"; 4],
+        "outside, the container runs as the user"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_ok(&out);
+    let stdout = stdout(&out);
+    assert!(
+        stdout.starts_with("uid=0(root) gid=0(root)"),
+        "inside, it is root: {stdout}"
+    );
+    assert!(stdout.ends_with("written\n"), "{stdout}");
+    assert_eq!(host_state(), before, "no root-owned state or cgroups");
+    let left: Vec<_> = fs::read_dir(&state_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the user's state directory is cleaned: {left:?}"
+    );
+}
+
+#[test]
+fn a_rootless_run_with_limits_says_what_it_needs() {
+    let Some(env) = env() else { return };
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(VESSEL)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .env_remove("XDG_RUNTIME_DIR")
+        .args(["run", "--container", "--memory", "64m", "--rootfs"])
+        .arg(&env.rootfs)
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("rootless container need a cgroup this user may write"),
+        "{}",
+        stderr(&out)
+    );
+}
