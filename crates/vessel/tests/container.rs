@@ -798,7 +798,7 @@ fn a_rootless_run_is_root_inside_and_the_user_outside() {
     let state_root = PathBuf::from(format!("/tmp/vessel-{NOBODY}"));
     let before = host_state();
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(VESSEL)
+    let child = Command::new(VESSEL)
         .uid(NOBODY)
         .gid(NOBODY)
         .env_remove("XDG_RUNTIME_DIR")
