@@ -1117,6 +1117,20 @@ fn own_groups() -> Vec<(CgroupMount, PathBuf)> {
         .collect()
 }
 
+/// This process's own groups as [`Known`] hierarchies: what a rootless container
+/// without cgroups of its own sees of cgroups (as under runc).
+pub(crate) fn own_hierarchies() -> Vec<Known> {
+    own_groups()
+        .into_iter()
+        .map(|(mount, dir)| Known {
+            dir,
+            v2: mount.v2,
+            controllers: mount.controllers,
+            mountpoint: mount.mountpoint,
+        })
+        .collect()
+}
+
 /// Removes the group `name` below this process's own group in every hierarchy, where
 /// it exists (a run that died left it).
 pub(crate) fn remove_own_children(name: &str) {

@@ -905,11 +905,16 @@ fn drop_capabilities(plan: &Plan) -> Result<(), Failure> {
                 Step::User,
                 0,
             )?;
-            check(
-                libc::setgroups(user.groups.len(), user.groups.as_ptr()),
-                Step::User,
-                1,
-            )?;
+            // A user namespace whose groups were mapped without privileges denies
+            // setgroups: with no supplementary groups asked for, there is nothing to
+            // set (as under runc).
+            if !(plan.setgroups_denied && user.groups.is_empty()) {
+                check(
+                    libc::setgroups(user.groups.len(), user.groups.as_ptr()),
+                    Step::User,
+                    1,
+                )?;
+            }
             check(libc::setresgid(user.gid, user.gid, user.gid), Step::User, 2)?;
             check(libc::setresuid(user.uid, user.uid, user.uid), Step::User, 3)?;
             check(

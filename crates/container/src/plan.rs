@@ -245,6 +245,8 @@ pub(crate) struct Plan {
     pub cgroup_ns: bool,
     /// In a user namespace: become its root (ids 0) right after joining.
     pub userns_root: bool,
+    /// The user namespace denies setgroups (its group map was written unprivileged).
+    pub setgroups_denied: bool,
     /// Die with the parent (a supervised run); not for OCI containers, whose creator exits.
     pub pdeathsig: bool,
     pub hostname: Option<Vec<u8>>,
@@ -553,6 +555,7 @@ pub(crate) fn build(
         join: Vec::new(),
         cgroup_ns: true,
         userns_root: rootless,
+        setgroups_denied: false,
         pdeathsig: true,
         hostname: Some(hostname.as_bytes().to_vec()),
         loopback_up: config.net == Net::None,

@@ -66,8 +66,58 @@ fn map_text(mappings: &[IdMapping]) -> String {
         .collect()
 }
 
-/// Writes a new user namespace's maps for process `pid` (before it goes on).
+/// Whether this process runs without root's privileges.
+fn rootless() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() != 0 }
+}
+
+/// Writes a new user namespace's maps for process `pid` (before it goes on). Without
+/// root's privileges a process may map only its own id (giving up setgroups first for
+/// groups); other mappings go through newuidmap and newgidmap, as runc does.
 fn write_id_maps(pid: libc::pid_t, uids: &[IdMapping], gids: &[IdMapping]) -> Result<()> {
+    if rootless() {
+        // SAFETY: getuid and getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let only_own = |mappings: &[IdMapping], own: u32| matches!(mappings, [m] if m.host_id == own && m.size == 1);
+        for (helper, file, mappings, own) in [
+            ("newuidmap", "uid_map", uids, uid),
+            ("newgidmap", "gid_map", gids, gid),
+        ] {
+            if only_own(mappings, own) {
+                if file == "gid_map" {
+                    let setgroups = format!("/proc/{pid}/setgroups");
+                    fs::write(&setgroups, "deny")
+                        .map_err(|e| Error::io(format!("writing {setgroups}"), e))?;
+                }
+                let path = format!("/proc/{pid}/{file}");
+                fs::write(&path, map_text(mappings))
+                    .map_err(|e| Error::io(format!("writing {path}"), e))?;
+                continue;
+            }
+            let mut args = vec![pid.to_string()];
+            for m in mappings {
+                args.extend([m.container_id, m.host_id, m.size].map(|n| n.to_string()));
+            }
+            let out = std::process::Command::new(helper)
+                .args(&args)
+                .output()
+                .map_err(|e| {
+                    Error::io(
+                        format!("running {helper} (needed for mappings beyond the user's own id)"),
+                        e,
+                    )
+                })?;
+            if !out.status.success() {
+                return Err(Error::Invalid(format!(
+                    "{helper} {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
+        return Ok(());
+    }
     for (file, mappings) in [("uid_map", uids), ("gid_map", gids)] {
         let path = PathBuf::from(format!("/proc/{pid}/{file}"));
         fs::write(&path, map_text(mappings)).map_err(|e| {
@@ -784,6 +834,7 @@ fn process_plan(process: &ProcessSpec, seccomp: &Programs) -> Result<Plan> {
         join: Vec::new(),
         cgroup_ns: false,
         userns_root: false,
+        setgroups_denied: false,
         pdeathsig: false,
         hostname: None,
         loopback_up: false,
@@ -923,10 +974,28 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     }
     let id_maps = new_userns.then_some((&spec.uid_mappings[..], &spec.gid_mappings[..]));
 
-    let cgroups = Cgroups::create_at(&spec.cgroups_path, &spec.limits)?;
+    let cgroups = match Cgroups::create_at(&spec.cgroups_path, &spec.limits) {
+        Ok(cgroups) => cgroups,
+        // A rootless container without limits goes without cgroups (runc's rule too);
+        // with limits it needs groups its user may write.
+        Err(e) if rootless() && spec.limits == Limits::default() => {
+            tracing::debug!("rootless, without cgroups: {e}");
+            Cgroups::default()
+        }
+        Err(e) if rootless() => {
+            return Err(Error::Invalid(format!(
+                "limits in a rootless container need a cgroup this user may write (a delegated cgroup v2 subtree): {e}"
+            )))
+        }
+        Err(e) => return Err(e),
+    };
     // In a user namespace cgroup v1 cannot be mounted: the groups are bound instead.
-    let (mut pre, dev_is_tmpfs) =
-        mount_ops(spec, &root, &cgroups.hierarchies(), cgroup_ns && !in_userns)?;
+    // A rootless container without groups of its own sees its creator's.
+    let mut hierarchies = cgroups.hierarchies();
+    if hierarchies.is_empty() && rootless() {
+        hierarchies = cgroup::own_hierarchies();
+    }
+    let (mut pre, dev_is_tmpfs) = mount_ops(spec, &root, &hierarchies, cgroup_ns && !in_userns)?;
     if dev_is_tmpfs {
         pre.extend(device_ops(&root, in_userns)?);
     }
@@ -976,6 +1045,9 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
         .collect();
     plan.cgroup_ns = cgroup_ns;
     plan.userns_root = in_userns;
+    // Written by write_id_maps when it maps a rootless user's own group.
+    plan.setgroups_denied =
+        new_userns && rootless() && matches!(&spec.gid_mappings[..], [m] if m.size == 1);
     plan.pdeathsig = options.die_with_parent;
     plan.hostname = spec.hostname.as_ref().map(|h| h.as_bytes().to_vec());
     plan.loopback_up = clone_flags & libc::CLONE_NEWNET != 0

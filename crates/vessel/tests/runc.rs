@@ -1872,3 +1872,87 @@ fn user_namespace_configs_that_cannot_work_are_refused() {
         assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
     }
 }
+
+#[test]
+fn a_rootless_user_runs_a_container_as_under_runc() {
+    let Some(env) = env() else { return };
+    const NOBODY: u32 = 65534;
+    use std::os::unix::process::CommandExt;
+    // The bundle and the runtimes' state belong to the user.
+    let dir = tempfile::Builder::new()
+        .prefix("vessel-runc-test-rootless")
+        .tempdir()
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let script = "id; cat /proc/self/uid_map /proc/self/gid_map; ls /sys/fs/cgroup | head -2";
+    // runc spec --rootless: no network or cgroup namespace, the user's own ids, the
+    // host's /sys bound.
+    let mut config = default_config(&env.rootfs, &["sh", "-c", script]);
+    let linux = &mut config["linux"];
+    linux.as_object_mut().unwrap().remove("resources");
+    linux.as_object_mut().unwrap().remove("cgroupsPath");
+    linux["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "user"}]);
+    let own = serde_json::json!([{"containerID": 0, "hostID": NOBODY, "size": 1}]);
+    linux["uidMappings"] = own.clone();
+    linux["gidMappings"] = own;
+    for mount in config["mounts"].as_array_mut().unwrap() {
+        if mount["destination"] == "/sys" {
+            *mount = serde_json::json!({"destination": "/sys", "type": "none", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]});
+        }
+        if mount["destination"] == "/dev/pts" {
+            mount["options"] = serde_json::json!([
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620"
+            ]);
+        }
+    }
+    fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let state = dir.path().join(format!("state-{who}"));
+        let out = Command::new(runtime)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .env_remove("XDG_RUNTIME_DIR")
+            .arg("--root")
+            .arg(&state)
+            .args(["run", "--bundle", dir.path().to_str().unwrap(), "rl"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            stdout.starts_with("uid=0(root) gid=0(root)"),
+            "{who}: {stdout}"
+        );
+        let uid_map: Vec<&str> = stdout
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        assert_eq!(uid_map, ["0", "65534", "1"], "{who}: {stdout}");
+        let left: Vec<_> = fs::read_dir(&state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{who}: nothing left in the user's state: {left:?}"
+        );
+        seen.push(stdout);
+    }
+    if seen.len() == 2 {
+        assert_eq!(seen[0], seen[1], "vessel-runc against runc");
+    }
+}

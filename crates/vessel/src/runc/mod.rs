@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 
 use state::{State, Status};
 
+/// Where container state is kept (for root; see `dispatch` for other users).
+const DEFAULT_ROOT: &str = "/run/vessel-runc";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vessel-runc",
@@ -29,7 +32,7 @@ struct Cli {
     #[arg(
         long,
         global = true,
-        default_value = "/run/vessel-runc",
+        default_value = DEFAULT_ROOT,
         value_name = "DIR"
     )]
     root: PathBuf,
@@ -51,7 +54,9 @@ struct Cli {
     /// Accepted for compatibility; systemd cgroups are refused.
     #[arg(long = "systemd-cgroup", global = true)]
     systemd_cgroup: bool,
-    /// Accepted for compatibility (true is refused: rootless containers are not supported).
+    /// true, false or auto (the default: rootless when not run as root). Rootless
+    /// containers need a user namespace in their config, and limits need a cgroup
+    /// the user may write.
     #[arg(long, global = true, value_name = "BOOL")]
     rootless: Option<String>,
     /// Accepted for compatibility; checkpointing is not supported.
@@ -271,13 +276,27 @@ fn dispatch(cli: &Cli, logger: &Logger) -> Result<ExitCode> {
     if cli.systemd_cgroup {
         bail!("--systemd-cgroup: systemd cgroups are not supported by vessel-runc; use cgroupfs (drop the flag / SystemdCgroup = false)");
     }
-    if cli.rootless.as_deref() == Some("true") {
-        bail!("--rootless true: rootless containers are not supported");
+    // SAFETY: geteuid has no preconditions.
+    let privileged = unsafe { libc::geteuid() } == 0;
+    match cli.rootless.as_deref() {
+        None | Some("auto") | Some("true") => {}
+        Some("false") if privileged => {}
+        Some("false") => bail!("--rootless false: vessel-runc is not running as root"),
+        Some(other) => bail!("--rootless {other}: expected true, false or auto"),
     }
     if cli.debug {
         logger.log("debug", &format!("{:?}", cli.command));
     }
-    let root = &cli.root;
+    // A user's containers are kept where that user may write, as runc keeps them.
+    let root = &if !privileged && cli.root == Path::new(DEFAULT_ROOT) {
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(dir) => PathBuf::from(dir).join("vessel-runc"),
+            // SAFETY: getuid has no preconditions.
+            None => PathBuf::from(format!("/tmp/vessel-runc-{}", unsafe { libc::getuid() })),
+        }
+    } else {
+        cli.root.clone()
+    };
     let swept = sweep(root);
     if !swept.is_empty() && cli.debug {
         logger.log("debug", &format!("removed the leftovers of {swept:?}"));
