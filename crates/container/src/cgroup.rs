@@ -241,6 +241,9 @@ pub(crate) struct Cgroups {
     pub devices_restricted: bool,
     /// An OCI container's: the kernel's swap defaults stay, as under runc.
     oci: bool,
+    /// Groups that existed before (an OCI cgroupsPath may name one): joined, and
+    /// never removed, as they are not the container's own.
+    joined: Vec<PathBuf>,
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
@@ -460,6 +463,7 @@ impl Cgroups {
                             dir.display()
                         )));
                     }
+                    cgroups.joined.push(dir.clone());
                 }
                 Err(e) => return Err(Error::path("creating cgroup", &dir, e)),
             }
@@ -478,9 +482,13 @@ impl Cgroups {
 
     /// Leaves the groups in place (an OCI container outlives its creator); returns the
     /// container's groups and the parent groups created for them.
-    pub(crate) fn keep(mut self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    pub(crate) fn keep(mut self) -> (Vec<PathBuf>, Vec<PathBuf>, Vec<PathBuf>) {
         let dirs = self.groups.drain(..).map(|g| g.dir).collect();
-        (dirs, std::mem::take(&mut self.parents))
+        (
+            dirs,
+            std::mem::take(&mut self.parents),
+            std::mem::take(&mut self.joined),
+        )
     }
 
     fn apply(&mut self, limits: &Limits) -> Result<()> {
@@ -670,7 +678,9 @@ pub(crate) fn remove_group(dir: &Path) {
 impl Drop for Cgroups {
     fn drop(&mut self) {
         for group in self.groups.iter().rev() {
-            remove_group(&group.dir);
+            if !self.joined.contains(&group.dir) {
+                remove_group(&group.dir);
+            }
         }
         remove_parents(&self.parents);
     }

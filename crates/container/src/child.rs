@@ -409,6 +409,12 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
         )?;
     }
     reset_process_state(plan.umask);
+    if let Some(persona) = plan.personality {
+        // SAFETY: personality takes an integer; it fails only for values it rejects.
+        if unsafe { libc::personality(persona) } == -1 {
+            return Err(fail(Step::Exec, 100));
+        }
+    }
     if fifo >= 0 {
         wait_for_start(plan, fifo, fds.error_write, report)?;
     }

@@ -207,6 +207,7 @@ fn init_spec(spec: &LastingSpec) -> Result<InitSpec> {
         readonly_root: false,
         mounts,
         devices: Vec::new(),
+        personality32: false,
         uid_mappings: Vec::new(),
         gid_mappings: Vec::new(),
         namespaces,
@@ -319,6 +320,10 @@ pub fn exec_agent(pid: libc::pid_t, cgroups: &CgroupPaths) -> Result<libc::pid_t
 /// supervisor removes them when the instance ends.
 pub fn cgroups_for_process(name: &str, limits: &Limits) -> Result<CgroupPaths> {
     let cgroups = crate::cgroup::Cgroups::create_unconfined_at(&format!("vessel/{name}"), limits)?;
-    let (groups, parents) = cgroups.keep();
-    Ok(CgroupPaths { groups, parents })
+    let (groups, parents, joined) = cgroups.keep();
+    Ok(CgroupPaths {
+        groups,
+        parents,
+        joined,
+    })
 }

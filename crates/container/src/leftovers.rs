@@ -100,9 +100,12 @@ pub(crate) fn sweep_runs(root: &Path) {
 }
 
 /// Removes the groups an OCI container with `cgroups_path` would have in every
-/// hierarchy (killing what is left in them), for a create that died half-way.
+/// hierarchy, for a create that died half-way. Only empty groups go: one that holds
+/// processes (or groups) is not a dead create's and stays.
 pub fn remove_groups_at(cgroups_path: &str) {
     for dir in cgroup::dirs_at(cgroups_path) {
-        cgroup::remove_group(&dir);
+        if let Err(e) = fs::remove_dir(&dir) {
+            tracing::debug!("leaving {}: {e}", dir.display());
+        }
     }
 }

@@ -247,6 +247,8 @@ pub(crate) struct Plan {
     pub userns_root: bool,
     /// The user namespace denies setgroups (its group map was written unprivileged).
     pub setgroups_denied: bool,
+    /// personality(2) to set before exec (OCI `linux.personality`).
+    pub personality: Option<libc::c_ulong>,
     /// Die with the parent (a supervised run); not for OCI containers, whose creator exits.
     pub pdeathsig: bool,
     pub hostname: Option<Vec<u8>>,
@@ -556,6 +558,7 @@ pub(crate) fn build(
         cgroup_ns: true,
         userns_root: rootless,
         setgroups_denied: false,
+        personality: None,
         pdeathsig: true,
         hostname: Some(hostname.as_bytes().to_vec()),
         loopback_up: config.net == Net::None,

@@ -50,6 +50,9 @@ pub struct DeviceSpec {
     pub gid: Option<u32>,
 }
 
+/// personality(2)'s PER_LINUX32 (uname reports i686).
+const PER_LINUX32: libc::c_ulong = 0x0008;
+
 /// One line of a user namespace's uid_map or gid_map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdMapping {
@@ -171,6 +174,8 @@ pub struct InitSpec {
     /// Device nodes made in the container after its mounts.
     pub devices: Vec<DeviceSpec>,
     pub namespaces: Vec<NamespaceSpec>,
+    /// `linux.personality` LINUX32: the process reports a 32-bit machine (uname).
+    pub personality32: bool,
     /// A new user namespace's mappings: (id inside, id on the host, count).
     pub uid_mappings: Vec<IdMapping>,
     pub gid_mappings: Vec<IdMapping>,
@@ -194,6 +199,8 @@ pub struct CgroupPaths {
     pub groups: Vec<PathBuf>,
     /// Parent groups created for them (removed at delete when empty).
     pub parents: Vec<PathBuf>,
+    /// Groups among `groups` that existed before the container: never removed.
+    pub joined: Vec<PathBuf>,
 }
 
 impl CgroupPaths {
@@ -244,7 +251,12 @@ impl CgroupPaths {
 
     /// Kills anything left in the groups and removes them (and empty created parents).
     pub fn remove(&self) {
-        for dir in self.groups.iter().rev() {
+        for dir in self
+            .groups
+            .iter()
+            .rev()
+            .filter(|d| !self.joined.contains(d))
+        {
             cgroup::remove_group(dir);
         }
         cgroup::remove_parents(&self.parents);
@@ -666,6 +678,25 @@ fn mount_ops(
     Ok((ops, dev_is_tmpfs))
 }
 
+/// Checks that the host's node at `host`, bound in a user namespace in place of a
+/// `linux.devices` entry, is the device asked for.
+fn check_host_node(host: &Path, kind: libc::mode_t, major: u32, minor: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(host) else {
+        return Ok(()); // bind_device says the host has none
+    };
+    let same = meta.mode() & libc::S_IFMT == kind
+        && (kind == libc::S_IFIFO || meta.rdev() == libc::makedev(major, minor));
+    if same {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "linux.devices: {}: the host's node is not the device asked for ({major}:{minor}), and in a user namespace a device is bound from the host's",
+            host.display()
+        )))
+    }
+}
+
 /// A bind mount of the host's node at `host` onto `target` (inside a user namespace,
 /// where mknod is not allowed, as runc does).
 fn bind_device(host: &Path, target: &Path) -> Result<Vec<Op>> {
@@ -772,7 +803,14 @@ fn oci_device_ops(root: &Path, devices: &[DeviceSpec], userns: bool) -> Result<V
             });
         }
         if userns {
-            ops.extend(bind_device(Path::new(&device.path), &target)?);
+            let host = Path::new(&device.path);
+            check_host_node(
+                host,
+                kind,
+                number(device.major, "major")?,
+                number(device.minor, "minor")?,
+            )?;
+            ops.extend(bind_device(host, &target)?);
             continue;
         }
         ops.push(Op::Device {
@@ -835,6 +873,7 @@ fn process_plan(process: &ProcessSpec, seccomp: &Programs) -> Result<Plan> {
         cgroup_ns: false,
         userns_root: false,
         setgroups_denied: false,
+        personality: None,
         pdeathsig: false,
         hostname: None,
         loopback_up: false,
@@ -1045,6 +1084,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
         .collect();
     plan.cgroup_ns = cgroup_ns;
     plan.userns_root = in_userns;
+    plan.personality = spec.personality32.then_some(PER_LINUX32);
     // Written by write_id_maps when it maps a rootless user's own group.
     plan.setgroups_denied =
         new_userns && rootless() && matches!(&spec.gid_mappings[..], [m] if m.size == 1);
@@ -1076,10 +1116,14 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
         spec,
     )?;
     drop(join);
-    let (groups, parents) = cgroups.keep();
+    let (groups, parents, joined) = cgroups.keep();
     Ok(Created {
         pid,
-        cgroups: CgroupPaths { groups, parents },
+        cgroups: CgroupPaths {
+            groups,
+            parents,
+            joined,
+        },
     })
 }
 
@@ -1262,7 +1306,8 @@ pub fn exec(
 }
 
 /// Makes `command` start in the namespaces of process `pid` (a container's init): its
-/// IPC, UTS, network, PID (for the command's children), cgroup and mount namespaces,
+/// user namespace first (the others belong to it), then its IPC, UTS, network, PID
+/// (for the command's children), cgroup and mount namespaces,
 /// those that differ from this process's. With the mount namespace comes that
 /// namespace's root: after the init's pivot_root, the container's. For the OCI hooks
 /// that run in the container's namespaces.
@@ -1271,6 +1316,7 @@ pub fn in_namespaces_of(pid: libc::pid_t, command: &mut std::process::Command) -
     let own = |name: &str| fs::read_link(format!("/proc/self/ns/{name}")).ok();
     let mut fds: Vec<(OwnedFd, c_int)> = Vec::new();
     for (name, kind) in [
+        ("user", libc::CLONE_NEWUSER),
         ("ipc", libc::CLONE_NEWIPC),
         ("uts", libc::CLONE_NEWUTS),
         ("net", libc::CLONE_NEWNET),

@@ -407,7 +407,7 @@ pub fn exec_helper(dir: &Path) -> Result<()> {
             .map_err(|e| Error::Invalid(format!("{}: {e}", layout.runtime().display())))?;
         let cgroups = container::runtime::CgroupPaths {
             groups: runtime.cgroups,
-            parents: Vec::new(),
+            ..Default::default()
         };
         container::lasting::exec_agent(runtime.pid, &cgroups)
             .map_err(|e| Error::Invalid(format!("starting the agent in the instance: {e}")))

@@ -1956,3 +1956,97 @@ fn a_rootless_user_runs_a_container_as_under_runc() {
         assert_eq!(seen[0], seen[1], "vessel-runc against runc");
     }
 }
+
+#[test]
+fn fields_that_cannot_be_applied_are_errors() {
+    // The spec: a property that cannot be applied MUST be an error, not a container
+    // without it.
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["true"]);
+    let before = host_state(&b.root);
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        (
+            "apparmor",
+            Box::new(|c| c["process"]["apparmorProfile"] = "docker-default".into()),
+            "apparmorProfile",
+        ),
+        (
+            "selinux",
+            Box::new(|c| c["process"]["selinuxLabel"] = "system_u:system_r:container_t:s0".into()),
+            "selinuxLabel",
+        ),
+        (
+            "intel rdt",
+            Box::new(|c| c["linux"]["intelRdt"] = serde_json::json!({"closID": "x"})),
+            "intelRdt",
+        ),
+        (
+            "seccomp flags",
+            Box::new(
+                |c| c["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_LOG"]}),
+            ),
+            "seccomp.flags",
+        ),
+        (
+            "rlimits twice",
+            Box::new(
+                |c| c["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 10, "soft": 10}, {"type": "RLIMIT_NOFILE", "hard": 20, "soft": 20}]),
+            ),
+            "listed twice",
+        ),
+    ];
+    for (what, edit, needle) in cases {
+        let mut config = default_config(&env.rootfs, &["true"]);
+        edit(&mut config);
+        b.write_config(&config);
+        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "na"]);
+        assert!(!out.status.success(), "{what}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{what}: {}",
+            text(&out)
+        );
+        assert_eq!(host_state(&b.root), before, "{what}: nothing left");
+    }
+}
+
+#[test]
+fn a_linux32_personality_reports_a_32_bit_machine() {
+    let Some(env) = env() else { return };
+    let b = Bundle::new(&env, &["uname", "-m"]);
+    let mut config = default_config(&env.rootfs, &["uname", "-m"]);
+    config["linux"]["personality"] = serde_json::json!({"domain": "LINUX32"});
+    b.write_config(&config);
+    let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "p32"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "i686\n");
+}
+
+#[test]
+fn a_cgroup_that_existed_before_is_joined_and_kept() {
+    // The spec: resources not created by the container MUST NOT be deleted (runc 1.1
+    // removes such a group at delete; vessel-runc keeps it).
+    let Some(env) = env() else { return };
+    let pids = Path::new("/sys/fs/cgroup/pids");
+    if !pids.exists() {
+        testkit::not_run(
+            testkit::prereq::CGROUP,
+            "the host has no cgroup v1 pids hierarchy",
+        );
+        return;
+    }
+    let existing = pids.join("vessel-runc-test");
+    fs::create_dir(&existing).unwrap();
+    let b = Bundle::new(&env, &["true"]);
+    let mut config = default_config(&env.rootfs, &["true"]);
+    config["linux"]["cgroupsPath"] = "/vessel-runc-test".into();
+    b.write_config(&config);
+    let out = b.runc(&["run", "--bundle", b.path().to_str().unwrap(), "jg"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(existing.exists(), "the group that was there stays");
+    assert!(
+        !Path::new("/sys/fs/cgroup/memory/vessel-runc-test").exists(),
+        "the group the container made goes"
+    );
+    fs::remove_dir(&existing).unwrap();
+}

@@ -528,7 +528,7 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
     let mut create_hooks = |pid: libc::pid_t| -> container::Result<()> {
         hooks_ran = true;
         let state = hooks::HookState {
-            oci_version: oci.version(),
+            oci_version: state::OCI_VERSION,
             id: &args.id,
             status: "creating",
             pid,
@@ -572,7 +572,7 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
                     &oci,
                     hooks::Kind::Poststop,
                     &hooks::HookState {
-                        oci_version: oci.version(),
+                        oci_version: state::OCI_VERSION,
                         id: &args.id,
                         status: "stopped",
                         pid: 0,
@@ -614,13 +614,9 @@ fn snapshot(state: &State) -> Result<oci_spec::runtime::Spec> {
 }
 
 /// The state hooks read, with `status`.
-fn hook_state<'a>(
-    state: &'a State,
-    oci: &'a oci_spec::runtime::Spec,
-    status: &'a str,
-) -> hooks::HookState<'a> {
+fn hook_state<'a>(state: &'a State, status: &'a str) -> hooks::HookState<'a> {
     hooks::HookState {
-        oci_version: oci.version(),
+        oci_version: state::OCI_VERSION,
         id: &state.id,
         status,
         pid: state.pid,
@@ -633,11 +629,7 @@ fn hook_state<'a>(
 fn destroy_and_poststop(state: &State, root: &Path, oci: Option<&oci_spec::runtime::Spec>) {
     destroy(state, root);
     if let Some(oci) = oci {
-        hooks::run_warning(
-            oci,
-            hooks::Kind::Poststop,
-            &hook_state(state, oci, "stopped"),
-        );
+        hooks::run_warning(oci, hooks::Kind::Poststop, &hook_state(state, "stopped"));
     }
 }
 
@@ -668,7 +660,7 @@ fn start(root: &Path, id: &str) -> Result<()> {
     if let Err(e) = hooks::run(
         &oci,
         hooks::Kind::StartContainer,
-        &hook_state(&state, &oci, "created"),
+        &hook_state(&state, "created"),
     ) {
         destroy_and_poststop(&state, root, Some(&oci));
         return Err(e);
@@ -705,11 +697,7 @@ fn start(root: &Path, id: &str) -> Result<()> {
         unsafe { libc::poll(&mut pfd, 1, 20) };
     }
     fs::remove_file(&fifo).with_context(|| format!("removing {}", fifo.display()))?;
-    hooks::run_warning(
-        &oci,
-        hooks::Kind::Poststart,
-        &hook_state(&state, &oci, "running"),
-    );
+    hooks::run_warning(&oci, hooks::Kind::Poststart, &hook_state(&state, "running"));
     Ok(())
 }
 

@@ -41,6 +41,19 @@ fn cap_mask(set: Option<&std::collections::HashSet<oci_spec::runtime::Capability
     Ok(mask)
 }
 
+/// process.rlimits; the spec makes a repeated type an error.
+fn rlimits(p: &Process) -> Result<Vec<(libc::c_int, u64, u64)>> {
+    let mut out: Vec<(libc::c_int, u64, u64)> = Vec::new();
+    for r in p.rlimits().iter().flatten() {
+        let number = rlimit_number(r.typ());
+        if out.iter().any(|(n, _, _)| *n == number) {
+            bail!("process.rlimits: {:?} is listed twice", r.typ());
+        }
+        out.push((number, r.soft(), r.hard()));
+    }
+    Ok(out)
+}
+
 fn rlimit_number(typ: PosixRlimitType) -> libc::c_int {
     (match typ {
         PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
@@ -91,12 +104,7 @@ pub fn process(p: &Process) -> Result<ProcessSpec> {
         additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
         umask: p.user().umask(),
         caps,
-        rlimits: p
-            .rlimits()
-            .iter()
-            .flatten()
-            .map(|r| (rlimit_number(r.typ()), r.soft(), r.hard()))
-            .collect(),
+        rlimits: rlimits(p)?,
         no_new_privs: p.no_new_privileges().unwrap_or(false),
         terminal: p.terminal().unwrap_or(false),
         oom_score_adj: p.oom_score_adj(),
@@ -168,6 +176,46 @@ pub fn seccomp(s: &LinuxSeccomp) -> Result<Programs> {
     Ok(container::seccomp::compile_profile(&profile)?)
 }
 
+/// Refuses what this runtime cannot apply: the spec wants an error, not a container
+/// without it.
+fn refuse_unsupported(process: &Process, linux: &oci_spec::runtime::Linux) -> Result<()> {
+    let set = |v: &Option<String>| v.as_ref().is_some_and(|s| !s.is_empty());
+    if set(process.apparmor_profile()) {
+        bail!("process.apparmorProfile: AppArmor profiles are not supported by vessel-runc");
+    }
+    if set(process.selinux_label()) || set(linux.mount_label()) {
+        bail!("process.selinuxLabel / linux.mountLabel: SELinux labels are not supported by vessel-runc");
+    }
+    if linux.intel_rdt().is_some() {
+        bail!("linux.intelRdt: Intel RDT is not supported by vessel-runc");
+    }
+    if let Some(res) = linux.resources() {
+        if res.rdma().as_ref().is_some_and(|r| !r.is_empty()) {
+            bail!("linux.resources.rdma: the rdma controller is not supported by vessel-runc");
+        }
+        if res.memory().as_ref().and_then(|m| m.use_hierarchy()) == Some(false) {
+            bail!("linux.resources.memory.useHierarchy false: the kernel's memory cgroup is always hierarchical");
+        }
+    }
+    if let Some(seccomp) = linux.seccomp() {
+        // TSYNC: the init is single-threaded, so there is nothing to synchronize.
+        if let Some(flag) = seccomp
+            .flags()
+            .iter()
+            .flatten()
+            .find(|f| **f != oci_spec::runtime::LinuxSeccompFilterFlag::SeccompFilterFlagTsync)
+        {
+            bail!("linux.seccomp.flags: {flag:?} is not supported by vessel-runc");
+        }
+    }
+    if let Some(personality) = linux.personality() {
+        if personality.flags().as_ref().is_some_and(|f| !f.is_empty()) {
+            bail!("linux.personality.flags are not supported by vessel-runc");
+        }
+    }
+    Ok(())
+}
+
 /// config.json as a runtime-neutral init spec.
 pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
     let Some(root) = spec.root() else {
@@ -183,6 +231,7 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
     };
     let process = process(process_oci)?;
     let linux = spec.linux().clone().unwrap_or_default();
+    refuse_unsupported(process_oci, &linux)?;
     let mappings = |list: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
         list.iter()
             .flatten()
@@ -284,6 +333,10 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
         mounts,
         devices,
         namespaces,
+        personality32: linux
+            .personality()
+            .as_ref()
+            .is_some_and(|p| p.domain() == oci_spec::runtime::LinuxPersonalityDomain::PerLinux32),
         uid_mappings: mappings(linux.uid_mappings()),
         gid_mappings: mappings(linux.gid_mappings()),
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),

@@ -42,10 +42,16 @@ pub struct State {
     pub annotations: HashMap<String, String>,
     pub cgroups: Vec<PathBuf>,
     pub cgroup_parents: Vec<PathBuf>,
+    /// Groups that existed before the container (never removed).
+    #[serde(default)]
+    pub cgroup_joined: Vec<PathBuf>,
     /// `<root>/<id>`, where state.json and the exec FIFO are.
     #[serde(skip)]
     pub dir: PathBuf,
 }
+
+/// The runtime spec version this runtime implements, as its state reports it.
+pub const OCI_VERSION: &str = "1.0.2";
 
 /// What `state` and `list` print (runc's fields).
 #[derive(Debug, Serialize)]
@@ -121,6 +127,7 @@ impl State {
             annotations,
             cgroups: cgroups.groups,
             cgroup_parents: cgroups.parents,
+            cgroup_joined: cgroups.joined,
             dir: root.join(id),
         }
     }
@@ -129,6 +136,7 @@ impl State {
         CgroupPaths {
             groups: self.cgroups.clone(),
             parents: self.cgroup_parents.clone(),
+            joined: self.cgroup_joined.clone(),
         }
     }
 
@@ -202,7 +210,7 @@ impl State {
     pub fn report(&self) -> Report {
         let status = self.status();
         Report {
-            oci_version: "1.0.2".into(),
+            oci_version: OCI_VERSION.into(),
             id: self.id.clone(),
             pid: if status == Status::Stopped {
                 0
