@@ -1964,40 +1964,47 @@ fn fields_that_cannot_be_applied_are_errors() {
     let Some(env) = env() else { return };
     let b = Bundle::new(&env, &["true"]);
     let before = host_state(&b.root);
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    // (what, the parent object's JSON pointer, key, value, what the error names)
+    let cases = [
         (
             "apparmor",
-            Box::new(|c| c["process"]["apparmorProfile"] = "docker-default".into()),
+            "/process",
+            "apparmorProfile",
+            serde_json::json!("docker-default"),
             "apparmorProfile",
         ),
         (
             "selinux",
-            Box::new(|c| c["process"]["selinuxLabel"] = "system_u:system_r:container_t:s0".into()),
+            "/process",
+            "selinuxLabel",
+            serde_json::json!("system_u:system_r:container_t:s0"),
             "selinuxLabel",
         ),
         (
             "intel rdt",
-            Box::new(|c| c["linux"]["intelRdt"] = serde_json::json!({"closID": "x"})),
+            "/linux",
+            "intelRdt",
+            serde_json::json!({"closID": "x"}),
             "intelRdt",
         ),
         (
             "seccomp flags",
-            Box::new(
-                |c| c["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_LOG"]}),
-            ),
+            "/linux",
+            "seccomp",
+            serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_LOG"]}),
             "seccomp.flags",
         ),
         (
             "rlimits twice",
-            Box::new(
-                |c| c["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 10, "soft": 10}, {"type": "RLIMIT_NOFILE", "hard": 20, "soft": 20}]),
-            ),
+            "/process",
+            "rlimits",
+            serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 10, "soft": 10}, {"type": "RLIMIT_NOFILE", "hard": 20, "soft": 20}]),
             "listed twice",
         ),
     ];
-    for (what, edit, needle) in cases {
+    for (what, parent, key, value, needle) in cases {
         let mut config = default_config(&env.rootfs, &["true"]);
-        edit(&mut config);
+        config.pointer_mut(parent).unwrap()[key] = value;
         b.write_config(&config);
         let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "na"]);
         assert!(!out.status.success(), "{what}: {}", text(&out));
