@@ -1031,79 +1031,89 @@ fn pairs(text: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The value of `key` among `pairs`, 0 if absent.
+fn value(pairs: &[(String, u64)], key: &str) -> u64 {
+    pairs.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
+}
+
+/// A file of `dir` as text, empty if unreadable.
+fn text_of(dir: &Path, file: &str) -> String {
+    fs::read_to_string(dir.join(file)).unwrap_or_default()
+}
+
+/// A file of `dir` holding one number (0 if absent or not a number, as `max` is).
 fn number(dir: &Path, file: &str) -> u64 {
-    fs::read_to_string(dir.join(file))
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0)
+    text_of(dir, file).trim().parse().unwrap_or(0)
 }
 
 /// Reads the figures of the groups `dirs` (v1 or v2).
 pub(crate) fn stats(dirs: &[PathBuf]) -> Stats {
     let mut s = Stats::default();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
-        .filter(|t| *t > 0)
-        .unwrap_or(100);
-    let get = |pairs: &[(String, u64)], key: &str| {
-        pairs.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v)
-    };
     for known in identify(dirs) {
         let has = |c: &str| known.controllers.iter().any(|k| k == c);
         let dir = &known.dir;
-        let read = |file: &str| fs::read_to_string(dir.join(file)).unwrap_or_default();
         if known.v2 {
-            let cpu = pairs(&read("cpu.stat"));
-            s.cpu_total_ns = get(&cpu, "usage_usec") * 1000;
-            s.cpu_user_ns = get(&cpu, "user_usec") * 1000;
-            s.cpu_kernel_ns = get(&cpu, "system_usec") * 1000;
-            s.throttle_periods = get(&cpu, "nr_periods");
-            s.throttled_periods = get(&cpu, "nr_throttled");
-            s.throttled_time_ns = get(&cpu, "throttled_usec") * 1000;
-            if has("memory") {
-                s.memory_usage = number(dir, "memory.current");
-                s.memory_max_usage = number(dir, "memory.peak");
-                s.memory_limit = number(dir, "memory.max");
-                s.oom_kills = oom_kill_count(&read("memory.events"));
-                s.memory_raw = pairs(&read("memory.stat"));
-            }
-            if has("pids") {
-                s.pids_current = number(dir, "pids.current");
-                s.pids_limit = number(dir, "pids.max");
-            }
-            continue;
+            v2_stats(&mut s, dir, has("memory"));
+        } else {
+            v1_stats(&mut s, dir, has);
         }
-        if has("cpuacct") {
-            s.cpu_total_ns = number(dir, "cpuacct.usage");
-            s.cpu_percpu_ns = read("cpuacct.usage_percpu")
-                .split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect();
-            let acct = pairs(&read("cpuacct.stat"));
-            s.cpu_user_ns = get(&acct, "user") * 1_000_000_000 / ticks;
-            s.cpu_kernel_ns = get(&acct, "system") * 1_000_000_000 / ticks;
-        }
-        if has("cpu") {
-            let cpu = pairs(&read("cpu.stat"));
-            s.throttle_periods = get(&cpu, "nr_periods");
-            s.throttled_periods = get(&cpu, "nr_throttled");
-            s.throttled_time_ns = get(&cpu, "throttled_time");
-        }
-        if has("memory") {
-            s.memory_usage = number(dir, "memory.usage_in_bytes");
-            s.memory_max_usage = number(dir, "memory.max_usage_in_bytes");
-            s.memory_limit = number(dir, "memory.limit_in_bytes");
-            s.memory_failcnt = number(dir, "memory.failcnt");
-            s.oom_kills = oom_kill_count(&read("memory.oom_control"));
-            s.memory_raw = pairs(&read("memory.stat"));
-        }
+        // The same files on both versions.
         if has("pids") {
             s.pids_current = number(dir, "pids.current");
             s.pids_limit = number(dir, "pids.max");
         }
     }
     s
+}
+
+fn v2_stats(s: &mut Stats, dir: &Path, memory: bool) {
+    let cpu = pairs(&text_of(dir, "cpu.stat"));
+    s.cpu_total_ns = value(&cpu, "usage_usec") * 1000;
+    s.cpu_user_ns = value(&cpu, "user_usec") * 1000;
+    s.cpu_kernel_ns = value(&cpu, "system_usec") * 1000;
+    s.throttle_periods = value(&cpu, "nr_periods");
+    s.throttled_periods = value(&cpu, "nr_throttled");
+    s.throttled_time_ns = value(&cpu, "throttled_usec") * 1000;
+    if memory {
+        s.memory_usage = number(dir, "memory.current");
+        s.memory_max_usage = number(dir, "memory.peak");
+        s.memory_limit = number(dir, "memory.max");
+        s.oom_kills = oom_kill_count(&text_of(dir, "memory.events"));
+        s.memory_raw = pairs(&text_of(dir, "memory.stat"));
+    }
+}
+
+/// The figures of one v1 hierarchy's group, whose controllers `has` tells.
+fn v1_stats(s: &mut Stats, dir: &Path, has: impl Fn(&str) -> bool) {
+    if has("cpuacct") {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .ok()
+            .filter(|t| *t > 0)
+            .unwrap_or(100);
+        s.cpu_total_ns = number(dir, "cpuacct.usage");
+        s.cpu_percpu_ns = text_of(dir, "cpuacct.usage_percpu")
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let acct = pairs(&text_of(dir, "cpuacct.stat"));
+        s.cpu_user_ns = value(&acct, "user") * 1_000_000_000 / ticks;
+        s.cpu_kernel_ns = value(&acct, "system") * 1_000_000_000 / ticks;
+    }
+    if has("cpu") {
+        let cpu = pairs(&text_of(dir, "cpu.stat"));
+        s.throttle_periods = value(&cpu, "nr_periods");
+        s.throttled_periods = value(&cpu, "nr_throttled");
+        s.throttled_time_ns = value(&cpu, "throttled_time");
+    }
+    if has("memory") {
+        s.memory_usage = number(dir, "memory.usage_in_bytes");
+        s.memory_max_usage = number(dir, "memory.max_usage_in_bytes");
+        s.memory_limit = number(dir, "memory.limit_in_bytes");
+        s.memory_failcnt = number(dir, "memory.failcnt");
+        s.oom_kills = oom_kill_count(&text_of(dir, "memory.oom_control"));
+        s.memory_raw = pairs(&text_of(dir, "memory.stat"));
+    }
 }
 
 /// This process's own group in each hierarchy mounted here, with the mount.

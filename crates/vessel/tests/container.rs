@@ -342,18 +342,24 @@ fn overlay_is_discarded_and_rootfs_untouched() {
     assert!(!env.rootfs.join("etc/newfile").exists());
 }
 
-#[test]
-fn sigterm_stops_the_container() {
-    let Some(env) = env() else { return };
-    let before = host_state();
-    let mut child = Command::new(VESSEL)
+/// Starts `vessel run --container -- sleep 100` in the background.
+fn start_sleeping(env: &Env, stderr: Stdio) -> std::process::Child {
+    Command::new(VESSEL)
         .args(["run", "--container", "--rootfs"])
         .arg(&env.rootfs)
         .args(["--", "sleep", "100"])
         .stdin(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(stderr)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn sigterm_stops_the_container() {
+    let Some(env) = env() else { return };
+    let before = host_state();
+    let mut child = start_sleeping(&env, Stdio::piped());
     std::thread::sleep(Duration::from_millis(500));
     let sent = Instant::now();
     // SAFETY: signalling our own child.
@@ -731,15 +737,7 @@ fn cpu_limit_holds_a_busy_loop_to_its_quota() {
 fn a_run_killed_by_sigkill_is_cleaned_up_by_the_next() {
     let Some(env) = env() else { return };
     let before = host_state();
-    let mut child = Command::new(VESSEL)
-        .args(["run", "--container", "--rootfs"])
-        .arg(&env.rootfs)
-        .args(["--", "sleep", "100"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = start_sleeping(&env, Stdio::null());
     let deadline = Instant::now() + Duration::from_secs(10);
     while host_state() == before {
         assert!(Instant::now() < deadline, "the run made no state");
@@ -847,11 +845,7 @@ fn a_rootless_run_is_root_inside_and_the_user_outside() {
     );
     assert!(stdout.ends_with("written\n"), "{stdout}");
     assert_eq!(host_state(), before, "no root-owned state or cgroups");
-    let left: Vec<_> = fs::read_dir(&state_root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .collect();
+    let left = testkit::entries(&state_root);
     assert!(
         left.is_empty(),
         "the user's state directory is cleaned: {left:?}"

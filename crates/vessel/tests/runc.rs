@@ -146,6 +146,33 @@ impl Bundle {
     }
 }
 
+impl Bundle {
+    /// Writes `config`, and checks that create fails with one error that names
+    /// `needle` and leaves the host as it was (`before`).
+    fn assert_create_refused(
+        &self,
+        config: &serde_json::Value,
+        needle: &str,
+        before: &BTreeSet<String>,
+        what: &str,
+    ) {
+        self.write_config(config);
+        let out = self.runc(&[
+            "create",
+            "--bundle",
+            self.path().to_str().unwrap(),
+            "refused",
+        ]);
+        assert!(!out.status.success(), "{what}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{what}: {}",
+            text(&out)
+        );
+        assert_eq!(&host_state(&self.root), before, "{what}: nothing left");
+    }
+}
+
 impl Drop for Bundle {
     /// A test that failed half-way leaves no container behind for the next.
     fn drop(&mut self) {
@@ -905,15 +932,7 @@ fn bad_resource_values_are_refused() {
     ] {
         let mut config = default_config(&env.rootfs, &["true"]);
         config["linux"]["resources"] = resources;
-        b.write_config(&config);
-        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "bad"]);
-        assert!(!out.status.success(), "{needle}: {}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(needle),
-            "{needle}: {}",
-            text(&out)
-        );
-        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+        b.assert_create_refused(&config, needle, &before, needle);
     }
 }
 
@@ -1205,15 +1224,7 @@ fn bad_hooks_are_refused_before_anything_runs() {
     ] {
         let mut config = default_config(&env.rootfs, &["true"]);
         config["hooks"] = serde_json::json!({"prestart": [hook]});
-        b.write_config(&config);
-        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "bh"]);
-        assert!(!out.status.success(), "{needle}: {}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(needle),
-            "{needle}: {}",
-            text(&out)
-        );
-        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+        b.assert_create_refused(&config, needle, &before, needle);
     }
 }
 
@@ -1301,15 +1312,7 @@ fn a_device_path_that_holds_another_file_or_leaves_the_root_is_refused() {
     ] {
         let mut config = default_config(&env.rootfs, &["true"]);
         config["linux"]["devices"] = serde_json::json!([device]);
-        b.write_config(&config);
-        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "bd"]);
-        assert!(!out.status.success(), "{needle}: {}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(needle),
-            "{needle}: {}",
-            text(&out)
-        );
-        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+        b.assert_create_refused(&config, needle, &before, needle);
     }
 }
 
@@ -1861,15 +1864,7 @@ fn user_namespace_configs_that_cannot_work_are_refused() {
         (maps_without_ns, "need a new user namespace"),
         (overlapping, "uidMappings"),
     ] {
-        b.write_config(&config);
-        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "ub"]);
-        assert!(!out.status.success(), "{needle}: {}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(needle),
-            "{needle}: {}",
-            text(&out)
-        );
-        assert_eq!(host_state(&b.root), before, "{needle}: nothing left");
+        b.assert_create_refused(&config, needle, &before, needle);
     }
 }
 
@@ -1941,11 +1936,7 @@ fn a_rootless_user_runs_a_container_as_under_runc() {
             .split_whitespace()
             .collect();
         assert_eq!(uid_map, ["0", "65534", "1"], "{who}: {stdout}");
-        let left: Vec<_> = fs::read_dir(&state)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .collect();
+        let left = testkit::entries(&state);
         assert!(
             left.is_empty(),
             "{who}: nothing left in the user's state: {left:?}"
@@ -2005,15 +1996,7 @@ fn fields_that_cannot_be_applied_are_errors() {
     for (what, parent, key, value, needle) in cases {
         let mut config = default_config(&env.rootfs, &["true"]);
         config.pointer_mut(parent).unwrap()[key] = value;
-        b.write_config(&config);
-        let out = b.runc(&["create", "--bundle", b.path().to_str().unwrap(), "na"]);
-        assert!(!out.status.success(), "{what}: {}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(needle),
-            "{what}: {}",
-            text(&out)
-        );
-        assert_eq!(host_state(&b.root), before, "{what}: nothing left");
+        b.assert_create_refused(&config, needle, &before, what);
     }
 }
 
