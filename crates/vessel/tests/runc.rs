@@ -654,6 +654,14 @@ fn runtimes() -> Vec<&'static str> {
     list
 }
 
+/// What a test saw under each of [`runtimes`]: the same under runc as under
+/// vessel-runc (where runc ran).
+fn same_as_runc<T: PartialEq + std::fmt::Debug>(seen: &[T]) {
+    if let [vessel, runc] = seen {
+        assert_eq!(vessel, runc, "vessel-runc against runc");
+    }
+}
+
 /// The runtime's name for messages.
 fn name(runtime: &str) -> &str {
     if runtime == RUNC {
@@ -1697,9 +1705,7 @@ fn podman_sees_the_same_cgroups_as_under_runc() {
         );
         seen.push(normalized);
     }
-    if seen.len() == 2 {
-        assert_eq!(seen[0], seen[1], "vessel-runc against runc");
-    }
+    same_as_runc(&seen);
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mounts.contains(dir.path().to_str().unwrap()),
@@ -1837,9 +1843,7 @@ fn a_user_namespace_maps_the_containers_root_to_another_host_user() {
         seen.push(inside);
         nothing_left(runtime, &b.root, &before, who);
     }
-    if seen.len() == 2 {
-        assert_eq!(seen[0], seen[1], "vessel-runc against runc");
-    }
+    same_as_runc(&seen);
 }
 
 #[test]
@@ -1943,9 +1947,7 @@ fn a_rootless_user_runs_a_container_as_under_runc() {
         );
         seen.push(stdout);
     }
-    if seen.len() == 2 {
-        assert_eq!(seen[0], seen[1], "vessel-runc against runc");
-    }
+    same_as_runc(&seen);
 }
 
 #[test]
