@@ -364,7 +364,11 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
         loopback_up()?;
     }
     let slave = if plan.tty {
-        Some(open_pty(fds.tty_socket)?)
+        let slave = open_pty(fds.tty_socket)?;
+        if plan.pivot {
+            mount_console(slave)?;
+        }
+        Some(slave)
     } else {
         None
     };
@@ -424,6 +428,57 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
     Ok(())
 }
 
+/// `/proc/self/fd/N` for descriptor `fd`, NUL-terminated, without allocating.
+fn fd_path(fd: RawFd) -> [u8; 25] {
+    let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
+    let mut digits = [0u8; 10];
+    let mut v = fd as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        path[14 + i] = digits[len - 1 - i];
+    }
+    path
+}
+
+/// Binds the terminal `slave` onto /dev/console, as runc does for a container with
+/// a terminal (made first if missing; an existing node is covered).
+fn mount_console(slave: RawFd) -> Result<(), Failure> {
+    let source = fd_path(slave);
+    // SAFETY: NUL-terminated literals and a NUL-terminated stack buffer.
+    unsafe {
+        let fd = libc::open(
+            c"/dev/console".as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
+        );
+        if fd >= 0 {
+            libc::close(fd);
+        } else if errno() != libc::EEXIST {
+            return Err(fail(Step::Pty, 5));
+        }
+        check(
+            libc::mount(
+                source.as_ptr().cast(),
+                c"/dev/console".as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ),
+            Step::Pty,
+            6,
+        )?;
+    }
+    Ok(())
+}
+
 /// OCI create: reports Ready to the creator, then blocks until `start` opens the exec
 /// FIFO for reading, and writes it one byte. The command is looked up first, so that a
 /// missing command fails `create` (as with runc) rather than the started container.
@@ -449,23 +504,9 @@ fn wait_for_start(
         report.set(-1);
         libc::close(error_write);
     }
-    // "/proc/self/fd/NNNNNNNNNN": reopening the O_PATH descriptor for writing, which
-    // blocks until a reader (`start`) opens the FIFO.
-    let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
-    let mut digits = [0u8; 10];
-    let mut v = fifo as u32;
-    let mut len = 0;
-    loop {
-        digits[len] = b'0' + (v % 10) as u8;
-        len += 1;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for i in 0..len {
-        path[14 + i] = digits[len - 1 - i];
-    }
+    // Reopening the O_PATH descriptor for writing blocks until a reader (`start`)
+    // opens the FIFO.
+    let path = fd_path(fifo);
     // SAFETY: `path` is NUL-terminated (zero-filled past the digits).
     unsafe {
         let fd = loop {

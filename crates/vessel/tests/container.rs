@@ -566,8 +566,9 @@ fn errors_are_one_clear_line() {
     assert!(stderr(&out).contains("VMs only"), "{}", stderr(&out));
 }
 
-/// `-t` gives the command a terminal of its own (the container's /dev/pts/0) with the
-/// host terminal's window size; `script` provides the host-side terminal.
+/// `-t` gives the command a terminal of its own (the container's /dev/pts/0, also its
+/// /dev/console) with the host terminal's window size; `script` provides the host-side
+/// terminal.
 #[test]
 fn tty_flag_gives_a_pseudo_terminal_with_the_window_size() {
     let Some(env) = env() else { return };
@@ -580,7 +581,7 @@ fn tty_flag_gives_a_pseudo_terminal_with_the_window_size() {
     }
     let before = host_state();
     let inner = format!(
-        "stty rows 33 cols 101; {VESSEL} run --container -t --rootfs {} -- sh -c 'tty; stty size; test -t 0 && echo stdin-is-a-tty'",
+        "stty rows 33 cols 101; {VESSEL} run --container -t --rootfs {} -- sh -c 'tty; stty size; test -t 0 && echo stdin-is-a-tty; stat -c console=%t:%T /dev/console'",
         env.rootfs.display()
     );
     let out = Command::new("script")
@@ -598,6 +599,8 @@ fn tty_flag_gives_a_pseudo_terminal_with_the_window_size() {
     assert!(text.contains("/dev/pts/0"), "{text:?}");
     assert!(text.contains("33 101"), "{text:?}");
     assert!(text.contains("stdin-is-a-tty"), "{text:?}");
+    // /dev/console is the terminal too (pts 0: major 136, 0x88), as runc makes it.
+    assert!(text.contains("console=88:0"), "{text:?}");
     assert_eq!(host_state(), before, "vessel left state behind");
 }
 

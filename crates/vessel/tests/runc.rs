@@ -2042,3 +2042,92 @@ fn a_cgroup_that_existed_before_is_joined_and_kept() {
     );
     fs::remove_dir(&existing).unwrap();
 }
+
+/// Receives one descriptor sent with SCM_RIGHTS on `stream` (runc's console socket
+/// protocol).
+fn receive_fd(stream: &std::os::unix::net::UnixStream) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut byte = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: byte.len(),
+    };
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut control = Control([0; 64]);
+    // SAFETY: a zeroed msghdr is valid; it points at the stack buffers above, which
+    // outlive the call, and the control buffer is aligned for cmsghdr.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = control.0.len();
+        assert!(
+            libc::recvmsg(stream.as_raw_fd(), &mut msg, 0) > 0,
+            "recvmsg"
+        );
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        assert!(!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS);
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+#[test]
+fn a_terminal_comes_through_the_console_socket_and_is_dev_console() {
+    let Some(env) = env() else { return };
+    let script = "tty; stat -c console=%t:%T /dev/console";
+    let mut seen = Vec::new();
+    for runtime in runtimes() {
+        let who = name(runtime);
+        let b = Bundle::for_runtime(&env, &["sh", "-c", script], runtime);
+        let mut config = default_config(&env.rootfs, &["sh", "-c", script]);
+        config["process"]["terminal"] = true.into();
+        b.write_config(&config);
+        let socket = b.path().join("console.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // Detached: runc takes a console socket only then.
+        let mut run = Command::new(runtime)
+            .arg("--root")
+            .arg(&b.root)
+            .args([
+                "run",
+                "--detach",
+                "--console-socket",
+                socket.to_str().unwrap(),
+            ])
+            .args(["--bundle", b.path().to_str().unwrap(), "tty"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut accepted = None;
+        wait_until("the runtime to connect to the console socket", || {
+            if let Ok(Some(status)) = run.try_wait() {
+                assert!(status.success(), "{who}: the runtime failed: {status}");
+            }
+            accepted = listener.accept().ok();
+            accepted.is_some()
+        });
+        let (stream, _) = accepted.unwrap();
+        stream.set_nonblocking(false).unwrap();
+        let master = fs::File::from(receive_fd(&stream));
+        assert!(run.wait().unwrap().success(), "{who}");
+        // Read until the terminal's last user is gone (EIO).
+        let mut output = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut &master, &mut output);
+        let out = b.runc(&["delete", "--force", "tty"]);
+        assert!(out.status.success(), "{who}: {}", text(&out));
+        let text = String::from_utf8_lossy(&output).replace('\r', "");
+        assert!(text.contains("/dev/pts/0\n"), "{who}: {text:?}");
+        assert!(
+            text.contains("console=88:0\n"),
+            "{who}: the terminal is /dev/console: {text:?}"
+        );
+        seen.push(text);
+    }
+    same_as_runc(&seen);
+}
