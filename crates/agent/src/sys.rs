@@ -53,8 +53,10 @@ extern "C" {
     fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
     fn sync();
     fn reboot(cmd: c_int) -> c_int;
+    fn isatty(fd: c_int) -> c_int;
 }
 
+pub const SIGHUP: c_int = 1;
 pub const SIGINT: c_int = 2;
 pub const SIGTERM: c_int = 15;
 pub const SIGCHLD: c_int = 17;
@@ -99,13 +101,15 @@ pub fn wait_signal(signals: &[c_int]) -> io::Result<c_int> {
     check(unsafe { sigwaitinfo(&set, &mut info) })
 }
 
-/// Reaps every exited child; whether none is left at all.
-pub fn reap_all() -> bool {
+/// Reaps every exited child, telling `exited` each pid; whether none is left
+/// at all.
+pub fn reap_all(mut exited: impl FnMut(c_int)) -> bool {
     loop {
         let mut status = 0;
         // SAFETY: `status` is a valid int for waitpid to write.
         let pid = unsafe { waitpid(-1, &mut status, WNOHANG) };
         if pid > 0 {
+            exited(pid);
             continue;
         }
         return pid < 0 && io::Error::last_os_error().raw_os_error() == Some(ECHILD);
@@ -205,6 +209,12 @@ pub fn become_session_leader_on_stdin() -> io::Result<()> {
         check(ioctl(0, TIOCSCTTY, 0 as c_int))?;
     }
     Ok(())
+}
+
+/// Whether `fd` is a terminal.
+pub fn is_terminal(fd: RawFd) -> bool {
+    // SAFETY: isatty(3) takes no pointers.
+    unsafe { isatty(fd) == 1 }
 }
 
 /// Sends `signal` to process `pid` (a negative pid: its group).

@@ -117,6 +117,9 @@ pub struct LastingSpec {
     pub limits: Limits,
     /// Where the exec FIFO goes while the init waits to start.
     pub exec_fifo: PathBuf,
+    /// The terminal the init has as its stdio (a host pty's slave), bound at
+    /// /dev/console.
+    pub console: Option<PathBuf>,
 }
 
 fn mount(destination: &str, kind: &str, options: &[&str]) -> MountSpec {
@@ -207,6 +210,7 @@ fn init_spec(spec: &LastingSpec) -> Result<InitSpec> {
         readonly_root: false,
         mounts,
         devices: Vec::new(),
+        console: spec.console.clone(),
         personality32: false,
         uid_mappings: Vec::new(),
         gid_mappings: Vec::new(),

@@ -173,6 +173,8 @@ pub struct InitSpec {
     pub mounts: Vec<MountSpec>,
     /// Device nodes made in the container after its mounts.
     pub devices: Vec<DeviceSpec>,
+    /// A host terminal to bind at /dev/console (a lasting container's console).
+    pub console: Option<PathBuf>,
     pub namespaces: Vec<NamespaceSpec>,
     /// `linux.personality` LINUX32: the process reports a 32-bit machine (uname).
     pub personality32: bool,
@@ -702,7 +704,7 @@ fn check_host_node(host: &Path, kind: libc::mode_t, major: u32, minor: u32) -> R
 fn bind_device(host: &Path, target: &Path) -> Result<Vec<Op>> {
     if !host.exists() {
         return Err(Error::Invalid(format!(
-            "{}: in a user namespace a device is bound from the host's node, and the host has none",
+            "{}: the host has no such node to bind (in a user namespace, devices are bound from the host's)",
             host.display()
         )));
     }
@@ -1039,6 +1041,9 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
         pre.extend(device_ops(&root, in_userns)?);
     }
     pre.extend(oci_device_ops(&root, &spec.devices, in_userns)?);
+    if let Some(console) = &spec.console {
+        pre.extend(bind_device(console, &secure_join(&root, "/dev/console"))?);
+    }
     let mut post = Vec::new();
     if let Some(adj) = spec.process.oom_score_adj {
         post.push(Op::WriteFile {

@@ -178,7 +178,6 @@ fn attach_console(shared: &Arc<Shared>, conn: UnixStream) -> io::Result<()> {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        // A container's console takes no input: what is typed is dropped.
         if let Some(serial) = &shared.console_input {
             let mut serial = serial.lock().unwrap_or_else(|e| e.into_inner());
             if serial.write_all(&buf[..n]).is_err() {

@@ -152,8 +152,8 @@ pub(crate) struct Shared {
     pub(crate) is_vm: bool,
     /// The clients of `vessel console`.
     pub(crate) console_attached: Arc<console::Attached>,
-    /// What the console's clients type goes here: a VM's serial input
-    /// (containers have none).
+    /// What the console's clients type goes here: a VM's serial input, or
+    /// a container's console terminal.
     pub(crate) console_input: Option<Mutex<fs::File>>,
     /// Set once the instance has ended.
     pub(crate) ended: Mutex<bool>,
@@ -242,13 +242,18 @@ fn start(dir: &Path) -> Result<Running> {
         settings: Vec::new(),
         device_rules: Vec::new(),
     };
-    let (console_read, console_write) = sys::pipe().map_err(io_err("making the console pipe"))?;
-    let (pid, cgroups, console_input) = match &spec.vm {
+    // The console: a VM's serial output comes through a pipe (its input is the
+    // VMM's stdin); a container's is a terminal whose slave is its init's stdio
+    // and /dev/console. Either way this process holds the read side only, so
+    // the instance's end reads as the end of its console.
+    let (pid, cgroups, console_read, console_input) = match &spec.vm {
         Some(vm_spec) => {
+            let (console_read, console_write) =
+                sys::pipe().map_err(io_err("making the console pipe"))?;
             let cgroups = container::lasting::cgroups_for_process(&spec.name, &limits)
                 .map_err(container_err)?;
             match vm::start(&layout, &spec.name, vm_spec, &cgroups, &console_write) {
-                Ok((pid, input)) => (pid, cgroups, Some(fs::File::from(input))),
+                Ok((pid, input)) => (pid, cgroups, console_read, fs::File::from(input)),
                 Err(e) => {
                     cgroups.remove();
                     return Err(e);
@@ -256,13 +261,29 @@ fn start(dir: &Path) -> Result<Running> {
             }
         }
         None => {
-            let created = start_container(&layout, &spec, limits, &console_write)?;
-            (created.pid, created.cgroups, None)
+            let pty = sys::open_pty().map_err(io_err("making the console terminal"))?;
+            let created = start_container(&layout, &spec, limits, &pty)?;
+            let input = pty
+                .master
+                .try_clone()
+                .map_err(io_err("keeping the console terminal"))?;
+            (
+                created.pid,
+                created.cgroups,
+                pty.master,
+                fs::File::from(input),
+            )
         }
     };
-    drop(console_write);
 
-    match serve_started(&layout, &spec, pid, &cgroups, console_read, console_input) {
+    match serve_started(
+        &layout,
+        &spec,
+        pid,
+        &cgroups,
+        console_read,
+        Some(console_input),
+    ) {
         Ok(shared) => Ok(Running {
             shared,
             cgroups,
@@ -336,13 +357,13 @@ fn serve_started(
 }
 
 /// Mounts a container's root (overlay over its image, in a mount
-/// namespace of this process's own) and creates its init, whose stdout
-/// and stderr are `console`.
+/// namespace of this process's own) and creates its init, whose stdio
+/// and /dev/console are the `console` terminal's slave.
 fn start_container(
     layout: &Layout,
     spec: &Spec,
     limits: container::Limits,
-    console: &OwnedFd,
+    console: &sys::Pty,
 ) -> Result<container::runtime::Created> {
     let container_err = |e| Error::Container(spec.name.clone(), e);
     // Before any thread: the namespace change is the calling thread's.
@@ -361,12 +382,15 @@ fn start_container(
         agent: spec.agent.clone(),
         limits,
         exec_fifo: layout.exec_fifo(),
+        console: Some(console.slave_path.clone()),
     };
-    // The init's stdout and stderr are the console pipe: set them for
-    // the create, then give this process its own back.
-    sys::with_stdio(console.as_raw_fd(), || container::lasting::start(&lasting))
-        .map_err(io_err("redirecting the console"))?
-        .map_err(container_err)
+    // The init's stdio is the console: set it for the create, then give
+    // this process its own back. The slave is closed here after.
+    sys::with_stdio(console.slave.as_raw_fd(), || {
+        container::lasting::start(&lasting)
+    })
+    .map_err(io_err("redirecting the console"))?
+    .map_err(container_err)
 }
 
 impl Running {

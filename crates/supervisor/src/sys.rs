@@ -4,6 +4,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// An exclusive, non-blocking flock on `path` (created if missing):
@@ -23,40 +24,91 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Runs `f` with this process's stdout and stderr pointing at `fd`, then
-/// restores them (children started inside inherit `fd`).
+/// Runs `f` with this process's stdin, stdout and stderr set to `fd`, then
+/// puts them back (a child created in `f` keeps `fd` as its stdio).
 pub fn with_stdio<T>(fd: RawFd, f: impl FnOnce() -> T) -> io::Result<T> {
-    // SAFETY: dup of the process's own standard descriptors.
-    let saved_out = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
-    if saved_out < 0 {
-        return Err(io::Error::last_os_error());
+    let mut saved = Vec::new();
+    for std_fd in 0..3 {
+        // SAFETY: dup of the process's own standard descriptor.
+        let copy = unsafe { libc::fcntl(std_fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if copy < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor fcntl just returned, ours to close.
+        saved.push(unsafe { OwnedFd::from_raw_fd(copy) });
     }
-    // SAFETY: as above; `saved_out` is ours to close.
-    let saved_out = unsafe { OwnedFd::from_raw_fd(saved_out) };
-    // SAFETY: as above.
-    let saved_err = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
-    if saved_err < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    let saved_err = unsafe { OwnedFd::from_raw_fd(saved_err) };
-    // SAFETY: dup2 onto the standard descriptors from valid ones; on a
-    // failure the saved ones are put back.
-    unsafe {
-        if libc::dup2(fd, 1) < 0 || libc::dup2(fd, 2) < 0 {
+    let restore = |saved: &[OwnedFd]| {
+        for (std_fd, copy) in saved.iter().enumerate() {
+            // SAFETY: dup2 from a valid saved descriptor onto a standard one.
+            unsafe { libc::dup2(copy.as_raw_fd(), std_fd as RawFd) };
+        }
+    };
+    for std_fd in 0..3 {
+        // SAFETY: dup2 onto a standard descriptor from a valid one.
+        if unsafe { libc::dup2(fd, std_fd) } < 0 {
             let e = io::Error::last_os_error();
-            libc::dup2(saved_out.as_raw_fd(), 1);
-            libc::dup2(saved_err.as_raw_fd(), 2);
+            restore(&saved);
             return Err(e);
         }
     }
     let result = f();
-    // SAFETY: restoring the saved descriptors, which are valid.
-    unsafe {
-        libc::dup2(saved_out.as_raw_fd(), 1);
-        libc::dup2(saved_err.as_raw_fd(), 2);
-    }
+    restore(&saved);
     Ok(result)
+}
+
+/// A pseudo-terminal: the master this process keeps, the slave it hands
+/// on, and the slave's path.
+pub struct Pty {
+    pub master: OwnedFd,
+    pub slave: OwnedFd,
+    pub slave_path: std::path::PathBuf,
+}
+
+/// A new pseudo-terminal of 24 rows and 80 columns, both ends
+/// close-on-exec and neither this process's controlling terminal.
+pub fn open_pty() -> io::Result<Pty> {
+    // SAFETY: posix_openpt takes flags only; the result is checked.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if master < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor posix_openpt just returned, ours to close.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: grantpt/unlockpt take the master; ptsname_r writes at most
+    // `name.len()` bytes, NUL-terminated, into `name`.
+    unsafe {
+        if libc::grantpt(master.as_raw_fd()) != 0 || libc::unlockpt(master.as_raw_fd()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let r = libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    let slave_path = std::path::PathBuf::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path.to_bytes()),
+    );
+    let slave = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&slave_path)?;
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    Ok(Pty {
+        master,
+        slave: OwnedFd::from(slave),
+        slave_path,
+    })
 }
 
 /// Reaps every child (exec helpers too) until `pid` ends. `pid` is only

@@ -75,8 +75,9 @@ enum Command {
     Exec(instance_cmd::ExecArgs),
     /// Print an instance's console log (kept across restarts, size-capped).
     Logs { name: String },
-    /// Attach to an instance's console: a VM's serial console (input and output), a
-    /// container's output. Ctrl-a q detaches; Ctrl-a Ctrl-a sends Ctrl-a.
+    /// Attach to an instance's console (input and output): a VM's serial console, a
+    /// container's console terminal with a root shell. Ctrl-a q detaches; Ctrl-a
+    /// Ctrl-a sends Ctrl-a.
     Console { name: String },
     /// Manage the images instances are made from (through the daemon).
     Image {

@@ -358,8 +358,12 @@ fn a_container_lasts_through_stop_start_and_a_daemon_kill() {
         "kept"
     );
 
-    // The console log keeps what the init's console got.
-    d.ok(&["logs", "web"]);
+    // The console is a terminal with a root shell on it (as a getty keeps
+    // one): typed input is run, and the log keeps what it showed.
+    let out = d.console("web", b"echo console-$((6*7))\n", "console-42");
+    assert!(out.contains("console-$((6*7))"), "the terminal echoes: {out}");
+    let logs = d.ok(&["logs", "web"]);
+    assert!(logs.contains("console-42"), "{logs}");
 
     // A container that stops by itself is seen as stopped.
     let _ = d.vessel(&["exec", "web", "--", "kill", "-TERM", "1"]);

@@ -332,6 +332,7 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
         readonly_root: root.readonly().unwrap_or(false),
         mounts,
         devices,
+        console: None,
         namespaces,
         personality32: linux
             .personality()
