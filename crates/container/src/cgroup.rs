@@ -1053,7 +1053,8 @@ pub(crate) fn stats(dirs: &[PathBuf]) -> Stats {
         let has = |c: &str| known.controllers.iter().any(|k| k == c);
         let dir = &known.dir;
         if known.v2 {
-            v2_stats(&mut s, dir, has("memory"));
+            // A hybrid host's plain v2 group has neither controller.
+            v2_stats(&mut s, dir, has("cpu"), has("memory"));
         } else {
             v1_stats(&mut s, dir, has);
         }
@@ -1066,14 +1067,16 @@ pub(crate) fn stats(dirs: &[PathBuf]) -> Stats {
     s
 }
 
-fn v2_stats(s: &mut Stats, dir: &Path, memory: bool) {
-    let cpu = pairs(&text_of(dir, "cpu.stat"));
-    s.cpu_total_ns = value(&cpu, "usage_usec") * 1000;
-    s.cpu_user_ns = value(&cpu, "user_usec") * 1000;
-    s.cpu_kernel_ns = value(&cpu, "system_usec") * 1000;
-    s.throttle_periods = value(&cpu, "nr_periods");
-    s.throttled_periods = value(&cpu, "nr_throttled");
-    s.throttled_time_ns = value(&cpu, "throttled_usec") * 1000;
+fn v2_stats(s: &mut Stats, dir: &Path, cpu: bool, memory: bool) {
+    if cpu {
+        let cpu = pairs(&text_of(dir, "cpu.stat"));
+        s.cpu_total_ns = value(&cpu, "usage_usec") * 1000;
+        s.cpu_user_ns = value(&cpu, "user_usec") * 1000;
+        s.cpu_kernel_ns = value(&cpu, "system_usec") * 1000;
+        s.throttle_periods = value(&cpu, "nr_periods");
+        s.throttled_periods = value(&cpu, "nr_throttled");
+        s.throttled_time_ns = value(&cpu, "throttled_usec") * 1000;
+    }
     if memory {
         s.memory_usage = number(dir, "memory.current");
         s.memory_max_usage = number(dir, "memory.peak");

@@ -41,22 +41,27 @@ pub const LOCK_FILE: &str = "owner.lock";
 /// creator may be between making it and locking it).
 const UNLOCKED_GRACE: Duration = Duration::from_secs(60);
 
-/// Whether the state directory `dir` was left behind by a process that died: its lock
-/// can be taken (and is held while the caller removes it, through the returned file),
-/// or it has none and is older than a minute.
-pub fn abandoned(dir: &Path) -> Option<Option<fs::File>> {
+/// Whether the state directory `dir` was left behind by a process that died: it has
+/// a lock file and its lock can be taken. The lock is held, through the returned
+/// file, while the caller removes the directory. A directory without a lock file is
+/// never taken for one.
+pub fn abandoned(dir: &Path) -> Option<fs::File> {
     let lock = dir.join(LOCK_FILE);
-    if lock.exists() {
-        return match try_lock(&lock) {
-            Ok(Some(held)) => Some(Some(held)),
-            _ => None,
-        };
+    if !lock.is_file() {
+        return None;
     }
-    let age = fs::metadata(dir)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())?;
-    (age > UNLOCKED_GRACE).then_some(None)
+    try_lock(&lock).ok().flatten()
+}
+
+/// Whether a run's state directory without a lock file (its creator died between
+/// making it and locking it) is old enough to be taken for a dead one's.
+fn unlocked_and_old(dir: &Path) -> bool {
+    !dir.join(LOCK_FILE).exists()
+        && fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age > UNLOCKED_GRACE)
 }
 
 /// Whether something is mounted at or below `dir` in this mount namespace: deleting
@@ -84,8 +89,10 @@ pub(crate) fn sweep_runs(root: &Path) {
         if !is_run {
             continue;
         }
-        let Some(_held) = abandoned(&dir) else {
-            continue;
+        let _held = match abandoned(&dir) {
+            Some(held) => Some(held),
+            None if unlocked_and_old(&dir) => None,
+            None => continue,
         };
         tracing::info!("removing {}, left by a run that died", dir.display());
         cgroup::remove_own_children(&format!("vessel-{id}"));
@@ -100,12 +107,27 @@ pub(crate) fn sweep_runs(root: &Path) {
 }
 
 /// Removes the groups an OCI container with `cgroups_path` would have in every
-/// hierarchy, for a create that died half-way. Only empty groups go: one that holds
-/// processes (or groups) is not a dead create's and stays.
+/// hierarchy, for a create that died half-way. Only groups that empty go (the dead
+/// create's child exits on its own as soon as it sees its creator gone, so this
+/// waits up to a second for that); one that keeps processes or groups is not a
+/// dead create's and stays.
 pub fn remove_groups_at(cgroups_path: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
     for dir in cgroup::dirs_at(cgroups_path) {
-        if let Err(e) = fs::remove_dir(&dir) {
-            tracing::debug!("leaving {}: {e}", dir.display());
+        loop {
+            match fs::remove_dir(&dir) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tracing::debug!("leaving {}: {e}", dir.display());
+                    break;
+                }
+                Ok(()) => break,
+            }
         }
     }
 }

@@ -69,6 +69,11 @@ fn map_text(mappings: &[IdMapping]) -> String {
         .collect()
 }
 
+/// Whether `mappings` map just `own`, the one id a process may map without help.
+fn maps_only_own(mappings: &[IdMapping], own: u32) -> bool {
+    matches!(mappings, [m] if m.host_id == own && m.size == 1)
+}
+
 /// Whether this process runs without root's privileges.
 fn rootless() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -82,12 +87,11 @@ fn write_id_maps(pid: libc::pid_t, uids: &[IdMapping], gids: &[IdMapping]) -> Re
     if rootless() {
         // SAFETY: getuid and getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let only_own = |mappings: &[IdMapping], own: u32| matches!(mappings, [m] if m.host_id == own && m.size == 1);
         for (helper, file, mappings, own) in [
             ("newuidmap", "uid_map", uids, uid),
             ("newgidmap", "gid_map", gids, gid),
         ] {
-            if only_own(mappings, own) {
+            if maps_only_own(mappings, own) {
                 if file == "gid_map" {
                     let setgroups = format!("/proc/{pid}/setgroups");
                     fs::write(&setgroups, "deny")
@@ -638,7 +642,31 @@ fn mount_ops(
             let mut data = opts.data.join(",");
             let flags = opts.flags;
             if fstype == "cgroup" || fstype == "cgroup2" {
-                if is_cgroup2_host() {
+                if is_cgroup2_host() && !cgroup_ns {
+                    // cgroup2 may be mounted only from a cgroup namespace of the
+                    // container's own: its group is bound instead, as runc does.
+                    if let Some(group) = hierarchies.iter().find(|k| k.v2) {
+                        ops.push(Op::MkdirAll {
+                            path: target_c.clone(),
+                        });
+                        ops.push(Op::Mount {
+                            source: path_cstr(&group.dir)?,
+                            target: target_c.clone(),
+                            fstype: cstr("")?,
+                            flags: libc::MS_BIND,
+                            data: None,
+                            no_symlink: true,
+                        });
+                        ops.push(Op::Remount {
+                            target: target_c.clone(),
+                            flags: (opts.flags & libc::MS_RDONLY)
+                                | libc::MS_NOSUID
+                                | libc::MS_NODEV
+                                | libc::MS_NOEXEC,
+                        });
+                    }
+                    continue;
+                } else if is_cgroup2_host() {
                     // The container's own group, as it is in a cgroup namespace.
                     fstype = "cgroup2".into();
                     data.clear();
@@ -1091,8 +1119,9 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
     plan.userns_root = in_userns;
     plan.personality = spec.personality32.then_some(PER_LINUX32);
     // Written by write_id_maps when it maps a rootless user's own group.
+    // SAFETY: getgid has no preconditions.
     plan.setgroups_denied =
-        new_userns && rootless() && matches!(&spec.gid_mappings[..], [m] if m.size == 1);
+        new_userns && rootless() && maps_only_own(&spec.gid_mappings, unsafe { libc::getgid() });
     plan.pdeathsig = options.die_with_parent;
     plan.hostname = spec.hostname.as_ref().map(|h| h.as_bytes().to_vec());
     plan.loopback_up = clone_flags & libc::CLONE_NEWNET != 0

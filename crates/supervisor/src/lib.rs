@@ -244,8 +244,9 @@ fn start(dir: &Path) -> Result<Running> {
     };
     // The console: a VM's serial output comes through a pipe (its input is the
     // VMM's stdin); a container's is a terminal whose slave is its init's stdio
-    // and /dev/console. Either way this process holds the read side only, so
-    // the instance's end reads as the end of its console.
+    // and /dev/console. This process keeps the pipe's read end or the
+    // terminal's master, never the other end, so the instance's end reads as
+    // the end of its console (EOF, or EIO from the master).
     let (pid, cgroups, console_read, console_input) = match &spec.vm {
         Some(vm_spec) => {
             let (console_read, console_write) =

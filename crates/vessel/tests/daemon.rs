@@ -361,7 +361,10 @@ fn a_container_lasts_through_stop_start_and_a_daemon_kill() {
     // The console is a terminal with a root shell on it (as a getty keeps
     // one): typed input is run, and the log keeps what it showed.
     let out = d.console("web", b"echo console-$((6*7))\n", "console-42");
-    assert!(out.contains("console-$((6*7))"), "the terminal echoes: {out}");
+    assert!(
+        out.contains("console-$((6*7))"),
+        "the terminal echoes: {out}"
+    );
     let logs = d.ok(&["logs", "web"]);
     assert!(logs.contains("console-42"), "{logs}");
 

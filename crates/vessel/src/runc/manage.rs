@@ -155,6 +155,13 @@ pub fn update(root: &Path, id: &str, flags: &UpdateFlags) -> Result<()> {
     }
     let res: LinuxResources = serde_json::from_value(requested(flags)?)
         .map_err(|e| anyhow!("--resources: not OCI linux.resources: {e}"))?;
+    // Lifting a CPU quota or a pids limit is not written yet: say so rather than
+    // keep the old limit silently.
+    if res.cpu().as_ref().and_then(|c| c.quota()) == Some(-1)
+        || res.pids().as_ref().is_some_and(|p| p.limit() == -1)
+    {
+        bail!("update: -1 (no limit) for the CPU quota or the pids limit is not supported; give a value");
+    }
     let mut limits = spec::limits(&res)?;
     // A memory limit of -1 lifts the limit, as under runc.
     if res.memory().as_ref().and_then(|m| m.limit()) == Some(-1) {
@@ -273,7 +280,7 @@ pub fn features() -> Value {
             "runbindable", "rw", "shared", "slave", "strictatime", "suid", "sync", "unbindable"
         ],
         "linux": {
-            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
             "capabilities": caps,
             "cgroup": {"v1": true, "v2": true, "systemd": false, "systemdUser": false},
             "seccomp": {

@@ -260,11 +260,13 @@ fn sweep(root: &Path) -> Vec<String> {
         let Some(_held) = container::leftovers::abandoned(&dir) else {
             continue;
         };
+        // Empty: its creator had only just taken the lock; not a create to undo.
         let cgroups_path =
             fs::read_to_string(dir.join(container::leftovers::LOCK_FILE)).unwrap_or_default();
-        if !cgroups_path.is_empty() {
-            container::leftovers::remove_groups_at(&cgroups_path);
+        if cgroups_path.is_empty() {
+            continue;
         }
+        container::leftovers::remove_groups_at(&cgroups_path);
         if fs::remove_dir_all(&dir).is_ok() {
             removed.push(entry.file_name().to_string_lossy().into_owned());
         }
@@ -608,9 +610,14 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
 /// The copy of config.json in a container's state directory.
 const CONFIG_SNAPSHOT: &str = "config.json";
 
-/// The config the container was created with.
+/// The config the container was created with (the bundle's, for a container
+/// created before the copy was kept).
 fn snapshot(state: &State) -> Result<oci_spec::runtime::Spec> {
-    spec::load(&state.dir)
+    if state.dir.join(CONFIG_SNAPSHOT).exists() {
+        spec::load(&state.dir)
+    } else {
+        spec::load(Path::new(&state.bundle))
+    }
 }
 
 /// The state hooks read, with `status`.

@@ -312,8 +312,10 @@ pub fn init_spec(spec: &Spec, bundle: &Path, id: &str) -> Result<InitSpec> {
             }
             s
         }
-        // runc's default: a group named after the container below its own.
-        None => id.to_owned(),
+        // A group named after the container at each hierarchy's top. (runc's
+        // default is below its own group, which on cgroup v2 holds processes and
+        // so cannot delegate controllers.)
+        None => format!("/{id}"),
     };
     let seccomp = match linux.seccomp() {
         Some(s) => seccomp(s)?,
