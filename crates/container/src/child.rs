@@ -191,22 +191,12 @@ fn late_failure(failure: Failure) -> ! {
         }
     };
     put(prefix, &mut n);
-    let mut digits = [0u8; 12];
+    let mut digits = [0u8; 10];
     for (value, sep) in [
         (failure.step as u32, b" errno "),
         (failure.errno as u32, b"\n\0\0\0\0\0\0"),
     ] {
-        let mut v = value;
-        let mut len = 0;
-        loop {
-            digits[len] = b'0' + (v % 10) as u8;
-            len += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        digits[..len].reverse();
+        let len = decimal(value, &mut digits);
         put(&digits[..len], &mut n);
         put(
             &sep[..sep.iter().position(|&b| b == 0).unwrap_or(sep.len())],
@@ -428,23 +418,29 @@ fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<
     Ok(())
 }
 
-/// `/proc/self/fd/N` for descriptor `fd`, NUL-terminated, without allocating.
-fn fd_path(fd: RawFd) -> [u8; 25] {
-    let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
-    let mut digits = [0u8; 10];
-    let mut v = fd as u32;
+/// Writes `value` in decimal into `out`, most significant digit first, without
+/// allocating; the number of digits.
+fn decimal(value: u32, out: &mut [u8; 10]) -> usize {
+    let mut v = value;
     let mut len = 0;
     loop {
-        digits[len] = b'0' + (v % 10) as u8;
+        out[len] = b'0' + (v % 10) as u8;
         len += 1;
         v /= 10;
         if v == 0 {
             break;
         }
     }
-    for i in 0..len {
-        path[14 + i] = digits[len - 1 - i];
-    }
+    out[..len].reverse();
+    len
+}
+
+/// `/proc/self/fd/N` for descriptor `fd`, NUL-terminated, without allocating.
+fn fd_path(fd: RawFd) -> [u8; 25] {
+    let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
+    let mut digits = [0u8; 10];
+    let len = decimal(fd as u32, &mut digits);
+    path[14..14 + len].copy_from_slice(&digits[..len]);
     path
 }
 
@@ -1106,6 +1102,16 @@ fn exec(plan: &Plan) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_and_descriptor_paths_without_allocating() {
+        let mut digits = [0u8; 10];
+        let len = decimal(4_294_967_295, &mut digits);
+        assert_eq!(&digits[..len], b"4294967295");
+        let len = decimal(0, &mut digits);
+        assert_eq!(&digits[..len], b"0");
+        assert_eq!(&fd_path(17)[..17], b"/proc/self/fd/17\0");
+    }
 
     #[test]
     fn failure_roundtrip() {

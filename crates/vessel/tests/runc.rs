@@ -147,6 +147,17 @@ impl Bundle {
 }
 
 impl Bundle {
+    /// `run --detach` of this bundle as container `id`.
+    fn run_detached(&self, id: &str) -> Output {
+        self.runc(&[
+            "run",
+            "--detach",
+            "--bundle",
+            self.path().to_str().unwrap(),
+            id,
+        ])
+    }
+
     /// Writes `config`, and checks that create fails with one error that names
     /// `needle` and leaves the host as it was (`before`).
     fn assert_create_refused(
@@ -1165,13 +1176,7 @@ fn a_failing_poststart_hook_is_a_warning() {
         "poststart": [recording_hook(&dir, "poststart", "exit 1"), recording_hook(&dir, "poststart2", "")]
     });
     b.write_config(&config);
-    let out = b.runc(&[
-        "run",
-        "--detach",
-        "--bundle",
-        b.path().to_str().unwrap(),
-        "pw",
-    ]);
+    let out = b.run_detached("pw");
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("warning: poststart hook"),
@@ -1409,13 +1414,7 @@ fn namespaces_given_by_path_are_joined() {
         let a = Bundle::for_runtime(&env, &["sleep", "1000"], runtime);
         let before = host_state(&a.root);
         let ns = HostNamespaces::new(&env.rootfs);
-        let out = a.runc(&[
-            "run",
-            "--detach",
-            "--bundle",
-            a.path().to_str().unwrap(),
-            "nsa",
-        ]);
+        let out = a.run_detached("nsa");
         assert!(out.status.success(), "{who}: {}", text(&out));
         let pid_a = a.state("nsa")["pid"].as_i64().unwrap();
 
