@@ -244,6 +244,8 @@ pub(crate) struct Cgroups {
     /// Groups that existed before (an OCI cgroupsPath may name one): joined, and
     /// never removed, as they are not the container's own.
     joined: Vec<PathBuf>,
+    /// The groups with their hierarchies, noted as they are made.
+    known: Vec<Known>,
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
@@ -470,6 +472,9 @@ impl Cgroups {
             if !placement.v2 && placement.controllers.contains(&"cpuset") {
                 inherit_cpuset(&dir)?;
             }
+            cgroups
+                .known
+                .extend(identify_in(&mounts, std::slice::from_ref(&dir)));
             cgroups.groups.push(Group {
                 dir,
                 v2: placement.v2,
@@ -638,8 +643,7 @@ impl Cgroups {
 
     /// The groups with their hierarchies, for the container's /sys/fs/cgroup.
     pub(crate) fn hierarchies(&self) -> Vec<Known> {
-        let dirs: Vec<PathBuf> = self.groups.iter().map(|g| g.dir.clone()).collect();
-        identify(&dirs)
+        self.known.clone()
     }
 }
 
@@ -852,6 +856,7 @@ mod weight_tests {
 }
 
 /// An existing group and what its hierarchy holds (for groups known only by path).
+#[derive(Debug, Clone)]
 pub(crate) struct Known {
     pub dir: PathBuf,
     pub v2: bool,
@@ -865,6 +870,11 @@ pub(crate) struct Known {
 /// out.
 pub(crate) fn identify(dirs: &[PathBuf]) -> Vec<Known> {
     let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    identify_in(&mounts, dirs)
+}
+
+/// [`identify`] with the cgroup mounts already read.
+fn identify_in(mounts: &[CgroupMount], dirs: &[PathBuf]) -> Vec<Known> {
     dirs.iter()
         .filter_map(|dir| {
             let mount = mounts

@@ -3,11 +3,10 @@
 //! and the setuid helpers newuidmap and newgidmap (as Podman uses them), ids 1 and up
 //! map to that range too; otherwise the user's own ids are all there is.
 
+use crate::error::Result;
+use crate::runtime::{write_id_maps, IdMapping};
 use std::fs;
 use std::path::Path;
-use std::process::Command;
-
-use crate::error::{Error, Result};
 
 /// The first subordinate range of `name` or `id` in a subuid/subgid file's text.
 fn subordinate_range(text: &str, name: &str, id: u32) -> Option<(u32, u32)> {
@@ -40,50 +39,32 @@ pub(crate) fn map_ids(pid: libc::pid_t) -> Result<()> {
     // SAFETY: getuid and getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let name = user_name(uid);
-    for (kind, own, file, helper) in [
-        ("uid", uid, "/etc/subuid", "newuidmap"),
-        ("gid", gid, "/etc/subgid", "newgidmap"),
-    ] {
+    let mappings = |own: u32, file: &str, helper: &str| {
+        let mut list = vec![IdMapping {
+            container_id: 0,
+            host_id: own,
+            size: 1,
+        }];
         let range = fs::read_to_string(file)
             .ok()
             .and_then(|text| subordinate_range(&text, &name, uid));
-        let helper_path = ["/usr/bin", "/bin", "/usr/sbin"]
+        let has_helper = ["/usr/bin", "/bin", "/usr/sbin"]
             .iter()
-            .map(|d| Path::new(d).join(helper))
-            .find(|p| p.exists());
-        if let (Some((start, count)), Some(helper_path)) = (range, helper_path) {
-            let out = Command::new(&helper_path)
-                .args([
-                    pid.to_string(),
-                    "0".into(),
-                    own.to_string(),
-                    "1".into(),
-                    "1".into(),
-                    start.to_string(),
-                    count.to_string(),
-                ])
-                .output()
-                .map_err(|e| Error::io(format!("running {}", helper_path.display()), e))?;
-            if !out.status.success() {
-                return Err(Error::Invalid(format!(
-                    "{helper} {pid}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
-            continue;
+            .any(|d| Path::new(d).join(helper).exists());
+        if let (Some((start, count)), true) = (range, has_helper) {
+            list.push(IdMapping {
+                container_id: 1,
+                host_id: start,
+                size: count,
+            });
         }
-        // Without the helper a process may map only its own id, and only after giving
-        // up setgroups for the namespace.
-        if kind == "gid" {
-            let setgroups = format!("/proc/{pid}/setgroups");
-            fs::write(&setgroups, "deny")
-                .map_err(|e| Error::io(format!("writing {setgroups}"), e))?;
-        }
-        let map = format!("/proc/{pid}/{kind}_map");
-        fs::write(&map, format!("0 {own} 1\n"))
-            .map_err(|e| Error::io(format!("writing {map}"), e))?;
-    }
-    Ok(())
+        list
+    };
+    write_id_maps(
+        pid,
+        &mappings(uid, "/etc/subuid", "newuidmap"),
+        &mappings(gid, "/etc/subgid", "newgidmap"),
+    )
 }
 
 #[cfg(test)]

@@ -83,7 +83,11 @@ fn rootless() -> bool {
 /// Writes a new user namespace's maps for process `pid` (before it goes on). Without
 /// root's privileges a process may map only its own id (giving up setgroups first for
 /// groups); other mappings go through newuidmap and newgidmap, as runc does.
-fn write_id_maps(pid: libc::pid_t, uids: &[IdMapping], gids: &[IdMapping]) -> Result<()> {
+pub(crate) fn write_id_maps(
+    pid: libc::pid_t,
+    uids: &[IdMapping],
+    gids: &[IdMapping],
+) -> Result<()> {
     if rootless() {
         // SAFETY: getuid and getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
