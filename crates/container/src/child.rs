@@ -241,7 +241,7 @@ fn wait_parent(sync_read: RawFd, index: u32) -> Result<(), Failure> {
 }
 
 fn setup(plan: &Plan, fds: ChildFds, report: &std::cell::Cell<RawFd>) -> Result<(), Failure> {
-    for fd in fds.parent_ends {
+    for fd in fds.parent_ends.into_iter().chain(plan.creator_only) {
         // SAFETY: closing this process's copies of the parent's descriptors.
         unsafe { libc::close(fd) };
     }

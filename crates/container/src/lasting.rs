@@ -248,6 +248,7 @@ pub fn start(spec: &LastingSpec) -> Result<runtime::Created> {
         &init,
         CreateOptions {
             before_pivot: None,
+            creator_lock: None,
             exec_fifo: spec.exec_fifo.clone(),
             console_socket: None,
             die_with_parent: true,

@@ -249,6 +249,9 @@ pub(crate) struct Plan {
     pub setgroups_denied: bool,
     /// personality(2) to set before exec (OCI `linux.personality`).
     pub personality: Option<libc::c_ulong>,
+    /// A descriptor of the creator's that the clone copied and must not keep (the
+    /// lock marking a create in progress, which must end with the creator).
+    pub creator_only: Option<RawFd>,
     /// Die with the parent (a supervised run); not for OCI containers, whose creator exits.
     pub pdeathsig: bool,
     pub hostname: Option<Vec<u8>>,
@@ -559,6 +562,7 @@ pub(crate) fn build(
         userns_root: rootless,
         setgroups_denied: false,
         personality: None,
+        creator_only: None,
         pdeathsig: true,
         hostname: Some(hostname.as_bytes().to_vec()),
         loopback_up: config.net == Net::None,

@@ -10,7 +10,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::raw::{c_int, c_ulong};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
@@ -286,6 +286,9 @@ pub struct CreateOptions<'a> {
     pub die_with_parent: bool,
     /// The OCI hooks of the create, where the spec puts them.
     pub before_pivot: Option<BeforePivot<'a>>,
+    /// The creator's lock on the container's state directory: the init must not
+    /// hold it, so that it is free once the creator is gone.
+    pub creator_lock: Option<RawFd>,
 }
 
 /// The result of `create`.
@@ -908,6 +911,7 @@ fn process_plan(process: &ProcessSpec, seccomp: &Programs) -> Result<Plan> {
         userns_root: false,
         setgroups_denied: false,
         personality: None,
+        creator_only: None,
         pdeathsig: false,
         hostname: None,
         loopback_up: false,
@@ -1137,6 +1141,7 @@ pub fn create(spec: &InitSpec, options: CreateOptions<'_>) -> Result<Created> {
         .map_err(|e| Error::path("opening the exec FIFO", &options.exec_fifo, e))?;
     plan.exec_fifo = Some(fifo.as_raw_fd());
     plan.pause_before_pivot = options.before_pivot.is_some();
+    plan.creator_only = options.creator_lock;
     if spec.process.terminal && options.console_socket.is_none() {
         return Err(Error::Invalid(
             "process.terminal is true but no --console-socket was given".into(),

@@ -557,6 +557,7 @@ fn create_container(root: &Path, args: &CreateArgs, die_with_parent: bool) -> Re
             exec_fifo: fifo,
             console_socket,
             die_with_parent,
+            creator_lock: Some(std::os::fd::AsRawFd::as_raw_fd(&creating)),
             before_pivot: if has_create_hooks {
                 Some(&mut create_hooks)
             } else {
