@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 command -v qemu-system-x86_64 >/dev/null || { echo "bench/boot.sh: needs qemu-system-x86_64 (apt-get install qemu-system-x86)" >&2; exit 1; }
 
 vessel=${VESSEL:-target/release/vessel}
@@ -29,7 +31,7 @@ cmd="vessel.cmd=$(printf echo | base64 -w0),$(printf %s "$marker" | base64 -w0)"
 # QEMU's microvm has no HPET or ACPI PM timer: its guest calibrates the TSC against the
 # PIT, which on a busy host often fails and hangs the boot; tsc_early_khz skips that.
 # vessel's vCPU reports its TSC frequency in CPUID, so its guest never calibrates.
-qemu_extra="tsc_early_khz=2000000"
+qemu_extra=$(qemu_tsc_khz)
 out=$(mktemp /tmp/vessel-boot-bench.XXXXXX)
 trap 'rm -f "$out"' EXIT
 

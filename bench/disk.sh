@@ -12,6 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+qemu_tsc=$(qemu_tsc_khz)
 for tool in qemu-system-x86_64 mkfs.ext4 rustc python3; do
   command -v "$tool" >/dev/null || { echo "bench/disk.sh: needs $tool" >&2; exit 1; }
 done
@@ -56,10 +59,10 @@ for i in $(seq "$runs"); do
     --initrd "$initrd" --cmdline "$base" --disk "$work/tools.img,readonly" \
     --disk "$work/disk.raw" -- sh -c "$script" >"$out" 2>&1 </dev/null || true
   v_lines+=("$(result vessel)")
-  # QEMU's microvm guest may hang calibrating its TSC without tsc_early_khz.
+  # QEMU's microvm guest may hang calibrating its TSC without tsc_early_khz (bench/lib.sh).
   timeout 600 qemu-system-x86_64 -accel tcg -M microvm -cpu qemu64 -m 512 -nographic \
     -no-reboot -kernel "$kernel" -initrd "$initrd" \
-    -append "$base tsc_early_khz=2000000 $cmd" \
+    -append "$base $qemu_tsc $cmd" \
     -drive "id=t,file=$work/tools.img,format=raw,if=none,readonly=on" \
     -device virtio-blk-device,drive=t \
     -drive "id=d,file=$work/disk.raw,format=raw,if=none" \

@@ -71,3 +71,15 @@ remove_instances() {
     ctr container delete "$name" >/dev/null 2>&1 || true
   done
 }
+
+# qemu_tsc_khz: `tsc_early_khz=N` for QEMU's microvm guests, N the host's TSC frequency as
+# bench/tools/tsckhz.rs measures it. The guest would otherwise calibrate its TSC against
+# the PIT, which on these hosts often fails and hangs the boot; a guessed figure instead
+# makes its clock run fast or slow, and every time measured inside the guest with it.
+qemu_tsc_khz() {
+  local dir
+  dir=$(mktemp -d /tmp/vessel-tsckhz.XXXXXX)
+  rustc -O bench/tools/tsckhz.rs -o "$dir/tsckhz" >&2 || { rm -rf "$dir"; return 1; }
+  echo "tsc_early_khz=$("$dir/tsckhz")"
+  rm -rf "$dir"
+}

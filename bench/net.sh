@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+qemu_tsc=$(qemu_tsc_khz)
 [ "$(id -u)" = 0 ] || { echo "bench/net.sh: needs root (a network namespace and a tap)" >&2; exit 1; }
 for tool in qemu-system-x86_64 ip python3; do
   command -v "$tool" >/dev/null || { echo "bench/net.sh: needs $tool" >&2; exit 1; }
@@ -88,7 +91,7 @@ for i in $(seq "$runs"); do
   v_lines+=("$(one "$vessel" run --accel emu --cpus 1 --memory 512M --kernel "$kernel" \
     --initrd "$initrd" --cmdline "$base" --net tap=vtap0 -- sh -c "$script")")
   q_lines+=("$(one qemu-system-x86_64 -accel tcg -M microvm -cpu qemu64 -m 512 -nographic \
-    -no-reboot -kernel "$kernel" -initrd "$initrd" -append "$base tsc_early_khz=2000000 $cmd" \
+    -no-reboot -kernel "$kernel" -initrd "$initrd" -append "$base $qemu_tsc $cmd" \
     -netdev tap,id=n0,ifname=vtap0,script=no,downscript=no -device virtio-net-device,netdev=n0)")
 done
 

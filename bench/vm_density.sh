@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+qemu_tsc=$(qemu_tsc_khz)
 n=${1:-3}
 mem=${2:-96}
 [ "$(id -u)" = 0 ] || { echo "bench/vm_density.sh: needs root" >&2; exit 1; }
@@ -99,7 +100,7 @@ for i in $(seq "$n"); do
   qemu-system-x86_64 -M microvm,acpi=on -accel tcg -cpu max -m "$mem" -smp 1 -nodefaults \
     -no-user-config -display none -serial "file:$work/qemu$i.log" \
     -kernel "$kernel" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 tsc_early_khz=2000000 root=/dev/vda rw" \
+    -append "console=ttyS0 panic=-1 $qemu_tsc root=/dev/vda rw" \
     -drive "if=none,id=root,file=$work/qemu$i.qcow2,format=qcow2" \
     -device virtio-blk-device,drive=root &
   qemu_pids+=($!)

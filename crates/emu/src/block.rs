@@ -175,6 +175,11 @@ pub struct Block {
     pub rip: u64,
     pub bitness: u32,
     pub ops: Vec<Op>,
+    /// The interpreted forms of its native runs that access memory: such
+    /// a run's op points into this vector, and falls back to it from the
+    /// first access its stub does not make (see `exec::native`). Never
+    /// changed after decoding, so the pointers hold while the block does.
+    pub native_subs: Vec<Op>,
     /// Physical pages its bytes come from (a block ends with the
     /// instruction that crosses into a second page).
     pub pages: [Option<u64>; 2],
@@ -629,7 +634,12 @@ pub(crate) fn decode(
             break;
         }
     }
-    crate::exec::specialize_block(&mut ops, &spans, &buf[..len], &mut core.native);
+    let target = crate::exec::NativeTarget {
+        user: core.user(),
+        memory: core.mmu.mode == crate::mem::PagingMode::Long && core.code.covers(core.ram.end()),
+    };
+    let native_subs =
+        crate::exec::specialize_block(&mut ops, &spans, &buf[..len], &mut core.native, target);
     let first_gen = core.code.end_decode(first_page, first_gen);
     let second = if crossed { second_page } else { None };
     if let Some(p) = second {
@@ -644,6 +654,7 @@ pub(crate) fn decode(
         rip,
         bitness,
         ops,
+        native_subs,
         pages: [Some(first_page), second],
         gens: [first_gen, second_gen],
         chainable,

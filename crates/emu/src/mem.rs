@@ -331,8 +331,10 @@ pub mod perm {
 }
 
 /// One TLB entry: a 4 KiB linear page (a large page is entered 4 KiB at a
-/// time) and its physical page.
+/// time) and its physical page. Native runs read it from generated code
+/// (`exec::native`), hence the C layout.
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 pub struct TlbEntry {
     /// Linear page number, or [`TLB_INVALID`].
     pub vpn: u64,
@@ -577,6 +579,18 @@ impl CodePages {
         }
         self.inner.writes.fetch_add(1, Ordering::SeqCst);
         true
+    }
+
+    /// The bits, one per page of RAM, for native runs' write check
+    /// (`exec::native`): `new` sized them to cover every RAM page, and
+    /// they live as long as any clone of this map.
+    pub(crate) fn bits(&self) -> *const AtomicU64 {
+        self.inner.bits.as_ptr()
+    }
+
+    /// Whether the bits cover every page below `end`.
+    pub(crate) fn covers(&self, end: u64) -> bool {
+        self.inner.bits.len() as u64 * 64 >= end.div_ceil(PAGE_SIZE)
     }
 
     /// How many times a code page was written (VM-wide), so far.

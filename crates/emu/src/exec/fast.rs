@@ -319,21 +319,23 @@ const STATUS_BITS: u32 = 0x3f;
 /// by its Jcc then has the pair fused into one operation (one dispatch
 /// instead of two); it counts as one instruction retired.
 ///
-/// Then, with an arena, runs of register-only instructions before that
-/// (`spans` gives each op's bytes in `bytes`) become native runs (see
-/// `native`).
+/// Then, with an arena, runs of instructions the host can execute (see
+/// `native`) before that (`spans` gives each op's bytes in `bytes`)
+/// become native runs. Returns the interpreted forms of the runs that
+/// access memory, which the block keeps for them.
 pub(crate) fn specialize_block(
     ops: &mut Vec<Op>,
     spans: &[(usize, usize)],
     bytes: &[u8],
     arena: &mut Option<super::native::Arena>,
-) {
+    target: super::native::Target,
+) -> Vec<Op> {
     specialize_all(ops);
     let fused = fuse_branch(ops);
     // The fused op (the last) stands for two instructions: never part of
     // a run. `spans` still matches every op before it.
     let plain = ops.len() - usize::from(fused);
-    super::native::compile_runs(arena, ops, plain, spans, bytes);
+    super::native::compile_runs(arena, ops, plain, spans, bytes, target)
 }
 
 fn specialize_all(ops: &mut [Op]) {

@@ -6,6 +6,7 @@ mod fast;
 pub mod flags;
 mod forms;
 mod fpu;
+mod hostasm;
 #[cfg(target_arch = "x86_64")]
 mod hostfp;
 mod mmx;
@@ -34,6 +35,7 @@ use system::EventKind;
 pub use system::InterruptLines;
 
 pub(crate) use fast::specialize_block;
+pub(crate) use native::Target as NativeTarget;
 pub(crate) use ops::handler_for;
 
 /// An exception the guest raised. Delivered through the guest's IDT, or,
@@ -226,6 +228,13 @@ pub struct Core {
     pub(crate) native: Option<native::Arena>,
     /// Native-run stubs executed so far (see [`Emulator::native_runs_executed`]).
     pub(crate) native_runs: u64,
+    /// Native runs that stopped before their end (at an access their
+    /// TLB lookup did not cover) and were finished by the interpreter.
+    pub(crate) native_exits: u64,
+    /// Address of the instruction that stopped inside a native run's
+    /// interpreted rest, for [`Emulator::stopped`] (a run's op carries
+    /// only its first instruction's).
+    pub(crate) stop_ip: Option<u64>,
     /// MSR_KVM_SYSTEM_TIME_NEW: where this vCPU's kvmclock structure is
     /// (bit 0: enabled).
     pub(crate) kvmclock: u64,
@@ -257,6 +266,8 @@ impl Core {
             tsc_aux: 0,
             native: native::Arena::new(),
             native_runs: 0,
+            native_exits: 0,
+            stop_ip: None,
             kvmclock: 0,
             wall_clock: 0,
             kvmclock_version: 0,
@@ -1161,6 +1172,13 @@ impl Emulator {
         self.core.native_runs
     }
 
+    /// How many native runs stopped before their end, at an access their
+    /// inline TLB lookup did not cover, and were finished by the
+    /// interpreter.
+    pub fn native_run_exits(&self) -> u64 {
+        self.core.native_exits
+    }
+
     /// INIT: the paravirtual clock MSRs go back to disabled (as KVM's
     /// vCPU reset does).
     pub fn reset_paravirt(&mut self) {
@@ -1334,6 +1352,9 @@ impl Emulator {
     /// running (an exception was delivered, HLT is waiting).
     fn stopped(&mut self, s: Stop, op: Option<&Op>) -> Option<Exit> {
         self.settle();
+        // The instruction that stopped: inside a native run, the one the
+        // run's interpreted rest stopped at.
+        let at = self.core.stop_ip.take().or(op.map(|op| op.instr.ip()));
         match s.kind() {
             StopKind::Exit(Exit::Halt) => {
                 // HLT with IF clear is reported: only an NMI or INIT could
@@ -1349,14 +1370,14 @@ impl Emulator {
             }
             StopKind::Exit(e) => Some(e),
             StopKind::Restart(e) => {
-                if let Some(op) = op {
-                    self.core.cpu.rip = op.instr.ip();
+                if let Some(ip) = at {
+                    self.core.cpu.rip = ip;
                 }
                 Some(e)
             }
             StopKind::Fault(x) => {
-                if let Some(op) = op {
-                    self.core.cpu.rip = op.instr.ip();
+                if let Some(ip) = at {
+                    self.core.cpu.rip = ip;
                 }
                 let r = self.raise(x, EventKind::Exception);
                 self.settle();

@@ -1,5 +1,5 @@
-//! Native runs: straight-line stretches of register-only guest
-//! instructions executed directly on the host processor.
+//! Native runs: straight-line stretches of guest instructions executed
+//! directly on the host processor.
 //!
 //! Guest and host are both x86-64, and an instruction whose operands are
 //! only general-purpose registers and immediates (ADD, ADC, IMUL, SHL,
@@ -11,20 +11,35 @@
 //! run of thirty instructions then costs one dispatch and runs at host
 //! speed, flags exact by construction (the host computes them).
 //!
+//! The same instructions with one explicit memory operand run natively
+//! too: each is re-encoded to address the host page of its operand, found
+//! by an inline lookup in the vCPU's software TLB (a dozen host
+//! instructions on a hit). Whatever the lookup does not cover (a miss, a
+//! page crossing, MMIO, a write to a page holding decoded code, a run
+//! decoded at the other privilege) ends the stub before that instruction,
+//! with the guest's registers and flags exact, and the interpreter
+//! executes the rest of the run. A fault is therefore always raised by
+//! the interpreter, precisely.
+//!
 //! What keeps this safe for the host: an instruction is copied only when
 //! iced decoded it in 64-bit mode as one of a fixed list of mnemonics
-//! (none touches memory, the stack, RIP, segment or control state, none
-//! can fault on any x86-64 host: LAHF/SAHF, which the first x86-64
-//! processors lacked in 64-bit mode, are left out), without LOCK, with every operand a
-//! general-purpose register other than RSP or an immediate (LEA's
+//! (none touches the stack, RIP, segment or control state, none can fault
+//! on any x86-64 host: LAHF/SAHF, which the first x86-64 processors
+//! lacked in 64-bit mode, are left out), without LOCK, with every operand
+//! a general-purpose register other than RSP or an immediate (LEA's
 //! address arithmetic, which reads no memory, is allowed without RIP or
-//! RSP). The host stack pointer is never a guest register, so a signal
-//! arriving during a run lands on the host stack as usual. DF, IF and the
-//! other system flags stay the host's.
+//! RSP; a NOP's operand is never accessed), or one memory operand whose
+//! host address the lookup checked: a RAM page of this VM the guest's
+//! page tables allow the access to, the whole access inside it. The host
+//! stack pointer is never a guest register, so a signal arriving during a
+//! run lands on the host stack as usual. DF, IF and the other system
+//! flags stay the host's.
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
-use crate::block::Op;
+use super::hostasm::{Addr, Asm, Fixup, CC_B, CC_E, CC_NE, RAX, RCX, RDI, RSI, RSP};
+use crate::block::{EaForm, Op};
+use crate::mem::{perm, TlbEntry, PAGE_MASK, PAGE_SHIFT, TLB_ENTRIES};
 
 /// Shortest run worth a stub (the stub's entry and exit cost about as
 /// much as two dispatches).
@@ -37,7 +52,8 @@ const ARENA_BYTES: usize = 8 << 20;
 /// The status flags (CF PF AF ZF SF OF) in RFLAGS.
 const STATUS: u32 = 0x8d5;
 
-/// Whether `i` may run natively (see the module comment).
+/// Whether `i` may run natively as it is, touching no memory (see the
+/// module comment).
 pub fn eligible(i: &Instruction, bitness: u32) -> bool {
     use Mnemonic as M;
     if bitness != 64 || i.is_invalid() || i.has_lock_prefix() {
@@ -72,19 +88,13 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
     if !listed {
         return false;
     }
-    let usable = |r: Register| {
-        r.is_gpr()
-            && !matches!(
-                r,
-                Register::RSP | Register::ESP | Register::SP | Register::SPL
-            )
-    };
     (0..i.op_count()).all(|n| match i.op_kind(n) {
         OpKind::Register => usable(i.op_register(n)),
         OpKind::Memory => {
-            m == M::Lea
-                && (i.memory_base() == Register::None || usable(i.memory_base()))
-                && (i.memory_index() == Register::None || usable(i.memory_index()))
+            m == M::Nop
+                || m == M::Lea
+                    && (i.memory_base() == Register::None || usable(i.memory_base()))
+                    && (i.memory_index() == Register::None || usable(i.memory_index()))
         }
         k => super::forms::is_immediate(k),
     })
@@ -100,6 +110,9 @@ pub struct Arena {
     /// A block's stubs did not fit: the owner should drop every block
     /// and [`Arena::reset`].
     full: bool,
+    /// Whether runs may include memory accesses (`VESSEL_EMU_NATIVE=regs`
+    /// keeps them register-only, to measure what they add).
+    memory: bool,
 }
 
 // SAFETY: the arena is owned by one vCPU's `Core` and moves between
@@ -111,9 +124,8 @@ impl Arena {
     /// A fresh arena, or `None` where the host refuses executable memory,
     /// is not x86-64, or `VESSEL_EMU_NATIVE=0` turns native runs off.
     pub fn new() -> Option<Arena> {
-        if !cfg!(target_arch = "x86_64")
-            || std::env::var_os("VESSEL_EMU_NATIVE").is_some_and(|v| v == "0")
-        {
+        let setting = std::env::var_os("VESSEL_EMU_NATIVE");
+        if !cfg!(target_arch = "x86_64") || setting.as_ref().is_some_and(|v| v == "0") {
             return None;
         }
         // SAFETY: an anonymous private mapping; no existing memory is
@@ -135,6 +147,7 @@ impl Arena {
             base: p.cast(),
             used: 0,
             full: false,
+            memory: setting.is_none_or(|v| v != "regs"),
         })
     }
 
@@ -217,37 +230,26 @@ impl Drop for Arena {
     }
 }
 
-/// What a run needs loaded and stored: the general-purpose registers it
-/// touches (bit n = register n, read or written, implicit operands
-/// included; whole registers, since a partial write keeps the rest),
-/// whether the incoming status flags may matter (read before being
-/// written, or passed through by a shift or rotate whose count may be
-/// zero), and whether it writes any flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Footprint {
-    regs: u16,
-    flags_in: bool,
-    flags_out: bool,
+/// Status flags in iced's `RflagsBits` (OF SF ZF AF CF PF).
+const ALL_FLAGS: u32 = 0x3f;
+
+/// How an instruction uses the status flags, for loading, storing and
+/// keeping the guest's flags around it.
+#[derive(Debug, Clone, Copy)]
+struct FlagUse {
+    /// Reads a flag, or may leave them all as they were (a shift or
+    /// rotate whose count may be zero).
+    reads: u32,
+    /// Sets each of these to a defined value. Flags left undefined are
+    /// not counted: some hosts leave them unchanged, and the guest's own
+    /// values are the better answer than whatever the host's flags held.
+    writes: u32,
+    /// Changes any flag.
+    modifies: bool,
 }
 
-fn footprint(run: &[Instruction]) -> Footprint {
-    // iced's RflagsBits: OF SF ZF AF CF PF.
-    const ALL: u32 = 0x3f;
-    let mut info = iced_x86::InstructionInfoFactory::new();
-    let mut regs = 0u16;
-    let mut written = 0u32;
-    let mut flags_in = false;
-    let mut flags_out = false;
-    for i in run {
-        for used in info.info(i).used_registers() {
-            let full = used.register().full_register();
-            if full.is_gpr64() {
-                regs |= 1 << (full as u32 - Register::RAX as u32);
-            }
-        }
-        if i.rflags_read() & ALL & !written != 0 {
-            flags_in = true;
-        }
+impl FlagUse {
+    fn of(i: &Instruction) -> FlagUse {
         let may_keep_flags = matches!(
             i.mnemonic(),
             Mnemonic::Shl
@@ -261,19 +263,179 @@ fn footprint(run: &[Instruction]) -> Footprint {
                 | Mnemonic::Shld
                 | Mnemonic::Shrd
         );
+        let modifies = i.rflags_modified() != 0;
         if may_keep_flags {
-            flags_in = true;
-        } else {
-            // Flags left undefined are not counted: some hosts leave them
-            // unchanged, and the guest's own values are the better answer
-            // than whatever the emulator had in the host's flags.
-            written |= (i.rflags_written() | i.rflags_cleared() | i.rflags_set()) & ALL;
+            return FlagUse {
+                reads: ALL_FLAGS,
+                writes: 0,
+                modifies,
+            };
         }
-        flags_out |= i.rflags_modified() != 0;
+        FlagUse {
+            reads: i.rflags_read() & ALL_FLAGS,
+            writes: (i.rflags_written() | i.rflags_cleared() | i.rflags_set()) & ALL_FLAGS,
+            modifies,
+        }
+    }
+
+    /// Whether the host's flags must hold the guest's before it runs:
+    /// it reads them or keeps some of them.
+    fn needs_guest_flags(self) -> bool {
+        self.reads != 0 || (self.modifies && self.writes != ALL_FLAGS)
+    }
+}
+
+/// A guest memory operand a run accesses natively, through an inline
+/// lookup in the vCPU's software TLB (see [`memory_operand`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MemOperand {
+    /// Guest register numbers. A base of 4 (RSP) is read from a scratch
+    /// register holding the guest's RSP (the host's is the stub's stack).
+    base: Option<u8>,
+    index: Option<(u8, u8)>,
+    /// The sign-extended displacement, or the absolute address of a
+    /// RIP-relative or `moffs` operand.
+    disp: u64,
+    /// FS or GS (`state::seg`), whose base is added.
+    seg: Option<u8>,
+    size: u8,
+    write: bool,
+}
+
+/// The memory operand of `op` if it may run natively with it: 64-bit
+/// code and addressing, one explicit operand of 1, 2, 4 or 8 bytes, an
+/// instruction of the register-only list that reads or writes nothing
+/// else (no LOCK, no bit offset from a register, which may address far
+/// from the operand), its other operands registers other than RSP or
+/// immediates.
+fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Option<MemOperand> {
+    use iced_x86::OpAccess;
+    use Mnemonic as M;
+    let i = &op.instr;
+    if op.bitness != 64
+        || op.asize != 8
+        || i.is_invalid()
+        || i.has_lock_prefix()
+        || op.ea.flags & EaForm::FAST == 0
+    {
+        return None;
+    }
+    let m = i.mnemonic();
+    let immediate_bit_offset = matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
+        && (0..i.op_count()).any(|n| super::forms::is_immediate(i.op_kind(n)));
+    let listed = (super::forms::is_register_alu(m) && !matches!(m, M::Lea | M::Nop))
+        || matches!(m, M::Mul | M::Rcl | M::Rcr | M::Shld | M::Shrd | M::Xchg)
+        || immediate_bit_offset
+        || super::forms::is_cmovcc(m)
+        || super::forms::is_setcc(m);
+    if !listed {
+        return None;
+    }
+    let mut memory = 0;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register if usable(i.op_register(n)) => {}
+            OpKind::Memory => memory += 1,
+            k if super::forms::is_immediate(k) => {}
+            _ => return None,
+        }
+    }
+    let size = i.memory_size().size();
+    if memory != 1 || !matches!(size, 1 | 2 | 4 | 8) {
+        return None;
+    }
+    let [access] = info.info(i).used_memory() else {
+        return None;
+    };
+    let ea = op.ea;
+    let mem = MemOperand {
+        base: (ea.flags & EaForm::HAS_BASE != 0).then_some(ea.base),
+        index: (ea.flags & EaForm::HAS_INDEX != 0)
+            .then_some((ea.index, ea.flags & EaForm::SHIFT_MASK)),
+        disp: ea.disp,
+        seg: (ea.flags & EaForm::SEG_BASE != 0).then_some(ea.seg),
+        size: size as u8,
+        write: !matches!(access.access(), OpAccess::Read | OpAccess::CondRead),
+    };
+    // With a base or an index, the lookup's LEAs carry the displacement
+    // (and the last byte's) as disp32.
+    let fits = |d: u64| i32::try_from(d as i64).is_ok();
+    let last = mem.disp.wrapping_add(u64::from(mem.size) - 1);
+    if (mem.base.is_some() || mem.index.is_some()) && !(fits(mem.disp) && fits(last)) {
+        return None;
+    }
+    Some(mem)
+}
+
+/// A general-purpose register a native instruction may name: any but
+/// the stack pointer, which is the host's.
+fn usable(r: Register) -> bool {
+    r.is_gpr()
+        && !matches!(
+            r,
+            Register::RSP | Register::ESP | Register::SP | Register::SPL
+        )
+}
+
+/// One instruction of a run.
+#[derive(Clone, Copy)]
+enum Item<'a> {
+    /// Register-only: its bytes are copied.
+    Copy(&'a Instruction, &'a [u8]),
+    /// With a memory operand: re-encoded to address the host page.
+    Memory(&'a Instruction, MemOperand),
+}
+
+impl Item<'_> {
+    fn instr(&self) -> &Instruction {
+        match self {
+            Item::Copy(i, _) | Item::Memory(i, _) => i,
+        }
+    }
+}
+
+/// What a run needs loaded and stored: the general-purpose registers it
+/// touches (bit n = register n, read or written, implicit operands and
+/// address registers included; whole registers, since a partial write
+/// keeps the rest), whether the incoming status flags may matter (read
+/// before being written, passed through by a shift or rotate whose count
+/// may be zero, or kept until a memory access, where the run may stop and
+/// must leave them exact), and whether it writes any flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Footprint {
+    regs: u16,
+    flags_in: bool,
+    flags_out: bool,
+}
+
+fn footprint(run: &[Item]) -> Footprint {
+    let mut info = iced_x86::InstructionInfoFactory::new();
+    let mut regs = 0u16;
+    let mut written = 0u32;
+    let mut flags_in = false;
+    let mut flags_out = false;
+    for item in run {
+        let i = item.instr();
+        for used in info.info(i).used_registers() {
+            let full = used.register().full_register();
+            if full.is_gpr64() {
+                regs |= 1 << (full as u32 - Register::RAX as u32);
+            }
+        }
+        let f = FlagUse::of(i);
+        let reads = match item {
+            Item::Memory(..) => ALL_FLAGS,
+            Item::Copy(..) => f.reads,
+        };
+        if reads & !written != 0 {
+            flags_in = true;
+        }
+        written |= f.writes;
+        flags_out |= f.modifies;
     }
     // The stub stores all six status flags: any the run does not
     // overwrite must come in from the guest to go back out unchanged.
-    if flags_out && written != ALL {
+    if flags_out && written != ALL_FLAGS {
         flags_in = true;
     }
     Footprint {
@@ -283,151 +445,589 @@ fn footprint(run: &[Instruction]) -> Footprint {
     }
 }
 
-/// The stub for guest instruction bytes `body` with footprint `fp`:
-/// `extern "C" fn(gpr: *mut u64 (16 registers), rflags: *mut u64)`.
-fn stub(body: &[u8], fp: Footprint) -> Vec<u8> {
+/// What a stub is called with (`extern "C" fn(*mut Frame) -> u64`); it
+/// returns how many of its instructions it executed.
+#[repr(C)]
+struct Frame {
+    gpr: *mut u64,
+    rflags: *mut u64,
+    tlb: *const TlbEntry,
+    code_bits: *const std::sync::atomic::AtomicU64,
+    fs_base: u64,
+    gs_base: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
+const _: () = assert!(TLB_ENTRIES.is_power_of_two());
+
+fn offset(n: usize) -> i32 {
+    // Offsets within `Frame` and `TlbEntry` (asserted small above).
+    n as i32
+}
+
+/// Host registers a run's memory accesses work in, chosen among those
+/// its instructions do not touch.
+#[derive(Debug, Clone, Copy)]
+struct Scratch {
+    /// The access's host address (and the linear page number on the
+    /// way). Preferably RAX..RDI: a guest instruction naming AH..DH
+    /// cannot take the REX prefix R8..R15 would need.
+    addr: u8,
+    /// The TLB entry's address, then the page offset.
+    entry: u8,
+    /// The physical page number, for the code-page test of writes.
+    page: Option<u8>,
+    /// The guest's RSP, for operands based on it.
+    rsp: Option<u8>,
+    /// The FS and GS bases, for operands using them.
+    seg_base: [Option<u8>; 2],
+}
+
+impl Scratch {
+    fn plan(regs: u16, mems: &[MemOperand]) -> Option<Scratch> {
+        let mut free = (0..16u8).filter(|n| *n != RSP && regs & (1 << n) == 0);
+        let mut take = |wanted: bool| -> Option<Option<u8>> {
+            if wanted {
+                free.next().map(Some)
+            } else {
+                Some(None)
+            }
+        };
+        let addr = take(true)??;
+        let entry = take(true)??;
+        let page = take(mems.iter().any(|m| m.write))?;
+        let rsp = take(mems.iter().any(|m| m.base == Some(RSP)))?;
+        let uses_seg = |s: usize| mems.iter().any(|m| m.seg == Some(s as u8));
+        let fs = take(uses_seg(crate::state::seg::FS))?;
+        let gs = take(uses_seg(crate::state::seg::GS))?;
+        Some(Scratch {
+            addr,
+            entry,
+            page,
+            rsp,
+            seg_base: [fs, gs],
+        })
+    }
+
+    fn seg_base_of(&self, seg: u8) -> Option<u8> {
+        if usize::from(seg) == crate::state::seg::FS {
+            self.seg_base[0]
+        } else {
+            self.seg_base[1]
+        }
+    }
+}
+
+/// The callee-saved registers a stub saves and restores: RBX, RBP,
+/// R12-R15.
+const CALLEE_SAVED: [u8; 6] = [3, 5, 12, 13, 14, 15];
+
+/// Where a stub keeps its frame pointers on the host stack, above any
+/// saved flags: `[rsp + d]` the TLB, `[rsp + d + 8]` the code-page bits,
+/// `[rsp + d + 16]` the `Frame`.
+const STACK_TLB: i32 = 0;
+const STACK_CODE_BITS: i32 = 8;
+const STACK_FRAME: i32 = 16;
+
+/// Builds a run's stub, or `None` where its memory accesses lack scratch
+/// registers or one cannot be re-encoded. `user`: the privilege whose
+/// TLB permissions its accesses check.
+///
+/// The stub loads the registers the run touches and (where they matter)
+/// the guest's status flags into the host's, runs the instructions, and
+/// stores registers and flags back. Each memory access first looks its
+/// page up in the TLB: tag and permission of the entry its last byte
+/// maps to (so an access crossing a page misses), a RAM page, and for a
+/// write a page holding no decoded code. A miss leaves through the common
+/// tail with the number of instructions done, the guest's state exact as
+/// before the access; the interpreter carries on from there.
+///
+/// The lookup changes the host's flags, so the guest's are pushed before
+/// it and kept on the host stack until an instruction needs them (popped
+/// back) or overwrites them all (dropped).
+fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec<u8>> {
+    let fp = footprint(run);
+    let mems: Vec<MemOperand> = run
+        .iter()
+        .filter_map(|item| match item {
+            Item::Memory(_, m) => Some(*m),
+            Item::Copy(..) => None,
+        })
+        .collect();
+    let scratch = if mems.is_empty() {
+        None
+    } else {
+        Some(Scratch::plan(fp.regs, &mems)?)
+    };
     let used = |n: &u8| fp.regs & (1 << n) != 0;
-    let mut c = Vec::with_capacity(body.len() + 200);
-    // Callee-saved registers: rbx, rbp, r12-r15.
-    c.extend_from_slice(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
-    // push rsi (flags pointer); push rdi (register file pointer).
-    c.extend_from_slice(&[0x56, 0x57]);
+    let mut a = Asm::default();
+    for r in CALLEE_SAVED {
+        a.push(r);
+    }
+    a.push(RDI);
+    a.push_mem(Addr::at(
+        RDI,
+        offset(std::mem::offset_of!(Frame, code_bits)),
+    ));
+    a.push_mem(Addr::at(RDI, offset(std::mem::offset_of!(Frame, tlb))));
     if fp.flags_in {
-        // Host flags with the guest's status bits: pushfq; mov rax,
-        // [rsi]; and rax, STATUS; and qword [rsp], !STATUS;
-        // or [rsp], rax; popfq.
-        c.push(0x9c);
-        c.extend_from_slice(&[0x48, 0x8b, 0x06]);
-        c.extend_from_slice(&[0x48, 0x25]);
-        c.extend_from_slice(&STATUS.to_le_bytes());
-        c.extend_from_slice(&[0x48, 0x81, 0x24, 0x24]);
-        c.extend_from_slice(&(!STATUS).to_le_bytes());
-        c.extend_from_slice(&[0x48, 0x09, 0x04, 0x24]);
-        c.push(0x9d);
+        // The host's flags with the guest's status bits.
+        a.pushfq();
+        a.load(
+            RAX,
+            Addr::at(RDI, offset(std::mem::offset_of!(Frame, rflags))),
+        );
+        a.load(RAX, Addr::at(RAX, 0));
+        a.and64(RAX, STATUS as i32);
+        a.mem(true, &[0x81], 4, Addr::at(RSP, 0));
+        a.bytes(&(!STATUS).to_le_bytes());
+        a.mem(true, &[0x09], RAX, Addr::at(RSP, 0));
+        a.popfq();
     }
-    // Guest registers from [rdi + 8n]: RSP (4) never, RDI (7) last.
-    for n in (0..16u8).filter(|n| *n != 4 && *n != 7).filter(used) {
-        load_store(&mut c, 0x8b, n);
+    a.load(RDI, Addr::at(RDI, offset(std::mem::offset_of!(Frame, gpr))));
+    // Guest registers from [rdi + 8n]: RSP never, RDI last.
+    for n in (0..16u8).filter(|n| *n != RSP && *n != RDI).filter(used) {
+        a.load(n, Addr::at(RDI, 8 * i32::from(n)));
     }
-    if used(&7) {
-        load_store(&mut c, 0x8b, 7);
+    if used(&RDI) {
+        a.load(RDI, Addr::at(RDI, 8 * i32::from(RDI)));
     }
-    c.extend_from_slice(body);
-    // push rdi (guest rdi); mov rdi, [rsp + 8] (register file pointer).
-    c.push(0x57);
-    c.extend_from_slice(&[0x48, 0x8b, 0x7c, 0x24, 0x08]);
-    for n in (0..16u8).filter(|n| *n != 4 && *n != 7).filter(used) {
-        load_store(&mut c, 0x89, n);
+    // The values scratch registers hold for the whole run, each loaded
+    // through the frame pointer on the stack into the register itself
+    // (which may be RDI).
+    if let Some(s) = &scratch {
+        let from_frame = |a: &mut Asm, r: u8, field: usize| {
+            a.load(r, Addr::at(RSP, STACK_FRAME));
+            a.load(r, Addr::at(r, offset(field)));
+        };
+        if let Some(r) = s.rsp {
+            from_frame(&mut a, r, std::mem::offset_of!(Frame, gpr));
+            a.load(r, Addr::at(r, 8 * i32::from(RSP)));
+        }
+        if let Some(r) = s.seg_base[0] {
+            from_frame(&mut a, r, std::mem::offset_of!(Frame, fs_base));
+        }
+        if let Some(r) = s.seg_base[1] {
+            from_frame(&mut a, r, std::mem::offset_of!(Frame, gs_base));
+        }
     }
-    // pop rax (guest rdi); mov [rdi + 56], rax.
-    c.push(0x58);
-    if used(&7) {
-        load_store(&mut c, 0x89, 0);
-        let fix = c.len() - 1;
-        c[fix] = 56;
+
+    // Whether the guest's flags are saved on the host stack (and the
+    // host's flags are not theirs).
+    let mut saved = false;
+    let mut misses = Vec::new();
+    for (k, item) in run.iter().enumerate() {
+        let f = FlagUse::of(item.instr());
+        match item {
+            Item::Copy(_, bytes) => {
+                if saved && f.needs_guest_flags() {
+                    a.popfq();
+                    saved = false;
+                }
+                a.bytes(bytes);
+            }
+            Item::Memory(i, mem) => {
+                let s = scratch.as_ref()?;
+                if !saved {
+                    a.pushfq();
+                    saved = true;
+                }
+                misses.push((lookup(&mut a, mem, s, user), k));
+                if f.needs_guest_flags() {
+                    a.popfq();
+                    saved = false;
+                }
+                a.bytes(&at_host_address(i, s.addr, encoder)?);
+            }
+        }
+        if saved && f.writes == ALL_FLAGS {
+            a.lea(RSP, Addr::at(RSP, 8));
+            saved = false;
+        }
     }
+    if saved {
+        a.popfq();
+    }
+    a.push_imm(run.len() as i32);
+
+    // The tail: [rsp] the count of instructions done, then the frame
+    // pointers; the host's flags hold the guest's.
+    let tail = a.len();
+    a.pushfq();
+    a.push(RDI);
+    a.load(RDI, Addr::at(RSP, 24 + STACK_FRAME));
+    a.load(RDI, Addr::at(RDI, offset(std::mem::offset_of!(Frame, gpr))));
+    for n in (0..16u8).filter(|n| *n != RSP && *n != RDI).filter(used) {
+        a.store(Addr::at(RDI, 8 * i32::from(n)), n);
+    }
+    a.pop(RAX);
+    if used(&RDI) {
+        a.store(Addr::at(RDI, 8 * i32::from(RDI)), RAX);
+    }
+    a.pop(RAX);
     if fp.flags_out {
-        // pushfq; pop rax; mov rsi, [rsp + 8]; mov rcx, [rsi];
-        // and rcx, !STATUS; and rax, STATUS; or rcx, rax; mov [rsi], rcx.
-        c.extend_from_slice(&[0x9c, 0x58]);
-        c.extend_from_slice(&[0x48, 0x8b, 0x74, 0x24, 0x08]);
-        c.extend_from_slice(&[0x48, 0x8b, 0x0e]);
-        c.extend_from_slice(&[0x48, 0x81, 0xe1]);
-        c.extend_from_slice(&(!STATUS).to_le_bytes());
-        c.extend_from_slice(&[0x48, 0x25]);
-        c.extend_from_slice(&STATUS.to_le_bytes());
-        c.extend_from_slice(&[0x48, 0x09, 0xc1]);
-        c.extend_from_slice(&[0x48, 0x89, 0x0e]);
+        a.load(RSI, Addr::at(RSP, 8 + STACK_FRAME));
+        a.load(
+            RSI,
+            Addr::at(RSI, offset(std::mem::offset_of!(Frame, rflags))),
+        );
+        a.load(RCX, Addr::at(RSI, 0));
+        a.and64(RCX, !STATUS as i32);
+        a.and64(RAX, STATUS as i32);
+        a.or(RCX, RAX);
+        a.store(Addr::at(RSI, 0), RCX);
     }
-    // add rsp, 16; restore the callee-saved registers; ret.
-    c.extend_from_slice(&[0x48, 0x83, 0xc4, 0x10]);
-    c.extend_from_slice(&[0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b]);
-    c.push(0xc3);
-    c
+    a.pop(RAX);
+    a.add_rsp(24);
+    for r in CALLEE_SAVED.iter().rev() {
+        a.pop(*r);
+    }
+    a.ret();
+
+    // Misses, out of line: the guest's flags back, the count, the tail.
+    for (fixups, k) in misses {
+        let at = a.len();
+        a.popfq();
+        a.push_imm(k as i32);
+        let back = a.jmp();
+        a.patch(back, tail);
+        for f in fixups {
+            a.patch(f, at);
+        }
+    }
+    Some(a.code)
 }
 
-/// `mov reg(n), [rdi + 8n]` (opcode 0x8b) or `mov [rdi + 8n], reg(n)`
-/// (0x89), with a one-byte displacement.
-fn load_store(c: &mut Vec<u8>, opcode: u8, n: u8) {
-    let rex = 0x48 | if n >= 8 { 0x04 } else { 0 };
-    c.extend_from_slice(&[rex, opcode, 0x40 | ((n & 7) << 3) | 7, n * 8]);
+/// `i` with its memory operand replaced by `[addr]`, or `None` where
+/// iced cannot encode that (a `moffs` form, AH..DH beside a REX prefix):
+/// the encoding is decoded again and checked to be that instruction.
+fn at_host_address(i: &Instruction, addr: u8, encoder: &mut iced_x86::Encoder) -> Option<Vec<u8>> {
+    let base = Register::RAX + u32::from(addr);
+    let mut r = *i;
+    r.set_memory_base(base);
+    r.set_memory_index(Register::None);
+    r.set_memory_index_scale(1);
+    r.set_memory_displacement64(0);
+    r.set_memory_displ_size(0);
+    r.set_segment_prefix(Register::None);
+    encoder.encode(&r, 0).ok()?;
+    let bytes = encoder.take_buffer();
+    let back = iced_x86::Decoder::with_ip(64, &bytes, 0, iced_x86::DecoderOptions::NONE).decode();
+    let same = back.len() == bytes.len()
+        && back.code() == i.code()
+        && back.memory_base() == base
+        && back.memory_index() == Register::None
+        && back.memory_displacement64() == 0
+        && back.segment_prefix() == Register::None
+        && (0..i.op_count()).all(|n| {
+            back.op_kind(n) == i.op_kind(n)
+                && (i.op_kind(n) != OpKind::Register || back.op_register(n) == i.op_register(n))
+        });
+    same.then_some(bytes)
 }
 
-/// Runs the stub whose address is in `op.imm`.
+/// `dst` = the linear address of `mem` plus `extra`.
+fn address(a: &mut Asm, dst: u8, mem: &MemOperand, s: &Scratch, extra: u64) {
+    let disp = mem.disp.wrapping_add(extra);
+    let base = mem
+        .base
+        .map(|b| if b == RSP { s.rsp.unwrap_or(RSP) } else { b });
+    if base.is_none() && mem.index.is_none() {
+        a.mov_imm64(dst, disp);
+    } else {
+        a.lea(
+            dst,
+            Addr {
+                base,
+                index: mem.index,
+                // Checked to fit by `memory_operand`.
+                disp: disp as i64 as i32,
+            },
+        );
+    }
+    if let Some(seg) = mem.seg.and_then(|seg| s.seg_base_of(seg)) {
+        a.lea(
+            dst,
+            Addr {
+                base: Some(dst),
+                index: Some((seg, 0)),
+                disp: 0,
+            },
+        );
+    }
+}
+
+/// The inline TLB lookup of one access (flags already saved): leaves the
+/// host address in `s.addr`; returns the jumps taken on a miss.
+fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Vec<Fixup> {
+    let (addr, entry) = (s.addr, s.entry);
+    let saved = 8; // the guest's flags, pushed above the frame pointers
+                   // The entry of the last byte's page ...
+    address(a, entry, mem, s, u64::from(mem.size) - 1);
+    a.shr(entry, PAGE_SHIFT as u8);
+    a.and32(entry, TLB_ENTRIES as u32 - 1);
+    a.shl(
+        entry,
+        std::mem::size_of::<TlbEntry>().trailing_zeros() as u8,
+    );
+    a.add_load(entry, Addr::at(RSP, saved + STACK_TLB));
+    // ... must hold the first byte's page: an access that crosses a page
+    // finds the next page's slot, which cannot.
+    address(a, addr, mem, s, 0);
+    a.shr(addr, PAGE_SHIFT as u8);
+    a.cmp_load(
+        addr,
+        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, vpn))),
+    );
+    let mut misses = vec![a.jcc(CC_NE)];
+    let need = perm::NEED[usize::from(user)][if mem.write { 1 } else { 0 }];
+    a.test_byte(
+        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, perms))),
+        need,
+    );
+    misses.push(a.jcc(CC_E));
+    // RAM (MMIO pages have no host address).
+    a.load(
+        addr,
+        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, host))),
+    );
+    a.test(addr, addr);
+    misses.push(a.jcc(CC_E));
+    if let (true, Some(page)) = (mem.write, s.page) {
+        // A page holding decoded code: the interpreter writes it and
+        // drops the blocks (every vCPU's) decoded from it.
+        a.load(
+            page,
+            Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, pa))),
+        );
+        a.shr(page, PAGE_SHIFT as u8);
+        a.mov(entry, page);
+        a.shr(entry, 6);
+        a.shl(entry, 3);
+        a.add_load(entry, Addr::at(RSP, saved + STACK_CODE_BITS));
+        a.load(entry, Addr::at(entry, 0));
+        a.bt(entry, page);
+        misses.push(a.jcc(CC_B));
+    }
+    address(a, entry, mem, s, 0);
+    a.and32(entry, PAGE_MASK as u32);
+    a.rr(&[0x01], entry, addr);
+    misses
+}
+
+/// Runs the stub whose address is in `op.imm` (see [`compile_runs`] for
+/// the other fields).
 pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
+    let count = usize::from(op.regs[0]);
+    let subs: &[Op] = if op.ea.disp == 0 {
+        &[]
+    } else {
+        // SAFETY: `compile_runs` pointed `ea.disp` at `count` ops of the
+        // block's `native_subs`, which lives as long as the block holding
+        // `op` and is never changed after decoding.
+        unsafe { std::slice::from_raw_parts(op.ea.disp as *const Op, count) }
+    };
+    if op.regs[1] & RUN_MEMORY != 0 && (op.regs[1] & RUN_USER != 0) != c.user() {
+        // Its accesses check the other privilege's permissions.
+        return interpret(c, subs);
+    }
     c.native_runs += 1;
+    let mut frame = Frame {
+        gpr: c.cpu.gpr.as_mut_ptr(),
+        rflags: &mut c.cpu.rflags,
+        tlb: c.mmu.entries.as_ptr(),
+        code_bits: c.code.bits(),
+        fs_base: c.cpu.segs[crate::state::seg::FS].base,
+        gs_base: c.cpu.segs[crate::state::seg::GS].base,
+    };
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
-    // arena, which lives as long as the `Core` (blocks are per vCPU), and
-    // the stub follows the C calling convention with these two pointers,
-    // touching only the 16 registers and the flags word they point to.
-    unsafe {
-        let f: extern "C" fn(*mut u64, *mut u64) = std::mem::transmute(op.imm as usize);
-        f(c.cpu.gpr.as_mut_ptr(), &mut c.cpu.rflags);
+    // arena, which lives as long as the `Core` (blocks are per vCPU). The
+    // stub follows the C calling convention, touches the 16 registers and
+    // the flags word of `frame`, reads the TLB and the code-page bits, and
+    // reads and writes guest RAM only at host addresses of TLB entries
+    // that allow the access (valid while the entry is, see
+    // `TlbEntry::host`), within one page, on pages holding no code for a
+    // write.
+    let done = unsafe {
+        let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(op.imm as usize);
+        f(&mut frame)
+    } as usize;
+    match subs.get(done..) {
+        Some(rest) if !rest.is_empty() => {
+            c.native_exits += 1;
+            interpret(c, rest)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The instructions a run did not execute, by the interpreter, as the
+/// block loop would: a fault reports the instruction's own address, and
+/// an MMIO write or a write to code ends the block after it.
+fn interpret(c: &mut super::Core, ops: &[Op]) -> super::OpResult {
+    for op in ops {
+        c.cpu.rip = op.next_ip;
+        if let Err(s) = (op.handler)(c, op) {
+            c.stop_ip = Some(op.instr.ip());
+            return Err(s);
+        }
+        if c.attention {
+            return Ok(());
+        }
     }
     Ok(())
 }
 
+/// `Op::regs[1]` of a run: it touches memory, with user permissions.
+const RUN_MEMORY: u8 = 1;
+const RUN_USER: u8 = 2;
+
+/// For whom a block's runs are compiled.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    /// The privilege the block was decoded at (its accesses check the
+    /// TLB's user or supervisor permissions).
+    pub user: bool,
+    /// Whether runs may include memory accesses.
+    pub memory: bool,
+}
+
+/// How one instruction may run natively.
+#[derive(Clone, Copy)]
+enum Form {
+    Register,
+    Memory(MemOperand),
+}
+
 /// Replaces each run of at least [`MIN_RUN`] eligible instructions among
 /// the first `limit` of `ops` (op `k`'s bytes are `bytes[spans[k].0..
-/// spans[k].1]`, for `k < limit`) by one op running its stub.
+/// spans[k].1]`, for `k < limit`) by one op running its stub, and returns
+/// the ops those of them that access memory fall back to, which the
+/// block must keep (see [`run`]).
+///
+/// A run's op holds the stub's address in `imm`, the number of
+/// instructions in `regs[0]`, [`RUN_MEMORY`] and [`RUN_USER`] in
+/// `regs[1]`, and in `ea.disp` the address of its first fallback op in
+/// the returned vector (0 for a register-only run, which never stops).
 pub fn compile_runs(
     arena: &mut Option<Arena>,
     ops: &mut Vec<Op>,
     limit: usize,
     spans: &[(usize, usize)],
     bytes: &[u8],
-) {
+    target: Target,
+) -> Vec<Op> {
     let Some(arena) = arena.as_mut() else {
-        return;
+        return Vec::new();
     };
     if arena.is_full() {
-        return;
+        return Vec::new();
     }
-    let eligible: Vec<bool> = ops
+    let memory = target.memory && arena.memory;
+    let mut info = iced_x86::InstructionInfoFactory::new();
+    let forms: Vec<Option<Form>> = ops
         .iter()
         .enumerate()
-        .map(|(k, op)| k < limit && eligible(&op.instr, u32::from(op.bitness)))
+        .map(|(k, op)| {
+            if k >= limit {
+                None
+            } else if eligible(&op.instr, u32::from(op.bitness)) {
+                Some(Form::Register)
+            } else if memory {
+                memory_operand(op, &mut info).map(Form::Memory)
+            } else {
+                None
+            }
+        })
         .collect();
-    // The runs as (first op, end op, offset of the stub in `code`).
+    let mut encoder = iced_x86::Encoder::new(64);
+    // The runs as (first op, end op, offset of the stub in `code`, whether
+    // it accesses memory).
     let mut runs = Vec::new();
     let mut code = Vec::new();
     let mut k = 0;
     while k < ops.len() {
         let mut end = k;
-        while end < ops.len() && eligible[end] {
+        while end < ops.len() && forms[end].is_some() {
             end += 1;
         }
-        if end - k >= MIN_RUN {
-            let mut body = Vec::new();
-            for (s, e) in &spans[k..end] {
-                body.extend_from_slice(&bytes[*s..*e]);
+        let items = |k: usize, end: usize, with_memory: bool| -> Option<Vec<Item>> {
+            (k..end)
+                .map(|n| match forms[n]? {
+                    Form::Register => {
+                        Some(Item::Copy(&ops[n].instr, &bytes[spans[n].0..spans[n].1]))
+                    }
+                    Form::Memory(m) if with_memory => Some(Item::Memory(&ops[n].instr, m)),
+                    Form::Memory(_) => None,
+                })
+                .collect()
+        };
+        let mut add = |k: usize, end: usize, with_memory: bool| -> bool {
+            if end - k < MIN_RUN {
+                return true;
             }
-            let instrs: Vec<Instruction> = ops[k..end].iter().map(|op| op.instr).collect();
-            runs.push((k, end, code.len()));
-            code.extend_from_slice(&stub(&body, footprint(&instrs)));
+            let Some(stub) =
+                items(k, end, with_memory).and_then(|run| stub(&run, target.user, &mut encoder))
+            else {
+                return false;
+            };
+            let touches = (k..end).any(|n| matches!(forms[n], Some(Form::Memory(_))));
+            runs.push((k, end, code.len(), touches));
+            code.extend_from_slice(&stub);
             code.resize(code.len().next_multiple_of(16), 0xcc);
+            true
+        };
+        if end > k && !add(k, end, true) {
+            // No stub with its memory accesses: the register-only runs
+            // between them.
+            let mut s = k;
+            while s < end {
+                let mut e = s;
+                while e < end && matches!(forms[e], Some(Form::Register)) {
+                    e += 1;
+                }
+                add(s, e, false);
+                s = e + 1;
+            }
         }
         k = end.max(k + 1);
     }
     if runs.is_empty() {
-        return;
+        return Vec::new();
     }
     let Some(at) = arena.add(&code) else {
-        return;
+        return Vec::new();
     };
+    let mut subs = Vec::new();
+    let mut firsts = Vec::new();
+    for (first, end, _, touches) in &runs {
+        firsts.push(subs.len());
+        if *touches {
+            subs.extend(ops[*first..*end].iter().cloned());
+        }
+    }
     let mut out = Vec::with_capacity(ops.len());
     let mut next = 0;
-    for (first, end, offset) in runs {
+    for ((first, end, offset, touches), sub) in runs.into_iter().zip(firsts) {
         out.extend(ops[next..first].iter().cloned());
         let mut op = ops[first].clone();
         op.handler = run;
         op.imm = (at + offset) as u64;
         op.next_ip = ops[end - 1].next_ip;
+        // At most `block::MAX_OPS` instructions.
+        op.regs = [(end - first) as u8, 0];
+        op.ea = EaForm::default();
+        if touches {
+            op.regs[1] = RUN_MEMORY | if target.user { RUN_USER } else { 0 };
+            // `subs` is complete: its buffer no longer moves.
+            op.ea.disp = subs[sub..].as_ptr() as u64;
+        }
         out.push(op);
         next = end;
     }
     out.extend(ops[next..].iter().cloned());
     *ops = out;
+    subs
 }
 
 #[cfg(test)]
