@@ -16,8 +16,9 @@
 //!   records its pages' generations in the shared map).
 //! - `exec`: the interpreter. Each handler executes one instruction on
 //!   the [`exec::Core`] (registers, memory, pending I/O). Stretches of
-//!   register-only instructions run natively on x86-64 hosts (native
-//!   runs: the guest's bytes copied into host stubs).
+//!   instructions run natively on x86-64 hosts (native runs: the guest's
+//!   bytes copied into host stubs, memory operands re-encoded to address
+//!   the host page an inline software-TLB lookup finds).
 //! - [`Emulator`]: runs blocks until something the VMM must see (port I/O,
 //!   MMIO, HLT, a reported exception, an interrupt request); exceptions
 //!   and interrupts are delivered through the guest's IDT.

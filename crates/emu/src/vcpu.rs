@@ -339,9 +339,11 @@ impl Drop for EmuVcpu {
         }
         if std::env::var_os("VESSEL_EMU_STATS").is_some() {
             eprintln!(
-                "emu: vCPU {} retired {} instructions",
+                "emu: vCPU {} retired {} instructions; {} native runs, {} of them finished by the interpreter",
                 self.index,
-                self.emu.instructions_retired()
+                self.emu.instructions_retired(),
+                self.emu.native_runs_executed(),
+                self.emu.native_run_exits()
             );
         }
     }

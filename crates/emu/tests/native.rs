@@ -284,3 +284,35 @@ fn reg_index(r: AsmRegister64) -> usize {
     let r: iced_x86::Register = r.into();
     r as usize - iced_x86::Register::RAX as usize
 }
+
+#[test]
+fn a_run_that_rewrites_a_later_instruction_of_its_block_runs_the_new_one() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
+        return;
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut imm = a.create_label();
+    a.mov(eax, 1).unwrap();
+    a.add(eax, 2).unwrap();
+    a.mov(rcx, rbx).unwrap();
+    a.mov(byte_ptr(imm), 0x70).unwrap();
+    a.add(eax, 3).unwrap();
+    a.add(eax, ecx).unwrap();
+    // `add eax, 5`, whose immediate the store above makes 0x70.
+    a.db(&[0x83, 0xc0]).unwrap();
+    a.set_label(&mut imm).unwrap();
+    a.db(&[5]).unwrap();
+    a.add(eax, 7).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut regs = [0u64; 16];
+    regs[3] = 0x100;
+    regs[4] = STACK;
+    let ram = vec![0; (DATA_END - DATA) as usize];
+    let (native, e) = run(&code, &regs, 0, &ram, true);
+    let (interpreted, _) = run(&code, &regs, 0, &ram, false);
+    assert!(e.native_runs_executed() > 0, "no native run");
+    assert_eq!(native.gpr[0], 1 + 2 + 3 + 0x100 + 0x70 + 7);
+    assert_eq!(native, interpreted);
+}

@@ -931,8 +931,8 @@ impl Emulator {
         }
     }
 
-    /// Turns native runs (register-only stretches of guest code run on
-    /// the host processor, see `exec::native`) off or back on for blocks
+    /// Turns native runs (stretches of guest code run on the host
+    /// processor, see `exec::native`) off or back on for blocks
     /// decoded from now on; on by default on x86-64 hosts unless
     /// `VESSEL_EMU_NATIVE=0`. For tests that compare the two.
     pub fn set_native_runs(&mut self, on: bool) {

@@ -632,7 +632,7 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
                     a.pushfq();
                     saved = true;
                 }
-                misses.push((lookup(&mut a, mem, s, user), k));
+                misses.push((lookup(&mut a, mem, s, user)?, k));
                 if f.needs_guest_flags() {
                     a.popfq();
                     saved = false;
@@ -758,8 +758,9 @@ fn address(a: &mut Asm, dst: u8, mem: &MemOperand, s: &Scratch, extra: u64) {
 }
 
 /// The inline TLB lookup of one access (flags already saved): leaves the
-/// host address in `s.addr`; returns the jumps taken on a miss.
-fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Vec<Fixup> {
+/// host address in `s.addr`; returns the jumps taken on a miss, or `None`
+/// for a write without its page register (never planned so).
+fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Option<Vec<Fixup>> {
     let (addr, entry) = (s.addr, s.entry);
     let saved = 8; // the guest's flags, pushed above the frame pointers
                    // The entry of the last byte's page ...
@@ -793,9 +794,10 @@ fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Vec<Fixup> 
     );
     a.test(addr, addr);
     misses.push(a.jcc(CC_E));
-    if let (true, Some(page)) = (mem.write, s.page) {
+    if mem.write {
         // A page holding decoded code: the interpreter writes it and
         // drops the blocks (every vCPU's) decoded from it.
+        let page = s.page?;
         a.load(
             page,
             Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, pa))),
@@ -812,7 +814,7 @@ fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Vec<Fixup> 
     address(a, entry, mem, s, 0);
     a.and32(entry, PAGE_MASK as u32);
     a.rr(&[0x01], entry, addr);
-    misses
+    Some(misses)
 }
 
 /// Runs the stub whose address is in `op.imm` (see [`compile_runs`] for
