@@ -258,6 +258,28 @@ const NO_RECENT: Recent = Recent {
     block: std::ptr::null(),
 };
 
+/// Entries of [`BlockCache`]'s jump cache (a power of two).
+const JUMP_SLOTS: usize = 4096;
+
+/// One slot of the jump cache: the block that last ran at a RIP, and
+/// under what it was found (see [`BlockCache::jump_target`]).
+#[derive(Clone, Copy)]
+struct Jump {
+    rip: u64,
+    cs_base: u64,
+    bitness: u32,
+    stamp: u64,
+    block: *const Block,
+}
+
+const NO_JUMP: Jump = Jump {
+    rip: u64::MAX,
+    cs_base: 0,
+    bitness: 0,
+    stamp: u64::MAX,
+    block: std::ptr::null(),
+};
+
 /// A heap-allocated block owned through a raw pointer, so that moving
 /// the owner (into the map, out to the graveyard) does not invalidate the
 /// raw pointers the block loop and links hold, as moving a `Box` would
@@ -307,6 +329,11 @@ pub struct BlockCache {
     /// Moves on whenever a block is dropped (with the TLB's flush count,
     /// the stamp links are checked against).
     epoch: u64,
+    /// Direct-mapped by RIP: the block found for a RIP, valid under the
+    /// same stamp as links. It serves the successors links miss: returns
+    /// to many callers and other indirect branches, which thrash a
+    /// block's one link for targets other than its fall-through.
+    jumps: Box<[Jump]>,
 }
 
 // SAFETY: the raw pointers inside (front slots, links) point only at
@@ -322,8 +349,15 @@ impl Default for BlockCache {
             recent: vec![NO_RECENT; RECENT_SLOTS].into_boxed_slice(),
             graveyard: Vec::new(),
             epoch: 0,
+            jumps: vec![NO_JUMP; JUMP_SLOTS].into_boxed_slice(),
         }
     }
+}
+
+/// The jump-cache slot of a block run at `rip`.
+#[inline(always)]
+fn jump_slot(rip: u64) -> usize {
+    ((rip ^ (rip >> 12)) as usize) & (JUMP_SLOTS - 1)
 }
 
 /// The front slot of a block starting at `phys`.
@@ -422,6 +456,44 @@ impl BlockCache {
     /// dropping moved the epoch on).
     pub fn collect(&mut self) {
         self.graveyard.clear();
+    }
+
+    /// The block last found for `rip` (with this CS base and bitness)
+    /// under link stamp `stamp`, if that is still the stamp: nothing that
+    /// could change the answer (a dropped block, a TLB flush, a code
+    /// write, a privilege change) happened since. Its pointer is then as
+    /// valid as a link's.
+    #[inline(always)]
+    pub fn jump_target(
+        &self,
+        rip: u64,
+        cs_base: u64,
+        bitness: u32,
+        stamp: u64,
+    ) -> Option<*const Block> {
+        let j = &self.jumps[jump_slot(rip)];
+        (j.rip == rip && j.stamp == stamp && j.cs_base == cs_base && j.bitness == bitness)
+            .then_some(j.block)
+    }
+
+    /// Notes `block` as found for `rip` under `stamp` (see
+    /// [`Self::jump_target`]).
+    #[inline(always)]
+    pub fn set_jump_target(
+        &mut self,
+        rip: u64,
+        cs_base: u64,
+        bitness: u32,
+        stamp: u64,
+        block: *const Block,
+    ) {
+        self.jumps[jump_slot(rip)] = Jump {
+            rip,
+            cs_base,
+            bitness,
+            stamp,
+            block,
+        };
     }
 
     /// The cache's part of the link stamp.

@@ -8,7 +8,9 @@
 //! included.
 //!
 //! The memory operands cover what the native lookup must get right or
-//! hand back: plain and indexed addresses, RSP-based, RIP-relative, FS and
+//! hand back: plain and indexed addresses, RSP-based (and PUSH, POP and
+//! instructions moving RSP, which a run holds in a scratch register),
+//! RIP-relative, FS and
 //! GS overrides, accesses crossing into the next page, a page that is not
 //! present (#PF mid-run), a read-only page (#PF on write), MMIO beyond RAM,
 //! and writes to the code page the program runs from.
@@ -104,7 +106,16 @@ fn instruction(a: &mut CodeAssembler, rng: &mut Rng, data: CodeLabel) -> Result<
     let w = rng.pick(&VALUES);
     let m = operand(rng, data);
     let imm = rng.next() as i32 >> rng.below(32);
-    match rng.below(30) {
+    let step = 8 * (1 + rng.below(4) as i32);
+    match rng.below(38) {
+        30 => a.push(v),
+        31 => a.pop(v),
+        32 => a.push(imm),
+        33 => a.sub(rsp, step),
+        34 => a.add(rsp, step),
+        35 => a.mov(v, rsp),
+        36 => a.lea(v, ptr(rsp + imm)),
+        37 => a.push(v).and_then(|()| a.pop(w)),
         0 => a.add(v, w),
         1 => a.sub(v, imm),
         2 => a.adc(v, w),

@@ -123,6 +123,12 @@ impl Asm {
         self.mem(true, &[0x89], src, a);
     }
 
+    /// `mov qword [a], imm` (sign-extended).
+    pub fn store_imm(&mut self, a: Addr, imm: i32) {
+        self.mem(true, &[0xc7], 0, a);
+        self.bytes(&imm.to_le_bytes());
+    }
+
     pub fn lea(&mut self, dst: u8, a: Addr) {
         self.mem(true, &[0x8d], dst, a);
     }
@@ -310,6 +316,11 @@ mod tests {
             (Mnemonic::Mov, Register::R9)
         );
         assert_eq!(i.op0_kind(), OpKind::Memory);
+        let i = one(|a| a.store_imm(Addr::at(11, 0), -5));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base(), i.immediate32to64()),
+            (Mnemonic::Mov, Register::R11, -5)
+        );
         let i = one(|a| a.add_load(10, Addr::at(RSP, 16)));
         assert_eq!(
             (i.mnemonic(), i.op0_register()),

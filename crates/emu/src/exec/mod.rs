@@ -1274,16 +1274,28 @@ impl Emulator {
                 (link.rip == rip && link.stamp == stamp && link.cs_base == cs_base)
                     .then_some(link.target)
             });
-            let block = match linked {
-                Some(b) => b,
-                _ => match self.block_at_rip() {
-                    Ok(b) => {
-                        // A lookup that dropped blocks (`prev` may be one
-                        // of them) moved the stamp on: no link then.
-                        let still = self.link_stamp() == stamp;
+            let found = match linked {
+                Some(b) => Ok(b),
+                None => {
+                    let bitness = self.core.cpu.bitness();
+                    match self.cache.jump_target(rip, cs_base, bitness, stamp) {
+                        Some(b) => Ok(b),
+                        None => self.block_at_rip().inspect(|b| {
+                            // A lookup that dropped blocks moved the stamp on.
+                            if self.link_stamp() == stamp {
+                                self.cache.set_jump_target(rip, cs_base, bitness, stamp, *b);
+                            }
+                        }),
+                    }
+                }
+            };
+            let block = match found {
+                Ok(b) => {
+                    if linked.is_none() && self.link_stamp() == stamp {
                         // SAFETY: as above; `prev` is not freed before
-                        // `collect` even if the lookup dropped it.
-                        if let Some(p) = unsafe { prev.as_ref() }.filter(|_| still) {
+                        // `collect` even if the lookup dropped it (in
+                        // which case the stamp moved on: no link then).
+                        if let Some(p) = unsafe { prev.as_ref() } {
                             p.link_for(rip).set(Link {
                                 rip,
                                 stamp,
@@ -1291,19 +1303,20 @@ impl Emulator {
                                 target: b,
                             });
                         }
-                        b
                     }
-                    Err(s) => {
-                        prev = std::ptr::null();
-                        match self.stopped(s, None) {
-                            Some(e) => return e,
-                            None => continue,
-                        }
+                    b
+                }
+                Err(s) => {
+                    prev = std::ptr::null();
+                    match self.stopped(s, None) {
+                        Some(e) => return e,
+                        None => continue,
                     }
-                },
+                }
             };
-            // SAFETY: `block` came from the cache (directly or through a
-            // live link) and nothing frees blocks until `collect` above.
+            // SAFETY: `block` came from the cache (directly, or through a
+            // live link or jump-cache entry) and nothing frees blocks until
+            // `collect` above.
             let block_ref = unsafe { &*block };
             prev = if block_ref.chainable {
                 block

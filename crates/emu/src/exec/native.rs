@@ -55,6 +55,13 @@ const STATUS: u32 = 0x8d5;
 /// Whether `i` may run natively as it is, touching no memory (see the
 /// module comment).
 pub fn eligible(i: &Instruction, bitness: u32) -> bool {
+    eligible_with(i, bitness, false)
+}
+
+/// [`eligible`], or with `rsp` also naming the guest's RSP (the whole
+/// register, as an operand or LEA's base), which the stub then holds in a
+/// scratch register (the host's RSP is the stub's stack).
+fn eligible_with(i: &Instruction, bitness: u32, rsp: bool) -> bool {
     use Mnemonic as M;
     if bitness != 64 || i.is_invalid() || i.has_lock_prefix() {
         return false;
@@ -88,16 +95,24 @@ pub fn eligible(i: &Instruction, bitness: u32) -> bool {
     if !listed {
         return false;
     }
+    let register = |r: Register| usable(r) || (rsp && r == Register::RSP);
     (0..i.op_count()).all(|n| match i.op_kind(n) {
-        OpKind::Register => usable(i.op_register(n)),
+        OpKind::Register => register(i.op_register(n)),
         OpKind::Memory => {
             m == M::Nop
                 || m == M::Lea
-                    && (i.memory_base() == Register::None || usable(i.memory_base()))
+                    && (i.memory_base() == Register::None || register(i.memory_base()))
                     && (i.memory_index() == Register::None || usable(i.memory_index()))
         }
         k => super::forms::is_immediate(k),
     })
+}
+
+/// Whether `i` names the guest's RSP explicitly (see [`eligible_with`]).
+fn names_rsp(i: &Instruction) -> bool {
+    i.memory_base() == Register::RSP
+        || (0..i.op_count())
+            .any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n) == Register::RSP)
 }
 
 /// Executable memory for stubs, bump-allocated and never freed (a stub
@@ -309,15 +324,29 @@ struct MemOperand {
 /// from the operand), its other operands registers other than RSP or
 /// immediates.
 fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Option<MemOperand> {
-    use iced_x86::OpAccess;
+    use iced_x86::{Code, OpAccess};
     use Mnemonic as M;
     let i = &op.instr;
-    if op.bitness != 64
-        || op.asize != 8
-        || i.is_invalid()
-        || i.has_lock_prefix()
-        || op.ea.flags & EaForm::FAST == 0
-    {
+    if op.bitness != 64 || i.is_invalid() || i.has_lock_prefix() {
+        return None;
+    }
+    // PUSH and POP of a 64-bit register other than RSP, PUSH of an
+    // immediate: an 8-byte access below or at RSP, then RSP moves.
+    let stack = |disp: i64, write: bool| MemOperand {
+        base: Some(RSP),
+        index: None,
+        disp: disp as u64,
+        seg: None,
+        size: 8,
+        write,
+    };
+    match i.code() {
+        Code::Push_r64 if usable(i.op0_register()) => return Some(stack(-8, true)),
+        Code::Pushq_imm8 | Code::Pushq_imm32 => return Some(stack(-8, true)),
+        Code::Pop_r64 if usable(i.op0_register()) => return Some(stack(0, false)),
+        _ => {}
+    }
+    if op.asize != 8 || op.ea.flags & EaForm::FAST == 0 {
         return None;
     }
     let m = i.mnemonic();
@@ -334,7 +363,7 @@ fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Optio
     let mut memory = 0;
     for n in 0..i.op_count() {
         match i.op_kind(n) {
-            OpKind::Register if usable(i.op_register(n)) => {}
+            OpKind::Register if usable(i.op_register(n)) || i.op_register(n) == Register::RSP => {}
             OpKind::Memory => memory += 1,
             k if super::forms::is_immediate(k) => {}
             _ => return None,
@@ -382,14 +411,25 @@ fn usable(r: Register) -> bool {
 enum Item<'a> {
     /// Register-only: its bytes are copied.
     Copy(&'a Instruction, &'a [u8]),
-    /// With a memory operand: re-encoded to address the host page.
+    /// Register-only, naming RSP: re-encoded with the register holding it.
+    Renamed(&'a Instruction),
+    /// With a memory operand (PUSH and POP included): re-encoded to
+    /// address the host page.
     Memory(&'a Instruction, MemOperand),
 }
 
 impl Item<'_> {
     fn instr(&self) -> &Instruction {
         match self {
-            Item::Copy(i, _) | Item::Memory(i, _) => i,
+            Item::Copy(i, _) | Item::Renamed(i) | Item::Memory(i, _) => i,
+        }
+    }
+
+    fn names_rsp(&self) -> bool {
+        match self {
+            Item::Copy(..) => false,
+            Item::Renamed(_) => true,
+            Item::Memory(i, m) => m.base == Some(RSP) || names_rsp(i),
         }
     }
 }
@@ -425,7 +465,7 @@ fn footprint(run: &[Item]) -> Footprint {
         let f = FlagUse::of(i);
         let reads = match item {
             Item::Memory(..) => ALL_FLAGS,
-            Item::Copy(..) => f.reads,
+            Item::Copy(..) | Item::Renamed(_) => f.reads,
         };
         if reads & !written != 0 {
             flags_in = true;
@@ -477,14 +517,15 @@ struct Scratch {
     entry: u8,
     /// The physical page number, for the code-page test of writes.
     page: Option<u8>,
-    /// The guest's RSP, for operands based on it.
+    /// The guest's RSP, for the instructions naming it (as an operand or
+    /// a base) and PUSH and POP; stored back at the end.
     rsp: Option<u8>,
     /// The FS and GS bases, for operands using them.
     seg_base: [Option<u8>; 2],
 }
 
 impl Scratch {
-    fn plan(regs: u16, mems: &[MemOperand]) -> Option<Scratch> {
+    fn plan(regs: u16, mems: &[MemOperand], needs_rsp: bool) -> Option<Scratch> {
         let mut free = (0..16u8).filter(|n| *n != RSP && regs & (1 << n) == 0);
         let mut take = |wanted: bool| -> Option<Option<u8>> {
             if wanted {
@@ -496,7 +537,7 @@ impl Scratch {
         let addr = take(true)??;
         let entry = take(true)??;
         let page = take(mems.iter().any(|m| m.write))?;
-        let rsp = take(mems.iter().any(|m| m.base == Some(RSP)))?;
+        let rsp = take(needs_rsp)?;
         let uses_seg = |s: usize| mems.iter().any(|m| m.seg == Some(s as u8));
         let fs = take(uses_seg(crate::state::seg::FS))?;
         let gs = take(uses_seg(crate::state::seg::GS))?;
@@ -551,13 +592,14 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
         .iter()
         .filter_map(|item| match item {
             Item::Memory(_, m) => Some(*m),
-            Item::Copy(..) => None,
+            Item::Copy(..) | Item::Renamed(_) => None,
         })
         .collect();
-    let scratch = if mems.is_empty() {
+    let needs_rsp = run.iter().any(Item::names_rsp);
+    let scratch = if mems.is_empty() && !needs_rsp {
         None
     } else {
-        Some(Scratch::plan(fp.regs, &mems)?)
+        Some(Scratch::plan(fp.regs, &mems, needs_rsp)?)
     };
     let used = |n: &u8| fp.regs & (1 << n) != 0;
     let mut a = Asm::default();
@@ -626,6 +668,13 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
                 }
                 a.bytes(bytes);
             }
+            Item::Renamed(i) => {
+                if saved && f.needs_guest_flags() {
+                    a.popfq();
+                    saved = false;
+                }
+                a.bytes(&rewritten(i, None, scratch.as_ref()?.rsp?, encoder)?);
+            }
             Item::Memory(i, mem) => {
                 let s = scratch.as_ref()?;
                 if !saved {
@@ -637,7 +686,10 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
                     a.popfq();
                     saved = false;
                 }
-                a.bytes(&at_host_address(i, s.addr, encoder)?);
+                match i.mnemonic() {
+                    Mnemonic::Push | Mnemonic::Pop => stack_access(&mut a, i, s)?,
+                    _ => a.bytes(&rewritten(i, Some(s.addr), s.rsp.unwrap_or(RSP), encoder)?),
+                }
             }
         }
         if saved && f.writes == ALL_FLAGS {
@@ -660,9 +712,17 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
     for n in (0..16u8).filter(|n| *n != RSP && *n != RDI).filter(used) {
         a.store(Addr::at(RDI, 8 * i32::from(n)), n);
     }
+    // The guest's RSP, from its scratch register (or, when that is RDI,
+    // from where RDI was pushed).
+    let rsp = scratch.and_then(|s| s.rsp);
+    if let Some(r) = rsp.filter(|r| *r != RDI) {
+        a.store(Addr::at(RDI, 8 * i32::from(RSP)), r);
+    }
     a.pop(RAX);
     if used(&RDI) {
         a.store(Addr::at(RDI, 8 * i32::from(RDI)), RAX);
+    } else if rsp == Some(RDI) {
+        a.store(Addr::at(RDI, 8 * i32::from(RSP)), RAX);
     }
     a.pop(RAX);
     if fp.flags_out {
@@ -698,32 +758,74 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
     Some(a.code)
 }
 
-/// `i` with its memory operand replaced by `[addr]`, or `None` where
-/// iced cannot encode that (a `moffs` form, AH..DH beside a REX prefix):
-/// the encoding is decoded again and checked to be that instruction.
-fn at_host_address(i: &Instruction, addr: u8, encoder: &mut iced_x86::Encoder) -> Option<Vec<u8>> {
-    let base = Register::RAX + u32::from(addr);
+/// `i` with its memory operand replaced by `[addr]` (when given) and RSP
+/// wherever it names it replaced by `rsp`, or `None` where iced cannot
+/// encode that (a `moffs` form, AH..DH beside a REX prefix): the encoding
+/// is decoded again and checked to be that instruction.
+fn rewritten(
+    i: &Instruction,
+    addr: Option<u8>,
+    rsp: u8,
+    encoder: &mut iced_x86::Encoder,
+) -> Option<Vec<u8>> {
+    let reg = |n: u8| Register::RAX + u32::from(n);
     let mut r = *i;
-    r.set_memory_base(base);
-    r.set_memory_index(Register::None);
-    r.set_memory_index_scale(1);
-    r.set_memory_displacement64(0);
-    r.set_memory_displ_size(0);
-    r.set_segment_prefix(Register::None);
+    if let Some(addr) = addr {
+        r.set_memory_base(reg(addr));
+        r.set_memory_index(Register::None);
+        r.set_memory_index_scale(1);
+        r.set_memory_displacement64(0);
+        r.set_memory_displ_size(0);
+        r.set_segment_prefix(Register::None);
+    } else if r.memory_base() == Register::RSP {
+        r.set_memory_base(reg(rsp));
+    }
+    for n in 0..r.op_count() {
+        if r.op_kind(n) == OpKind::Register && r.op_register(n) == Register::RSP {
+            r.set_op_register(n, reg(rsp));
+        }
+    }
     encoder.encode(&r, 0).ok()?;
     let bytes = encoder.take_buffer();
     let back = iced_x86::Decoder::with_ip(64, &bytes, 0, iced_x86::DecoderOptions::NONE).decode();
+    let memory = (0..r.op_count()).any(|n| r.op_kind(n) == OpKind::Memory);
     let same = back.len() == bytes.len()
-        && back.code() == i.code()
-        && back.memory_base() == base
-        && back.memory_index() == Register::None
-        && back.memory_displacement64() == 0
-        && back.segment_prefix() == Register::None
-        && (0..i.op_count()).all(|n| {
-            back.op_kind(n) == i.op_kind(n)
-                && (i.op_kind(n) != OpKind::Register || back.op_register(n) == i.op_register(n))
+        && back.code() == r.code()
+        && (!memory
+            || (back.memory_base() == r.memory_base()
+                && back.memory_index() == r.memory_index()
+                && back.memory_displacement64() == r.memory_displacement64()
+                && back.segment_prefix() == Register::None))
+        && (0..r.op_count()).all(|n| {
+            back.op_kind(n) == r.op_kind(n)
+                && (r.op_kind(n) != OpKind::Register || back.op_register(n) == r.op_register(n))
+                && (!super::forms::is_immediate(r.op_kind(n))
+                    || back.immediate(n) == r.immediate(n))
         });
     same.then_some(bytes)
+}
+
+/// PUSH or POP through the host address in `s.addr` (the lookup checked
+/// the 8 bytes at RSP - 8 or RSP), then RSP moves.
+fn stack_access(a: &mut Asm, i: &Instruction, s: &Scratch) -> Option<()> {
+    let rsp = s.rsp?;
+    let at = Addr::at(s.addr, 0);
+    let reg = |r: Register| (r as u32 - Register::RAX as u32) as u8;
+    match i.code() {
+        iced_x86::Code::Push_r64 => a.store(at, reg(i.op0_register())),
+        iced_x86::Code::Pushq_imm8 | iced_x86::Code::Pushq_imm32 => {
+            a.store_imm(at, i.immediate(0) as i64 as i32)
+        }
+        iced_x86::Code::Pop_r64 => a.load(reg(i.op0_register()), at),
+        _ => return None,
+    }
+    let step = if i.mnemonic() == Mnemonic::Push {
+        -8
+    } else {
+        8
+    };
+    a.lea(rsp, Addr::at(rsp, step));
+    Some(())
 }
 
 /// `dst` = the linear address of `mem` plus `extra`.
@@ -898,6 +1000,8 @@ pub struct Target {
 #[derive(Clone, Copy)]
 enum Form {
     Register,
+    /// Register-only, naming RSP (needs the scratch register holding it).
+    Renamed,
     Memory(MemOperand),
 }
 
@@ -935,6 +1039,8 @@ pub fn compile_runs(
                 None
             } else if eligible(&op.instr, u32::from(op.bitness)) {
                 Some(Form::Register)
+            } else if memory && eligible_with(&op.instr, u32::from(op.bitness), true) {
+                Some(Form::Renamed)
             } else if memory {
                 memory_operand(op, &mut info).map(Form::Memory)
             } else {
@@ -959,6 +1065,8 @@ pub fn compile_runs(
                     Form::Register => {
                         Some(Item::Copy(&ops[n].instr, &bytes[spans[n].0..spans[n].1]))
                     }
+                    Form::Renamed if with_memory => Some(Item::Renamed(&ops[n].instr)),
+                    Form::Renamed => None,
                     Form::Memory(m) if with_memory => Some(Item::Memory(&ops[n].instr, m)),
                     Form::Memory(_) => None,
                 })
