@@ -17,12 +17,7 @@ runs=${1:-3}
 . bench/lib.sh
 command -v qemu-system-x86_64 >/dev/null || { echo "bench/boot.sh: needs qemu-system-x86_64 (apt-get install qemu-system-x86)" >&2; exit 1; }
 
-vessel=${VESSEL:-target/release/vessel}
-[ -x "$vessel" ] || cargo build --release -p vessel
-"$vessel" guest fetch >/dev/null 2>&1
-info=$("$vessel" guest info --json)
-kernel=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["kernel"])' "$info")
-initrd=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["initrd"])' "$info")
+default_guest
 memory=512
 base="console=ttyS0 panic=-1 quiet tsc=reliable"
 marker=vessel-bench-ok

@@ -18,12 +18,7 @@ qemu_tsc=$(qemu_tsc_khz)
 for tool in qemu-system-x86_64 mkfs.ext4 rustc python3; do
   command -v "$tool" >/dev/null || { echo "bench/disk.sh: needs $tool" >&2; exit 1; }
 done
-vessel=${VESSEL:-target/release/vessel}
-[ -x "$vessel" ] || cargo build --release -p vessel
-"$vessel" guest fetch >/dev/null 2>&1
-info=$("$vessel" guest info --json)
-kernel=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["kernel"])' "$info")
-initrd=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["initrd"])' "$info")
+default_guest
 
 work=$(mktemp -d /tmp/vessel-disk-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT

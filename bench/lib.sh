@@ -72,6 +72,18 @@ remove_instances() {
   done
 }
 
+# default_guest: $vessel (VESSEL, else the release build, built if missing), and the
+# default guest's $kernel and $initrd, fetched if missing.
+default_guest() {
+  vessel=${VESSEL:-target/release/vessel}
+  [ -x "$vessel" ] || cargo build --release -p vessel
+  "$vessel" guest fetch >/dev/null 2>&1
+  local info
+  info=$("$vessel" guest info --json)
+  kernel=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["kernel"])' "$info")
+  initrd=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["initrd"])' "$info")
+}
+
 # qemu_tsc_khz: `tsc_early_khz=N` for QEMU's microvm guests, N the host's TSC frequency as
 # bench/tools/tsckhz.rs measures it. The guest would otherwise calibrate its TSC against
 # the PIT, which on these hosts often fails and hangs the boot; a guessed figure instead

@@ -18,12 +18,9 @@ qemu_tsc=$(qemu_tsc_khz)
 for tool in qemu-system-x86_64 ip python3; do
   command -v "$tool" >/dev/null || { echo "bench/net.sh: needs $tool" >&2; exit 1; }
 done
-vessel=$(realpath "${VESSEL:-target/release/vessel}")
-[ -x "$vessel" ] || { cargo build --release -p vessel; vessel=$(realpath target/release/vessel); }
-"$vessel" guest fetch >/dev/null 2>&1
-info=$("$vessel" guest info --json)
-kernel=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["kernel"])' "$info")
-initrd=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["initrd"])' "$info")
+default_guest
+# The guest runs in the namespace from another directory.
+vessel=$(realpath "$vessel")
 
 ns=vessel-bench-$$
 work=$(mktemp -d /tmp/vessel-net-bench.XXXXXX)

@@ -34,6 +34,7 @@ pub mod block;
 pub mod cpuid;
 pub mod diag;
 pub mod exec;
+pub mod fuzzing;
 pub mod mem;
 pub mod platform;
 pub mod pvclock;

@@ -1,84 +1,24 @@
-//! Native runs against the interpreter: random straight-line programs of
-//! register and memory instructions run once with native runs on and once
-//! with the interpreter alone, from the same state, and must end in the
-//! same state: general-purpose registers, status flags (but AF, which
-//! logical instructions leave undefined), RIP and CR2, every exit on the
-//! way (MMIO reads and writes, the exception that ended the program) and
-//! every byte of guest RAM, page tables (accessed and dirty bits) and code
-//! included.
+//! Native runs against the interpreter (`emu::fuzzing` compares them):
+//! random straight-line programs of register and memory instructions, and
+//! the corpus of the cargo-fuzz target `native_runs` with mutations.
 //!
 //! The memory operands cover what the native lookup must get right or
 //! hand back: plain and indexed addresses, RSP-based (and PUSH, POP and
 //! instructions moving RSP, which a run holds in a scratch register),
-//! RIP-relative, FS and
-//! GS overrides, accesses crossing into the next page, a page that is not
+//! RIP-relative, FS and GS overrides, accesses crossing into the next page, a page that is not
 //! present (#PF mid-run), a read-only page (#PF on write), MMIO beyond RAM,
 //! and writes to the code page the program runs from.
 
 mod common;
 
 use common::Rng;
-use emu::{Emulator, Exit};
-use hypervisor::GuestRam;
+use emu::fuzzing::{assert_same, run, CODE, DATA, DATA_END, POINTERS, STACK};
 use iced_x86::code_asm::*;
-use vm_memory::{Bytes, GuestAddress};
-
-const RAM: usize = 0x10_0000;
-const PML4: u64 = 0x70000;
-const CODE: u64 = 0x4000;
-const DATA: u64 = 0x20000;
-const DATA_END: u64 = 0x30000;
-/// Not present in the page tables.
-const UNMAPPED: u64 = 0x30000;
-/// Present, not writable.
-const READ_ONLY: u64 = 0x31000;
-/// Mapped, beyond RAM: MMIO.
-const MMIO: u64 = 0x1ff000;
-const FS_BASE: u64 = 0x24000;
-const GS_BASE: u64 = 0x26000;
-const STACK: u64 = 0x28000;
-/// The status flags compared: CF PF ZF SF OF (AF is left undefined by
-/// AND, OR, XOR and TEST, and hosts differ there).
-const COMPARED_FLAGS: u64 = 0x8c5;
-
-/// 4-level tables mapping the low 2 MiB with 4 KiB pages (user,
-/// writable), but for [`UNMAPPED`] and [`READ_ONLY`].
-fn memory() -> GuestRam {
-    let mem = common::memory(RAM);
-    let (pdpt, pd, pt) = (PML4 + 0x1000, PML4 + 0x2000, PML4 + 0x3000);
-    mem.write_obj(pdpt | 7, GuestAddress(PML4)).unwrap();
-    mem.write_obj(pd | 7, GuestAddress(pdpt)).unwrap();
-    mem.write_obj(pt | 7, GuestAddress(pd)).unwrap();
-    for page in 0..512u64 {
-        let entry = match page << 12 {
-            UNMAPPED => 0,
-            READ_ONLY => READ_ONLY | 5,
-            addr => addr | 7,
-        };
-        mem.write_obj(entry, GuestAddress(pt + page * 8)).unwrap();
-    }
-    mem
-}
 
 /// Value registers the random instructions compute in. RBP and R11-R15
 /// stay free, so most runs have their scratch registers.
 const VALUES: [AsmRegister64; 6] = [rax, rcx, rdx, rdi, r8, r9];
 const VALUES32: [AsmRegister32; 6] = [eax, ecx, edx, edi, r8d, r9d];
-
-/// Registers holding addresses (never written by the programs): RBX in
-/// the data, RSI 4 bytes before a page end, R10 a small index, R11 the
-/// unmapped page, R12 MMIO, R13 the read-only page, R14 the code page.
-fn pointers(rng: &mut Rng) -> [(AsmRegister64, u64); 7] {
-    [
-        (rbx, DATA + 0x100 + rng.below(0x100)),
-        (rsi, DATA + 0x2000 - 4),
-        (r10, rng.below(16)),
-        (r11, UNMAPPED + 0x10),
-        (r12, MMIO + 0x20),
-        (r13, READ_ONLY + 0x40),
-        (r14, CODE + 0xc00),
-    ]
-}
 
 /// A random memory operand of `size` bytes.
 fn operand(rng: &mut Rng, data: CodeLabel) -> AsmMemoryOperand {
@@ -174,63 +114,6 @@ fn program(rng: &mut Rng, len: usize) -> Vec<u8> {
     a.assemble(CODE).unwrap()
 }
 
-/// What a run did and where it ended.
-#[derive(Debug, PartialEq, Eq)]
-struct Trace {
-    exits: Vec<String>,
-    gpr: [u64; 16],
-    flags: u64,
-    rip: u64,
-    cr2: u64,
-    ram: Vec<u8>,
-}
-
-fn run(code: &[u8], regs: &[u64; 16], flags: u64, ram: &[u8], native: bool) -> (Trace, Emulator) {
-    let mem = memory();
-    mem.write_slice(ram, GuestAddress(DATA)).unwrap();
-    mem.write_slice(code, GuestAddress(CODE)).unwrap();
-    let mut e = common::emulator(&mem);
-    e.set_native_runs(native);
-    let cpu = e.cpu_mut();
-    cpu.cr3 = PML4;
-    cpu.cr0 |= 1 << 16; // WP: supervisor writes honour read-only pages.
-    cpu.gpr = *regs;
-    cpu.rflags = 2 | flags;
-    cpu.rip = CODE;
-    cpu.segs[4].base = FS_BASE;
-    cpu.segs[5].base = GS_BASE;
-    let mut exits = Vec::new();
-    for _ in 0..1000 {
-        match e.run(100_000, None) {
-            Exit::Halt => break,
-            Exit::MmioRead { addr, size } => {
-                exits.push(format!("read {addr:#x}/{size}"));
-                e.set_mmio_read_data(addr.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            }
-            Exit::MmioWrite { addr, size, data } => {
-                exits.push(format!("write {addr:#x}/{size} {data:#x}"));
-            }
-            Exit::Exception(x) => {
-                exits.push(format!("exception {} {:?}", x.vector, x.error_code));
-                break;
-            }
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
-    let mut all = vec![0; RAM];
-    mem.read_slice(&mut all, GuestAddress(0)).unwrap();
-    let cpu = e.cpu();
-    let trace = Trace {
-        exits,
-        gpr: cpu.gpr,
-        flags: cpu.rflags & COMPARED_FLAGS,
-        rip: cpu.rip,
-        cr2: cpu.cr2,
-        ram: all,
-    };
-    (trace, e)
-}
-
 #[test]
 fn random_programs_with_memory_operands_match_the_interpreter() {
     if !cfg!(target_arch = "x86_64") {
@@ -246,38 +129,23 @@ fn random_programs_with_memory_operands_match_the_interpreter() {
         for r in regs.iter_mut() {
             *r = rng.value();
         }
-        for (reg, value) in pointers(&mut rng) {
-            regs[reg_index(reg)] = value;
+        // The data pointer moves; R10 is a small index.
+        for (n, value) in POINTERS {
+            regs[n] = value;
         }
-        regs[4] = STACK;
-        let flags = rng.next() & 0x8d5;
+        regs[3] += rng.below(0x100);
+        regs[10] = rng.below(16);
+        let flags = rng.next();
         let ram: Vec<u8> = (DATA..DATA_END).map(|_| rng.next() as u8).collect();
-        let (native, e) = run(&code, &regs, flags, &ram, true);
-        let (interpreted, _) = run(&code, &regs, flags, &ram, false);
+        let (native, e) = run(&code, &regs, flags, &ram, 1, true);
+        let (interpreted, _) = run(&code, &regs, flags, &ram, 1, false);
         runs += e.native_runs_executed();
         exits += e.native_run_exits();
-        if native != interpreted {
-            let first_ram = native
-                .ram
-                .iter()
-                .zip(&interpreted.ram)
-                .position(|(a, b)| a != b);
-            panic!(
-                "round {round}: native vs interpreted\nexits {:?}\n   vs {:?}\ngpr {:x?}\n vs {:x?}\n\
-                 flags {:#x} vs {:#x}, rip {:#x} vs {:#x}, cr2 {:#x} vs {:#x}, first RAM difference at {first_ram:x?}\n\
-                 code {code:02x?}",
-                native.exits,
-                interpreted.exits,
-                native.gpr,
-                interpreted.gpr,
-                native.flags,
-                interpreted.flags,
-                native.rip,
-                interpreted.rip,
-                native.cr2,
-                interpreted.cr2
-            );
-        }
+        assert_same(
+            &format!("round {round}, code {code:02x?}"),
+            &native,
+            &interpreted,
+        );
     }
     // Otherwise the interpreter was compared with itself, or the lookup's
     // misses were never taken.
@@ -289,11 +157,6 @@ fn random_programs_with_memory_operands_match_the_interpreter() {
         "only {} native runs ran to their end",
         runs - exits
     );
-}
-
-fn reg_index(r: AsmRegister64) -> usize {
-    let r: iced_x86::Register = r.into();
-    r as usize - iced_x86::Register::RAX as usize
 }
 
 #[test]
@@ -321,9 +184,66 @@ fn a_run_that_rewrites_a_later_instruction_of_its_block_runs_the_new_one() {
     regs[3] = 0x100;
     regs[4] = STACK;
     let ram = vec![0; (DATA_END - DATA) as usize];
-    let (native, e) = run(&code, &regs, 0, &ram, true);
-    let (interpreted, _) = run(&code, &regs, 0, &ram, false);
+    let (native, e) = run(&code, &regs, 0, &ram, 1, true);
+    let (interpreted, _) = run(&code, &regs, 0, &ram, 1, false);
     assert!(e.native_runs_executed() > 0, "no native run");
     assert_eq!(native.gpr[0], 1 + 2 + 3 + 0x100 + 0x70 + 7);
     assert_eq!(native, interpreted);
+}
+
+#[test]
+fn the_fuzz_corpus_and_mutations_of_it_match_the_interpreter() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
+        return;
+    }
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/native_runs");
+    let mut inputs = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        inputs.push(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(!inputs.is_empty(), "{}: an empty corpus", dir.display());
+    for input in &inputs {
+        emu::fuzzing::native_runs(input);
+    }
+    let mut rng = Rng::seeded("native_runs corpus");
+    for _ in 0..300 {
+        let mut v = inputs[rng.below(inputs.len() as u64) as usize].clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(v.len() as u64) as usize;
+            v[at] = match rng.below(3) {
+                0 => rng.next() as u8,
+                1 => v[at] ^ 1 << rng.below(8),
+                _ => rng.pick(&[0, 1, 0xff, 0x80]),
+            };
+        }
+        emu::fuzzing::native_runs(&v);
+    }
+}
+
+/// Writes the corpus's seeds: random programs as fuzz inputs (run by
+/// hand: `cargo test -p emu --test native -- --ignored write_corpus`).
+#[test]
+#[ignore]
+fn write_corpus() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/native_runs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng::seeded("native_runs seeds");
+    let mut n = 0;
+    while n < 16 {
+        let len = 4 + rng.below(24) as usize;
+        let code = program(&mut rng, len);
+        // The target skips code it cannot compare (see `native_runs`).
+        if !emu::fuzzing::comparable(&code) {
+            continue;
+        }
+        let mut input: Vec<u8> = (0..emu::fuzzing::INPUT_HEADER)
+            .map(|_| rng.next() as u8)
+            .collect();
+        input.extend(code);
+        std::fs::write(dir.join(format!("seed-{n:02}")), input).unwrap();
+        n += 1;
+    }
 }

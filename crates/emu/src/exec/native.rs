@@ -673,7 +673,7 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
                     a.popfq();
                     saved = false;
                 }
-                a.bytes(&rewritten(i, None, scratch.as_ref()?.rsp?, encoder)?);
+                a.bytes(&rewritten(i, None, scratch.as_ref()?.rsp, encoder)?);
             }
             Item::Memory(i, mem) => {
                 let s = scratch.as_ref()?;
@@ -688,7 +688,7 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
                 }
                 match i.mnemonic() {
                     Mnemonic::Push | Mnemonic::Pop => stack_access(&mut a, i, s)?,
-                    _ => a.bytes(&rewritten(i, Some(s.addr), s.rsp.unwrap_or(RSP), encoder)?),
+                    _ => a.bytes(&rewritten(i, Some(s.addr), s.rsp, encoder)?),
                 }
             }
         }
@@ -760,12 +760,13 @@ fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec
 
 /// `i` with its memory operand replaced by `[addr]` (when given) and RSP
 /// wherever it names it replaced by `rsp`, or `None` where iced cannot
-/// encode that (a `moffs` form, AH..DH beside a REX prefix): the encoding
-/// is decoded again and checked to be that instruction.
+/// encode that (a `moffs` form, AH..DH beside a REX prefix) or RSP has no
+/// register: the encoding is decoded again and checked to be that
+/// instruction.
 fn rewritten(
     i: &Instruction,
     addr: Option<u8>,
-    rsp: u8,
+    rsp: Option<u8>,
     encoder: &mut iced_x86::Encoder,
 ) -> Option<Vec<u8>> {
     let reg = |n: u8| Register::RAX + u32::from(n);
@@ -778,11 +779,11 @@ fn rewritten(
         r.set_memory_displ_size(0);
         r.set_segment_prefix(Register::None);
     } else if r.memory_base() == Register::RSP {
-        r.set_memory_base(reg(rsp));
+        r.set_memory_base(reg(rsp?));
     }
     for n in 0..r.op_count() {
         if r.op_kind(n) == OpKind::Register && r.op_register(n) == Register::RSP {
-            r.set_op_register(n, reg(rsp));
+            r.set_op_register(n, reg(rsp?));
         }
     }
     encoder.encode(&r, 0).ok()?;
@@ -828,12 +829,15 @@ fn stack_access(a: &mut Asm, i: &Instruction, s: &Scratch) -> Option<()> {
     Some(())
 }
 
-/// `dst` = the linear address of `mem` plus `extra`.
-fn address(a: &mut Asm, dst: u8, mem: &MemOperand, s: &Scratch, extra: u64) {
+/// `dst` = the linear address of `mem` plus `extra` (`None` for an
+/// operand based on RSP, FS or GS without the register holding it, never
+/// planned so).
+fn address(a: &mut Asm, dst: u8, mem: &MemOperand, s: &Scratch, extra: u64) -> Option<()> {
     let disp = mem.disp.wrapping_add(extra);
-    let base = mem
-        .base
-        .map(|b| if b == RSP { s.rsp.unwrap_or(RSP) } else { b });
+    let base = match mem.base {
+        Some(RSP) => Some(s.rsp?),
+        other => other,
+    };
     if base.is_none() && mem.index.is_none() {
         a.mov_imm64(dst, disp);
     } else {
@@ -847,7 +851,8 @@ fn address(a: &mut Asm, dst: u8, mem: &MemOperand, s: &Scratch, extra: u64) {
             },
         );
     }
-    if let Some(seg) = mem.seg.and_then(|seg| s.seg_base_of(seg)) {
+    if let Some(seg) = mem.seg {
+        let seg = s.seg_base_of(seg)?;
         a.lea(
             dst,
             Addr {
@@ -857,6 +862,7 @@ fn address(a: &mut Asm, dst: u8, mem: &MemOperand, s: &Scratch, extra: u64) {
             },
         );
     }
+    Some(())
 }
 
 /// The inline TLB lookup of one access (flags already saved): leaves the
@@ -866,7 +872,7 @@ fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Option<Vec<
     let (addr, entry) = (s.addr, s.entry);
     let saved = 8; // the guest's flags, pushed above the frame pointers
                    // The entry of the last byte's page ...
-    address(a, entry, mem, s, u64::from(mem.size) - 1);
+    address(a, entry, mem, s, u64::from(mem.size) - 1)?;
     a.shr(entry, PAGE_SHIFT as u8);
     a.and32(entry, TLB_ENTRIES as u32 - 1);
     a.shl(
@@ -876,7 +882,7 @@ fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Option<Vec<
     a.add_load(entry, Addr::at(RSP, saved + STACK_TLB));
     // ... must hold the first byte's page: an access that crosses a page
     // finds the next page's slot, which cannot.
-    address(a, addr, mem, s, 0);
+    address(a, addr, mem, s, 0)?;
     a.shr(addr, PAGE_SHIFT as u8);
     a.cmp_load(
         addr,
@@ -913,7 +919,7 @@ fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Option<Vec<
         a.bt(entry, page);
         misses.push(a.jcc(CC_B));
     }
-    address(a, entry, mem, s, 0);
+    address(a, entry, mem, s, 0)?;
     a.and32(entry, PAGE_MASK as u32);
     a.rr(&[0x01], entry, addr);
     Some(misses)
