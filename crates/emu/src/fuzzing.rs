@@ -199,15 +199,16 @@ pub const INPUT_HEADER: usize = 16 * 8 + 1;
 /// pattern. Inputs whose code (decoded straight through) holds an
 /// instruction that leaves a flag other than AF undefined, or that reads
 /// AF into a register or memory, are skipped: there native runs give the
-/// host's answer and the interpreter its own, both right.
-pub fn native_runs(input: &[u8]) {
+/// host's answer and the interpreter its own, both right. Returns whether
+/// the input was compared.
+pub fn native_runs(input: &[u8]) -> bool {
     if input.len() <= INPUT_HEADER {
-        return;
+        return false;
     }
     let (header, code) = input.split_at(INPUT_HEADER);
     let code = &code[..code.len().min(0x1000)];
     if !comparable(code) {
-        return;
+        return false;
     }
     let mut regs = [0u64; 16];
     for (n, r) in regs.iter_mut().enumerate() {
@@ -228,9 +229,10 @@ pub fn native_runs(input: &[u8]) {
     // when it is spent stopped at different places.
     let spent = |t: &Trace| t.exits.last().is_some_and(|e| e == "BudgetExhausted");
     if spent(&native) || spent(&interpreted) {
-        return;
+        return false;
     }
     assert_same("fuzz input", &native, &interpreted);
+    true
 }
 
 /// Whether `code` holds no instruction whose result the two may
