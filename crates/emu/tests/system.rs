@@ -2,7 +2,8 @@
 //! exception and interrupt delivery through the IDT (IST stacks, INT n,
 //! IRETQ), SYSCALL/SYSRET to ring 3, the switch from 32-bit protected
 //! mode to 64-bit code by a far jump, external interrupts from another
-//! thread, and LOCK XADD from two vCPU threads.
+//! thread, LOCK XADD from two vCPU threads, and a native run decoded at
+//! CPL 0 honouring user permissions when ring 3 runs it.
 
 mod common;
 
@@ -1111,4 +1112,60 @@ fn the_reserved_nop_space_is_nops() {
     let mut e = emulator(&mem);
     e.set_exception_exits(1 << 6);
     assert_eq!(run_outs(&mut e), vec![(0x10, 0x1234)]);
+}
+
+#[test]
+fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
+    // F loads from a supervisor-only page. The kernel calls it twice (its
+    // block is decoded at CPL 0, its native run then hits the TLB entry
+    // the first call filled), then IRETQ to ring 3, which calls the same
+    // block: that must be a #PF (present, user, read), not a native load
+    // with the supervisor's permission.
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
+        return;
+    }
+    let mem = setup();
+    let data = 0x2_0000u64;
+    mem.write_obj(data | 3, GuestAddress(pte_addr(data)))
+        .unwrap();
+    let f = CODE + 0x400;
+    let user = CODE + 0x800;
+    let mut b = CodeAssembler::new(64).unwrap();
+    b.mov(rax, qword_ptr(r9)).unwrap();
+    b.add(rax, qword_ptr(r9 + 8)).unwrap();
+    b.mov(rcx, qword_ptr(r9 + 16)).unwrap();
+    b.ret().unwrap();
+    load(&mem, f, &mut b);
+    let mut u = CodeAssembler::new(64).unwrap();
+    u.mov(rax, f).unwrap();
+    u.call(rax).unwrap();
+    u.hlt().unwrap();
+    load(&mem, user, &mut u);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(r9, data + 0x100).unwrap();
+    a.mov(rax, f).unwrap();
+    a.call(rax).unwrap();
+    a.mov(rax, f).unwrap();
+    a.call(rax).unwrap();
+    a.mov(rax, 0x1bu64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, USER_STACK).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, 0x202u64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, 0x23u64).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, user).unwrap();
+    a.push(rax).unwrap();
+    a.iretq().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    expect_pf(&mut e, data + 0x100, 5);
+    assert_eq!(e.cpu().cpl(), 3);
+    assert_eq!(e.cpu().rip, f, "the fault is at F's first load");
+    assert!(
+        e.native_runs_executed() >= 2,
+        "F's native run did not run at CPL 0"
+    );
 }
