@@ -110,6 +110,15 @@ fn load(mem: &GuestRam, at: u64, a: &mut CodeAssembler) {
     mem.write_slice(&code, GuestAddress(at)).unwrap();
 }
 
+/// IRETQ to 64-bit ring 3 at `rip` with `rflags`, on USER_STACK.
+fn to_ring_3(a: &mut CodeAssembler, rip: u64, rflags: u64) {
+    for v in [0x1b, USER_STACK, rflags, 0x23, rip] {
+        a.mov(rax, v).unwrap();
+        a.push(rax).unwrap();
+    }
+    a.iretq().unwrap();
+}
+
 /// Runs to HLT collecting OUT exits as (port, value).
 fn run_outs(e: &mut Emulator) -> Vec<(u16, u32)> {
     let mut outs = Vec::new();
@@ -739,18 +748,8 @@ fn syscall_sysret_round_trip_through_ring_3() {
     a.mov(ecx, 0xc000_0084u32).unwrap();
     a.mov(eax, 0x200u32).unwrap();
     a.wrmsr().unwrap();
-    // To ring 3 with IRETQ (IOPL 3 so the user code may OUT).
-    a.mov(rax, 0x1bu64).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, USER_STACK).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, 0x3202u64).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, 0x23u64).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, user).unwrap();
-    a.push(rax).unwrap();
-    a.iretq().unwrap();
+    // IOPL 3 so the user code may OUT.
+    to_ring_3(&mut a, user, 0x3202);
     load(&mem, CODE, &mut a);
     let mut e = emulator(&mem);
     let outs = run_outs(&mut e);
@@ -1148,17 +1147,7 @@ fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
     a.call(rax).unwrap();
     a.mov(rax, f).unwrap();
     a.call(rax).unwrap();
-    a.mov(rax, 0x1bu64).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, USER_STACK).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, 0x202u64).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, 0x23u64).unwrap();
-    a.push(rax).unwrap();
-    a.mov(rax, user).unwrap();
-    a.push(rax).unwrap();
-    a.iretq().unwrap();
+    to_ring_3(&mut a, user, 0x202);
     load(&mem, CODE, &mut a);
     let mut e = emulator(&mem);
     expect_pf(&mut e, data + 0x100, 5);
