@@ -488,6 +488,26 @@ fn is_cgroup2_host() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
+/// A bind mount of `source` at `target` (never through a symlink), then
+/// remounted with `flags`: the bind itself ignores them.
+fn bind_remounted(
+    ops: &mut Vec<Op>,
+    source: CString,
+    target: CString,
+    flags: libc::c_ulong,
+) -> Result<()> {
+    ops.push(Op::Mount {
+        source,
+        target: target.clone(),
+        fstype: cstr("")?,
+        flags: libc::MS_BIND,
+        data: None,
+        no_symlink: true,
+    });
+    ops.push(Op::Remount { target, flags });
+    Ok(())
+}
+
 /// A v1 or hybrid host's cgroup mount, as runc makes it: a tmpfs at `target` holding
 /// one mount per v1 hierarchy of the container, named as on the host (`memory`,
 /// `systemd`), with a link per controller of a shared hierarchy
@@ -537,18 +557,12 @@ fn v1_cgroup_ops(
                 no_symlink: true,
             });
         } else {
-            ops.push(Op::Mount {
-                source: path_cstr(&known.dir)?,
-                target: sub_c.clone(),
-                fstype: cstr("")?,
-                flags: libc::MS_BIND,
-                data: None,
-                no_symlink: true,
-            });
-            ops.push(Op::Remount {
-                target: sub_c.clone(),
-                flags: (flags & libc::MS_RDONLY) | safe,
-            });
+            bind_remounted(
+                &mut ops,
+                path_cstr(&known.dir)?,
+                sub_c.clone(),
+                (flags & libc::MS_RDONLY) | safe,
+            )?;
         }
         if name.contains(',') {
             for controller in known.controllers.iter().filter(|c| !c.contains('=')) {
@@ -656,21 +670,15 @@ fn mount_ops(
                         ops.push(Op::MkdirAll {
                             path: target_c.clone(),
                         });
-                        ops.push(Op::Mount {
-                            source: path_cstr(&group.dir)?,
-                            target: target_c.clone(),
-                            fstype: cstr("")?,
-                            flags: libc::MS_BIND,
-                            data: None,
-                            no_symlink: true,
-                        });
-                        ops.push(Op::Remount {
-                            target: target_c.clone(),
-                            flags: (opts.flags & libc::MS_RDONLY)
+                        bind_remounted(
+                            &mut ops,
+                            path_cstr(&group.dir)?,
+                            target_c.clone(),
+                            (opts.flags & libc::MS_RDONLY)
                                 | libc::MS_NOSUID
                                 | libc::MS_NODEV
                                 | libc::MS_NOEXEC,
-                        });
+                        )?;
                     }
                     continue;
                 } else if is_cgroup2_host() {

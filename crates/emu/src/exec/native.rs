@@ -448,8 +448,7 @@ struct Footprint {
     flags_out: bool,
 }
 
-fn footprint(run: &[Item]) -> Footprint {
-    let mut info = iced_x86::InstructionInfoFactory::new();
+fn footprint(run: &[Item], info: &mut iced_x86::InstructionInfoFactory) -> Footprint {
     let mut regs = 0u16;
     let mut written = 0u32;
     let mut flags_in = false;
@@ -586,8 +585,13 @@ const STACK_FRAME: i32 = 16;
 /// The lookup changes the host's flags, so the guest's are pushed before
 /// it and kept on the host stack until an instruction needs them (popped
 /// back) or overwrites them all (dropped).
-fn stub(run: &[Item], user: bool, encoder: &mut iced_x86::Encoder) -> Option<Vec<u8>> {
-    let fp = footprint(run);
+fn stub(
+    run: &[Item],
+    user: bool,
+    info: &mut iced_x86::InstructionInfoFactory,
+    encoder: &mut iced_x86::Encoder,
+) -> Option<Vec<u8>> {
+    let fp = footprint(run, info);
     let mems: Vec<MemOperand> = run
         .iter()
         .filter_map(|item| match item {
@@ -1082,8 +1086,8 @@ pub fn compile_runs(
             if end - k < MIN_RUN {
                 return true;
             }
-            let Some(stub) =
-                items(k, end, with_memory).and_then(|run| stub(&run, target.user, &mut encoder))
+            let Some(stub) = items(k, end, with_memory)
+                .and_then(|run| stub(&run, target.user, &mut info, &mut encoder))
             else {
                 return false;
             };
