@@ -195,6 +195,15 @@ pub struct Block {
     /// Links to successors: `[0]` the fall-through, `[1]` the last other
     /// target (a taken branch, a return address).
     pub links: [Cell<Link>; 2],
+    /// The block's native code (`exec::native::compile_block`), 0 when it
+    /// has none: `native` is called by the block loop, `chain` jumped to
+    /// by the code of the block before it. `ops` are then one per
+    /// instruction, for the interpreter to finish the block from the
+    /// first access the code did not make.
+    pub native: usize,
+    pub chain: usize,
+    /// The privilege the code's accesses check (user pages or all).
+    pub native_user: bool,
 }
 
 impl std::fmt::Debug for Block {
@@ -710,7 +719,7 @@ pub(crate) fn decode(
         user: core.user(),
         memory: core.mmu.mode == crate::mem::PagingMode::Long && core.code.covers(core.ram.end()),
     };
-    let native_subs =
+    let (native_subs, code) =
         crate::exec::specialize_block(&mut ops, &spans, &buf[..len], &mut core.native, target);
     let first_gen = core.code.end_decode(first_page, first_gen);
     let second = if crossed { second_page } else { None };
@@ -732,6 +741,9 @@ pub(crate) fn decode(
         chainable,
         end_ip,
         links: [Cell::new(NO_LINK), Cell::new(NO_LINK)],
+        native: code.map_or(0, |c| c.entry),
+        chain: code.map_or(0, |c| c.chain),
+        native_user: target.user,
     })
 }
 

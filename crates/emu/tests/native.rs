@@ -41,13 +41,23 @@ fn operand(rng: &mut Rng, data: CodeLabel) -> AsmMemoryOperand {
 
 /// One random instruction: register-only or with a memory operand.
 fn instruction(a: &mut CodeAssembler, rng: &mut Rng, data: CodeLabel) -> Result<(), IcedError> {
+    random_instruction(a, rng, data, true)
+}
+
+/// One random instruction; with `stack`, possibly one that moves RSP.
+fn random_instruction(
+    a: &mut CodeAssembler,
+    rng: &mut Rng,
+    data: CodeLabel,
+    stack: bool,
+) -> Result<(), IcedError> {
     let k = rng.below(VALUES.len() as u64) as usize;
     let (v, v32) = (VALUES[k], VALUES32[k]);
     let w = rng.pick(&VALUES);
     let m = operand(rng, data);
     let imm = rng.next() as i32 >> rng.below(32);
     let step = 8 * (1 + rng.below(4) as i32);
-    match rng.below(38) {
+    match rng.below(if stack { 38 } else { 30 }) {
         30 => a.push(v),
         31 => a.pop(v),
         32 => a.push(imm),
@@ -157,6 +167,82 @@ fn random_programs_with_memory_operands_match_the_interpreter() {
         "only {} native runs ran to their end",
         runs - exits
     );
+}
+
+/// A loop of five laps around `len` random instructions (R15 counts), a
+/// call to a function of random instructions, and a branch over more of
+/// them, taken every other lap; the call and the function leave RSP as
+/// they found it. Most blocks are compiled whole, and their code goes on
+/// from block to block.
+fn looping_program(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut data = a.create_label();
+    let (mut top, mut skip, mut function) = (a.create_label(), a.create_label(), a.create_label());
+    a.mov(r15, 5u64).unwrap();
+    a.set_label(&mut top).unwrap();
+    for _ in 0..len / 3 {
+        let _ = random_instruction(&mut a, rng, data, true);
+    }
+    a.call(function).unwrap();
+    a.test(r15, 1).unwrap();
+    a.jz(skip).unwrap();
+    for _ in 0..len / 3 {
+        let _ = random_instruction(&mut a, rng, data, true);
+    }
+    a.set_label(&mut skip).unwrap();
+    a.dec(r15).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut function).unwrap();
+    for _ in 0..len / 3 {
+        let _ = random_instruction(&mut a, rng, data, false);
+    }
+    a.ret().unwrap();
+    a.set_label(&mut data).unwrap();
+    let bytes: Vec<u8> = (0..32).map(|_| rng.next() as u8).collect();
+    a.db(&bytes).unwrap();
+    a.assemble(CODE).unwrap()
+}
+
+#[test]
+fn loops_of_calls_returns_and_branches_chained_in_native_code_match_the_interpreter() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mut rng = Rng::seeded(("native chains", testkit::seed()));
+    let (mut hops, mut exits, mut halted) = (0, 0, 0);
+    for round in 0..500 {
+        let len = 3 + rng.below(30) as usize;
+        let code = looping_program(&mut rng, len);
+        let mut regs = [0u64; 16];
+        for r in regs.iter_mut() {
+            *r = rng.value();
+        }
+        for (n, value) in POINTERS {
+            regs[n] = value;
+        }
+        regs[3] += rng.below(0x100);
+        regs[10] = rng.below(16);
+        let flags = rng.next();
+        let ram: Vec<u8> = (DATA..DATA_END).map(|_| rng.next() as u8).collect();
+        let (native, e) = run(&code, &regs, flags, &ram, 1, true);
+        let (interpreted, _) = run(&code, &regs, flags, &ram, 1, false);
+        hops += e.native_blocks_chained();
+        exits += e.native_run_exits();
+        halted += u64::from(native.exits.is_empty());
+        assert_same(
+            &format!("round {round}, code {code:02x?}"),
+            &native,
+            &interpreted,
+        );
+    }
+    // Otherwise chains were never made, never stopped at a miss, or every
+    // program faulted before its loop came round.
+    eprintln!("{hops} hops between blocks' code, {exits} misses, {halted} programs ran to HLT");
+    assert!(hops > 1000, "only {hops} hops");
+    assert!(exits > 100, "only {exits} misses");
+    assert!(halted > 50, "only {halted} programs ran to their end");
 }
 
 #[test]

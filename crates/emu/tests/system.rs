@@ -1158,3 +1158,153 @@ fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
         "F's native run did not run at CPL 0"
     );
 }
+
+/// `top: add rax, 1; add rcx, rax; jmp top` at CODE, after `prefix`: a
+/// block whose native code goes on into itself for ever.
+fn endless_loop(mem: &GuestRam, prefix: impl FnOnce(&mut CodeAssembler)) {
+    let mut a = CodeAssembler::new(64).unwrap();
+    prefix(&mut a);
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.add(rax, 1).unwrap();
+    a.add(rcx, rax).unwrap();
+    a.jmp(top).unwrap();
+    load(mem, CODE, &mut a);
+}
+
+/// A bound on a run that should end long before it: at about a
+/// nanosecond per instruction, several seconds.
+const GUARD: u64 = 4_000_000_000;
+
+#[test]
+fn a_chain_of_native_blocks_ends_with_the_instruction_budget() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mem = setup();
+    endless_loop(&mem, |_| {});
+    let mut e = emulator(&mem);
+    assert_eq!(e.run(100_000, None), Exit::BudgetExhausted);
+    // The chain stops after the block that reaches the budget.
+    let retired = e.instructions_retired();
+    assert!((100_000..100_003).contains(&retired), "{retired}");
+    assert!(e.native_blocks_chained() > 10_000, "the loop did not chain");
+    // Exact: the interpreter would have run the same instructions.
+    assert_eq!(e.cpu().rip, CODE);
+    let laps = e.cpu().gpr[0];
+    assert_eq!(laps, retired / 3);
+    assert_eq!(e.cpu().gpr[1], laps * (laps + 1) / 2);
+}
+
+#[test]
+fn a_chain_of_native_blocks_is_cut_by_an_interrupt_request() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mem = setup();
+    set_gate(&mem, 0x40, HANDLERS, 0, 0, false);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(eax, 0x40u32).unwrap();
+    h.out(0x60, eax).unwrap();
+    h.iretq().unwrap();
+    load(&mem, HANDLERS, &mut h);
+    endless_loop(&mem, |a| a.sti().unwrap());
+    let mut e = emulator(&mem);
+    let lines = Arc::new(InterruptLines::new());
+    e.attach_interrupts(lines.clone());
+    let injector = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        lines.request(0x40);
+    });
+    let exit = e.run(GUARD, None);
+    injector.join().unwrap();
+    assert!(
+        matches!(
+            exit,
+            Exit::IoOut {
+                port: 0x60,
+                data: 0x40,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+    assert!(e.native_blocks_chained() > 1000, "the loop did not chain");
+}
+
+#[test]
+fn a_chain_of_native_blocks_stops_when_asked() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mem = setup();
+    endless_loop(&mem, |_| {});
+    let mut e = emulator(&mem);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let exit = e.run(GUARD, Some(&stop));
+    stopper.join().unwrap();
+    assert_eq!(exit, Exit::Interrupted);
+    assert!(e.native_blocks_chained() > 1000, "the loop did not chain");
+}
+
+#[test]
+fn native_code_decoded_at_cpl_0_is_not_chained_to_from_ring_3() {
+    // F loads through R9 and returns. The kernel calls it twice (its block
+    // and native code are made at CPL 0, with supervisor permissions, and
+    // the TLB keeps the supervisor-only page it reads), then goes to ring
+    // 3, where a loop calls F three times from one block: the first two
+    // through R9 on a user page, the third on the supervisor-only page.
+    // By the third call the caller's code has a link to F; following it
+    // into F's supervisor code would read the page natively. It must be
+    // a #PF.
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mem = setup();
+    let data = 0x2_0000u64;
+    let user_data = 0x2_1000u64;
+    mem.write_obj(data | 3, GuestAddress(pte_addr(data)))
+        .unwrap();
+    let f = CODE + 0x400;
+    let user = CODE + 0x800;
+    let mut b = CodeAssembler::new(64).unwrap();
+    b.mov(rax, qword_ptr(r9)).unwrap();
+    b.add(rax, qword_ptr(r9 + 8)).unwrap();
+    b.ret().unwrap();
+    load(&mem, f, &mut b);
+    let mut u = CodeAssembler::new(64).unwrap();
+    let mut top = u.create_label();
+    u.mov(ecx, 3u32).unwrap();
+    u.set_label(&mut top).unwrap();
+    u.mov(r9, user_data).unwrap();
+    u.mov(rdx, data + 0x100).unwrap();
+    u.cmp(ecx, 1).unwrap();
+    u.cmove(r9, rdx).unwrap();
+    u.call(f).unwrap();
+    u.dec(ecx).unwrap();
+    u.jnz(top).unwrap();
+    u.hlt().unwrap();
+    load(&mem, user, &mut u);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(r9, data + 0x100).unwrap();
+    a.call(f).unwrap();
+    a.call(f).unwrap();
+    to_ring_3(&mut a, user, 0x202);
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    expect_pf(&mut e, data + 0x100, 5);
+    assert_eq!(e.cpu().cpl(), 3);
+    assert_eq!(e.cpu().rip, f, "the fault is at F's first load");
+    assert_eq!(e.cpu().gpr[1], 1, "on the third call");
+}

@@ -319,23 +319,29 @@ const STATUS_BITS: u32 = 0x3f;
 /// by its Jcc then has the pair fused into one operation (one dispatch
 /// instead of two); it counts as one instruction retired.
 ///
-/// Then, with an arena, runs of instructions the host can execute (see
-/// `native`) before that (`spans` gives each op's bytes in `bytes`)
-/// become native runs. Returns the interpreted forms of the runs that
-/// access memory, which the block keeps for them.
+/// With an arena, a block whose every instruction the host can execute
+/// (see `native`; `spans` gives each op's bytes in `bytes`) is compiled
+/// whole instead, and keeps one op per instruction, unfused: returns its
+/// code. Otherwise runs of such instructions become native runs, and the
+/// interpreted forms of the runs that access memory are returned, which
+/// the block keeps for them.
 pub(crate) fn specialize_block(
     ops: &mut Vec<Op>,
     spans: &[(usize, usize)],
     bytes: &[u8],
     arena: &mut Option<super::native::Arena>,
     target: super::native::Target,
-) -> Vec<Op> {
+) -> (Vec<Op>, Option<super::native::BlockCode>) {
     specialize_all(ops);
+    if let Some(code) = super::native::compile_block(arena, ops, spans, bytes, target) {
+        return (Vec::new(), Some(code));
+    }
     let fused = fuse_branch(ops);
     // The fused op (the last) stands for two instructions: never part of
     // a run. `spans` still matches every op before it.
     let plain = ops.len() - usize::from(fused);
-    super::native::compile_runs(arena, ops, plain, spans, bytes, target)
+    let subs = super::native::compile_runs(arena, ops, plain, spans, bytes, target);
+    (subs, None)
 }
 
 fn specialize_all(ops: &mut [Op]) {

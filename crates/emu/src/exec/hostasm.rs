@@ -10,6 +10,8 @@
 
 pub const RAX: u8 = 0;
 pub const RCX: u8 = 1;
+pub const RDX: u8 = 2;
+pub const R8: u8 = 8;
 pub const RSI: u8 = 6;
 pub const RSP: u8 = 4;
 pub const RDI: u8 = 7;
@@ -41,6 +43,7 @@ pub struct Fixup(usize);
 pub const CC_B: u8 = 0x2;
 pub const CC_E: u8 = 0x4;
 pub const CC_NE: u8 = 0x5;
+pub const CC_LE: u8 = 0xe;
 
 #[derive(Default)]
 pub struct Asm {
@@ -141,6 +144,24 @@ impl Asm {
     /// `cmp r, [a]`.
     pub fn cmp_load(&mut self, r: u8, a: Addr) {
         self.mem(true, &[0x3b], r, a);
+    }
+
+    /// `sub qword [a], imm` (sign-extended).
+    pub fn sub_mem(&mut self, a: Addr, imm: i32) {
+        self.mem(true, &[0x81], 5, a);
+        self.bytes(&imm.to_le_bytes());
+    }
+
+    /// `cmp byte [a], imm`.
+    pub fn cmp_byte(&mut self, a: Addr, imm: u8) {
+        self.mem(false, &[0x80], 7, a);
+        self.code.push(imm);
+    }
+
+    /// `jmp r`.
+    pub fn jmp_reg(&mut self, r: u8) {
+        self.rex(false, 0, 0, r);
+        self.bytes(&[0xff, 0xe0 | (r & 7)]);
     }
 
     /// `test byte [a], imm`.
@@ -289,6 +310,25 @@ mod tests {
             (Register::None, Register::R9)
         );
         assert_eq!(i.memory_displacement64(), 0x40);
+    }
+
+    #[test]
+    fn chain_helpers_encode_what_they_say() {
+        let i = one(|a| a.sub_mem(Addr::at(RAX, 0x48), 7));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base(), i.immediate32()),
+            (Mnemonic::Sub, Register::RAX, 7)
+        );
+        assert_eq!(i.memory_size(), iced_x86::MemorySize::UInt64);
+        let i = one(|a| a.cmp_byte(Addr::at(R8, 0), 0));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base(), i.memory_size()),
+            (Mnemonic::Cmp, Register::R8, iced_x86::MemorySize::UInt8)
+        );
+        for r in [RAX, RDX, R8, 15] {
+            let i = one(|a| a.jmp_reg(r));
+            assert_eq!((i.mnemonic(), i.op0_register()), (Mnemonic::Jmp, reg(r)));
+        }
     }
 
     #[test]

@@ -231,6 +231,8 @@ pub struct Core {
     /// Native runs that stopped before their end (at an access their
     /// TLB lookup did not cover) and were finished by the interpreter.
     pub(crate) native_exits: u64,
+    /// Times a block's native code went on into the next block's.
+    pub(crate) native_hops: u64,
     /// Address of the instruction that stopped inside a native run's
     /// interpreted rest, for [`Emulator::stopped`] (a run's op carries
     /// only its first instruction's).
@@ -267,6 +269,7 @@ impl Core {
             native: native::Arena::new(),
             native_runs: 0,
             native_exits: 0,
+            native_hops: 0,
             stop_ip: None,
             kvmclock: 0,
             wall_clock: 0,
@@ -1160,23 +1163,30 @@ impl Emulator {
 
     /// Operations retired by this vCPU so far: instructions, except that
     /// a native run or a fused compare-and-branch counts once, and an
-    /// instruction that faulted counts once per attempt.
+    /// instruction that faulted counts once per attempt (a block's native
+    /// code counts each of its instructions).
     pub fn instructions_retired(&self) -> u64 {
         self.retired
     }
 
-    /// How many times this vCPU has executed a native run's stub: zero
-    /// when native runs are off or none was compiled, which tests that
-    /// compare the two modes check.
+    /// How many times this vCPU has executed a native run's stub or
+    /// entered a block's native code: zero when native runs are off or
+    /// none was compiled, which tests that compare the two modes check.
     pub fn native_runs_executed(&self) -> u64 {
         self.core.native_runs
     }
 
-    /// How many native runs stopped before their end, at an access their
-    /// inline TLB lookup did not cover, and were finished by the
-    /// interpreter.
+    /// How many native runs (or chains of blocks' native code) stopped
+    /// before their end, at an access their inline TLB lookup did not
+    /// cover, and were finished by the interpreter.
     pub fn native_run_exits(&self) -> u64 {
         self.core.native_exits
+    }
+
+    /// How many times a block's native code went on into the next
+    /// block's without coming back to the block loop.
+    pub fn native_blocks_chained(&self) -> u64 {
+        self.core.native_hops
     }
 
     /// INIT: the paravirtual clock MSRs go back to disabled (as KVM's
@@ -1317,13 +1327,44 @@ impl Emulator {
             // SAFETY: `block` came from the cache (directly, or through a
             // live link or jump-cache entry) and nothing frees blocks until
             // `collect` above.
-            let block_ref = unsafe { &*block };
+            let mut block_ref = unsafe { &*block };
+            // The op the interpreter starts at: past those a block's native
+            // code did.
+            let mut first = 0;
+            if block_ref.native != 0
+                && block_ref.native_user == self.core.user()
+                && !self.until_interruptible
+            {
+                let chain = native::Chain {
+                    left: i64::try_from(budget - *executed).unwrap_or(i64::MAX),
+                    stamp: self.link_stamp(),
+                    cs_base,
+                    interrupt: self
+                        .lines
+                        .as_ref()
+                        .map_or(NEVER.as_ptr().cast_const().cast(), |l| l.any_ptr()),
+                    stop: stop.unwrap_or(&NEVER).as_ptr().cast_const().cast(),
+                };
+                let end = native::run_block(&mut self.core, block_ref, &chain);
+                *executed += end.ran;
+                // SAFETY: the block the code stopped in is `block_ref` or
+                // one reached through links made under the current stamp,
+                // as live as a link target is here.
+                block_ref = unsafe { &*end.block };
+                first = match end.done {
+                    None => block_ref.ops.len(),
+                    Some(k) => {
+                        *executed += k as u64;
+                        k
+                    }
+                };
+            }
             prev = if block_ref.chainable {
-                block
+                block_ref
             } else {
                 std::ptr::null()
             };
-            for op in block_ref.ops.iter() {
+            for op in block_ref.ops[first..].iter() {
                 self.core.cpu.rip = op.next_ip;
                 *executed += 1;
                 if let Err(s) = (op.handler)(&mut self.core, op) {
@@ -1399,6 +1440,10 @@ impl Emulator {
         }
     }
 }
+
+/// A flag that is never set, for a chain of native blocks with no
+/// interrupt lines or stop flag to watch.
+static NEVER: AtomicBool = AtomicBool::new(false);
 
 /// The most decoded blocks a vCPU keeps. A Debian boot to multi-user
 /// decodes about 70,000 (100 MiB of host memory); with this bound the

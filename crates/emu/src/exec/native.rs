@@ -38,7 +38,7 @@
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use super::hostasm::{Addr, Asm, Fixup, CC_B, CC_E, CC_NE, RAX, RCX, RDI, RSI, RSP};
-use crate::block::{EaForm, Op};
+use crate::block::{Block, EaForm, Link, Op};
 use crate::mem::{perm, TlbEntry, PAGE_MASK, PAGE_SHIFT, TLB_ENTRIES};
 
 /// Shortest run worth a stub (the stub's entry and exit cost about as
@@ -448,7 +448,11 @@ struct Footprint {
     flags_out: bool,
 }
 
-fn footprint(run: &[Item], info: &mut iced_x86::InstructionInfoFactory) -> Footprint {
+fn footprint(
+    run: &[Item],
+    branch_reads: u32,
+    info: &mut iced_x86::InstructionInfoFactory,
+) -> Footprint {
     let mut regs = 0u16;
     let mut written = 0u32;
     let mut flags_in = false;
@@ -473,8 +477,9 @@ fn footprint(run: &[Item], info: &mut iced_x86::InstructionInfoFactory) -> Footp
         flags_out |= f.modifies;
     }
     // The stub stores all six status flags: any the run does not
-    // overwrite must come in from the guest to go back out unchanged.
-    if flags_out && written != ALL_FLAGS {
+    // overwrite must come in from the guest to go back out unchanged; a
+    // block's final Jcc reads them.
+    if (flags_out && written != ALL_FLAGS) || branch_reads & !written != 0 {
         flags_in = true;
     }
     Footprint {
@@ -485,7 +490,8 @@ fn footprint(run: &[Item], info: &mut iced_x86::InstructionInfoFactory) -> Footp
 }
 
 /// What a stub is called with (`extern "C" fn(*mut Frame) -> u64`); it
-/// returns how many of its instructions it executed.
+/// returns how many of its instructions it executed, or for a block's
+/// code [`BLOCK_DONE`] once a block has run to its end.
 #[repr(C)]
 struct Frame {
     gpr: *mut u64,
@@ -494,7 +500,33 @@ struct Frame {
     code_bits: *const std::sync::atomic::AtomicU64,
     fs_base: u64,
     gs_base: u64,
+    // The rest is for a block's code (see [`compile_block`]).
+    /// Out: the RIP after the last block that ran to its end.
+    rip: u64,
+    /// In: the block entered. Out: the block the code stopped in.
+    block: *const Block,
+    /// In: how many instructions the chain may run. Out: less those of
+    /// every block that ran to its end.
+    left: i64,
+    /// What a link must have been made under to be followed (the block
+    /// loop's link stamp and CS base).
+    stamp: u64,
+    cs_base: u64,
+    /// The VM-wide count of code-page writes, and its value at entry: a
+    /// write by another vCPU ends the chain.
+    code_writes: *const std::sync::atomic::AtomicU64,
+    writes: u64,
+    /// Nonzero bytes that end the chain: an interrupt request is pending,
+    /// or the vCPU is asked to stop.
+    interrupt: *const u8,
+    stop: *const u8,
+    /// Out: how many times the code went on into the next block's.
+    hops: u64,
 }
+
+/// What a block's code returns once a block ran to its end (any other
+/// value: how many instructions of the block it stopped in were done).
+const BLOCK_DONE: u64 = u64::MAX;
 
 const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
 const _: () = assert!(TLB_ENTRIES.is_power_of_two());
@@ -588,10 +620,15 @@ const STACK_FRAME: i32 = 16;
 fn stub(
     run: &[Item],
     user: bool,
+    ending: Option<&Ending>,
     info: &mut iced_x86::InstructionInfoFactory,
     encoder: &mut iced_x86::Encoder,
-) -> Option<Vec<u8>> {
-    let fp = footprint(run, info);
+) -> Option<Code> {
+    let branch_reads = match ending.map(|e| e.next) {
+        Some(Next::Branch { reads, .. }) => reads,
+        _ => 0,
+    };
+    let fp = footprint(run, branch_reads, info);
     let mems: Vec<MemOperand> = run
         .iter()
         .filter_map(|item| match item {
@@ -600,7 +637,7 @@ fn stub(
         })
         .collect();
     let needs_rsp = run.iter().any(Item::names_rsp);
-    let scratch = if mems.is_empty() && !needs_rsp {
+    let scratch = if mems.is_empty() && !needs_rsp && ending.is_none() {
         None
     } else {
         Some(Scratch::plan(fp.regs, &mems, needs_rsp)?)
@@ -616,6 +653,12 @@ fn stub(
         offset(std::mem::offset_of!(Frame, code_bits)),
     ));
     a.push_mem(Addr::at(RDI, offset(std::mem::offset_of!(Frame, tlb))));
+    // A block's code is also entered here from the block before it, with
+    // only the frame pointers on the stack.
+    let chain = a.len();
+    if ending.is_some() {
+        a.load(RDI, Addr::at(RSP, STACK_FRAME));
+    }
     if fp.flags_in {
         // The host's flags with the guest's status bits.
         a.pushfq();
@@ -691,7 +734,9 @@ fn stub(
                     saved = false;
                 }
                 match i.mnemonic() {
-                    Mnemonic::Push | Mnemonic::Pop => stack_access(&mut a, i, s)?,
+                    Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret => {
+                        stack_access(&mut a, i, s)?
+                    }
                     _ => a.bytes(&rewritten(i, Some(s.addr), s.rsp, encoder)?),
                 }
             }
@@ -704,11 +749,183 @@ fn stub(
     if saved {
         a.popfq();
     }
-    a.push_imm(run.len() as i32);
-
-    // The tail: [rsp] the count of instructions done, then the frame
-    // pointers; the host's flags hold the guest's.
+    let rsp = scratch.and_then(|s| s.rsp);
+    let store_back = |a: &mut Asm| store_back(a, &used, rsp, fp.flags_out);
+    let Some(ending) = ending else {
+        a.push_imm(run.len() as i32);
+        let tail = a.len();
+        store_back(&mut a);
+        epilogue(&mut a);
+        // Misses, out of line: the guest's flags back, the count, the tail.
+        for (fixups, k) in misses {
+            let at = a.len();
+            a.popfq();
+            a.push_imm(k as i32);
+            let back = a.jmp();
+            a.patch(back, tail);
+            for f in fixups {
+                a.patch(f, at);
+            }
+        }
+        return Some(Code {
+            code: a.code,
+            chain: None,
+        });
+    };
+    // A block: the next RIP on the host stack (moves and pushes keep the
+    // flags), then the registers and flags back, then on to the next
+    // block or back to the block loop.
+    let s = scratch.as_ref()?;
+    match ending.next {
+        Next::To(rip) => {
+            a.mov_imm64(s.addr, rip);
+            a.push(s.addr);
+        }
+        Next::Branch {
+            cc,
+            taken,
+            not_taken,
+            ..
+        } => {
+            let jump = a.jcc(cc);
+            a.mov_imm64(s.addr, not_taken);
+            a.push(s.addr);
+            let join = a.jmp();
+            let at = a.len();
+            a.patch(jump, at);
+            a.mov_imm64(s.addr, taken);
+            a.push(s.addr);
+            let at = a.len();
+            a.patch(join, at);
+        }
+        Next::Popped => a.push(s.entry),
+    }
+    store_back(&mut a);
+    hop(&mut a, ending);
+    // Misses: the count of instructions done in this block, as above.
     let tail = a.len();
+    store_back(&mut a);
+    epilogue(&mut a);
+    for (fixups, k) in misses {
+        let at = a.len();
+        a.popfq();
+        a.push_imm(k as i32);
+        let back = a.jmp();
+        a.patch(back, tail);
+        for f in fixups {
+            a.patch(f, at);
+        }
+    }
+    Some(Code {
+        code: a.code,
+        chain: Some(chain),
+    })
+}
+
+/// Returns the word on top of the stack to the stub's caller, past the
+/// frame pointers and the callee-saved registers.
+fn epilogue(a: &mut Asm) {
+    a.pop(RAX);
+    a.add_rsp(24);
+    for r in CALLEE_SAVED.iter().rev() {
+        a.pop(*r);
+    }
+    a.ret();
+}
+
+/// The end of a block's code, all guest state stored and the next RIP on
+/// the stack: goes on into the next block's code where the block loop
+/// would (a link of this block made under the same stamp and CS base
+/// names it, and it has code for this privilege), and while nothing asks
+/// the chain to end (the instruction count runs out, a code page is
+/// written, an interrupt is requested, the vCPU is asked to stop);
+/// otherwise returns [`BLOCK_DONE`].
+fn hop(a: &mut Asm, ending: &Ending) {
+    use super::hostasm::{CC_LE, R8, RDX};
+    let frame = |field: usize| Addr::at(RAX, offset(field));
+    let link = |field: usize| Addr::at(RDX, offset(field));
+    let mut done = Vec::new();
+    a.pop(RCX);
+    a.load(RAX, Addr::at(RSP, STACK_FRAME));
+    a.store(frame(std::mem::offset_of!(Frame, rip)), RCX);
+    // At most `block::MAX_OPS` instructions.
+    a.sub_mem(
+        frame(std::mem::offset_of!(Frame, left)),
+        ending.count as i32,
+    );
+    done.push(a.jcc(CC_LE));
+    // The link to RCX, in whichever of the two slots it is.
+    a.load(RDX, frame(std::mem::offset_of!(Frame, block)));
+    a.lea(RDX, link(std::mem::offset_of!(Block, links)));
+    a.cmp_load(RCX, link(std::mem::offset_of!(Link, rip)));
+    let found = a.jcc(CC_E);
+    a.lea(RDX, link(std::mem::size_of::<Link>()));
+    a.cmp_load(RCX, link(std::mem::offset_of!(Link, rip)));
+    done.push(a.jcc(CC_NE));
+    let at = a.len();
+    a.patch(found, at);
+    for (mine, its) in [
+        (
+            std::mem::offset_of!(Frame, stamp),
+            std::mem::offset_of!(Link, stamp),
+        ),
+        (
+            std::mem::offset_of!(Frame, cs_base),
+            std::mem::offset_of!(Link, cs_base),
+        ),
+    ] {
+        a.load(R8, frame(mine));
+        a.cmp_load(R8, link(its));
+        done.push(a.jcc(CC_NE));
+    }
+    a.load(R8, frame(std::mem::offset_of!(Frame, code_writes)));
+    a.load(R8, Addr::at(R8, 0));
+    a.cmp_load(R8, frame(std::mem::offset_of!(Frame, writes)));
+    done.push(a.jcc(CC_NE));
+    for flag in [
+        std::mem::offset_of!(Frame, interrupt),
+        std::mem::offset_of!(Frame, stop),
+    ] {
+        a.load(R8, frame(flag));
+        a.cmp_byte(Addr::at(R8, 0), 0);
+        done.push(a.jcc(CC_NE));
+    }
+    a.load(RDX, link(std::mem::offset_of!(Link, target)));
+    a.cmp_byte(
+        Addr::at(RDX, offset(std::mem::offset_of!(Block, native_user))),
+        u8::from(ending.user),
+    );
+    done.push(a.jcc(CC_NE));
+    a.load(
+        R8,
+        Addr::at(RDX, offset(std::mem::offset_of!(Block, chain))),
+    );
+    a.test(R8, R8);
+    done.push(a.jcc(CC_E));
+    a.store(frame(std::mem::offset_of!(Frame, block)), RDX);
+    a.sub_mem(frame(std::mem::offset_of!(Frame, hops)), -1);
+    a.jmp_reg(R8);
+    let at = a.len();
+    for f in done {
+        a.patch(f, at);
+    }
+    a.mov_imm64(RAX, BLOCK_DONE);
+    a.push(RAX);
+    epilogue(a);
+}
+
+/// A stub's code, and where a block's code is entered from the block
+/// before it (past the prologue).
+struct Code {
+    code: Vec<u8>,
+    chain: Option<usize>,
+}
+
+/// Stores the registers of `used` (the guest's RSP from `rsp`, where a
+/// scratch register holds it) and, with `flags`, the status flags back
+/// to the frame. On entry the host's flags hold the guest's, and the
+/// stack holds one word above the frame pointers, which stays.
+fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: bool) {
     a.pushfq();
     a.push(RDI);
     a.load(RDI, Addr::at(RSP, 24 + STACK_FRAME));
@@ -718,7 +935,6 @@ fn stub(
     }
     // The guest's RSP, from its scratch register (or, when that is RDI,
     // from where RDI was pushed).
-    let rsp = scratch.and_then(|s| s.rsp);
     if let Some(r) = rsp.filter(|r| *r != RDI) {
         a.store(Addr::at(RDI, 8 * i32::from(RSP)), r);
     }
@@ -729,7 +945,7 @@ fn stub(
         a.store(Addr::at(RDI, 8 * i32::from(RSP)), RAX);
     }
     a.pop(RAX);
-    if fp.flags_out {
+    if flags {
         a.load(RSI, Addr::at(RSP, 8 + STACK_FRAME));
         a.load(
             RSI,
@@ -741,25 +957,6 @@ fn stub(
         a.or(RCX, RAX);
         a.store(Addr::at(RSI, 0), RCX);
     }
-    a.pop(RAX);
-    a.add_rsp(24);
-    for r in CALLEE_SAVED.iter().rev() {
-        a.pop(*r);
-    }
-    a.ret();
-
-    // Misses, out of line: the guest's flags back, the count, the tail.
-    for (fixups, k) in misses {
-        let at = a.len();
-        a.popfq();
-        a.push_imm(k as i32);
-        let back = a.jmp();
-        a.patch(back, tail);
-        for f in fixups {
-            a.patch(f, at);
-        }
-    }
-    Some(a.code)
 }
 
 /// `i` with its memory operand replaced by `[addr]` (when given) and RSP
@@ -822,9 +1019,16 @@ fn stack_access(a: &mut Asm, i: &Instruction, s: &Scratch) -> Option<()> {
             a.store_imm(at, i.immediate(0) as i64 as i32)
         }
         iced_x86::Code::Pop_r64 => a.load(reg(i.op0_register()), at),
+        // The return address; a RET's target stays in `s.entry` (see
+        // `Ending`).
+        iced_x86::Code::Call_rel32_64 => {
+            a.mov_imm64(s.entry, i.next_ip());
+            a.store(at, s.entry);
+        }
+        iced_x86::Code::Retnq => a.load(s.entry, at),
         _ => return None,
     }
-    let step = if i.mnemonic() == Mnemonic::Push {
+    let step = if matches!(i.mnemonic(), Mnemonic::Push | Mnemonic::Call) {
         -8
     } else {
         8
@@ -953,6 +1157,17 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         code_bits: c.code.bits(),
         fs_base: c.cpu.segs[crate::state::seg::FS].base,
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
+        // A run does not chain.
+        rip: 0,
+        block: std::ptr::null(),
+        left: 0,
+        stamp: 0,
+        cs_base: 0,
+        code_writes: std::ptr::null(),
+        writes: 0,
+        interrupt: std::ptr::null(),
+        stop: std::ptr::null(),
+        hops: 0,
     };
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
     // arena, which lives as long as the `Core` (blocks are per vCPU). The
@@ -1015,6 +1230,214 @@ enum Form {
     Memory(MemOperand),
 }
 
+/// How `op` may run natively, if it may (with `memory`, forms that
+/// access memory or name RSP too).
+fn form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> Option<Form> {
+    let bitness = u32::from(op.bitness);
+    if eligible(&op.instr, bitness) {
+        Some(Form::Register)
+    } else if memory && eligible_with(&op.instr, bitness, true) {
+        Some(Form::Renamed)
+    } else if memory {
+        memory_operand(op, info).map(Form::Memory)
+    } else {
+        None
+    }
+}
+
+/// Where a block's native code is entered: `entry` from the block loop
+/// (`extern "C" fn(*mut Frame) -> u64`), `chain` from the code of the
+/// block before it (see [`compile_block`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCode {
+    pub entry: usize,
+    pub chain: usize,
+}
+
+/// How a block's code ends.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    next: Next,
+    /// Instructions in the block.
+    count: usize,
+    /// The privilege its accesses check, which the next block's code must
+    /// have been compiled for too.
+    user: bool,
+}
+
+/// Where a block goes next.
+#[derive(Debug, Clone, Copy)]
+enum Next {
+    /// A fixed RIP: a JMP's or CALL's target, or straight on.
+    To(u64),
+    /// A Jcc (`cc` the condition's nibble, `reads` the flags it reads).
+    Branch {
+        cc: u8,
+        reads: u32,
+        taken: u64,
+        not_taken: u64,
+    },
+    /// A RET's target, left in the `entry` scratch register.
+    Popped,
+}
+
+/// Compiles the whole of a block to native code when every instruction
+/// in it may run natively (register-only or through the TLB lookup) and
+/// it ends in a near Jcc, JMP, CALL or RET with a relative target, or
+/// straight on. `ops` are one per instruction, specialized but not fused
+/// (op `k`'s bytes are `bytes[spans[k].0..spans[k].1]`); the block keeps
+/// them as they are: after a miss in instruction `k`, the block loop
+/// interprets `ops[k..]`.
+///
+/// The code runs the block, then follows the block's links from code to
+/// code as the block loop would follow them (see [`hop`]): a hot loop or
+/// a chain of calls and returns runs without coming back to the block
+/// loop.
+pub fn compile_block(
+    arena: &mut Option<Arena>,
+    ops: &[Op],
+    spans: &[(usize, usize)],
+    bytes: &[u8],
+    target: Target,
+) -> Option<BlockCode> {
+    use iced_x86::{Code, FlowControl};
+    let arena = arena.as_mut()?;
+    let memory = target.memory && arena.memory;
+    let last = ops.last()?;
+    if arena.is_full() || last.bitness != 64 || spans.len() < ops.len() {
+        return None;
+    }
+    let i = &last.instr;
+    let (body, next) = if i.is_jcc_short_or_near() {
+        let cc = (i.condition_code() as u8).checked_sub(1)?;
+        let next = Next::Branch {
+            cc,
+            reads: i.rflags_read() & ALL_FLAGS,
+            taken: i.near_branch_target(),
+            not_taken: i.next_ip(),
+        };
+        (&ops[..ops.len() - 1], next)
+    } else if i.is_jmp_short_or_near() {
+        (&ops[..ops.len() - 1], Next::To(i.near_branch_target()))
+    } else if i.code() == Code::Call_rel32_64 && memory {
+        (ops, Next::To(i.near_branch_target()))
+    } else if i.code() == Code::Retnq && memory {
+        (ops, Next::Popped)
+    } else if i.flow_control() == FlowControl::Next {
+        (ops, Next::To(i.next_ip()))
+    } else {
+        return None;
+    };
+    let mut info = iced_x86::InstructionInfoFactory::new();
+    let stack = |disp: i64, write: bool| MemOperand {
+        base: Some(RSP),
+        index: None,
+        disp: disp as u64,
+        seg: None,
+        size: 8,
+        write,
+    };
+    let items = body
+        .iter()
+        .zip(spans)
+        .map(|(op, (from, to))| match op.instr.code() {
+            Code::Call_rel32_64 => Some(Item::Memory(&op.instr, stack(-8, true))),
+            Code::Retnq => Some(Item::Memory(&op.instr, stack(0, false))),
+            _ => Some(match form(op, memory, &mut info)? {
+                Form::Register => Item::Copy(&op.instr, bytes.get(*from..*to)?),
+                Form::Renamed => Item::Renamed(&op.instr),
+                Form::Memory(m) => Item::Memory(&op.instr, m),
+            }),
+        })
+        .collect::<Option<Vec<Item>>>()?;
+    let ending = Ending {
+        next,
+        count: ops.len(),
+        user: target.user,
+    };
+    let mut encoder = iced_x86::Encoder::new(64);
+    let code = stub(&items, target.user, Some(&ending), &mut info, &mut encoder)?;
+    let at = arena.add(&code.code)?;
+    Some(BlockCode {
+        entry: at,
+        chain: at + code.chain?,
+    })
+}
+
+/// Where a block's code stopped (see [`run_block`]).
+pub(super) struct BlockStop {
+    /// The block it stopped in.
+    pub block: *const Block,
+    /// `None` when that block ran to its end (RIP is its successor's),
+    /// else how many of its instructions were done: the block loop
+    /// interprets the rest.
+    pub done: Option<usize>,
+    /// Instructions of the blocks that ran to their end.
+    pub ran: u64,
+}
+
+/// What ends a chain of blocks' code and what its links must have been
+/// made under (see [`hop`]).
+pub(super) struct Chain {
+    /// Instructions the chain may run (it stops after the block that
+    /// reaches this).
+    pub left: i64,
+    pub stamp: u64,
+    pub cs_base: u64,
+    pub interrupt: *const u8,
+    pub stop: *const u8,
+}
+
+/// Runs the code of `block` (which has some, compiled for the current
+/// privilege) and whatever it chains to.
+pub(super) fn run_block(c: &mut super::Core, block: &Block, chain: &Chain) -> BlockStop {
+    c.native_runs += 1;
+    let mut frame = Frame {
+        gpr: c.cpu.gpr.as_mut_ptr(),
+        rflags: &mut c.cpu.rflags,
+        tlb: c.mmu.entries.as_ptr(),
+        code_bits: c.code.bits(),
+        fs_base: c.cpu.segs[crate::state::seg::FS].base,
+        gs_base: c.cpu.segs[crate::state::seg::GS].base,
+        rip: c.cpu.rip,
+        block,
+        left: chain.left,
+        stamp: chain.stamp,
+        cs_base: chain.cs_base,
+        code_writes: c.code.writes_counter(),
+        writes: c.code.writes(),
+        interrupt: chain.interrupt,
+        stop: chain.stop,
+        hops: 0,
+    };
+    // SAFETY: `block.native` was set by `compile_block` to code in this
+    // vCPU's arena, which lives as long as the `Core` (blocks are per
+    // vCPU). Besides what a run's stub does (see `run`), the code reads
+    // the links of the block it runs (`frame.block`, live: the caller's,
+    // then each link target) and follows a link only while its stamp is
+    // the caller's: no block was dropped since it was made, so its target
+    // is live, and its code is in the arena, which is reset only with
+    // every block dropped.
+    let result = unsafe {
+        let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(block.native);
+        f(&mut frame)
+    };
+    let ran = (chain.left - frame.left) as u64;
+    c.native_hops += frame.hops;
+    let done = if result == BLOCK_DONE {
+        c.cpu.rip = frame.rip;
+        None
+    } else {
+        c.native_exits += 1;
+        Some(result as usize)
+    };
+    BlockStop {
+        block: frame.block,
+        done,
+        ran,
+    }
+}
+
 /// Replaces each run of at least [`MIN_RUN`] eligible instructions among
 /// the first `limit` of `ops` (op `k`'s bytes are `bytes[spans[k].0..
 /// spans[k].1]`, for `k < limit`) by one op running its stub, and returns
@@ -1044,19 +1467,7 @@ pub fn compile_runs(
     let forms: Vec<Option<Form>> = ops
         .iter()
         .enumerate()
-        .map(|(k, op)| {
-            if k >= limit {
-                None
-            } else if eligible(&op.instr, u32::from(op.bitness)) {
-                Some(Form::Register)
-            } else if memory && eligible_with(&op.instr, u32::from(op.bitness), true) {
-                Some(Form::Renamed)
-            } else if memory {
-                memory_operand(op, &mut info).map(Form::Memory)
-            } else {
-                None
-            }
-        })
+        .map(|(k, op)| (k < limit).then(|| form(op, memory, &mut info)).flatten())
         .collect();
     let mut encoder = iced_x86::Encoder::new(64);
     // The runs as (first op, end op, offset of the stub in `code`, whether
@@ -1087,7 +1498,8 @@ pub fn compile_runs(
                 return true;
             }
             let Some(stub) = items(k, end, with_memory)
-                .and_then(|run| stub(&run, target.user, &mut info, &mut encoder))
+                .and_then(|run| stub(&run, target.user, None, &mut info, &mut encoder))
+                .map(|c| c.code)
             else {
                 return false;
             };
