@@ -719,10 +719,17 @@ pub(crate) fn decode(
         user: core.user(),
         memory: core.mmu.mode == crate::mem::PagingMode::Long && core.code.covers(core.ram.end()),
     };
+    let decoded = ops.len();
     let (native_subs, code) =
         crate::exec::specialize_block(&mut ops, &spans, &buf[..len], &mut core.native, target);
     let first_gen = core.code.end_decode(first_page, first_gen);
-    let second = if crossed { second_page } else { None };
+    // Only the last instruction crosses into the next page, and a block
+    // cut short for native code no longer holds it.
+    let second = if crossed && ops.len() == decoded {
+        second_page
+    } else {
+        None
+    };
     if let Some(p) = second {
         second_gen = core.code.end_decode(p, second_gen);
     }

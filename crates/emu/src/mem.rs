@@ -599,12 +599,6 @@ impl CodePages {
         self.inner.writes.load(Ordering::Relaxed)
     }
 
-    /// The count behind [`Self::writes`], for native code to read
-    /// (`exec::native`); it lives as long as any clone of this map.
-    pub(crate) fn writes_counter(&self) -> *const AtomicU64 {
-        &self.inner.writes
-    }
-
     /// The page's generation (0 outside the map).
     #[inline]
     pub fn generation(&self, page: u64) -> u32 {

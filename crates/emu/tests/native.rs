@@ -170,33 +170,60 @@ fn random_programs_with_memory_operands_match_the_interpreter() {
 }
 
 /// A loop of five laps around `len` random instructions (R15 counts), a
-/// call to a function of random instructions, and a branch over more of
-/// them, taken every other lap; the call and the function leave RSP as
-/// they found it. Most blocks are compiled whole, and their code goes on
-/// from block to block.
+/// call to a function of random instructions, a branch over more of
+/// them, taken every other lap, and a jump through memory; the function
+/// ends in a jump through a register to its RET, and it and the call
+/// leave RSP as they found them. Most blocks are compiled whole, and
+/// their code goes on from block to block. Some laps name every register
+/// (more than the code has left for its lookups: the block is cut short)
+/// or hold BSWAP, which has no native form (the block ends before it).
 fn looping_program(rng: &mut Rng, len: usize) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     let mut data = a.create_label();
-    let (mut top, mut skip, mut function) = (a.create_label(), a.create_label(), a.create_label());
+    let mut labels: Vec<CodeLabel> = (0..5).map(|_| a.create_label()).collect();
+    let [top, skip, function, back, leave] = labels.as_mut_slice() else {
+        unreachable!()
+    };
     a.mov(r15, 5u64).unwrap();
-    a.set_label(&mut top).unwrap();
+    a.set_label(top).unwrap();
     for _ in 0..len / 3 {
         let _ = random_instruction(&mut a, rng, data, true);
+        match rng.below(20) {
+            0 => a.bswap(rng.pick(&VALUES)).unwrap(),
+            1 => {
+                // Every register named: R11 to R15 read, RBP written.
+                a.lea(rbp, ptr(r11 + r12)).unwrap();
+                a.lea(rbp, ptr(rbp + r13 * 2)).unwrap();
+                a.lea(rbp, ptr(rbp + r14 * 4 + 8)).unwrap();
+                a.add(rbp, r15).unwrap();
+                a.xor(rax, rbp).unwrap();
+            }
+            _ => {}
+        }
     }
-    a.call(function).unwrap();
+    a.lea(rbp, ptr(*function)).unwrap();
+    a.call(rbp).unwrap();
     a.test(r15, 1).unwrap();
-    a.jz(skip).unwrap();
+    a.jz(*skip).unwrap();
     for _ in 0..len / 3 {
         let _ = random_instruction(&mut a, rng, data, true);
     }
-    a.set_label(&mut skip).unwrap();
+    a.set_label(skip).unwrap();
+    a.lea(rbp, ptr(*back)).unwrap();
+    a.push(rbp).unwrap();
+    a.jmp(qword_ptr(rsp)).unwrap();
+    a.set_label(back).unwrap();
+    a.add(rsp, 8).unwrap();
     a.dec(r15).unwrap();
-    a.jne(top).unwrap();
+    a.jne(*top).unwrap();
     a.hlt().unwrap();
-    a.set_label(&mut function).unwrap();
+    a.set_label(function).unwrap();
     for _ in 0..len / 3 {
         let _ = random_instruction(&mut a, rng, data, false);
     }
+    a.lea(rbp, ptr(*leave)).unwrap();
+    a.jmp(rbp).unwrap();
+    a.set_label(leave).unwrap();
     a.ret().unwrap();
     a.set_label(&mut data).unwrap();
     let bytes: Vec<u8> = (0..32).map(|_| rng.next() as u8).collect();

@@ -332,9 +332,13 @@ pub(crate) fn specialize_block(
     arena: &mut Option<super::native::Arena>,
     target: super::native::Target,
 ) -> (Vec<Op>, Option<super::native::BlockCode>) {
+    // Cut first: which flags an op must compute depends on what follows
+    // it in its block.
+    let (keep, code) = super::native::plan_block(arena, ops, spans, bytes, target);
+    ops.truncate(keep);
     specialize_all(ops);
-    if let Some(code) = super::native::compile_block(arena, ops, spans, bytes, target) {
-        return (Vec::new(), Some(code));
+    if code.is_some() {
+        return (Vec::new(), code);
     }
     let fused = fuse_branch(ops);
     // The fused op (the last) stands for two instructions: never part of

@@ -1335,17 +1335,8 @@ impl Emulator {
                 && block_ref.native_user == self.core.user()
                 && !self.until_interruptible
             {
-                let chain = native::Chain {
-                    left: i64::try_from(budget - *executed).unwrap_or(i64::MAX),
-                    stamp: self.link_stamp(),
-                    cs_base,
-                    interrupt: self
-                        .lines
-                        .as_ref()
-                        .map_or(NEVER.as_ptr().cast_const().cast(), |l| l.any_ptr()),
-                    stop: stop.unwrap_or(&NEVER).as_ptr().cast_const().cast(),
-                };
-                let end = native::run_block(&mut self.core, block_ref, &chain);
+                let stamp = self.link_stamp();
+                let end = native::run_block(&mut self.core, block_ref, stamp, budget - *executed);
                 *executed += end.ran;
                 // SAFETY: the block the code stopped in is `block_ref` or
                 // one reached through links made under the current stamp,
@@ -1440,10 +1431,6 @@ impl Emulator {
         }
     }
 }
-
-/// A flag that is never set, for a chain of native blocks with no
-/// interrupt lines or stop flag to watch.
-static NEVER: AtomicBool = AtomicBool::new(false);
 
 /// The most decoded blocks a vCPU keeps. A Debian boot to multi-user
 /// decodes about 70,000 (100 MiB of host memory); with this bound the

@@ -21,6 +21,13 @@
 //! executes the rest of the run. A fault is therefore always raised by
 //! the interpreter, precisely.
 //!
+//! A block whose every instruction runs natively this way, and which ends
+//! in a near Jcc, JMP, CALL or RET (or straight on), is compiled whole
+//! (see [`compile_block`]): its code computes the next RIP itself and
+//! goes on into the next block's code through the block's links, as the
+//! block loop would, so a hot loop runs without coming back to the block
+//! loop. Blocks are cut where that stops (see [`plan_block`]).
+//!
 //! What keeps this safe for the host: an instruction is copied only when
 //! iced decoded it in 64-bit mode as one of a fixed list of mnemonics
 //! (none touches the stack, RIP, segment or control state, none can fault
@@ -332,22 +339,11 @@ fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Optio
     }
     // PUSH and POP of a 64-bit register other than RSP, PUSH of an
     // immediate: an 8-byte access below or at RSP, then RSP moves.
-    let stack = |disp: i64, write: bool| MemOperand {
-        base: Some(RSP),
-        index: None,
-        disp: disp as u64,
-        seg: None,
-        size: 8,
-        write,
-    };
     match i.code() {
         Code::Push_r64 if usable(i.op0_register()) => return Some(stack(-8, true)),
         Code::Pushq_imm8 | Code::Pushq_imm32 => return Some(stack(-8, true)),
         Code::Pop_r64 if usable(i.op0_register()) => return Some(stack(0, false)),
         _ => {}
-    }
-    if op.asize != 8 || op.ea.flags & EaForm::FAST == 0 {
-        return None;
     }
     let m = i.mnemonic();
     let immediate_bit_offset = matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
@@ -376,18 +372,28 @@ fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Optio
     let [access] = info.info(i).used_memory() else {
         return None;
     };
+    let write = !matches!(access.access(), OpAccess::Read | OpAccess::CondRead);
+    effective(op, size as u8, write)
+}
+
+/// The explicit memory operand of `op`, accessed as `size` bytes, where
+/// the lookup can compute its address: 64-bit addressing in the common
+/// form (see [`EaForm`]), its displacement and last byte's within disp32
+/// when it has a base or an index (the lookup's LEAs carry them so).
+fn effective(op: &Op, size: u8, write: bool) -> Option<MemOperand> {
     let ea = op.ea;
+    if op.asize != 8 || ea.flags & EaForm::FAST == 0 {
+        return None;
+    }
     let mem = MemOperand {
         base: (ea.flags & EaForm::HAS_BASE != 0).then_some(ea.base),
         index: (ea.flags & EaForm::HAS_INDEX != 0)
             .then_some((ea.index, ea.flags & EaForm::SHIFT_MASK)),
         disp: ea.disp,
         seg: (ea.flags & EaForm::SEG_BASE != 0).then_some(ea.seg),
-        size: size as u8,
-        write: !matches!(access.access(), OpAccess::Read | OpAccess::CondRead),
+        size,
+        write,
     };
-    // With a base or an index, the lookup's LEAs carry the displacement
-    // (and the last byte's) as disp32.
     let fits = |d: u64| i32::try_from(d as i64).is_ok();
     let last = mem.disp.wrapping_add(u64::from(mem.size) - 1);
     if (mem.base.is_some() || mem.index.is_some()) && !(fits(mem.disp) && fits(last)) {
@@ -416,18 +422,20 @@ enum Item<'a> {
     /// With a memory operand (PUSH and POP included): re-encoded to
     /// address the host page.
     Memory(&'a Instruction, MemOperand),
+    /// LEA of a constant address: a move of it.
+    Constant(&'a Instruction, u8, u64),
 }
 
 impl Item<'_> {
     fn instr(&self) -> &Instruction {
         match self {
-            Item::Copy(i, _) | Item::Renamed(i) | Item::Memory(i, _) => i,
+            Item::Copy(i, _) | Item::Renamed(i) | Item::Memory(i, _) | Item::Constant(i, ..) => i,
         }
     }
 
     fn names_rsp(&self) -> bool {
         match self {
-            Item::Copy(..) => false,
+            Item::Copy(..) | Item::Constant(..) => false,
             Item::Renamed(_) => true,
             Item::Memory(i, m) => m.base == Some(RSP) || names_rsp(i),
         }
@@ -455,7 +463,10 @@ fn footprint(
 ) -> Footprint {
     let mut regs = 0u16;
     let mut written = 0u32;
+    // Flags read before written; kept until a memory access (where the run
+    // may stop), which matters only if the run changes any.
     let mut flags_in = false;
+    let mut kept = false;
     let mut flags_out = false;
     for item in run {
         let i = item.instr();
@@ -466,20 +477,19 @@ fn footprint(
             }
         }
         let f = FlagUse::of(i);
-        let reads = match item {
-            Item::Memory(..) => ALL_FLAGS,
-            Item::Copy(..) | Item::Renamed(_) => f.reads,
-        };
-        if reads & !written != 0 {
+        if f.reads & !written != 0 {
             flags_in = true;
+        }
+        if matches!(item, Item::Memory(..)) && written != ALL_FLAGS {
+            kept = true;
         }
         written |= f.writes;
         flags_out |= f.modifies;
     }
     // The stub stores all six status flags: any the run does not
-    // overwrite must come in from the guest to go back out unchanged; a
-    // block's final Jcc reads them.
-    if (flags_out && written != ALL_FLAGS) || branch_reads & !written != 0 {
+    // overwrite must come in from the guest to go back out unchanged (at
+    // its end or where it stops); a block's final Jcc reads them.
+    if (flags_out && (written != ALL_FLAGS || kept)) || branch_reads & !written != 0 {
         flags_in = true;
     }
     Footprint {
@@ -509,17 +519,8 @@ struct Frame {
     /// every block that ran to its end.
     left: i64,
     /// What a link must have been made under to be followed (the block
-    /// loop's link stamp and CS base).
+    /// loop's link stamp).
     stamp: u64,
-    cs_base: u64,
-    /// The VM-wide count of code-page writes, and its value at entry: a
-    /// write by another vCPU ends the chain.
-    code_writes: *const std::sync::atomic::AtomicU64,
-    writes: u64,
-    /// Nonzero bytes that end the chain: an interrupt request is pending,
-    /// or the vCPU is asked to stop.
-    interrupt: *const u8,
-    stop: *const u8,
     /// Out: how many times the code went on into the next block's.
     hops: u64,
 }
@@ -628,12 +629,16 @@ fn stub(
         Some(Next::Branch { reads, .. }) => reads,
         _ => 0,
     };
-    let fp = footprint(run, branch_reads, info);
+    let mut fp = footprint(run, branch_reads, info);
+    if let Some(Next::Register(r)) = ending.map(|e| e.next) {
+        // An indirect JMP's target register: loaded like any other.
+        fp.regs |= 1 << r;
+    }
     let mems: Vec<MemOperand> = run
         .iter()
         .filter_map(|item| match item {
             Item::Memory(_, m) => Some(*m),
-            Item::Copy(..) | Item::Renamed(_) => None,
+            Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) => None,
         })
         .collect();
     let needs_rsp = run.iter().any(Item::names_rsp);
@@ -659,7 +664,7 @@ fn stub(
     if ending.is_some() {
         a.load(RDI, Addr::at(RSP, STACK_FRAME));
     }
-    if fp.flags_in {
+    if fp.flags_in && ending.is_none() {
         // The host's flags with the guest's status bits.
         a.pushfq();
         a.load(
@@ -704,6 +709,23 @@ fn stub(
     // Whether the guest's flags are saved on the host stack (and the
     // host's flags are not theirs).
     let mut saved = false;
+    if let (Some(s), Some(_), true) = (&scratch, ending, fp.flags_in) {
+        // A block's code keeps them there until an instruction needs them
+        // (POPF costs a dozen cycles and more; most blocks never pop them).
+        let t = s.entry;
+        a.load(t, Addr::at(RSP, STACK_FRAME));
+        a.load(t, Addr::at(t, offset(std::mem::offset_of!(Frame, rflags))));
+        a.load(t, Addr::at(t, 0));
+        a.and64(t, STATUS as i32);
+        a.pushfq();
+        a.mem(true, &[0x81], 4, Addr::at(RSP, 0));
+        a.bytes(&(!STATUS).to_le_bytes());
+        a.mem(true, &[0x09], t, Addr::at(RSP, 0));
+        saved = true;
+    }
+    // A run that neither reads nor changes the flags leaves them to its
+    // lookups.
+    let track = fp.flags_in || fp.flags_out;
     let mut misses = Vec::new();
     for (k, item) in run.iter().enumerate() {
         let f = FlagUse::of(item.instr());
@@ -722,14 +744,17 @@ fn stub(
                 }
                 a.bytes(&rewritten(i, None, scratch.as_ref()?.rsp, encoder)?);
             }
+            // A move keeps the flags.
+            Item::Constant(_, r, value) => a.mov_imm64(*r, *value),
             Item::Memory(i, mem) => {
                 let s = scratch.as_ref()?;
-                if !saved {
+                if !saved && track {
                     a.pushfq();
                     saved = true;
                 }
-                misses.push((lookup(&mut a, mem, s, user)?, k));
-                if f.needs_guest_flags() {
+                let depth = if saved { 8 } else { 0 };
+                misses.push((lookup(&mut a, mem, s, user, depth)?, k, saved));
+                if saved && f.needs_guest_flags() {
                     a.popfq();
                     saved = false;
                 }
@@ -737,6 +762,8 @@ fn stub(
                     Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret => {
                         stack_access(&mut a, i, s)?
                     }
+                    // An indirect JMP's target (see `Next::Popped`).
+                    Mnemonic::Jmp => a.load(s.entry, Addr::at(s.addr, 0)),
                     _ => a.bytes(&rewritten(i, Some(s.addr), s.rsp, encoder)?),
                 }
             }
@@ -746,20 +773,26 @@ fn stub(
             saved = false;
         }
     }
-    if saved {
+    // A block keeps the guest's flags on the stack for its end, unless its
+    // Jcc reads them.
+    let keep =
+        saved && matches!(ending.map(|e| e.next), Some(n) if !matches!(n, Next::Branch { .. }));
+    if saved && !keep {
         a.popfq();
     }
     let rsp = scratch.and_then(|s| s.rsp);
-    let store_back = |a: &mut Asm| store_back(a, &used, rsp, fp.flags_out);
+    let store_back = |a: &mut Asm, below: bool| store_back(a, &used, rsp, fp.flags_out, below);
     let Some(ending) = ending else {
         a.push_imm(run.len() as i32);
         let tail = a.len();
-        store_back(&mut a);
+        store_back(&mut a, false);
         epilogue(&mut a);
         // Misses, out of line: the guest's flags back, the count, the tail.
-        for (fixups, k) in misses {
+        for (fixups, k, saved) in misses {
             let at = a.len();
-            a.popfq();
+            if saved {
+                a.popfq();
+            }
             a.push_imm(k as i32);
             let back = a.jmp();
             a.patch(back, tail);
@@ -799,16 +832,23 @@ fn stub(
             a.patch(join, at);
         }
         Next::Popped => a.push(s.entry),
+        Next::Register(r) => a.push(r),
     }
-    store_back(&mut a);
+    store_back(&mut a, keep);
+    a.pop(RCX);
+    if keep {
+        a.add_rsp(8);
+    }
     hop(&mut a, ending);
     // Misses: the count of instructions done in this block, as above.
     let tail = a.len();
-    store_back(&mut a);
+    store_back(&mut a, false);
     epilogue(&mut a);
-    for (fixups, k) in misses {
+    for (fixups, k, saved) in misses {
         let at = a.len();
-        a.popfq();
+        if saved {
+            a.popfq();
+        }
         a.push_imm(k as i32);
         let back = a.jmp();
         a.patch(back, tail);
@@ -833,19 +873,19 @@ fn epilogue(a: &mut Asm) {
     a.ret();
 }
 
-/// The end of a block's code, all guest state stored and the next RIP on
-/// the stack: goes on into the next block's code where the block loop
-/// would (a link of this block made under the same stamp and CS base
-/// names it, and it has code for this privilege), and while nothing asks
-/// the chain to end (the instruction count runs out, a code page is
-/// written, an interrupt is requested, the vCPU is asked to stop);
-/// otherwise returns [`BLOCK_DONE`].
+/// The end of a block's code, all guest state stored and the next RIP in
+/// RCX: goes on into the next block's code where the block loop would (a
+/// link of this block made under the same stamp names it, and it has code
+/// for this privilege) while the chain's instruction count lasts;
+/// otherwise returns [`BLOCK_DONE`]. That count is at most
+/// [`CHAIN_LIMIT`]: what the block loop checks between blocks (interrupt
+/// requests, the stop flag, code written by other vCPUs) waits at most
+/// that long.
 fn hop(a: &mut Asm, ending: &Ending) {
     use super::hostasm::{CC_LE, R8, RDX};
     let frame = |field: usize| Addr::at(RAX, offset(field));
     let link = |field: usize| Addr::at(RDX, offset(field));
     let mut done = Vec::new();
-    a.pop(RCX);
     a.load(RAX, Addr::at(RSP, STACK_FRAME));
     a.store(frame(std::mem::offset_of!(Frame, rip)), RCX);
     // At most `block::MAX_OPS` instructions.
@@ -864,32 +904,12 @@ fn hop(a: &mut Asm, ending: &Ending) {
     done.push(a.jcc(CC_NE));
     let at = a.len();
     a.patch(found, at);
-    for (mine, its) in [
-        (
-            std::mem::offset_of!(Frame, stamp),
-            std::mem::offset_of!(Link, stamp),
-        ),
-        (
-            std::mem::offset_of!(Frame, cs_base),
-            std::mem::offset_of!(Link, cs_base),
-        ),
-    ] {
-        a.load(R8, frame(mine));
-        a.cmp_load(R8, link(its));
-        done.push(a.jcc(CC_NE));
-    }
-    a.load(R8, frame(std::mem::offset_of!(Frame, code_writes)));
-    a.load(R8, Addr::at(R8, 0));
-    a.cmp_load(R8, frame(std::mem::offset_of!(Frame, writes)));
+    // Links between 64-bit blocks need no CS base check: the base does
+    // not take part in 64-bit addressing, and a block that may change CS
+    // is never linked from.
+    a.load(R8, frame(std::mem::offset_of!(Frame, stamp)));
+    a.cmp_load(R8, link(std::mem::offset_of!(Link, stamp)));
     done.push(a.jcc(CC_NE));
-    for flag in [
-        std::mem::offset_of!(Frame, interrupt),
-        std::mem::offset_of!(Frame, stop),
-    ] {
-        a.load(R8, frame(flag));
-        a.cmp_byte(Addr::at(R8, 0), 0);
-        done.push(a.jcc(CC_NE));
-    }
     a.load(RDX, link(std::mem::offset_of!(Link, target)));
     a.cmp_byte(
         Addr::at(RDX, offset(std::mem::offset_of!(Block, native_user))),
@@ -923,12 +943,19 @@ struct Code {
 
 /// Stores the registers of `used` (the guest's RSP from `rsp`, where a
 /// scratch register holds it) and, with `flags`, the status flags back
-/// to the frame. On entry the host's flags hold the guest's, and the
-/// stack holds one word above the frame pointers, which stays.
-fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: bool) {
-    a.pushfq();
+/// to the frame. On entry the stack holds one word above the frame
+/// pointers, which stays, and the guest's flags are in the host's, or
+/// with `below` in a word under it, which stays too.
+fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: bool, below: bool) {
+    let extra = if below {
+        a.push_mem(Addr::at(RSP, 8));
+        8
+    } else {
+        a.pushfq();
+        0
+    };
     a.push(RDI);
-    a.load(RDI, Addr::at(RSP, 24 + STACK_FRAME));
+    a.load(RDI, Addr::at(RSP, 24 + extra + STACK_FRAME));
     a.load(RDI, Addr::at(RDI, offset(std::mem::offset_of!(Frame, gpr))));
     for n in (0..16u8).filter(|n| *n != RSP && *n != RDI).filter(used) {
         a.store(Addr::at(RDI, 8 * i32::from(n)), n);
@@ -946,7 +973,7 @@ fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: b
     }
     a.pop(RAX);
     if flags {
-        a.load(RSI, Addr::at(RSP, 8 + STACK_FRAME));
+        a.load(RSI, Addr::at(RSP, 8 + extra + STACK_FRAME));
         a.load(
             RSI,
             Addr::at(RSI, offset(std::mem::offset_of!(Frame, rflags))),
@@ -1021,7 +1048,7 @@ fn stack_access(a: &mut Asm, i: &Instruction, s: &Scratch) -> Option<()> {
         iced_x86::Code::Pop_r64 => a.load(reg(i.op0_register()), at),
         // The return address; a RET's target stays in `s.entry` (see
         // `Ending`).
-        iced_x86::Code::Call_rel32_64 => {
+        iced_x86::Code::Call_rel32_64 | iced_x86::Code::Call_rm64 => {
             a.mov_imm64(s.entry, i.next_ip());
             a.store(at, s.entry);
         }
@@ -1073,13 +1100,20 @@ fn address(a: &mut Asm, dst: u8, mem: &MemOperand, s: &Scratch, extra: u64) -> O
     Some(())
 }
 
-/// The inline TLB lookup of one access (flags already saved): leaves the
-/// host address in `s.addr`; returns the jumps taken on a miss, or `None`
-/// for a write without its page register (never planned so).
-fn lookup(a: &mut Asm, mem: &MemOperand, s: &Scratch, user: bool) -> Option<Vec<Fixup>> {
+/// The inline TLB lookup of one access, which changes the host's flags
+/// (the guest's, where they matter, saved in the word of the `saved`
+/// bytes above the frame pointers): leaves the host address in `s.addr`;
+/// returns the jumps taken on a miss, or `None` for a write without its
+/// page register (never planned so).
+fn lookup(
+    a: &mut Asm,
+    mem: &MemOperand,
+    s: &Scratch,
+    user: bool,
+    saved: i32,
+) -> Option<Vec<Fixup>> {
     let (addr, entry) = (s.addr, s.entry);
-    let saved = 8; // the guest's flags, pushed above the frame pointers
-                   // The entry of the last byte's page ...
+    // The entry of the last byte's page ...
     address(a, entry, mem, s, u64::from(mem.size) - 1)?;
     a.shr(entry, PAGE_SHIFT as u8);
     a.and32(entry, TLB_ENTRIES as u32 - 1);
@@ -1162,11 +1196,6 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         block: std::ptr::null(),
         left: 0,
         stamp: 0,
-        cs_base: 0,
-        code_writes: std::ptr::null(),
-        writes: 0,
-        interrupt: std::ptr::null(),
-        stop: std::ptr::null(),
         hops: 0,
     };
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
@@ -1228,6 +1257,8 @@ enum Form {
     /// Register-only, naming RSP (needs the scratch register holding it).
     Renamed,
     Memory(MemOperand),
+    /// LEA of a RIP-relative address: register `.0` gets `.1`.
+    Constant(u8, u64),
 }
 
 /// How `op` may run natively, if it may (with `memory`, forms that
@@ -1243,6 +1274,88 @@ fn form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> O
     } else {
         None
     }
+}
+
+/// The memory access of a block's last instruction, run as an item of its
+/// code: CALL's push of the return address, RET's pop of its target, an
+/// indirect JMP's load of its target.
+fn ending_access(op: &Op) -> Option<MemOperand> {
+    use iced_x86::Code;
+    let i = &op.instr;
+    match i.code() {
+        Code::Call_rel32_64 | Code::Call_rm64 => Some(stack(-8, true)),
+        Code::Retnq => Some(stack(0, false)),
+        Code::Jmp_rm64 if i.op0_kind() == OpKind::Memory => effective(op, 8, false),
+        _ => None,
+    }
+}
+
+/// An 8-byte access at RSP + `disp` (PUSH, POP, CALL, RET).
+fn stack(disp: i64, write: bool) -> MemOperand {
+    MemOperand {
+        base: Some(RSP),
+        index: None,
+        disp: disp as u64,
+        seg: None,
+        size: 8,
+        write,
+    }
+}
+
+/// Where a block whose last instruction is `op` goes next, when its code
+/// can take it there: a near Jcc or JMP with a relative target, JMP
+/// through a register, and with `memory` (the stack or memory accessed
+/// natively) CALL with a relative target or a register, RET and JMP
+/// through memory.
+fn ending(op: &Op, memory: bool) -> Option<Next> {
+    use iced_x86::Code;
+    let i = &op.instr;
+    if op.bitness != 64 {
+        return None;
+    }
+    if i.is_jcc_short_or_near() {
+        return Some(Next::Branch {
+            cc: (i.condition_code() as u8).checked_sub(1)?,
+            reads: i.rflags_read() & ALL_FLAGS,
+            taken: i.near_branch_target(),
+            not_taken: i.next_ip(),
+        });
+    }
+    if i.is_jmp_short_or_near() {
+        return Some(Next::To(i.near_branch_target()));
+    }
+    let register = || {
+        let r = i.op0_register();
+        (i.op0_kind() == OpKind::Register && r.is_gpr64() && usable(r))
+            .then(|| (r as u32 - Register::RAX as u32) as u8)
+    };
+    match i.code() {
+        Code::Jmp_rm64 if i.op0_kind() == OpKind::Register => Some(Next::Register(register()?)),
+        Code::Jmp_rm64 if memory && ending_access(op).is_some() => Some(Next::Popped),
+        Code::Call_rel32_64 if memory => Some(Next::To(i.near_branch_target())),
+        Code::Call_rm64 if memory => Some(Next::Register(register()?)),
+        Code::Retnq if memory => Some(Next::Popped),
+        _ => None,
+    }
+}
+
+/// How `op` may be an instruction of a block's code: as a native run's
+/// (see [`form`]), or LEA of a RIP-relative address, which is a constant.
+fn item_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> Option<Form> {
+    use iced_x86::Code;
+    let i = &op.instr;
+    let lea = matches!(i.code(), Code::Lea_r64_m | Code::Lea_r32_m);
+    if lea && i.memory_base() == Register::RIP && op.bitness == 64 {
+        let r = i.op0_register().full_register();
+        let address = i.memory_displacement64();
+        let value = if i.code() == Code::Lea_r32_m {
+            address & 0xffff_ffff
+        } else {
+            address
+        };
+        return usable(r).then(|| Form::Constant((r as u32 - Register::RAX as u32) as u8, value));
+    }
+    form(op, memory, info)
 }
 
 /// Where a block's native code is entered: `entry` from the block loop
@@ -1277,8 +1390,11 @@ enum Next {
         taken: u64,
         not_taken: u64,
     },
-    /// A RET's target, left in the `entry` scratch register.
+    /// A RET's or indirect JMP's target, left in the `entry` scratch
+    /// register.
     Popped,
+    /// An indirect JMP's or CALL's target, in a guest register.
+    Register(u8),
 }
 
 /// Compiles the whole of a block to native code when every instruction
@@ -1300,56 +1416,36 @@ pub fn compile_block(
     bytes: &[u8],
     target: Target,
 ) -> Option<BlockCode> {
-    use iced_x86::{Code, FlowControl};
+    use iced_x86::FlowControl;
     let arena = arena.as_mut()?;
     let memory = target.memory && arena.memory;
     let last = ops.last()?;
     if arena.is_full() || last.bitness != 64 || spans.len() < ops.len() {
         return None;
     }
-    let i = &last.instr;
-    let (body, next) = if i.is_jcc_short_or_near() {
-        let cc = (i.condition_code() as u8).checked_sub(1)?;
-        let next = Next::Branch {
-            cc,
-            reads: i.rflags_read() & ALL_FLAGS,
-            taken: i.near_branch_target(),
-            not_taken: i.next_ip(),
-        };
-        (&ops[..ops.len() - 1], next)
-    } else if i.is_jmp_short_or_near() {
-        (&ops[..ops.len() - 1], Next::To(i.near_branch_target()))
-    } else if i.code() == Code::Call_rel32_64 && memory {
-        (ops, Next::To(i.near_branch_target()))
-    } else if i.code() == Code::Retnq && memory {
-        (ops, Next::Popped)
-    } else if i.flow_control() == FlowControl::Next {
-        (ops, Next::To(i.next_ip()))
-    } else {
-        return None;
+    let (body, next) = match ending(last, memory) {
+        Some(next) => (&ops[..ops.len() - 1], next),
+        None if last.instr.flow_control() == FlowControl::Next => {
+            (ops, Next::To(last.instr.next_ip()))
+        }
+        None => return None,
     };
     let mut info = iced_x86::InstructionInfoFactory::new();
-    let stack = |disp: i64, write: bool| MemOperand {
-        base: Some(RSP),
-        index: None,
-        disp: disp as u64,
-        seg: None,
-        size: 8,
-        write,
-    };
-    let items = body
+    let mut items = body
         .iter()
         .zip(spans)
-        .map(|(op, (from, to))| match op.instr.code() {
-            Code::Call_rel32_64 => Some(Item::Memory(&op.instr, stack(-8, true))),
-            Code::Retnq => Some(Item::Memory(&op.instr, stack(0, false))),
-            _ => Some(match form(op, memory, &mut info)? {
-                Form::Register => Item::Copy(&op.instr, bytes.get(*from..*to)?),
-                Form::Renamed => Item::Renamed(&op.instr),
-                Form::Memory(m) => Item::Memory(&op.instr, m),
-            }),
+        .map(|(op, (from, to))| match item_form(op, memory, &mut info)? {
+            Form::Register => Some(Item::Copy(&op.instr, bytes.get(*from..*to)?)),
+            Form::Renamed => Some(Item::Renamed(&op.instr)),
+            Form::Memory(m) => Some(Item::Memory(&op.instr, m)),
+            Form::Constant(r, v) => Some(Item::Constant(&op.instr, r, v)),
         })
         .collect::<Option<Vec<Item>>>()?;
+    if body.len() < ops.len() {
+        if let Some(m) = ending_access(last) {
+            items.push(Item::Memory(&last.instr, m));
+        }
+    }
     let ending = Ending {
         next,
         count: ops.len(),
@@ -1364,6 +1460,63 @@ pub fn compile_block(
     })
 }
 
+/// Where a block decoded as `ops` should end so that as much of the code
+/// as can runs as blocks' native code (see [`compile_block`]): the number
+/// of ops to keep, and the code when they were compiled.
+///
+/// - A block whose every instruction can run natively is compiled whole.
+/// - A block that starts with instructions that can ends before the first
+///   that cannot, and is compiled: that one starts the next block. Where
+///   the code needs more registers than the host has left (a block naming
+///   most of the sixteen), a shorter prefix is compiled.
+/// - A block that starts with instructions that cannot ends before the
+///   first that can (which starts a block of native code), and is
+///   interpreted.
+///
+/// Blocks in other modes, or without an arena, are kept whole.
+pub fn plan_block(
+    arena: &mut Option<Arena>,
+    ops: &[Op],
+    spans: &[(usize, usize)],
+    bytes: &[u8],
+    target: Target,
+) -> (usize, Option<BlockCode>) {
+    let n = ops.len();
+    let usable = arena.as_ref().is_some_and(|a| !a.is_full());
+    if !usable || n == 0 || ops.iter().any(|op| op.bitness != 64) {
+        return (n, None);
+    }
+    let memory = target.memory && arena.as_ref().is_some_and(|a| a.memory);
+    let mut info = iced_x86::InstructionInfoFactory::new();
+    let body = |op: &Op, info: &mut iced_x86::InstructionInfoFactory| {
+        op.instr.flow_control() == iced_x86::FlowControl::Next
+            && item_form(op, memory, info).is_some()
+    };
+    let first_bad = (0..n)
+        .find(|&k| {
+            let op = &ops[k];
+            let last = k + 1 == n && ending(op, memory).is_some();
+            !(last || body(op, &mut info))
+        })
+        .unwrap_or(n);
+    if first_bad == 0 {
+        // Interpreted: up to the first instruction that can run natively.
+        let keep = (1..n).find(|&k| body(&ops[k], &mut info)).unwrap_or(n);
+        return (keep, None);
+    }
+    let mut len = first_bad;
+    while len > 0 {
+        if let Some(code) = compile_block(arena, &ops[..len], spans, bytes, target) {
+            return (len, Some(code));
+        }
+        if arena.as_ref().is_none_or(|a| a.is_full()) {
+            break;
+        }
+        len = len * 2 / 3;
+    }
+    (n, None)
+}
+
 /// Where a block's code stopped (see [`run_block`]).
 pub(super) struct BlockStop {
     /// The block it stopped in.
@@ -1376,22 +1529,18 @@ pub(super) struct BlockStop {
     pub ran: u64,
 }
 
-/// What ends a chain of blocks' code and what its links must have been
-/// made under (see [`hop`]).
-pub(super) struct Chain {
-    /// Instructions the chain may run (it stops after the block that
-    /// reaches this).
-    pub left: i64,
-    pub stamp: u64,
-    pub cs_base: u64,
-    pub interrupt: *const u8,
-    pub stop: *const u8,
-}
+/// The most instructions one chain of blocks' code runs: about ten to a
+/// hundred microseconds (see [`hop`]).
+pub const CHAIN_LIMIT: u64 = 1 << 14;
 
 /// Runs the code of `block` (which has some, compiled for the current
-/// privilege) and whatever it chains to.
-pub(super) fn run_block(c: &mut super::Core, block: &Block, chain: &Chain) -> BlockStop {
+/// privilege) and whatever it chains to through links made under
+/// `stamp`, for at most `budget` instructions (and [`CHAIN_LIMIT`]; the
+/// block that reaches it runs to its end).
+pub(super) fn run_block(c: &mut super::Core, block: &Block, stamp: u64, budget: u64) -> BlockStop {
     c.native_runs += 1;
+    // At most CHAIN_LIMIT.
+    let left = budget.min(CHAIN_LIMIT) as i64;
     let mut frame = Frame {
         gpr: c.cpu.gpr.as_mut_ptr(),
         rflags: &mut c.cpu.rflags,
@@ -1401,13 +1550,8 @@ pub(super) fn run_block(c: &mut super::Core, block: &Block, chain: &Chain) -> Bl
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
         rip: c.cpu.rip,
         block,
-        left: chain.left,
-        stamp: chain.stamp,
-        cs_base: chain.cs_base,
-        code_writes: c.code.writes_counter(),
-        writes: c.code.writes(),
-        interrupt: chain.interrupt,
-        stop: chain.stop,
+        left,
+        stamp,
         hops: 0,
     };
     // SAFETY: `block.native` was set by `compile_block` to code in this
@@ -1422,7 +1566,7 @@ pub(super) fn run_block(c: &mut super::Core, block: &Block, chain: &Chain) -> Bl
         let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(block.native);
         f(&mut frame)
     };
-    let ran = (chain.left - frame.left) as u64;
+    let ran = (left - frame.left) as u64;
     c.native_hops += frame.hops;
     let done = if result == BLOCK_DONE {
         c.cpu.rip = frame.rip;
@@ -1467,7 +1611,11 @@ pub fn compile_runs(
     let forms: Vec<Option<Form>> = ops
         .iter()
         .enumerate()
-        .map(|(k, op)| (k < limit).then(|| form(op, memory, &mut info)).flatten())
+        .map(|(k, op)| {
+            (k < limit)
+                .then(|| item_form(op, memory, &mut info))
+                .flatten()
+        })
         .collect();
     let mut encoder = iced_x86::Encoder::new(64);
     // The runs as (first op, end op, offset of the stub in `code`, whether
@@ -1490,6 +1638,7 @@ pub fn compile_runs(
                     Form::Renamed => None,
                     Form::Memory(m) if with_memory => Some(Item::Memory(&ops[n].instr, m)),
                     Form::Memory(_) => None,
+                    Form::Constant(r, v) => Some(Item::Constant(&ops[n].instr, r, v)),
                 })
                 .collect()
         };

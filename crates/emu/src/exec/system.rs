@@ -63,11 +63,6 @@ impl InterruptLines {
         self.any.load(Ordering::Relaxed)
     }
 
-    /// Where [`Self::any`] reads, for native code to watch.
-    pub(crate) fn any_ptr(&self) -> *const u8 {
-        self.any.as_ptr().cast_const().cast()
-    }
-
     fn refresh_any(&self) {
         self.any.store(false, Ordering::SeqCst);
         let more = self.nmi.load(Ordering::SeqCst)
