@@ -105,6 +105,8 @@ pub fn run(
     let cpuid: Arc<[hypervisor::x86::CpuidEntry]> = crate::cpuid::table(0, 1).into();
     let mut e = Emulator::new(&mem, cpuid);
     e.set_native_runs(native);
+    // Native code from a block's first run: these programs are short.
+    e.compile_after(1);
     e.set_exception_exits(u32::MAX);
     let cpu = e.cpu_mut();
     cpu.segs[1] = Segment::from_descriptor(8, 0x00af_9b00_0000_ffff);

@@ -85,6 +85,8 @@ fn set_gate(mem: &GuestRam, vector: u8, handler: u64, ist: u64, dpl: u64, trap: 
 
 fn emulator(mem: &GuestRam) -> Emulator {
     let mut e = common::emulator(mem);
+    // Native code from a block's first run: these programs are short.
+    e.compile_after(1);
     let cpu = e.cpu_mut();
     cpu.cr3 = PML4;
     cpu.gdt = DescriptorTable {
@@ -1307,4 +1309,27 @@ fn native_code_decoded_at_cpl_0_is_not_chained_to_from_ring_3() {
     assert_eq!(e.cpu().cpl(), 3);
     assert_eq!(e.cpu().rip, f, "the fault is at F's first load");
     assert_eq!(e.cpu().gpr[1], 1, "on the third call");
+}
+
+#[test]
+fn a_block_is_compiled_to_native_code_once_it_has_run_often() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mem = setup();
+    endless_loop(&mem, |_| {});
+    let mut e = emulator(&mem);
+    let hot = emu::block::HOT_AFTER;
+    e.compile_after(hot);
+    // Three instructions a lap: the loop's block runs `hot - 1` times
+    // interpreted.
+    let cold = 3 * u64::from(hot - 1);
+    assert_eq!(e.run(cold, None), Exit::BudgetExhausted);
+    assert_eq!(e.native_runs_executed(), 0, "compiled before its time");
+    assert_eq!(e.run(10_000, None), Exit::BudgetExhausted);
+    assert!(e.native_runs_executed() > 0, "never compiled");
+    assert!(e.native_blocks_chained() > 1000, "the loop did not chain");
+    // Exact across the switch: one lap per three instructions.
+    assert_eq!(e.cpu().gpr[0], e.instructions_retired() / 3);
 }

@@ -319,33 +319,35 @@ const STATUS_BITS: u32 = 0x3f;
 /// by its Jcc then has the pair fused into one operation (one dispatch
 /// instead of two); it counts as one instruction retired.
 ///
-/// With an arena, a block whose every instruction the host can execute
-/// (see `native`; `spans` gives each op's bytes in `bytes`) is compiled
-/// whole instead, and keeps one op per instruction, unfused: returns its
-/// code. Otherwise runs of such instructions become native runs, and the
-/// interpreted forms of the runs that access memory are returned, which
-/// the block keeps for them.
+/// With an arena, the block is first cut where native code starts or
+/// stops (`native::plan_block`; `spans` gives each op's bytes in
+/// `bytes`). A block whose every instruction the host can execute keeps
+/// one op per instruction, unfused, for the block loop to compile once it
+/// runs often: returns `None`. Otherwise runs of such instructions become
+/// native runs, and the interpreted forms of the runs that access memory are
+/// returned, which the block keeps for them.
 pub(crate) fn specialize_block(
     ops: &mut Vec<Op>,
     spans: &[(usize, usize)],
     bytes: &[u8],
     arena: &mut Option<super::native::Arena>,
     target: super::native::Target,
-) -> (Vec<Op>, Option<super::native::BlockCode>) {
+) -> Option<Vec<Op>> {
     // Cut first: which flags an op must compute depends on what follows
     // it in its block.
-    let (keep, code) = super::native::plan_block(arena, ops, spans, bytes, target);
+    let (keep, whole) = super::native::plan_block(arena, ops, spans, bytes, target);
     ops.truncate(keep);
     specialize_all(ops);
-    if code.is_some() {
-        return (Vec::new(), code);
+    if whole {
+        return None;
     }
     let fused = fuse_branch(ops);
     // The fused op (the last) stands for two instructions: never part of
     // a run. `spans` still matches every op before it.
     let plain = ops.len() - usize::from(fused);
-    let subs = super::native::compile_runs(arena, ops, plain, spans, bytes, target);
-    (subs, None)
+    Some(super::native::compile_runs(
+        arena, ops, plain, spans, bytes, target,
+    ))
 }
 
 fn specialize_all(ops: &mut [Op]) {

@@ -828,6 +828,9 @@ pub struct Emulator {
     /// This run ends at the first block boundary with RFLAGS.IF set (an
     /// interrupt waits at the APIC for it).
     until_interruptible: bool,
+    /// Runs of a block before it is compiled to native code (see
+    /// [`crate::block::HOT_AFTER`]).
+    hot_after: u32,
 }
 
 impl Emulator {
@@ -855,6 +858,7 @@ impl Emulator {
             resync: true,
             retired: 0,
             until_interruptible: false,
+            hot_after: crate::block::HOT_AFTER,
         }
     }
 
@@ -870,11 +874,19 @@ impl Emulator {
             resync: true,
             retired: 0,
             until_interruptible: false,
+            hot_after: crate::block::HOT_AFTER,
         }
     }
 
     pub fn cpu(&self) -> &CpuState {
         &self.core.cpu
+    }
+
+    /// Compiles a block to native code on its `runs`-th run (at least the
+    /// first) instead of its [`crate::block::HOT_AFTER`]-th: tests that
+    /// compare native code with the interpreter on short programs.
+    pub fn compile_after(&mut self, runs: u32) {
+        self.hot_after = runs.max(1);
     }
 
     /// The state, for changing it between runs (the TLB is flushed and
@@ -1331,7 +1343,28 @@ impl Emulator {
             // The op the interpreter starts at: past those a block's native
             // code did.
             let mut first = 0;
-            if block_ref.native != 0
+            if let Some(source) = block_ref
+                .source
+                .as_ref()
+                .filter(|_| block_ref.native.get() == 0)
+            {
+                let runs = block_ref.runs.get() + 1;
+                block_ref.runs.set(runs);
+                if runs == self.hot_after {
+                    let code = native::compile_block(
+                        &mut self.core.native,
+                        &block_ref.ops,
+                        &source.spans,
+                        &source.bytes,
+                        source.target,
+                    );
+                    if let Some(code) = code {
+                        block_ref.native.set(code.entry);
+                        block_ref.chain.set(code.chain);
+                    }
+                }
+            }
+            if block_ref.native.get() != 0
                 && block_ref.native_user == self.core.user()
                 && !self.until_interruptible
             {

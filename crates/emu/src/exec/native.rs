@@ -123,11 +123,18 @@ fn names_rsp(i: &Instruction) -> bool {
 }
 
 /// Executable memory for stubs, bump-allocated and never freed (a stub
-/// of a dropped block is simply unused). Never writable and executable
-/// at once: the pages a new stub goes to are made writable for the copy
-/// and executable again before anything can run them.
+/// of a dropped block is simply unused). One memory file mapped twice:
+/// writable where stubs are copied in, executable where they run, so no
+/// page is ever writable and executable in one mapping, and adding a
+/// stub costs a copy, not an `mprotect` (which, with the VMM's other
+/// threads, also shoots down their TLBs).
 pub struct Arena {
+    /// The executable view: where stubs run.
     base: *mut u8,
+    /// The writable view of the same pages.
+    write: *mut u8,
+    /// The memory file, for giving its pages back.
+    fd: libc::c_int,
     used: usize,
     /// A block's stubs did not fit: the owner should drop every block
     /// and [`Arena::reset`].
@@ -150,23 +157,48 @@ impl Arena {
         if !cfg!(target_arch = "x86_64") || setting.as_ref().is_some_and(|v| v == "0") {
             return None;
         }
-        // SAFETY: an anonymous private mapping; no existing memory is
-        // touched. The result is checked before use.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ARENA_BYTES,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
+        // SAFETY: creates a new file descriptor, checked before use and
+        // owned by the arena from here on (closed on every path below).
+        let fd = unsafe { libc::memfd_create(c"vessel-emu-code".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
             return None;
         }
+        let map = |prot: libc::c_int| {
+            // SAFETY: a new shared mapping of the arena's own file; no
+            // existing memory is touched. The result is checked.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    ARENA_BYTES,
+                    prot,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            (p != libc::MAP_FAILED).then_some(p.cast::<u8>())
+        };
+        // SAFETY: `fd` is the file made above.
+        let sized = unsafe { libc::ftruncate(fd, ARENA_BYTES as libc::off_t) } == 0;
+        let write = sized
+            .then(|| map(libc::PROT_READ | libc::PROT_WRITE))
+            .flatten();
+        let base = write.and_then(|_| map(libc::PROT_READ | libc::PROT_EXEC));
+        let (Some(write), Some(base)) = (write, base) else {
+            // SAFETY: unmaps only what was mapped above, and closes the
+            // file made above.
+            unsafe {
+                if let Some(w) = write {
+                    libc::munmap(w.cast(), ARENA_BYTES);
+                }
+                libc::close(fd);
+            }
+            return None;
+        };
         Some(Arena {
-            base: p.cast(),
+            base,
+            write,
+            fd,
             used: 0,
             full: false,
             memory: setting.is_none_or(|v| v != "regs"),
@@ -195,60 +227,48 @@ impl Arena {
         if used == 0 {
             return;
         }
-        // SAFETY: `[base, base + used)` lies inside the private anonymous
-        // mapping; no stub in it can run (no block refers to one), and its
-        // pages read back as zeros until stubs are copied in again.
+        // SAFETY: punches a hole in the arena's own file below `used`; no
+        // stub in it can run (no block refers to one), and its pages read
+        // back as zeros until stubs are copied in again.
         unsafe {
-            libc::madvise(self.base.cast(), used, libc::MADV_DONTNEED);
+            libc::fallocate(
+                self.fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                used as libc::off_t,
+            );
         }
     }
 
-    /// Copies `code` (a block's stubs, one write-protect round trip for
-    /// all of them) in; its address, or `None` when the arena is full.
+    /// Copies `code` (a block's stubs) in; its address, or `None` when
+    /// the arena is full.
     fn add(&mut self, code: &[u8]) -> Option<usize> {
         if code.len() > ARENA_BYTES - self.used {
             self.full = true;
             return None;
         }
-        const PAGE: usize = 4096;
-        let first = self.used / PAGE * PAGE;
-        let span = (self.used + code.len()).next_multiple_of(PAGE) - first;
-        // SAFETY: `[first, first + span)` lies inside the mapping (the
-        // check above, rounded to pages of a page-multiple mapping). No
-        // stub runs while this vCPU decodes, so its pages may be
-        // non-executable for the copy; `used + code.len()` is inside the
-        // mapping, and the stub is published only after this returns.
+        // SAFETY: `[used, used + code.len())` lies inside both views (the
+        // check above). No stub runs while this vCPU decodes, and the stub
+        // is published only after this returns; x86 keeps instruction
+        // fetch coherent with stores through the other view.
         unsafe {
-            let pages = self.base.add(first).cast::<libc::c_void>();
-            if libc::mprotect(pages, span, libc::PROT_READ | libc::PROT_WRITE) != 0 {
-                return None;
-            }
-            let dst = self.base.add(self.used);
-            std::ptr::copy_nonoverlapping(code.as_ptr(), dst, code.len());
-            if libc::mprotect(pages, span, libc::PROT_READ | libc::PROT_EXEC) != 0 {
-                // Stubs published earlier on these pages must stay
-                // runnable: fall back to writable and executable, and add
-                // no more stubs. Failing that, no safe state is left.
-                self.used = ARENA_BYTES;
-                let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-                if libc::mprotect(pages, span, rwx) != 0 {
-                    eprintln!("emu: cannot make native stubs executable again");
-                    std::process::abort();
-                }
-                return None;
-            }
-            let at = dst as usize;
-            self.used += code.len().next_multiple_of(16);
-            Some(at)
+            std::ptr::copy_nonoverlapping(code.as_ptr(), self.write.add(self.used), code.len());
         }
+        let at = self.base as usize + self.used;
+        self.used += code.len().next_multiple_of(16);
+        Some(at)
     }
 }
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; no stub runs once the `Core`
-        // owning the arena is gone.
-        unsafe { libc::munmap(self.base.cast(), ARENA_BYTES) };
+        // SAFETY: the mappings and file made in `new`; no stub runs once
+        // the `Core` owning the arena is gone.
+        unsafe {
+            libc::munmap(self.base.cast(), ARENA_BYTES);
+            libc::munmap(self.write.cast(), ARENA_BYTES);
+            libc::close(self.fd);
+        }
     }
 }
 
@@ -625,28 +645,7 @@ fn stub(
     info: &mut iced_x86::InstructionInfoFactory,
     encoder: &mut iced_x86::Encoder,
 ) -> Option<Code> {
-    let branch_reads = match ending.map(|e| e.next) {
-        Some(Next::Branch { reads, .. }) => reads,
-        _ => 0,
-    };
-    let mut fp = footprint(run, branch_reads, info);
-    if let Some(Next::Register(r)) = ending.map(|e| e.next) {
-        // An indirect JMP's target register: loaded like any other.
-        fp.regs |= 1 << r;
-    }
-    let mems: Vec<MemOperand> = run
-        .iter()
-        .filter_map(|item| match item {
-            Item::Memory(_, m) => Some(*m),
-            Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) => None,
-        })
-        .collect();
-    let needs_rsp = run.iter().any(Item::names_rsp);
-    let scratch = if mems.is_empty() && !needs_rsp && ending.is_none() {
-        None
-    } else {
-        Some(Scratch::plan(fp.regs, &mems, needs_rsp)?)
-    };
+    let (fp, scratch) = layout(run, ending.map(|e| e.next), info)?;
     let used = |n: &u8| fp.regs & (1 << n) != 0;
     let mut a = Asm::default();
     for r in CALLEE_SAVED {
@@ -932,6 +931,39 @@ fn hop(a: &mut Asm, ending: &Ending) {
     a.mov_imm64(RAX, BLOCK_DONE);
     a.push(RAX);
     epilogue(a);
+}
+
+/// What a stub loads and stores, and the scratch registers its memory
+/// accesses (or, for a block's code with its ending `next`, its end)
+/// work in: `None` where the host has too few registers left.
+fn layout(
+    run: &[Item],
+    next: Option<Next>,
+    info: &mut iced_x86::InstructionInfoFactory,
+) -> Option<(Footprint, Option<Scratch>)> {
+    let branch_reads = match next {
+        Some(Next::Branch { reads, .. }) => reads,
+        _ => 0,
+    };
+    let mut fp = footprint(run, branch_reads, info);
+    if let Some(Next::Register(r)) = next {
+        // An indirect JMP's target register: loaded like any other.
+        fp.regs |= 1 << r;
+    }
+    let mems: Vec<MemOperand> = run
+        .iter()
+        .filter_map(|item| match item {
+            Item::Memory(_, m) => Some(*m),
+            Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) => None,
+        })
+        .collect();
+    let needs_rsp = run.iter().any(Item::names_rsp);
+    let scratch = if mems.is_empty() && !needs_rsp && next.is_none() {
+        None
+    } else {
+        Some(Scratch::plan(fp.regs, &mems, needs_rsp)?)
+    };
+    Some((fp, scratch))
 }
 
 /// A stub's code, and where a block's code is entered from the block
@@ -1397,8 +1429,9 @@ enum Next {
     Register(u8),
 }
 
-/// Compiles the whole of a block to native code when every instruction
-/// in it may run natively (register-only or through the TLB lookup) and
+/// Compiles the whole of a block to native code (`None` where the arena
+/// is full, or the code would need more registers than the host has
+/// left) when every instruction in it may run natively (register-only or through the TLB lookup) and
 /// it ends in a near Jcc, JMP, CALL or RET with a relative target, or
 /// straight on. `ops` are one per instruction, specialized but not fused
 /// (op `k`'s bytes are `bytes[spans[k].0..spans[k].1]`); the block keeps
@@ -1416,36 +1449,14 @@ pub fn compile_block(
     bytes: &[u8],
     target: Target,
 ) -> Option<BlockCode> {
-    use iced_x86::FlowControl;
     let arena = arena.as_mut()?;
     let memory = target.memory && arena.memory;
     let last = ops.last()?;
     if arena.is_full() || last.bitness != 64 || spans.len() < ops.len() {
         return None;
     }
-    let (body, next) = match ending(last, memory) {
-        Some(next) => (&ops[..ops.len() - 1], next),
-        None if last.instr.flow_control() == FlowControl::Next => {
-            (ops, Next::To(last.instr.next_ip()))
-        }
-        None => return None,
-    };
     let mut info = iced_x86::InstructionInfoFactory::new();
-    let mut items = body
-        .iter()
-        .zip(spans)
-        .map(|(op, (from, to))| match item_form(op, memory, &mut info)? {
-            Form::Register => Some(Item::Copy(&op.instr, bytes.get(*from..*to)?)),
-            Form::Renamed => Some(Item::Renamed(&op.instr)),
-            Form::Memory(m) => Some(Item::Memory(&op.instr, m)),
-            Form::Constant(r, v) => Some(Item::Constant(&op.instr, r, v)),
-        })
-        .collect::<Option<Vec<Item>>>()?;
-    if body.len() < ops.len() {
-        if let Some(m) = ending_access(last) {
-            items.push(Item::Memory(&last.instr, m));
-        }
-    }
+    let (items, next) = block_items(ops, spans, bytes, memory, &mut info)?;
     let ending = Ending {
         next,
         count: ops.len(),
@@ -1460,33 +1471,71 @@ pub fn compile_block(
     })
 }
 
+/// The items of a block's code and where it goes next, if every
+/// instruction of `ops` has a native form (see [`compile_block`]).
+fn block_items<'a>(
+    ops: &'a [Op],
+    spans: &[(usize, usize)],
+    bytes: &'a [u8],
+    memory: bool,
+    info: &mut iced_x86::InstructionInfoFactory,
+) -> Option<(Vec<Item<'a>>, Next)> {
+    let last = ops.last()?;
+    let (body, next) = match ending(last, memory) {
+        Some(next) => (&ops[..ops.len() - 1], next),
+        None if last.instr.flow_control() == iced_x86::FlowControl::Next => {
+            (ops, Next::To(last.instr.next_ip()))
+        }
+        None => return None,
+    };
+    let mut items = body
+        .iter()
+        .zip(spans)
+        .map(|(op, (from, to))| match item_form(op, memory, info)? {
+            Form::Register => Some(Item::Copy(&op.instr, bytes.get(*from..*to)?)),
+            Form::Renamed => Some(Item::Renamed(&op.instr)),
+            Form::Memory(m) => Some(Item::Memory(&op.instr, m)),
+            Form::Constant(r, v) => Some(Item::Constant(&op.instr, r, v)),
+        })
+        .collect::<Option<Vec<Item>>>()?;
+    if body.len() < ops.len() {
+        if let Some(m) = ending_access(last) {
+            items.push(Item::Memory(&last.instr, m));
+        }
+    }
+    Some((items, next))
+}
+
 /// Where a block decoded as `ops` should end so that as much of the code
 /// as can runs as blocks' native code (see [`compile_block`]): the number
-/// of ops to keep, and the code when they were compiled.
+/// of ops to keep, and whether those are all of a form native code has,
+/// so that the block may be compiled once it runs often.
 ///
-/// - A block whose every instruction can run natively is compiled whole.
+/// - A block whose every instruction can run natively is kept whole.
 /// - A block that starts with instructions that can ends before the first
-///   that cannot, and is compiled: that one starts the next block. Where
-///   the code needs more registers than the host has left (a block naming
-///   most of the sixteen), a shorter prefix is compiled.
+///   that cannot, which starts the next block. Where the code would need
+///   more registers than the host has left (a block naming most of the
+///   sixteen), it ends sooner.
 /// - A block that starts with instructions that cannot ends before the
 ///   first that can (which starts a block of native code), and is
 ///   interpreted.
 ///
 /// Blocks in other modes, or without an arena, are kept whole.
 pub fn plan_block(
-    arena: &mut Option<Arena>,
+    arena: &Option<Arena>,
     ops: &[Op],
     spans: &[(usize, usize)],
     bytes: &[u8],
     target: Target,
-) -> (usize, Option<BlockCode>) {
+) -> (usize, bool) {
     let n = ops.len();
-    let usable = arena.as_ref().is_some_and(|a| !a.is_full());
-    if !usable || n == 0 || ops.iter().any(|op| op.bitness != 64) {
-        return (n, None);
+    let Some(arena) = arena else {
+        return (n, false);
+    };
+    if n == 0 || ops.iter().any(|op| op.bitness != 64) {
+        return (n, false);
     }
-    let memory = target.memory && arena.as_ref().is_some_and(|a| a.memory);
+    let memory = target.memory && arena.memory;
     let mut info = iced_x86::InstructionInfoFactory::new();
     let body = |op: &Op, info: &mut iced_x86::InstructionInfoFactory| {
         op.instr.flow_control() == iced_x86::FlowControl::Next
@@ -1502,19 +1551,18 @@ pub fn plan_block(
     if first_bad == 0 {
         // Interpreted: up to the first instruction that can run natively.
         let keep = (1..n).find(|&k| body(&ops[k], &mut info)).unwrap_or(n);
-        return (keep, None);
+        return (keep, false);
     }
     let mut len = first_bad;
     while len > 0 {
-        if let Some(code) = compile_block(arena, &ops[..len], spans, bytes, target) {
-            return (len, Some(code));
-        }
-        if arena.as_ref().is_none_or(|a| a.is_full()) {
-            break;
+        let fits = block_items(&ops[..len], spans, bytes, memory, &mut info)
+            .and_then(|(items, next)| layout(&items, Some(next), &mut info));
+        if fits.is_some() {
+            return (len, true);
         }
         len = len * 2 / 3;
     }
-    (n, None)
+    (n, false)
 }
 
 /// Where a block's code stopped (see [`run_block`]).
@@ -1563,7 +1611,7 @@ pub(super) fn run_block(c: &mut super::Core, block: &Block, stamp: u64, budget: 
     // is live, and its code is in the arena, which is reset only with
     // every block dropped.
     let result = unsafe {
-        let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(block.native);
+        let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(block.native.get());
         f(&mut frame)
     };
     let ran = (left - frame.left) as u64;
