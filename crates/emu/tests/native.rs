@@ -12,7 +12,8 @@
 mod common;
 
 use common::Rng;
-use emu::fuzzing::{assert_same, run, CODE, DATA, DATA_END, POINTERS, STACK};
+use emu::fuzzing::{assert_same, run, Trace, CODE, DATA, DATA_END, POINTERS, STACK};
+use emu::Emulator;
 use iced_x86::code_asm::*;
 
 /// Value registers the random instructions compute in. RBP and R11-R15
@@ -124,6 +125,32 @@ fn program(rng: &mut Rng, len: usize) -> Vec<u8> {
     a.assemble(CODE).unwrap()
 }
 
+/// Runs `code` natively and interpreted from one random state (the
+/// registers of [`POINTERS`] aimed, RBX moved within the data, R10 a small
+/// index, random data) and asserts they end alike; the native run's trace
+/// and emulator.
+fn compare_from_random_state(rng: &mut Rng, code: &[u8], round: usize) -> (Trace, Emulator) {
+    let mut regs = [0u64; 16];
+    for r in regs.iter_mut() {
+        *r = rng.value();
+    }
+    for (n, value) in POINTERS {
+        regs[n] = value;
+    }
+    regs[3] += rng.below(0x100);
+    regs[10] = rng.below(16);
+    let flags = rng.next();
+    let ram: Vec<u8> = (DATA..DATA_END).map(|_| rng.next() as u8).collect();
+    let (native, e) = run(code, &regs, flags, &ram, 1, true);
+    let (interpreted, _) = run(code, &regs, flags, &ram, 1, false);
+    assert_same(
+        &format!("round {round}, code {code:02x?}"),
+        &native,
+        &interpreted,
+    );
+    (native, e)
+}
+
 #[test]
 fn random_programs_with_memory_operands_match_the_interpreter() {
     if !cfg!(target_arch = "x86_64") {
@@ -135,27 +162,9 @@ fn random_programs_with_memory_operands_match_the_interpreter() {
     for round in 0..1000 {
         let len = 4 + rng.below(40) as usize;
         let code = program(&mut rng, len);
-        let mut regs = [0u64; 16];
-        for r in regs.iter_mut() {
-            *r = rng.value();
-        }
-        // The data pointer moves; R10 is a small index.
-        for (n, value) in POINTERS {
-            regs[n] = value;
-        }
-        regs[3] += rng.below(0x100);
-        regs[10] = rng.below(16);
-        let flags = rng.next();
-        let ram: Vec<u8> = (DATA..DATA_END).map(|_| rng.next() as u8).collect();
-        let (native, e) = run(&code, &regs, flags, &ram, 1, true);
-        let (interpreted, _) = run(&code, &regs, flags, &ram, 1, false);
+        let (_, e) = compare_from_random_state(&mut rng, &code, round);
         runs += e.native_runs_executed();
         exits += e.native_run_exits();
-        assert_same(
-            &format!("round {round}, code {code:02x?}"),
-            &native,
-            &interpreted,
-        );
     }
     // Otherwise the interpreter was compared with itself, or the lookup's
     // misses were never taken.
@@ -242,27 +251,10 @@ fn loops_of_calls_returns_and_branches_chained_in_native_code_match_the_interpre
     for round in 0..500 {
         let len = 3 + rng.below(30) as usize;
         let code = looping_program(&mut rng, len);
-        let mut regs = [0u64; 16];
-        for r in regs.iter_mut() {
-            *r = rng.value();
-        }
-        for (n, value) in POINTERS {
-            regs[n] = value;
-        }
-        regs[3] += rng.below(0x100);
-        regs[10] = rng.below(16);
-        let flags = rng.next();
-        let ram: Vec<u8> = (DATA..DATA_END).map(|_| rng.next() as u8).collect();
-        let (native, e) = run(&code, &regs, flags, &ram, 1, true);
-        let (interpreted, _) = run(&code, &regs, flags, &ram, 1, false);
+        let (native, e) = compare_from_random_state(&mut rng, &code, round);
         hops += e.native_blocks_chained();
         exits += e.native_run_exits();
         halted += u64::from(native.exits.is_empty());
-        assert_same(
-            &format!("round {round}, code {code:02x?}"),
-            &native,
-            &interpreted,
-        );
     }
     // Otherwise chains were never made, never stopped at a miss, or every
     // program faulted before its loop came round.

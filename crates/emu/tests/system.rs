@@ -1115,18 +1115,12 @@ fn the_reserved_nop_space_is_nops() {
     assert_eq!(run_outs(&mut e), vec![(0x10, 0x1234)]);
 }
 
-#[test]
-fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
-    // F loads from a supervisor-only page. The kernel calls it twice (its
-    // block is decoded at CPL 0, its native run then hits the TLB entry
-    // the first call filled), then IRETQ to ring 3, which calls the same
-    // block: that must be a #PF (present, user, read), not a native load
-    // with the supervisor's permission.
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
-        return;
-    }
-    let mem = setup();
+/// The privilege tests' guest: F at CODE + 0x400 loads through R9 (`mov
+/// rax, [r9]; add rax, [r9 + 8]; ret`); the kernel at CODE calls it twice
+/// with R9 in a supervisor-only page (so F's block is decoded, and its
+/// native code made, at CPL 0, and the TLB keeps the page), then IRETQ
+/// to ring 3 at CODE + 0x800. Returns the page, F and the ring-3 entry.
+fn privilege_test(mem: &GuestRam) -> (u64, u64, u64) {
     let data = 0x2_0000u64;
     mem.write_obj(data | 3, GuestAddress(pte_addr(data)))
         .unwrap();
@@ -1135,14 +1129,8 @@ fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
     let mut b = CodeAssembler::new(64).unwrap();
     b.mov(rax, qword_ptr(r9)).unwrap();
     b.add(rax, qword_ptr(r9 + 8)).unwrap();
-    b.mov(rcx, qword_ptr(r9 + 16)).unwrap();
     b.ret().unwrap();
-    load(&mem, f, &mut b);
-    let mut u = CodeAssembler::new(64).unwrap();
-    u.mov(rax, f).unwrap();
-    u.call(rax).unwrap();
-    u.hlt().unwrap();
-    load(&mem, user, &mut u);
+    load(mem, f, &mut b);
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(r9, data + 0x100).unwrap();
     a.mov(rax, f).unwrap();
@@ -1150,7 +1138,27 @@ fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
     a.mov(rax, f).unwrap();
     a.call(rax).unwrap();
     to_ring_3(&mut a, user, 0x202);
-    load(&mem, CODE, &mut a);
+    load(mem, CODE, &mut a);
+    (data, f, user)
+}
+
+#[test]
+fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
+    // F (see `privilege_test`) loads from a supervisor-only page, and its
+    // native code, made at CPL 0, hits the TLB entry the kernel's calls
+    // filled. Ring 3 calls the same block: that must be a #PF (present,
+    // user, read), not a native load with the supervisor's permission.
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
+        return;
+    }
+    let mem = setup();
+    let (data, f, user) = privilege_test(&mem);
+    let mut u = CodeAssembler::new(64).unwrap();
+    u.mov(rax, f).unwrap();
+    u.call(rax).unwrap();
+    u.hlt().unwrap();
+    load(&mem, user, &mut u);
     let mut e = emulator(&mem);
     expect_pf(&mut e, data + 0x100, 5);
     assert_eq!(e.cpu().cpl(), 3);
@@ -1261,10 +1269,9 @@ fn a_chain_of_native_blocks_stops_when_asked() {
 
 #[test]
 fn native_code_decoded_at_cpl_0_is_not_chained_to_from_ring_3() {
-    // F loads through R9 and returns. The kernel calls it twice (its block
-    // and native code are made at CPL 0, with supervisor permissions, and
-    // the TLB keeps the supervisor-only page it reads), then goes to ring
-    // 3, where a loop calls F three times from one block: the first two
+    // F (see `privilege_test`) is compiled at CPL 0, with supervisor
+    // permissions, and the TLB keeps the supervisor-only page it reads. In
+    // ring 3 a loop calls F three times from one block: the first two
     // through R9 on a user page, the third on the supervisor-only page.
     // By the third call the caller's code has a link to F; following it
     // into F's supervisor code would read the page natively. It must be
@@ -1274,17 +1281,8 @@ fn native_code_decoded_at_cpl_0_is_not_chained_to_from_ring_3() {
         return;
     }
     let mem = setup();
-    let data = 0x2_0000u64;
+    let (data, f, user) = privilege_test(&mem);
     let user_data = 0x2_1000u64;
-    mem.write_obj(data | 3, GuestAddress(pte_addr(data)))
-        .unwrap();
-    let f = CODE + 0x400;
-    let user = CODE + 0x800;
-    let mut b = CodeAssembler::new(64).unwrap();
-    b.mov(rax, qword_ptr(r9)).unwrap();
-    b.add(rax, qword_ptr(r9 + 8)).unwrap();
-    b.ret().unwrap();
-    load(&mem, f, &mut b);
     let mut u = CodeAssembler::new(64).unwrap();
     let mut top = u.create_label();
     u.mov(ecx, 3u32).unwrap();
@@ -1298,12 +1296,6 @@ fn native_code_decoded_at_cpl_0_is_not_chained_to_from_ring_3() {
     u.jnz(top).unwrap();
     u.hlt().unwrap();
     load(&mem, user, &mut u);
-    let mut a = CodeAssembler::new(64).unwrap();
-    a.mov(r9, data + 0x100).unwrap();
-    a.call(f).unwrap();
-    a.call(f).unwrap();
-    to_ring_3(&mut a, user, 0x202);
-    load(&mem, CODE, &mut a);
     let mut e = emulator(&mem);
     expect_pf(&mut e, data + 0x100, 5);
     assert_eq!(e.cpu().cpl(), 3);

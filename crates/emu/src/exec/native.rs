@@ -783,22 +783,7 @@ fn stub(
     let store_back = |a: &mut Asm, below: bool| store_back(a, &used, rsp, fp.flags_out, below);
     let Some(ending) = ending else {
         a.push_imm(run.len() as i32);
-        let tail = a.len();
-        store_back(&mut a, false);
-        epilogue(&mut a);
-        // Misses, out of line: the guest's flags back, the count, the tail.
-        for (fixups, k, saved) in misses {
-            let at = a.len();
-            if saved {
-                a.popfq();
-            }
-            a.push_imm(k as i32);
-            let back = a.jmp();
-            a.patch(back, tail);
-            for f in fixups {
-                a.patch(f, at);
-            }
-        }
+        returns_count(&mut a, misses, &store_back);
         return Some(Code {
             code: a.code,
             chain: None,
@@ -839,10 +824,25 @@ fn stub(
         a.add_rsp(8);
     }
     hop(&mut a, ending);
-    // Misses: the count of instructions done in this block, as above.
+    returns_count(&mut a, misses, &store_back);
+    Some(Code {
+        code: a.code,
+        chain: Some(chain),
+    })
+}
+
+/// The tail that stores the guest's state back and returns the count of
+/// instructions done from the top of the stack, then the misses out of
+/// line: each puts the guest's flags back where they were saved, pushes
+/// its instruction's index and jumps to the tail.
+fn returns_count(
+    a: &mut Asm,
+    misses: Vec<(Vec<Fixup>, usize, bool)>,
+    store_back: &dyn Fn(&mut Asm, bool),
+) {
     let tail = a.len();
-    store_back(&mut a, false);
-    epilogue(&mut a);
+    store_back(a, false);
+    epilogue(a);
     for (fixups, k, saved) in misses {
         let at = a.len();
         if saved {
@@ -855,10 +855,6 @@ fn stub(
             a.patch(f, at);
         }
     }
-    Some(Code {
-        code: a.code,
-        chain: Some(chain),
-    })
 }
 
 /// Returns the word on top of the stack to the stub's caller, past the
