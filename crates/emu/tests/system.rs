@@ -597,8 +597,7 @@ fn native_runs_match_the_interpreter() {
     b.not(rdx).unwrap();
     b.hlt().unwrap();
     load(&mem, PARTIAL, &mut b);
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
+    if !native_code_runs_here() {
         return;
     }
     let mut rng = testkit::Rng::new(testkit::seed());
@@ -1148,8 +1147,7 @@ fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
     // native code, made at CPL 0, hits the TLB entry the kernel's calls
     // filled. Ring 3 calls the same block: that must be a #PF (present,
     // user, read), not a native load with the supervisor's permission.
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native runs need an x86-64 host");
+    if !native_code_runs_here() {
         return;
     }
     let mem = setup();
@@ -1167,6 +1165,15 @@ fn a_native_run_decoded_at_cpl_0_checks_user_permissions_at_cpl_3() {
         e.native_runs_executed() >= 2,
         "F's native run did not run at CPL 0"
     );
+}
+
+/// Whether native code can run on this host (x86-64); says so when not.
+fn native_code_runs_here() -> bool {
+    let here = cfg!(target_arch = "x86_64");
+    if !here {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+    }
+    here
 }
 
 /// `top: add rax, 1; add rcx, rax; jmp top` at CODE, after `prefix`: a
@@ -1188,8 +1195,7 @@ const GUARD: u64 = 4_000_000_000;
 
 #[test]
 fn a_chain_of_native_blocks_ends_with_the_instruction_budget() {
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+    if !native_code_runs_here() {
         return;
     }
     let mem = setup();
@@ -1209,8 +1215,7 @@ fn a_chain_of_native_blocks_ends_with_the_instruction_budget() {
 
 #[test]
 fn a_chain_of_native_blocks_is_cut_by_an_interrupt_request() {
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+    if !native_code_runs_here() {
         return;
     }
     let mem = setup();
@@ -1246,8 +1251,7 @@ fn a_chain_of_native_blocks_is_cut_by_an_interrupt_request() {
 
 #[test]
 fn a_chain_of_native_blocks_stops_when_asked() {
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+    if !native_code_runs_here() {
         return;
     }
     let mem = setup();
@@ -1276,8 +1280,7 @@ fn native_code_decoded_at_cpl_0_is_not_chained_to_from_ring_3() {
     // By the third call the caller's code has a link to F; following it
     // into F's supervisor code would read the page natively. It must be
     // a #PF.
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+    if !native_code_runs_here() {
         return;
     }
     let mem = setup();
@@ -1305,8 +1308,7 @@ fn native_code_decoded_at_cpl_0_is_not_chained_to_from_ring_3() {
 
 #[test]
 fn a_block_is_compiled_to_native_code_once_it_has_run_often() {
-    if !cfg!(target_arch = "x86_64") {
-        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+    if !native_code_runs_here() {
         return;
     }
     let mem = setup();
