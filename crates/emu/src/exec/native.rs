@@ -1763,6 +1763,38 @@ mod tests {
         Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode()
     }
 
+    /// Bytes of the arena's memory file the host holds.
+    fn allocated(arena: &super::Arena) -> u64 {
+        // SAFETY: a plain `stat` buffer filled by `fstat` of the arena's
+        // open file.
+        let st = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(arena.fd, &mut st), 0);
+            st
+        };
+        st.st_blocks as u64 * 512
+    }
+
+    #[test]
+    fn code_runs_from_the_arena_and_its_pages_go_back_on_release() {
+        if !cfg!(target_arch = "x86_64") {
+            testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+            return;
+        }
+        let mut arena = super::Arena::new().expect("an arena");
+        // mov eax, 42; ret, then a megabyte of int3.
+        let mut code = vec![0xb8, 42, 0, 0, 0, 0xc3];
+        code.resize(1 << 20, 0xcc);
+        let at = arena.add(&code).expect("room");
+        // SAFETY: `at` is the executable copy of the code above, which
+        // returns 42 under the C calling convention.
+        let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(at) };
+        assert_eq!(f(), 42);
+        assert!(allocated(&arena) >= 1 << 20, "{}", allocated(&arena));
+        arena.release();
+        assert_eq!(allocated(&arena), 0);
+    }
+
     #[test]
     fn only_register_only_instructions_run_natively() {
         let yes: &[&[u8]] = &[
