@@ -294,17 +294,17 @@ const NO_RECENT: Recent = Recent {
 };
 
 /// Entries of [`BlockCache`]'s jump cache (a power of two).
-const JUMP_SLOTS: usize = 4096;
+pub(crate) const JUMP_SLOTS: usize = 4096;
 
 /// One slot of the jump cache: the block that last ran at a RIP, and
 /// under what it was found (see [`BlockCache::jump_target`]).
 #[derive(Clone, Copy)]
-struct Jump {
-    rip: u64,
-    cs_base: u64,
-    bitness: u32,
-    stamp: u64,
-    block: *const Block,
+pub(crate) struct Jump {
+    pub(crate) rip: u64,
+    pub(crate) cs_base: u64,
+    pub(crate) bitness: u32,
+    pub(crate) stamp: u64,
+    pub(crate) block: *const Block,
 }
 
 const NO_JUMP: Jump = Jump {
@@ -529,6 +529,12 @@ impl BlockCache {
             stamp,
             block,
         };
+    }
+
+    /// The jump cache's [`JUMP_SLOTS`] entries, for native code to probe
+    /// as [`Self::jump_target`] does (its address stays put).
+    pub(crate) fn jump_table(&self) -> *const Jump {
+        self.jumps.as_ptr()
     }
 
     /// The cache's part of the link stamp.

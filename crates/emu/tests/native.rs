@@ -180,7 +180,7 @@ fn random_programs_with_memory_operands_match_the_interpreter() {
 
 /// A loop of five laps around `len` random instructions (R15 counts), a
 /// call to a function of random instructions, a branch over more of
-/// them, taken every other lap, and a jump through memory; the function
+/// them, taken every other lap, a second call, and a jump through memory; the function
 /// ends in a jump through a register to its RET, and it and the call
 /// leave RSP as they found them. Most blocks are compiled whole, and
 /// their code goes on from block to block. Some laps name every register
@@ -218,6 +218,10 @@ fn looping_program(rng: &mut Rng, len: usize) -> Vec<u8> {
         let _ = random_instruction(&mut a, rng, data, true);
     }
     a.set_label(skip).unwrap();
+    // A second caller: the function's RET alternates between two return
+    // addresses, one of which its one link misses (the jump cache has it).
+    a.lea(rbp, ptr(*function)).unwrap();
+    a.call(rbp).unwrap();
     a.lea(rbp, ptr(*back)).unwrap();
     a.push(rbp).unwrap();
     a.jmp(qword_ptr(rsp)).unwrap();

@@ -158,6 +158,23 @@ impl Asm {
         self.code.push(imm);
     }
 
+    /// `xor dst, src`.
+    pub fn xor(&mut self, dst: u8, src: u8) {
+        self.rr(&[0x31], src, dst);
+    }
+
+    /// `imul dst, src, imm`.
+    pub fn imul_imm(&mut self, dst: u8, src: u8, imm: i32) {
+        self.rr(&[0x69], dst, src);
+        self.bytes(&imm.to_le_bytes());
+    }
+
+    /// `cmp dword [a], imm`.
+    pub fn cmp_dword(&mut self, a: Addr, imm: i32) {
+        self.mem(false, &[0x81], 7, a);
+        self.bytes(&imm.to_le_bytes());
+    }
+
     /// `jmp r`.
     pub fn jmp_reg(&mut self, r: u8) {
         self.rex(false, 0, 0, r);
@@ -329,6 +346,36 @@ mod tests {
             let i = one(|a| a.jmp_reg(r));
             assert_eq!((i.mnemonic(), i.op0_register()), (Mnemonic::Jmp, reg(r)));
         }
+        let i = one(|a| a.xor(RDX, R8));
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.op1_register()),
+            (Mnemonic::Xor, Register::RDX, Register::R8)
+        );
+        let i = one(|a| a.imul_imm(R8, RDX, 40));
+        assert_eq!(
+            (
+                i.mnemonic(),
+                i.op0_register(),
+                i.op1_register(),
+                i.immediate32()
+            ),
+            (Mnemonic::Imul, Register::R8, Register::RDX, 40)
+        );
+        let i = one(|a| a.cmp_dword(Addr::at(RDX, 0x10), 64));
+        assert_eq!(
+            (
+                i.mnemonic(),
+                i.memory_base(),
+                i.memory_size(),
+                i.immediate32()
+            ),
+            (
+                Mnemonic::Cmp,
+                Register::RDX,
+                iced_x86::MemorySize::UInt32,
+                64
+            )
+        );
     }
 
     #[test]

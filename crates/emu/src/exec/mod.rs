@@ -1369,7 +1369,9 @@ impl Emulator {
                 && !self.until_interruptible
             {
                 let stamp = self.link_stamp();
-                let end = native::run_block(&mut self.core, block_ref, stamp, budget - *executed);
+                let jumps = self.cache.jump_table();
+                let end =
+                    native::run_block(&mut self.core, block_ref, stamp, jumps, budget - *executed);
                 *executed += end.ran;
                 // SAFETY: the block the code stopped in is `block_ref` or
                 // one reached through links made under the current stamp,

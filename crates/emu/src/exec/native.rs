@@ -541,6 +541,8 @@ struct Frame {
     /// What a link must have been made under to be followed (the block
     /// loop's link stamp).
     stamp: u64,
+    /// The block cache's jump cache, probed where the links miss.
+    jumps: *const crate::block::Jump,
     /// Out: how many times the code went on into the next block's.
     hops: u64,
 }
@@ -870,8 +872,9 @@ fn epilogue(a: &mut Asm) {
 
 /// The end of a block's code, all guest state stored and the next RIP in
 /// RCX: goes on into the next block's code where the block loop would (a
-/// link of this block made under the same stamp names it, and it has code
-/// for this privilege) while the chain's instruction count lasts;
+/// link of this block, or else the jump cache's entry for RCX, made under
+/// the same stamp names it, and it has code for this privilege) while the
+/// chain's instruction count lasts;
 /// otherwise returns [`BLOCK_DONE`]. That count is at most
 /// [`CHAIN_LIMIT`]: what the block loop checks between blocks (interrupt
 /// requests, the stop flag, code written by other vCPUs) waits at most
@@ -896,7 +899,7 @@ fn hop(a: &mut Asm, ending: &Ending) {
     let found = a.jcc(CC_E);
     a.lea(RDX, link(std::mem::size_of::<Link>()));
     a.cmp_load(RCX, link(std::mem::offset_of!(Link, rip)));
-    done.push(a.jcc(CC_NE));
+    let probe = a.jcc(CC_NE);
     let at = a.len();
     a.patch(found, at);
     // Links between 64-bit blocks need no CS base check: the base does
@@ -906,6 +909,29 @@ fn hop(a: &mut Asm, ending: &Ending) {
     a.cmp_load(R8, link(std::mem::offset_of!(Link, stamp)));
     done.push(a.jcc(CC_NE));
     a.load(RDX, link(std::mem::offset_of!(Link, target)));
+    let target = a.jmp();
+    // No link: the jump cache's entry for RCX, as `BlockCache::jump_target`
+    // reads it (returns to many callers, indirect branches).
+    let at = a.len();
+    a.patch(probe, at);
+    use crate::block::{Jump, JUMP_SLOTS};
+    let jump = |field: usize| Addr::at(RDX, offset(field));
+    a.mov(RDX, RCX);
+    a.shr(RDX, 12);
+    a.xor(RDX, RCX);
+    a.and32(RDX, JUMP_SLOTS as u32 - 1);
+    a.imul_imm(RDX, RDX, std::mem::size_of::<Jump>() as i32);
+    a.add_load(RDX, frame(std::mem::offset_of!(Frame, jumps)));
+    a.cmp_load(RCX, jump(std::mem::offset_of!(Jump, rip)));
+    done.push(a.jcc(CC_NE));
+    a.load(R8, frame(std::mem::offset_of!(Frame, stamp)));
+    a.cmp_load(R8, jump(std::mem::offset_of!(Jump, stamp)));
+    done.push(a.jcc(CC_NE));
+    a.cmp_dword(jump(std::mem::offset_of!(Jump, bitness)), 64);
+    done.push(a.jcc(CC_NE));
+    a.load(RDX, jump(std::mem::offset_of!(Jump, block)));
+    let at = a.len();
+    a.patch(target, at);
     a.cmp_byte(
         Addr::at(RDX, offset(std::mem::offset_of!(Block, native_user))),
         u8::from(ending.user),
@@ -1224,6 +1250,7 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         block: std::ptr::null(),
         left: 0,
         stamp: 0,
+        jumps: std::ptr::null(),
         hops: 0,
     };
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
@@ -1578,10 +1605,16 @@ pub(super) struct BlockStop {
 pub const CHAIN_LIMIT: u64 = 1 << 14;
 
 /// Runs the code of `block` (which has some, compiled for the current
-/// privilege) and whatever it chains to through links made under
-/// `stamp`, for at most `budget` instructions (and [`CHAIN_LIMIT`]; the
+/// privilege) and whatever it chains to through links and the jump cache
+/// `jumps` made under `stamp`, for at most `budget` instructions (and [`CHAIN_LIMIT`]; the
 /// block that reaches it runs to its end).
-pub(super) fn run_block(c: &mut super::Core, block: &Block, stamp: u64, budget: u64) -> BlockStop {
+pub(super) fn run_block(
+    c: &mut super::Core,
+    block: &Block,
+    stamp: u64,
+    jumps: *const crate::block::Jump,
+    budget: u64,
+) -> BlockStop {
     c.native_runs += 1;
     // At most CHAIN_LIMIT.
     let left = budget.min(CHAIN_LIMIT) as i64;
@@ -1596,15 +1629,17 @@ pub(super) fn run_block(c: &mut super::Core, block: &Block, stamp: u64, budget: 
         block,
         left,
         stamp,
+        jumps,
         hops: 0,
     };
     // SAFETY: `block.native` was set by `compile_block` to code in this
     // vCPU's arena, which lives as long as the `Core` (blocks are per
     // vCPU). Besides what a run's stub does (see `run`), the code reads
     // the links of the block it runs (`frame.block`, live: the caller's,
-    // then each link target) and follows a link only while its stamp is
-    // the caller's: no block was dropped since it was made, so its target
-    // is live, and its code is in the arena, which is reset only with
+    // then each link target) and the jump cache (`jumps`, the cache's
+    // table, which never moves), and follows a link or entry only while
+    // its stamp is the caller's: no block was dropped since it was made,
+    // so its target is live, and its code is in the arena, which is reset only with
     // every block dropped.
     let result = unsafe {
         let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(block.native.get());
