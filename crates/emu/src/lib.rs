@@ -15,10 +15,13 @@
 //!   byte and dropped when their page is written (by any vCPU: each block
 //!   records its pages' generations in the shared map).
 //! - `exec`: the interpreter. Each handler executes one instruction on
-//!   the [`exec::Core`] (registers, memory, pending I/O). Stretches of
-//!   instructions run natively on x86-64 hosts (native runs: the guest's
-//!   bytes copied into host stubs, memory operands re-encoded to address
-//!   the host page an inline software-TLB lookup finds).
+//!   the [`exec::Core`] (registers, memory, pending I/O). On x86-64 hosts
+//!   guest code also runs natively: the guest's bytes copied into host
+//!   code, memory operands re-encoded to address the host page an inline
+//!   software-TLB lookup finds. A block whose every instruction has such
+//!   a form is compiled whole once it has run often, and its code goes on
+//!   into the next block's through the block's links; elsewhere stretches
+//!   of such instructions run as native runs inside interpreted blocks.
 //! - [`Emulator`]: runs blocks until something the VMM must see (port I/O,
 //!   MMIO, HLT, a reported exception, an interrupt request); exceptions
 //!   and interrupts are delivered through the guest's IDT.
