@@ -203,11 +203,11 @@ pub struct Block {
     pub source: Option<Box<NativeSource>>,
     /// How many times it ran before being compiled.
     pub runs: Cell<u32>,
-    /// The block's native code (`exec::native::compile_block`), 0 while it
-    /// has none: `native` is called by the block loop, `chain` jumped to
-    /// by the code of the block before it.
+    /// The address of the block's native code
+    /// (`exec::native::compile_block`), 0 while it has none: entered
+    /// through the arena's entry routine by the block loop, or jumped to
+    /// from the code of the block before it.
     pub native: Cell<usize>,
-    pub chain: Cell<usize>,
     /// The privilege the code's accesses check (user pages or all).
     pub native_user: bool,
 }
@@ -796,7 +796,6 @@ pub(crate) fn decode(
         source,
         runs: Cell::new(0),
         native: Cell::new(0),
-        chain: Cell::new(0),
         native_user: target.user,
     })
 }

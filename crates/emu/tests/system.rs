@@ -1206,6 +1206,13 @@ fn a_chain_of_native_blocks_ends_with_the_instruction_budget() {
     let retired = e.instructions_retired();
     assert!((100_000..100_003).contains(&retired), "{retired}");
     assert!(e.native_blocks_chained() > 10_000, "the loop did not chain");
+    // The loop's jump was linked to its own code: the block loop entered
+    // the chain again only where its instruction limit ended it.
+    let entries = e.native_runs_executed();
+    assert!(
+        entries <= 100_000 / emu::exec::CHAIN_LIMIT + 3,
+        "{entries} entries"
+    );
     // Exact: the interpreter would have run the same instructions.
     assert_eq!(e.cpu().rip, CODE);
     let laps = e.cpu().gpr[0];

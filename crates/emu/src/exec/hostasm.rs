@@ -5,12 +5,13 @@
 //!
 //! Registers are numbered as in the instruction encoding (0 = RAX, ...,
 //! 4 = RSP, 15 = R15). Every memory operand is encoded with a SIB byte
-//! and a 32-bit displacement: one form covers every base and index,
-//! RSP, RBP, R12 and R13 included, at the price of a few bytes.
+//! and an 8-bit displacement where it fits, else a 32-bit one: one form
+//! covers every base and index, RSP, RBP, R12 and R13 included.
 
 pub const RAX: u8 = 0;
 pub const RCX: u8 = 1;
 pub const RDX: u8 = 2;
+#[cfg(test)]
 pub const R8: u8 = 8;
 pub const RSI: u8 = 6;
 pub const RSP: u8 = 4;
@@ -38,6 +39,13 @@ impl Addr {
 /// A place in the code a rel32 jump can be patched to.
 #[derive(Debug, Clone, Copy)]
 pub struct Fixup(usize);
+
+impl Fixup {
+    /// Where its rel32 field is in the code.
+    pub fn at(self) -> usize {
+        self.0
+    }
+}
 
 /// Condition codes (the low nibble of Jcc's opcode).
 pub const CC_B: u8 = 0x2;
@@ -73,11 +81,20 @@ impl Asm {
         let base = a.base.unwrap_or(5);
         self.rex(w, reg, index, if a.base.is_some() { base } else { 0 });
         self.bytes(opcode);
-        let md = if a.base.is_some() { 0x80 } else { 0x00 };
+        let short = a.base.is_some() && i8::try_from(a.disp).is_ok();
+        let md = match (a.base, short) {
+            (None, _) => 0x00,
+            (Some(_), true) => 0x40,
+            (Some(_), false) => 0x80,
+        };
         self.code.push(md | ((reg & 7) << 3) | 4);
         self.code
             .push((shift << 6) | ((index & 7) << 3) | (base & 7));
-        self.bytes(&a.disp.to_le_bytes());
+        if short {
+            self.code.push(a.disp as u8);
+        } else {
+            self.bytes(&a.disp.to_le_bytes());
+        }
     }
 
     /// `opcode` with two 64-bit registers: `reg` in ModRM's reg field,
@@ -175,10 +192,34 @@ impl Asm {
         self.bytes(&imm.to_le_bytes());
     }
 
-    /// `jmp r`.
-    pub fn jmp_reg(&mut self, r: u8) {
-        self.rex(false, 0, 0, r);
-        self.bytes(&[0xff, 0xe0 | (r & 7)]);
+    /// `pop qword [a]` (an address based on RSP is computed after the pop
+    /// moved RSP up).
+    pub fn pop_mem(&mut self, a: Addr) {
+        self.mem(false, &[0x8f], 0, a);
+    }
+
+    /// `jmp qword [a]`.
+    pub fn jmp_mem(&mut self, a: Addr) {
+        self.mem(false, &[0xff], 4, a);
+    }
+
+    /// `and qword [a], imm` (sign-extended).
+    pub fn and_mem(&mut self, a: Addr, imm: i32) {
+        self.mem(true, &[0x81], 4, a);
+        self.bytes(&imm.to_le_bytes());
+    }
+
+    /// `or qword [a], src`.
+    pub fn or_mem(&mut self, a: Addr, src: u8) {
+        self.mem(true, &[0x09], src, a);
+    }
+
+    /// `lea dst, [rip + rel32]`, pointed later with [`Asm::patch`] at an
+    /// offset in the code.
+    pub fn lea_rip(&mut self, dst: u8) -> Fixup {
+        self.rex(true, dst, 0, 0);
+        self.bytes(&[0x8d, ((dst & 7) << 3) | 5, 0, 0, 0, 0]);
+        Fixup(self.code.len() - 4)
     }
 
     /// `test byte [a], imm`.
@@ -237,6 +278,13 @@ impl Asm {
     pub fn and64(&mut self, r: u8, imm: i32) {
         self.rex(true, 0, 0, r);
         self.bytes(&[0x81, 0xe0 | (r & 7)]);
+        self.bytes(&imm.to_le_bytes());
+    }
+
+    /// `or r64, imm` (sign-extended).
+    pub fn or64(&mut self, r: u8, imm: i32) {
+        self.rex(true, 0, 0, r);
+        self.bytes(&[0x81, 0xc8 | (r & 7)]);
         self.bytes(&imm.to_le_bytes());
     }
 
@@ -312,6 +360,15 @@ mod tests {
                 }
             }
         }
+        for disp in [0, 8, -128, 127, 128, -129] {
+            let i = one(|a| a.load(RAX, Addr::at(RSP, disp)));
+            assert_eq!(
+                (i.memory_base(), i.memory_displacement64()),
+                (Register::RSP, disp as i64 as u64)
+            );
+            let short = i8::try_from(disp).is_ok();
+            assert_eq!(i.memory_displ_size() == 1, short, "disp {disp}");
+        }
         let i = one(|a| {
             a.lea(
                 3,
@@ -342,10 +399,6 @@ mod tests {
             (i.mnemonic(), i.memory_base(), i.memory_size()),
             (Mnemonic::Cmp, Register::R8, iced_x86::MemorySize::UInt8)
         );
-        for r in [RAX, RDX, R8, 15] {
-            let i = one(|a| a.jmp_reg(r));
-            assert_eq!((i.mnemonic(), i.op0_register()), (Mnemonic::Jmp, reg(r)));
-        }
         let i = one(|a| a.xor(RDX, R8));
         assert_eq!(
             (i.mnemonic(), i.op0_register(), i.op1_register()),
@@ -361,6 +414,40 @@ mod tests {
             ),
             (Mnemonic::Imul, Register::R8, Register::RDX, 40)
         );
+        let i = one(|a| a.pop_mem(Addr::at(RSP, 0x10)));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base(), i.memory_displacement64()),
+            (Mnemonic::Pop, Register::RSP, 0x10)
+        );
+        let i = one(|a| a.jmp_mem(Addr::at(RSP, 0x48)));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base(), i.memory_size()),
+            (
+                Mnemonic::Jmp,
+                Register::RSP,
+                iced_x86::MemorySize::QwordOffset
+            )
+        );
+        let i = one(|a| a.and_mem(Addr::at(RSP, 0x10), !0x8d5));
+        assert_eq!(
+            (i.mnemonic(), i.memory_size(), i.immediate32to64()),
+            (Mnemonic::And, iced_x86::MemorySize::UInt64, !0x8d5)
+        );
+        let i = one(|a| a.or_mem(Addr::at(RSP, 0x10), 9));
+        assert_eq!(
+            (i.mnemonic(), i.op1_register(), i.memory_size()),
+            (Mnemonic::Or, Register::R9, iced_x86::MemorySize::UInt64)
+        );
+        let mut a = Asm::default();
+        let f = a.lea_rip(10);
+        a.ret();
+        a.patch(f, 1000);
+        let i = Decoder::with_ip(64, &a.code, 0, DecoderOptions::NONE).decode();
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.memory_base()),
+            (Mnemonic::Lea, Register::R10, Register::RIP)
+        );
+        assert_eq!(i.memory_displacement64(), 1000);
         let i = one(|a| a.cmp_dword(Addr::at(RDX, 0x10), 64));
         assert_eq!(
             (
@@ -468,6 +555,11 @@ mod tests {
         assert_eq!(
             (i.mnemonic(), i.op0_register(), i.immediate32to64()),
             (Mnemonic::And, Register::RCX, -8)
+        );
+        let i = one(|a| a.or64(9, 0x202));
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.immediate32to64()),
+            (Mnemonic::Or, Register::R9, 0x202)
         );
         let i = one(|a| a.add_rsp(24));
         assert_eq!(

@@ -36,6 +36,7 @@ pub use system::InterruptLines;
 
 pub(crate) use fast::specialize_block;
 pub(crate) use native::Target as NativeTarget;
+pub use native::CHAIN_LIMIT;
 pub(crate) use ops::handler_for;
 
 /// An exception the guest raised. Delivered through the guest's IDT, or,
@@ -1244,6 +1245,10 @@ impl Emulator {
         // is followed or made (null after anything else: an exception, an
         // interrupt, a halt, a dropped block).
         let mut prev: *const Block = std::ptr::null();
+        // How the last block of the last chain of native code went on, and
+        // under which link stamp: its jump is linked to the next block's
+        // code, or the jump cache learns its indirect successor.
+        let mut pending: Option<(native::Successor, u64)> = None;
         loop {
             if let Some(flag) = stop {
                 if flag.load(Ordering::Relaxed) {
@@ -1353,14 +1358,36 @@ impl Emulator {
                 if runs == self.hot_after {
                     let code = native::compile_block(
                         &mut self.core.native,
+                        block,
                         &block_ref.ops,
                         &source.spans,
                         &source.bytes,
                         source.target,
                     );
                     if let Some(code) = code {
-                        block_ref.native.set(code.entry);
-                        block_ref.chain.set(code.chain);
+                        block_ref.native.set(code);
+                    }
+                }
+            }
+            // Straight from the chain's last block to this one (nothing
+            // between cut `prev`), under the same stamp.
+            if let Some((successor, at)) = pending.take() {
+                if !prev.is_null() && at == self.link_stamp() {
+                    match successor {
+                        native::Successor::Fixed(record) => {
+                            let code = block_ref.native.get();
+                            if let (true, Some(arena)) = (
+                                code != 0 && block_ref.native_user == self.core.user(),
+                                self.core.native.as_mut(),
+                            ) {
+                                arena.link(record, at, code);
+                            }
+                        }
+                        native::Successor::Indirect => {
+                            let bitness = self.core.cpu.bitness();
+                            self.cache.set_jump_target(rip, cs_base, bitness, at, block);
+                        }
+                        native::Successor::None => {}
                     }
                 }
             }
@@ -1373,6 +1400,7 @@ impl Emulator {
                 let end =
                     native::run_block(&mut self.core, block_ref, stamp, jumps, budget - *executed);
                 *executed += end.ran;
+                pending = Some((end.successor, stamp));
                 // SAFETY: the block the code stopped in is `block_ref` or
                 // one reached through links made under the current stamp,
                 // as live as a link target is here.

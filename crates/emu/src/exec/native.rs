@@ -42,10 +42,12 @@
 //! run lands on the host stack as usual. DF, IF and the other system
 //! flags stay the host's.
 
+mod chain;
+
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use super::hostasm::{Addr, Asm, Fixup, CC_B, CC_E, CC_NE, RAX, RCX, RDI, RSI, RSP};
-use crate::block::{Block, EaForm, Link, Op};
+use crate::block::{Block, EaForm, Op};
 use crate::mem::{perm, TlbEntry, PAGE_MASK, PAGE_SHIFT, TLB_ENTRIES};
 
 /// Shortest run worth a stub (the stub's entry and exit cost about as
@@ -142,7 +144,13 @@ pub struct Arena {
     /// Whether runs may include memory accesses (`VESSEL_EMU_NATIVE=regs`
     /// keeps them register-only, to measure what they add).
     memory: bool,
+    /// The routine that enters a chain of blocks' code (see [`chain`]).
+    enter: usize,
 }
+
+/// The arena's first page holds the routines every block's code shares;
+/// blocks and stubs come after it.
+const SHARED_BYTES: usize = 4096;
 
 // SAFETY: the arena is owned by one vCPU's `Core` and moves between
 // threads with it; its pages are only written while that `Core` is
@@ -195,13 +203,21 @@ impl Arena {
             }
             return None;
         };
+        let shared = chain::shared_routines();
+        assert!(shared.len() <= SHARED_BYTES);
+        // SAFETY: the writable view is ARENA_BYTES long, and nothing runs
+        // from the arena yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(shared.as_ptr(), write, shared.len());
+        }
         Some(Arena {
             base,
             write,
             fd,
-            used: 0,
+            used: SHARED_BYTES,
             full: false,
             memory: setting.is_none_or(|v| v != "regs"),
+            enter: base as usize,
         })
     }
 
@@ -213,7 +229,7 @@ impl Arena {
     /// Makes the whole arena free again. The caller must have dropped
     /// every block holding a stub of this arena.
     pub fn reset(&mut self) {
-        self.used = 0;
+        self.used = SHARED_BYTES;
         self.full = false;
     }
 
@@ -224,19 +240,61 @@ impl Arena {
         const PAGE: usize = 4096;
         let used = self.used.min(ARENA_BYTES).next_multiple_of(PAGE);
         self.reset();
-        if used == 0 {
+        if used <= SHARED_BYTES {
             return;
         }
-        // SAFETY: punches a hole in the arena's own file below `used`; no
-        // stub in it can run (no block refers to one), and its pages read
-        // back as zeros until stubs are copied in again.
+        // SAFETY: punches a hole in the arena's own file between the
+        // shared routines and `used`; no stub in it can run (no block
+        // refers to one), and its pages read back as zeros until stubs are
+        // copied in again.
         unsafe {
             libc::fallocate(
                 self.fd,
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                used as libc::off_t,
+                SHARED_BYTES as libc::off_t,
+                (used - SHARED_BYTES) as libc::off_t,
             );
+        }
+    }
+
+    /// Points the jump of the exit record at `record` (written by
+    /// [`chain`] after a block's code in this arena) at `target`, the code
+    /// of the block that follows it under link stamp `stamp`, and has it
+    /// taken under that stamp only. Ignores a record outside the arena.
+    pub fn link(&mut self, record: usize, stamp: u64, target: usize) {
+        let inside = |at: usize, len: usize| {
+            at >= self.base as usize + SHARED_BYTES && at + len <= self.base as usize + self.used
+        };
+        let size = std::mem::size_of::<chain::ExitRecord>();
+        if !inside(record, size) || !inside(target, 1) || !record.is_multiple_of(8) {
+            return;
+        }
+        // SAFETY: `record` is inside the arena's used part and aligned
+        // (checked above); records are written only by `chain`.
+        let r = unsafe { (record as *const chain::ExitRecord).read() };
+        let site = |rel: i32| record.wrapping_add(rel as isize as usize);
+        let (lo, hi, jump) = (site(r.stamp_lo), site(r.stamp_hi), site(r.jump));
+        if r.jump == 0 || ![lo, hi, jump].iter().all(|at| inside(*at, 4)) {
+            return;
+        }
+        let rel = target as i64 - (jump as i64 + 4);
+        let Ok(rel) = i32::try_from(rel) else {
+            return;
+        };
+        for (at, value) in [
+            (lo, stamp as u32),
+            (hi, (stamp >> 32) as u32),
+            (jump, rel as u32),
+        ] {
+            // SAFETY: `at` is inside the used part of the arena (checked
+            // above), written through the writable view; no code runs
+            // while this vCPU's block loop links, and x86 keeps
+            // instruction fetch coherent with stores through the other
+            // view.
+            unsafe {
+                let to = self.write.add(at - self.base as usize);
+                std::ptr::write_unaligned(to.cast::<u32>(), value);
+            }
         }
     }
 
@@ -519,9 +577,9 @@ fn footprint(
     }
 }
 
-/// What a stub is called with (`extern "C" fn(*mut Frame) -> u64`); it
-/// returns how many of its instructions it executed, or for a block's
-/// code [`BLOCK_DONE`] once a block has run to its end.
+/// What a run's stub is called with (`extern "C" fn(*mut Frame) -> u64`,
+/// returning how many of its instructions it executed), and a chain's
+/// entry routine (see [`chain`]).
 #[repr(C)]
 struct Frame {
     gpr: *mut u64,
@@ -530,25 +588,24 @@ struct Frame {
     code_bits: *const std::sync::atomic::AtomicU64,
     fs_base: u64,
     gs_base: u64,
-    // The rest is for a block's code (see [`compile_block`]).
-    /// Out: the RIP after the last block that ran to its end.
+    // The rest is for a chain.
+    /// Out: the RIP an indirect successor had no code for.
     rip: u64,
-    /// In: the block entered. Out: the block the code stopped in.
-    block: *const Block,
     /// In: how many instructions the chain may run. Out: less those of
     /// every block that ran to its end.
     left: i64,
-    /// What a link must have been made under to be followed (the block
-    /// loop's link stamp).
+    /// What a jump to the next block's code must have been linked under
+    /// to be taken (the block loop's link stamp).
     stamp: u64,
-    /// The block cache's jump cache, probed where the links miss.
+    /// The block cache's jump cache, for indirect successors.
     jumps: *const crate::block::Jump,
     /// Out: how many times the code went on into the next block's.
     hops: u64,
 }
 
-/// What a block's code returns once a block ran to its end (any other
-/// value: how many instructions of the block it stopped in were done).
+/// What a chain's [`chain::ExitRecord`] holds once a block ran to its end
+/// (any other value: how many instructions of the block it stopped in
+/// were done).
 const BLOCK_DONE: u64 = u64::MAX;
 
 const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
@@ -576,10 +633,12 @@ struct Scratch {
     rsp: Option<u8>,
     /// The FS and GS bases, for operands using them.
     seg_base: [Option<u8>; 2],
+    /// One more, for a block's indirect successor (see [`chain`]).
+    temp: Option<u8>,
 }
 
 impl Scratch {
-    fn plan(regs: u16, mems: &[MemOperand], needs_rsp: bool) -> Option<Scratch> {
+    fn plan(regs: u16, mems: &[MemOperand], needs_rsp: bool, needs_temp: bool) -> Option<Scratch> {
         let mut free = (0..16u8).filter(|n| *n != RSP && regs & (1 << n) == 0);
         let mut take = |wanted: bool| -> Option<Option<u8>> {
             if wanted {
@@ -595,13 +654,25 @@ impl Scratch {
         let uses_seg = |s: usize| mems.iter().any(|m| m.seg == Some(s as u8));
         let fs = take(uses_seg(crate::state::seg::FS))?;
         let gs = take(uses_seg(crate::state::seg::GS))?;
+        let temp = take(needs_temp)?;
         Some(Scratch {
             addr,
             entry,
             page,
             rsp,
             seg_base: [fs, gs],
+            temp,
         })
+    }
+
+    /// Every register it takes.
+    fn registers(&self) -> Vec<u8> {
+        [Some(self.addr), Some(self.entry), self.page, self.rsp]
+            .into_iter()
+            .chain(self.seg_base)
+            .chain([self.temp])
+            .flatten()
+            .collect()
     }
 
     fn seg_base_of(&self, seg: u8) -> Option<u8> {
@@ -623,6 +694,8 @@ const CALLEE_SAVED: [u8; 6] = [3, 5, 12, 13, 14, 15];
 const STACK_TLB: i32 = 0;
 const STACK_CODE_BITS: i32 = 8;
 const STACK_FRAME: i32 = 16;
+// A chain's slots are where `lookup` finds them in a stub.
+const _: () = assert!(chain::slot::TLB == STACK_TLB && chain::slot::CODE_BITS == STACK_CODE_BITS);
 
 /// Builds a run's stub, or `None` where its memory accesses lack scratch
 /// registers or one cannot be re-encoded. `user`: the privilege whose
@@ -643,11 +716,10 @@ const STACK_FRAME: i32 = 16;
 fn stub(
     run: &[Item],
     user: bool,
-    ending: Option<&Ending>,
     info: &mut iced_x86::InstructionInfoFactory,
     encoder: &mut iced_x86::Encoder,
-) -> Option<Code> {
-    let (fp, scratch) = layout(run, ending.map(|e| e.next), info)?;
+) -> Option<Vec<u8>> {
+    let (fp, scratch) = layout(run, None, info)?;
     let used = |n: &u8| fp.regs & (1 << n) != 0;
     let mut a = Asm::default();
     for r in CALLEE_SAVED {
@@ -659,13 +731,7 @@ fn stub(
         offset(std::mem::offset_of!(Frame, code_bits)),
     ));
     a.push_mem(Addr::at(RDI, offset(std::mem::offset_of!(Frame, tlb))));
-    // A block's code is also entered here from the block before it, with
-    // only the frame pointers on the stack.
-    let chain = a.len();
-    if ending.is_some() {
-        a.load(RDI, Addr::at(RSP, STACK_FRAME));
-    }
-    if fp.flags_in && ending.is_none() {
+    if fp.flags_in {
         // The host's flags with the guest's status bits.
         a.pushfq();
         a.load(
@@ -674,9 +740,8 @@ fn stub(
         );
         a.load(RAX, Addr::at(RAX, 0));
         a.and64(RAX, STATUS as i32);
-        a.mem(true, &[0x81], 4, Addr::at(RSP, 0));
-        a.bytes(&(!STATUS).to_le_bytes());
-        a.mem(true, &[0x09], RAX, Addr::at(RSP, 0));
+        a.and_mem(Addr::at(RSP, 0), !STATUS as i32);
+        a.or_mem(Addr::at(RSP, 0), RAX);
         a.popfq();
     }
     a.load(RDI, Addr::at(RDI, offset(std::mem::offset_of!(Frame, gpr))));
@@ -710,20 +775,6 @@ fn stub(
     // Whether the guest's flags are saved on the host stack (and the
     // host's flags are not theirs).
     let mut saved = false;
-    if let (Some(s), Some(_), true) = (&scratch, ending, fp.flags_in) {
-        // A block's code keeps them there until an instruction needs them
-        // (POPF costs a dozen cycles and more; most blocks never pop them).
-        let t = s.entry;
-        a.load(t, Addr::at(RSP, STACK_FRAME));
-        a.load(t, Addr::at(t, offset(std::mem::offset_of!(Frame, rflags))));
-        a.load(t, Addr::at(t, 0));
-        a.and64(t, STATUS as i32);
-        a.pushfq();
-        a.mem(true, &[0x81], 4, Addr::at(RSP, 0));
-        a.bytes(&(!STATUS).to_le_bytes());
-        a.mem(true, &[0x09], t, Addr::at(RSP, 0));
-        saved = true;
-    }
     // A run that neither reads nor changes the flags leaves them to its
     // lookups.
     let track = fp.flags_in || fp.flags_out;
@@ -760,11 +811,7 @@ fn stub(
                     saved = false;
                 }
                 match i.mnemonic() {
-                    Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret => {
-                        stack_access(&mut a, i, s)?
-                    }
-                    // An indirect JMP's target (see `Next::Popped`).
-                    Mnemonic::Jmp => a.load(s.entry, Addr::at(s.addr, 0)),
+                    Mnemonic::Push | Mnemonic::Pop => stack_access(&mut a, i, s)?,
                     _ => a.bytes(&rewritten(i, Some(s.addr), s.rsp, encoder)?),
                 }
             }
@@ -774,77 +821,23 @@ fn stub(
             saved = false;
         }
     }
-    // A block keeps the guest's flags on the stack for its end, unless its
-    // Jcc reads them.
-    let keep =
-        saved && matches!(ending.map(|e| e.next), Some(n) if !matches!(n, Next::Branch { .. }));
-    if saved && !keep {
+    if saved {
         a.popfq();
     }
     let rsp = scratch.and_then(|s| s.rsp);
-    let store_back = |a: &mut Asm, below: bool| store_back(a, &used, rsp, fp.flags_out, below);
-    let Some(ending) = ending else {
-        a.push_imm(run.len() as i32);
-        returns_count(&mut a, misses, &store_back);
-        return Some(Code {
-            code: a.code,
-            chain: None,
-        });
-    };
-    // A block: the next RIP on the host stack (moves and pushes keep the
-    // flags), then the registers and flags back, then on to the next
-    // block or back to the block loop.
-    let s = scratch.as_ref()?;
-    match ending.next {
-        Next::To(rip) => {
-            a.mov_imm64(s.addr, rip);
-            a.push(s.addr);
-        }
-        Next::Branch {
-            cc,
-            taken,
-            not_taken,
-            ..
-        } => {
-            let jump = a.jcc(cc);
-            a.mov_imm64(s.addr, not_taken);
-            a.push(s.addr);
-            let join = a.jmp();
-            let at = a.len();
-            a.patch(jump, at);
-            a.mov_imm64(s.addr, taken);
-            a.push(s.addr);
-            let at = a.len();
-            a.patch(join, at);
-        }
-        Next::Popped => a.push(s.entry),
-        Next::Register(r) => a.push(r),
-    }
-    store_back(&mut a, keep);
-    a.pop(RCX);
-    if keep {
-        a.add_rsp(8);
-    }
-    hop(&mut a, ending);
-    returns_count(&mut a, misses, &store_back);
-    Some(Code {
-        code: a.code,
-        chain: Some(chain),
-    })
-}
-
-/// The tail that stores the guest's state back and returns the count of
-/// instructions done from the top of the stack, then the misses out of
-/// line: each puts the guest's flags back where they were saved, pushes
-/// its instruction's index and jumps to the tail.
-fn returns_count(
-    a: &mut Asm,
-    misses: Vec<(Vec<Fixup>, usize, bool)>,
-    store_back: &dyn Fn(&mut Asm, bool),
-) {
+    a.push_imm(run.len() as i32);
+    // The tail: stores the guest's state back and returns the count of
+    // instructions done from the top of the stack.
     let tail = a.len();
-    store_back(a, false);
-    epilogue(a);
+    store_back(&mut a, &used, rsp, fp.flags_out);
+    a.pop(RAX);
+    a.add_rsp(24);
+    for r in CALLEE_SAVED.iter().rev() {
+        a.pop(*r);
+    }
+    a.ret();
+    // The misses, out of line: each puts the guest's flags back where they
+    // were saved, pushes its instruction's index and jumps to the tail.
     for (fixups, k, saved) in misses {
         let at = a.len();
         if saved {
@@ -857,102 +850,7 @@ fn returns_count(
             a.patch(f, at);
         }
     }
-}
-
-/// Returns the word on top of the stack to the stub's caller, past the
-/// frame pointers and the callee-saved registers.
-fn epilogue(a: &mut Asm) {
-    a.pop(RAX);
-    a.add_rsp(24);
-    for r in CALLEE_SAVED.iter().rev() {
-        a.pop(*r);
-    }
-    a.ret();
-}
-
-/// The end of a block's code, all guest state stored and the next RIP in
-/// RCX: goes on into the next block's code where the block loop would (a
-/// link of this block, or else the jump cache's entry for RCX, made under
-/// the same stamp names it, and it has code for this privilege) while the
-/// chain's instruction count lasts;
-/// otherwise returns [`BLOCK_DONE`]. That count is at most
-/// [`CHAIN_LIMIT`]: what the block loop checks between blocks (interrupt
-/// requests, the stop flag, code written by other vCPUs) waits at most
-/// that long.
-fn hop(a: &mut Asm, ending: &Ending) {
-    use super::hostasm::{CC_LE, R8, RDX};
-    let frame = |field: usize| Addr::at(RAX, offset(field));
-    let link = |field: usize| Addr::at(RDX, offset(field));
-    let mut done = Vec::new();
-    a.load(RAX, Addr::at(RSP, STACK_FRAME));
-    a.store(frame(std::mem::offset_of!(Frame, rip)), RCX);
-    // At most `block::MAX_OPS` instructions.
-    a.sub_mem(
-        frame(std::mem::offset_of!(Frame, left)),
-        ending.count as i32,
-    );
-    done.push(a.jcc(CC_LE));
-    // The link to RCX, in whichever of the two slots it is.
-    a.load(RDX, frame(std::mem::offset_of!(Frame, block)));
-    a.lea(RDX, link(std::mem::offset_of!(Block, links)));
-    a.cmp_load(RCX, link(std::mem::offset_of!(Link, rip)));
-    let found = a.jcc(CC_E);
-    a.lea(RDX, link(std::mem::size_of::<Link>()));
-    a.cmp_load(RCX, link(std::mem::offset_of!(Link, rip)));
-    let probe = a.jcc(CC_NE);
-    let at = a.len();
-    a.patch(found, at);
-    // Links between 64-bit blocks need no CS base check: the base does
-    // not take part in 64-bit addressing, and a block that may change CS
-    // is never linked from.
-    a.load(R8, frame(std::mem::offset_of!(Frame, stamp)));
-    a.cmp_load(R8, link(std::mem::offset_of!(Link, stamp)));
-    done.push(a.jcc(CC_NE));
-    a.load(RDX, link(std::mem::offset_of!(Link, target)));
-    let target = a.jmp();
-    // No link: the jump cache's entry for RCX, as `BlockCache::jump_target`
-    // reads it (returns to many callers, indirect branches).
-    let at = a.len();
-    a.patch(probe, at);
-    use crate::block::{Jump, JUMP_SLOTS};
-    let jump = |field: usize| Addr::at(RDX, offset(field));
-    a.mov(RDX, RCX);
-    a.shr(RDX, 12);
-    a.xor(RDX, RCX);
-    a.and32(RDX, JUMP_SLOTS as u32 - 1);
-    a.imul_imm(RDX, RDX, std::mem::size_of::<Jump>() as i32);
-    a.add_load(RDX, frame(std::mem::offset_of!(Frame, jumps)));
-    a.cmp_load(RCX, jump(std::mem::offset_of!(Jump, rip)));
-    done.push(a.jcc(CC_NE));
-    a.load(R8, frame(std::mem::offset_of!(Frame, stamp)));
-    a.cmp_load(R8, jump(std::mem::offset_of!(Jump, stamp)));
-    done.push(a.jcc(CC_NE));
-    a.cmp_dword(jump(std::mem::offset_of!(Jump, bitness)), 64);
-    done.push(a.jcc(CC_NE));
-    a.load(RDX, jump(std::mem::offset_of!(Jump, block)));
-    let at = a.len();
-    a.patch(target, at);
-    a.cmp_byte(
-        Addr::at(RDX, offset(std::mem::offset_of!(Block, native_user))),
-        u8::from(ending.user),
-    );
-    done.push(a.jcc(CC_NE));
-    a.load(
-        R8,
-        Addr::at(RDX, offset(std::mem::offset_of!(Block, chain))),
-    );
-    a.test(R8, R8);
-    done.push(a.jcc(CC_E));
-    a.store(frame(std::mem::offset_of!(Frame, block)), RDX);
-    a.sub_mem(frame(std::mem::offset_of!(Frame, hops)), -1);
-    a.jmp_reg(R8);
-    let at = a.len();
-    for f in done {
-        a.patch(f, at);
-    }
-    a.mov_imm64(RAX, BLOCK_DONE);
-    a.push(RAX);
-    epilogue(a);
+    Some(a.code)
 }
 
 /// What a stub loads and stores, and the scratch registers its memory
@@ -983,33 +881,20 @@ fn layout(
     let scratch = if mems.is_empty() && !needs_rsp && next.is_none() {
         None
     } else {
-        Some(Scratch::plan(fp.regs, &mems, needs_rsp)?)
+        let temp = matches!(next, Some(Next::Popped));
+        Some(Scratch::plan(fp.regs, &mems, needs_rsp, temp)?)
     };
     Some((fp, scratch))
-}
-
-/// A stub's code, and where a block's code is entered from the block
-/// before it (past the prologue).
-struct Code {
-    code: Vec<u8>,
-    chain: Option<usize>,
 }
 
 /// Stores the registers of `used` (the guest's RSP from `rsp`, where a
 /// scratch register holds it) and, with `flags`, the status flags back
 /// to the frame. On entry the stack holds one word above the frame
-/// pointers, which stays, and the guest's flags are in the host's, or
-/// with `below` in a word under it, which stays too.
-fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: bool, below: bool) {
-    let extra = if below {
-        a.push_mem(Addr::at(RSP, 8));
-        8
-    } else {
-        a.pushfq();
-        0
-    };
+/// pointers, which stays, and the guest's flags are in the host's.
+fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: bool) {
+    a.pushfq();
     a.push(RDI);
-    a.load(RDI, Addr::at(RSP, 24 + extra + STACK_FRAME));
+    a.load(RDI, Addr::at(RSP, 24 + STACK_FRAME));
     a.load(RDI, Addr::at(RDI, offset(std::mem::offset_of!(Frame, gpr))));
     for n in (0..16u8).filter(|n| *n != RSP && *n != RDI).filter(used) {
         a.store(Addr::at(RDI, 8 * i32::from(n)), n);
@@ -1027,7 +912,7 @@ fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: b
     }
     a.pop(RAX);
     if flags {
-        a.load(RSI, Addr::at(RSP, 8 + extra + STACK_FRAME));
+        a.load(RSI, Addr::at(RSP, 8 + STACK_FRAME));
         a.load(
             RSI,
             Addr::at(RSI, offset(std::mem::offset_of!(Frame, rflags))),
@@ -1247,7 +1132,6 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
         // A run does not chain.
         rip: 0,
-        block: std::ptr::null(),
         left: 0,
         stamp: 0,
         jumps: std::ptr::null(),
@@ -1413,15 +1297,6 @@ fn item_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory)
     form(op, memory, info)
 }
 
-/// Where a block's native code is entered: `entry` from the block loop
-/// (`extern "C" fn(*mut Frame) -> u64`), `chain` from the code of the
-/// block before it (see [`compile_block`]).
-#[derive(Debug, Clone, Copy)]
-pub struct BlockCode {
-    pub entry: usize,
-    pub chain: usize,
-}
-
 /// How a block's code ends.
 #[derive(Debug, Clone, Copy)]
 struct Ending {
@@ -1446,32 +1321,32 @@ enum Next {
         not_taken: u64,
     },
     /// A RET's or indirect JMP's target, left in the `entry` scratch
-    /// register.
+    /// register (a third, `temp`, is taken for the jump cache's lookup).
     Popped,
     /// An indirect JMP's or CALL's target, in a guest register.
     Register(u8),
 }
 
-/// Compiles the whole of a block to native code (`None` where the arena
-/// is full, or the code would need more registers than the host has
-/// left) when every instruction in it may run natively (register-only or through the TLB lookup) and
-/// it ends in a near Jcc, JMP, CALL or RET with a relative target, or
-/// straight on. `ops` are one per instruction, specialized but not fused
-/// (op `k`'s bytes are `bytes[spans[k].0..spans[k].1]`); the block keeps
-/// them as they are: after a miss in instruction `k`, the block loop
-/// interprets `ops[k..]`.
+/// Compiles the whole of block `block` to native code: its address (`None`
+/// where the arena is full, or the code would need more registers than
+/// the host has left), when every instruction in it may run natively
+/// (register-only or through the TLB lookup) and it ends in a near Jcc,
+/// JMP, CALL or RET with a relative target, or straight on. `ops` are one
+/// per instruction, specialized but not fused (op `k`'s bytes are
+/// `bytes[spans[k].0..spans[k].1]`); the block keeps them as they are:
+/// after a miss in instruction `k`, the block loop interprets `ops[k..]`.
 ///
-/// The code runs the block, then follows the block's links from code to
-/// code as the block loop would follow them (see [`hop`]): a hot loop or
-/// a chain of calls and returns runs without coming back to the block
-/// loop.
+/// The code runs the block, then goes on into the next block's code (see
+/// [`chain`]): a hot loop or a chain of calls and returns runs without
+/// coming back to the block loop.
 pub fn compile_block(
     arena: &mut Option<Arena>,
+    block: *const Block,
     ops: &[Op],
     spans: &[(usize, usize)],
     bytes: &[u8],
     target: Target,
-) -> Option<BlockCode> {
+) -> Option<usize> {
     let arena = arena.as_mut()?;
     let memory = target.memory && arena.memory;
     let last = ops.last()?;
@@ -1486,12 +1361,8 @@ pub fn compile_block(
         user: target.user,
     };
     let mut encoder = iced_x86::Encoder::new(64);
-    let code = stub(&items, target.user, Some(&ending), &mut info, &mut encoder)?;
-    let at = arena.add(&code.code)?;
-    Some(BlockCode {
-        entry: at,
-        chain: at + code.chain?,
-    })
+    let code = chain::block_code(&items, &ending, block, &mut info, &mut encoder)?;
+    arena.add(&code)
 }
 
 /// The items of a block's code and where it goes next, if every
@@ -1598,16 +1469,31 @@ pub(super) struct BlockStop {
     pub done: Option<usize>,
     /// Instructions of the blocks that ran to their end.
     pub ran: u64,
+    /// How the block that ran to its end left.
+    pub successor: Successor,
+}
+
+/// How the last block of a chain went on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Successor {
+    /// It did not: a lookup missed.
+    None,
+    /// Through the jump at this exit record, to be linked to the next
+    /// block's code with [`Arena::link`].
+    Fixed(usize),
+    /// Indirectly, to a RIP the jump cache had no code for.
+    Indirect,
 }
 
 /// The most instructions one chain of blocks' code runs: about ten to a
-/// hundred microseconds (see [`hop`]).
+/// hundred microseconds (see [`chain`]).
 pub const CHAIN_LIMIT: u64 = 1 << 14;
 
 /// Runs the code of `block` (which has some, compiled for the current
-/// privilege) and whatever it chains to through links and the jump cache
-/// `jumps` made under `stamp`, for at most `budget` instructions (and [`CHAIN_LIMIT`]; the
-/// block that reaches it runs to its end).
+/// privilege) and whatever it goes on to through jumps linked and jump
+/// cache entries (`jumps`) made under `stamp`, for at most `budget`
+/// instructions (and [`CHAIN_LIMIT`]; the block that reaches it runs to
+/// its end).
 pub(super) fn run_block(
     c: &mut super::Core,
     block: &Block,
@@ -1615,6 +1501,16 @@ pub(super) fn run_block(
     jumps: *const crate::block::Jump,
     budget: u64,
 ) -> BlockStop {
+    let Some(enter) = c.native.as_ref().map(|a| a.enter) else {
+        // Never so (code is compiled into an arena): the block loop
+        // interprets the block.
+        return BlockStop {
+            block,
+            done: Some(0),
+            ran: 0,
+            successor: Successor::None,
+        };
+    };
     c.native_runs += 1;
     // At most CHAIN_LIMIT.
     let left = budget.min(CHAIN_LIMIT) as i64;
@@ -1626,38 +1522,47 @@ pub(super) fn run_block(
         fs_base: c.cpu.segs[crate::state::seg::FS].base,
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
         rip: c.cpu.rip,
-        block,
         left,
         stamp,
         jumps,
         hops: 0,
     };
-    // SAFETY: `block.native` was set by `compile_block` to code in this
-    // vCPU's arena, which lives as long as the `Core` (blocks are per
-    // vCPU). Besides what a run's stub does (see `run`), the code reads
-    // the links of the block it runs (`frame.block`, live: the caller's,
-    // then each link target) and the jump cache (`jumps`, the cache's
-    // table, which never moves), and follows a link or entry only while
-    // its stamp is the caller's: no block was dropped since it was made,
-    // so its target is live, and its code is in the arena, which is reset only with
-    // every block dropped.
-    let result = unsafe {
-        let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(block.native.get());
-        f(&mut frame)
+    // SAFETY: `enter` is the arena's entry routine and `block.native` was
+    // set by `compile_block` to code in the same arena, which lives as long
+    // as the `Core` (blocks are per vCPU). Besides what a run's stub does
+    // (see `run`), the code reads the jump cache (`jumps`, the cache's
+    // table, which never moves) and the blocks its entries name, and goes
+    // on into other blocks' code only through a jump linked or an entry
+    // made under the caller's stamp: no block was dropped since, so its
+    // code is live (the arena is reset only with every block dropped). It
+    // returns a record it wrote after the code of the block it stopped in.
+    let (at, record) = unsafe {
+        let f: extern "C" fn(*mut Frame, usize) -> *const chain::ExitRecord =
+            std::mem::transmute(enter);
+        let at = f(&mut frame, block.native.get());
+        (at as usize, at.read())
     };
     let ran = (left - frame.left) as u64;
     c.native_hops += frame.hops;
-    let done = if result == BLOCK_DONE {
-        c.cpu.rip = frame.rip;
-        None
-    } else {
-        c.native_exits += 1;
-        Some(result as usize)
+    let (done, successor) = match record.result {
+        BLOCK_DONE => {
+            c.cpu.rip = record.rip;
+            (None, Successor::Fixed(at))
+        }
+        chain::DYNAMIC => {
+            c.cpu.rip = frame.rip;
+            (None, Successor::Indirect)
+        }
+        k => {
+            c.native_exits += 1;
+            (Some(k as usize), Successor::None)
+        }
     };
     BlockStop {
-        block: frame.block,
+        block: record.block,
         done,
         ran,
+        successor,
     }
 }
 
@@ -1726,8 +1631,7 @@ pub fn compile_runs(
                 return true;
             }
             let Some(stub) = items(k, end, with_memory)
-                .and_then(|run| stub(&run, target.user, None, &mut info, &mut encoder))
-                .map(|c| c.code)
+                .and_then(|run| stub(&run, target.user, &mut info, &mut encoder))
             else {
                 return false;
             };
@@ -1827,7 +1731,8 @@ mod tests {
         assert_eq!(f(), 42);
         assert!(allocated(&arena) >= 1 << 20, "{}", allocated(&arena));
         arena.release();
-        assert_eq!(allocated(&arena), 0);
+        // The routines every block's code shares stay.
+        assert_eq!(allocated(&arena), super::SHARED_BYTES as u64);
     }
 
     #[test]

@@ -1,0 +1,544 @@
+//! A compiled block's code, and the routines that enter and leave a chain
+//! of them.
+//!
+//! While a chain runs, the guest's registers other than RSP live in the
+//! host registers of the same number, from block to block: a block's code
+//! neither loads nor stores them. What else the chain needs is on the host
+//! stack, at fixed offsets from RSP at a block's entry (see [`slot`]): the
+//! guest's RSP and status flags, the TLB, the instruction budget, the
+//! link stamp. A block pushes the few registers its lookups work in (it
+//! names none of them) and pops them back before it goes on.
+//!
+//! A block goes on to a fixed successor (a JMP's or CALL's target, either
+//! side of a Jcc, straight on) through a jump in its own code, which
+//! [`Arena::link`](super::Arena::link) points at the successor's code once
+//! the block loop has found it, together with the link stamp it was found
+//! under; the jump is taken only while that is still the chain's stamp
+//! (no block dropped, no TLB flush, no code written, the same privilege).
+//! A RET's or indirect jump's target is looked up in the block cache's
+//! jump cache. Every other way out goes through the shared exit routine
+//! with an [`ExitRecord`] saying where the code stopped.
+
+use super::super::hostasm::{Addr, Asm, Fixup, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP};
+use super::{
+    lookup, offset, rewritten, stack_access, Ending, FlagUse, Frame, Item, Next, ALL_FLAGS,
+    BLOCK_DONE, CALLEE_SAVED, STATUS,
+};
+use crate::block::{Block, Jump, JUMP_SLOTS};
+use iced_x86::Mnemonic;
+
+/// Where a chain keeps its state: offsets from RSP at a block's entry.
+pub(super) mod slot {
+    /// The vCPU's TLB entries (as a run's stub keeps it, see `lookup`).
+    pub const TLB: i32 = 0;
+    /// The code-page bits.
+    pub const CODE_BITS: i32 = 8;
+    /// The guest's status flags, as PUSHFQ stores the host's.
+    pub const FLAGS: i32 = 16;
+    /// The guest's RSP.
+    pub const RSP: i32 = 24;
+    /// Instructions the chain may still run.
+    pub const LEFT: i32 = 32;
+    /// The link stamp the chain runs under.
+    pub const STAMP: i32 = 40;
+    /// The block cache's jump cache.
+    pub const JUMPS: i32 = 48;
+    pub const FS_BASE: i32 = 56;
+    pub const GS_BASE: i32 = 64;
+    /// Where an indirect hop (or the entry routine) jumps.
+    pub const NEXT: i32 = 72;
+    /// Times a block went on into the next block's code.
+    pub const HOPS: i32 = 80;
+    /// The exit routine.
+    pub const EXIT: i32 = 88;
+    /// Out: the [`super::ExitRecord`] of where the code stopped.
+    pub const RECORD: i32 = 96;
+    /// Out: the RIP an indirect hop did not find code for.
+    pub const RIP: i32 = 104;
+    /// The `Frame` the chain was entered with.
+    pub const FRAME: i32 = 112;
+    pub const SIZE: i32 = 120;
+}
+
+/// Where a chain stopped, written after the code of the block it stopped
+/// in. Offsets are from the record's own address.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ExitRecord {
+    pub block: *const Block,
+    /// The successor's RIP, for [`BLOCK_DONE`].
+    pub rip: u64,
+    /// [`BLOCK_DONE`] (the block ran to its end and RIP is `rip`),
+    /// [`DYNAMIC`] (it ran to its end, RIP in [`slot::RIP`]), or how many
+    /// of its instructions were done before a lookup missed.
+    pub result: u64,
+    /// For a fixed successor: the low and high halves of the stamp its
+    /// jump is taken under, and the jump's rel32 (0: none).
+    pub stamp_lo: i32,
+    pub stamp_hi: i32,
+    pub jump: i32,
+    pub pad: i32,
+}
+
+impl ExitRecord {
+    /// Appends its bytes, as `#[repr(C)]` lays them out.
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.block as usize as u64).to_le_bytes());
+        out.extend_from_slice(&self.rip.to_le_bytes());
+        out.extend_from_slice(&self.result.to_le_bytes());
+        for n in [self.stamp_lo, self.stamp_hi, self.jump, self.pad] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<ExitRecord>() == 40);
+
+/// An [`ExitRecord::result`]: the block ran to its end and its indirect
+/// successor had no code the jump cache knew of.
+pub(super) const DYNAMIC: u64 = u64::MAX - 1;
+
+/// The host's system flags in user code: IF and the reserved bit 1.
+const HOST_FLAGS: i32 = 0x202;
+
+/// The stamp an unlinked jump is checked against: never a link stamp,
+/// whose count of changes would have to reach 2^62.
+const NO_STAMP: u64 = u64::MAX;
+
+/// The routines shared by every block's code, at the start of an arena:
+/// the entry (`extern "C" fn(*mut Frame, code: usize) -> *const
+/// ExitRecord`) at offset 0, which saves the host's callee-saved
+/// registers, lays out the slots, loads the guest's registers and flags
+/// and jumps to `code`; then the exit, which stores them back and
+/// returns the record.
+pub(super) fn shared_routines() -> Vec<u8> {
+    let field = |f: usize| Addr::at(RDI, offset(f));
+    let at = |s: i32| Addr::at(RSP, s);
+    use std::mem::offset_of;
+    let copied = [
+        (slot::TLB, offset_of!(Frame, tlb)),
+        (slot::CODE_BITS, offset_of!(Frame, code_bits)),
+        (slot::LEFT, offset_of!(Frame, left)),
+        (slot::STAMP, offset_of!(Frame, stamp)),
+        (slot::JUMPS, offset_of!(Frame, jumps)),
+        (slot::FS_BASE, offset_of!(Frame, fs_base)),
+        (slot::GS_BASE, offset_of!(Frame, gs_base)),
+    ];
+    let mut a = Asm::default();
+    for r in CALLEE_SAVED {
+        a.push(r);
+    }
+    a.lea(RSP, at(-slot::SIZE));
+    a.store(at(slot::FRAME), RDI);
+    a.store(at(slot::NEXT), RSI);
+    for (s, f) in copied {
+        a.load(RAX, field(f));
+        a.store(at(s), RAX);
+    }
+    let exit = a.lea_rip(RAX);
+    a.store(at(slot::EXIT), RAX);
+    a.store_imm(at(slot::HOPS), 0);
+    // The guest's status bits with the host's system flags as user code
+    // runs with them (IF and the reserved bit 1 set, DF, TF and AC clear):
+    // what POPFQ of the slot restores (PUSHFQ here would wait for every
+    // flag the caller's code was still computing).
+    a.load(RAX, field(offset_of!(Frame, rflags)));
+    a.load(RAX, Addr::at(RAX, 0));
+    a.and64(RAX, STATUS as i32);
+    a.or64(RAX, HOST_FLAGS);
+    a.store(at(slot::FLAGS), RAX);
+    a.load(RDI, field(offset_of!(Frame, gpr)));
+    a.load(RAX, Addr::at(RDI, 8 * i32::from(RSP)));
+    a.store(at(slot::RSP), RAX);
+    for n in guest_registers() {
+        a.load(n, Addr::at(RDI, 8 * i32::from(n)));
+    }
+    a.load(RDI, Addr::at(RDI, 8 * i32::from(RDI)));
+    a.jmp_mem(at(slot::NEXT));
+
+    let here = a.len();
+    a.patch(exit, here);
+    a.push(RDI);
+    a.load(RDI, at(8 + slot::FRAME));
+    a.load(RDI, field(offset_of!(Frame, gpr)));
+    for n in guest_registers() {
+        a.store(Addr::at(RDI, 8 * i32::from(n)), n);
+    }
+    a.pop(RAX);
+    a.store(Addr::at(RDI, 8 * i32::from(RDI)), RAX);
+    a.load(RAX, at(slot::RSP));
+    a.store(Addr::at(RDI, 8 * i32::from(RSP)), RAX);
+    a.load(RDI, at(slot::FRAME));
+    a.load(RAX, field(offset_of!(Frame, rflags)));
+    a.load(RCX, Addr::at(RAX, 0));
+    a.and64(RCX, !STATUS as i32);
+    a.load(RDX, at(slot::FLAGS));
+    a.and64(RDX, STATUS as i32);
+    a.or(RCX, RDX);
+    a.store(Addr::at(RAX, 0), RCX);
+    for (s, f) in [
+        (slot::LEFT, offset_of!(Frame, left)),
+        (slot::HOPS, offset_of!(Frame, hops)),
+        (slot::RIP, offset_of!(Frame, rip)),
+    ] {
+        a.load(RAX, at(s));
+        a.store(field(f), RAX);
+    }
+    a.load(RAX, at(slot::RECORD));
+    a.lea(RSP, at(slot::SIZE));
+    for r in CALLEE_SAVED.iter().rev() {
+        a.pop(*r);
+    }
+    a.ret();
+    a.code
+}
+
+/// The host registers holding guest registers in a chain, but RDI (the
+/// routines' frame pointer, loaded and stored last).
+fn guest_registers() -> impl Iterator<Item = u8> {
+    (0..16u8).filter(|n| *n != RSP && *n != RDI)
+}
+
+/// Which guest status flags the host's hold, and which of those the
+/// [`slot::FLAGS`] word does not have yet (iced's `RflagsBits`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Flags {
+    valid: u32,
+    dirty: u32,
+}
+
+/// Iced's status flag bits as RFLAGS bits.
+fn rflags_bits(iced: u32) -> i32 {
+    use iced_x86::RflagsBits as F;
+    [
+        (F::OF, 0x800),
+        (F::SF, 0x80),
+        (F::ZF, 0x40),
+        (F::AF, 0x10),
+        (F::CF, 0x1),
+        (F::PF, 0x4),
+    ]
+    .iter()
+    .filter(|(f, _)| iced & f != 0)
+    .map(|(_, r)| r)
+    .sum()
+}
+
+impl Flags {
+    /// Stores the flags the host holds newer values of into the slot (at
+    /// stack depth `depth`), with `temp` a free register. The host's flags
+    /// survive a complete store, not a partial one.
+    fn flush(&mut self, a: &mut Asm, depth: i32, temp: u8) {
+        let slot = Addr::at(RSP, depth + slot::FLAGS);
+        if self.dirty == ALL_FLAGS {
+            a.pushfq();
+            a.pop_mem(slot);
+        } else if self.dirty != 0 {
+            let bits = rflags_bits(self.dirty);
+            a.pushfq();
+            a.pop(temp);
+            a.and64(temp, bits);
+            a.and_mem(slot, !bits);
+            a.or_mem(slot, temp);
+            self.valid = 0;
+        }
+        self.dirty = 0;
+    }
+
+    /// Makes the host's flags hold the guest's `reads`: from the slot,
+    /// after storing what only the host has.
+    fn ensure(&mut self, a: &mut Asm, reads: u32, depth: i32, temp: u8) {
+        if reads & !self.valid == 0 {
+            return;
+        }
+        self.flush(a, depth, temp);
+        a.push_mem(Addr::at(RSP, depth + slot::FLAGS));
+        a.popfq();
+        self.valid = ALL_FLAGS;
+    }
+
+    /// After an instruction that changes the flags of `modified` (iced's
+    /// bits, undefined ones included: the host's value is as good as
+    /// any).
+    fn after(&mut self, modified: u32) {
+        self.valid |= modified;
+        self.dirty |= modified;
+    }
+}
+
+/// The code of a block (see the module comment), `None` where the host
+/// has too few registers left or an instruction cannot be re-encoded.
+pub(super) fn block_code(
+    run: &[Item],
+    ending: &Ending,
+    block: *const Block,
+    info: &mut iced_x86::InstructionInfoFactory,
+    encoder: &mut iced_x86::Encoder,
+) -> Option<Vec<u8>> {
+    let (_, scratch) = super::layout(run, Some(ending.next), info)?;
+    let s = scratch?;
+    let pushed = s.registers();
+    let mut e = Emitter {
+        a: Asm::default(),
+        pushed: &pushed,
+        depth: 8 * pushed.len() as i32,
+        block,
+        records: Vec::new(),
+    };
+    for r in &pushed {
+        e.a.push(*r);
+    }
+    if let Some(r) = s.rsp {
+        e.a.load(r, e.at(slot::RSP));
+    }
+    for (r, sl) in [
+        (s.seg_base[0], slot::FS_BASE),
+        (s.seg_base[1], slot::GS_BASE),
+    ] {
+        if let Some(r) = r {
+            e.a.load(r, e.at(sl));
+        }
+    }
+    let mut flags = Flags::default();
+    let mut misses = Vec::new();
+    for (k, item) in run.iter().enumerate() {
+        let i = item.instr();
+        let f = FlagUse::of(i);
+        match item {
+            Item::Copy(_, bytes) => {
+                flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
+                e.a.bytes(bytes);
+            }
+            Item::Renamed(i) => {
+                flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
+                e.a.bytes(&rewritten(i, None, s.rsp, encoder)?);
+            }
+            // A move keeps the flags.
+            Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
+            Item::Memory(i, mem) => {
+                // The lookup changes the host's flags, and a miss leaves
+                // the guest's in the slot.
+                flags.flush(&mut e.a, e.depth, s.addr);
+                flags.valid = 0;
+                misses.push((lookup(&mut e.a, mem, &s, ending.user, e.depth)?, k));
+                // Nothing is left to store: `s.addr`, which holds the
+                // host address now, is not needed.
+                flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
+                match i.mnemonic() {
+                    Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret => {
+                        stack_access(&mut e.a, i, &s)?
+                    }
+                    // An indirect JMP's target (see `Next::Popped`).
+                    Mnemonic::Jmp => e.a.load(s.entry, Addr::at(s.addr, 0)),
+                    _ => e.a.bytes(&rewritten(i, Some(s.addr), s.rsp, encoder)?),
+                }
+            }
+        }
+        flags.after(i.rflags_modified() & ALL_FLAGS);
+    }
+    if let Some(r) = s.rsp {
+        e.a.store(e.at(slot::RSP), r);
+    }
+    match ending.next {
+        Next::To(rip) => {
+            flags.flush(&mut e.a, e.depth, s.addr);
+            e.fixed_successor(rip, ending.count);
+        }
+        Next::Branch {
+            cc,
+            reads,
+            taken,
+            not_taken,
+        } => {
+            flags.ensure(&mut e.a, reads, e.depth, s.addr);
+            let jump = e.a.jcc(cc);
+            let mut other = flags;
+            flags.flush(&mut e.a, e.depth, s.addr);
+            e.fixed_successor(not_taken, ending.count);
+            let here = e.a.len();
+            e.a.patch(jump, here);
+            other.flush(&mut e.a, e.depth, s.addr);
+            e.fixed_successor(taken, ending.count);
+        }
+        Next::Popped => {
+            flags.flush(&mut e.a, e.depth, s.addr);
+            e.indirect_successor(s.entry, s.addr, s.temp?, ending);
+        }
+        Next::Register(r) => {
+            flags.flush(&mut e.a, e.depth, s.addr);
+            e.indirect_successor(r, s.addr, s.entry, ending);
+        }
+    }
+    for (fixups, k) in misses {
+        let here = e.a.len();
+        for f in fixups {
+            e.a.patch(f, here);
+        }
+        if let Some(r) = s.rsp {
+            e.a.store(e.at(slot::RSP), r);
+        }
+        e.pop_scratch();
+        e.leave(ExitRecord {
+            result: k as u64,
+            ..e.record()
+        });
+    }
+    Some(e.finish())
+}
+
+/// Builds a block's code: its scratch registers pushed (`depth` bytes of
+/// them on the stack) and the records its exits point at.
+struct Emitter<'a> {
+    a: Asm,
+    pushed: &'a [u8],
+    depth: i32,
+    block: *const Block,
+    records: Vec<(Fixup, ExitRecord, [Option<usize>; 3])>,
+}
+
+impl Emitter<'_> {
+    /// A slot, with the scratch registers pushed.
+    fn at(&self, s: i32) -> Addr {
+        Addr::at(RSP, self.depth + s)
+    }
+
+    fn pop_scratch(&mut self) {
+        for r in self.pushed.iter().rev() {
+            self.a.pop(*r);
+        }
+    }
+
+    fn record(&self) -> ExitRecord {
+        ExitRecord {
+            block: self.block,
+            rip: 0,
+            result: BLOCK_DONE,
+            stamp_lo: 0,
+            stamp_hi: 0,
+            jump: 0,
+            pad: 0,
+        }
+    }
+
+    /// Leaves the chain through the exit routine with `record`, the
+    /// scratch registers popped.
+    fn leave(&mut self, record: ExitRecord) {
+        self.leave_linked(record, [None; 3]);
+    }
+
+    /// [`Self::leave`], the record noting where the stamp halves and the
+    /// jump to patch are.
+    fn leave_linked(&mut self, record: ExitRecord, sites: [Option<usize>; 3]) {
+        self.a.push(RAX);
+        let f = self.a.lea_rip(RAX);
+        self.a.store(Addr::at(RSP, 8 + slot::RECORD), RAX);
+        self.a.pop(RAX);
+        self.a.jmp_mem(Addr::at(RSP, slot::EXIT));
+        self.records.push((f, record, sites));
+    }
+
+    /// The end of a block going on to `rip` (the guest's flags in their
+    /// slot): pops the scratch registers and jumps to the successor's code
+    /// while the budget lasts and the stamp is the one the jump was linked
+    /// under.
+    fn fixed_successor(&mut self, rip: u64, count: usize) {
+        self.pop_scratch();
+        let a = &mut self.a;
+        let mut out = vec![];
+        // At most `block::MAX_OPS` instructions.
+        a.sub_mem(Addr::at(RSP, slot::LEFT), count as i32);
+        out.push(a.jcc(CC_LE));
+        a.cmp_dword(Addr::at(RSP, slot::STAMP), NO_STAMP as u32 as i32);
+        let lo = a.len() - 4;
+        out.push(a.jcc(CC_NE));
+        a.cmp_dword(
+            Addr::at(RSP, slot::STAMP + 4),
+            (NO_STAMP >> 32) as u32 as i32,
+        );
+        let hi = a.len() - 4;
+        out.push(a.jcc(CC_NE));
+        a.sub_mem(Addr::at(RSP, slot::HOPS), -1);
+        let jump = a.jmp();
+        out.push(jump);
+        let here = a.len();
+        for f in out {
+            a.patch(f, here);
+        }
+        let record = ExitRecord {
+            rip,
+            ..self.record()
+        };
+        self.leave_linked(record, [Some(lo), Some(hi), Some(jump.at())]);
+    }
+
+    /// The end of a block going on to the RIP in `rip` (the guest's flags
+    /// in their slot, the scratch registers pushed): the jump cache's
+    /// entry for it, if made under the chain's stamp for a block with
+    /// code for this privilege, while the budget lasts. `x` and `y` are
+    /// free registers.
+    fn indirect_successor(&mut self, rip: u8, x: u8, y: u8, ending: &Ending) {
+        use std::mem::{offset_of, size_of};
+        let mut out = vec![];
+        let left = self.at(slot::LEFT);
+        let jumps = self.at(slot::JUMPS);
+        let stamp = self.at(slot::STAMP);
+        let next = self.at(slot::NEXT);
+        let hops = self.at(slot::HOPS);
+        let dynamic = self.at(slot::RIP);
+        let a = &mut self.a;
+        let entry = |f: usize| Addr::at(x, super::offset(f));
+        a.sub_mem(left, ending.count as i32);
+        out.push(a.jcc(CC_LE));
+        // As `BlockCache::jump_target` finds it.
+        a.mov(x, rip);
+        a.shr(x, 12);
+        a.xor(x, rip);
+        a.and32(x, JUMP_SLOTS as u32 - 1);
+        a.imul_imm(x, x, size_of::<Jump>() as i32);
+        a.add_load(x, jumps);
+        a.cmp_load(rip, entry(offset_of!(Jump, rip)));
+        out.push(a.jcc(CC_NE));
+        a.load(y, stamp);
+        a.cmp_load(y, entry(offset_of!(Jump, stamp)));
+        out.push(a.jcc(CC_NE));
+        // Links between 64-bit blocks need no CS base check: the base
+        // does not take part in 64-bit addressing.
+        a.cmp_dword(entry(offset_of!(Jump, bitness)), 64);
+        out.push(a.jcc(CC_NE));
+        a.load(x, entry(offset_of!(Jump, block)));
+        a.cmp_byte(entry(offset_of!(Block, native_user)), u8::from(ending.user));
+        out.push(a.jcc(CC_NE));
+        a.load(x, entry(offset_of!(Block, native)));
+        a.test(x, x);
+        out.push(a.jcc(CC_E));
+        a.store(next, x);
+        a.sub_mem(hops, -1);
+        self.pop_scratch();
+        self.a.jmp_mem(Addr::at(RSP, slot::NEXT));
+        let here = self.a.len();
+        for f in out {
+            self.a.patch(f, here);
+        }
+        self.a.store(dynamic, rip);
+        self.pop_scratch();
+        self.leave(ExitRecord {
+            result: DYNAMIC,
+            ..self.record()
+        });
+    }
+
+    /// The code with its records after it.
+    fn finish(mut self) -> Vec<u8> {
+        for (f, mut record, sites) in std::mem::take(&mut self.records) {
+            let at = self.a.len().next_multiple_of(8);
+            self.a.code.resize(at, 0xcc);
+            self.a.patch(f, at);
+            let rel = |site: Option<usize>| site.map_or(0, |s| s as i32 - at as i32);
+            record.stamp_lo = rel(sites[0]);
+            record.stamp_hi = rel(sites[1]);
+            record.jump = rel(sites[2]);
+            record.write(&mut self.a.code);
+        }
+        self.a.code
+    }
+}
