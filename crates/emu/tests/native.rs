@@ -58,15 +58,42 @@ fn random_instruction(
     let m = operand(rng, data);
     let imm = rng.next() as i32 >> rng.below(32);
     let step = 8 * (1 + rng.below(4) as i32);
-    match rng.below(if stack { 38 } else { 30 }) {
-        30 => a.push(v),
-        31 => a.pop(v),
-        32 => a.push(imm),
-        33 => a.sub(rsp, step),
-        34 => a.add(rsp, step),
-        35 => a.mov(v, rsp),
-        36 => a.lea(v, ptr(rsp + imm)),
-        37 => a.push(v).and_then(|()| a.pop(w)),
+    match rng.below(if stack { 46 } else { 38 }) {
+        38 => a.push(v),
+        39 => a.pop(v),
+        40 => a.push(imm),
+        41 => a.sub(rsp, step),
+        42 => a.add(rsp, step),
+        43 => a.mov(v, rsp),
+        44 => a.lea(v, ptr(rsp + imm)),
+        45 => a.push(v).and_then(|()| a.pop(w)),
+        // DIV leaves every flag undefined; a zero divisor (RDX, a zero in
+        // the data) or a quotient too large (the high half not cleared)
+        // is #DE.
+        36 => a
+            .xor(edx, edx)
+            .and_then(|()| a.div(v))
+            .and_then(|()| a.cmp(v, w)),
+        37 => {
+            if rng.below(4) != 0 {
+                a.xor(edx, edx)?;
+            }
+            a.div(dword_ptr(m)).and_then(|()| a.cmp(v, w))
+        }
+        // Bit scans leave CF, OF, SF, AF and PF undefined (and BSF or BSR
+        // of zero its destination as it was): a CMP defines the flags
+        // again before anything can stop. TZCNT and LZCNT are BSF and BSR
+        // on this vCPU.
+        30 => a.bsf(v, w).and_then(|()| a.cmp(v, w)),
+        31 => a.bsr(v32, dword_ptr(m)).and_then(|()| a.cmp(v, w)),
+        32 => a.tzcnt(v, qword_ptr(m)).and_then(|()| a.cmp(v, w)),
+        33 => a.lzcnt(v32, v32).and_then(|()| a.cmp(v, w)),
+        34 => a.lock().xadd(qword_ptr(m), v),
+        35 => match rng.below(3) {
+            0 => a.lock().cmpxchg(dword_ptr(m), v32),
+            1 => a.cmpxchg(qword_ptr(m), v),
+            _ => a.lock().add(qword_ptr(m), v),
+        },
         0 => a.add(v, w),
         1 => a.sub(v, imm),
         2 => a.adc(v, w),
@@ -180,7 +207,8 @@ fn random_programs_with_memory_operands_match_the_interpreter() {
 
 /// A loop of five laps around `len` random instructions (R15 counts), a
 /// call to a function of random instructions, a branch over more of
-/// them, taken every other lap, a second call, and a jump through memory; the function
+/// them, taken every other lap, a second call (through memory), and a
+/// jump through memory; the function
 /// ends in a jump through a register to its RET, and it and the call
 /// leave RSP as they found them. Most blocks are compiled whole, and
 /// their code goes on from block to block. Some laps name every register
@@ -218,10 +246,12 @@ fn looping_program(rng: &mut Rng, len: usize) -> Vec<u8> {
         let _ = random_instruction(&mut a, rng, data, true);
     }
     a.set_label(skip).unwrap();
-    // A second caller: the function's RET alternates between two return
-    // addresses, one of which its one link misses (the jump cache has it).
+    // A second caller, through memory: the function's RET alternates
+    // between two return addresses (the jump cache has both).
     a.lea(rbp, ptr(*function)).unwrap();
-    a.call(rbp).unwrap();
+    a.push(rbp).unwrap();
+    a.call(qword_ptr(rsp)).unwrap();
+    a.add(rsp, 8).unwrap();
     a.lea(rbp, ptr(*back)).unwrap();
     a.push(rbp).unwrap();
     a.jmp(qword_ptr(rsp)).unwrap();

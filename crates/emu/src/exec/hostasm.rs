@@ -49,6 +49,7 @@ impl Fixup {
 
 /// Condition codes (the low nibble of Jcc's opcode).
 pub const CC_B: u8 = 0x2;
+pub const CC_AE: u8 = 0x3;
 pub const CC_E: u8 = 0x4;
 pub const CC_NE: u8 = 0x5;
 pub const CC_LE: u8 = 0xe;

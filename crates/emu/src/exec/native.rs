@@ -98,6 +98,8 @@ fn eligible_with(i: &Instruction, bitness: u32, rsp: bool) -> bool {
                 | M::Clc
                 | M::Stc
                 | M::Cmc
+                | M::Bsf
+                | M::Bsr
         )
         || super::forms::is_cmovcc(m)
         || super::forms::is_setcc(m);
@@ -412,7 +414,27 @@ fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Optio
     use iced_x86::{Code, OpAccess};
     use Mnemonic as M;
     let i = &op.instr;
-    if op.bitness != 64 || i.is_invalid() || i.has_lock_prefix() {
+    let m = i.mnemonic();
+    // A locked read-modify-write stays one: the host's LOCK on the guest's
+    // page, as atomic against other vCPUs as the interpreter's (which
+    // uses the host's atomics too).
+    let lockable = matches!(
+        m,
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Xadd
+            | M::Cmpxchg
+    );
+    if op.bitness != 64 || i.is_invalid() || (i.has_lock_prefix() && !lockable) {
         return None;
     }
     // PUSH and POP of a 64-bit register other than RSP, PUSH of an
@@ -423,11 +445,24 @@ fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Optio
         Code::Pop_r64 if usable(i.op0_register()) => return Some(stack(0, false)),
         _ => {}
     }
-    let m = i.mnemonic();
     let immediate_bit_offset = matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
         && (0..i.op_count()).any(|n| super::forms::is_immediate(i.op_kind(n)));
     let listed = (super::forms::is_register_alu(m) && !matches!(m, M::Lea | M::Nop))
-        || matches!(m, M::Mul | M::Rcl | M::Rcr | M::Shld | M::Shrd | M::Xchg)
+        || matches!(
+            m,
+            M::Mul
+                | M::Rcl
+                | M::Rcr
+                | M::Shld
+                | M::Shrd
+                | M::Xchg
+                | M::Xadd
+                | M::Cmpxchg
+                | M::Bsf
+                | M::Bsr
+                | M::Tzcnt
+                | M::Lzcnt
+        )
         || immediate_bit_offset
         || super::forms::is_cmovcc(m)
         || super::forms::is_setcc(m);
@@ -495,26 +530,34 @@ fn usable(r: Register) -> bool {
 enum Item<'a> {
     /// Register-only: its bytes are copied.
     Copy(&'a Instruction, &'a [u8]),
-    /// Register-only, naming RSP: re-encoded with the register holding it.
+    /// Register-only, naming RSP (re-encoded with the register holding
+    /// it) or TZCNT or LZCNT (re-encoded as BSF or BSR).
     Renamed(&'a Instruction),
     /// With a memory operand (PUSH and POP included): re-encoded to
     /// address the host page.
     Memory(&'a Instruction, MemOperand),
     /// LEA of a constant address: a move of it.
     Constant(&'a Instruction, u8, u64),
+    /// DIV, of a memory operand when given (see [`division`]).
+    Divide(&'a Instruction, Option<MemOperand>),
 }
 
 impl Item<'_> {
     fn instr(&self) -> &Instruction {
         match self {
-            Item::Copy(i, _) | Item::Renamed(i) | Item::Memory(i, _) | Item::Constant(i, ..) => i,
+            Item::Copy(i, _)
+            | Item::Renamed(i)
+            | Item::Memory(i, _)
+            | Item::Constant(i, ..)
+            | Item::Divide(i, _) => i,
         }
     }
 
     fn names_rsp(&self) -> bool {
         match self {
             Item::Copy(..) | Item::Constant(..) => false,
-            Item::Renamed(_) => true,
+            Item::Renamed(i) => names_rsp(i),
+            Item::Divide(_, m) => m.is_some_and(|m| m.base == Some(RSP)),
             Item::Memory(i, m) => m.base == Some(RSP) || names_rsp(i),
         }
     }
@@ -794,10 +837,12 @@ fn stub(
                     a.popfq();
                     saved = false;
                 }
-                a.bytes(&rewritten(i, None, scratch.as_ref()?.rsp, encoder)?);
+                a.bytes(&rewritten(i, None, scratch.and_then(|s| s.rsp), encoder)?);
             }
             // A move keeps the flags.
             Item::Constant(_, r, value) => a.mov_imm64(*r, *value),
+            // Only in a block's code.
+            Item::Divide(..) => return None,
             Item::Memory(i, mem) => {
                 let s = scratch.as_ref()?;
                 if !saved && track {
@@ -873,15 +918,15 @@ fn layout(
     let mems: Vec<MemOperand> = run
         .iter()
         .filter_map(|item| match item {
-            Item::Memory(_, m) => Some(*m),
-            Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) => None,
+            Item::Memory(_, m) | Item::Divide(_, Some(m)) => Some(*m),
+            Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) | Item::Divide(_, None) => None,
         })
         .collect();
     let needs_rsp = run.iter().any(Item::names_rsp);
     let scratch = if mems.is_empty() && !needs_rsp && next.is_none() {
         None
     } else {
-        let temp = matches!(next, Some(Next::Popped));
+        let temp = matches!(next, Some(Next::Popped | Next::Called));
         Some(Scratch::plan(fp.regs, &mems, needs_rsp, temp)?)
     };
     Some((fp, scratch))
@@ -925,6 +970,27 @@ fn store_back(a: &mut Asm, used: &dyn Fn(&u8) -> bool, rsp: Option<u8>, flags: b
     }
 }
 
+/// TZCNT and LZCNT as the guest runs them: the vCPU does not offer BMI1
+/// or LZCNT, so (as on a processor without them) they are BSF and BSR
+/// with an ignored REP prefix, which the interpreter runs too.
+fn bit_scan(i: &Instruction) -> Option<Instruction> {
+    use iced_x86::Code as C;
+    let code = match i.code() {
+        C::Tzcnt_r16_rm16 => C::Bsf_r16_rm16,
+        C::Tzcnt_r32_rm32 => C::Bsf_r32_rm32,
+        C::Tzcnt_r64_rm64 => C::Bsf_r64_rm64,
+        C::Lzcnt_r16_rm16 => C::Bsr_r16_rm16,
+        C::Lzcnt_r32_rm32 => C::Bsr_r32_rm32,
+        C::Lzcnt_r64_rm64 => C::Bsr_r64_rm64,
+        _ => return None,
+    };
+    let mut r = *i;
+    r.set_code(code);
+    r.set_has_repe_prefix(false);
+    r.set_has_rep_prefix(false);
+    Some(r)
+}
+
 /// `i` with its memory operand replaced by `[addr]` (when given) and RSP
 /// wherever it names it replaced by `rsp`, or `None` where iced cannot
 /// encode that (a `moffs` form, AH..DH beside a REX prefix) or RSP has no
@@ -937,7 +1003,7 @@ fn rewritten(
     encoder: &mut iced_x86::Encoder,
 ) -> Option<Vec<u8>> {
     let reg = |n: u8| Register::RAX + u32::from(n);
-    let mut r = *i;
+    let mut r = bit_scan(i).unwrap_or(*i);
     if let Some(addr) = addr {
         r.set_memory_base(reg(addr));
         r.set_memory_index(Register::None);
@@ -1198,6 +1264,28 @@ enum Form {
     Memory(MemOperand),
     /// LEA of a RIP-relative address: register `.0` gets `.1`.
     Constant(u8, u64),
+    /// DIV of a 32- or 64-bit register or memory operand (see
+    /// [`division`]).
+    Divide(Option<MemOperand>),
+}
+
+/// Whether `op` is a DIV a block's code may run, checking first that it
+/// cannot fault (a zero divisor or a quotient too large): DIV of a 32- or
+/// 64-bit register, or with `memory` of such a memory operand (`Some`).
+fn division(op: &Op, memory: bool) -> Option<Option<MemOperand>> {
+    use iced_x86::Code;
+    let i = &op.instr;
+    if op.bitness != 64 || !matches!(i.code(), Code::Div_rm32 | Code::Div_rm64) {
+        return None;
+    }
+    match i.op0_kind() {
+        OpKind::Register if usable(i.op0_register()) => Some(None),
+        OpKind::Memory if memory => {
+            let size = if i.code() == Code::Div_rm64 { 8 } else { 4 };
+            effective(op, size, false).map(Some)
+        }
+        _ => None,
+    }
 }
 
 /// How `op` may run natively, if it may (with `memory`, forms that
@@ -1206,6 +1294,10 @@ fn form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> O
     let bitness = u32::from(op.bitness);
     if eligible(&op.instr, bitness) {
         Some(Form::Register)
+    } else if memory && bit_scan(&op.instr).is_some() {
+        // TZCNT and LZCNT as BSF and BSR (see `bit_scan`).
+        let bsf = bit_scan(&op.instr)?;
+        eligible(&bsf, bitness).then_some(Form::Renamed)
     } else if memory && eligible_with(&op.instr, bitness, true) {
         Some(Form::Renamed)
     } else if memory {
@@ -1215,17 +1307,24 @@ fn form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> O
     }
 }
 
-/// The memory access of a block's last instruction, run as an item of its
-/// code: CALL's push of the return address, RET's pop of its target, an
-/// indirect JMP's load of its target.
-fn ending_access(op: &Op) -> Option<MemOperand> {
+/// The memory accesses of a block's last instruction, run as items of its
+/// code: CALL's push of the return address (after the load of its target
+/// for a CALL through memory), RET's pop of its target, an indirect JMP's
+/// load of its target.
+fn ending_access(op: &Op) -> Vec<MemOperand> {
     use iced_x86::Code;
     let i = &op.instr;
+    let through_memory = i.op0_kind() == OpKind::Memory;
     match i.code() {
-        Code::Call_rel32_64 | Code::Call_rm64 => Some(stack(-8, true)),
-        Code::Retnq => Some(stack(0, false)),
-        Code::Jmp_rm64 if i.op0_kind() == OpKind::Memory => effective(op, 8, false),
-        _ => None,
+        // Its target first: a miss in the push still leaves before the
+        // CALL, nothing changed.
+        Code::Call_rm64 if through_memory => effective(op, 8, false)
+            .map(|target| vec![target, stack(-8, true)])
+            .unwrap_or_default(),
+        Code::Call_rel32_64 | Code::Call_rm64 => vec![stack(-8, true)],
+        Code::Retnq => vec![stack(0, false)],
+        Code::Jmp_rm64 if through_memory => effective(op, 8, false).into_iter().collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -1270,7 +1369,8 @@ fn ending(op: &Op, memory: bool) -> Option<Next> {
     };
     match i.code() {
         Code::Jmp_rm64 if i.op0_kind() == OpKind::Register => Some(Next::Register(register()?)),
-        Code::Jmp_rm64 if memory && ending_access(op).is_some() => Some(Next::Popped),
+        Code::Jmp_rm64 if memory && !ending_access(op).is_empty() => Some(Next::Popped),
+        Code::Call_rm64 if memory && ending_access(op).len() == 2 => Some(Next::Called),
         Code::Call_rel32_64 if memory => Some(Next::To(i.near_branch_target())),
         Code::Call_rm64 if memory => Some(Next::Register(register()?)),
         Code::Retnq if memory => Some(Next::Popped),
@@ -1278,9 +1378,20 @@ fn ending(op: &Op, memory: bool) -> Option<Next> {
     }
 }
 
-/// How `op` may be an instruction of a block's code: as a native run's
-/// (see [`form`]), or LEA of a RIP-relative address, which is a constant.
-fn item_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> Option<Form> {
+/// How `op` may be an instruction of a block's code (with `block`, else a
+/// run's): as a native run's (see [`form`]), LEA of a RIP-relative
+/// address, which is a constant, or in a block, DIV.
+fn item_form(
+    op: &Op,
+    memory: bool,
+    block: bool,
+    info: &mut iced_x86::InstructionInfoFactory,
+) -> Option<Form> {
+    if block {
+        if let Some(divisor) = division(op, memory) {
+            return Some(Form::Divide(divisor));
+        }
+    }
     use iced_x86::Code;
     let i = &op.instr;
     let lea = matches!(i.code(), Code::Lea_r64_m | Code::Lea_r32_m);
@@ -1325,6 +1436,9 @@ enum Next {
     Popped,
     /// An indirect JMP's or CALL's target, in a guest register.
     Register(u8),
+    /// A CALL's target loaded from memory into the `temp` scratch
+    /// register.
+    Called,
 }
 
 /// Compiles the whole of block `block` to native code: its address (`None`
@@ -1385,15 +1499,18 @@ fn block_items<'a>(
     let mut items = body
         .iter()
         .zip(spans)
-        .map(|(op, (from, to))| match item_form(op, memory, info)? {
-            Form::Register => Some(Item::Copy(&op.instr, bytes.get(*from..*to)?)),
-            Form::Renamed => Some(Item::Renamed(&op.instr)),
-            Form::Memory(m) => Some(Item::Memory(&op.instr, m)),
-            Form::Constant(r, v) => Some(Item::Constant(&op.instr, r, v)),
-        })
+        .map(
+            |(op, (from, to))| match item_form(op, memory, true, info)? {
+                Form::Register => Some(Item::Copy(&op.instr, bytes.get(*from..*to)?)),
+                Form::Renamed => Some(Item::Renamed(&op.instr)),
+                Form::Memory(m) => Some(Item::Memory(&op.instr, m)),
+                Form::Constant(r, v) => Some(Item::Constant(&op.instr, r, v)),
+                Form::Divide(m) => Some(Item::Divide(&op.instr, m)),
+            },
+        )
         .collect::<Option<Vec<Item>>>()?;
     if body.len() < ops.len() {
-        if let Some(m) = ending_access(last) {
+        for m in ending_access(last) {
             items.push(Item::Memory(&last.instr, m));
         }
     }
@@ -1433,7 +1550,7 @@ pub fn plan_block(
     let mut info = iced_x86::InstructionInfoFactory::new();
     let body = |op: &Op, info: &mut iced_x86::InstructionInfoFactory| {
         op.instr.flow_control() == iced_x86::FlowControl::Next
-            && item_form(op, memory, info).is_some()
+            && item_form(op, memory, true, info).is_some()
     };
     let first_bad = (0..n)
         .find(|&k| {
@@ -1597,7 +1714,7 @@ pub fn compile_runs(
         .enumerate()
         .map(|(k, op)| {
             (k < limit)
-                .then(|| item_form(op, memory, &mut info))
+                .then(|| item_form(op, memory, false, &mut info))
                 .flatten()
         })
         .collect();
@@ -1623,6 +1740,7 @@ pub fn compile_runs(
                     Form::Memory(m) if with_memory => Some(Item::Memory(&ops[n].instr, m)),
                     Form::Memory(_) => None,
                     Form::Constant(r, v) => Some(Item::Constant(&ops[n].instr, r, v)),
+                    Form::Divide(_) => None,
                 })
                 .collect()
         };
@@ -1743,6 +1861,7 @@ mod tests {
             &[0x48, 0x8d, 0x44, 0x98, 0x10], // lea rax, [rax + rbx*4 + 0x10]
             &[0x0f, 0x92, 0xc0],             // setb al
             &[0x88, 0xdc],                   // mov ah, bl
+            &[0x48, 0x0f, 0xbc, 0xc3],       // bsf rax, rbx
         ];
         let no: &[&[u8]] = &[
             &[0x48, 0x8b, 0x03],             // mov rax, [rbx]
@@ -1753,7 +1872,7 @@ mod tests {
             &[0x48, 0xf7, 0xf3],             // div rbx (#DE)
             &[0x50],                         // push rax
             &[0x0f, 0x22, 0xd8],             // mov cr3, rax
-            &[0x48, 0x0f, 0xbc, 0xc3],       // bsf (differs with TZCNT hosts)
+            &[0xf3, 0x48, 0x0f, 0xbc, 0xc3], // tzcnt (BSF here, re-encoded)
             &[0xc4, 0xe2, 0xe3, 0xf6, 0xc1], // mulx (not offered)
             &[0x0f, 0x0b],                   // ud2
             &[0x9f],                         // lahf (#UD in 64-bit mode on early x86-64 hosts)

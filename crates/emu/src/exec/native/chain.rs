@@ -19,7 +19,9 @@
 //! jump cache. Every other way out goes through the shared exit routine
 //! with an [`ExitRecord`] saying where the code stopped.
 
-use super::super::hostasm::{Addr, Asm, Fixup, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP};
+use super::super::hostasm::{
+    Addr, Asm, Fixup, CC_AE, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP,
+};
 use super::{
     lookup, offset, rewritten, stack_access, Ending, FlagUse, Frame, Item, Next, ALL_FLAGS,
     BLOCK_DONE, CALLEE_SAVED, STATUS,
@@ -315,6 +317,23 @@ pub(super) fn block_code(
             }
             // A move keeps the flags.
             Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
+            Item::Divide(i, mem) => {
+                // The checks change the host's flags, and a miss leaves the
+                // guest's in the slot.
+                flags.flush(&mut e.a, e.depth, s.addr);
+                flags.valid = 0;
+                let mut fixups = Vec::new();
+                if let Some(mem) = mem {
+                    fixups = lookup(&mut e.a, mem, &s, ending.user, e.depth)?;
+                }
+                fixups.extend(divide(
+                    &mut e.a,
+                    i,
+                    mem.map(|_| (s.addr, s.entry)),
+                    encoder,
+                )?);
+                misses.push((fixups, k));
+            }
             Item::Memory(i, mem) => {
                 // The lookup changes the host's flags, and a miss leaves
                 // the guest's in the slot.
@@ -325,6 +344,8 @@ pub(super) fn block_code(
                 // host address now, is not needed.
                 flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
                 match i.mnemonic() {
+                    // The target of a CALL through memory (see `Next::Called`).
+                    Mnemonic::Call if !mem.write => e.a.load(s.temp?, Addr::at(s.addr, 0)),
                     Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret => {
                         stack_access(&mut e.a, i, &s)?
                     }
@@ -368,6 +389,10 @@ pub(super) fn block_code(
             flags.flush(&mut e.a, e.depth, s.addr);
             e.indirect_successor(r, s.addr, s.entry, ending);
         }
+        Next::Called => {
+            flags.flush(&mut e.a, e.depth, s.addr);
+            e.indirect_successor(s.temp?, s.addr, s.entry, ending);
+        }
     }
     for (fixups, k) in misses {
         let here = e.a.len();
@@ -378,12 +403,68 @@ pub(super) fn block_code(
             e.a.store(e.at(slot::RSP), r);
         }
         e.pop_scratch();
+        // The items past the block's last instruction are its own accesses
+        // (a CALL's load and push).
+        let instruction = k.min(ending.count - 1);
         e.leave(ExitRecord {
-            result: k as u64,
+            result: instruction as u64,
             ..e.record()
         });
     }
     Some(e.finish())
+}
+
+/// DIV `i` after checks that leave (the jumps returned) where it would
+/// fault: a zero divisor, or a high half of the dividend (EDX or RDX) not
+/// below the divisor. With `memory` (the host address, a free register),
+/// the divisor is loaded from the address into the free register first.
+fn divide(
+    a: &mut Asm,
+    i: &iced_x86::Instruction,
+    memory: Option<(u8, u8)>,
+    encoder: &mut iced_x86::Encoder,
+) -> Option<Vec<Fixup>> {
+    use iced_x86::{Code, Instruction as I, MemoryOperand, Register as R};
+    let wide = i.code() == Code::Div_rm64;
+    let reg = |n: u8| {
+        let full = R::RAX + u32::from(n);
+        if wide {
+            full
+        } else {
+            R::EAX + u32::from(n)
+        }
+    };
+    let (divisor, load) = match memory {
+        Some((addr, free)) => {
+            let code = if wide {
+                Code::Mov_r64_rm64
+            } else {
+                Code::Mov_r32_rm32
+            };
+            let at = MemoryOperand::with_base(R::RAX + u32::from(addr));
+            (reg(free), Some(I::with2(code, reg(free), at).ok()?))
+        }
+        None => (i.op0_register(), None),
+    };
+    let (test, cmp, div) = if wide {
+        (Code::Test_rm64_r64, Code::Cmp_r64_rm64, Code::Div_rm64)
+    } else {
+        (Code::Test_rm32_r32, Code::Cmp_r32_rm32, Code::Div_rm32)
+    };
+    let mut emit = |a: &mut Asm, ins: I| -> Option<()> {
+        encoder.encode(&ins, 0).ok()?;
+        a.bytes(&encoder.take_buffer());
+        Some(())
+    };
+    if let Some(load) = load {
+        emit(a, load)?;
+    }
+    emit(a, I::with2(test, divisor, divisor).ok()?)?;
+    let zero = a.jcc(CC_E);
+    emit(a, I::with2(cmp, reg(RDX), divisor).ok()?)?;
+    let overflow = a.jcc(CC_AE);
+    emit(a, I::with1(div, divisor).ok()?)?;
+    Some(vec![zero, overflow])
 }
 
 /// Builds a block's code: its scratch registers pushed (`depth` bytes of
