@@ -60,6 +60,7 @@ pub struct Trace {
     pub flags: u64,
     pub rip: u64,
     pub cr2: u64,
+    pub xmm: [u128; 16],
     pub ram: Vec<u8>,
 }
 
@@ -116,13 +117,16 @@ pub fn run(
     }
     cpu.segs[4].base = FS_BASE;
     cpu.segs[5].base = GS_BASE;
-    // PE, PG and WP (supervisor writes honour read-only pages); PAE;
-    // EFER.LME and LMA.
+    // PE, PG and WP (supervisor writes honour read-only pages); PAE and
+    // OSFXSR (SSE instructions run); EFER.LME and LMA.
     cpu.cr0 = 0x8001_0011;
-    cpu.cr4 = 1 << 5;
+    cpu.cr4 = (1 << 5) | (1 << 9);
     cpu.efer = (1 << 8) | (1 << 10);
     cpu.cr3 = PML4;
     cpu.gpr = *regs;
+    for (n, x) in cpu.fpu.xmm.iter_mut().enumerate() {
+        *x = (u128::from(regs[n]) << 64) | u128::from(regs[15 - n].rotate_left(7));
+    }
     cpu.rflags = 2 | (flags & 0x8d5);
     cpu.rip = CODE;
     let mut exits = Vec::new();
@@ -161,6 +165,7 @@ pub fn run(
         flags: cpu.rflags & COMPARED_FLAGS,
         rip: cpu.rip,
         cr2: cpu.cr2,
+        xmm: cpu.fpu.xmm,
         ram,
     };
     (trace, e)
@@ -178,7 +183,8 @@ pub fn assert_same(what: &str, native: &Trace, interpreted: &Trace) {
         .position(|(a, b)| a != b);
     panic!(
         "{what}: native vs interpreted\nexits {:?}\n   vs {:?}\ngpr {:x?}\n vs {:x?}\n\
-         flags {:#x} vs {:#x}, rip {:#x} vs {:#x}, cr2 {:#x} vs {:#x}, first RAM difference at {ram:x?}",
+         flags {:#x} vs {:#x}, rip {:#x} vs {:#x}, cr2 {:#x} vs {:#x}\nxmm {:x?}\n vs {:x?}\n\
+         first RAM difference at {ram:x?}",
         native.exits,
         interpreted.exits,
         native.gpr,
@@ -188,7 +194,9 @@ pub fn assert_same(what: &str, native: &Trace, interpreted: &Trace) {
         native.rip,
         interpreted.rip,
         native.cr2,
-        interpreted.cr2
+        interpreted.cr2,
+        native.xmm,
+        interpreted.xmm
     );
 }
 

@@ -20,6 +20,7 @@ use iced_x86::code_asm::*;
 /// stay free, so most runs have their scratch registers.
 const VALUES: [AsmRegister64; 6] = [rax, rcx, rdx, rdi, r8, r9];
 const VALUES32: [AsmRegister32; 6] = [eax, ecx, edx, edi, r8d, r9d];
+const VECTORS: [AsmRegisterXmm; 4] = [xmm0, xmm1, xmm7, xmm12];
 
 /// A random memory operand of `size` bytes.
 fn operand(rng: &mut Rng, data: CodeLabel) -> AsmMemoryOperand {
@@ -58,15 +59,40 @@ fn random_instruction(
     let m = operand(rng, data);
     let imm = rng.next() as i32 >> rng.below(32);
     let step = 8 * (1 + rng.below(4) as i32);
-    match rng.below(if stack { 46 } else { 38 }) {
-        38 => a.push(v),
-        39 => a.pop(v),
-        40 => a.push(imm),
-        41 => a.sub(rsp, step),
-        42 => a.add(rsp, step),
-        43 => a.mov(v, rsp),
-        44 => a.lea(v, ptr(rsp + imm)),
-        45 => a.push(v).and_then(|()| a.pop(w)),
+    let x = rng.pick(&VECTORS);
+    let y = rng.pick(&VECTORS);
+    match rng.below(if stack { 48 } else { 40 }) {
+        40 => a.push(v),
+        41 => a.pop(v),
+        42 => a.push(imm),
+        43 => a.sub(rsp, step),
+        44 => a.add(rsp, step),
+        45 => a.mov(v, rsp),
+        46 => a.lea(v, ptr(rsp + imm)),
+        47 => a.push(v).and_then(|()| a.pop(w)),
+        // SSE data movement and integer operations: unaligned and aligned
+        // 16-byte operands (#GP when misaligned), 8- and 4-byte ones, XMM
+        // to and from general registers.
+        38 => match rng.below(8) {
+            0 => a.movdqu(x, xmmword_ptr(m)),
+            1 => a.movdqa(x, xmmword_ptr(m)),
+            2 => a.movups(xmmword_ptr(m), x),
+            3 => a.pcmpeqb(x, xmmword_ptr(m)),
+            4 => a.movsd_2(x, qword_ptr(m)),
+            5 => a.movsd_2(qword_ptr(m), x),
+            6 => a.movd(dword_ptr(m), x),
+            _ => a.punpcklbw(x, xmmword_ptr(m)),
+        },
+        39 => match rng.below(8) {
+            0 => a.pxor(x, y),
+            1 => a.pcmpeqb(x, y),
+            2 => a.pmovmskb(v32, x),
+            3 => a.movq(v, x),
+            4 => a.movq(x, v),
+            5 => a.pshufd(x, y, imm as u8 as u32),
+            6 => a.psubb(x, y),
+            _ => a.pminub(x, y),
+        },
         // DIV leaves every flag undefined; a zero divisor (RDX, a zero in
         // the data) or a quotient too large (the high half not cleared)
         // is #DE.

@@ -1334,3 +1334,43 @@ fn a_block_is_compiled_to_native_code_once_it_has_run_often() {
     // Exact across the switch: one lap per three instructions.
     assert_eq!(e.cpu().gpr[0], e.instructions_retired() / 3);
 }
+
+#[test]
+fn sse_in_native_code_is_a_device_not_available_fault_with_cr0_ts_set() {
+    // A loop's block with PADDQ is compiled and chained to itself; with
+    // CR0.TS set, the same code must leave before PADDQ for the
+    // interpreter to raise #NM there, as the OS expects for lazy FPU
+    // switching.
+    if !native_code_runs_here() {
+        return;
+    }
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.add(rax, 1).unwrap();
+    // At CODE + 6: `add rax, imm32` first.
+    a.paddq(xmm0, xmm1).unwrap();
+    a.cmp(rax, 1000).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.cpu_mut().cr4 |= 1 << 9;
+    e.cpu_mut().fpu.xmm[1] = 3;
+    assert_eq!(e.run(GUARD, None), Exit::Halt);
+    assert_eq!(e.cpu().fpu.xmm[0], 3000, "PADDQ in native code");
+    assert!(e.native_blocks_chained() > 500, "the loop did not chain");
+    let cpu = e.cpu_mut();
+    cpu.rip = CODE;
+    cpu.gpr[0] = 0;
+    cpu.cr0 |= 1 << 3;
+    e.set_exception_exits(1 << 7);
+    match e.run(10_000, None) {
+        Exit::Exception(x) => assert_eq!(x.vector, 7, "#NM"),
+        other => panic!("expected #NM, got {other:?}"),
+    }
+    assert_eq!(e.cpu().gpr[0], 1, "the ADD before it ran");
+    assert_eq!(e.cpu().rip, CODE + 6, "at PADDQ");
+    assert_eq!(e.cpu().fpu.xmm[0], 3000, "PADDQ did not run");
+}

@@ -51,6 +51,7 @@ impl Fixup {
 pub const CC_B: u8 = 0x2;
 pub const CC_AE: u8 = 0x3;
 pub const CC_E: u8 = 0x4;
+pub const CC_A: u8 = 0x7;
 pub const CC_NE: u8 = 0x5;
 pub const CC_LE: u8 = 0xe;
 
@@ -280,6 +281,36 @@ impl Asm {
         self.rex(true, 0, 0, r);
         self.bytes(&[0x81, 0xe0 | (r & 7)]);
         self.bytes(&imm.to_le_bytes());
+    }
+
+    /// `test r64, imm` (sign-extended).
+    pub fn test_imm(&mut self, r: u8, imm: i32) {
+        self.rex(true, 0, 0, r);
+        self.bytes(&[0xf7, 0xc0 | (r & 7)]);
+        self.bytes(&imm.to_le_bytes());
+    }
+
+    /// `movdqu x, [a]` (XMM register `x`).
+    pub fn movdqu_load(&mut self, x: u8, a: Addr) {
+        self.code.push(0xf3);
+        self.mem(false, &[0x0f, 0x6f], x, a);
+    }
+
+    /// `movdqu [a], x`.
+    pub fn movdqu_store(&mut self, a: Addr, x: u8) {
+        self.code.push(0xf3);
+        self.mem(false, &[0x0f, 0x7f], x, a);
+    }
+
+    /// `call qword [a]`.
+    pub fn call_mem(&mut self, a: Addr) {
+        self.mem(false, &[0xff], 2, a);
+    }
+
+    /// `ret imm16`: returns, then drops `n` bytes of arguments.
+    pub fn ret_pop(&mut self, n: u16) {
+        self.code.push(0xc2);
+        self.bytes(&n.to_le_bytes());
     }
 
     /// `or r64, imm` (sign-extended).
@@ -557,6 +588,31 @@ mod tests {
             (i.mnemonic(), i.op0_register(), i.immediate32to64()),
             (Mnemonic::And, Register::RCX, -8)
         );
+        let i = one(|a| a.test_imm(10, 15));
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.immediate32to64()),
+            (Mnemonic::Test, Register::R10, 15)
+        );
+        for x in [0u8, 7, 8, 15] {
+            let xmm = Register::XMM0 + u32::from(x);
+            let i = one(|a| a.movdqu_load(x, Addr::at(RAX, 0x30)));
+            assert_eq!(
+                (i.mnemonic(), i.op0_register(), i.memory_base()),
+                (Mnemonic::Movdqu, xmm, Register::RAX)
+            );
+            let i = one(|a| a.movdqu_store(Addr::at(11, 0x30), x));
+            assert_eq!(
+                (i.mnemonic(), i.op1_register(), i.memory_base()),
+                (Mnemonic::Movdqu, xmm, Register::R11)
+            );
+        }
+        let i = one(|a| a.call_mem(Addr::at(RSP, 0x88)));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base(), i.memory_displacement64()),
+            (Mnemonic::Call, Register::RSP, 0x88)
+        );
+        let i = one(|a| a.ret_pop(8));
+        assert_eq!((i.mnemonic(), i.immediate16()), (Mnemonic::Ret, 8));
         let i = one(|a| a.or64(9, 0x202));
         assert_eq!(
             (i.mnemonic(), i.op0_register(), i.immediate32to64()),

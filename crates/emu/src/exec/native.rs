@@ -402,6 +402,9 @@ struct MemOperand {
     seg: Option<u8>,
     size: u8,
     write: bool,
+    /// A 16-byte operand of a legacy SSE instruction other than the
+    /// unaligned moves: #GP unless 16-byte aligned.
+    aligned: bool,
 }
 
 /// The memory operand of `op` if it may run natively with it: 64-bit
@@ -506,6 +509,7 @@ fn effective(op: &Op, size: u8, write: bool) -> Option<MemOperand> {
         seg: (ea.flags & EaForm::SEG_BASE != 0).then_some(ea.seg),
         size,
         write,
+        aligned: false,
     };
     let fits = |d: u64| i32::try_from(d as i64).is_ok();
     let last = mem.disp.wrapping_add(u64::from(mem.size) - 1);
@@ -644,6 +648,11 @@ struct Frame {
     jumps: *const crate::block::Jump,
     /// Out: how many times the code went on into the next block's.
     hops: u64,
+    /// The guest's XMM registers.
+    xmm: *mut u128,
+    /// 0 where the guest may run SSE instructions, else 2 (see
+    /// [`chain::slot::XMM`]).
+    xmm_state: u64,
 }
 
 /// What a chain's [`chain::ExitRecord`] holds once a block ran to its end
@@ -1169,6 +1178,12 @@ fn lookup(
     address(a, entry, mem, s, 0)?;
     a.and32(entry, PAGE_MASK as u32);
     a.rr(&[0x01], entry, addr);
+    if mem.aligned {
+        // The host page is page-aligned: the host address is as aligned as
+        // the guest's; the interpreter raises the #GP.
+        a.test_imm(addr, 15);
+        misses.push(a.jcc(CC_NE));
+    }
     Some(misses)
 }
 
@@ -1196,7 +1211,9 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         code_bits: c.code.bits(),
         fs_base: c.cpu.segs[crate::state::seg::FS].base,
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
-        // A run does not chain.
+        // A run does not chain, nor run SSE instructions.
+        xmm: std::ptr::null_mut(),
+        xmm_state: 2,
         rip: 0,
         left: 0,
         stamp: 0,
@@ -1269,6 +1286,167 @@ enum Form {
     Divide(Option<MemOperand>),
 }
 
+/// How a block's code may run `op` if it is an SSE or SSE2 instruction
+/// that computes with integers or moves data (never one that depends on
+/// MXCSR: no floating-point arithmetic): legacy-encoded, with XMM
+/// registers, general-purpose registers other than RSP, immediates and
+/// (with `memory`) one memory operand, and one the interpreter runs too.
+/// A block's code loads the guest's XMM registers into the host's before
+/// the first of them (see [`chain`]).
+fn vector_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> Option<Form> {
+    use iced_x86::{Code, EncodingKind, OpAccess};
+    use Mnemonic as M;
+    let i = &op.instr;
+    let listed = matches!(
+        i.mnemonic(),
+        M::Movaps
+            | M::Movups
+            | M::Movapd
+            | M::Movupd
+            | M::Movdqa
+            | M::Movdqu
+            | M::Movntdq
+            | M::Movntps
+            | M::Movntpd
+            | M::Movd
+            | M::Movq
+            | M::Movss
+            | M::Movlps
+            | M::Movlpd
+            | M::Movhps
+            | M::Movhpd
+            | M::Movhlps
+            | M::Movlhps
+            | M::Pmovmskb
+            | M::Movmskps
+            | M::Movmskpd
+            | M::Pxor
+            | M::Xorps
+            | M::Xorpd
+            | M::Por
+            | M::Orps
+            | M::Orpd
+            | M::Pand
+            | M::Andps
+            | M::Andpd
+            | M::Pandn
+            | M::Andnps
+            | M::Andnpd
+            | M::Pcmpeqb
+            | M::Pcmpeqw
+            | M::Pcmpeqd
+            | M::Pcmpgtb
+            | M::Pcmpgtw
+            | M::Pcmpgtd
+            | M::Pminub
+            | M::Pmaxub
+            | M::Pminsw
+            | M::Pmaxsw
+            | M::Paddb
+            | M::Paddw
+            | M::Paddd
+            | M::Paddq
+            | M::Psubb
+            | M::Psubw
+            | M::Psubd
+            | M::Psubq
+            | M::Paddsb
+            | M::Paddsw
+            | M::Psubsb
+            | M::Psubsw
+            | M::Paddusb
+            | M::Paddusw
+            | M::Psubusb
+            | M::Psubusw
+            | M::Pavgb
+            | M::Pavgw
+            | M::Pmullw
+            | M::Pmulhw
+            | M::Pmulhuw
+            | M::Pmuludq
+            | M::Pmaddwd
+            | M::Psadbw
+            | M::Psllw
+            | M::Pslld
+            | M::Psllq
+            | M::Psrlw
+            | M::Psrld
+            | M::Psrlq
+            | M::Psraw
+            | M::Psrad
+            | M::Pslldq
+            | M::Psrldq
+            | M::Pshufd
+            | M::Pshuflw
+            | M::Pshufhw
+            | M::Punpcklbw
+            | M::Punpcklwd
+            | M::Punpckldq
+            | M::Punpcklqdq
+            | M::Punpckhbw
+            | M::Punpckhwd
+            | M::Punpckhdq
+            | M::Punpckhqdq
+            | M::Packsswb
+            | M::Packssdw
+            | M::Packuswb
+            | M::Pinsrw
+            | M::Pextrw
+            | M::Shufps
+            | M::Shufpd
+            | M::Unpcklps
+            | M::Unpckhps
+            | M::Unpcklpd
+            | M::Unpckhpd
+    ) || (i.mnemonic() == M::Movsd && i.code() != Code::Movsd_m32_m32);
+    if !listed
+        || op.bitness != 64
+        || i.encoding() != EncodingKind::Legacy
+        || i.has_lock_prefix()
+        || super::sse::handler(i).is_none()
+    {
+        return None;
+    }
+    let mut memory_operands = 0;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if !(usable(r) || r.is_xmm() && r.number() < 16) {
+                    return None;
+                }
+            }
+            OpKind::Memory => memory_operands += 1,
+            k if super::forms::is_immediate(k) => {}
+            _ => return None,
+        }
+    }
+    match memory_operands {
+        0 => Some(Form::Register),
+        1 if memory => {
+            let size = i.memory_size().size();
+            if !matches!(size, 2 | 4 | 8 | 16) {
+                return None;
+            }
+            let [access] = info.info(i).used_memory() else {
+                return None;
+            };
+            let write = !matches!(access.access(), OpAccess::Read | OpAccess::CondRead);
+            let unaligned = matches!(i.mnemonic(), M::Movups | M::Movupd | M::Movdqu);
+            let mut m = effective(op, size as u8, write)?;
+            m.aligned = size == 16 && !unaligned;
+            Some(Form::Memory(m))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `i` names an XMM register (its code must have the guest's
+/// XMM registers loaded).
+fn names_xmm(i: &Instruction) -> bool {
+    (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
+}
+
 /// Whether `op` is a DIV a block's code may run, checking first that it
 /// cannot fault (a zero divisor or a quotient too large): DIV of a 32- or
 /// 64-bit register, or with `memory` of such a memory operand (`Some`).
@@ -1337,6 +1515,7 @@ fn stack(disp: i64, write: bool) -> MemOperand {
         seg: None,
         size: 8,
         write,
+        aligned: false,
     }
 }
 
@@ -1390,6 +1569,9 @@ fn item_form(
     if block {
         if let Some(divisor) = division(op, memory) {
             return Some(Form::Divide(divisor));
+        }
+        if let Some(form) = vector_form(op, memory, info) {
+            return Some(form);
         }
     }
     use iced_x86::Code;
@@ -1643,6 +1825,12 @@ pub(super) fn run_block(
         stamp,
         jumps,
         hops: 0,
+        xmm: c.cpu.fpu.xmm.as_mut_ptr(),
+        xmm_state: if super::sse::sse_check(c).is_ok() {
+            0
+        } else {
+            2
+        },
     };
     // SAFETY: `enter` is the arena's entry routine and `block.native` was
     // set by `compile_block` to code in the same arena, which lives as long

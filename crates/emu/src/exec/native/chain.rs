@@ -20,7 +20,7 @@
 //! with an [`ExitRecord`] saying where the code stopped.
 
 use super::super::hostasm::{
-    Addr, Asm, Fixup, CC_AE, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP,
+    Addr, Asm, Fixup, CC_A, CC_AE, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP,
 };
 use super::{
     lookup, offset, rewritten, stack_access, Ending, FlagUse, Frame, Item, Next, ALL_FLAGS,
@@ -43,23 +43,32 @@ pub(super) mod slot {
     pub const LEFT: i32 = 32;
     /// The link stamp the chain runs under.
     pub const STAMP: i32 = 40;
-    /// The block cache's jump cache.
-    pub const JUMPS: i32 = 48;
-    pub const FS_BASE: i32 = 56;
-    pub const GS_BASE: i32 = 64;
-    /// Where an indirect hop (or the entry routine) jumps.
-    pub const NEXT: i32 = 72;
     /// Times a block went on into the next block's code.
-    pub const HOPS: i32 = 80;
+    pub const HOPS: i32 = 48;
+    /// The block cache's jump cache.
+    pub const JUMPS: i32 = 56;
+    /// Where the guest's XMM registers are: 0 in the vCPU's state, 1 in
+    /// the host's (loaded by the first block that needed them), 2 in the
+    /// vCPU's state where an SSE instruction would fault (CR0.EM or
+    /// CR0.TS set, CR4.OSFXSR clear): the interpreter raises that.
+    pub const XMM: i32 = 64;
+    pub const FS_BASE: i32 = 72;
+    pub const GS_BASE: i32 = 80;
+    /// Where an indirect hop (or the entry routine) jumps.
+    pub const NEXT: i32 = 88;
     /// The exit routine.
-    pub const EXIT: i32 = 88;
+    pub const EXIT: i32 = 96;
     /// Out: the [`super::ExitRecord`] of where the code stopped.
-    pub const RECORD: i32 = 96;
+    pub const RECORD: i32 = 104;
     /// Out: the RIP an indirect hop did not find code for.
-    pub const RIP: i32 = 104;
+    pub const RIP: i32 = 112;
     /// The `Frame` the chain was entered with.
-    pub const FRAME: i32 = 112;
-    pub const SIZE: i32 = 120;
+    pub const FRAME: i32 = 120;
+    /// The vCPU's XMM registers.
+    pub const XMM_AT: i32 = 128;
+    /// The routine that loads them (see [`super::block_code`]).
+    pub const XMM_LOAD: i32 = 136;
+    pub const SIZE: i32 = 144;
 }
 
 /// Where a chain stopped, written after the code of the block it stopped
@@ -111,8 +120,8 @@ const NO_STAMP: u64 = u64::MAX;
 /// the entry (`extern "C" fn(*mut Frame, code: usize) -> *const
 /// ExitRecord`) at offset 0, which saves the host's callee-saved
 /// registers, lays out the slots, loads the guest's registers and flags
-/// and jumps to `code`; then the exit, which stores them back and
-/// returns the record.
+/// and jumps to `code`; the exit, which stores them back (the XMM
+/// registers too, if loaded) and returns the record; the XMM load.
 pub(super) fn shared_routines() -> Vec<u8> {
     let field = |f: usize| Addr::at(RDI, offset(f));
     let at = |s: i32| Addr::at(RSP, s);
@@ -125,6 +134,8 @@ pub(super) fn shared_routines() -> Vec<u8> {
         (slot::JUMPS, offset_of!(Frame, jumps)),
         (slot::FS_BASE, offset_of!(Frame, fs_base)),
         (slot::GS_BASE, offset_of!(Frame, gs_base)),
+        (slot::XMM, offset_of!(Frame, xmm_state)),
+        (slot::XMM_AT, offset_of!(Frame, xmm)),
     ];
     let mut a = Asm::default();
     for r in CALLEE_SAVED {
@@ -139,6 +150,8 @@ pub(super) fn shared_routines() -> Vec<u8> {
     }
     let exit = a.lea_rip(RAX);
     a.store(at(slot::EXIT), RAX);
+    let load_xmm = a.lea_rip(RAX);
+    a.store(at(slot::XMM_LOAD), RAX);
     a.store_imm(at(slot::HOPS), 0);
     // The guest's status bits with the host's system flags as user code
     // runs with them (IF and the reserved bit 1 set, DF, TF and AC clear):
@@ -178,6 +191,14 @@ pub(super) fn shared_routines() -> Vec<u8> {
     a.and64(RDX, STATUS as i32);
     a.or(RCX, RDX);
     a.store(Addr::at(RAX, 0), RCX);
+    a.cmp_dword(at(slot::XMM), 1);
+    let unloaded = a.jcc(CC_NE);
+    a.load(RAX, at(slot::XMM_AT));
+    for x in 0..16u8 {
+        a.movdqu_store(Addr::at(RAX, 16 * i32::from(x)), x);
+    }
+    let here = a.len();
+    a.patch(unloaded, here);
     for (s, f) in [
         (slot::LEFT, offset_of!(Frame, left)),
         (slot::HOPS, offset_of!(Frame, hops)),
@@ -192,6 +213,17 @@ pub(super) fn shared_routines() -> Vec<u8> {
         a.pop(*r);
     }
     a.ret();
+
+    // The XMM load: called with the vCPU's XMM registers' address pushed.
+    let here = a.len();
+    a.patch(load_xmm, here);
+    a.push(RAX);
+    a.load(RAX, at(16));
+    for x in 0..16u8 {
+        a.movdqu_load(x, Addr::at(RAX, 16 * i32::from(x)));
+    }
+    a.pop(RAX);
+    a.ret_pop(8);
     a.code
 }
 
@@ -303,9 +335,18 @@ pub(super) fn block_code(
     }
     let mut flags = Flags::default();
     let mut misses = Vec::new();
+    let mut xmm_loaded = false;
     for (k, item) in run.iter().enumerate() {
         let i = item.instr();
         let f = FlagUse::of(i);
+        if !xmm_loaded && super::names_xmm(i) {
+            // The check changes the host's flags, and a miss leaves the
+            // guest's in the slot.
+            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.valid = 0;
+            misses.push((vec![e.load_xmm()], k));
+            xmm_loaded = true;
+        }
         match item {
             Item::Copy(_, bytes) => {
                 flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
@@ -478,6 +519,25 @@ struct Emitter<'a> {
 }
 
 impl Emitter<'_> {
+    /// Makes the host's XMM registers the guest's, through the shared
+    /// routine, unless they are: returns the jump taken where SSE
+    /// instructions would fault.
+    fn load_xmm(&mut self) -> Fixup {
+        let state = self.at(slot::XMM);
+        let pointer = self.at(slot::XMM_AT);
+        let routine = Addr::at(RSP, 8 + self.depth + slot::XMM_LOAD);
+        let a = &mut self.a;
+        a.cmp_dword(state, 1);
+        let loaded = a.jcc(CC_E);
+        let unusable = a.jcc(CC_A);
+        a.push_mem(pointer);
+        a.call_mem(routine);
+        a.store_imm(state, 1);
+        let here = a.len();
+        a.patch(loaded, here);
+        unusable
+    }
+
     /// A slot, with the scratch registers pushed.
     fn at(&self, s: i32) -> Addr {
         Addr::at(RSP, self.depth + s)
