@@ -61,6 +61,7 @@ pub struct Trace {
     pub rip: u64,
     pub cr2: u64,
     pub xmm: [u128; 16],
+    pub mxcsr: u32,
     pub ram: Vec<u8>,
 }
 
@@ -166,6 +167,7 @@ pub fn run(
         rip: cpu.rip,
         cr2: cpu.cr2,
         xmm: cpu.fpu.xmm,
+        mxcsr: cpu.fpu.mxcsr,
         ram,
     };
     (trace, e)
@@ -183,7 +185,8 @@ pub fn assert_same(what: &str, native: &Trace, interpreted: &Trace) {
         .position(|(a, b)| a != b);
     panic!(
         "{what}: native vs interpreted\nexits {:?}\n   vs {:?}\ngpr {:x?}\n vs {:x?}\n\
-         flags {:#x} vs {:#x}, rip {:#x} vs {:#x}, cr2 {:#x} vs {:#x}\nxmm {:x?}\n vs {:x?}\n\
+         flags {:#x} vs {:#x}, rip {:#x} vs {:#x}, cr2 {:#x} vs {:#x}, mxcsr {:#x} vs {:#x}\n\
+         xmm {:x?}\n vs {:x?}\n\
          first RAM difference at {ram:x?}",
         native.exits,
         interpreted.exits,
@@ -195,6 +198,8 @@ pub fn assert_same(what: &str, native: &Trace, interpreted: &Trace) {
         interpreted.rip,
         native.cr2,
         interpreted.cr2,
+        native.mxcsr,
+        interpreted.mxcsr,
         native.xmm,
         interpreted.xmm
     );

@@ -61,15 +61,27 @@ fn random_instruction(
     let step = 8 * (1 + rng.below(4) as i32);
     let x = rng.pick(&VECTORS);
     let y = rng.pick(&VECTORS);
-    match rng.below(if stack { 48 } else { 40 }) {
-        40 => a.push(v),
-        41 => a.pop(v),
-        42 => a.push(imm),
-        43 => a.sub(rsp, step),
-        44 => a.add(rsp, step),
-        45 => a.mov(v, rsp),
-        46 => a.lea(v, ptr(rsp + imm)),
-        47 => a.push(v).and_then(|()| a.pop(w)),
+    match rng.below(if stack { 49 } else { 41 }) {
+        41 => a.push(v),
+        42 => a.pop(v),
+        43 => a.push(imm),
+        44 => a.sub(rsp, step),
+        45 => a.add(rsp, step),
+        46 => a.mov(v, rsp),
+        47 => a.lea(v, ptr(rsp + imm)),
+        48 => a.push(v).and_then(|()| a.pop(w)),
+        // Floating point under the guest's MXCSR (its sticky flags
+        // compared): NaNs, infinities and denormals come from random bits.
+        40 => match rng.below(8) {
+            0 => a.addsd(x, y),
+            1 => a.mulsd(x, qword_ptr(m)),
+            2 => a.divsd(x, y),
+            3 => a.comisd(x, qword_ptr(m)),
+            4 => a.ucomisd(x, y),
+            5 => a.cvtsi2sd(x, v),
+            6 => a.cvttsd2si(v, x),
+            _ => a.sqrtpd(x, xmmword_ptr(m)),
+        },
         // SSE data movement and integer operations: unaligned and aligned
         // 16-byte operands (#GP when misaligned), 8- and 4-byte ones, XMM
         // to and from general registers.

@@ -1374,3 +1374,47 @@ fn sse_in_native_code_is_a_device_not_available_fault_with_cr0_ts_set() {
     assert_eq!(e.cpu().rip, CODE + 6, "at PADDQ");
     assert_eq!(e.cpu().fpu.xmm[0], 3000, "PADDQ did not run");
 }
+
+#[test]
+fn floating_point_in_native_code_raises_the_exceptions_the_guest_unmasked() {
+    // DIVSD in a compiled loop, the guest's MXCSR unmasking divide by
+    // zero: on the 100th lap the divisor is zero, and the guest must get
+    // #XM at that DIVSD (the host processor, running it natively under
+    // that MXCSR, would raise SIGFPE in vessel instead).
+    if !native_code_runs_here() {
+        return;
+    }
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    let (mut top, mut over) = (a.create_label(), a.create_label());
+    a.set_label(&mut top).unwrap();
+    a.add(rax, 1).unwrap();
+    a.cmp(rax, 100).unwrap();
+    a.jne(over).unwrap();
+    a.pxor(xmm1, xmm1).unwrap();
+    a.set_label(&mut over).unwrap();
+    a.divsd(xmm0, xmm1).unwrap();
+    a.jmp(top).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let divsd = code
+        .windows(4)
+        .position(|w| w == [0xf2, 0x0f, 0x5e, 0xc1])
+        .expect("divsd xmm0, xmm1") as u64;
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let mut e = emulator(&mem);
+    let cpu = e.cpu_mut();
+    // OSFXSR and OSXMMEXCPT; ZM clear.
+    cpu.cr4 |= (1 << 9) | (1 << 10);
+    cpu.fpu.mxcsr = 0x1f80 & !(1 << 9);
+    cpu.fpu.xmm[0] = u128::from(1.0f64.to_bits());
+    cpu.fpu.xmm[1] = u128::from(1.0f64.to_bits());
+    e.set_exception_exits(1 << 19);
+    match e.run(GUARD, None) {
+        Exit::Exception(x) => assert_eq!(x.vector, 19, "#XM"),
+        other => panic!("expected #XM, got {other:?}"),
+    }
+    assert_eq!(e.cpu().gpr[0], 100, "on the 100th lap");
+    assert_eq!(e.cpu().rip, CODE + divsd, "at DIVSD");
+    assert_eq!(e.cpu().fpu.xmm[0], u128::from(1.0f64.to_bits()));
+    assert!(e.native_runs_executed() > 0, "no native code ran");
+}

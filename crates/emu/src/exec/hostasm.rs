@@ -302,6 +302,16 @@ impl Asm {
         self.mem(false, &[0x0f, 0x7f], x, a);
     }
 
+    /// `stmxcsr [a]`.
+    pub fn stmxcsr(&mut self, a: Addr) {
+        self.mem(false, &[0x0f, 0xae], 3, a);
+    }
+
+    /// `ldmxcsr [a]`.
+    pub fn ldmxcsr(&mut self, a: Addr) {
+        self.mem(false, &[0x0f, 0xae], 2, a);
+    }
+
     /// `call qword [a]`.
     pub fn call_mem(&mut self, a: Addr) {
         self.mem(false, &[0xff], 2, a);
@@ -606,6 +616,16 @@ mod tests {
                 (Mnemonic::Movdqu, xmm, Register::R11)
             );
         }
+        let i = one(|a| a.stmxcsr(Addr::at(RSP, 0xa0)));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base()),
+            (Mnemonic::Stmxcsr, Register::RSP)
+        );
+        let i = one(|a| a.ldmxcsr(Addr::at(RSP, 0x98)));
+        assert_eq!(
+            (i.mnemonic(), i.memory_base()),
+            (Mnemonic::Ldmxcsr, Register::RSP)
+        );
         let i = one(|a| a.call_mem(Addr::at(RSP, 0x88)));
         assert_eq!(
             (i.mnemonic(), i.memory_base(), i.memory_displacement64()),

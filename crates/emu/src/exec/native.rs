@@ -653,6 +653,12 @@ struct Frame {
     /// 0 where the guest may run SSE instructions, else 2 (see
     /// [`chain::slot::XMM`]).
     xmm_state: u64,
+    /// In and out: the guest's MXCSR.
+    mxcsr: u64,
+    /// 0 where the guest's MXCSR masks every floating-point exception
+    /// (no instruction can raise #XM), else 2 (see
+    /// [`chain::slot::MXCSR`]).
+    mxcsr_state: u64,
 }
 
 /// What a chain's [`chain::ExitRecord`] holds once a block ran to its end
@@ -1214,6 +1220,8 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         // A run does not chain, nor run SSE instructions.
         xmm: std::ptr::null_mut(),
         xmm_state: 2,
+        mxcsr: 0,
+        mxcsr_state: 2,
         rip: 0,
         left: 0,
         stamp: 0,
@@ -1398,7 +1406,8 @@ fn vector_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactor
             | M::Unpckhps
             | M::Unpcklpd
             | M::Unpckhpd
-    ) || (i.mnemonic() == M::Movsd && i.code() != Code::Movsd_m32_m32);
+    ) || (i.mnemonic() == M::Movsd && i.code() != Code::Movsd_m32_m32)
+        || uses_mxcsr(i);
     if !listed
         || op.bitness != 64
         || i.encoding() != EncodingKind::Legacy
@@ -1439,6 +1448,68 @@ fn vector_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactor
         }
         _ => None,
     }
+}
+
+/// Whether `i` is an SSE or SSE2 floating-point instruction that a block's
+/// code may run (see [`vector_form`]) with the guest's MXCSR loaded into
+/// the host's, where it masks every exception.
+fn uses_mxcsr(i: &Instruction) -> bool {
+    use Mnemonic as M;
+    matches!(
+        i.mnemonic(),
+        M::Addps
+            | M::Addpd
+            | M::Addss
+            | M::Addsd
+            | M::Subps
+            | M::Subpd
+            | M::Subss
+            | M::Subsd
+            | M::Mulps
+            | M::Mulpd
+            | M::Mulss
+            | M::Mulsd
+            | M::Divps
+            | M::Divpd
+            | M::Divss
+            | M::Divsd
+            | M::Minps
+            | M::Minpd
+            | M::Minss
+            | M::Minsd
+            | M::Maxps
+            | M::Maxpd
+            | M::Maxss
+            | M::Maxsd
+            | M::Sqrtps
+            | M::Sqrtpd
+            | M::Sqrtss
+            | M::Sqrtsd
+            | M::Cvtss2sd
+            | M::Cvtsd2ss
+            | M::Cvtps2pd
+            | M::Cvtpd2ps
+            | M::Cvtdq2ps
+            | M::Cvtps2dq
+            | M::Cvttps2dq
+            | M::Cvtdq2pd
+            | M::Cvtpd2dq
+            | M::Cvttpd2dq
+            | M::Cmpps
+            | M::Cmppd
+            | M::Cmpss
+            | M::Cmpsd
+            | M::Comiss
+            | M::Ucomiss
+            | M::Comisd
+            | M::Ucomisd
+            | M::Cvtss2si
+            | M::Cvttss2si
+            | M::Cvtsd2si
+            | M::Cvttsd2si
+            | M::Cvtsi2ss
+            | M::Cvtsi2sd
+    ) && !(i.mnemonic() == M::Cmpsd && i.code() == iced_x86::Code::Cmpsd_m32_m32)
 }
 
 /// Whether `i` names an XMM register (its code must have the guest's
@@ -1758,6 +1829,9 @@ pub fn plan_block(
     (n, false)
 }
 
+/// MXCSR's exception mask bits.
+const MXCSR_MASKS: u32 = 0x1f80;
+
 /// Where a block's code stopped (see [`run_block`]).
 pub(super) struct BlockStop {
     /// The block it stopped in.
@@ -1831,6 +1905,12 @@ pub(super) fn run_block(
         } else {
             2
         },
+        mxcsr: u64::from(c.cpu.fpu.mxcsr),
+        mxcsr_state: if c.cpu.fpu.mxcsr & MXCSR_MASKS == MXCSR_MASKS {
+            0
+        } else {
+            2
+        },
     };
     // SAFETY: `enter` is the arena's entry routine and `block.native` was
     // set by `compile_block` to code in the same arena, which lives as long
@@ -1849,6 +1929,7 @@ pub(super) fn run_block(
     };
     let ran = (left - frame.left) as u64;
     c.native_hops += frame.hops;
+    c.cpu.fpu.mxcsr = frame.mxcsr as u32;
     let (done, successor) = match record.result {
         BLOCK_DONE => {
             c.cpu.rip = record.rip;

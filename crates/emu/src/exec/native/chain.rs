@@ -68,7 +68,14 @@ pub(super) mod slot {
     pub const XMM_AT: i32 = 128;
     /// The routine that loads them (see [`super::block_code`]).
     pub const XMM_LOAD: i32 = 136;
-    pub const SIZE: i32 = 144;
+    /// Where the guest's MXCSR is: 0 in [`GUEST_MXCSR`], 1 in the host's
+    /// (the host's in [`HOST_MXCSR`]), 2 in [`GUEST_MXCSR`] where it
+    /// unmasks a floating-point exception: the interpreter runs those
+    /// instructions.
+    pub const MXCSR: i32 = 144;
+    pub const GUEST_MXCSR: i32 = 152;
+    pub const HOST_MXCSR: i32 = 160;
+    pub const SIZE: i32 = 168;
 }
 
 /// Where a chain stopped, written after the code of the block it stopped
@@ -136,6 +143,8 @@ pub(super) fn shared_routines() -> Vec<u8> {
         (slot::GS_BASE, offset_of!(Frame, gs_base)),
         (slot::XMM, offset_of!(Frame, xmm_state)),
         (slot::XMM_AT, offset_of!(Frame, xmm)),
+        (slot::MXCSR, offset_of!(Frame, mxcsr_state)),
+        (slot::GUEST_MXCSR, offset_of!(Frame, mxcsr)),
     ];
     let mut a = Asm::default();
     for r in CALLEE_SAVED {
@@ -199,6 +208,14 @@ pub(super) fn shared_routines() -> Vec<u8> {
     }
     let here = a.len();
     a.patch(unloaded, here);
+    a.cmp_dword(at(slot::MXCSR), 1);
+    let unloaded = a.jcc(CC_NE);
+    a.stmxcsr(at(slot::GUEST_MXCSR));
+    a.ldmxcsr(at(slot::HOST_MXCSR));
+    let here = a.len();
+    a.patch(unloaded, here);
+    a.load(RAX, at(slot::GUEST_MXCSR));
+    a.store(field(offset_of!(Frame, mxcsr)), RAX);
     for (s, f) in [
         (slot::LEFT, offset_of!(Frame, left)),
         (slot::HOPS, offset_of!(Frame, hops)),
@@ -335,7 +352,7 @@ pub(super) fn block_code(
     }
     let mut flags = Flags::default();
     let mut misses = Vec::new();
-    let mut xmm_loaded = false;
+    let (mut xmm_loaded, mut mxcsr_loaded) = (false, false);
     for (k, item) in run.iter().enumerate() {
         let i = item.instr();
         let f = FlagUse::of(i);
@@ -346,6 +363,12 @@ pub(super) fn block_code(
             flags.valid = 0;
             misses.push((vec![e.load_xmm()], k));
             xmm_loaded = true;
+        }
+        if !mxcsr_loaded && super::uses_mxcsr(i) {
+            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.valid = 0;
+            misses.push((vec![e.load_mxcsr()], k));
+            mxcsr_loaded = true;
         }
         match item {
             Item::Copy(_, bytes) => {
@@ -536,6 +559,23 @@ impl Emitter<'_> {
         let here = a.len();
         a.patch(loaded, here);
         unusable
+    }
+
+    /// Makes the host's MXCSR the guest's, unless it is: returns the jump
+    /// taken where the guest's unmasks an exception.
+    fn load_mxcsr(&mut self) -> Fixup {
+        let state = self.at(slot::MXCSR);
+        let (guest, host) = (self.at(slot::GUEST_MXCSR), self.at(slot::HOST_MXCSR));
+        let a = &mut self.a;
+        a.cmp_dword(state, 1);
+        let loaded = a.jcc(CC_E);
+        let unmasked = a.jcc(CC_A);
+        a.stmxcsr(host);
+        a.ldmxcsr(guest);
+        a.store_imm(state, 1);
+        let here = a.len();
+        a.patch(loaded, here);
+        unmasked
     }
 
     /// A slot, with the scratch registers pushed.
