@@ -61,15 +61,27 @@ fn random_instruction(
     let step = 8 * (1 + rng.below(4) as i32);
     let x = rng.pick(&VECTORS);
     let y = rng.pick(&VECTORS);
-    match rng.below(if stack { 49 } else { 41 }) {
-        41 => a.push(v),
-        42 => a.pop(v),
-        43 => a.push(imm),
-        44 => a.sub(rsp, step),
-        45 => a.add(rsp, step),
-        46 => a.mov(v, rsp),
-        47 => a.lea(v, ptr(rsp + imm)),
-        48 => a.push(v).and_then(|()| a.pop(w)),
+    match rng.below(if stack { 50 } else { 42 }) {
+        42 => a.push(v),
+        43 => a.pop(v),
+        44 => a.push(imm),
+        45 => a.sub(rsp, step),
+        46 => a.add(rsp, step),
+        47 => a.mov(v, rsp),
+        48 => a.lea(v, ptr(rsp + imm)),
+        49 => a.push(v).and_then(|()| a.pop(w)),
+        // Shifts and rotates by CL (zero every other time: the flags stay,
+        // here the ones before a lookup) and by immediates of one and zero.
+        41 => match rng.below(4) {
+            0 => a
+                .mov(ecx, rng.below(2) as u32)
+                .and_then(|()| a.mov(v, qword_ptr(m)))
+                .and_then(|()| a.shl(w, cl))
+                .and_then(|()| a.sbb(v, w)),
+            1 => a.rol(v32, 1),
+            2 => a.rcr(v, 1),
+            _ => a.ror(v, 0),
+        },
         // Floating point under the guest's MXCSR (its sticky flags
         // compared): NaNs, infinities and denormals come from random bits.
         40 => match rng.below(8) {

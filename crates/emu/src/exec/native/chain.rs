@@ -23,8 +23,8 @@ use super::super::hostasm::{
     Addr, Asm, Fixup, CC_A, CC_AE, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP,
 };
 use super::{
-    lookup, offset, rewritten, stack_access, Ending, FlagUse, Frame, Item, Next, ALL_FLAGS,
-    BLOCK_DONE, CALLEE_SAVED, STATUS,
+    lookup, offset, rewritten, stack_access, Ending, Frame, Item, Next, ALL_FLAGS, BLOCK_DONE,
+    CALLEE_SAVED, STATUS,
 };
 use crate::block::{Block, Jump, JUMP_SLOTS};
 use iced_x86::Mnemonic;
@@ -258,6 +258,45 @@ struct Flags {
     dirty: u32,
 }
 
+/// The status flags an instruction reads (or may leave as they were) and
+/// those it may change, in iced's bits, undefined ones included.
+#[derive(Debug, Clone, Copy)]
+struct BlockFlagUse {
+    reads: u32,
+    modifies: u32,
+}
+
+/// How `i` uses the status flags, for a block's code: a shift or rotate by
+/// CL changes its flags only if CL's count is not zero, so their values
+/// from before must be in the host's; by an immediate count it changes
+/// them (or, masked to zero, none).
+fn flag_use(i: &iced_x86::Instruction) -> BlockFlagUse {
+    use iced_x86::{Mnemonic as M, OpKind};
+    let reads = i.rflags_read() & ALL_FLAGS;
+    let modifies = i.rflags_modified() & ALL_FLAGS;
+    let shift = matches!(
+        i.mnemonic(),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
+    );
+    if !shift || i.op_count() == 0 {
+        return BlockFlagUse { reads, modifies };
+    }
+    let count = i.op_count() - 1;
+    let mask = if i.op0_register().size() == 8 || i.memory_size().size() == 8 {
+        0x3f
+    } else {
+        0x1f
+    };
+    match i.op_kind(count) {
+        OpKind::Register => BlockFlagUse {
+            reads: reads | modifies,
+            modifies,
+        },
+        _ if i.immediate(count) & mask == 0 => BlockFlagUse { reads, modifies: 0 },
+        _ => BlockFlagUse { reads, modifies },
+    }
+}
+
 /// Iced's status flag bits as RFLAGS bits.
 fn rflags_bits(iced: u32) -> i32 {
     use iced_x86::RflagsBits as F;
@@ -355,7 +394,7 @@ pub(super) fn block_code(
     let (mut xmm_loaded, mut mxcsr_loaded) = (false, false);
     for (k, item) in run.iter().enumerate() {
         let i = item.instr();
-        let f = FlagUse::of(i);
+        let f = flag_use(i);
         if !xmm_loaded && super::names_xmm(i) {
             // The check changes the host's flags, and a miss leaves the
             // guest's in the slot.
@@ -419,7 +458,7 @@ pub(super) fn block_code(
                 }
             }
         }
-        flags.after(i.rflags_modified() & ALL_FLAGS);
+        flags.after(f.modifies);
     }
     if let Some(r) = s.rsp {
         e.a.store(e.at(slot::RSP), r);
