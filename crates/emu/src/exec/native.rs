@@ -100,10 +100,12 @@ fn eligible_with(i: &Instruction, bitness: u32, rsp: bool) -> bool {
                 | M::Cmc
                 | M::Bsf
                 | M::Bsr
+                | M::Bswap
         )
         || super::forms::is_cmovcc(m)
         || super::forms::is_setcc(m);
-    if !listed {
+    // BSWAP of a 16-bit register is undefined (hosts differ).
+    if !listed || (m == M::Bswap && i.op0_register().size() == 2) {
         return false;
     }
     let register = |r: Register| usable(r) || (rsp && r == Register::RSP);
