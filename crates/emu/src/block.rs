@@ -246,6 +246,14 @@ impl std::fmt::Debug for Block {
 impl Block {
     /// The link slot for a successor at `rip`.
     #[inline(always)]
+    /// Whether `rip` is in the one page the block's instructions are in: a
+    /// link from the block to it holds across TLB flushes, as long as
+    /// none happened while the block ran (the block loop does not link
+    /// from a block that flushed).
+    pub fn within_page(&self, rip: u64) -> bool {
+        self.pages[1].is_none() && self.rip >> 12 == rip >> 12
+    }
+
     pub fn link_for(&self, rip: u64) -> &Cell<Link> {
         &self.links[usize::from(rip != self.end_ip)]
     }

@@ -307,6 +307,44 @@ fn linked_blocks_follow_remaps_and_rewrites() {
     );
 }
 
+#[test]
+fn a_block_that_remaps_its_own_page_goes_on_in_the_new_mapping() {
+    // F's page holds the same PTE store and INVLPG in frames A and B, then
+    // code that outputs 1 (A) or 2 (B). The first call remaps F to A (as it
+    // was), the second to B: the instruction after that INVLPG must come
+    // from B, though the block loop linked it within the page on the
+    // first call.
+    let mem = setup();
+    const F: u64 = 0x27000;
+    const FRAME_A: u64 = 0x32000;
+    const FRAME_B: u64 = 0x33000;
+    mem.write_obj(FRAME_A | 7, GuestAddress(pte_addr(F)))
+        .unwrap();
+    for (frame, value) in [(FRAME_A, 1u32), (FRAME_B, 2)] {
+        let mut f = CodeAssembler::new(64).unwrap();
+        f.mov(qword_ptr(pte_addr(F)), rbx).unwrap();
+        f.invlpg(qword_ptr(F)).unwrap();
+        f.mov(eax, value).unwrap();
+        f.out(0x20, eax).unwrap();
+        f.ret().unwrap();
+        load(&mem, frame, &mut f);
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    for frame in [FRAME_A, FRAME_A, FRAME_B] {
+        a.mov(rbx, frame | 7).unwrap();
+        a.call(F).unwrap();
+    }
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let outs = run_outs(&mut e);
+    assert_eq!(
+        outs,
+        [(0x20, 1), (0x20, 1), (0x20, 2)],
+        "after the INVLPG, the code F maps to now"
+    );
+}
+
 /// Within a block, flags that a later instruction overwrites before
 /// anything reads them are not computed; they must still be exact where
 /// they are read, survive instructions that leave them alone, and be

@@ -1248,7 +1248,7 @@ impl Emulator {
         // How the last block of the last chain of native code went on, and
         // under which link stamp: its jump is linked to the next block's
         // code, or the jump cache learns its indirect successor.
-        let mut pending: Option<(native::Successor, u64)> = None;
+        let mut pending: Option<(native::Successor, u64, u64)> = None;
         loop {
             if let Some(flag) = stop {
                 if flag.load(Ordering::Relaxed) {
@@ -1291,14 +1291,18 @@ impl Emulator {
             }
             let rip = self.core.cpu.rip;
             let stamp = self.link_stamp();
+            let local = self.local_link_stamp();
             // SAFETY: `prev` is null or points at a block of `self.cache`,
             // which frees blocks only in `collect`, after which `prev` is
             // reset above; a link's target is valid while its stamp
             // matches, since dropping any block moves the stamp on.
             let cs_base = self.core.cpu.segs[seg::CS].base;
-            let linked = unsafe { prev.as_ref() }.and_then(|p| {
+            let prev_ref = unsafe { prev.as_ref() };
+            // A link within the page `prev` ran from survives TLB flushes.
+            let link_stamp = prev_ref.map(|p| if p.within_page(rip) { local } else { stamp });
+            let linked = prev_ref.and_then(|p| {
                 let link = p.link_for(rip).get();
-                (link.rip == rip && link.stamp == stamp && link.cs_base == cs_base)
+                (link.rip == rip && Some(link.stamp) == link_stamp && link.cs_base == cs_base)
                     .then_some(link.target)
             });
             let found = match linked {
@@ -1322,7 +1326,7 @@ impl Emulator {
                         // SAFETY: as above; `prev` is not freed before
                         // `collect` even if the lookup dropped it (in
                         // which case the stamp moved on: no link then).
-                        if let Some(p) = unsafe { prev.as_ref() } {
+                        if let (Some(p), Some(stamp)) = (unsafe { prev.as_ref() }, link_stamp) {
                             p.link_for(rip).set(Link {
                                 rip,
                                 stamp,
@@ -1371,7 +1375,7 @@ impl Emulator {
             }
             // Straight from the chain's last block to this one (nothing
             // between cut `prev`), under the same stamp.
-            if let Some((successor, at)) = pending.take() {
+            if let Some((successor, at, local)) = pending.take() {
                 if !prev.is_null() && at == self.link_stamp() {
                     match successor {
                         native::Successor::Fixed(record) => {
@@ -1380,7 +1384,7 @@ impl Emulator {
                                 code != 0 && block_ref.native_user == self.core.user(),
                                 self.core.native.as_mut(),
                             ) {
-                                arena.link(record, at, code);
+                                arena.link(record, [at, local], code);
                             }
                         }
                         native::Successor::Indirect => {
@@ -1395,12 +1399,12 @@ impl Emulator {
                 && block_ref.native_user == self.core.user()
                 && !self.until_interruptible
             {
-                let stamp = self.link_stamp();
+                let stamps = [self.link_stamp(), self.local_link_stamp()];
                 let jumps = self.cache.jump_table();
                 let end =
-                    native::run_block(&mut self.core, block_ref, stamp, jumps, budget - *executed);
+                    native::run_block(&mut self.core, block_ref, stamps, jumps, budget - *executed);
                 *executed += end.ran;
-                pending = Some((end.successor, stamp));
+                pending = Some((end.successor, stamps[0], stamps[1]));
                 // SAFETY: the block the code stopped in is `block_ref` or
                 // one reached through links made under the current stamp,
                 // as live as a link target is here.
@@ -1418,6 +1422,7 @@ impl Emulator {
             } else {
                 std::ptr::null()
             };
+            let flushes = self.core.mmu.flushes;
             for op in block_ref.ops[first..].iter() {
                 self.core.cpu.rip = op.next_ip;
                 *executed += 1;
@@ -1442,6 +1447,11 @@ impl Emulator {
                     }
                 }
             }
+            if self.core.mmu.flushes != flushes {
+                // Its page may translate differently now: no link from it
+                // (see `Block::within_page`).
+                prev = std::ptr::null();
+            }
         }
     }
 
@@ -1453,6 +1463,16 @@ impl Emulator {
     #[inline(always)]
     fn link_stamp(&self) -> u64 {
         let changes = self.cache.epoch() + self.core.mmu.flushes + self.core.code.writes();
+        (changes << 2) | u64::from(self.core.cpu.cpl())
+    }
+
+    /// [`Self::link_stamp`] without the TLB flushes, for a link to a RIP
+    /// in the page the block before ran from (see
+    /// [`Block::within_page`]): that page translates as it did while the
+    /// block ran, whatever was flushed since.
+    #[inline(always)]
+    fn local_link_stamp(&self) -> u64 {
+        let changes = self.cache.epoch() + self.core.code.writes();
         (changes << 2) | u64::from(self.core.cpu.cpl())
     }
 

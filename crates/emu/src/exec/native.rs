@@ -263,9 +263,10 @@ impl Arena {
 
     /// Points the jump of the exit record at `record` (written by
     /// [`chain`] after a block's code in this arena) at `target`, the code
-    /// of the block that follows it under link stamp `stamp`, and has it
-    /// taken under that stamp only. Ignores a record outside the arena.
-    pub fn link(&mut self, record: usize, stamp: u64, target: usize) {
+    /// of the block that follows it under `stamps` (the link stamp and the
+    /// local link stamp), and has it taken under the one its record
+    /// names only. Ignores a record outside the arena.
+    pub fn link(&mut self, record: usize, stamps: [u64; 2], target: usize) {
         let inside = |at: usize, len: usize| {
             at >= self.base as usize + SHARED_BYTES && at + len <= self.base as usize + self.used
         };
@@ -285,6 +286,7 @@ impl Arena {
         let Ok(rel) = i32::try_from(rel) else {
             return;
         };
+        let stamp = stamps[usize::from(r.local != 0)];
         for (at, value) in [
             (lo, stamp as u32),
             (hi, (stamp >> 32) as u32),
@@ -644,8 +646,10 @@ struct Frame {
     /// every block that ran to its end.
     left: i64,
     /// What a jump to the next block's code must have been linked under
-    /// to be taken (the block loop's link stamp).
+    /// to be taken (the block loop's link stamp), and for a jump within
+    /// the block's page, its local link stamp.
     stamp: u64,
+    local_stamp: u64,
     /// The block cache's jump cache, for indirect successors.
     jumps: *const crate::block::Jump,
     /// Out: how many times the code went on into the next block's.
@@ -1219,6 +1223,7 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         code_bits: c.code.bits(),
         fs_base: c.cpu.segs[crate::state::seg::FS].base,
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
+        local_stamp: 0,
         // A run does not chain, nor run SSE instructions.
         xmm: std::ptr::null_mut(),
         xmm_state: 2,
@@ -1672,6 +1677,8 @@ struct Ending {
     /// The privilege its accesses check, which the next block's code must
     /// have been compiled for too.
     user: bool,
+    /// The page of its instructions, where they are all in one.
+    page: Option<u64>,
 }
 
 /// Where a block goes next.
@@ -1724,10 +1731,15 @@ pub fn compile_block(
     }
     let mut info = iced_x86::InstructionInfoFactory::new();
     let (items, next) = block_items(ops, spans, bytes, memory, &mut info)?;
+    // Whether the block's instructions are all in its first page (see
+    // `Block::within_page`).
+    let first = ops[0].instr.ip();
+    let one_page = first >> 12 == last.next_ip.wrapping_sub(1) >> 12;
     let ending = Ending {
         next,
         count: ops.len(),
         user: target.user,
+        page: one_page.then_some(first >> 12),
     };
     let mut encoder = iced_x86::Encoder::new(64);
     let code = chain::block_code(&items, &ending, block, &mut info, &mut encoder)?;
@@ -1866,13 +1878,13 @@ pub const CHAIN_LIMIT: u64 = 1 << 14;
 
 /// Runs the code of `block` (which has some, compiled for the current
 /// privilege) and whatever it goes on to through jumps linked and jump
-/// cache entries (`jumps`) made under `stamp`, for at most `budget`
-/// instructions (and [`CHAIN_LIMIT`]; the block that reaches it runs to
-/// its end).
+/// cache entries (`jumps`) made under `stamps` (the block loop's link
+/// stamp and local link stamp), for at most `budget` instructions (and
+/// [`CHAIN_LIMIT`]; the block that reaches it runs to its end).
 pub(super) fn run_block(
     c: &mut super::Core,
     block: &Block,
-    stamp: u64,
+    stamps: [u64; 2],
     jumps: *const crate::block::Jump,
     budget: u64,
 ) -> BlockStop {
@@ -1898,7 +1910,8 @@ pub(super) fn run_block(
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
         rip: c.cpu.rip,
         left,
-        stamp,
+        stamp: stamps[0],
+        local_stamp: stamps[1],
         jumps,
         hops: 0,
         xmm: c.cpu.fpu.xmm.as_mut_ptr(),

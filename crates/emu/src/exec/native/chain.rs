@@ -43,6 +43,8 @@ pub(super) mod slot {
     pub const LEFT: i32 = 32;
     /// The link stamp the chain runs under.
     pub const STAMP: i32 = 40;
+    /// The local link stamp, for jumps within a block's page.
+    pub const LOCAL_STAMP: i32 = 168;
     /// Times a block went on into the next block's code.
     pub const HOPS: i32 = 48;
     /// The block cache's jump cache.
@@ -75,7 +77,7 @@ pub(super) mod slot {
     pub const MXCSR: i32 = 144;
     pub const GUEST_MXCSR: i32 = 152;
     pub const HOST_MXCSR: i32 = 160;
-    pub const SIZE: i32 = 168;
+    pub const SIZE: i32 = 176;
 }
 
 /// Where a chain stopped, written after the code of the block it stopped
@@ -95,7 +97,9 @@ pub(super) struct ExitRecord {
     pub stamp_lo: i32,
     pub stamp_hi: i32,
     pub jump: i32,
-    pub pad: i32,
+    /// Not 0: the jump's successor is in the block's page, and the local
+    /// link stamp is the one it is taken under.
+    pub local: i32,
 }
 
 impl ExitRecord {
@@ -104,7 +108,7 @@ impl ExitRecord {
         out.extend_from_slice(&(self.block as usize as u64).to_le_bytes());
         out.extend_from_slice(&self.rip.to_le_bytes());
         out.extend_from_slice(&self.result.to_le_bytes());
-        for n in [self.stamp_lo, self.stamp_hi, self.jump, self.pad] {
+        for n in [self.stamp_lo, self.stamp_hi, self.jump, self.local] {
             out.extend_from_slice(&n.to_le_bytes());
         }
     }
@@ -138,6 +142,7 @@ pub(super) fn shared_routines() -> Vec<u8> {
         (slot::CODE_BITS, offset_of!(Frame, code_bits)),
         (slot::LEFT, offset_of!(Frame, left)),
         (slot::STAMP, offset_of!(Frame, stamp)),
+        (slot::LOCAL_STAMP, offset_of!(Frame, local_stamp)),
         (slot::JUMPS, offset_of!(Frame, jumps)),
         (slot::FS_BASE, offset_of!(Frame, fs_base)),
         (slot::GS_BASE, offset_of!(Frame, gs_base)),
@@ -466,7 +471,7 @@ pub(super) fn block_code(
     match ending.next {
         Next::To(rip) => {
             flags.flush(&mut e.a, e.depth, s.addr);
-            e.fixed_successor(rip, ending.count);
+            e.fixed_successor(rip, ending);
         }
         Next::Branch {
             cc,
@@ -478,11 +483,11 @@ pub(super) fn block_code(
             let jump = e.a.jcc(cc);
             let mut other = flags;
             flags.flush(&mut e.a, e.depth, s.addr);
-            e.fixed_successor(not_taken, ending.count);
+            e.fixed_successor(not_taken, ending);
             let here = e.a.len();
             e.a.patch(jump, here);
             other.flush(&mut e.a, e.depth, s.addr);
-            e.fixed_successor(taken, ending.count);
+            e.fixed_successor(taken, ending);
         }
         Next::Popped => {
             flags.flush(&mut e.a, e.depth, s.addr);
@@ -636,7 +641,7 @@ impl Emitter<'_> {
             stamp_lo: 0,
             stamp_hi: 0,
             jump: 0,
-            pad: 0,
+            local: 0,
         }
     }
 
@@ -660,21 +665,24 @@ impl Emitter<'_> {
     /// The end of a block going on to `rip` (the guest's flags in their
     /// slot): pops the scratch registers and jumps to the successor's code
     /// while the budget lasts and the stamp is the one the jump was linked
-    /// under.
-    fn fixed_successor(&mut self, rip: u64, count: usize) {
+    /// under (the local one for a successor in the block's page).
+    fn fixed_successor(&mut self, rip: u64, ending: &Ending) {
         self.pop_scratch();
+        let local = ending.page == Some(rip >> 12);
+        let stamp = if local {
+            slot::LOCAL_STAMP
+        } else {
+            slot::STAMP
+        };
         let a = &mut self.a;
         let mut out = vec![];
         // At most `block::MAX_OPS` instructions.
-        a.sub_mem(Addr::at(RSP, slot::LEFT), count as i32);
+        a.sub_mem(Addr::at(RSP, slot::LEFT), ending.count as i32);
         out.push(a.jcc(CC_LE));
-        a.cmp_dword(Addr::at(RSP, slot::STAMP), NO_STAMP as u32 as i32);
+        a.cmp_dword(Addr::at(RSP, stamp), NO_STAMP as u32 as i32);
         let lo = a.len() - 4;
         out.push(a.jcc(CC_NE));
-        a.cmp_dword(
-            Addr::at(RSP, slot::STAMP + 4),
-            (NO_STAMP >> 32) as u32 as i32,
-        );
+        a.cmp_dword(Addr::at(RSP, stamp + 4), (NO_STAMP >> 32) as u32 as i32);
         let hi = a.len() - 4;
         out.push(a.jcc(CC_NE));
         a.sub_mem(Addr::at(RSP, slot::HOPS), -1);
@@ -686,6 +694,7 @@ impl Emitter<'_> {
         }
         let record = ExitRecord {
             rip,
+            local: i32::from(local),
             ..self.record()
         };
         self.leave_linked(record, [Some(lo), Some(hi), Some(jump.at())]);
