@@ -70,6 +70,38 @@ fn random_instruction(
         47 => a.mov(v, rsp),
         48 => a.lea(v, ptr(rsp + imm)),
         49 => a.push(v).and_then(|()| a.pop(w)),
+        // REP STOS of up to 40 elements at an operand's address (crossing
+        // into the next page, or not mapped, for some) or up to 320 bytes
+        // before the unmapped page (R11 points 16 bytes into it), now and
+        // then with DF set (the stores go down).
+        40 if rng.below(4) == 0 => {
+            let down = rng.below(4) == 0;
+            if rng.below(3) == 0 {
+                // A store to that page first, in a block of its own, so
+                // the lookup for RDI hits the TLB (its entry allows writes
+                // once the page is dirty).
+                let mut next = a.create_label();
+                a.mov(dword_ptr(r11 - 0x20), eax)?;
+                a.jmp(next)?;
+                a.set_label(&mut next)?;
+                a.lea(rdi, ptr(r11 - 0x10 - rng.below(0x140) as i32))?;
+            } else {
+                a.lea(rdi, m)?;
+            }
+            a.mov(ecx, rng.below(40) as u32)?;
+            if down {
+                a.std()?;
+            }
+            match rng.below(3) {
+                0 => a.rep().stosb()?,
+                1 => a.rep().stosd()?,
+                _ => a.rep().stosq()?,
+            }
+            if down {
+                a.cld()?;
+            }
+            Ok(())
+        }
         // BSWAP of 32- and 64-bit registers.
         40 if rng.below(4) == 0 => a.bswap(v32).and_then(|()| a.bswap(w)),
         // Shifts and rotates by CL (zero every other time: the flags stay,

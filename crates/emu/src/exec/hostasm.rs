@@ -283,6 +283,13 @@ impl Asm {
         self.bytes(&imm.to_le_bytes());
     }
 
+    /// `cmp r64, imm` (sign-extended).
+    pub fn cmp_imm(&mut self, r: u8, imm: i32) {
+        self.rex(true, 0, 0, r);
+        self.bytes(&[0x81, 0xf8 | (r & 7)]);
+        self.bytes(&imm.to_le_bytes());
+    }
+
     /// `test r64, imm` (sign-extended).
     pub fn test_imm(&mut self, r: u8, imm: i32) {
         self.rex(true, 0, 0, r);
@@ -597,6 +604,11 @@ mod tests {
         assert_eq!(
             (i.mnemonic(), i.op0_register(), i.immediate32to64()),
             (Mnemonic::And, Register::RCX, -8)
+        );
+        let i = one(|a| a.cmp_imm(RCX, 512));
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.immediate32to64()),
+            (Mnemonic::Cmp, Register::RCX, 512)
         );
         let i = one(|a| a.test_imm(10, 15));
         assert_eq!(

@@ -548,6 +548,8 @@ enum Item<'a> {
     Constant(&'a Instruction, u8, u64),
     /// DIV, of a memory operand when given (see [`division`]).
     Divide(&'a Instruction, Option<MemOperand>),
+    /// REP STOS of elements of `.1` bytes (see [`string_store`]).
+    Fill(&'a Instruction, u8),
 }
 
 impl Item<'_> {
@@ -557,13 +559,14 @@ impl Item<'_> {
             | Item::Renamed(i)
             | Item::Memory(i, _)
             | Item::Constant(i, ..)
-            | Item::Divide(i, _) => i,
+            | Item::Divide(i, _)
+            | Item::Fill(i, _) => i,
         }
     }
 
     fn names_rsp(&self) -> bool {
         match self {
-            Item::Copy(..) | Item::Constant(..) => false,
+            Item::Copy(..) | Item::Constant(..) | Item::Fill(..) => false,
             Item::Renamed(i) => names_rsp(i),
             Item::Divide(_, m) => m.is_some_and(|m| m.base == Some(RSP)),
             Item::Memory(i, m) => m.base == Some(RSP) || names_rsp(i),
@@ -661,6 +664,8 @@ struct Frame {
     xmm_state: u64,
     /// In and out: the guest's MXCSR.
     mxcsr: u64,
+    /// The guest's DF: 1 set (string instructions go down).
+    df: u64,
     /// 0 where the guest's MXCSR masks every floating-point exception
     /// (no instruction can raise #XM), else 2 (see
     /// [`chain::slot::MXCSR`]).
@@ -863,7 +868,7 @@ fn stub(
             // A move keeps the flags.
             Item::Constant(_, r, value) => a.mov_imm64(*r, *value),
             // Only in a block's code.
-            Item::Divide(..) => return None,
+            Item::Divide(..) | Item::Fill(..) => return None,
             Item::Memory(i, mem) => {
                 let s = scratch.as_ref()?;
                 if !saved && track {
@@ -940,6 +945,7 @@ fn layout(
         .iter()
         .filter_map(|item| match item {
             Item::Memory(_, m) | Item::Divide(_, Some(m)) => Some(*m),
+            Item::Fill(..) => Some(fill_start()),
             Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) | Item::Divide(_, None) => None,
         })
         .collect();
@@ -1229,6 +1235,7 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         xmm_state: 2,
         mxcsr: 0,
         mxcsr_state: 2,
+        df: 0,
         rip: 0,
         left: 0,
         stamp: 0,
@@ -1299,6 +1306,8 @@ enum Form {
     /// DIV of a 32- or 64-bit register or memory operand (see
     /// [`division`]).
     Divide(Option<MemOperand>),
+    /// REP STOS of elements of `.0` bytes (see [`string_store`]).
+    Fill(u8),
 }
 
 /// How a block's code may run `op` if it is an SSE or SSE2 instruction
@@ -1525,6 +1534,39 @@ fn names_xmm(i: &Instruction) -> bool {
     (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
 }
 
+/// The element size of `op` if it is a REP STOS a block's code may run:
+/// 64-bit addressing, no segment override (ES is flat in 64-bit mode). Its
+/// code stores natively where the whole range is in one page and DF is
+/// clear, and otherwise leaves it to the interpreter (see
+/// `chain::block_code`).
+fn string_store(op: &Op) -> Option<u8> {
+    use iced_x86::Code;
+    let i = &op.instr;
+    if op.bitness != 64 || op.asize != 8 || !i.has_rep_prefix() {
+        return None;
+    }
+    match i.code() {
+        Code::Stosb_m8_AL => Some(1),
+        Code::Stosw_m16_AX => Some(2),
+        Code::Stosd_m32_EAX => Some(4),
+        Code::Stosq_m64_RAX => Some(8),
+        _ => None,
+    }
+}
+
+/// The page-sized access a REP STOS's code looks up: the byte at RDI.
+fn fill_start() -> MemOperand {
+    MemOperand {
+        base: Some(RDI),
+        index: None,
+        disp: 0,
+        seg: None,
+        size: 1,
+        write: true,
+        aligned: false,
+    }
+}
+
 /// Whether `op` is a DIV a block's code may run, checking first that it
 /// cannot fault (a zero divisor or a quotient too large): DIV of a 32- or
 /// 64-bit register, or with `memory` of such a memory operand (`Some`).
@@ -1651,6 +1693,9 @@ fn item_form(
         if let Some(form) = vector_form(op, memory, info) {
             return Some(form);
         }
+        if let Some(size) = string_store(op).filter(|_| memory) {
+            return Some(Form::Fill(size));
+        }
     }
     use iced_x86::Code;
     let i = &op.instr;
@@ -1773,6 +1818,7 @@ fn block_items<'a>(
                 Form::Memory(m) => Some(Item::Memory(&op.instr, m)),
                 Form::Constant(r, v) => Some(Item::Constant(&op.instr, r, v)),
                 Form::Divide(m) => Some(Item::Divide(&op.instr, m)),
+                Form::Fill(size) => Some(Item::Fill(&op.instr, size)),
             },
         )
         .collect::<Option<Vec<Item>>>()?;
@@ -1926,6 +1972,7 @@ pub(super) fn run_block(
         } else {
             2
         },
+        df: u64::from(c.cpu.rflags & crate::state::rflags::DF != 0),
     };
     // SAFETY: `enter` is the arena's entry routine and `block.native` was
     // set by `compile_block` to code in the same arena, which lives as long
@@ -2024,7 +2071,7 @@ pub fn compile_runs(
                     Form::Memory(m) if with_memory => Some(Item::Memory(&ops[n].instr, m)),
                     Form::Memory(_) => None,
                     Form::Constant(r, v) => Some(Item::Constant(&ops[n].instr, r, v)),
-                    Form::Divide(_) => None,
+                    Form::Divide(_) | Form::Fill(_) => None,
                 })
                 .collect()
         };

@@ -45,6 +45,8 @@ pub(super) mod slot {
     pub const STAMP: i32 = 40;
     /// The local link stamp, for jumps within a block's page.
     pub const LOCAL_STAMP: i32 = 168;
+    /// The guest's DF (1: set).
+    pub const DF: i32 = 176;
     /// Times a block went on into the next block's code.
     pub const HOPS: i32 = 48;
     /// The block cache's jump cache.
@@ -77,7 +79,7 @@ pub(super) mod slot {
     pub const MXCSR: i32 = 144;
     pub const GUEST_MXCSR: i32 = 152;
     pub const HOST_MXCSR: i32 = 160;
-    pub const SIZE: i32 = 176;
+    pub const SIZE: i32 = 184;
 }
 
 /// Where a chain stopped, written after the code of the block it stopped
@@ -149,6 +151,7 @@ pub(super) fn shared_routines() -> Vec<u8> {
         (slot::XMM, offset_of!(Frame, xmm_state)),
         (slot::XMM_AT, offset_of!(Frame, xmm)),
         (slot::MXCSR, offset_of!(Frame, mxcsr_state)),
+        (slot::DF, offset_of!(Frame, df)),
         (slot::GUEST_MXCSR, offset_of!(Frame, mxcsr)),
     ];
     let mut a = Asm::default();
@@ -425,6 +428,12 @@ pub(super) fn block_code(
             }
             // A move keeps the flags.
             Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
+            Item::Fill(_, size) => {
+                flags.flush(&mut e.a, e.depth, s.addr);
+                flags.valid = 0;
+                let fixups = e.fill(*size, &s, ending.user)?;
+                misses.push((fixups, k));
+            }
             Item::Divide(i, mem) => {
                 // The checks change the host's flags, and a miss leaves the
                 // guest's in the slot.
@@ -603,6 +612,51 @@ impl Emitter<'_> {
         let here = a.len();
         a.patch(loaded, here);
         unusable
+    }
+
+    /// REP STOS of `size`-byte elements (the guest's flags in their slot):
+    /// the host's REP STOS at the host address of RDI, where DF is clear
+    /// and the RCX elements are all in RDI's page; returns the jumps taken
+    /// otherwise (and on a miss of RDI's lookup), for the interpreter.
+    fn fill(&mut self, size: u8, s: &super::Scratch, user: bool) -> Option<Vec<Fixup>> {
+        let df = self.at(slot::DF);
+        let depth = self.depth;
+        let a = &mut self.a;
+        let mut out = Vec::new();
+        a.cmp_dword(df, 0);
+        out.push(a.jcc(CC_NE));
+        a.test(RCX, RCX);
+        let nothing = a.jcc(CC_E);
+        a.cmp_imm(RCX, 4096 / i32::from(size));
+        out.push(a.jcc(CC_A));
+        // The last byte in RDI's page.
+        a.lea(
+            s.addr,
+            Addr {
+                base: Some(RDI),
+                index: Some((RCX, size.trailing_zeros() as u8)),
+                disp: -1,
+            },
+        );
+        a.xor(s.addr, RDI);
+        a.shr(s.addr, 12);
+        out.push(a.jcc(CC_NE));
+        out.extend(lookup(a, &super::fill_start(), s, user, depth)?);
+        // RDI is the host address while the host stores, then moves on in
+        // the guest's terms; RCX ends at zero either way.
+        a.mov(s.entry, RDI);
+        a.mov(RDI, s.addr);
+        a.bytes(match size {
+            1 => &[0xf3, 0xaa],
+            2 => &[0x66, 0xf3, 0xab],
+            4 => &[0xf3, 0xab],
+            _ => &[0xf3, 0x48, 0xab],
+        });
+        a.rr(&[0x29], s.addr, RDI);
+        a.rr(&[0x01], s.entry, RDI);
+        let here = a.len();
+        a.patch(nothing, here);
+        Some(out)
     }
 
     /// Makes the host's MXCSR the guest's, unless it is: returns the jump
