@@ -339,12 +339,12 @@ impl Drop for EmuVcpu {
         }
         if std::env::var_os("VESSEL_EMU_STATS").is_some() {
             eprintln!(
-                "emu: vCPU {} retired {} instructions; {} native runs (blocks' code included), {} of them finished by the interpreter; {} hops from block to block in native code",
+                "emu: vCPU {} retired {} instructions; {} native runs (blocks' code included), {} of them finished by the interpreter; {} instructions in blocks' code",
                 self.index,
                 self.emu.instructions_retired(),
                 self.emu.native_runs_executed(),
                 self.emu.native_run_exits(),
-                self.emu.native_blocks_chained()
+                self.emu.native_instructions()
             );
         }
     }

@@ -232,8 +232,8 @@ pub struct Core {
     /// Native runs that stopped before their end (at an access their
     /// TLB lookup did not cover) and were finished by the interpreter.
     pub(crate) native_exits: u64,
-    /// Times a block's native code went on into the next block's.
-    pub(crate) native_hops: u64,
+    /// Instructions of blocks whose native code ran to their end.
+    pub(crate) native_instructions: u64,
     /// Address of the instruction that stopped inside a native run's
     /// interpreted rest, for [`Emulator::stopped`] (a run's op carries
     /// only its first instruction's).
@@ -270,7 +270,7 @@ impl Core {
             native: native::Arena::new(),
             native_runs: 0,
             native_exits: 0,
-            native_hops: 0,
+            native_instructions: 0,
             stop_ip: None,
             kvmclock: 0,
             wall_clock: 0,
@@ -1196,10 +1196,11 @@ impl Emulator {
         self.core.native_exits
     }
 
-    /// How many times a block's native code went on into the next
-    /// block's without coming back to the block loop.
-    pub fn native_blocks_chained(&self) -> u64 {
-        self.core.native_hops
+    /// How many instructions blocks' native code ran (those of blocks it
+    /// ran to their end): many per entry ([`Self::native_runs_executed`])
+    /// where it goes on from block to block without the block loop.
+    pub fn native_instructions(&self) -> u64 {
+        self.core.native_instructions
     }
 
     /// INIT: the paravirtual clock MSRs go back to disabled (as KVM's

@@ -655,8 +655,6 @@ struct Frame {
     local_stamp: u64,
     /// The block cache's jump cache, for indirect successors.
     jumps: *const crate::block::Jump,
-    /// Out: how many times the code went on into the next block's.
-    hops: u64,
     /// The guest's XMM registers.
     xmm: *mut u128,
     /// 0 where the guest may run SSE instructions, else 2 (see
@@ -1240,7 +1238,6 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         left: 0,
         stamp: 0,
         jumps: std::ptr::null(),
-        hops: 0,
     };
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
     // arena, which lives as long as the `Core` (blocks are per vCPU). The
@@ -1959,7 +1956,6 @@ pub(super) fn run_block(
         stamp: stamps[0],
         local_stamp: stamps[1],
         jumps,
-        hops: 0,
         xmm: c.cpu.fpu.xmm.as_mut_ptr(),
         xmm_state: if super::sse::sse_check(c).is_ok() {
             0
@@ -1990,7 +1986,7 @@ pub(super) fn run_block(
         (at as usize, at.read())
     };
     let ran = (left - frame.left) as u64;
-    c.native_hops += frame.hops;
+    c.native_instructions += ran;
     c.cpu.fpu.mxcsr = frame.mxcsr as u32;
     let (done, successor) = match record.result {
         BLOCK_DONE => {

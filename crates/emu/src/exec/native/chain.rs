@@ -44,11 +44,9 @@ pub(super) mod slot {
     /// The link stamp the chain runs under.
     pub const STAMP: i32 = 40;
     /// The local link stamp, for jumps within a block's page.
-    pub const LOCAL_STAMP: i32 = 168;
+    pub const LOCAL_STAMP: i32 = 48;
     /// The guest's DF (1: set).
-    pub const DF: i32 = 176;
-    /// Times a block went on into the next block's code.
-    pub const HOPS: i32 = 48;
+    pub const DF: i32 = 168;
     /// The block cache's jump cache.
     pub const JUMPS: i32 = 56;
     /// Where the guest's XMM registers are: 0 in the vCPU's state, 1 in
@@ -79,7 +77,7 @@ pub(super) mod slot {
     pub const MXCSR: i32 = 144;
     pub const GUEST_MXCSR: i32 = 152;
     pub const HOST_MXCSR: i32 = 160;
-    pub const SIZE: i32 = 184;
+    pub const SIZE: i32 = 176;
 }
 
 /// Where a chain stopped, written after the code of the block it stopped
@@ -169,7 +167,6 @@ pub(super) fn shared_routines() -> Vec<u8> {
     a.store(at(slot::EXIT), RAX);
     let load_xmm = a.lea_rip(RAX);
     a.store(at(slot::XMM_LOAD), RAX);
-    a.store_imm(at(slot::HOPS), 0);
     // The guest's status bits with the host's system flags as user code
     // runs with them (IF and the reserved bit 1 set, DF, TF and AC clear):
     // what POPFQ of the slot restores (PUSHFQ here would wait for every
@@ -226,7 +223,6 @@ pub(super) fn shared_routines() -> Vec<u8> {
     a.store(field(offset_of!(Frame, mxcsr)), RAX);
     for (s, f) in [
         (slot::LEFT, offset_of!(Frame, left)),
-        (slot::HOPS, offset_of!(Frame, hops)),
         (slot::RIP, offset_of!(Frame, rip)),
     ] {
         a.load(RAX, at(s));
@@ -739,7 +735,6 @@ impl Emitter<'_> {
         a.cmp_dword(Addr::at(RSP, stamp + 4), (NO_STAMP >> 32) as u32 as i32);
         let hi = a.len() - 4;
         out.push(a.jcc(CC_NE));
-        a.sub_mem(Addr::at(RSP, slot::HOPS), -1);
         let jump = a.jmp();
         out.push(jump);
         let here = a.len();
@@ -766,7 +761,6 @@ impl Emitter<'_> {
         let jumps = self.at(slot::JUMPS);
         let stamp = self.at(slot::STAMP);
         let next = self.at(slot::NEXT);
-        let hops = self.at(slot::HOPS);
         let dynamic = self.at(slot::RIP);
         let a = &mut self.a;
         let entry = |f: usize| Addr::at(x, super::offset(f));
@@ -795,7 +789,6 @@ impl Emitter<'_> {
         a.test(x, x);
         out.push(a.jcc(CC_E));
         a.store(next, x);
-        a.sub_mem(hops, -1);
         self.pop_scratch();
         self.a.jmp_mem(Addr::at(RSP, slot::NEXT));
         let here = self.a.len();
