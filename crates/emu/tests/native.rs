@@ -102,6 +102,8 @@ fn random_instruction(
             }
             Ok(())
         }
+        // FNSTCW, the guest's x87 control word.
+        40 if rng.below(8) == 0 => a.fnstcw(word_ptr(m)),
         // BSWAP of 32- and 64-bit registers.
         40 if rng.below(4) == 0 => a.bswap(v32).and_then(|()| a.bswap(w)),
         // Shifts and rotates by CL (zero every other time: the flags stay,

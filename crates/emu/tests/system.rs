@@ -1385,10 +1385,10 @@ fn a_block_is_compiled_to_native_code_once_it_has_run_often() {
 }
 
 #[test]
-fn sse_in_native_code_is_a_device_not_available_fault_with_cr0_ts_set() {
-    // A loop's block with PADDQ is compiled and chained to itself; with
-    // CR0.TS set, the same code must leave before PADDQ for the
-    // interpreter to raise #NM there, as the OS expects for lazy FPU
+fn sse_and_x87_in_native_code_are_device_not_available_faults_with_cr0_ts_set() {
+    // A loop's block with FNSTCW and PADDQ is compiled and chained to
+    // itself; with CR0.TS set, the same code must leave before FNSTCW for
+    // the interpreter to raise #NM there, as the OS expects for lazy FPU
     // switching.
     if !native_code_runs_here() {
         return;
@@ -1399,6 +1399,7 @@ fn sse_in_native_code_is_a_device_not_available_fault_with_cr0_ts_set() {
     a.set_label(&mut top).unwrap();
     a.add(rax, 1).unwrap();
     // At CODE + 6: `add rax, imm32` first.
+    a.fnstcw(word_ptr(STACK - 16)).unwrap();
     a.paddq(xmm0, xmm1).unwrap();
     a.cmp(rax, 1000).unwrap();
     a.jne(top).unwrap();
@@ -1409,6 +1410,8 @@ fn sse_in_native_code_is_a_device_not_available_fault_with_cr0_ts_set() {
     e.cpu_mut().fpu.xmm[1] = 3;
     assert_eq!(e.run(GUARD, None), Exit::Halt);
     assert_eq!(e.cpu().fpu.xmm[0], 3000, "PADDQ in native code");
+    let fcw: u16 = mem.read_obj(GuestAddress(STACK - 16)).unwrap();
+    assert_eq!(fcw, e.cpu().fpu.fcw, "FNSTCW in native code");
     assert_chained(&e);
     let cpu = e.cpu_mut();
     cpu.rip = CODE;
@@ -1420,7 +1423,7 @@ fn sse_in_native_code_is_a_device_not_available_fault_with_cr0_ts_set() {
         other => panic!("expected #NM, got {other:?}"),
     }
     assert_eq!(e.cpu().gpr[0], 1, "the ADD before it ran");
-    assert_eq!(e.cpu().rip, CODE + 6, "at PADDQ");
+    assert_eq!(e.cpu().rip, CODE + 6, "at FNSTCW");
     assert_eq!(e.cpu().fpu.xmm[0], 3000, "PADDQ did not run");
 }
 

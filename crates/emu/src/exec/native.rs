@@ -664,6 +664,9 @@ struct Frame {
     mxcsr: u64,
     /// The guest's DF: 1 set (string instructions go down).
     df: u64,
+    /// The guest's x87 control word, or all ones where x87 instructions
+    /// would fault.
+    fcw: u64,
     /// 0 where the guest's MXCSR masks every floating-point exception
     /// (no instruction can raise #XM), else 2 (see
     /// [`chain::slot::MXCSR`]).
@@ -1234,6 +1237,7 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         mxcsr: 0,
         mxcsr_state: 2,
         df: 0,
+        fcw: u64::MAX,
         rip: 0,
         left: 0,
         stamp: 0,
@@ -1693,6 +1697,10 @@ fn item_form(
         if let Some(size) = string_store(op).filter(|_| memory) {
             return Some(Form::Fill(size));
         }
+        // FNSTCW stores the guest's FCW (from the chain's slot).
+        if memory && op.instr.code() == iced_x86::Code::Fnstcw_m2byte {
+            return effective(op, 2, true).map(Form::Memory);
+        }
     }
     use iced_x86::Code;
     let i = &op.instr;
@@ -1969,6 +1977,11 @@ pub(super) fn run_block(
             2
         },
         df: u64::from(c.cpu.rflags & crate::state::rflags::DF != 0),
+        fcw: if c.cpu.cr0 & (crate::state::bits::CR0_EM | crate::state::bits::CR0_TS) == 0 {
+            u64::from(c.cpu.fpu.fcw)
+        } else {
+            u64::MAX
+        },
     };
     // SAFETY: `enter` is the arena's entry routine and `block.native` was
     // set by `compile_block` to code in the same arena, which lives as long

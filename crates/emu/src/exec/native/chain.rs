@@ -47,6 +47,9 @@ pub(super) mod slot {
     pub const LOCAL_STAMP: i32 = 48;
     /// The guest's DF (1: set).
     pub const DF: i32 = 168;
+    /// The guest's x87 control word, or where x87 instructions would fault
+    /// (CR0.EM or CR0.TS set) all ones.
+    pub const FCW: i32 = 176;
     /// The block cache's jump cache.
     pub const JUMPS: i32 = 56;
     /// Where the guest's XMM registers are: 0 in the vCPU's state, 1 in
@@ -77,7 +80,7 @@ pub(super) mod slot {
     pub const MXCSR: i32 = 144;
     pub const GUEST_MXCSR: i32 = 152;
     pub const HOST_MXCSR: i32 = 160;
-    pub const SIZE: i32 = 176;
+    pub const SIZE: i32 = 184;
 }
 
 /// Where a chain stopped, written after the code of the block it stopped
@@ -150,6 +153,7 @@ pub(super) fn shared_routines() -> Vec<u8> {
         (slot::XMM_AT, offset_of!(Frame, xmm)),
         (slot::MXCSR, offset_of!(Frame, mxcsr_state)),
         (slot::DF, offset_of!(Frame, df)),
+        (slot::FCW, offset_of!(Frame, fcw)),
         (slot::GUEST_MXCSR, offset_of!(Frame, mxcsr)),
     ];
     let mut a = Asm::default();
@@ -452,11 +456,20 @@ pub(super) fn block_code(
                 // the guest's in the slot.
                 flags.flush(&mut e.a, e.depth, s.addr);
                 flags.valid = 0;
-                misses.push((lookup(&mut e.a, mem, &s, ending.user, e.depth)?, k));
+                let mut fixups = lookup(&mut e.a, mem, &s, ending.user, e.depth)?;
                 // Nothing is left to store: `s.addr`, which holds the
                 // host address now, is not needed.
                 flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
                 match i.mnemonic() {
+                    // The guest's FCW from its slot, unless x87
+                    // instructions would fault (see `slot::FCW`).
+                    Mnemonic::Fnstcw => {
+                        e.a.load(s.entry, e.at(slot::FCW));
+                        e.a.cmp_imm(s.entry, 0xffff);
+                        fixups.push(e.a.jcc(CC_A));
+                        e.a.bytes(&[0x66]);
+                        e.a.mem(false, &[0x89], s.entry, Addr::at(s.addr, 0));
+                    }
                     // The target of a CALL through memory (see `Next::Called`).
                     Mnemonic::Call if !mem.write => e.a.load(s.temp?, Addr::at(s.addr, 0)),
                     Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret => {
@@ -466,6 +479,7 @@ pub(super) fn block_code(
                     Mnemonic::Jmp => e.a.load(s.entry, Addr::at(s.addr, 0)),
                     _ => e.a.bytes(&rewritten(i, Some(s.addr), s.rsp, encoder)?),
                 }
+                misses.push((fixups, k));
             }
         }
         flags.after(f.modifies);
