@@ -70,16 +70,19 @@ fn random_instruction(
         47 => a.mov(v, rsp),
         48 => a.lea(v, ptr(rsp + imm)),
         49 => a.push(v).and_then(|()| a.pop(w)),
-        // REP STOS of up to 40 elements at an operand's address (crossing
-        // into the next page, or not mapped, for some) or up to 320 bytes
-        // before the unmapped page (R11 points 16 bytes into it), now and
-        // then with DF set (the stores go down).
+        // REP STOS or REP MOVS of up to 40 elements at an operand's address
+        // (crossing into the next page, or not mapped, for some) or up to
+        // 320 bytes before the unmapped page (R11 points 16 bytes into it),
+        // MOVS from another operand's address, now and then with DF set
+        // (the elements go down).
         40 if rng.below(4) == 0 => {
             let down = rng.below(4) == 0;
-            if rng.below(3) == 0 {
+            let moves = rng.below(2) == 0;
+            let near_unmapped = rng.below(2) == 0;
+            if near_unmapped {
                 // A store to that page first, in a block of its own, so
-                // the lookup for RDI hits the TLB (its entry allows writes
-                // once the page is dirty).
+                // the lookups hit the TLB (its entry allows writes once the
+                // page is dirty).
                 let mut next = a.create_label();
                 a.mov(dword_ptr(r11 - 0x20), eax)?;
                 a.jmp(next)?;
@@ -88,14 +91,23 @@ fn random_instruction(
             } else {
                 a.lea(rdi, m)?;
             }
+            if moves && near_unmapped && rng.below(2) == 0 {
+                a.lea(rsi, ptr(r11 - 0x10 - rng.below(0x140) as i32))?;
+            } else if moves {
+                let from = operand(rng, data);
+                a.lea(rsi, from)?;
+            }
             a.mov(ecx, rng.below(40) as u32)?;
             if down {
                 a.std()?;
             }
-            match rng.below(3) {
-                0 => a.rep().stosb()?,
-                1 => a.rep().stosd()?,
-                _ => a.rep().stosq()?,
+            match (moves, rng.below(3)) {
+                (false, 0) => a.rep().stosb()?,
+                (false, 1) => a.rep().stosd()?,
+                (false, _) => a.rep().stosq()?,
+                (true, 0) => a.rep().movsb()?,
+                (true, 1) => a.rep().movsw()?,
+                (true, _) => a.rep().movsq()?,
             }
             if down {
                 a.cld()?;

@@ -550,6 +550,8 @@ enum Item<'a> {
     Divide(&'a Instruction, Option<MemOperand>),
     /// REP STOS of elements of `.1` bytes (see [`string_store`]).
     Fill(&'a Instruction, u8),
+    /// REP MOVS of elements of `.1` bytes (see [`string_store`]).
+    Move(&'a Instruction, u8),
 }
 
 impl Item<'_> {
@@ -560,13 +562,14 @@ impl Item<'_> {
             | Item::Memory(i, _)
             | Item::Constant(i, ..)
             | Item::Divide(i, _)
-            | Item::Fill(i, _) => i,
+            | Item::Fill(i, _)
+            | Item::Move(i, _) => i,
         }
     }
 
     fn names_rsp(&self) -> bool {
         match self {
-            Item::Copy(..) | Item::Constant(..) | Item::Fill(..) => false,
+            Item::Copy(..) | Item::Constant(..) | Item::Fill(..) | Item::Move(..) => false,
             Item::Renamed(i) => names_rsp(i),
             Item::Divide(_, m) => m.is_some_and(|m| m.base == Some(RSP)),
             Item::Memory(i, m) => m.base == Some(RSP) || names_rsp(i),
@@ -869,7 +872,7 @@ fn stub(
             // A move keeps the flags.
             Item::Constant(_, r, value) => a.mov_imm64(*r, *value),
             // Only in a block's code.
-            Item::Divide(..) | Item::Fill(..) => return None,
+            Item::Divide(..) | Item::Fill(..) | Item::Move(..) => return None,
             Item::Memory(i, mem) => {
                 let s = scratch.as_ref()?;
                 if !saved && track {
@@ -946,7 +949,8 @@ fn layout(
         .iter()
         .filter_map(|item| match item {
             Item::Memory(_, m) | Item::Divide(_, Some(m)) => Some(*m),
-            Item::Fill(..) => Some(fill_start()),
+            Item::Fill(..) => Some(string_start(RDI, true)),
+            Item::Move(..) => Some(string_start(RDI, true)),
             Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) | Item::Divide(_, None) => None,
         })
         .collect();
@@ -954,7 +958,8 @@ fn layout(
     let scratch = if mems.is_empty() && !needs_rsp && next.is_none() {
         None
     } else {
-        let temp = matches!(next, Some(Next::Popped | Next::Called));
+        let temp = matches!(next, Some(Next::Popped | Next::Called))
+            || run.iter().any(|item| matches!(item, Item::Move(..)));
         Some(Scratch::plan(fp.regs, &mems, needs_rsp, temp)?)
     };
     Some((fp, scratch))
@@ -1309,6 +1314,8 @@ enum Form {
     Divide(Option<MemOperand>),
     /// REP STOS of elements of `.0` bytes (see [`string_store`]).
     Fill(u8),
+    /// REP MOVS of elements of `.0` bytes (see [`string_store`]).
+    Move(u8),
 }
 
 /// How a block's code may run `op` if it is an SSE or SSE2 instruction
@@ -1535,35 +1542,44 @@ fn names_xmm(i: &Instruction) -> bool {
     (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
 }
 
-/// The element size of `op` if it is a REP STOS a block's code may run:
-/// 64-bit addressing, no segment override (ES is flat in 64-bit mode). Its
-/// code stores natively where the whole range is in one page and DF is
-/// clear, and otherwise leaves it to the interpreter (see
-/// `chain::block_code`).
-fn string_store(op: &Op) -> Option<u8> {
+/// The element size of `op` if it is a REP STOS or (`true`) REP MOVS a
+/// block's code may run: 64-bit addressing, no segment override (ES is
+/// flat in 64-bit mode, and a MOVS source in DS too). Its code runs it
+/// natively where DF is clear and each range is in one page, and otherwise
+/// leaves it to the interpreter (see `chain::block_code`).
+fn string_store(op: &Op) -> Option<(u8, bool)> {
     use iced_x86::Code;
     let i = &op.instr;
-    if op.bitness != 64 || op.asize != 8 || !i.has_rep_prefix() {
+    if op.bitness != 64
+        || op.asize != 8
+        || !i.has_rep_prefix()
+        || i.segment_prefix() != Register::None
+    {
         return None;
     }
     match i.code() {
-        Code::Stosb_m8_AL => Some(1),
-        Code::Stosw_m16_AX => Some(2),
-        Code::Stosd_m32_EAX => Some(4),
-        Code::Stosq_m64_RAX => Some(8),
+        Code::Stosb_m8_AL => Some((1, false)),
+        Code::Stosw_m16_AX => Some((2, false)),
+        Code::Stosd_m32_EAX => Some((4, false)),
+        Code::Stosq_m64_RAX => Some((8, false)),
+        Code::Movsb_m8_m8 => Some((1, true)),
+        Code::Movsw_m16_m16 => Some((2, true)),
+        Code::Movsd_m32_m32 => Some((4, true)),
+        Code::Movsq_m64_m64 => Some((8, true)),
         _ => None,
     }
 }
 
-/// The page-sized access a REP STOS's code looks up: the byte at RDI.
-fn fill_start() -> MemOperand {
+/// The access a string instruction's code looks up for one of its ranges:
+/// the byte at `base` (RSI or RDI).
+fn string_start(base: u8, write: bool) -> MemOperand {
     MemOperand {
-        base: Some(RDI),
+        base: Some(base),
         index: None,
         disp: 0,
         seg: None,
         size: 1,
-        write: true,
+        write,
         aligned: false,
     }
 }
@@ -1694,8 +1710,12 @@ fn item_form(
         if let Some(form) = vector_form(op, memory, info) {
             return Some(form);
         }
-        if let Some(size) = string_store(op).filter(|_| memory) {
-            return Some(Form::Fill(size));
+        if let Some((size, moves)) = string_store(op).filter(|_| memory) {
+            return Some(if moves {
+                Form::Move(size)
+            } else {
+                Form::Fill(size)
+            });
         }
         // FNSTCW stores the guest's FCW (from the chain's slot).
         if memory && op.instr.code() == iced_x86::Code::Fnstcw_m2byte {
@@ -1824,6 +1844,7 @@ fn block_items<'a>(
                 Form::Constant(r, v) => Some(Item::Constant(&op.instr, r, v)),
                 Form::Divide(m) => Some(Item::Divide(&op.instr, m)),
                 Form::Fill(size) => Some(Item::Fill(&op.instr, size)),
+                Form::Move(size) => Some(Item::Move(&op.instr, size)),
             },
         )
         .collect::<Option<Vec<Item>>>()?;
@@ -2080,7 +2101,7 @@ pub fn compile_runs(
                     Form::Memory(m) if with_memory => Some(Item::Memory(&ops[n].instr, m)),
                     Form::Memory(_) => None,
                     Form::Constant(r, v) => Some(Item::Constant(&ops[n].instr, r, v)),
-                    Form::Divide(_) | Form::Fill(_) => None,
+                    Form::Divide(_) | Form::Fill(_) | Form::Move(_) => None,
                 })
                 .collect()
         };

@@ -428,10 +428,11 @@ pub(super) fn block_code(
             }
             // A move keeps the flags.
             Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
-            Item::Fill(_, size) => {
+            Item::Fill(_, size) | Item::Move(_, size) => {
                 flags.flush(&mut e.a, e.depth, s.addr);
                 flags.valid = 0;
-                let fixups = e.fill(*size, &s, ending.user)?;
+                let moves = matches!(item, Item::Move(..));
+                let fixups = e.string(*size, moves, &s, ending.user)?;
                 misses.push((fixups, k));
             }
             Item::Divide(i, mem) => {
@@ -624,11 +625,19 @@ impl Emitter<'_> {
         unusable
     }
 
-    /// REP STOS of `size`-byte elements (the guest's flags in their slot):
-    /// the host's REP STOS at the host address of RDI, where DF is clear
-    /// and the RCX elements are all in RDI's page; returns the jumps taken
-    /// otherwise (and on a miss of RDI's lookup), for the interpreter.
-    fn fill(&mut self, size: u8, s: &super::Scratch, user: bool) -> Option<Vec<Fixup>> {
+    /// REP STOS or (`moves`) REP MOVS of `size`-byte elements (the guest's
+    /// flags in their slot): the host's instruction at the host addresses
+    /// of RDI (and RSI), where DF is clear and the RCX elements of each
+    /// range are all in one page; returns the jumps taken otherwise (and on
+    /// a miss of a lookup), for the interpreter.
+    fn string(
+        &mut self,
+        size: u8,
+        moves: bool,
+        s: &super::Scratch,
+        user: bool,
+    ) -> Option<Vec<Fixup>> {
+        use super::super::hostasm::RSI;
         let df = self.at(slot::DF);
         let depth = self.depth;
         let a = &mut self.a;
@@ -639,31 +648,49 @@ impl Emitter<'_> {
         let nothing = a.jcc(CC_E);
         a.cmp_imm(RCX, 4096 / i32::from(size));
         out.push(a.jcc(CC_A));
-        // The last byte in RDI's page.
-        a.lea(
-            s.addr,
-            Addr {
-                base: Some(RDI),
-                index: Some((RCX, size.trailing_zeros() as u8)),
-                disp: -1,
-            },
-        );
-        a.xor(s.addr, RDI);
-        a.shr(s.addr, 12);
-        out.push(a.jcc(CC_NE));
-        out.extend(lookup(a, &super::fill_start(), s, user, depth)?);
-        // RDI is the host address while the host stores, then moves on in
-        // the guest's terms; RCX ends at zero either way.
-        a.mov(s.entry, RDI);
+        let ranges: &[u8] = if moves { &[RSI, RDI] } else { &[RDI] };
+        for &base in ranges {
+            // The last byte in the first's page.
+            a.lea(
+                s.addr,
+                Addr {
+                    base: Some(base),
+                    index: Some((RCX, size.trailing_zeros() as u8)),
+                    disp: -1,
+                },
+            );
+            a.xor(s.addr, base);
+            a.shr(s.addr, 12);
+            out.push(a.jcc(CC_NE));
+        }
+        let source = if moves { Some(s.temp?) } else { None };
+        if let Some(source) = source {
+            out.extend(lookup(a, &super::string_start(RSI, false), s, user, depth)?);
+            a.mov(source, s.addr);
+        }
+        out.extend(lookup(a, &super::string_start(RDI, true), s, user, depth)?);
+        // RDI (and RSI) are host addresses while the host runs it, then
+        // move on in the guest's terms; RCX ends at zero either way.
+        let saved_rdi = s.page?;
+        a.mov(saved_rdi, RDI);
         a.mov(RDI, s.addr);
-        a.bytes(match size {
-            1 => &[0xf3, 0xaa],
-            2 => &[0x66, 0xf3, 0xab],
-            4 => &[0xf3, 0xab],
-            _ => &[0xf3, 0x48, 0xab],
-        });
+        if let Some(source) = source {
+            a.mov(s.entry, RSI);
+            a.mov(RSI, source);
+        }
+        let (stos, movs) = match size {
+            1 => (&[0xf3, 0xaa][..], &[0xf3, 0xa4][..]),
+            2 => (&[0x66, 0xf3, 0xab][..], &[0x66, 0xf3, 0xa5][..]),
+            4 => (&[0xf3, 0xab][..], &[0xf3, 0xa5][..]),
+            _ => (&[0xf3, 0x48, 0xab][..], &[0xf3, 0x48, 0xa5][..]),
+        };
+        a.bytes(if moves { movs } else { stos });
         a.rr(&[0x29], s.addr, RDI);
-        a.rr(&[0x01], s.entry, RDI);
+        a.rr(&[0x01], saved_rdi, RDI);
+        if let Some(source) = source {
+            a.rr(&[0x29], source, RSI);
+            a.rr(&[0x01], s.entry, RSI);
+        }
         let here = a.len();
         a.patch(nothing, here);
         Some(out)
