@@ -873,7 +873,11 @@ fn divide_faults(i: &Instruction, case: &Case) -> bool {
     } else {
         let n = ((n << (128 - 2 * bits)) as i128) >> (128 - 2 * bits);
         let d = ((u128::from(d) << (128 - bits)) as i128) >> (128 - bits);
-        let q = n / d;
+        // i128::MIN / -1 (a 128-bit dividend of 1 << 127 by -1) overflows
+        // even here: a quotient far too large.
+        let Some(q) = n.checked_div(d) else {
+            return true;
+        };
         q < -(1i128 << (bits - 1)) || q >= (1i128 << (bits - 1))
     }
 }
