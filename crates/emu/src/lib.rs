@@ -19,9 +19,12 @@
 //!   guest code also runs natively: the guest's bytes copied into host
 //!   code, memory operands re-encoded to address the host page an inline
 //!   software-TLB lookup finds. A block whose every instruction has such
-//!   a form is compiled whole once it has run often, and its code goes on
-//!   into the next block's through the block's links; elsewhere stretches
-//!   of such instructions run as native runs inside interpreted blocks.
+//!   a form (general-purpose, SSE and SSE2 instructions, string stores and
+//!   copies, DIV after its checks) is compiled whole once it has run
+//!   often, and its code jumps on into the next block's, the guest's
+//!   registers staying in the host's from block to block; elsewhere
+//!   stretches of such instructions run as native runs inside
+//!   interpreted blocks.
 //! - [`Emulator`]: runs blocks until something the VMM must see (port I/O,
 //!   MMIO, HLT, a reported exception, an interrupt request); exceptions
 //!   and interrupts are delivered through the guest's IDT.

@@ -24,23 +24,32 @@
 //! A block whose every instruction runs natively this way, and which ends
 //! in a near Jcc, JMP, CALL or RET (or straight on), is compiled whole
 //! (see [`compile_block`]): its code computes the next RIP itself and
-//! goes on into the next block's code through the block's links, as the
-//! block loop would, so a hot loop runs without coming back to the block
-//! loop. Blocks are cut where that stops (see [`plan_block`]).
+//! jumps on into the next block's code (see [`chain`]), so a hot loop runs
+//! without coming back to the block loop. Blocks' code also runs what a
+//! run cannot: SSE and SSE2 instructions (the guest's XMM registers and
+//! MXCSR loaded into the host's), REP STOS and REP MOVS within a page,
+//! FNSTCW, and DIV after checks that leave before it would fault. Blocks
+//! are cut where that stops (see [`plan_block`]).
 //!
 //! What keeps this safe for the host: an instruction is copied only when
 //! iced decoded it in 64-bit mode as one of a fixed list of mnemonics
 //! (none touches the stack, RIP, segment or control state, none can fault
 //! on any x86-64 host: LAHF/SAHF, which the first x86-64 processors
-//! lacked in 64-bit mode, are left out), without LOCK, with every operand
-//! a general-purpose register other than RSP or an immediate (LEA's
-//! address arithmetic, which reads no memory, is allowed without RIP or
-//! RSP; a NOP's operand is never accessed), or one memory operand whose
-//! host address the lookup checked: a RAM page of this VM the guest's
-//! page tables allow the access to, the whole access inside it. The host
-//! stack pointer is never a guest register, so a signal arriving during a
-//! run lands on the host stack as usual. DF, IF and the other system
-//! flags stay the host's.
+//! lacked in 64-bit mode, are left out), without LOCK (but for a locked
+//! read-modify-write of guest memory), with every operand a
+//! general-purpose register other than RSP, an XMM register or an
+//! immediate (LEA's address arithmetic, which reads no memory, is allowed
+//! without RIP or RSP; a NOP's operand is never accessed), or one memory
+//! operand whose host address the lookup checked: a RAM page of this VM
+//! the guest's page tables allow the access to, the whole access inside
+//! it. What could still fault on the host is checked first and left to
+//! the interpreter, which raises the guest's exception: a misaligned
+//! 16-byte SSE operand, SSE with CR0.EM, CR0.TS or CR4.OSFXSR in the way,
+//! floating point with an unmasked MXCSR exception, DIV by zero or with
+//! too large a quotient, a string range leaving its page. The host stack
+//! pointer is never a guest register, so a signal arriving during a run
+//! lands on the host stack as usual. DF, IF and the other system flags
+//! stay the host's.
 
 mod chain;
 
