@@ -1335,118 +1335,55 @@ enum Form {
 /// A block's code loads the guest's XMM registers into the host's before
 /// the first of them (see [`chain`]).
 fn vector_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactory) -> Option<Form> {
-    use iced_x86::{Code, EncodingKind, OpAccess};
-    use Mnemonic as M;
+    use iced_x86::OpAccess;
     let i = &op.instr;
-    let listed = matches!(
-        i.mnemonic(),
-        M::Movaps
-            | M::Movups
-            | M::Movapd
-            | M::Movupd
-            | M::Movdqa
-            | M::Movdqu
-            | M::Movntdq
-            | M::Movntps
-            | M::Movntpd
-            | M::Movd
-            | M::Movq
-            | M::Movss
-            | M::Movlps
-            | M::Movlpd
-            | M::Movhps
-            | M::Movhpd
-            | M::Movhlps
-            | M::Movlhps
-            | M::Pmovmskb
-            | M::Movmskps
-            | M::Movmskpd
-            | M::Pxor
-            | M::Xorps
-            | M::Xorpd
-            | M::Por
-            | M::Orps
-            | M::Orpd
-            | M::Pand
-            | M::Andps
-            | M::Andpd
-            | M::Pandn
-            | M::Andnps
-            | M::Andnpd
-            | M::Pcmpeqb
-            | M::Pcmpeqw
-            | M::Pcmpeqd
-            | M::Pcmpgtb
-            | M::Pcmpgtw
-            | M::Pcmpgtd
-            | M::Pminub
-            | M::Pmaxub
-            | M::Pminsw
-            | M::Pmaxsw
-            | M::Paddb
-            | M::Paddw
-            | M::Paddd
-            | M::Paddq
-            | M::Psubb
-            | M::Psubw
-            | M::Psubd
-            | M::Psubq
-            | M::Paddsb
-            | M::Paddsw
-            | M::Psubsb
-            | M::Psubsw
-            | M::Paddusb
-            | M::Paddusw
-            | M::Psubusb
-            | M::Psubusw
-            | M::Pavgb
-            | M::Pavgw
-            | M::Pmullw
-            | M::Pmulhw
-            | M::Pmulhuw
-            | M::Pmuludq
-            | M::Pmaddwd
-            | M::Psadbw
-            | M::Psllw
-            | M::Pslld
-            | M::Psllq
-            | M::Psrlw
-            | M::Psrld
-            | M::Psrlq
-            | M::Psraw
-            | M::Psrad
-            | M::Pslldq
-            | M::Psrldq
-            | M::Pshufd
-            | M::Pshuflw
-            | M::Pshufhw
-            | M::Punpcklbw
-            | M::Punpcklwd
-            | M::Punpckldq
-            | M::Punpcklqdq
-            | M::Punpckhbw
-            | M::Punpckhwd
-            | M::Punpckhdq
-            | M::Punpckhqdq
-            | M::Packsswb
-            | M::Packssdw
-            | M::Packuswb
-            | M::Pinsrw
-            | M::Pextrw
-            | M::Shufps
-            | M::Shufpd
-            | M::Unpcklps
-            | M::Unpckhps
-            | M::Unpcklpd
-            | M::Unpckhpd
-    ) || (i.mnemonic() == M::Movsd && i.code() != Code::Movsd_m32_m32)
-        || uses_mxcsr(i);
-    if !listed
-        || op.bitness != 64
-        || i.encoding() != EncodingKind::Legacy
-        || i.has_lock_prefix()
-        || super::sse::handler(i).is_none()
-    {
+    if op.bitness != 64 {
+        return None;
+    }
+    match vector_memory_operands(i)? {
+        0 => Some(Form::Register),
+        1 if memory => {
+            let size = i.memory_size().size();
+            if !matches!(size, 2 | 4 | 8 | 16) {
+                return None;
+            }
+            let [access] = info.info(i).used_memory() else {
+                return None;
+            };
+            let write = !matches!(access.access(), OpAccess::Read | OpAccess::CondRead);
+            let mut m = effective(op, size as u8, write)?;
+            m.aligned = size == 16 && !super::sse::unaligned_ok(i);
+            Some(Form::Memory(m))
+        }
+        _ => None,
+    }
+}
+
+/// How many memory operands `i` has if it is an SSE or SSE2 instruction a
+/// block's code may run (see [`vector_form`]): legacy-encoded, one the
+/// interpreter runs as SSE or SSE2, other than those that touch MXCSR or
+/// the x87 state themselves, flush caches, prefetch, or store through an
+/// implicit RDI, its operands XMM registers, general-purpose registers
+/// other than RSP, immediates and memory.
+fn vector_memory_operands(i: &Instruction) -> Option<u32> {
+    use iced_x86::{Code, EncodingKind};
+    use Mnemonic as M;
+    let listed = super::sse::handler(i).is_some()
+        && !matches!(
+            i.mnemonic(),
+            M::Emms
+                | M::Movntq
+                | M::Ldmxcsr
+                | M::Stmxcsr
+                | M::Clflush
+                | M::Prefetchnta
+                | M::Prefetcht0
+                | M::Prefetcht1
+                | M::Prefetcht2
+                | M::Maskmovdqu
+        )
+        && !matches!(i.code(), Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32);
+    if !listed || i.encoding() != EncodingKind::Legacy || i.has_lock_prefix() {
         return None;
     }
     let mut memory_operands = 0;
@@ -1463,86 +1400,14 @@ fn vector_form(op: &Op, memory: bool, info: &mut iced_x86::InstructionInfoFactor
             _ => return None,
         }
     }
-    match memory_operands {
-        0 => Some(Form::Register),
-        1 if memory => {
-            let size = i.memory_size().size();
-            if !matches!(size, 2 | 4 | 8 | 16) {
-                return None;
-            }
-            let [access] = info.info(i).used_memory() else {
-                return None;
-            };
-            let write = !matches!(access.access(), OpAccess::Read | OpAccess::CondRead);
-            let unaligned = matches!(i.mnemonic(), M::Movups | M::Movupd | M::Movdqu);
-            let mut m = effective(op, size as u8, write)?;
-            m.aligned = size == 16 && !unaligned;
-            Some(Form::Memory(m))
-        }
-        _ => None,
-    }
+    Some(memory_operands)
 }
 
 /// Whether `i` is an SSE or SSE2 floating-point instruction that a block's
 /// code may run (see [`vector_form`]) with the guest's MXCSR loaded into
 /// the host's, where it masks every exception.
 fn uses_mxcsr(i: &Instruction) -> bool {
-    use Mnemonic as M;
-    matches!(
-        i.mnemonic(),
-        M::Addps
-            | M::Addpd
-            | M::Addss
-            | M::Addsd
-            | M::Subps
-            | M::Subpd
-            | M::Subss
-            | M::Subsd
-            | M::Mulps
-            | M::Mulpd
-            | M::Mulss
-            | M::Mulsd
-            | M::Divps
-            | M::Divpd
-            | M::Divss
-            | M::Divsd
-            | M::Minps
-            | M::Minpd
-            | M::Minss
-            | M::Minsd
-            | M::Maxps
-            | M::Maxpd
-            | M::Maxss
-            | M::Maxsd
-            | M::Sqrtps
-            | M::Sqrtpd
-            | M::Sqrtss
-            | M::Sqrtsd
-            | M::Cvtss2sd
-            | M::Cvtsd2ss
-            | M::Cvtps2pd
-            | M::Cvtpd2ps
-            | M::Cvtdq2ps
-            | M::Cvtps2dq
-            | M::Cvttps2dq
-            | M::Cvtdq2pd
-            | M::Cvtpd2dq
-            | M::Cvttpd2dq
-            | M::Cmpps
-            | M::Cmppd
-            | M::Cmpss
-            | M::Cmpsd
-            | M::Comiss
-            | M::Ucomiss
-            | M::Comisd
-            | M::Ucomisd
-            | M::Cvtss2si
-            | M::Cvttss2si
-            | M::Cvtsd2si
-            | M::Cvttsd2si
-            | M::Cvtsi2ss
-            | M::Cvtsi2sd
-    ) && !(i.mnemonic() == M::Cmpsd && i.code() == iced_x86::Code::Cmpsd_m32_m32)
+    super::sse::is_float(i) && i.code() != iced_x86::Code::Cmpsd_m32_m32
 }
 
 /// Whether `i` names an XMM register (its code must have the guest's
@@ -2221,6 +2086,41 @@ mod tests {
         arena.release();
         // The routines every block's code shares stay.
         assert_eq!(allocated(&arena), super::SHARED_BYTES as u64);
+    }
+
+    #[test]
+    fn blocks_run_sse_data_movement_integer_and_floating_point_but_not_state_or_mmx() {
+        let yes: &[(&[u8], u32)] = &[
+            (&[0xf3, 0x0f, 0x6f, 0x03], 1),       // movdqu xmm0, [rbx]
+            (&[0x66, 0x0f, 0xef, 0xc1], 0),       // pxor xmm0, xmm1
+            (&[0x66, 0x0f, 0xd7, 0xc1], 0),       // pmovmskb eax, xmm1
+            (&[0xf2, 0x0f, 0x58, 0xc1], 0),       // addsd xmm0, xmm1
+            (&[0x66, 0x48, 0x0f, 0x7e, 0xc0], 0), // movq rax, xmm0
+            (&[0xf2, 0x0f, 0x10, 0x43, 0x08], 1), // movsd xmm0, [rbx+8]
+        ];
+        let no: &[&[u8]] = &[
+            &[0x0f, 0x77],                   // emms (the x87 tag word)
+            &[0x0f, 0xae, 0x13],             // ldmxcsr [rbx]
+            &[0x0f, 0xae, 0x1b],             // stmxcsr [rbx]
+            &[0x66, 0x0f, 0xf7, 0xc1],       // maskmovdqu (stores at RDI)
+            &[0x0f, 0xef, 0xc1],             // pxor mm0, mm1
+            &[0x0f, 0x18, 0x0b],             // prefetcht0 [rbx]
+            &[0xa5],                         // movsd (the string copy)
+            &[0xc5, 0xf9, 0xef, 0xc1],       // vpxor (VEX)
+            &[0x66, 0x0f, 0x38, 0x00, 0xc1], // pshufb (SSSE3)
+        ];
+        for (b, memory) in yes {
+            assert_eq!(
+                super::vector_memory_operands(&decoded(b)),
+                Some(*memory),
+                "{b:02x?}"
+            );
+        }
+        for b in no {
+            assert_eq!(super::vector_memory_operands(&decoded(b)), None, "{b:02x?}");
+        }
+        assert!(super::uses_mxcsr(&decoded(&[0xf2, 0x0f, 0x58, 0xc1])));
+        assert!(!super::uses_mxcsr(&decoded(&[0x66, 0x0f, 0xef, 0xc1])));
     }
 
     #[test]

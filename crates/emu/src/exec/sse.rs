@@ -81,7 +81,7 @@ fn set_xmm(c: &mut Core, op: &Op, n: u32, v: u128) {
 }
 
 /// Whether a 16-byte memory operand of this instruction may be unaligned.
-fn unaligned_ok(i: &Instruction) -> bool {
+pub(crate) fn unaligned_ok(i: &Instruction) -> bool {
     matches!(
         i.mnemonic(),
         Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Movdqu | Mnemonic::Maskmovdqu
@@ -771,6 +771,12 @@ fn float_handler(i: &Instruction) -> Option<Handler> {
         M::Cvtsi2ss | M::Cvtsi2sd => f::cvt_from_int,
         _ => return None,
     })
+}
+
+/// Whether `i` is an SSE or SSE2 floating-point instruction (computed by
+/// the host's FPU under the guest's MXCSR).
+pub(crate) fn is_float(i: &Instruction) -> bool {
+    float_handler(i).is_some()
 }
 
 /// Without an x86-64 host there is no host FPU to compute with yet.

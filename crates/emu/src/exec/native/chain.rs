@@ -610,15 +610,34 @@ impl Emitter<'_> {
     /// routine, unless they are: returns the jump taken where SSE
     /// instructions would fault.
     fn load_xmm(&mut self) -> Fixup {
-        let state = self.at(slot::XMM);
         let pointer = self.at(slot::XMM_AT);
         let routine = Addr::at(RSP, 8 + self.depth + slot::XMM_LOAD);
+        self.load_once(slot::XMM, |a| {
+            a.push_mem(pointer);
+            a.call_mem(routine);
+        })
+    }
+
+    /// Makes the host's MXCSR the guest's, unless it is: returns the jump
+    /// taken where the guest's unmasks an exception.
+    fn load_mxcsr(&mut self) -> Fixup {
+        let (guest, host) = (self.at(slot::GUEST_MXCSR), self.at(slot::HOST_MXCSR));
+        self.load_once(slot::MXCSR, |a| {
+            a.stmxcsr(host);
+            a.ldmxcsr(guest);
+        })
+    }
+
+    /// Runs `load` and marks the state slot `state` loaded (1), where it
+    /// says not loaded (0); returns the jump taken where it says unusable
+    /// (2).
+    fn load_once(&mut self, state: i32, load: impl FnOnce(&mut Asm)) -> Fixup {
+        let state = self.at(state);
         let a = &mut self.a;
         a.cmp_dword(state, 1);
         let loaded = a.jcc(CC_E);
         let unusable = a.jcc(CC_A);
-        a.push_mem(pointer);
-        a.call_mem(routine);
+        load(a);
         a.store_imm(state, 1);
         let here = a.len();
         a.patch(loaded, here);
@@ -694,23 +713,6 @@ impl Emitter<'_> {
         let here = a.len();
         a.patch(nothing, here);
         Some(out)
-    }
-
-    /// Makes the host's MXCSR the guest's, unless it is: returns the jump
-    /// taken where the guest's unmasks an exception.
-    fn load_mxcsr(&mut self) -> Fixup {
-        let state = self.at(slot::MXCSR);
-        let (guest, host) = (self.at(slot::GUEST_MXCSR), self.at(slot::HOST_MXCSR));
-        let a = &mut self.a;
-        a.cmp_dword(state, 1);
-        let loaded = a.jcc(CC_E);
-        let unmasked = a.jcc(CC_A);
-        a.stmxcsr(host);
-        a.ldmxcsr(guest);
-        a.store_imm(state, 1);
-        let here = a.len();
-        a.patch(loaded, here);
-        unmasked
     }
 
     /// A slot, with the scratch registers pushed.
