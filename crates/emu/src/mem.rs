@@ -336,14 +336,17 @@ pub mod perm {
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct TlbEntry {
-    /// Linear page number, or [`TLB_INVALID`].
-    pub vpn: u64,
+    /// Linear address of the page (low 12 bits zero), or [`TLB_INVALID`].
+    pub base: u64,
     /// Physical address of the page (low 12 bits zero).
     pub pa: u64,
     pub perms: u8,
     /// log2 of the size of the page it came from (12, 21, 22 or 30), for
     /// INVLPG of an address elsewhere in a large page.
     pub shift: u8,
+    /// `perms`' access bits where the page is RAM, else none: what native
+    /// code's lookup tests (MMIO fails it as a page it may not access).
+    pub native: u8,
     /// Host address of the physical page when it is RAM, else 0 (MMIO):
     /// the access fast path (`Core::read_as`/`write_as`) uses it directly.
     /// Valid as long as the entry: `Ram` keeps the `GuestRam` (and
@@ -352,13 +355,17 @@ pub struct TlbEntry {
     pub host: usize,
 }
 
-pub const TLB_INVALID: u64 = u64::MAX;
+/// No page's base: not canonical (bit 63 set, bits 62 to 47 clear), and
+/// far from every canonical address: any address XORed with it has bits
+/// above the page offset set, which is how native code's lookup compares.
+pub const TLB_INVALID: u64 = 1 << 63;
 
 const EMPTY: TlbEntry = TlbEntry {
-    vpn: TLB_INVALID,
+    base: TLB_INVALID,
     pa: 0,
     perms: 0,
     shift: 12,
+    native: 0,
     host: 0,
 };
 
@@ -406,7 +413,7 @@ impl Mmu {
     pub fn lookup(&self, lin: u64, need: u8) -> Option<u64> {
         let vpn = lin >> PAGE_SHIFT;
         let e = &self.entries[(vpn as usize) % TLB_ENTRIES];
-        if e.vpn == vpn && e.perms & need != 0 {
+        if e.base == lin & !PAGE_MASK && e.perms & need != 0 {
             Some(e.pa | (lin & PAGE_MASK))
         } else {
             None
@@ -416,11 +423,14 @@ impl Mmu {
     /// Enters a translation; `host` is [`Ram::page_host`] of `pa`.
     pub fn fill(&mut self, lin: u64, pa: u64, perms: u8, shift: u8, host: usize) {
         let vpn = lin >> PAGE_SHIFT;
+        let access =
+            perm::SUP_R | perm::SUP_W | perm::SUP_X | perm::USER_R | perm::USER_W | perm::USER_X;
         self.entries[(vpn as usize) % TLB_ENTRIES] = TlbEntry {
-            vpn,
+            base: lin & !PAGE_MASK,
             pa: pa & !PAGE_MASK,
             perms,
             shift,
+            native: if host != 0 { perms & access } else { 0 },
             host,
         };
     }
@@ -431,7 +441,7 @@ impl Mmu {
     pub fn lookup_host(&self, lin: u64, need: u8) -> Option<usize> {
         let vpn = lin >> PAGE_SHIFT;
         let e = &self.entries[(vpn as usize) % TLB_ENTRIES];
-        if e.vpn == vpn && e.perms & need != 0 && e.host != 0 {
+        if e.base == lin & !PAGE_MASK && e.perms & need != 0 && e.host != 0 {
             Some(e.host + (lin & PAGE_MASK) as usize)
         } else {
             None
@@ -467,9 +477,9 @@ impl Mmu {
     pub fn invalidate(&mut self, lin: u64) {
         self.flushes += 1;
         for e in self.entries.iter_mut() {
-            if e.vpn != TLB_INVALID {
+            if e.base != TLB_INVALID {
                 let shift = u32::from(e.shift).min(63);
-                if ((e.vpn << PAGE_SHIFT) ^ lin) >> shift == 0 {
+                if (e.base ^ lin) >> shift == 0 {
                     *e = EMPTY;
                 }
             }

@@ -702,11 +702,11 @@ fn offset(n: usize) -> i32 {
 /// its instructions do not touch.
 #[derive(Debug, Clone, Copy)]
 struct Scratch {
-    /// The access's host address (and the linear page number on the
-    /// way). Preferably RAX..RDI: a guest instruction naming AH..DH
+    /// The access's host address (its linear address and page offset on
+    /// the way). Preferably RAX..RDI: a guest instruction naming AH..DH
     /// cannot take the REX prefix R8..R15 would need.
     addr: u8,
-    /// The TLB entry's address, then the page offset.
+    /// The TLB entry's address.
     entry: u8,
     /// The physical page number, for the code-page test of writes.
     page: Option<u8>,
@@ -1161,36 +1161,34 @@ fn lookup(
 ) -> Option<Vec<Fixup>> {
     let (addr, entry) = (s.addr, s.entry);
     // The entry of the last byte's page ...
-    address(a, entry, mem, s, u64::from(mem.size) - 1)?;
-    a.shr(entry, PAGE_SHIFT as u8);
-    a.and32(entry, TLB_ENTRIES as u32 - 1);
-    a.shl(
-        entry,
-        std::mem::size_of::<TlbEntry>().trailing_zeros() as u8,
-    );
-    a.add_load(entry, Addr::at(RSP, saved + STACK_TLB));
-    // ... must hold the first byte's page: an access that crosses a page
-    // finds the next page's slot, which cannot.
     address(a, addr, mem, s, 0)?;
-    a.shr(addr, PAGE_SHIFT as u8);
-    a.cmp_load(
+    a.lea(entry, Addr::at(addr, i32::from(mem.size) - 1));
+    const ENTRY_SHIFT: u32 = std::mem::size_of::<TlbEntry>().trailing_zeros();
+    a.shr(entry, (PAGE_SHIFT - ENTRY_SHIFT) as u8);
+    a.and32(entry, ((TLB_ENTRIES as u32) - 1) << ENTRY_SHIFT);
+    a.add_load(entry, Addr::at(RSP, saved + STACK_TLB));
+    // ... must hold the first byte's page (an access that crosses a page
+    // finds the next page's slot, which cannot): the first byte's address
+    // XOR the page's is then its offset in the page.
+    a.mem(
+        true,
+        &[0x33],
         addr,
-        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, vpn))),
+        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, base))),
     );
+    a.test_imm(addr, !(PAGE_MASK as i32));
     let mut misses = vec![a.jcc(CC_NE)];
+    // Allowed, and RAM (MMIO pages allow nothing here).
     let need = perm::NEED[usize::from(user)][if mem.write { 1 } else { 0 }];
     a.test_byte(
-        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, perms))),
+        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, native))),
         need,
     );
     misses.push(a.jcc(CC_E));
-    // RAM (MMIO pages have no host address).
-    a.load(
+    a.add_load(
         addr,
         Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, host))),
     );
-    a.test(addr, addr);
-    misses.push(a.jcc(CC_E));
     if mem.write {
         // A page holding decoded code: the interpreter writes it and
         // drops the blocks (every vCPU's) decoded from it.
@@ -1208,9 +1206,6 @@ fn lookup(
         a.bt(entry, page);
         misses.push(a.jcc(CC_B));
     }
-    address(a, entry, mem, s, 0)?;
-    a.and32(entry, PAGE_MASK as u32);
-    a.rr(&[0x01], entry, addr);
     if mem.aligned {
         // The host page is page-aligned: the host address is as aligned as
         // the guest's; the interpreter raises the #GP.
