@@ -1353,11 +1353,13 @@ impl Emulator {
             // The op the interpreter starts at: past those a block's native
             // code did.
             let mut first = 0;
-            if let Some(source) = block_ref
-                .source
-                .as_ref()
-                .filter(|_| block_ref.native.get() == 0)
-            {
+            // `native` first: a compiled block's source is not touched.
+            let source = if block_ref.native.get() == 0 {
+                block_ref.source.as_ref()
+            } else {
+                None
+            };
+            if let Some(source) = source {
                 let runs = block_ref.runs.get() + 1;
                 block_ref.runs.set(runs);
                 if runs == self.hot_after {
