@@ -14,7 +14,8 @@
 //! [`Arena::link`](super::Arena::link) points at the successor's code once
 //! the block loop has found it, together with the link stamp it was found
 //! under; the jump is taken only while that is still the chain's stamp
-//! (no block dropped, no TLB flush, no code written, the same privilege).
+//! (no block dropped, no TLB flush, no code written, the same privilege;
+//! for a successor in the block's own page, TLB flushes do not count).
 //! A RET's or indirect jump's target is looked up in the block cache's
 //! jump cache. Every other way out goes through the shared exit routine
 //! with an [`ExitRecord`] saying where the code stopped.
@@ -45,11 +46,6 @@ pub(super) mod slot {
     pub const STAMP: i32 = 40;
     /// The local link stamp, for jumps within a block's page.
     pub const LOCAL_STAMP: i32 = 48;
-    /// The guest's DF (1: set).
-    pub const DF: i32 = 168;
-    /// The guest's x87 control word, or where x87 instructions would fault
-    /// (CR0.EM or CR0.TS set) all ones.
-    pub const FCW: i32 = 176;
     /// The block cache's jump cache.
     pub const JUMPS: i32 = 56;
     /// Where the guest's XMM registers are: 0 in the vCPU's state, 1 in
@@ -80,6 +76,11 @@ pub(super) mod slot {
     pub const MXCSR: i32 = 144;
     pub const GUEST_MXCSR: i32 = 152;
     pub const HOST_MXCSR: i32 = 160;
+    /// The guest's DF (1: set).
+    pub const DF: i32 = 168;
+    /// The guest's x87 control word, or where x87 instructions would fault
+    /// (CR0.EM or CR0.TS set) all ones.
+    pub const FCW: i32 = 176;
     pub const SIZE: i32 = 184;
 }
 
@@ -93,7 +94,8 @@ pub(super) struct ExitRecord {
     pub rip: u64,
     /// [`BLOCK_DONE`] (the block ran to its end and RIP is `rip`),
     /// [`DYNAMIC`] (it ran to its end, RIP in [`slot::RIP`]), or how many
-    /// of its instructions were done before a lookup missed.
+    /// of its instructions were done before a lookup missed or a check
+    /// left the rest to the interpreter.
     pub result: u64,
     /// For a fixed successor: the low and high halves of the stamp its
     /// jump is taken under, and the jump's rel32 (0: none).
