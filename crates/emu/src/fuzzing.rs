@@ -254,8 +254,13 @@ pub fn native_runs(input: &[u8]) -> bool {
 /// legitimately differ on (see [`native_runs`]).
 pub fn comparable(code: &[u8]) -> bool {
     use iced_x86::{Decoder, DecoderOptions, Mnemonic, RflagsBits};
-    let mut decoder = Decoder::with_ip(64, code, CODE, DecoderOptions::NONE);
-    while decoder.can_decode() {
+    // The code page holds zeros after the code: its last instruction may
+    // run on into them (found by the fuzzer: `6b 35` ended an input, and
+    // ran as IMUL, which leaves SF, ZF and PF undefined).
+    let mut padded = code.to_vec();
+    padded.extend_from_slice(&[0; 15]);
+    let mut decoder = Decoder::with_ip(64, &padded, CODE, DecoderOptions::NONE);
+    while decoder.position() < code.len() {
         let i = decoder.decode();
         if i.rflags_undefined() & !RflagsBits::AF != 0
             || matches!(
