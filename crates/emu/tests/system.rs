@@ -264,18 +264,26 @@ fn accessed_dirty_remap_and_tlb_flushes() {
     assert_eq!(pte_v & 0x60, 0x20, "A only after reads");
 }
 
+/// The page the remap tests map to one frame or the other.
+const F: u64 = 0x27000;
+const FRAME_A: u64 = 0x32000;
+const FRAME_B: u64 = 0x33000;
+
+/// [`setup`]'s memory with F mapped to FRAME_A.
+fn setup_remappable() -> GuestRam {
+    let mem = setup();
+    mem.write_obj(FRAME_A | 7, GuestAddress(pte_addr(F)))
+        .unwrap();
+    mem
+}
+
 /// Blocks are linked to the block that ran after them; a link must not
 /// outlive a remap of the successor's page (INVLPG) or a write to its
 /// bytes through another mapping.
 #[test]
 fn linked_blocks_follow_remaps_and_rewrites() {
-    let mem = setup();
-    const F: u64 = 0x27000;
-    const FRAME_A: u64 = 0x32000;
-    const FRAME_B: u64 = 0x33000;
+    let mem = setup_remappable();
     const CALLER: u64 = 0x5000;
-    mem.write_obj(FRAME_A | 7, GuestAddress(pte_addr(F)))
-        .unwrap();
     // mov eax, imm32; ret
     mem.write_slice(&[0xb8, 1, 0, 0, 0, 0xc3], GuestAddress(FRAME_A))
         .unwrap();
@@ -310,16 +318,11 @@ fn linked_blocks_follow_remaps_and_rewrites() {
 #[test]
 fn a_block_that_remaps_its_own_page_goes_on_in_the_new_mapping() {
     // F's page holds the same PTE store and INVLPG in frames A and B, then
-    // code that outputs 1 (A) or 2 (B). The first call remaps F to A (as it
-    // was), the second to B: the instruction after that INVLPG must come
-    // from B, though the block loop linked it within the page on the
-    // first call.
-    let mem = setup();
-    const F: u64 = 0x27000;
-    const FRAME_A: u64 = 0x32000;
-    const FRAME_B: u64 = 0x33000;
-    mem.write_obj(FRAME_A | 7, GuestAddress(pte_addr(F)))
-        .unwrap();
+    // code that outputs 1 (A) or 2 (B). The first two calls remap F to A
+    // (as it was), the third to B: the instruction after that INVLPG must
+    // come from B, though it follows in the same page, where links hold
+    // across TLB flushes (a block that flushes is never linked from).
+    let mem = setup_remappable();
     for (frame, value) in [(FRAME_A, 1u32), (FRAME_B, 2)] {
         let mut f = CodeAssembler::new(64).unwrap();
         f.mov(qword_ptr(pte_addr(F)), rbx).unwrap();
