@@ -433,23 +433,8 @@ fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Optio
     let m = i.mnemonic();
     // A locked read-modify-write stays one: the host's LOCK on the guest's
     // page, as atomic against other vCPUs as the interpreter's (which
-    // uses the host's atomics too).
-    let lockable = matches!(
-        m,
-        M::Add
-            | M::Or
-            | M::Adc
-            | M::Sbb
-            | M::And
-            | M::Sub
-            | M::Xor
-            | M::Inc
-            | M::Dec
-            | M::Neg
-            | M::Not
-            | M::Xadd
-            | M::Cmpxchg
-    );
+    // uses the host's atomics too), for those the interpreter runs so.
+    let lockable = super::ops::runs_atomically(i);
     if op.bitness != 64 || i.is_invalid() || (i.has_lock_prefix() && !lockable) {
         return None;
     }

@@ -205,6 +205,12 @@ pub(crate) fn handler_for(i: &Instruction) -> Handler {
     }
 }
 
+/// Whether the interpreter runs `i` as an atomic read-modify-write of
+/// guest RAM (see [`locked_handler`]).
+pub(crate) fn runs_atomically(i: &Instruction) -> bool {
+    locked_handler(i).is_some()
+}
+
 /// Read-modify-write instructions with a memory destination that must be
 /// atomic: with a LOCK prefix, and XCHG always. They update guest RAM
 /// with a compare-exchange loop ([`Core::rmw`]).
