@@ -146,9 +146,12 @@ impl std::fmt::Debug for Op {
 
 /// A direct link from the end of one block to the block that ran after
 /// it, so that the next time the same RIP follows, the block loop skips
-/// translation and the cache lookup. Valid only while the cache's
-/// [`BlockCache::stamp`] it was made under still holds: any TLB flush or
-/// dropped block moves the stamp on and so cuts every link at once.
+/// translation and the cache lookup. Valid only while the link stamp it
+/// was made under still holds (the block loop's `link_stamp`): any TLB
+/// flush, dropped block, code write or privilege change moves the stamp
+/// on and so cuts every link at once, but a link within the page its
+/// block ran from (see [`Block::within_page`]) is made under the local
+/// stamp, which TLB flushes do not move.
 #[derive(Clone, Copy)]
 pub struct Link {
     pub rip: u64,

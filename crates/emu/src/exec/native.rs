@@ -1799,7 +1799,8 @@ pub(super) enum Successor {
 }
 
 /// The most instructions one chain of blocks' code runs: about ten to a
-/// hundred microseconds (see [`chain`]).
+/// hundred microseconds. The block loop checks interrupt requests, the
+/// stop flag and code written by other vCPUs between chains.
 pub const CHAIN_LIMIT: u64 = 1 << 14;
 
 /// Runs the code of `block` (which has some, compiled for the current
