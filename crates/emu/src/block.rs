@@ -251,8 +251,9 @@ impl Block {
     #[inline(always)]
     /// Whether `rip` is in the one page the block's instructions are in: a
     /// link from the block to it holds across TLB flushes, as long as
-    /// none happened while the block ran (the block loop does not link
-    /// from a block that flushed).
+    /// none happened while the block ran. None can: every instruction that
+    /// flushes (MOV to a control register, WRMSR, INVLPG, INVPCID) ends its
+    /// block, and such a block is never linked from (see `keeps_cs`).
     pub fn within_page(&self, rip: u64) -> bool {
         self.pages[1].is_none() && self.rip >> 12 == rip >> 12
     }

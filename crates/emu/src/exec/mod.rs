@@ -1425,7 +1425,6 @@ impl Emulator {
             } else {
                 std::ptr::null()
             };
-            let flushes = self.core.mmu.flushes;
             for op in block_ref.ops[first..].iter() {
                 self.core.cpu.rip = op.next_ip;
                 *executed += 1;
@@ -1449,11 +1448,6 @@ impl Emulator {
                         break;
                     }
                 }
-            }
-            if self.core.mmu.flushes != flushes {
-                // Its page may translate differently now: no link from it
-                // (see `Block::within_page`).
-                prev = std::ptr::null();
             }
         }
     }

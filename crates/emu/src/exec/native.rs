@@ -86,18 +86,13 @@ fn eligible_with(i: &Instruction, bitness: u32, rsp: bool) -> bool {
     }
     let m = i.mnemonic();
     let listed = super::forms::is_register_alu(m)
+        || runs_in_either_form(m)
         || matches!(
             m,
-            M::Mul
-                | M::Rcl
-                | M::Rcr
-                | M::Shld
-                | M::Shrd
-                | M::Bt
+            M::Bt
                 | M::Bts
                 | M::Btr
                 | M::Btc
-                | M::Xchg
                 | M::Cbw
                 | M::Cwde
                 | M::Cdqe
@@ -107,8 +102,6 @@ fn eligible_with(i: &Instruction, bitness: u32, rsp: bool) -> bool {
                 | M::Clc
                 | M::Stc
                 | M::Cmc
-                | M::Bsf
-                | M::Bsr
                 | M::Bswap
         )
         || super::forms::is_cmovcc(m)
@@ -128,6 +121,16 @@ fn eligible_with(i: &Instruction, bitness: u32, rsp: bool) -> bool {
         }
         k => super::forms::is_immediate(k),
     })
+}
+
+/// Mnemonics beyond the ALU list that run natively with register operands
+/// ([`eligible`]) and with one memory operand ([`memory_operand`]).
+fn runs_in_either_form(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Mul | M::Rcl | M::Rcr | M::Shld | M::Shrd | M::Xchg | M::Bsf | M::Bsr
+    )
 }
 
 /// Whether `i` names the guest's RSP explicitly (see [`eligible_with`]).
@@ -449,21 +452,8 @@ fn memory_operand(op: &Op, info: &mut iced_x86::InstructionInfoFactory) -> Optio
     let immediate_bit_offset = matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
         && (0..i.op_count()).any(|n| super::forms::is_immediate(i.op_kind(n)));
     let listed = (super::forms::is_register_alu(m) && !matches!(m, M::Lea | M::Nop))
-        || matches!(
-            m,
-            M::Mul
-                | M::Rcl
-                | M::Rcr
-                | M::Shld
-                | M::Shrd
-                | M::Xchg
-                | M::Xadd
-                | M::Cmpxchg
-                | M::Bsf
-                | M::Bsr
-                | M::Tzcnt
-                | M::Lzcnt
-        )
+        || runs_in_either_form(m)
+        || matches!(m, M::Xadd | M::Cmpxchg | M::Tzcnt | M::Lzcnt)
         || immediate_bit_offset
         || super::forms::is_cmovcc(m)
         || super::forms::is_setcc(m);
