@@ -240,6 +240,16 @@ impl Vm for EmuVm {
         }
     }
 
+    fn edge_trigger(&self, gsi: u32) -> Result<Arc<dyn hypervisor::EdgeTrigger>> {
+        self.platform("edge_trigger")?
+            .edge_trigger(gsi)
+            .ok_or_else(|| {
+                HypervisorError::InvalidArgument(format!(
+                    "GSI {gsi} does not exist (the IOAPIC has 24 pins)"
+                ))
+            })
+    }
+
     fn register_ioevent(
         &self,
         fd: &EventFd,

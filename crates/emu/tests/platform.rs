@@ -167,3 +167,104 @@ fn vm_interrupt_wiring_through_the_traits() {
     assert!(plain.set_irq_line(4, true).is_err());
     assert!(plain.register_irqfd(&doorbell, 4).is_err());
 }
+
+/// `Vm::edge_trigger` raises its GSI from another thread while the vCPU
+/// sleeps in `HLT`: the IOAPIC routes it to the local APIC, and the vCPU
+/// wakes and takes the vector (no irqfd, no helper thread in between).
+#[test]
+fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
+    use emu::EmuHypervisor;
+    use hypervisor::{Hypervisor, VcpuExit, VmConfig};
+
+    const GDT: u64 = 0x2000;
+    const IDT: u64 = 0x3000;
+    const HANDLER: u64 = 0x4000;
+    const GSI: u32 = 5;
+    const VECTOR: u32 = 0x40;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0xfee0_00f0u64).unwrap();
+    a.mov(dword_ptr(rax), 0x1ffu32).unwrap(); // local APIC software-enabled
+    a.mov(rax, 0xfec0_0000u64).unwrap();
+    a.mov(dword_ptr(rax), 0x10 + 2 * GSI).unwrap();
+    a.mov(dword_ptr(rax + 0x10), VECTOR).unwrap(); // fixed, edge, unmasked
+    a.mov(dword_ptr(rax), 0x11 + 2 * GSI).unwrap();
+    a.mov(dword_ptr(rax + 0x10), 0u32).unwrap(); // to APIC 0
+    a.out(0x80, al).unwrap(); // the test arms the trigger now
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.out(0x81, al).unwrap();
+    let code = a.assemble(CODE).expect("assemble");
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(eax, VECTOR).unwrap();
+    h.out(0x60, al).unwrap();
+    h.mov(rax, 0xfee0_00b0u64).unwrap();
+    h.mov(dword_ptr(rax), 0u32).unwrap(); // EOI
+    h.iretq().unwrap();
+    let handler = h.assemble(HANDLER).expect("assemble");
+    let mem = common::memory(0x10_0000);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
+    let gate = (HANDLER & 0xffff) | (8 << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
+    mem.write_obj(gate, GuestAddress(IDT + 16 * u64::from(VECTOR)))
+        .unwrap();
+    mem.write_obj(
+        HANDLER >> 32,
+        GuestAddress(IDT + 16 * u64::from(VECTOR) + 8),
+    )
+    .unwrap();
+    for (i, d) in [0, common::CODE64_DESCRIPTOR, common::DATA64_DESCRIPTOR]
+        .into_iter()
+        .enumerate()
+    {
+        mem.write_obj(d, GuestAddress(GDT + 8 * i as u64)).unwrap();
+    }
+    common::identity_tables(&mem, common::TABLES);
+
+    let vm = EmuHypervisor::new()
+        .create_vm(&VmConfig {
+            num_cpus: 1,
+            irqchip: true,
+        })
+        .unwrap();
+    vm.set_memory(&mem).unwrap();
+    assert!(vm.edge_trigger(24).is_err(), "GSI 24 is past the IOAPIC");
+    let trigger = vm.edge_trigger(GSI).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut cpu = emu::CpuState::reset();
+    common::long_mode(&mut cpu);
+    cpu.cr3 = common::TABLES;
+    let mut sregs = hypervisor::SpecialRegisters {
+        apic_base: 0,
+        ..cpu.special()
+    };
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = 23;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 0xfff;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.regs().unwrap();
+    regs.rip = CODE;
+    regs.rsp = 0x8000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    match vcpu.run().unwrap() {
+        VcpuExit::IoOut { port: 0x80, .. } => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+    let raiser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        trigger.trigger().unwrap();
+    });
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut { port, data } => ports.push((port, data.first().copied())),
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    raiser.join().unwrap();
+    // The handler reports the vector; the code after HLT runs after it.
+    assert_eq!(ports.len(), 2);
+    assert_eq!(ports[0], (0x60, Some(VECTOR as u8)));
+    assert_eq!(ports[1].0, 0x81);
+}

@@ -103,6 +103,18 @@ pub trait Vm: Send + Sync {
     /// Raises `gsi` (edge) whenever `fd` is written: the fast path for
     /// device interrupts that need no VMM round trip.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    /// A handle any thread uses to raise `gsi` (an edge): what a device's
+    /// interrupt line holds. By default an irqfd, which is KVM's fastest
+    /// path; a backend that can route the edge on the calling thread (the
+    /// software vCPU's platform) returns a handle that does so, and saves
+    /// the wake-up of a thread that waits on the eventfd.
+    fn edge_trigger(&self, gsi: u32) -> Result<Arc<dyn EdgeTrigger>> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+            HypervisorError::Unsupported(format!("an eventfd for GSI {gsi}'s irqfd: {e}"))
+        })?;
+        self.register_irqfd(&fd, gsi)?;
+        Ok(Arc::new(IrqFd(fd)))
+    }
     /// Signals `fd` instead of exiting when the guest writes to `addr`
     /// (an MMIO address, or a port when `pio`): virtio queue notifications.
     /// With `datamatch`, only a 4-byte write of that value does (one
@@ -115,6 +127,28 @@ pub trait Vm: Send + Sync {
         pio: bool,
         datamatch: Option<u32>,
     ) -> Result<()>;
+}
+
+/// Raises one interrupt line, an edge, from any thread
+/// ([`Vm::edge_trigger`]).
+pub trait EdgeTrigger: Send + Sync {
+    fn trigger(&self) -> std::io::Result<()>;
+}
+
+/// An eventfd registered as an irqfd: a write raises its GSI.
+#[derive(Debug)]
+pub struct IrqFd(pub EventFd);
+
+impl EdgeTrigger for IrqFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        // The counter only overflows after 2^64 - 2 unconsumed writes; a
+        // non-blocking eventfd reports that as EAGAIN, which still leaves
+        // the interrupt pending.
+        match self.0.write(1) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            other => other,
+        }
+    }
 }
 
 /// One virtual processor. A vCPU is run by one host thread at a time.

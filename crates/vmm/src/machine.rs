@@ -14,7 +14,7 @@ use devices::acpi_pm::AcpiPowerDevice;
 use devices::bus::{Bus, BusDevice};
 use devices::exit_status::{ExitStatus, ExitStatusPort};
 use devices::i8042::{self, I8042};
-use devices::interrupt::{EventFdLine, InterruptLine};
+use devices::interrupt::InterruptLine;
 use devices::power::{PowerSignal, VmEvent};
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, Serial};
@@ -247,9 +247,25 @@ fn disk_serial(disk: &DiskConfig) -> String {
     name[..cut].to_string()
 }
 
+/// A device's interrupt line: the accelerator's edge trigger for one GSI.
+struct GsiLine(Arc<dyn hypervisor::EdgeTrigger>);
+
+impl GsiLine {
+    fn new(vm: &dyn Vm, gsi: u32) -> hypervisor::Result<GsiLine> {
+        vm.edge_trigger(gsi).map(GsiLine)
+    }
+}
+
+impl InterruptLine for GsiLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.trigger()
+    }
+}
+
 /// Creates the virtio devices on the MMIO bus: each one's queue
-/// notifications are ioeventfds and its interrupt an irqfd, so the guest's
-/// I/O goes between the vCPU and the device's I/O thread without the VMM.
+/// notifications are ioeventfds and its interrupt the accelerator's edge
+/// trigger (an irqfd on KVM), so the guest's I/O goes between the vCPU and
+/// the device's I/O thread without the VMM.
 fn create_virtio_devices(
     vm: &dyn Vm,
     config: &MachineConfig,
@@ -290,10 +306,9 @@ fn create_virtio_devices(
                 None => return Err(VmmError::Device("the vsock device went missing".into())),
             },
         };
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("virtio interrupt eventfd"))?;
-        vm.register_irqfd(&irq, slot.gsi)
-            .map_err(hv_err("wiring a virtio device's interrupt"))?;
-        let interrupt = Arc::new(virtio::Interrupt::new(Arc::new(EventFdLine(irq))));
+        let line =
+            GsiLine::new(vm, slot.gsi).map_err(hv_err("wiring a virtio device's interrupt"))?;
+        let interrupt = Arc::new(virtio::Interrupt::new(Arc::new(line)));
         let mut notifiers = Vec::new();
         for queue in 0..device.queue_max_sizes().len() {
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("virtio queue eventfd"))?;
@@ -372,14 +387,8 @@ fn create_devices(
     let power = PowerSignal::new().map_err(io_err("power event"))?;
     let pio = Bus::new();
 
-    let serial_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt eventfd"))?;
-    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
-        .map_err(hv_err("wiring COM1 to IRQ 4"))?;
-    let serial = Arc::new(Mutex::new(Serial::new(
-        Arc::new(EventFdLine(serial_irq)),
-        output,
-    )));
+    let serial_irq = GsiLine::new(vm, serial::COM1_IRQ).map_err(hv_err("wiring COM1 to IRQ 4"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(Arc::new(serial_irq), output)));
     pio.insert(
         serial.clone(),
         u64::from(serial::COM1_BASE),
@@ -462,10 +471,8 @@ pub fn run(
         .map_err(hv_err("mapping guest memory"))?;
     let (console_input, console_escape) = (console.input, console.escape);
     let devices = create_devices(vm.as_ref(), config, console.output)?;
-    let power_button = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("power button eventfd"))?;
-    vm.register_irqfd(&power_button, acpi::POWER_BUTTON_GSI)
+    let power_button = GsiLine::new(vm.as_ref(), acpi::POWER_BUTTON_GSI)
         .map_err(hv_err("wiring the power button"))?;
-    let power_button = EventFdLine(power_button);
     let mmio = Bus::new();
     create_virtio_devices(
         vm.as_ref(),
