@@ -30,6 +30,13 @@ pub trait DiskImage: Send {
     /// `[offset, offset + len)` reads back as zeros; `unmap` allows
     /// freeing the space.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// The file whose byte at each offset is the disk's byte at that
+    /// offset, when there is one (raw images): the block device then moves
+    /// data between it and guest memory with vectored I/O, without a
+    /// bounce buffer. Writes through it must stay inside `len()`.
+    fn raw_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// Why an image cannot be used, in one line for the user (each message
@@ -174,6 +181,10 @@ impl DiskImage for RawImage {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn raw_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {

@@ -1,10 +1,15 @@
 //! virtio-blk (virtio 1.2, section 5.2): one request queue, served by an
 //! I/O thread that reads and writes a [`DiskImage`].
 //!
+//! Data moves between a raw image's file and guest memory by vectored I/O
+//! on the request's buffers ([`crate::vectored`]); other formats copy it
+//! through a buffer in bounded chunks, whatever length the descriptors
+//! claim.
+//!
 //! Everything in a request is guest input: the sector and every length
-//! are checked against the disk before any I/O, requests are copied in
-//! bounded chunks whatever length the descriptors claim, and a request
-//! that is wrong in any way gets `VIRTIO_BLK_S_IOERR` (or `UNSUPP`).
+//! are checked against the disk before any I/O, every buffer must lie in
+//! guest RAM, and a request that is wrong in any way gets
+//! `VIRTIO_BLK_S_IOERR` (or `UNSUPP`).
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -14,6 +19,7 @@ use virtio_bindings::virtio_blk as blk;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 
 use crate::device::{read_config_bytes, Activation, VirtioDevice, COMMON_FEATURES};
+use crate::vectored;
 use crate::worker::{IoThread, RequestError, RequestHandler};
 use disk::DiskImage;
 
@@ -157,7 +163,7 @@ impl RequestHandler for BlockRequests {
     ) -> Result<u32, RequestError> {
         let bad = |e: virtio_queue::Error| RequestError(format!("block request: {e}"));
         let mut reader = Reader::new(memory, chain.clone()).map_err(bad)?;
-        let mut writer = Writer::new(memory, chain).map_err(bad)?;
+        let mut writer = Writer::new(memory, chain.clone()).map_err(bad)?;
         let writable = writer.available_bytes();
         if writable == 0 {
             return Err(RequestError(
@@ -165,8 +171,12 @@ impl RequestHandler for BlockRequests {
             ));
         }
         let mut status_writer = writer.split_at(writable - 1).map_err(bad)?;
-        let status = match self.serve(&mut reader, &mut writer) {
-            Ok(()) => blk::VIRTIO_BLK_S_OK,
+        let mut received = 0;
+        let status = match self.serve(memory, &chain, &mut reader, &mut writer) {
+            Ok(n) => {
+                received = n;
+                blk::VIRTIO_BLK_S_OK
+            }
             Err(Failure::IoError(why)) => {
                 tracing::debug!("virtio-blk: request failed: {why}");
                 blk::VIRTIO_BLK_S_IOERR
@@ -179,17 +189,23 @@ impl RequestHandler for BlockRequests {
         status_writer
             .write_all(&[status as u8])
             .map_err(|e| RequestError(format!("writing a block request's status: {e}")))?;
-        let used = writer.bytes_written() + 1;
+        // The used length: what the guest received, and its status byte
+        // (after a failure, what was written before it).
+        let used = received.max(writer.bytes_written()) + 1;
         Ok(u32::try_from(used).unwrap_or(u32::MAX))
     }
 }
 
 impl BlockRequests {
-    fn serve(
+    /// Serves one request; how many bytes the guest received in its
+    /// buffers.
+    fn serve<'m>(
         &mut self,
+        memory: &'m GuestRam,
+        chain: &DescriptorChain<&'m GuestRam>,
         reader: &mut Reader<'_, ram::WriteWatch>,
         writer: &mut Writer<'_, ram::WriteWatch>,
-    ) -> Result<(), Failure> {
+    ) -> Result<usize, Failure> {
         let io = |what: &str| {
             let what = what.to_owned();
             move |e: std::io::Error| Failure::IoError(format!("{what}: {e}"))
@@ -211,6 +227,15 @@ impl BlockRequests {
             blk::VIRTIO_BLK_T_IN => {
                 let len = writer.available_bytes() as u64;
                 let offset = span(sector, len, disk_len)?;
+                if let Some(file) = image.raw_file() {
+                    // The data: the writable bytes before the status byte.
+                    let slices =
+                        vectored::chain_slices(memory, chain.clone(), true, 0, len as usize)
+                            .map_err(Failure::IoError)?;
+                    vectored::read_into(file, offset, &slices)
+                        .map_err(io("reading the disk image"))?;
+                    return Ok(len as usize);
+                }
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(CHUNK as u64) as usize;
@@ -223,7 +248,7 @@ impl BlockRequests {
                         .map_err(io("writing guest memory"))?;
                     done += n as u64;
                 }
-                Ok(())
+                Ok(len as usize)
             }
             blk::VIRTIO_BLK_T_OUT => {
                 if self.readonly {
@@ -231,6 +256,20 @@ impl BlockRequests {
                 }
                 let len = reader.available_bytes() as u64;
                 let offset = span(sector, len, disk_len)?;
+                if let Some(file) = image.raw_file() {
+                    // The data: the readable bytes after the header.
+                    let slices = vectored::chain_slices(
+                        memory,
+                        chain.clone(),
+                        false,
+                        header.len(),
+                        len as usize,
+                    )
+                    .map_err(Failure::IoError)?;
+                    vectored::write_from(file, offset, &slices)
+                        .map_err(io("writing the disk image"))?;
+                    return Ok(0);
+                }
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(CHUNK as u64) as usize;
@@ -243,14 +282,18 @@ impl BlockRequests {
                         .map_err(io("writing the disk image"))?;
                     done += n as u64;
                 }
-                Ok(())
+                Ok(0)
             }
-            blk::VIRTIO_BLK_T_FLUSH => image.flush().map_err(io("flushing the disk image")),
+            blk::VIRTIO_BLK_T_FLUSH => {
+                image.flush().map_err(io("flushing the disk image"))?;
+                Ok(0)
+            }
             blk::VIRTIO_BLK_T_GET_ID => {
                 let n = writer.available_bytes().min(ID_BYTES);
                 writer
                     .write_all(&self.serial[..n])
-                    .map_err(io("writing the serial number"))
+                    .map_err(io("writing the serial number"))?;
+                Ok(n)
             }
             blk::VIRTIO_BLK_T_DISCARD | blk::VIRTIO_BLK_T_WRITE_ZEROES => {
                 if self.readonly {
@@ -296,7 +339,7 @@ impl BlockRequests {
                             .map_err(io("writing zeroes"))?;
                     }
                 }
-                Ok(())
+                Ok(0)
             }
             other => Err(Failure::Unsupported(other)),
         }

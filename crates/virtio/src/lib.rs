@@ -26,6 +26,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod tap;
+mod vectored;
 pub mod vsock;
 pub mod worker;
 

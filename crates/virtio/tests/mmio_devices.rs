@@ -315,3 +315,96 @@ fn rng_fills_the_buffers_it_is_given() {
     d.kick(0);
     assert_eq!(d.wait_used().1, 64 << 10);
 }
+
+/// Data spread over descriptors of odd sizes, sharing one with the header
+/// and another with the status byte, moves between a raw image and
+/// exactly those bytes (the vectored path), and the write watch hears of
+/// every byte a read stores into guest memory.
+#[test]
+fn scattered_buffers_move_exactly_their_bytes() {
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(dir.path(), 16);
+    let before = std::fs::read(&path).unwrap();
+    let mut d = block_driver(&path, false);
+    let stored: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let log = stored.clone();
+    assert!(ram::watch_writes(
+        &d.memory,
+        Arc::new(move |addr, len| log.lock().unwrap().push((addr, len)))
+    ));
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 1) as u8).collect();
+
+    // Write sectors 4 and 5: header and 100 data bytes in one descriptor,
+    // then 300 and 624 bytes elsewhere.
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+    header[8..16].copy_from_slice(&4u64.to_le_bytes());
+    d.memory.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    d.memory
+        .write_slice(&data[..100], GuestAddress(HEADER + 16))
+        .unwrap();
+    d.memory
+        .write_slice(&data[100..400], GuestAddress(DATA + 0x800))
+        .unwrap();
+    d.memory
+        .write_slice(&data[400..], GuestAddress(DATA + 0x3000))
+        .unwrap();
+    d.memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    d.add_chain(&[
+        (HEADER, 116, false),
+        (DATA + 0x800, 300, false),
+        (DATA + 0x3000, 624, false),
+        (STATUS, 1, true),
+    ]);
+    d.kick(0);
+    assert_eq!(d.wait_used().1, 1);
+    assert_eq!(d.memory.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    let file = std::fs::read(&path).unwrap();
+    assert_eq!(&file[4 * 512..6 * 512], &data[..]);
+    assert_eq!(&file[..4 * 512], &before[..4 * 512]);
+    assert_eq!(&file[6 * 512..], &before[6 * 512..]);
+
+    // Read them back: 700 bytes, then 324 bytes and the status byte in
+    // one descriptor, between guard bytes that must stay as they are.
+    const FIRST: u64 = DATA + 0x5000;
+    const SECOND: u64 = DATA + 0x7000;
+    d.memory
+        .write_slice(&[0xee; 0x4000], GuestAddress(FIRST - 0x100))
+        .unwrap();
+    header[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    d.memory.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    stored.lock().unwrap().clear();
+    d.add_chain(&[(HEADER, 16, false), (FIRST, 700, true), (SECOND, 325, true)]);
+    d.kick(0);
+    assert_eq!(d.wait_used().1, 1025);
+    let mut got = vec![0u8; 1024];
+    d.memory
+        .read_slice(&mut got[..700], GuestAddress(FIRST))
+        .unwrap();
+    d.memory
+        .read_slice(&mut got[700..], GuestAddress(SECOND))
+        .unwrap();
+    assert_eq!(got, data);
+    assert_eq!(
+        d.memory.read_obj::<u8>(GuestAddress(SECOND + 324)).unwrap(),
+        0
+    );
+    for guard in [FIRST - 1, FIRST + 700, SECOND - 1, SECOND + 325] {
+        assert_eq!(
+            d.memory.read_obj::<u8>(GuestAddress(guard)).unwrap(),
+            0xee,
+            "the byte at {guard:#x} is outside the buffers"
+        );
+    }
+    let stored = stored.lock().unwrap().clone();
+    let covered = |addr: u64| {
+        stored
+            .iter()
+            .any(|&(a, n)| a <= addr && addr < a + n as u64)
+    };
+    for addr in (FIRST..FIRST + 700).chain(SECOND..SECOND + 325) {
+        assert!(covered(addr), "the write watch missed {addr:#x}");
+    }
+}
