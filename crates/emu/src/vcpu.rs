@@ -470,7 +470,9 @@ impl Vcpu for EmuVcpu {
                             if self.take_attention() {
                                 return Ok(VcpuExit::Interrupted);
                             }
-                            self.signal.lines.wait(SIPI_WAIT);
+                            self.signal
+                                .lines
+                                .wait(SIPI_WAIT, Some(&self.signal.attention));
                             continue;
                         }
                         CpuMode::Start(vector) => self.start_at(vector),

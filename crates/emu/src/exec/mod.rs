@@ -19,7 +19,7 @@ mod system;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hypervisor::x86::CpuidEntry;
 use hypervisor::GuestRam;
@@ -818,6 +818,9 @@ pub struct Emulator {
     lines: Option<Arc<InterruptLines>>,
     /// In HLT, waiting for an interrupt.
     halted: bool,
+    /// How long a halted vCPU polls for a wake-up before it sleeps (see
+    /// [`Self::wait_halted`]).
+    halt_poll: Duration,
     /// The idle watch: when its window began, and the instructions
     /// retired by then (see [`Self::release_if_idle`]).
     idle_window: (std::time::Instant, u64),
@@ -855,6 +858,7 @@ impl Emulator {
             exception_exits: 0,
             lines: None,
             halted: false,
+            halt_poll: Duration::ZERO,
             idle_window: (std::time::Instant::now(), 0),
             resync: true,
             retired: 0,
@@ -871,6 +875,7 @@ impl Emulator {
             exception_exits: 0,
             lines: None,
             halted: false,
+            halt_poll: Duration::ZERO,
             idle_window: (std::time::Instant::now(), 0),
             resync: true,
             retired: 0,
@@ -1142,6 +1147,34 @@ impl Emulator {
     }
 
     /// Whether something would wake a halted vCPU.
+    /// Waits in HLT until an interrupt request, the stop flag or 50 ms.
+    /// It first polls for up to `halt_poll`, as KVM's halt polling does: a
+    /// device's completion or an IPI often comes within microseconds, and
+    /// sleeping and being woken costs the thread more than that. The window
+    /// grows (from [`HALT_POLL_START`], doubling, to [`HALT_POLL_MAX`])
+    /// while wake-ups come after it ends but within the maximum, and drops
+    /// to nothing after a longer sleep, so an idle guest does not spin.
+    fn wait_halted(&mut self, stop: Option<&AtomicBool>) {
+        let Some(lines) = &self.lines else {
+            return;
+        };
+        let woken = || lines.any() || stop.is_some_and(|s| s.load(Ordering::Relaxed));
+        let start = Instant::now();
+        while start.elapsed() < self.halt_poll {
+            if woken() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        lines.wait(Duration::from_millis(50), stop);
+        let slept = start.elapsed();
+        self.halt_poll = if slept <= HALT_POLL_MAX {
+            (self.halt_poll * 2).clamp(HALT_POLL_START, HALT_POLL_MAX)
+        } else {
+            Duration::ZERO
+        };
+    }
+
     fn wakeup_pending(&self) -> bool {
         match &self.lines {
             Some(l) => {
@@ -1263,9 +1296,7 @@ impl Emulator {
                 prev = std::ptr::null();
                 if !self.wakeup_pending() {
                     self.release_if_idle(self.retired + *executed);
-                    if let Some(l) = &self.lines {
-                        l.wait(std::time::Duration::from_millis(50));
-                    }
+                    self.wait_halted(stop);
                     continue;
                 }
                 self.halted = false;
@@ -1521,6 +1552,12 @@ const MAX_CACHED_BLOCKS: usize = 32 * 1024;
 /// An idle vCPU drops its decoded code and returns the memory, so an idle
 /// VM costs little more host memory than its guest's pages; waking up
 /// re-decodes only what it runs. Idle: halted at the end of a window of
+/// The first halt-polling window ([`Emulator::wait_halted`]); KVM's
+/// `halt_poll_ns_grow_start` is the same.
+const HALT_POLL_START: Duration = Duration::from_micros(10);
+/// The longest halt-polling window: KVM's default `halt_poll_ns`.
+const HALT_POLL_MAX: Duration = Duration::from_micros(200);
+
 /// [`IDLE_WINDOW`] in which it retired fewer than [`IDLE_INSTRUCTIONS`]
 /// (an idle Debian guest retires about 1M a second on its timers; the
 /// interpreter runs about 100M a second when busy).

@@ -110,10 +110,12 @@ impl InterruptLines {
         None
     }
 
-    /// Waits until a request or a kick, at most `timeout`.
-    pub(crate) fn wait(&self, timeout: Duration) {
+    /// Waits until a request, a kick or `stop`, at most `timeout`. The
+    /// checks are made under the lock a kick takes, so a request or a stop
+    /// set before its kick is never slept through.
+    pub(crate) fn wait(&self, timeout: Duration, stop: Option<&AtomicBool>) {
         let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.any.load(Ordering::SeqCst) {
+        if self.any.load(Ordering::SeqCst) || stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return;
         }
         let _ = self.wake.wait_timeout(g, timeout);
