@@ -1261,18 +1261,20 @@ impl Emulator {
         if let Some(e) = self.core.pop_mmio_write() {
             return e;
         }
-        if let Some(arena) = self.core.native.as_mut().filter(|a| a.is_full()) {
-            // Native stubs filled their arena (blocks decoded since run
-            // as interpreted): drop every block, and with them every
-            // stub, and start the arena afresh.
+        let arena_full = self.core.native.as_ref().is_some_and(|a| a.is_full());
+        if arena_full || self.cache.len() > MAX_CACHED_BLOCKS {
+            // Native code filled its arena (blocks decoded since run as
+            // interpreted), or the decoded code reached its bound (a guest
+            // that runs much more code than this re-decodes it, as QEMU
+            // flushes a full translation cache; about 1.5 KiB of host
+            // memory per block): drop every block, and with them every
+            // block's code, so the arena starts afresh either way (kept,
+            // the dead code would fill it soon after and drop the blocks
+            // decoded since).
             self.cache.clear();
-            arena.reset();
-        }
-        if self.cache.len() > MAX_CACHED_BLOCKS {
-            // A bound on the decoded code kept (a guest that runs much
-            // more code than this re-decodes it, as QEMU flushes a full
-            // translation cache): about 1.5 KiB of host memory per block.
-            self.cache.clear();
+            if let Some(arena) = self.core.native.as_mut() {
+                arena.reset();
+            }
         }
         self.cache.collect();
         // The block that just ended normally, whose link to the next one
