@@ -1167,12 +1167,7 @@ impl Emulator {
             std::hint::spin_loop();
         }
         lines.wait(Duration::from_millis(50), stop);
-        let slept = start.elapsed();
-        self.halt_poll = if slept <= HALT_POLL_MAX {
-            (self.halt_poll * 2).clamp(HALT_POLL_START, HALT_POLL_MAX)
-        } else {
-            Duration::ZERO
-        };
+        self.halt_poll = next_halt_poll(self.halt_poll, start.elapsed());
     }
 
     fn wakeup_pending(&self) -> bool {
@@ -1554,6 +1549,16 @@ const MAX_CACHED_BLOCKS: usize = 32 * 1024;
 /// An idle vCPU drops its decoded code and returns the memory, so an idle
 /// VM costs little more host memory than its guest's pages; waking up
 /// re-decodes only what it runs. Idle: halted at the end of a window of
+/// The halt-polling window after a halt that polled for `window` and was
+/// woken `slept` after it began (see [`Emulator::wait_halted`]).
+fn next_halt_poll(window: Duration, slept: Duration) -> Duration {
+    if slept <= HALT_POLL_MAX {
+        (window * 2).clamp(HALT_POLL_START, HALT_POLL_MAX)
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// The first halt-polling window ([`Emulator::wait_halted`]); KVM's
 /// `halt_poll_ns_grow_start` is the same.
 const HALT_POLL_START: Duration = Duration::from_micros(10);
@@ -1566,3 +1571,29 @@ const HALT_POLL_MAX: Duration = Duration::from_micros(200);
 const IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 const IDLE_INSTRUCTIONS: u64 = 20_000_000;
 const IDLE_KEEP_BLOCKS: usize = 2048;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Halt polling grows while wake-ups come soon (from 10 µs, doubling,
+    /// to 200 µs) and stops after a long sleep, as KVM's does.
+    #[test]
+    fn the_halt_polling_window_grows_with_quick_wakeups_and_stops_after_a_long_sleep() {
+        let quick = Duration::from_micros(50);
+        let mut window = Duration::ZERO;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            window = next_halt_poll(window, quick);
+            seen.push(window.as_micros());
+        }
+        assert_eq!(seen, [10, 20, 40, 80, 160, 200, 200]);
+        // A wake-up just within the longest window still counts as quick.
+        assert_eq!(next_halt_poll(window, HALT_POLL_MAX), HALT_POLL_MAX);
+        // An idle guest's long sleep: no polling next time.
+        assert_eq!(
+            next_halt_poll(window, Duration::from_millis(4)),
+            Duration::ZERO
+        );
+    }
+}
