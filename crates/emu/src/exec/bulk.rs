@@ -44,6 +44,10 @@ pub(super) fn rep_movs_stos(c: &mut Core, op: &Op, movs: bool, size: usize) -> R
     }
     let user = c.user();
     let s = size as u64;
+    // Element counts from byte counts by shifting: `size` is a power of
+    // two, and a 64-bit division costs more than the rest of a page's
+    // bookkeeping here.
+    let shift = s.trailing_zeros();
     let mut moved = 0u64;
     loop {
         let count = c.cpu.gpr[1];
@@ -51,9 +55,9 @@ pub(super) fn rep_movs_stos(c: &mut Core, op: &Op, movs: bool, size: usize) -> R
             return Ok(true);
         }
         let (rsi, rdi) = (c.cpu.gpr[6], c.cpu.gpr[7]);
-        let mut elems = count.min((PAGE_SIZE - (rdi & PAGE_MASK)) / s);
+        let mut elems = count.min((PAGE_SIZE - (rdi & PAGE_MASK)) >> shift);
         if movs {
-            elems = elems.min((PAGE_SIZE - (rsi & PAGE_MASK)) / s);
+            elems = elems.min((PAGE_SIZE - (rsi & PAGE_MASK)) >> shift);
         }
         if elems == 0 {
             // An element straddles a page.
@@ -81,7 +85,7 @@ pub(super) fn rep_movs_stos(c: &mut Core, op: &Op, movs: bool, size: usize) -> R
             let dst_pa = (dst_page << PAGE_SHIFT) | (rdi & PAGE_MASK);
             let gap = dst_pa.wrapping_sub(src_pa);
             if gap != 0 && gap < elems * s {
-                elems = gap / s;
+                elems = gap >> shift;
                 if elems == 0 {
                     return Ok(false);
                 }
