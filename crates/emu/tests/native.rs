@@ -70,11 +70,14 @@ fn random_instruction(
         47 => a.mov(v, rsp),
         48 => a.lea(v, ptr(rsp + imm)),
         49 => a.push(v).and_then(|()| a.pop(w)),
-        // REP STOS or REP MOVS of up to 40 elements at an operand's address
-        // (crossing into the next page, or not mapped, for some) or up to
-        // 320 bytes before the unmapped page (R11 points 16 bytes into it),
-        // MOVS from another operand's address, now and then with DF set
-        // (the elements go down).
+        // REP STOS or REP MOVS of up to 40 elements, or now and then up to
+        // 1200 (several pages, a page at a time in blocks' code), at an
+        // operand's address (crossing into the next page, or not mapped,
+        // for some; elements straddling two pages from RSI's, 4 bytes
+        // before a page end) or up to 320 bytes before the unmapped page
+        // (R11 points 16 bytes into it), MOVS from another operand's
+        // address (overlapping some), now and then with DF set (the
+        // elements go down).
         40 if rng.below(4) == 0 => {
             let down = rng.below(4) == 0;
             let moves = rng.below(2) == 0;
@@ -97,7 +100,8 @@ fn random_instruction(
                 let from = operand(rng, data);
                 a.lea(rsi, from)?;
             }
-            a.mov(ecx, rng.below(40) as u32)?;
+            let count = if rng.below(4) == 0 { 1200 } else { 40 };
+            a.mov(ecx, rng.below(count) as u32)?;
             if down {
                 a.std()?;
             }

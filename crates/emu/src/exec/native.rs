@@ -46,7 +46,8 @@
 //! the interpreter, which raises the guest's exception: a misaligned
 //! 16-byte SSE operand, SSE with CR0.EM, CR0.TS or CR4.OSFXSR in the way,
 //! floating point with an unmasked MXCSR exception, DIV by zero or with
-//! too large a quotient, a string range leaving its page. The host stack
+//! too large a quotient, a string element straddling two pages (a string
+//! instruction moves a page at a time, each looked up). The host stack
 //! pointer is never a guest register, so a signal arriving during a run
 //! lands on the host stack as usual. DF, IF and the other system flags
 //! stay the host's.

@@ -28,6 +28,7 @@ use super::{
     CALLEE_SAVED, STATUS,
 };
 use crate::block::{Block, Jump, JUMP_SLOTS};
+use crate::mem::{PAGE_MASK, PAGE_SHIFT};
 use iced_x86::Mnemonic;
 
 /// Where a chain keeps its state: offsets from RSP at a block's entry.
@@ -131,6 +132,11 @@ const HOST_FLAGS: i32 = 0x202;
 /// The stamp an unlinked jump is checked against: never a link stamp,
 /// whose count of changes would have to reach 2^62.
 const NO_STAMP: u64 = u64::MAX;
+
+/// The most bytes one REP STOS or MOVS moves in a block's code; a longer
+/// one is the interpreter's, which moves it in slices and stops between
+/// them when the vCPU is wanted (a block's code does not look).
+const STRING_BYTES: i32 = 64 << 10;
 
 /// The routines shared by every block's code, at the start of an arena:
 /// the entry (`extern "C" fn(*mut Frame, code: usize) -> *const
@@ -648,9 +654,13 @@ impl Emitter<'_> {
 
     /// REP STOS or (`moves`) REP MOVS of `size`-byte elements (the guest's
     /// flags in their slot): the host's instruction at the host addresses
-    /// of RDI (and RSI), where DF is clear and the RCX elements of each
-    /// range are all in one page; returns the jumps taken otherwise (and on
-    /// a miss of a lookup), for the interpreter.
+    /// of RDI (and RSI), a page at a time: each round looks both ranges up
+    /// and moves the elements that fit in both pages, then puts RCX, RSI
+    /// and RDI back in the guest's terms. Returns the jumps taken where DF
+    /// is set, the count is over [`STRING_BYTES`], an element straddles a
+    /// page, or a lookup misses, for the interpreter, which then finds the
+    /// registers as the rounds before left them (the instruction resumes
+    /// as after an interruption).
     fn string(
         &mut self,
         size: u8,
@@ -662,43 +672,55 @@ impl Emitter<'_> {
         let df = self.at(slot::DF);
         let depth = self.depth;
         let a = &mut self.a;
+        let shift = size.trailing_zeros() as u8;
         let mut out = Vec::new();
         a.cmp_dword(df, 0);
         out.push(a.jcc(CC_NE));
-        a.test(RCX, RCX);
-        let nothing = a.jcc(CC_E);
-        a.cmp_imm(RCX, 4096 / i32::from(size));
+        a.cmp_imm(RCX, STRING_BYTES / i32::from(size));
         out.push(a.jcc(CC_A));
-        let ranges: &[u8] = if moves { &[RSI, RDI] } else { &[RDI] };
-        for &base in ranges {
-            // The last byte in the first's page.
-            a.lea(
-                s.addr,
-                Addr {
-                    base: Some(base),
-                    index: Some((RCX, size.trailing_zeros() as u8)),
-                    disp: -1,
-                },
-            );
-            a.xor(s.addr, base);
-            a.shr(s.addr, 12);
-            out.push(a.jcc(CC_NE));
-        }
+        let round = a.len();
+        a.test(RCX, RCX);
+        let finished = a.jcc(CC_E);
         let source = if moves { Some(s.temp?) } else { None };
         if let Some(source) = source {
             out.extend(lookup(a, &super::string_start(RSI, false), s, user, depth)?);
             a.mov(source, s.addr);
         }
         out.extend(lookup(a, &super::string_start(RDI, true), s, user, depth)?);
-        // RDI (and RSI) are host addresses while the host runs it, then
-        // move on in the guest's terms; RCX ends at zero either way.
-        let saved_rdi = s.page?;
-        a.mov(saved_rdi, RDI);
-        a.mov(RDI, s.addr);
-        if let Some(source) = source {
-            a.mov(s.entry, RSI);
-            a.mov(RSI, source);
+        // The lookups are done with these two.
+        let (count, bytes) = (s.page?, s.entry);
+        // The elements left in `base`'s page: (4096 - base % 4096) >> shift.
+        let room = |a: &mut Asm, dst: u8, base: u8| {
+            a.mov(dst, base);
+            a.and32(dst, PAGE_MASK as u32);
+            a.rr(&[0xf7], 3, dst); // neg
+            a.lea(dst, Addr::at(dst, 1 << PAGE_SHIFT));
+            if shift > 0 {
+                a.shr(dst, shift);
+            }
+        };
+        room(a, count, RDI);
+        if moves {
+            room(a, bytes, RSI);
+            a.rr(&[0x39], bytes, count); // cmp count, bytes
+            a.rr(&[0x0f, 0x47], count, bytes); // cmova count, bytes
         }
+        a.rr(&[0x39], RCX, count); // cmp count, rcx
+        a.rr(&[0x0f, 0x47], count, RCX); // cmova count, rcx
+        a.test(count, count);
+        // An element straddles a page.
+        out.push(a.jcc(CC_E));
+        // RDI (and RSI) hold host addresses and RCX this round's count
+        // while the host runs it; the guest's values wait in the scratch
+        // registers.
+        a.rr(&[0x87], RDI, s.addr); // xchg
+        if let Some(source) = source {
+            a.rr(&[0x87], RSI, source);
+        }
+        a.rr(&[0x29], count, RCX); // sub rcx, count: what is left after
+        a.rr(&[0x87], RCX, count);
+        a.mov(bytes, RCX);
+        a.shl(bytes, shift);
         let (stos, movs) = match size {
             1 => (&[0xf3, 0xaa][..], &[0xf3, 0xa4][..]),
             2 => (&[0x66, 0xf3, 0xab][..], &[0x66, 0xf3, 0xa5][..]),
@@ -706,14 +728,17 @@ impl Emitter<'_> {
             _ => (&[0xf3, 0x48, 0xab][..], &[0xf3, 0x48, 0xa5][..]),
         };
         a.bytes(if moves { movs } else { stos });
-        a.rr(&[0x29], s.addr, RDI);
-        a.rr(&[0x01], saved_rdi, RDI);
+        a.rr(&[0x01], bytes, s.addr); // add
+        a.mov(RDI, s.addr);
         if let Some(source) = source {
-            a.rr(&[0x29], source, RSI);
-            a.rr(&[0x01], s.entry, RSI);
+            a.rr(&[0x01], bytes, source);
+            a.mov(RSI, source);
         }
+        a.mov(RCX, count);
+        let again = a.jmp();
+        a.patch(again, round);
         let here = a.len();
-        a.patch(nothing, here);
+        a.patch(finished, here);
         Some(out)
     }
 
