@@ -1390,8 +1390,9 @@ fn names_xmm(i: &Instruction) -> bool {
 /// The element size of `op` if it is a REP STOS or (`true`) REP MOVS a
 /// block's code may run: 64-bit addressing, no segment override (ES is
 /// flat in 64-bit mode, and a MOVS source in DS too). Its code runs it
-/// natively where DF is clear and each range is in one page, and otherwise
-/// leaves it to the interpreter (see `chain::block_code`).
+/// natively, a page at a time, where DF is clear, no element straddles
+/// two pages and it moves at most 64 KiB, and otherwise leaves it to the
+/// interpreter (see `chain::block_code`).
 fn string_store(op: &Op) -> Option<(u8, bool)> {
     use iced_x86::Code;
     let i = &op.instr;
