@@ -7,7 +7,7 @@
 //! negotiated with the guest become the tap's offloads, and segmentation
 //! and checksumming happen once, in the host kernel, or not at all.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{read_config_bytes, Activation, Interrupt, VirtioDevice, COMMON_FEATURES};
 use crate::tap::{Tap, OFFLOAD_CSUM, OFFLOAD_TSO4, OFFLOAD_TSO6, VNET_HDR_LEN};
+use crate::vectored;
 use crate::worker::{DeviceThread, StopSignal};
 
 const QUEUE_SIZE: u16 = 256;
@@ -168,7 +169,6 @@ fn spawn_thread(name: &str, tap: Arc<Tap>, mut activation: Activation) -> io::Re
         rx_frame: vec![0; MAX_FRAME],
         rx_pending: 0,
         tap_armed: true,
-        tx_frame: vec![0; MAX_FRAME],
         epoll,
         mergeable: activation.features & F_MRG_RXBUF != 0,
     };
@@ -191,7 +191,6 @@ struct Frames {
     rx_pending: usize,
     /// Whether the tap is watched (not while no receive buffer is free).
     tap_armed: bool,
-    tx_frame: Vec<u8>,
     epoll: Epoll,
     /// VIRTIO_NET_F_MRG_RXBUF: a frame may span several receive buffers.
     mergeable: bool,
@@ -289,13 +288,15 @@ impl Frames {
                     .next();
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let mut reader =
-                    Reader::new(memory, chain).map_err(|e| bad("transmit buffer", e))?;
+                let reader =
+                    Reader::new(memory, chain.clone()).map_err(|e| bad("transmit buffer", e))?;
                 let len = reader.available_bytes();
                 if (VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
-                    match reader.read_exact(&mut self.tx_frame[..len]) {
-                        Ok(()) => {
-                            if let Err(e) = self.tap.write_frame(&self.tx_frame[..len]) {
+                    // The frame goes from guest memory to the tap in one
+                    // writev.
+                    match vectored::chain_slices(memory, chain, false, 0, len) {
+                        Ok(slices) => {
+                            if let Err(e) = vectored::write_packet(&*self.tap, &slices) {
                                 // The host dropped it (queue full, link
                                 // down): as a NIC would, so does the guest.
                                 tracing::debug!("virtio-net: tap write: {e}");

@@ -156,12 +156,6 @@ impl Tap {
         use std::io::Read;
         (&self.file).read(buf)
     }
-
-    /// Writes one frame (header included).
-    pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
-        use std::io::Write;
-        (&self.file).write(frame)
-    }
 }
 
 impl AsRawFd for Tap {

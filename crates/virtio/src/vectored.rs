@@ -1,7 +1,7 @@
-//! Vectored file I/O straight between an image file and guest memory:
-//! `preadv`/`pwritev` on the host addresses of a request's buffers. A raw
-//! disk's data is then copied once, by the host kernel, instead of through
-//! a bounce buffer as well.
+//! Vectored I/O straight between a file and guest memory: `preadv` and
+//! `pwritev` on the host addresses of a request's buffers (a raw disk
+//! image), and `writev` of a packet (a tap). The data is then copied once,
+//! by the host kernel, instead of through a bounce buffer as well.
 //!
 //! The buffers are guest input like everything in a request: each range
 //! comes from vm-memory's own lookup (`get_slices`), which refuses any
@@ -83,6 +83,39 @@ pub(crate) fn read_into(file: &File, offset: u64, slices: &[GuestSlice<'_>]) -> 
 /// Writes all of `slices` to the file at `offset`.
 pub(crate) fn write_from(file: &File, offset: u64, slices: &[GuestSlice<'_>]) -> io::Result<()> {
     transfer(file, offset, slices, Direction::GuestToFile)
+}
+
+/// Writes all of `slices` to `fd` in one `writev`, as one packet (a tap
+/// takes each write as a frame); how many bytes it took.
+pub(crate) fn write_packet(fd: &impl AsRawFd, slices: &[GuestSlice<'_>]) -> io::Result<usize> {
+    if slices.len() > IOV_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a packet in {} pieces", slices.len()),
+        ));
+    }
+    // A guest RAM slice's pointer stays valid while the memory mapping
+    // lives, which `slices` borrows.
+    let iovecs: Vec<libc::iovec> = slices
+        .iter()
+        .map(|slice| libc::iovec {
+            iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+            iov_len: slice.len(),
+        })
+        .collect();
+    loop {
+        // SAFETY: every iovec points into guest RAM that `slices` keeps
+        // mapped, with its slice's length; the kernel only reads them.
+        let done =
+            unsafe { libc::writev(fd.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as libc::c_int) };
+        if done >= 0 {
+            return Ok(done as usize);
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
