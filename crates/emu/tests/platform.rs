@@ -76,6 +76,72 @@ fn long_backward_rep_movsq_completes() {
     }
 }
 
+/// REP MOVSQ from a source 2 bytes into a page (as Linux copies received
+/// packets), so that an element straddles every page boundary, and REP
+/// STOSQ likewise: the result is an element-by-element copy's, including
+/// where the destination overlaps the source just above it.
+#[test]
+fn rep_string_elements_straddling_pages_move_exactly() {
+    const SRC: u64 = 0x10_0ffe;
+    const QWORDS: u64 = 2000;
+    let source: Vec<u8> = (0..QWORDS * 8 + 64).map(|i| (i * 13 + 5) as u8).collect();
+    for (dst, stos) in [
+        (0x18_0020u64, false),
+        (0x18_0ffau64, false),
+        (SRC + 24, false), // overlapping, 24 bytes above the source
+        (0x18_0ffcu64, true),
+    ] {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rsi, SRC).unwrap();
+        a.mov(rdi, dst).unwrap();
+        a.mov(ecx, QWORDS as u32).unwrap();
+        a.mov(rax, 0x0102_0304_0506_0708u64).unwrap();
+        if stos {
+            a.rep().stosq().unwrap();
+        } else {
+            a.rep().movsq().unwrap();
+        }
+        a.out(0x80, al).unwrap();
+        let code = a.assemble(CODE).expect("assemble");
+        let mem = common::memory(0x20_0000);
+        mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+        mem.write_slice(&source, GuestAddress(SRC)).unwrap();
+        let mut e = common::emulator(&mem);
+        // What an element-by-element copy leaves, over the same bytes.
+        let mut expected = vec![0u8; 0x20_0000];
+        mem.read_slice(&mut expected, GuestAddress(0)).unwrap();
+        for k in 0..QWORDS as usize {
+            let to = dst as usize + 8 * k;
+            let element: [u8; 8] = if stos {
+                0x0102_0304_0506_0708u64.to_le_bytes()
+            } else {
+                let from = SRC as usize + 8 * k;
+                expected[from..from + 8].try_into().unwrap()
+            };
+            expected[to..to + 8].copy_from_slice(&element);
+        }
+        e.cpu_mut().rip = CODE;
+        let exit = e.run(1 << 24, None);
+        assert!(matches!(exit, Exit::IoOut { port: 0x80, .. }), "{exit:?}");
+        assert_eq!(e.cpu().gpr[1], 0, "RCX");
+        assert_eq!(e.cpu().gpr[7], dst + 8 * QWORDS, "RDI");
+        if !stos {
+            assert_eq!(e.cpu().gpr[6], SRC + 8 * QWORDS, "RSI");
+        }
+        let mut got = vec![0u8; 0x20_0000];
+        mem.read_slice(&mut got, GuestAddress(0)).unwrap();
+        // The data half (the page tables below gain accessed bits).
+        let first_difference = got[0x10_0000..]
+            .iter()
+            .zip(&expected[0x10_0000..])
+            .position(|(g, x)| g != x);
+        assert_eq!(
+            first_difference, None,
+            "destination {dst:#x}, stos {stos}: memory differs"
+        );
+    }
+}
+
 /// With the platform, ioeventfd writes signal the eventfd instead of
 /// exiting, PIC/PIT ports never reach the VMM, and GSIs outside the
 /// IOAPIC are refused; without it, the interrupt calls are unsupported.
