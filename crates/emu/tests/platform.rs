@@ -142,6 +142,21 @@ fn rep_string_elements_straddling_pages_move_exactly() {
     }
 }
 
+/// A one-vCPU emu VM with its platform over `mem`, identity-mapped by the
+/// page tables at [`common::TABLES`].
+fn one_cpu_vm_with_platform(mem: &hypervisor::GuestRam) -> std::sync::Arc<dyn hypervisor::Vm> {
+    use hypervisor::{Hypervisor, VmConfig};
+    common::identity_tables(mem, common::TABLES);
+    let vm = emu::EmuHypervisor::new()
+        .create_vm(&VmConfig {
+            num_cpus: 1,
+            irqchip: true,
+        })
+        .unwrap();
+    vm.set_memory(mem).unwrap();
+    vm
+}
+
 /// With the platform, ioeventfd writes signal the eventfd instead of
 /// exiting, PIC/PIT ports never reach the VMM, and GSIs outside the
 /// IOAPIC are refused; without it, the interrupt calls are unsupported.
@@ -167,15 +182,7 @@ fn vm_interrupt_wiring_through_the_traits() {
     let code = a.assemble(CODE).expect("assemble");
     let mem = common::memory(0x10_0000);
     mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    common::identity_tables(&mem, common::TABLES);
-
-    let vm = EmuHypervisor::new()
-        .create_vm(&VmConfig {
-            num_cpus: 1,
-            irqchip: true,
-        })
-        .unwrap();
-    vm.set_memory(&mem).unwrap();
+    let vm = one_cpu_vm_with_platform(&mem);
     let doorbell = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     vm.register_ioevent(&doorbell, 0x600, true, None).unwrap();
     let queue0 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -239,8 +246,7 @@ fn vm_interrupt_wiring_through_the_traits() {
 /// wakes and takes the vector (no irqfd, no helper thread in between).
 #[test]
 fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
-    use emu::EmuHypervisor;
-    use hypervisor::{Hypervisor, VcpuExit, VmConfig};
+    use hypervisor::VcpuExit;
 
     const GDT: u64 = 0x2000;
     const IDT: u64 = 0x3000;
@@ -284,15 +290,7 @@ fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
     {
         mem.write_obj(d, GuestAddress(GDT + 8 * i as u64)).unwrap();
     }
-    common::identity_tables(&mem, common::TABLES);
-
-    let vm = EmuHypervisor::new()
-        .create_vm(&VmConfig {
-            num_cpus: 1,
-            irqchip: true,
-        })
-        .unwrap();
-    vm.set_memory(&mem).unwrap();
+    let vm = one_cpu_vm_with_platform(&mem);
     assert!(vm.edge_trigger(24).is_err(), "GSI 24 is past the IOAPIC");
     let trigger = vm.edge_trigger(GSI).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
