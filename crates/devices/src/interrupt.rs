@@ -5,8 +5,9 @@ use std::io;
 use vmm_sys_util::eventfd::EventFd;
 
 /// An edge-triggered interrupt line. Devices call [`InterruptLine::trigger`]
-/// when they want the guest's attention; how that reaches the guest (an
-/// irqfd registered with KVM, a test counter, ...) is up to the implementor.
+/// when they want the guest's attention; how that reaches the guest (the
+/// accelerator's edge trigger, an irqfd, a test counter, ...) is up to the
+/// implementor.
 pub trait InterruptLine: Send + Sync {
     /// Raises the interrupt once.
     fn trigger(&self) -> io::Result<()>;

@@ -8,8 +8,10 @@
 //!   device's [`Interrupt`].
 //! - [`worker`]: each active device serves its queues on an I/O thread of
 //!   its own, woken by the queue's eventfd (an ioeventfd in the
-//!   accelerator), and interrupts through an irqfd: device I/O never runs
-//!   on a vCPU thread.
+//!   accelerator), and interrupts through the accelerator's edge trigger
+//!   (an irqfd on KVM): device I/O never runs on a vCPU thread.
+//! - `vectored`: data moves between guest memory and a raw image or a tap
+//!   by vectored I/O on the buffers themselves.
 //! - [`block`] over `disk` images, [`net`] over a host [`tap`], [`rng`], and
 //!   [`vsock`] with Firecracker's Unix-socket host side.
 //!
