@@ -2,7 +2,7 @@
 //! I/O thread that reads and writes a [`DiskImage`].
 //!
 //! Data moves between a raw image's file and guest memory by vectored I/O
-//! on the request's buffers ([`crate::vectored`]); other formats copy it
+//! on the request's buffers (the `vectored` module); other formats copy it
 //! through a buffer in bounded chunks, whatever length the descriptors
 //! claim.
 //!
