@@ -133,26 +133,79 @@ fn disk_contents() -> Vec<u8> {
 }
 
 /// Serves the input's block requests (queue 0) against a 16-sector disk
-/// in memory. Panics only on a bug: an access outside the disk, or a
-/// write to a read-only disk.
+/// in memory, which copies through a buffer, and again against a raw
+/// image in a memory file, whose data moves by vectored I/O on the
+/// guest's buffers: both must leave the same disk and the same guest
+/// memory. Panics only on a bug: an access outside the disk (the memory
+/// disk's check, or the file growing), a write to a read-only disk, or
+/// the two paths differing.
 pub fn block_queue(input: &[u8]) {
-    let Some(activation) = activation(input, 1) else {
+    let readonly = input.get(1).is_some_and(|flags| flags & 2 != 0);
+    let Some(copied) = serve_block_requests(input, readonly, false) else {
         return;
     };
-    let readonly = input[1] & 2 != 0;
-    let bytes = Arc::new(Mutex::new(disk_contents()));
-    let image: Box<dyn DiskImage> = Box::new(MemoryDisk {
-        bytes: bytes.clone(),
-    });
-    let handler = BlockRequests::new(Arc::new(Mutex::new(image)), readonly, [b'f'; ID_BYTES]);
-    // An I/O error (no eventfd) is the host's, not a finding.
-    let _ = crate::worker::serve_each_queue_once(activation, handler);
     if readonly {
+        assert!(copied.0 == disk_contents(), "a read-only disk changed");
+    }
+    if let Some(vectored) = serve_block_requests(input, readonly, true) {
         assert!(
-            *bytes.lock().expect("disk lock") == disk_contents(),
-            "a read-only disk changed"
+            vectored.0 == copied.0,
+            "the raw image and the memory disk differ"
+        );
+        assert!(
+            vectored.1 == copied.1,
+            "guest memory differs between the raw image and the memory disk"
         );
     }
+}
+
+/// Serves the input's block requests against a memory disk, or (`raw`) a
+/// raw image in a memory file; the disk's bytes and guest RAM afterwards.
+fn serve_block_requests(input: &[u8], readonly: bool, raw: bool) -> Option<(Vec<u8>, Vec<u8>)> {
+    let activation = activation(input, 1)?;
+    let memory = activation.memory.clone();
+    let mut disk = vec![0u8; DISK_BYTES];
+    if raw {
+        let file = memory_file(&disk_contents())?;
+        let copy = file.try_clone().ok()?;
+        let image = disk::RawImage::new(file, std::path::Path::new("memfd")).ok()?;
+        let handler = BlockRequests::new(
+            Arc::new(Mutex::new(Box::new(image))),
+            readonly,
+            [b'f'; ID_BYTES],
+        );
+        // An I/O error (no eventfd) is the host's, not a finding.
+        let _ = crate::worker::serve_each_queue_once(activation, handler);
+        let size = copy.metadata().expect("the memory file's size").len();
+        assert_eq!(size, DISK_BYTES as u64, "the raw image changed size");
+        std::os::unix::fs::FileExt::read_exact_at(&copy, &mut disk, 0)
+            .expect("reading the memory file");
+    } else {
+        let bytes = Arc::new(Mutex::new(disk_contents()));
+        let image: Box<dyn DiskImage> = Box::new(MemoryDisk {
+            bytes: bytes.clone(),
+        });
+        let handler = BlockRequests::new(Arc::new(Mutex::new(image)), readonly, [b'f'; ID_BYTES]);
+        let _ = crate::worker::serve_each_queue_once(activation, handler);
+        disk.copy_from_slice(&bytes.lock().expect("disk lock"));
+    }
+    let mut ram = vec![0u8; RAM_BYTES];
+    memory.read_slice(&mut ram, GuestAddress(0)).ok()?;
+    Some((disk, ram))
+}
+
+/// A memory file holding `bytes` (None where the host refuses one).
+fn memory_file(bytes: &[u8]) -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: creates a new file descriptor, checked before use.
+    let fd = unsafe { libc::memfd_create(c"vessel-fuzz-disk".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    std::os::unix::fs::FileExt::write_all_at(&file, bytes, 0).ok()?;
+    Some(file)
 }
 
 /// Serves the input's vsock packets (transmit queue 1, then receive queue
