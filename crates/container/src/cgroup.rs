@@ -256,6 +256,40 @@ fn write_ctx(path: &Path, value: &str) -> Result<()> {
     write(path, value).map_err(|e| Error::io(format!("writing {value:?} to {}", path.display()), e))
 }
 
+/// Writes "a" to a v1 devices group's `devices.deny`, the reset every rule list starts
+/// from. The kernel refuses it with EINVAL while the group has a child that is still
+/// online, and a child goes offline some milliseconds after its rmdir returns (after an
+/// RCU grace period): a container started in a group right after another one's child
+/// group was deleted would otherwise fail. So the write is retried for up to two seconds
+/// while the group has no child directory left; a live child fails at once.
+fn deny_all_devices(dir: &Path) -> Result<()> {
+    let path = dir.join("devices.deny");
+    let mut attempt = 0u32;
+    loop {
+        match write(&path, "a") {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && attempt < 400 => {
+                let has_child = fs::read_dir(dir)
+                    .map_err(|e| Error::path("listing cgroup", dir, e))?
+                    .flatten()
+                    .any(|entry| entry.file_type().is_ok_and(|t| t.is_dir()));
+                if has_child {
+                    return Err(Error::io(
+                        format!(
+                            "writing \"a\" to {} (cgroup v1 refuses it while the group has a child group)",
+                            path.display()
+                        ),
+                        e,
+                    ));
+                }
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(Error::io(format!("writing \"a\" to {}", path.display()), e)),
+        }
+    }
+}
+
 impl Cgroups {
     /// Creates the groups `limits` needs (plus the v1 devices group, where there is one)
     /// and writes the limits into them.
@@ -502,7 +536,7 @@ impl Cgroups {
             for controller in &group.controllers {
                 match (*controller, group.v2) {
                     ("devices", false) => {
-                        write_ctx(&file("devices.deny"), "a")?;
+                        deny_all_devices(&group.dir)?;
                         for rule in &limits.device_rules {
                             let name = if rule.allow {
                                 "devices.allow"
@@ -1197,4 +1231,37 @@ pub(crate) fn dirs_at(path: &str) -> Vec<PathBuf> {
         })
         .filter(|dir| dir.is_dir())
         .collect()
+}
+
+#[cfg(test)]
+mod devices_reset_tests {
+    use super::deny_all_devices;
+    use std::fs;
+    use std::path::Path;
+
+    /// A v1 devices group whose child was just removed takes the reset once the child
+    /// has gone offline; one with a live child is refused at once, with the reason.
+    #[test]
+    fn reset_waits_out_a_removed_child_and_refuses_a_live_one() {
+        let root = Path::new("/sys/fs/cgroup/devices");
+        if !testkit::is_root() || !root.join("devices.deny").exists() {
+            testkit::not_run(
+                testkit::prereq::CGROUP,
+                "needs root and a v1 devices hierarchy",
+            );
+            return;
+        }
+        let group = root.join(format!("vessel-devreset-{}", std::process::id()));
+        let child = group.join("c");
+        fs::create_dir_all(&child).unwrap();
+        let live = deny_all_devices(&group).map_err(|e| e.to_string());
+        fs::remove_dir(&child).unwrap();
+        let after_rmdir = deny_all_devices(&group).map_err(|e| e.to_string());
+        let list = fs::read_to_string(group.join("devices.list")).unwrap();
+        fs::remove_dir(&group).unwrap();
+        let live = live.expect_err("a live child makes the reset fail");
+        assert!(live.contains("child group"), "{live}");
+        after_rmdir.expect("the reset after the child's rmdir");
+        assert_eq!(list, "", "nothing allowed after the reset");
+    }
 }
