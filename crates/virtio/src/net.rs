@@ -333,7 +333,6 @@ impl Frames {
 
     /// Moves frames from the tap into receive buffers while both last.
     fn receive(&mut self, stop: &StopSignal) -> Result<(), QueueBroken> {
-        let bad = |what: &str, e: virtio_queue::Error| QueueBroken(format!("{what}: {e}"));
         let mut delivered = 0;
         loop {
             if stop.requested() {
@@ -356,7 +355,7 @@ impl Frames {
                             EpollEvent::default(),
                         );
                         self.tap_armed = false;
-                        return Ok(());
+                        return self.announce_received(delivered);
                     }
                 }
             }
@@ -367,15 +366,11 @@ impl Frames {
                     delivered += 1;
                 }
                 Delivery::Dropped => self.rx_pending = 0,
-                Delivery::NoBuffers => {
-                    // Keep the frame, stop watching the tap until the
+                Delivery::NoBuffers { seen } => {
+                    // Keep the frame and stop watching the tap until the
                     // driver adds buffers (its notification re-arms it).
                     arm_tap(&mut self.tap_armed, &self.tap, &self.epoll, false);
-                    if self
-                        .rx
-                        .enable_notification(&self.memory)
-                        .map_err(|e| bad("receive queue", e))?
-                    {
+                    if self.wait_for_buffers(seen)? {
                         continue; // buffers arrived meanwhile
                     }
                     break;
@@ -385,15 +380,45 @@ impl Frames {
         if self.rx_pending == 0 {
             arm_tap(&mut self.tap_armed, &self.tap, &self.epoll, true);
         }
-        if delivered > 0
-            && self
-                .rx
-                .needs_notification(&self.memory)
-                .map_err(|e| bad("receive queue", e))?
+        self.announce_received(delivered)
+    }
+
+    /// Interrupts the driver for the `delivered` frames put in the used
+    /// ring, where it asked to hear of them.
+    fn announce_received(&mut self, delivered: usize) -> Result<(), QueueBroken> {
+        if delivered == 0 {
+            return Ok(());
+        }
+        if self
+            .rx
+            .needs_notification(&self.memory)
+            .map_err(|e| QueueBroken(format!("receive queue: {e}")))?
         {
             let _ = self.interrupt.signal_used_queue();
         }
         Ok(())
+    }
+
+    /// Asks the driver to notify the receive queue when it adds the buffer
+    /// at available index `seen` (the first one not yet looked at), and
+    /// tells whether it already has. The buffers before `seen` were taken
+    /// back unused (too few for the frame): counting from them, as
+    /// [`QueueT::enable_notification`] does from the next available
+    /// buffer, would find buffers "arrived" at once, and the I/O thread
+    /// would spin there without ever announcing the frames it delivered
+    /// before, which the driver must take before it refills the ring.
+    /// (With VIRTIO_F_EVENT_IDX, a notification asked for at an index the
+    /// driver has passed would also never come.)
+    fn wait_for_buffers(&mut self, seen: u16) -> Result<bool, QueueBroken> {
+        let bad = |e: virtio_queue::Error| QueueBroken(format!("receive queue: {e}"));
+        let next = self.rx.next_avail();
+        // enable_notification asks for the next available index, which is
+        // `seen` for this call; the index of the buffers taken back is
+        // restored afterwards.
+        self.rx.set_next_avail(seen);
+        let arrived = self.rx.enable_notification(&self.memory).map_err(bad);
+        self.rx.set_next_avail(next);
+        arrived
     }
 }
 
@@ -402,8 +427,11 @@ enum Delivery {
     Delivered,
     /// It fits no buffer: dropped (the buffers stay for the next one).
     Dropped,
-    /// Not enough buffers now: nothing was taken.
-    NoBuffers,
+    /// Not enough buffers now: nothing was taken. `seen` is the available
+    /// index the driver had reached (every buffer before it was tried).
+    NoBuffers {
+        seen: u16,
+    },
 }
 
 impl Frames {
@@ -423,10 +451,10 @@ impl Frames {
                 .next()
             else {
                 // Give back what was taken for this frame.
+                let seen = self.rx.next_avail();
                 let taken = writers.len() as u16;
-                self.rx
-                    .set_next_avail(self.rx.next_avail().wrapping_sub(taken));
-                return Ok(Delivery::NoBuffers);
+                self.rx.set_next_avail(seen.wrapping_sub(taken));
+                return Ok(Delivery::NoBuffers { seen });
             };
             let head = chain.head_index();
             let writer = Writer::new(memory, chain).map_err(|e| bad("receive buffer", e))?;
@@ -481,5 +509,168 @@ fn arm_tap(tap_armed: &mut bool, tap: &Tap, epoll: &Epoll, armed: bool) {
         .is_ok()
     {
         *tap_armed = armed;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::interrupt::EventFdLine;
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const RING: u16 = 16;
+    const DESC: u64 = 0;
+    const AVAIL: u64 = 0x100;
+    const USED: u64 = 0x200;
+    const BUFFERS: u64 = 0x1000;
+    const BUFFER_LEN: u32 = 1024;
+
+    /// A receive queue of 16 entries with EVENT_IDX, its 16 descriptors
+    /// each a 1 KiB device-writable buffer; a transmit queue with nothing.
+    fn frames(tap: Tap) -> Frames {
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        for d in 0..u64::from(RING) {
+            let mut desc = [0u8; 16];
+            desc[0..8].copy_from_slice(&(BUFFERS + d * u64::from(BUFFER_LEN)).to_le_bytes());
+            desc[8..12].copy_from_slice(&BUFFER_LEN.to_le_bytes());
+            desc[12..14].copy_from_slice(&2u16.to_le_bytes()); // VIRTQ_DESC_F_WRITE
+            memory
+                .write_slice(&desc, GuestAddress(DESC + d * 16))
+                .unwrap();
+        }
+        let queue = |base: u64| {
+            let mut q = Queue::new(RING).unwrap();
+            q.set_desc_table_address(Some((base + DESC) as u32), Some(0));
+            q.set_avail_ring_address(Some((base + AVAIL) as u32), Some(0));
+            q.set_used_ring_address(Some((base + USED) as u32), Some(0));
+            q.set_event_idx(true);
+            q.set_ready(true);
+            assert!(q.is_valid(&memory));
+            q
+        };
+        let (rx, tx) = (queue(0), queue(0x400));
+        let epoll = Epoll::new().unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                tap.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TAP),
+            )
+            .unwrap();
+        Frames {
+            memory,
+            rx,
+            tx,
+            rx_notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            tx_notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: Arc::new(Interrupt::new(Arc::new(EventFdLine(
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            )))),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            tap: Arc::new(tap),
+            rx_frame: vec![0; MAX_FRAME],
+            rx_pending: 0,
+            tap_armed: true,
+            epoll,
+            mergeable: true,
+        }
+    }
+
+    /// The driver makes descriptors `from..to` available.
+    fn make_available(f: &Frames, from: u16, to: u16) {
+        for i in from..to {
+            let slot = AVAIL + 4 + u64::from(i % RING) * 2;
+            f.memory.write_obj(i % RING, GuestAddress(slot)).unwrap();
+        }
+        f.memory.write_obj(to, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// Serves the receive queue once on another thread; `None` when it
+    /// has not returned within 10 s (the stop then ends it).
+    fn receive_once(f: Frames) -> Option<Frames> {
+        let (done, finished) = mpsc::channel();
+        let thread = DeviceThread::spawn("rx-test", move |stop| {
+            let mut f = f;
+            let result = f.receive(&stop);
+            let _ = done.send((result.is_ok(), f));
+        })
+        .unwrap();
+        let outcome = finished.recv_timeout(Duration::from_secs(10));
+        drop(thread);
+        match outcome {
+            Ok((ok, f)) => {
+                assert!(ok, "the queue broke");
+                Some(f)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// A frame that needs more buffers than the driver has made available
+    /// waits without spinning: the frames already delivered are
+    /// announced, the driver is asked to notify on its next buffer (with
+    /// EVENT_IDX, at the index it has reached, not at the buffers taken
+    /// back), and the frame goes out over three buffers once they are
+    /// there.
+    #[test]
+    fn a_frame_short_of_buffers_waits_for_them_after_announcing_the_rest() {
+        let (host, guest_side) = UnixDatagram::pair().unwrap();
+        guest_side.set_nonblocking(true).unwrap();
+        let small: Vec<u8> = (0..VNET_HDR_LEN + 500).map(|i| i as u8).collect();
+        let large: Vec<u8> = (0..VNET_HDR_LEN + 2500)
+            .map(|i| (i * 7 + 3) as u8)
+            .collect();
+        host.send(&small).unwrap();
+        host.send(&large).unwrap();
+        let f = frames(Tap::from_datagram_socket(guest_side));
+        make_available(&f, 0, 2);
+
+        let f = receive_once(f).expect("receive spun instead of waiting for buffers");
+        let used_idx: u16 = f.memory.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used_idx, 1, "the small frame was delivered");
+        let used_len: u32 = f.memory.read_obj(GuestAddress(USED + 4 + 4)).unwrap();
+        assert_eq!(used_len as usize, small.len());
+        assert_ne!(
+            f.interrupt.status() & VIRTIO_MMIO_INT_VRING,
+            0,
+            "the small frame was announced"
+        );
+        let avail_event: u16 = f
+            .memory
+            .read_obj(GuestAddress(USED + 4 + 8 * u64::from(RING)))
+            .unwrap();
+        assert_eq!(avail_event, 2, "notify when descriptor index 2 is added");
+        assert_eq!(f.rx.next_avail(), 1, "the one buffer left is taken back");
+        assert_eq!(f.rx_pending, large.len(), "the large frame is kept");
+        assert!(!f.tap_armed, "the tap is not watched without buffers");
+
+        // The driver takes the small frame and asks to hear of the next
+        // (used_event), then adds two buffers.
+        f.interrupt.acknowledge(VIRTIO_MMIO_INT_VRING);
+        f.memory
+            .write_obj(1u16, GuestAddress(AVAIL + 4 + 2 * u64::from(RING)))
+            .unwrap();
+        make_available(&f, 2, 4);
+        let f = receive_once(f).expect("the second pass returns");
+        let used_idx: u16 = f.memory.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used_idx, 4, "the large frame took three buffers");
+        let mut got = vec![0u8; large.len()];
+        f.memory
+            .read_slice(&mut got, GuestAddress(BUFFERS + u64::from(BUFFER_LEN)))
+            .unwrap();
+        let mut expected = large.clone();
+        expected[10..12].copy_from_slice(&3u16.to_le_bytes()); // num_buffers
+        assert_eq!(got, expected);
+        assert_ne!(
+            f.interrupt.status() & VIRTIO_MMIO_INT_VRING,
+            0,
+            "the large frame was announced"
+        );
+        assert!(f.tap_armed, "the tap is watched again");
+        assert_eq!(f.rx_pending, 0);
     }
 }

@@ -151,6 +151,18 @@ impl Tap {
         }
     }
 
+    /// A stand-in for a tap in tests: one end of a non-blocking datagram
+    /// socket pair, which reads and writes whole frames as a tap does and
+    /// takes no offloads.
+    #[cfg(test)]
+    pub(crate) fn from_datagram_socket(socket: std::os::unix::net::UnixDatagram) -> Tap {
+        Tap {
+            file: File::from(std::os::fd::OwnedFd::from(socket)),
+            name: "test".to_owned(),
+            offloads: 0,
+        }
+    }
+
     /// Reads one frame (header included); `WouldBlock` when none waits.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
         use std::io::Read;
