@@ -78,7 +78,8 @@ fn long_backward_rep_movsq_completes() {
 
 /// REP MOVSQ from a source 2 bytes into a page (as Linux copies received
 /// packets), so that an element straddles every page boundary, and REP
-/// STOSQ likewise: the result is an element-by-element copy's, including
+/// STOSQ likewise: each straddling element moves on its own and the rest
+/// in bulk, with the result of an element-by-element copy, including
 /// where the destination overlaps the source just above it.
 #[test]
 fn rep_string_elements_straddling_pages_move_exactly() {

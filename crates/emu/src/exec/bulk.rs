@@ -29,9 +29,11 @@ fn host_addr(c: &mut Core, lin: u64, access: Access, user: bool) -> Result<Optio
 /// that is exact: 64-bit mode and addresses, DF clear, no FS/GS source,
 /// RAM on both sides, and no forward overlap (a destination just above
 /// its source repeats the source's first elements, which only the
-/// element-wise loop reproduces). `Ok(true)`: the instruction is done, or
-/// RIP is set to run it again for the rest; `Ok(false)`: the caller's
-/// element-wise loop continues from the registers as they are now.
+/// element-wise loop reproduces). An element straddling two pages moves
+/// on its own, through the interpreter's accesses. `Ok(true)`: the
+/// instruction is done, or RIP is set to run it again for the rest;
+/// `Ok(false)`: the caller's element-wise loop continues from the
+/// registers as they are now.
 /// Registers always reflect the elements moved, so a fault in a later
 /// page leaves the instruction restartable, as on hardware.
 pub(super) fn rep_movs_stos(c: &mut Core, op: &Op, movs: bool, size: usize) -> Result<bool, Stop> {
@@ -60,8 +62,31 @@ pub(super) fn rep_movs_stos(c: &mut Core, op: &Op, movs: bool, size: usize) -> R
             elems = elems.min((PAGE_SIZE - (rsi & PAGE_MASK)) >> shift);
         }
         if elems == 0 {
-            // An element straddles a page.
-            return Ok(false);
+            // An element straddles a page (a source 2 bytes into a page, as
+            // Linux's received packets are, does so at every page): it
+            // goes through the interpreter's accesses, which split it, and
+            // the elements after it in bulk again.
+            let to = c.linear(op, Register::ES, rdi);
+            let v = if movs {
+                let from = c.linear(op, op.instr.memory_segment(), rsi);
+                c.read(from, size)?
+            } else {
+                c.cpu.gpr[0]
+            };
+            c.write(to, size, v)?;
+            if movs {
+                c.cpu.gpr[6] = rsi.wrapping_add(s);
+            }
+            c.cpu.gpr[7] = rdi.wrapping_add(s);
+            c.cpu.gpr[1] = count - 1;
+            moved += s;
+            if c.cpu.gpr[1] != 0 && c.attention {
+                // An MMIO write to deliver first, as the element-wise
+                // loop would.
+                c.cpu.rip = op.instr.ip();
+                return Ok(true);
+            }
+            continue;
         }
         // The source is translated first: its fault is the one reported
         // when both would fault, as with the first element on hardware.
