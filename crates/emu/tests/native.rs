@@ -441,6 +441,68 @@ fn a_run_that_rewrites_a_later_instruction_of_its_block_runs_the_new_one() {
     assert_eq!(native, interpreted);
 }
 
+/// Blocks' code keeps the guest's status flags in the host's RFLAGS,
+/// stores them to a stack slot before a memory lookup (which changes the
+/// host's) and loads them back for an instruction that reads them. Here an
+/// ADD or SUB sets all six, a load follows, then SETO and LAHF read them
+/// (AF and PF included), and the flags are stored again at the block's
+/// end: each value pair, at the edges of signed and unsigned overflow and
+/// random, must leave what the interpreter leaves.
+#[test]
+fn status_flags_survive_the_store_and_reload_around_a_lookup() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mut rng = Rng::seeded(("flags around a lookup", testkit::seed()));
+    let mut pairs: Vec<(u32, u32)> = vec![
+        (0x7fff_ffff, 1),
+        (0xffff_ffff, 1),
+        (0, 0),
+        (0x8000_0000, 0x8000_0000),
+        (0x0f, 1),
+        (0x8000_0000, 1),
+        (1, 2),
+    ];
+    pairs.extend((0..60).map(|_| (rng.next() as u32, rng.next() as u32)));
+    let mut compiled = 0;
+    for (round, (x, y)) in pairs.into_iter().enumerate() {
+        for subtract in [false, true] {
+            let mut a = CodeAssembler::new(64).unwrap();
+            a.mov(eax, x).unwrap();
+            if subtract {
+                a.sub(eax, y).unwrap();
+            } else {
+                a.add(eax, y).unwrap();
+            }
+            a.mov(rdx, qword_ptr(r14)).unwrap();
+            a.seto(cl).unwrap();
+            a.lahf().unwrap();
+            a.mov(ebx, eax).unwrap();
+            a.hlt().unwrap();
+            let code = a.assemble(CODE).unwrap();
+            let mut regs = [0u64; 16];
+            for (n, value) in POINTERS {
+                regs[n] = value;
+            }
+            let ram = vec![0x5a; (DATA_END - DATA) as usize];
+            // Flags going in opposite to what the ADD or SUB leaves.
+            let (native, e) = run(&code, &regs, 0x8d5, &ram, 2, true);
+            let (interpreted, _) = run(&code, &regs, 0x8d5, &ram, 2, false);
+            assert_same(
+                &format!(
+                    "round {round}: {x:#x} {} {y:#x}",
+                    if subtract { "-" } else { "+" }
+                ),
+                &native,
+                &interpreted,
+            );
+            compiled += e.native_instructions();
+        }
+    }
+    assert!(compiled > 0, "no block was compiled whole");
+}
+
 #[test]
 fn the_fuzz_corpus_and_mutations_of_it_match_the_interpreter() {
     if !cfg!(target_arch = "x86_64") {

@@ -15,6 +15,8 @@ pub const RDX: u8 = 2;
 pub const R8: u8 = 8;
 pub const RSI: u8 = 6;
 pub const RSP: u8 = 4;
+/// AH as a byte operand without a REX prefix (the number RSP has elsewhere).
+pub const AH: u8 = 4;
 pub const RDI: u8 = 7;
 
 /// `[base + index << shift + disp]`; no base means an absolute 32-bit
@@ -131,6 +133,37 @@ impl Asm {
         self.code.push(0x9c);
     }
 
+    /// `lahf`: AH = SF:ZF:0:AF:0:PF:1:CF; the flags are left as they are.
+    pub fn lahf(&mut self) {
+        self.code.push(0x9f);
+    }
+
+    /// `sahf`: SF, ZF, AF, PF and CF from AH (OF is left as it is).
+    pub fn sahf(&mut self) {
+        self.code.push(0x9e);
+    }
+
+    /// `seto al`.
+    pub fn seto_al(&mut self) {
+        self.bytes(&[0x0f, 0x90, 0xc0]);
+    }
+
+    /// `lea eax, [rax * 8 + disp]` (no flags change).
+    pub fn lea_eax_rax8(&mut self, disp: i32) {
+        self.bytes(&[0x8d, 0x04, 0xc5]);
+        self.bytes(&disp.to_le_bytes());
+    }
+
+    /// `add ah, imm`.
+    pub fn add_ah(&mut self, imm: u8) {
+        self.bytes(&[0x80, 0xc4, imm]);
+    }
+
+    /// `mov ah, al`.
+    pub fn mov_ah_al(&mut self) {
+        self.bytes(&[0x88, 0xc4]);
+    }
+
     pub fn popfq(&mut self) {
         self.code.push(0x9d);
     }
@@ -192,12 +225,6 @@ impl Asm {
     pub fn cmp_dword(&mut self, a: Addr, imm: i32) {
         self.mem(false, &[0x81], 7, a);
         self.bytes(&imm.to_le_bytes());
-    }
-
-    /// `pop qword [a]` (an address based on RSP is computed after the pop
-    /// moved RSP up).
-    pub fn pop_mem(&mut self, a: Addr) {
-        self.mem(false, &[0x8f], 0, a);
     }
 
     /// `jmp qword [a]`.
@@ -463,10 +490,48 @@ mod tests {
             ),
             (Mnemonic::Imul, Register::R8, Register::RDX, 40)
         );
-        let i = one(|a| a.pop_mem(Addr::at(RSP, 0x10)));
+        assert_eq!(one(|a| a.lahf()).mnemonic(), Mnemonic::Lahf);
+        assert_eq!(one(|a| a.sahf()).mnemonic(), Mnemonic::Sahf);
+        let i = one(|a| a.seto_al());
         assert_eq!(
-            (i.mnemonic(), i.memory_base(), i.memory_displacement64()),
-            (Mnemonic::Pop, Register::RSP, 0x10)
+            (i.mnemonic(), i.op0_register()),
+            (Mnemonic::Seto, Register::AL)
+        );
+        let i = one(|a| a.lea_eax_rax8(2));
+        assert_eq!(
+            (
+                i.mnemonic(),
+                i.op0_register(),
+                i.memory_base(),
+                i.memory_index(),
+                i.memory_index_scale(),
+                i.memory_displacement64()
+            ),
+            (
+                Mnemonic::Lea,
+                Register::EAX,
+                Register::None,
+                Register::RAX,
+                8,
+                2
+            )
+        );
+        let i = one(|a| a.add_ah(0x76));
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.immediate8()),
+            (Mnemonic::Add, Register::AH, 0x76)
+        );
+        let i = one(|a| a.mov_ah_al());
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.op1_register()),
+            (Mnemonic::Mov, Register::AH, Register::AL)
+        );
+        // A byte store of AH to the stack takes no REX prefix (with one,
+        // the register would be SPL).
+        let i = one(|a| a.mem(false, &[0x88], AH, Addr::at(RSP, 0x10)));
+        assert_eq!(
+            (i.mnemonic(), i.op1_register(), i.memory_base()),
+            (Mnemonic::Mov, Register::AH, Register::RSP)
         );
         let i = one(|a| a.jmp_mem(Addr::at(RSP, 0x48)));
         assert_eq!(
