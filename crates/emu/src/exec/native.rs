@@ -165,6 +165,22 @@ pub struct Arena {
     enter: usize,
 }
 
+/// Whether the host runs LAHF and SAHF in 64-bit mode (CPUID 8000_0001h,
+/// ECX bit 0), with which blocks' code keeps the guest's flags: every
+/// x86-64 processor since 2006 does, the first Athlon 64 and Pentium 4
+/// did not.
+fn host_has_lahf_sahf() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & 1 != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The arena's first page holds the routines every block's code shares;
 /// blocks and stubs come after it.
 const SHARED_BYTES: usize = 4096;
@@ -176,10 +192,11 @@ unsafe impl Send for Arena {}
 
 impl Arena {
     /// A fresh arena, or `None` where the host refuses executable memory,
-    /// is not x86-64, or `VESSEL_EMU_NATIVE=0` turns native runs off.
+    /// is not x86-64 (or lacks LAHF and SAHF, see [`host_has_lahf_sahf`]),
+    /// or `VESSEL_EMU_NATIVE=0` turns native runs off.
     pub fn new() -> Option<Arena> {
         let setting = std::env::var_os("VESSEL_EMU_NATIVE");
-        if !cfg!(target_arch = "x86_64") || setting.as_ref().is_some_and(|v| v == "0") {
+        if !host_has_lahf_sahf() || setting.as_ref().is_some_and(|v| v == "0") {
             return None;
         }
         // SAFETY: creates a new file descriptor, checked before use and
