@@ -444,10 +444,12 @@ fn a_run_that_rewrites_a_later_instruction_of_its_block_runs_the_new_one() {
 /// Blocks' code keeps the guest's status flags in the host's RFLAGS,
 /// stores them to a stack slot before a memory lookup (which changes the
 /// host's) and loads them back for an instruction that reads them. Here an
-/// ADD or SUB sets all six, a load follows, then SETO and LAHF read them
-/// (AF and PF included), and the flags are stored again at the block's
-/// end: each value pair, at the edges of signed and unsigned overflow and
-/// random, must leave what the interpreter leaves.
+/// ADD or SUB sets all six; then, for some programs, a load stores them
+/// and a DEC, INC or CMC changes some (the store merges those with the
+/// slot's); then a load follows, SETO and LAHF read the flags (AF and PF
+/// included), and the flags are stored again at the block's end. Each
+/// value pair, at the edges of signed and unsigned overflow and random,
+/// must leave what the interpreter leaves.
 #[test]
 fn status_flags_survive_the_store_and_reload_around_a_lookup() {
     if !cfg!(target_arch = "x86_64") {
@@ -463,17 +465,29 @@ fn status_flags_survive_the_store_and_reload_around_a_lookup() {
         (0x0f, 1),
         (0x8000_0000, 1),
         (1, 2),
+        (0x8000_0001, 1),
     ];
     pairs.extend((0..60).map(|_| (rng.next() as u32, rng.next() as u32)));
     let mut compiled = 0;
     for (round, (x, y)) in pairs.into_iter().enumerate() {
-        for subtract in [false, true] {
+        for (variant, what) in ["add", "sub", "add, dec", "sub, inc", "add, cmc"]
+            .iter()
+            .enumerate()
+        {
             let mut a = CodeAssembler::new(64).unwrap();
             a.mov(eax, x).unwrap();
-            if subtract {
+            if variant % 2 == 1 {
                 a.sub(eax, y).unwrap();
             } else {
                 a.add(eax, y).unwrap();
+            }
+            if variant >= 2 {
+                a.mov(rdx, qword_ptr(r14)).unwrap();
+                match variant {
+                    2 => a.dec(eax).unwrap(),
+                    3 => a.inc(eax).unwrap(),
+                    _ => a.cmc().unwrap(),
+                }
             }
             a.mov(rdx, qword_ptr(r14)).unwrap();
             a.seto(cl).unwrap();
@@ -490,10 +504,7 @@ fn status_flags_survive_the_store_and_reload_around_a_lookup() {
             let (native, e) = run(&code, &regs, 0x8d5, &ram, 2, true);
             let (interpreted, _) = run(&code, &regs, 0x8d5, &ram, 2, false);
             assert_same(
-                &format!(
-                    "round {round}: {x:#x} {} {y:#x}",
-                    if subtract { "-" } else { "+" }
-                ),
+                &format!("round {round}: {x:#x}, {y:#x}, {what}"),
                 &native,
                 &interpreted,
             );

@@ -159,6 +159,21 @@ impl Asm {
         self.bytes(&[0x80, 0xc4, imm]);
     }
 
+    /// `and al, imm`.
+    pub fn and_al(&mut self, imm: u8) {
+        self.bytes(&[0x24, imm]);
+    }
+
+    /// `and ah, imm`.
+    pub fn and_ah(&mut self, imm: u8) {
+        self.bytes(&[0x80, 0xe4, imm]);
+    }
+
+    /// `or al, ah`.
+    pub fn or_al_ah(&mut self) {
+        self.bytes(&[0x08, 0xe0]);
+    }
+
     /// `mov ah, al`.
     pub fn mov_ah_al(&mut self) {
         self.bytes(&[0x88, 0xc4]);
@@ -520,6 +535,21 @@ mod tests {
         assert_eq!(
             (i.mnemonic(), i.op0_register(), i.immediate8()),
             (Mnemonic::Add, Register::AH, 0x76)
+        );
+        let i = one(|a| a.and_al(0x2a));
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.immediate8()),
+            (Mnemonic::And, Register::AL, 0x2a)
+        );
+        let i = one(|a| a.and_ah(0xd4));
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.immediate8()),
+            (Mnemonic::And, Register::AH, 0xd4)
+        );
+        let i = one(|a| a.or_al_ah());
+        assert_eq!(
+            (i.mnemonic(), i.op0_register(), i.op1_register()),
+            (Mnemonic::Or, Register::AL, Register::AH)
         );
         let i = one(|a| a.mov_ah_al());
         assert_eq!(

@@ -330,12 +330,14 @@ fn rflags_bits(iced: u32) -> i32 {
     .sum()
 }
 
+/// The status flags in RFLAGS' low byte: SF, ZF, AF, PF and CF.
+const STATUS_LOW: u8 = 0xd5;
+
 impl Flags {
     /// Stores the flags the host holds newer values of into the slot (at
-    /// stack depth `depth`), with `temp` a free register. The host's flags
-    /// survive a complete store, not a partial one.
-    fn flush(&mut self, a: &mut Asm, depth: i32, temp: u8) {
-        let slot = Addr::at(RSP, depth + slot::FLAGS);
+    /// stack depth `depth`). The host's flags survive, unless some of the
+    /// slot's low byte must be merged with the host's.
+    fn flush(&mut self, a: &mut Asm, depth: i32) {
         if self.dirty == ALL_FLAGS {
             // LAHF and SETO, not PUSHFQ, which costs several times more
             // (measured on Zen 4: 1.4 ns against 0.55 ns for this, RAX's
@@ -360,24 +362,51 @@ impl Flags {
             );
             a.pop(RAX);
         } else if self.dirty != 0 {
+            // Only the newer flags, into the slot's two bytes as above:
+            // OF by SETO, the others by LAHF, merged with the slot's
+            // byte where some of them are not newer (INC and DEC leave
+            // CF); only that merge changes the host's flags.
             let bits = rflags_bits(self.dirty);
-            a.pushfq();
-            a.pop(temp);
-            a.and64(temp, bits);
-            a.and_mem(slot, !bits);
-            a.or_mem(slot, temp);
-            self.valid = 0;
+            let low = (bits & 0xff) as u8;
+            let slot = Addr::at(RSP, depth + 8 + slot::FLAGS);
+            a.push(RAX);
+            if bits & 0x800 != 0 {
+                a.seto_al();
+                a.lea_eax_rax8(2);
+                a.mem(
+                    false,
+                    &[0x88],
+                    RAX,
+                    Addr {
+                        disp: slot.disp + 1,
+                        ..slot
+                    },
+                );
+            }
+            if low == STATUS_LOW {
+                a.lahf();
+                a.mem(false, &[0x88], AH, slot);
+            } else if low != 0 {
+                a.lahf();
+                a.mem(false, &[0x8a], RAX, slot);
+                a.and_al(!low);
+                a.and_ah(low);
+                a.or_al_ah();
+                a.mem(false, &[0x88], RAX, slot);
+                self.valid = 0;
+            }
+            a.pop(RAX);
         }
         self.dirty = 0;
     }
 
     /// Makes the host's flags hold the guest's `reads`: from the slot,
     /// after storing what only the host has.
-    fn ensure(&mut self, a: &mut Asm, reads: u32, depth: i32, temp: u8) {
+    fn ensure(&mut self, a: &mut Asm, reads: u32, depth: i32) {
         if reads & !self.valid == 0 {
             return;
         }
-        self.flush(a, depth, temp);
+        self.flush(a, depth);
         // SAHF and an ADD that overflows exactly when OF is set, not
         // POPFQ (measured on Zen 4: 0.3 ns against 3.7 ns). The slot's
         // second byte is 0x02 (IF) or 0x0a (IF and OF): plus 0x76 it
@@ -442,30 +471,30 @@ pub(super) fn block_code(
         if !xmm_loaded && super::names_xmm(i) {
             // The check changes the host's flags, and a miss leaves the
             // guest's in the slot.
-            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.flush(&mut e.a, e.depth);
             flags.valid = 0;
             misses.push((vec![e.load_xmm()], k));
             xmm_loaded = true;
         }
         if !mxcsr_loaded && super::uses_mxcsr(i) {
-            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.flush(&mut e.a, e.depth);
             flags.valid = 0;
             misses.push((vec![e.load_mxcsr()], k));
             mxcsr_loaded = true;
         }
         match item {
             Item::Copy(_, bytes) => {
-                flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
+                flags.ensure(&mut e.a, f.reads, e.depth);
                 e.a.bytes(bytes);
             }
             Item::Renamed(i) => {
-                flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
+                flags.ensure(&mut e.a, f.reads, e.depth);
                 e.a.bytes(&rewritten(i, None, s.rsp, encoder)?);
             }
             // A move keeps the flags.
             Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
             Item::Fill(_, size) | Item::Move(_, size) => {
-                flags.flush(&mut e.a, e.depth, s.addr);
+                flags.flush(&mut e.a, e.depth);
                 flags.valid = 0;
                 let moves = matches!(item, Item::Move(..));
                 let fixups = e.string(*size, moves, &s, ending.user)?;
@@ -474,7 +503,7 @@ pub(super) fn block_code(
             Item::Divide(i, mem) => {
                 // The checks change the host's flags, and a miss leaves the
                 // guest's in the slot.
-                flags.flush(&mut e.a, e.depth, s.addr);
+                flags.flush(&mut e.a, e.depth);
                 flags.valid = 0;
                 let mut fixups = Vec::new();
                 if let Some(mem) = mem {
@@ -491,12 +520,12 @@ pub(super) fn block_code(
             Item::Memory(i, mem) => {
                 // The lookup changes the host's flags, and a miss leaves
                 // the guest's in the slot.
-                flags.flush(&mut e.a, e.depth, s.addr);
+                flags.flush(&mut e.a, e.depth);
                 flags.valid = 0;
                 let mut fixups = lookup(&mut e.a, mem, &s, ending.user, e.depth)?;
                 // Nothing is left to store: `s.addr`, which holds the
                 // host address now, is not needed.
-                flags.ensure(&mut e.a, f.reads, e.depth, s.addr);
+                flags.ensure(&mut e.a, f.reads, e.depth);
                 match i.mnemonic() {
                     // The guest's FCW from its slot, unless x87
                     // instructions would fault (see `slot::FCW`).
@@ -526,7 +555,7 @@ pub(super) fn block_code(
     }
     match ending.next {
         Next::To(rip) => {
-            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.flush(&mut e.a, e.depth);
             e.fixed_successor(rip, ending);
         }
         Next::Branch {
@@ -535,26 +564,26 @@ pub(super) fn block_code(
             taken,
             not_taken,
         } => {
-            flags.ensure(&mut e.a, reads, e.depth, s.addr);
+            flags.ensure(&mut e.a, reads, e.depth);
             let jump = e.a.jcc(cc);
             let mut other = flags;
-            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.flush(&mut e.a, e.depth);
             e.fixed_successor(not_taken, ending);
             let here = e.a.len();
             e.a.patch(jump, here);
-            other.flush(&mut e.a, e.depth, s.addr);
+            other.flush(&mut e.a, e.depth);
             e.fixed_successor(taken, ending);
         }
         Next::Popped => {
-            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.flush(&mut e.a, e.depth);
             e.indirect_successor(s.entry, s.addr, s.temp?, ending);
         }
         Next::Register(r) => {
-            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.flush(&mut e.a, e.depth);
             e.indirect_successor(r, s.addr, s.entry, ending);
         }
         Next::Called => {
-            flags.flush(&mut e.a, e.depth, s.addr);
+            flags.flush(&mut e.a, e.depth);
             e.indirect_successor(s.temp?, s.addr, s.entry, ending);
         }
     }
