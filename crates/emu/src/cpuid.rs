@@ -34,6 +34,10 @@ pub const EXT1_EDX_NX: u32 = 1 << 20;
 pub const EXT1_EDX_PAGE1GB: u32 = 1 << 26;
 pub const EXT1_EDX_RDTSCP: u32 = 1 << 27;
 
+/// Leaf 1 ECX: the local APIC timer has TSC-deadline mode (with the
+/// platform's APIC only; see `vcpu::platform_cpuid`).
+pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
 /// Leaf 1 ECX: "running under a hypervisor".
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode.

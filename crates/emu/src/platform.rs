@@ -428,6 +428,12 @@ impl Platform {
         {
             emu.cpu_mut().apic_base = chips.lapics[index].apic_base();
         }
+        // Likewise IA32_TSC_DEADLINE, whose every write ends the run so
+        // that it arrives here (the APIC ignores it outside TSC-deadline
+        // mode).
+        if let Some(deadline) = emu.take_tsc_deadline_write() {
+            chips.lapics[index].set_tsc_deadline(deadline);
+        }
 
         // INIT: the APIC reset itself and an AP now waits for SIPI, whose
         // start resets the vCPU's state (`CpuMode::Start`). An INIT of the
@@ -448,6 +454,8 @@ impl Platform {
         let mut woken = chips.route();
         woken.retain(|&i| i != index);
         chips.lapics[index].advance(now, tsc);
+        // What RDMSR returns: 0 once the deadline fired.
+        emu.set_tsc_deadline_view(chips.lapics[index].tsc_deadline());
 
         if chips.lapics[index].take_nmi() {
             signal.lines.request_nmi();

@@ -54,11 +54,16 @@ const LEAF1_EDX_APIC: u32 = 1 << 9;
 
 /// What the platform adds to the CPU model: with the interrupt
 /// controllers present the local APIC exists (KVM likewise sets the bit
-/// only with its in-kernel irqchip). x2APIC and the TSC-deadline timer stay
-/// off: their MSRs (0x800-0x8ff, 0x6e0) would need an MSR hook in exec.
+/// only with its in-kernel irqchip), and its timer has TSC-deadline mode:
+/// the emulator keeps IA32_TSC_DEADLINE and hands each write to the
+/// platform (see [`Exit::PlatformUpdate`]). With it Linux programs its
+/// timer by one MSR write and skips calibrating the APIC timer, which
+/// otherwise waits 100 ms of guest time at boot. x2APIC stays off: its
+/// MSRs (0x800-0x8ff) would need the same hook for every register.
 fn platform_cpuid(table: &mut [CpuidEntry]) {
     for e in table.iter_mut().filter(|e| e.function == 1) {
         e.edx |= LEAF1_EDX_APIC;
+        e.ecx |= crate::cpuid::LEAF1_ECX_TSC_DEADLINE;
     }
 }
 
@@ -507,7 +512,8 @@ impl Vcpu for EmuVcpu {
                 *profile.entry(self.emu.cpu().rip).or_insert(0) += 1;
             }
             return Ok(match exit {
-                Exit::BudgetExhausted => continue,
+                // The platform looks at the loop's top.
+                Exit::BudgetExhausted | Exit::PlatformUpdate => continue,
                 Exit::Interrupted => {
                     if self.take_attention() {
                         VcpuExit::Interrupted

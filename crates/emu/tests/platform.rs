@@ -242,47 +242,36 @@ fn vm_interrupt_wiring_through_the_traits() {
     assert!(plain.register_irqfd(&doorbell, 4).is_err());
 }
 
-/// `Vm::edge_trigger` raises its GSI from another thread while the vCPU
-/// sleeps in `HLT`: the IOAPIC routes it to the local APIC, and the vCPU
-/// wakes and takes the vector (no irqfd, no helper thread in between).
-#[test]
-fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
-    use hypervisor::VcpuExit;
+const GDT: u64 = 0x2000;
+const IDT: u64 = 0x3000;
+const HANDLER: u64 = 0x4000;
 
-    const GDT: u64 = 0x2000;
-    const IDT: u64 = 0x3000;
-    const HANDLER: u64 = 0x4000;
-    const GSI: u32 = 5;
-    const VECTOR: u32 = 0x40;
-    let mut a = CodeAssembler::new(64).unwrap();
-    a.mov(rax, 0xfee0_00f0u64).unwrap();
-    a.mov(dword_ptr(rax), 0x1ffu32).unwrap(); // local APIC software-enabled
-    a.mov(rax, 0xfec0_0000u64).unwrap();
-    a.mov(dword_ptr(rax), 0x10 + 2 * GSI).unwrap();
-    a.mov(dword_ptr(rax + 0x10), VECTOR).unwrap(); // fixed, edge, unmasked
-    a.mov(dword_ptr(rax), 0x11 + 2 * GSI).unwrap();
-    a.mov(dword_ptr(rax + 0x10), 0u32).unwrap(); // to APIC 0
-    a.out(0x80, al).unwrap(); // the test arms the trigger now
-    a.sti().unwrap();
-    a.hlt().unwrap();
-    a.out(0x81, al).unwrap();
-    let code = a.assemble(CODE).expect("assemble");
+/// A one-vCPU VM with its platform running `code` at [`CODE`] in 64-bit
+/// mode, IF clear, with an IDT whose gate for `vector` leads to a handler
+/// that writes the vector to port 0x60, signals EOI and returns.
+fn vcpu_with_interrupt_handler(
+    code: &[u8],
+    vector: u32,
+) -> (
+    std::sync::Arc<dyn hypervisor::Vm>,
+    Box<dyn hypervisor::Vcpu>,
+) {
     let mut h = CodeAssembler::new(64).unwrap();
-    h.mov(eax, VECTOR).unwrap();
+    h.mov(eax, vector).unwrap();
     h.out(0x60, al).unwrap();
     h.mov(rax, 0xfee0_00b0u64).unwrap();
     h.mov(dword_ptr(rax), 0u32).unwrap(); // EOI
     h.iretq().unwrap();
     let handler = h.assemble(HANDLER).expect("assemble");
     let mem = common::memory(0x10_0000);
-    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(code, GuestAddress(CODE)).unwrap();
     mem.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
     let gate = (HANDLER & 0xffff) | (8 << 16) | (0x8e << 40) | ((HANDLER >> 16 & 0xffff) << 48);
-    mem.write_obj(gate, GuestAddress(IDT + 16 * u64::from(VECTOR)))
+    mem.write_obj(gate, GuestAddress(IDT + 16 * u64::from(vector)))
         .unwrap();
     mem.write_obj(
         HANDLER >> 32,
-        GuestAddress(IDT + 16 * u64::from(VECTOR) + 8),
+        GuestAddress(IDT + 16 * u64::from(vector) + 8),
     )
     .unwrap();
     for (i, d) in [0, common::CODE64_DESCRIPTOR, common::DATA64_DESCRIPTOR]
@@ -292,8 +281,6 @@ fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
         mem.write_obj(d, GuestAddress(GDT + 8 * i as u64)).unwrap();
     }
     let vm = one_cpu_vm_with_platform(&mem);
-    assert!(vm.edge_trigger(24).is_err(), "GSI 24 is past the IOAPIC");
-    let trigger = vm.edge_trigger(GSI).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut cpu = emu::CpuState::reset();
     common::long_mode(&mut cpu);
@@ -312,6 +299,34 @@ fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
     regs.rsp = 0x8000;
     regs.rflags = 2;
     vcpu.set_regs(&regs).unwrap();
+    (vm, vcpu)
+}
+
+/// `Vm::edge_trigger` raises its GSI from another thread while the vCPU
+/// sleeps in `HLT`: the IOAPIC routes it to the local APIC, and the vCPU
+/// wakes and takes the vector (no irqfd, no helper thread in between).
+#[test]
+fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
+    use hypervisor::VcpuExit;
+
+    const GSI: u32 = 5;
+    const VECTOR: u32 = 0x40;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0xfee0_00f0u64).unwrap();
+    a.mov(dword_ptr(rax), 0x1ffu32).unwrap(); // local APIC software-enabled
+    a.mov(rax, 0xfec0_0000u64).unwrap();
+    a.mov(dword_ptr(rax), 0x10 + 2 * GSI).unwrap();
+    a.mov(dword_ptr(rax + 0x10), VECTOR).unwrap(); // fixed, edge, unmasked
+    a.mov(dword_ptr(rax), 0x11 + 2 * GSI).unwrap();
+    a.mov(dword_ptr(rax + 0x10), 0u32).unwrap(); // to APIC 0
+    a.out(0x80, al).unwrap(); // the test arms the trigger now
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.out(0x81, al).unwrap();
+    let code = a.assemble(CODE).expect("assemble");
+    let (vm, mut vcpu) = vcpu_with_interrupt_handler(&code, VECTOR);
+    assert!(vm.edge_trigger(24).is_err(), "GSI 24 is past the IOAPIC");
+    let trigger = vm.edge_trigger(GSI).unwrap();
     match vcpu.run().unwrap() {
         VcpuExit::IoOut { port: 0x80, .. } => {}
         other => panic!("unexpected exit {other:?}"),
@@ -332,4 +347,91 @@ fn edge_trigger_from_another_thread_wakes_a_halted_vcpu() {
     assert_eq!(ports.len(), 2);
     assert_eq!(ports[0], (0x60, Some(VECTOR as u8)));
     assert_eq!(ports[1].0, 0x81);
+}
+
+/// The platform's CPU model offers the APIC timer's TSC-deadline mode:
+/// a deadline 2 ms ahead, written to IA32_TSC_DEADLINE just before `sti;
+/// hlt`, wakes the vCPU with the timer's vector no earlier than that; the
+/// MSR reads back the deadline while armed and 0 once it fired.
+#[test]
+fn tsc_deadline_timer_wakes_a_halted_vcpu() {
+    use hypervisor::VcpuExit;
+
+    const VECTOR: u32 = 0x41;
+    const AHEAD: u32 = 2_000_000; // TSC cycles at 1 GHz: 2 ms
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 1u32).unwrap();
+    a.cpuid().unwrap();
+    a.mov(eax, ecx).unwrap();
+    a.shr(eax, 24).unwrap();
+    a.and(eax, 1).unwrap();
+    a.out(0x82, al).unwrap(); // CPUID.1:ECX[24]
+    a.mov(rax, 0xfee0_00f0u64).unwrap();
+    a.mov(dword_ptr(rax), 0x1ffu32).unwrap(); // local APIC software-enabled
+    a.mov(rax, 0xfee0_0320u64).unwrap();
+    a.mov(dword_ptr(rax), VECTOR | (2 << 17)).unwrap(); // LVT timer: TSC-deadline
+    a.rdtsc().unwrap();
+    a.shl(rdx, 32).unwrap();
+    a.or(rax, rdx).unwrap();
+    a.mov(rbx, rax).unwrap(); // when it was armed
+    a.add(rax, AHEAD as i32).unwrap();
+    a.mov(rdx, rax).unwrap();
+    a.shr(rdx, 32).unwrap();
+    a.mov(ecx, 0x6e0u32).unwrap();
+    a.wrmsr().unwrap();
+    a.rdmsr().unwrap(); // the deadline back
+    a.shl(rdx, 32).unwrap();
+    a.or(rax, rdx).unwrap();
+    a.sub(rax, rbx).unwrap();
+    a.mov(r8, rax).unwrap();
+    // No exit between the write and HLT: the write itself must reach the
+    // timer.
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.cli().unwrap();
+    a.mov(rax, r8).unwrap();
+    a.out(0x83, eax).unwrap(); // AHEAD
+    a.rdtsc().unwrap();
+    a.shl(rdx, 32).unwrap();
+    a.or(rax, rdx).unwrap();
+    a.sub(rax, rbx).unwrap();
+    a.mov(rsi, rax).unwrap();
+    a.mov(ecx, 0x6e0u32).unwrap();
+    a.rdmsr().unwrap();
+    a.out(0x84, eax).unwrap(); // 0: fired
+    a.mov(rax, rsi).unwrap();
+    a.out(0x85, eax).unwrap(); // cycles from arming to after the wake-up
+    let code = a.assemble(CODE).expect("assemble");
+    let (_vm, mut vcpu) = vcpu_with_interrupt_handler(&code, VECTOR);
+    // A deadline the timer never heard of would leave the vCPU asleep:
+    // the watchdog wakes it after 10 s, and the test fails.
+    let kick = vcpu.interrupter();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .is_err()
+        {
+            kick.interrupt();
+        }
+    });
+    let mut ports = Vec::new();
+    for _ in 0..5 {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut { port, data } => {
+                let mut v = [0u8; 4];
+                v[..data.len()].copy_from_slice(data);
+                ports.push((port, u32::from_le_bytes(v)));
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    drop(done);
+    watchdog.join().unwrap();
+    assert_eq!(ports[0], (0x82, 1), "CPUID offers TSC-deadline mode");
+    assert_eq!(ports[1], (0x60, VECTOR), "the timer's interrupt");
+    assert_eq!(ports[2], (0x83, AHEAD), "IA32_TSC_DEADLINE read back");
+    assert_eq!(ports[3], (0x84, 0), "IA32_TSC_DEADLINE reads 0 once fired");
+    assert_eq!(ports[4].0, 0x85);
+    assert!(ports[4].1 >= AHEAD, "woken after {} cycles", ports[4].1);
 }

@@ -126,6 +126,11 @@ pub enum Exit {
     Interrupted,
     /// Something this emulator cannot do yet (the string says what).
     InternalError(&'static str),
+    /// An instruction wrote state the platform keeps the working copy of
+    /// (IA32_TSC_DEADLINE, see [`Emulator::take_tsc_deadline_write`]); it
+    /// has completed. The VMM's loop lets the platform look before running
+    /// on: a deadline armed just before HLT must reach the timers.
+    PlatformUpdate,
 }
 
 /// How a handler leaves the normal "next instruction" path: a boxed
@@ -246,9 +251,22 @@ pub struct Core {
     /// The version of this vCPU's kvmclock structure, even between
     /// updates.
     pub(crate) kvmclock_version: u32,
+    /// IA32_TSC_DEADLINE as the guest reads it (the platform's APIC owns
+    /// the timer and refreshes this), and a write the platform has not
+    /// taken yet.
+    pub(crate) tsc_deadline: u64,
+    pub(crate) tsc_deadline_write: Option<u64>,
 }
 
 impl Core {
+    /// Whether CPUID offers the APIC timer's TSC-deadline mode (the
+    /// platform's CPU model does), and so IA32_TSC_DEADLINE.
+    pub(crate) fn has_tsc_deadline(&self) -> bool {
+        self.cpuid
+            .iter()
+            .any(|e| e.function == 1 && e.ecx & crate::cpuid::LEAF1_ECX_TSC_DEADLINE != 0)
+    }
+
     fn new(ram: Ram, cpuid: Arc<[CpuidEntry]>, code: Option<CodePages>) -> Self {
         Core {
             cpu: CpuState::reset(),
@@ -273,6 +291,8 @@ impl Core {
             native_instructions: 0,
             stop_ip: None,
             kvmclock: 0,
+            tsc_deadline: 0,
+            tsc_deadline_write: None,
             wall_clock: 0,
             kvmclock_version: 0,
         }
@@ -1021,6 +1041,18 @@ impl Emulator {
     /// Writes an MSR; false if this vCPU does not implement it.
     pub fn set_msr(&mut self, index: u32, value: u64) -> bool {
         ops::write_msr(&mut self.core, index, value)
+    }
+
+    /// The guest's last write of IA32_TSC_DEADLINE not taken yet, for the
+    /// local APIC that runs the timer.
+    pub fn take_tsc_deadline_write(&mut self) -> Option<u64> {
+        self.core.tsc_deadline_write.take()
+    }
+
+    /// IA32_TSC_DEADLINE as the guest should read it: the APIC's armed
+    /// deadline, 0 once it fired or outside TSC-deadline mode.
+    pub fn set_tsc_deadline_view(&mut self, value: u64) {
+        self.core.tsc_deadline = value;
     }
 
     /// The CPUID table the guest sees.

@@ -1573,6 +1573,7 @@ pub(crate) fn read_msr(c: &Core, index: u32) -> Option<u64> {
         0xc000_0103 => c.tsc_aux,
         crate::pvclock::MSR_KVM_SYSTEM_TIME_NEW => c.kvmclock,
         crate::pvclock::MSR_KVM_WALL_CLOCK_NEW => c.wall_clock,
+        MSR_TSC_DEADLINE if c.has_tsc_deadline() => c.tsc_deadline,
         _ => return None,
     })
 }
@@ -1623,10 +1624,17 @@ pub(crate) fn write_msr(c: &mut Core, index: u32, v: u64) -> bool {
         0xc000_0100 => c.cpu.segs[seg::FS].base = v,
         0xc000_0101 => c.cpu.segs[seg::GS].base = v,
         0xc000_0102 => c.cpu.msrs.kernel_gs_base = v,
+        MSR_TSC_DEADLINE if c.has_tsc_deadline() => {
+            c.tsc_deadline = v;
+            c.tsc_deadline_write = Some(v);
+        }
         _ => return false,
     }
     true
 }
+
+/// IA32_TSC_DEADLINE, where CPUID offers TSC-deadline mode.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
 fn rdmsr(c: &mut Core, _: &Op) -> R {
     if c.cpu.cpl() != 0 {
@@ -1643,9 +1651,12 @@ fn wrmsr(c: &mut Core, _: &Op) -> R {
         return Err(gp0());
     }
     let v = (c.cpu.gpr[0] & 0xffff_ffff) | (c.cpu.gpr[2] << 32);
-    if write_msr(c, c.cpu.gpr[1] as u32, v) {
-        Ok(())
-    } else {
-        Err(gp0())
+    if !write_msr(c, c.cpu.gpr[1] as u32, v) {
+        return Err(gp0());
     }
+    if c.tsc_deadline_write.is_some() {
+        // The timer is the platform's: hand the deadline over now.
+        return Err(Stop::Exit(Exit::PlatformUpdate));
+    }
+    Ok(())
 }
