@@ -151,7 +151,9 @@ impl std::fmt::Debug for Op {
 /// flush, dropped block, code write or privilege change moves the stamp
 /// on and so cuts every link at once, but a link within the page its
 /// block ran from (see [`Block::within_page`]) is made under the local
-/// stamp, which TLB flushes do not move.
+/// stamp, which TLB flushes do not move, and a link to code in global
+/// pages under the global stamp, which CR3 writes that keep global pages
+/// do not move.
 #[derive(Clone, Copy)]
 pub struct Link {
     pub rip: u64,
@@ -506,20 +508,24 @@ impl BlockCache {
     }
 
     /// The block last found for `rip` (with this CS base and bitness)
-    /// under link stamp `stamp`, if that is still the stamp: nothing that
-    /// could change the answer (a dropped block, a TLB flush, a code
-    /// write, a privilege change) happened since. Its pointer is then as
-    /// valid as a link's.
+    /// under a link stamp or global link stamp, if it is one of `stamps`
+    /// (those two now): nothing that could change the answer (a dropped
+    /// block, a TLB flush, for code in global pages one that may drop a
+    /// global translation, a code write, a privilege change) happened
+    /// since. Its pointer is then as valid as a link's.
     #[inline(always)]
     pub fn jump_target(
         &self,
         rip: u64,
         cs_base: u64,
         bitness: u32,
-        stamp: u64,
+        stamps: [u64; 2],
     ) -> Option<*const Block> {
         let j = &self.jumps[jump_slot(rip)];
-        (j.rip == rip && j.stamp == stamp && j.cs_base == cs_base && j.bitness == bitness)
+        (j.rip == rip
+            && (j.stamp == stamps[0] || j.stamp == stamps[1])
+            && j.cs_base == cs_base
+            && j.bitness == bitness)
             .then_some(j.block)
     }
 

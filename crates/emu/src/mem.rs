@@ -395,6 +395,58 @@ pub struct Mmu {
     /// How many flushes (of any kind) so far: links between decoded
     /// blocks hold translations and die when it moves on.
     pub flushes: u64,
+    /// How many of them could drop a global translation (all but the CR3
+    /// writes that keep global pages): links to code in global pages die
+    /// only when this moves on.
+    pub global_flushes: u64,
+    /// The linear pages links between blocks may lead into, as a filter
+    /// (see [`Mmu::note_link_target`]): an INVLPG elsewhere leaves every
+    /// link standing, and neither count above moves.
+    link_targets: Box<LinkTargets>,
+}
+
+/// Bits for the linear pages, by the size of the page that translated
+/// them, that links lead into; a bit may stand for several pages (false
+/// positives only cost links).
+#[derive(Debug, Clone)]
+struct LinkTargets {
+    /// 4 KiB pages, by the low 16 bits of the page number.
+    small: [u64; 1024],
+    /// 2 MiB pages, by the low 12 bits of their number.
+    large: [u64; 64],
+    /// 1 GiB pages (and targets whose translation was not in the TLB), by
+    /// the low 6 bits of their number.
+    huge: u64,
+    /// Bits set since the last clearing.
+    marked: u32,
+}
+
+/// Bits set before [`LinkTargets`] is cleared (and every link cut): an
+/// eighth of the small pages' bits, so that false positives stay rare.
+const LINK_TARGETS_LIMIT: u32 = 8192;
+
+impl LinkTargets {
+    const EMPTY: LinkTargets = LinkTargets {
+        small: [0; 1024],
+        large: [0; 64],
+        huge: 0,
+        marked: 0,
+    };
+
+    /// The word and bit of `lin` at page size `shift`.
+    fn slot(&mut self, lin: u64, shift: u8) -> (&mut u64, u64) {
+        match shift {
+            12 => {
+                let n = (lin >> 12) & 0xffff;
+                (&mut self.small[(n >> 6) as usize], 1 << (n & 63))
+            }
+            21 => {
+                let n = (lin >> 21) & 0xfff;
+                (&mut self.large[(n >> 6) as usize], 1 << (n & 63))
+            }
+            _ => (&mut self.huge, 1 << ((lin >> 30) & 63)),
+        }
+    }
 }
 
 impl Default for Mmu {
@@ -403,6 +455,8 @@ impl Default for Mmu {
             mode: PagingMode::Off,
             entries: Box::new([EMPTY; TLB_ENTRIES]),
             flushes: 0,
+            global_flushes: 0,
+            link_targets: Box::new(LinkTargets::EMPTY),
         }
     }
 }
@@ -455,9 +509,19 @@ impl Mmu {
         self.entries[(vpn as usize) % TLB_ENTRIES].pa >> PAGE_SHIFT
     }
 
+    /// Whether the TLB holds a global translation of `lin`'s page to
+    /// physical page `page` (a page number).
+    #[inline(always)]
+    pub fn translates_global(&self, lin: u64, page: u64) -> bool {
+        let e = &self.entries[((lin >> PAGE_SHIFT) as usize) % TLB_ENTRIES];
+        e.base == lin & !PAGE_MASK && e.perms & perm::GLOBAL != 0 && e.pa >> PAGE_SHIFT == page
+    }
+
     /// Drops everything (CR0/CR4 paging-bit changes, mode changes).
     pub fn flush_all(&mut self) {
         self.flushes += 1;
+        self.global_flushes += 1;
+        *self.link_targets = LinkTargets::EMPTY;
         self.entries.iter_mut().for_each(|e| *e = EMPTY);
     }
 
@@ -465,6 +529,9 @@ impl Mmu {
     /// global pages are disabled.
     pub fn flush_non_global(&mut self, keep_global: bool) {
         self.flushes += 1;
+        if !keep_global {
+            self.global_flushes += 1;
+        }
         for e in self.entries.iter_mut() {
             if !(keep_global && e.perms & perm::GLOBAL != 0) {
                 *e = EMPTY;
@@ -472,10 +539,48 @@ impl Mmu {
         }
     }
 
+    /// Notes that a link (a block's link, a jump cache entry, a jump in
+    /// blocks' code) now leads to code at linear `lin`, translated by the
+    /// TLB's entry for it (its page size; a 1 GiB page where it has none).
+    /// An INVLPG of that page then cuts every link; one of a page no link
+    /// leads into cuts none.
+    pub fn note_link_target(&mut self, lin: u64) {
+        let e = &self.entries[((lin >> PAGE_SHIFT) as usize) % TLB_ENTRIES];
+        let shift = if e.base == lin & !PAGE_MASK {
+            e.shift
+        } else {
+            30
+        };
+        let (word, bit) = self.link_targets.slot(lin, shift);
+        if *word & bit == 0 {
+            *word |= bit;
+            self.link_targets.marked += 1;
+            if self.link_targets.marked > LINK_TARGETS_LIMIT {
+                // Too many pages for the filter to tell apart: start
+                // again, cutting the links it stood for.
+                *self.link_targets = LinkTargets::EMPTY;
+                self.flushes += 1;
+                self.global_flushes += 1;
+            }
+        }
+    }
+
+    /// Whether a link may lead into the page (of any size) holding `lin`.
+    fn may_lead_into(&mut self, lin: u64) -> bool {
+        [12, 21, 30].into_iter().any(|shift| {
+            let (word, bit) = self.link_targets.slot(lin, shift);
+            *word & bit != 0
+        })
+    }
+
     /// INVLPG: drops every entry translating part of the page (of
-    /// whatever size) that contains `lin`, global or not.
+    /// whatever size) that contains `lin`, global or not. Links die only
+    /// where one may lead into that page.
     pub fn invalidate(&mut self, lin: u64) {
-        self.flushes += 1;
+        if self.may_lead_into(lin) {
+            self.flushes += 1;
+            self.global_flushes += 1;
+        }
         for e in self.entries.iter_mut() {
             if e.base != TLB_INVALID {
                 let shift = u32::from(e.shift).min(63);
@@ -673,5 +778,43 @@ mod tests {
         assert_ne!(pages.generation(0x10), g, "a write bumps the generation");
         assert!(!other.clear(0x10), "only the first write bumps it");
         assert_eq!(pages.writes(), 1, "one write counted VM-wide");
+    }
+
+    /// An INVLPG cuts links (moves both flush counts) only where one may
+    /// lead into the page it drops, at the size of the page that
+    /// translated the link's target; a target with no TLB entry counts
+    /// for its whole 1 GiB; the filter starts again, cutting every link,
+    /// when it fills, and with a full flush.
+    #[test]
+    fn invlpg_cuts_links_only_into_their_pages() {
+        let mut mmu = Mmu::default();
+        let counts = |m: &Mmu| (m.flushes, m.global_flushes);
+        // A 4 KiB page and a 2 MiB page holding link targets.
+        mmu.fill(0x40_3000, 0x9000, perm::SUP_X, 12, 0);
+        mmu.fill(0x8060_0000, 0x20_0000, perm::SUP_X | perm::GLOBAL, 21, 0);
+        mmu.note_link_target(0x40_3010);
+        mmu.note_link_target(0x8060_0040);
+        mmu.invalidate(0x40_4000);
+        mmu.invalidate(0x7fff_f000);
+        assert_eq!(counts(&mmu), (0, 0), "no link leads there");
+        mmu.invalidate(0x40_3000);
+        assert_eq!(counts(&mmu), (1, 1), "the target's 4 KiB page");
+        mmu.invalidate(0x807f_f000);
+        assert_eq!(counts(&mmu), (2, 2), "inside the target's 2 MiB page");
+        // No TLB entry: the whole 1 GiB around it.
+        mmu.note_link_target(0x1_2345_6000);
+        mmu.invalidate(0x1_3000_0000);
+        assert_eq!(counts(&mmu), (3, 3));
+        mmu.flush_all();
+        assert_eq!(counts(&mmu), (4, 4));
+        mmu.invalidate(0x40_3000);
+        assert_eq!(counts(&mmu), (4, 4), "a full flush empties the filter");
+        for n in 0..=u64::from(LINK_TARGETS_LIMIT) {
+            mmu.fill(n << 12, n << 12, perm::SUP_X, 12, 0);
+            mmu.note_link_target(n << 12);
+        }
+        assert_eq!(counts(&mmu), (5, 5), "filling the filter cuts every link");
+        mmu.invalidate(0);
+        assert_eq!(counts(&mmu), (5, 5), "and empties it");
     }
 }

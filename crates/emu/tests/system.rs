@@ -315,6 +315,80 @@ fn linked_blocks_follow_remaps_and_rewrites() {
     );
 }
 
+/// A link into a global page (PTE.G with CR4.PGE) is made under the
+/// global link stamp, which CR3 writes that keep global translations do
+/// not move; an INVLPG of the page and a CR4.PGE toggle (which drops
+/// global translations) must still cut it, and a link into a page that is
+/// not global must not outlive a CR3 write. After the CR3 write either
+/// frame's code is right for a global page (the old translation may stay
+/// cached).
+#[test]
+fn links_follow_invlpg_cr3_writes_and_global_flushes() {
+    for global in [false, true] {
+        let outs = remaps_of_a_linked_page(global);
+        assert_eq!(outs.len(), 7, "{outs:?}");
+        assert_eq!(outs[..4], [(0x20, 1), (0x20, 1), (0x20, 2), (0x20, 2)]);
+        if global {
+            assert!(matches!(outs[4], (0x20, 1 | 2)), "{outs:?}");
+        } else {
+            assert_eq!(outs[4], (0x20, 1), "after the CR3 write");
+        }
+        assert_eq!(outs[5..], [(0x20, 1), (0x20, 1)], "after the global flush");
+    }
+}
+
+/// Calls code at F through a caller (linked to F) twice, remaps F from
+/// frame A to B by INVLPG and calls twice, back to A by a CR3 write and
+/// calls once, toggles CR4.PGE and calls twice; F's PTE global or not.
+fn remaps_of_a_linked_page(global: bool) -> Vec<(u16, u32)> {
+    const PGE: u64 = 1 << 7;
+    let g = if global { 1 << 8 } else { 0 };
+    let mem = setup();
+    mem.write_obj(FRAME_A | 7 | g, GuestAddress(pte_addr(F)))
+        .unwrap();
+    const CALLER: u64 = 0x5000;
+    // mov eax, imm32; ret
+    mem.write_slice(&[0xb8, 1, 0, 0, 0, 0xc3], GuestAddress(FRAME_A))
+        .unwrap();
+    mem.write_slice(&[0xb8, 2, 0, 0, 0, 0xc3], GuestAddress(FRAME_B))
+        .unwrap();
+    let mut c = CodeAssembler::new(64).unwrap();
+    c.call(F).unwrap();
+    c.out(0x20, eax).unwrap();
+    c.ret().unwrap();
+    load(&mem, CALLER, &mut c);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, cr4).unwrap();
+    a.or(rax, PGE as i32).unwrap();
+    a.mov(cr4, rax).unwrap();
+    a.call(CALLER).unwrap();
+    a.call(CALLER).unwrap();
+    // To frame B, by INVLPG.
+    a.mov(rbx, FRAME_B | 7 | g).unwrap();
+    a.mov(qword_ptr(pte_addr(F)), rbx).unwrap();
+    a.invlpg(qword_ptr(F)).unwrap();
+    a.call(CALLER).unwrap();
+    a.call(CALLER).unwrap();
+    // Back to frame A, by a CR3 write.
+    a.mov(rbx, FRAME_A | 7 | g).unwrap();
+    a.mov(qword_ptr(pte_addr(F)), rbx).unwrap();
+    a.mov(rax, cr3).unwrap();
+    a.mov(cr3, rax).unwrap();
+    a.call(CALLER).unwrap();
+    // A CR4.PGE toggle drops global translations too.
+    a.mov(rax, cr4).unwrap();
+    a.and(rax, !(PGE as i32)).unwrap();
+    a.mov(cr4, rax).unwrap();
+    a.or(rax, PGE as i32).unwrap();
+    a.mov(cr4, rax).unwrap();
+    a.call(CALLER).unwrap();
+    a.call(CALLER).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    run_outs(&mut e)
+}
+
 #[test]
 fn a_block_that_remaps_its_own_page_goes_on_in_the_new_mapping() {
     // F's page holds the same PTE store and INVLPG in frames A and B, then

@@ -203,6 +203,10 @@ struct MmioRead {
 
 const MMIO_WRITE_QUEUE: usize = 4;
 
+/// The bit that sets global link stamps apart from link stamps (see
+/// `Emulator::global_link_stamp`); the two below it hold the CPL.
+const GLOBAL_LINK: u64 = 1 << 2;
+
 /// Everything a handler may touch: registers, memory, and the state of
 /// exits in flight. Kept apart from the block cache so a block can run
 /// while its handlers hold `&mut Core`.
@@ -1309,9 +1313,10 @@ impl Emulator {
         // interrupt, a halt, a dropped block).
         let mut prev: *const Block = std::ptr::null();
         // How the last block of the last chain of native code went on, and
-        // under which link stamp: its jump is linked to the next block's
-        // code, or the jump cache learns its indirect successor.
-        let mut pending: Option<(native::Successor, u64, u64)> = None;
+        // under which link stamps (link, local, global): its jump is linked
+        // to the next block's code, or the jump cache learns its indirect
+        // successor.
+        let mut pending: Option<(native::Successor, [u64; 3])> = None;
         loop {
             if let Some(flag) = stop {
                 if flag.load(Ordering::Relaxed) {
@@ -1353,29 +1358,41 @@ impl Emulator {
             let rip = self.core.cpu.rip;
             let stamp = self.link_stamp();
             let local = self.local_link_stamp();
+            let global = self.global_link_stamp();
             // SAFETY: `prev` is null or points at a block of `self.cache`,
             // which frees blocks only in `collect`, after which `prev` is
             // reset above; a link's target is valid while its stamp
             // matches, since dropping any block moves the stamp on.
             let cs_base = self.core.cpu.segs[seg::CS].base;
             let prev_ref = unsafe { prev.as_ref() };
-            // A link within the page `prev` ran from survives TLB flushes.
-            let link_stamp = prev_ref.map(|p| if p.within_page(rip) { local } else { stamp });
+            // A link within the page `prev` ran from survives TLB flushes;
+            // one to code in global pages, those that keep global pages.
             let linked = prev_ref.and_then(|p| {
                 let link = p.link_for(rip).get();
-                (link.rip == rip && Some(link.stamp) == link_stamp && link.cs_base == cs_base)
-                    .then_some(link.target)
+                let current = if p.within_page(rip) {
+                    link.stamp == local
+                } else {
+                    link.stamp == stamp || link.stamp == global
+                };
+                (link.rip == rip && current && link.cs_base == cs_base).then_some(link.target)
             });
             let found = match linked {
                 Some(b) => Ok(b),
                 None => {
                     let bitness = self.core.cpu.bitness();
-                    match self.cache.jump_target(rip, cs_base, bitness, stamp) {
+                    match self
+                        .cache
+                        .jump_target(rip, cs_base, bitness, [stamp, global])
+                    {
                         Some(b) => Ok(b),
                         None => self.block_at_rip().inspect(|b| {
                             // A lookup that dropped blocks moved the stamp on.
                             if self.link_stamp() == stamp {
-                                self.cache.set_jump_target(rip, cs_base, bitness, stamp, *b);
+                                // SAFETY: fresh from the cache.
+                                let in_global = self.in_global_pages(unsafe { &**b }, rip);
+                                let s = if in_global { global } else { stamp };
+                                self.note_link_target(unsafe { &**b }, rip);
+                                self.cache.set_jump_target(rip, cs_base, bitness, s, *b);
                             }
                         }),
                     }
@@ -1386,8 +1403,19 @@ impl Emulator {
                     if linked.is_none() && self.link_stamp() == stamp {
                         // SAFETY: as above; `prev` is not freed before
                         // `collect` even if the lookup dropped it (in
-                        // which case the stamp moved on: no link then).
-                        if let (Some(p), Some(stamp)) = (unsafe { prev.as_ref() }, link_stamp) {
+                        // which case the stamp moved on: no link then),
+                        // and `b` is fresh from the cache.
+                        if let Some(p) = unsafe { prev.as_ref() } {
+                            let stamp = if p.within_page(rip) {
+                                local
+                            } else if self.in_global_pages(unsafe { &*b }, rip) {
+                                global
+                            } else {
+                                stamp
+                            };
+                            if stamp != local {
+                                self.note_link_target(unsafe { &*b }, rip);
+                            }
                             p.link_for(rip).set(Link {
                                 rip,
                                 stamp,
@@ -1438,8 +1466,12 @@ impl Emulator {
             }
             // Straight from the chain's last block to this one (nothing
             // between cut `prev`), under the same stamp.
-            if let Some((successor, at, local)) = pending.take() {
+            if let Some((successor, [at, local, global])) = pending.take() {
                 if !prev.is_null() && at == self.link_stamp() {
+                    let in_global = self.in_global_pages(block_ref, rip);
+                    if successor != native::Successor::None {
+                        self.note_link_target(block_ref, rip);
+                    }
                     match successor {
                         native::Successor::Fixed(record) => {
                             let code = block_ref.native.get();
@@ -1447,12 +1479,13 @@ impl Emulator {
                                 code != 0 && block_ref.native_user == self.core.user(),
                                 self.core.native.as_mut(),
                             ) {
-                                arena.link(record, [at, local], code);
+                                arena.link(record, [at, local, global], in_global, code);
                             }
                         }
                         native::Successor::Indirect => {
                             let bitness = self.core.cpu.bitness();
-                            self.cache.set_jump_target(rip, cs_base, bitness, at, block);
+                            let s = if in_global { global } else { at };
+                            self.cache.set_jump_target(rip, cs_base, bitness, s, block);
                         }
                         native::Successor::None => {}
                     }
@@ -1462,12 +1495,16 @@ impl Emulator {
                 && block_ref.native_user == self.core.user()
                 && !self.until_interruptible
             {
-                let stamps = [self.link_stamp(), self.local_link_stamp()];
+                let stamps = [
+                    self.link_stamp(),
+                    self.local_link_stamp(),
+                    self.global_link_stamp(),
+                ];
                 let jumps = self.cache.jump_table();
                 let end =
                     native::run_block(&mut self.core, block_ref, stamps, jumps, budget - *executed);
                 *executed += end.ran;
-                pending = Some((end.successor, stamps[0], stamps[1]));
+                pending = Some((end.successor, stamps));
                 // SAFETY: the block the code stopped in is `block_ref` or
                 // one reached through links made under the current stamp,
                 // as live as a link target is here.
@@ -1520,7 +1557,51 @@ impl Emulator {
     #[inline(always)]
     fn link_stamp(&self) -> u64 {
         let changes = self.cache.epoch() + self.core.mmu.flushes + self.core.code.writes();
-        (changes << 2) | u64::from(self.core.cpu.cpl())
+        (changes << 3) | u64::from(self.core.cpu.cpl())
+    }
+
+    /// [`Self::link_stamp`] counting only the TLB flushes that may drop
+    /// global translations, for a link to code in global pages (see
+    /// [`Self::in_global_pages`]): such a translation outlives CR3 writes,
+    /// as Linux's kernel text does every context switch. Its bit 2 keeps
+    /// it from ever equalling a link stamp.
+    #[inline(always)]
+    fn global_link_stamp(&self) -> u64 {
+        let changes = self.cache.epoch() + self.core.mmu.global_flushes + self.core.code.writes();
+        (changes << 3) | GLOBAL_LINK | u64::from(self.core.cpu.cpl())
+    }
+
+    /// Notes the pages of `block`, found at `rip`, as a link's target (see
+    /// [`Mmu::note_link_target`]): an INVLPG of them then cuts links.
+    fn note_link_target(&mut self, block: &Block, rip: u64) {
+        let lin = if self.core.cpu.bitness() == 64 {
+            rip
+        } else {
+            self.core.cpu.segs[seg::CS].base.wrapping_add(rip) & 0xffff_ffff
+        };
+        let next = (lin | PAGE_MASK).wrapping_add(1);
+        for (page, used) in [(lin, true), (next, block.pages[1].is_some())] {
+            if used {
+                // The TLB's entry says the page's size (a walk refills an
+                // evicted one; with none the filter takes 1 GiB).
+                let _ = self.core.probe(page, Access::Execute);
+                self.core.mmu.note_link_target(page);
+            }
+        }
+    }
+
+    /// Whether `block`, found for linear RIP `rip` in 64-bit mode, runs from
+    /// pages the TLB holds global translations of, to the block's own
+    /// frames: a link to it may then be made under the global link stamp.
+    fn in_global_pages(&self, block: &Block, rip: u64) -> bool {
+        if self.core.cpu.bitness() != 64 || block.rip != rip {
+            return false;
+        }
+        let mmu = &self.core.mmu;
+        let first = block.pages[0].is_some_and(|p| mmu.translates_global(rip, p));
+        first
+            && block.pages[1]
+                .is_none_or(|p| mmu.translates_global((rip | PAGE_MASK).wrapping_add(1), p))
     }
 
     /// [`Self::link_stamp`] without the TLB flushes, for a link to a RIP
@@ -1530,7 +1611,7 @@ impl Emulator {
     #[inline(always)]
     fn local_link_stamp(&self) -> u64 {
         let changes = self.cache.epoch() + self.core.code.writes();
-        (changes << 2) | u64::from(self.core.cpu.cpl())
+        (changes << 3) | u64::from(self.core.cpu.cpl())
     }
 
     /// Handles a handler's stop: `Some` exit to report, or `None` to keep

@@ -293,10 +293,13 @@ impl Arena {
 
     /// Points the jump of the exit record at `record` (written by
     /// [`chain`] after a block's code in this arena) at `target`, the code
-    /// of the block that follows it under `stamps` (the link stamp and the
-    /// local link stamp), and has it taken under the one its record
-    /// names only. Ignores a record outside the arena.
-    pub fn link(&mut self, record: usize, stamps: [u64; 2], target: usize) {
+    /// of the block that follows it under `stamps` (the link stamp, local
+    /// link stamp and global link stamp), and has it taken under one of
+    /// them only: the local one where the record says the successor is in
+    /// the block's page, else the global one where `global` (the successor
+    /// is in global pages), else the link stamp. Ignores a record outside
+    /// the arena.
+    pub fn link(&mut self, record: usize, stamps: [u64; 3], global: bool, target: usize) {
         let inside = |at: usize, len: usize| {
             at >= self.base as usize + SHARED_BYTES && at + len <= self.base as usize + self.used
         };
@@ -309,19 +312,32 @@ impl Arena {
         let r = unsafe { (record as *const chain::ExitRecord).read() };
         let site = |rel: i32| record.wrapping_add(rel as isize as usize);
         let (lo, hi, jump) = (site(r.stamp_lo), site(r.stamp_hi), site(r.jump));
-        if r.jump == 0 || ![lo, hi, jump].iter().all(|at| inside(*at, 4)) {
+        if r.jump == 0 || ![lo - 1, hi - 1, jump].iter().all(|at| inside(*at, 4)) {
             return;
         }
         let rel = target as i64 - (jump as i64 + 4);
         let Ok(rel) = i32::try_from(rel) else {
             return;
         };
-        let stamp = stamps[usize::from(r.local != 0)];
-        for (at, value) in [
-            (lo, stamp as u32),
-            (hi, (stamp >> 32) as u32),
-            (jump, rel as u32),
-        ] {
+        // The stamp the jump is taken under, and for a successor outside
+        // the block's page which slot holds it (the compares' disp8s).
+        let (stamp, slot) = if r.local != 0 {
+            (stamps[1], None)
+        } else if global {
+            (stamps[2], Some(chain::slot::GLOBAL_STAMP))
+        } else {
+            (stamps[0], Some(chain::slot::STAMP))
+        };
+        let mut writes = vec![
+            (lo, 4, stamp as u32),
+            (hi, 4, (stamp >> 32) as u32),
+            (jump, 4, rel as u32),
+        ];
+        if let Some(slot) = slot {
+            writes.push((lo - 1, 1, slot as u32));
+            writes.push((hi - 1, 1, slot as u32 + 4));
+        }
+        for (at, len, value) in writes {
             // SAFETY: `at` is inside the used part of the arena (checked
             // above), written through the writable view; no code runs
             // while this vCPU's block loop links, and x86 keeps
@@ -329,7 +345,11 @@ impl Arena {
             // view.
             unsafe {
                 let to = self.write.add(at - self.base as usize);
-                std::ptr::write_unaligned(to.cast::<u32>(), value);
+                if len == 4 {
+                    std::ptr::write_unaligned(to.cast::<u32>(), value);
+                } else {
+                    to.write(value as u8);
+                }
             }
         }
     }
@@ -658,6 +678,8 @@ struct Frame {
     /// the block's page, its local link stamp.
     stamp: u64,
     local_stamp: u64,
+    /// The global link stamp, for jumps to code in global pages.
+    global_stamp: u64,
     /// The block cache's jump cache, for indirect successors.
     jumps: *const crate::block::Jump,
     /// The guest's XMM registers.
@@ -1233,6 +1255,7 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         fs_base: c.cpu.segs[crate::state::seg::FS].base,
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
         local_stamp: 0,
+        global_stamp: 0,
         // A run does not chain, nor run SSE instructions.
         xmm: std::ptr::null_mut(),
         xmm_state: 2,
@@ -1815,12 +1838,12 @@ pub const CHAIN_LIMIT: u64 = 1 << 14;
 /// Runs the code of `block` (which has some, compiled for the current
 /// privilege) and whatever it goes on to through jumps linked and jump
 /// cache entries (`jumps`) made under `stamps` (the block loop's link
-/// stamp and local link stamp), for at most `budget` instructions (and
+/// stamp, local link stamp and global link stamp), for at most `budget` instructions (and
 /// [`CHAIN_LIMIT`]; the block that reaches it runs to its end).
 pub(super) fn run_block(
     c: &mut super::Core,
     block: &Block,
-    stamps: [u64; 2],
+    stamps: [u64; 3],
     jumps: *const crate::block::Jump,
     budget: u64,
 ) -> BlockStop {
@@ -1848,6 +1871,7 @@ pub(super) fn run_block(
         left,
         stamp: stamps[0],
         local_stamp: stamps[1],
+        global_stamp: stamps[2],
         jumps,
         xmm: c.cpu.fpu.xmm.as_mut_ptr(),
         xmm_state: if super::sse::sse_check(c).is_ok() {

@@ -15,7 +15,9 @@
 //! the block loop has found it, together with the link stamp it was found
 //! under; the jump is taken only while that is still the chain's stamp
 //! (no block dropped, no TLB flush, no code written, the same privilege;
-//! for a successor in the block's own page, TLB flushes do not count).
+//! for a successor in the block's own page, TLB flushes do not count; for
+//! one in global pages, CR3 writes that keep them do not; an INVLPG counts
+//! only where a link may lead into its page, see `Mmu::note_link_target`).
 //! A RET's or indirect jump's target is looked up in the block cache's
 //! jump cache. Every other way out goes through the shared exit routine
 //! with an [`ExitRecord`] saying where the code stopped.
@@ -64,8 +66,10 @@ pub(super) mod slot {
     pub const RECORD: i32 = 104;
     /// Out: the RIP an indirect hop did not find code for.
     pub const RIP: i32 = 112;
-    /// The `Frame` the chain was entered with.
-    pub const FRAME: i32 = 120;
+    /// The global link stamp, for jumps to code in global pages (its
+    /// compares, like the link stamp's, address it with a disp8 that
+    /// [`Arena::link`](super::super::Arena::link) rewrites).
+    pub const GLOBAL_STAMP: i32 = 120;
     /// The vCPU's XMM registers.
     pub const XMM_AT: i32 = 128;
     /// The routine that loads them (see [`super::block_code`]).
@@ -82,7 +86,10 @@ pub(super) mod slot {
     /// The guest's x87 control word, or where x87 instructions would fault
     /// (CR0.EM or CR0.TS set) all ones.
     pub const FCW: i32 = 176;
-    pub const SIZE: i32 = 184;
+    /// The `Frame` the chain was entered with.
+    pub const FRAME: i32 = 184;
+    /// 8 mod 16, as before the global stamp.
+    pub const SIZE: i32 = 200;
 }
 
 /// Where a chain stopped, written after the code of the block it stopped
@@ -154,6 +161,7 @@ pub(super) fn shared_routines() -> Vec<u8> {
         (slot::LEFT, offset_of!(Frame, left)),
         (slot::STAMP, offset_of!(Frame, stamp)),
         (slot::LOCAL_STAMP, offset_of!(Frame, local_stamp)),
+        (slot::GLOBAL_STAMP, offset_of!(Frame, global_stamp)),
         (slot::JUMPS, offset_of!(Frame, jumps)),
         (slot::FS_BASE, offset_of!(Frame, fs_base)),
         (slot::GS_BASE, offset_of!(Frame, gs_base)),
@@ -861,6 +869,11 @@ impl Emitter<'_> {
         out.push(a.jcc(CC_NE));
         a.cmp_dword(Addr::at(RSP, stamp + 4), (NO_STAMP >> 32) as u32 as i32);
         let hi = a.len() - 4;
+        // Linking rewrites the slot's disp8, just before each immediate.
+        debug_assert_eq!(
+            (a.code[lo - 1], a.code[hi - 1]),
+            (stamp as u8, stamp as u8 + 4)
+        );
         out.push(a.jcc(CC_NE));
         let jump = a.jmp();
         out.push(jump);
@@ -887,6 +900,7 @@ impl Emitter<'_> {
         let left = self.at(slot::LEFT);
         let jumps = self.at(slot::JUMPS);
         let stamp = self.at(slot::STAMP);
+        let global_stamp = self.at(slot::GLOBAL_STAMP);
         let next = self.at(slot::NEXT);
         let dynamic = self.at(slot::RIP);
         let a = &mut self.a;
@@ -902,9 +916,16 @@ impl Emitter<'_> {
         a.add_load(x, jumps);
         a.cmp_load(rip, entry(offset_of!(Jump, rip)));
         out.push(a.jcc(CC_NE));
+        // Made under the link stamp, or for code in global pages under
+        // the global one.
         a.load(y, stamp);
         a.cmp_load(y, entry(offset_of!(Jump, stamp)));
+        let current = a.jcc(CC_E);
+        a.load(y, global_stamp);
+        a.cmp_load(y, entry(offset_of!(Jump, stamp)));
         out.push(a.jcc(CC_NE));
+        let here = a.len();
+        a.patch(current, here);
         // Links between 64-bit blocks need no CS base check: the base
         // does not take part in 64-bit addressing.
         a.cmp_dword(entry(offset_of!(Jump, bitness)), 64);
