@@ -277,13 +277,12 @@ fn setup_remappable() -> GuestRam {
     mem
 }
 
-/// Blocks are linked to the block that ran after them; a link must not
-/// outlive a remap of the successor's page (INVLPG) or a write to its
-/// bytes through another mapping.
-#[test]
-fn linked_blocks_follow_remaps_and_rewrites() {
-    let mem = setup_remappable();
-    const CALLER: u64 = 0x5000;
+/// Where [`caller_of_f`] puts the code that calls F.
+const CALLER: u64 = 0x5000;
+
+/// Code at frame A that returns 1 in EAX, at frame B 2, and at [`CALLER`]
+/// code that calls F and writes EAX to port 0x20.
+fn caller_of_f(mem: &GuestRam) {
     // mov eax, imm32; ret
     mem.write_slice(&[0xb8, 1, 0, 0, 0, 0xc3], GuestAddress(FRAME_A))
         .unwrap();
@@ -293,7 +292,16 @@ fn linked_blocks_follow_remaps_and_rewrites() {
     c.call(F).unwrap();
     c.out(0x20, eax).unwrap();
     c.ret().unwrap();
-    load(&mem, CALLER, &mut c);
+    load(mem, CALLER, &mut c);
+}
+
+/// Blocks are linked to the block that ran after them; a link must not
+/// outlive a remap of the successor's page (INVLPG) or a write to its
+/// bytes through another mapping.
+#[test]
+fn linked_blocks_follow_remaps_and_rewrites() {
+    let mem = setup_remappable();
+    caller_of_f(&mem);
     let mut a = CodeAssembler::new(64).unwrap();
     a.call(CALLER).unwrap();
     a.call(CALLER).unwrap();
@@ -346,17 +354,7 @@ fn remaps_of_a_linked_page(global: bool) -> Vec<(u16, u32)> {
     let mem = setup();
     mem.write_obj(FRAME_A | 7 | g, GuestAddress(pte_addr(F)))
         .unwrap();
-    const CALLER: u64 = 0x5000;
-    // mov eax, imm32; ret
-    mem.write_slice(&[0xb8, 1, 0, 0, 0, 0xc3], GuestAddress(FRAME_A))
-        .unwrap();
-    mem.write_slice(&[0xb8, 2, 0, 0, 0, 0xc3], GuestAddress(FRAME_B))
-        .unwrap();
-    let mut c = CodeAssembler::new(64).unwrap();
-    c.call(F).unwrap();
-    c.out(0x20, eax).unwrap();
-    c.ret().unwrap();
-    load(&mem, CALLER, &mut c);
+    caller_of_f(&mem);
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(rax, cr4).unwrap();
     a.or(rax, PGE as i32).unwrap();
