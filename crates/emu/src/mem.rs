@@ -407,16 +407,13 @@ pub struct Mmu {
 
 /// Bits for the linear pages, by the size of the page that translated
 /// them, that links lead into; a bit may stand for several pages (false
-/// positives only cost links).
+/// positives only cost links). Words 0-1023: 4 KiB pages by the low 16
+/// bits of their number; 1024-1087: 2 MiB pages by the low 12 bits; 1088:
+/// 1 GiB pages (and targets whose translation was not in the TLB) by the
+/// low 6 bits.
 #[derive(Debug, Clone)]
 struct LinkTargets {
-    /// 4 KiB pages, by the low 16 bits of the page number.
-    small: [u64; 1024],
-    /// 2 MiB pages, by the low 12 bits of their number.
-    large: [u64; 64],
-    /// 1 GiB pages (and targets whose translation was not in the TLB), by
-    /// the low 6 bits of their number.
-    huge: u64,
+    words: [u64; 1089],
     /// Bits set since the last clearing.
     marked: u32,
 }
@@ -427,25 +424,31 @@ const LINK_TARGETS_LIMIT: u32 = 8192;
 
 impl LinkTargets {
     const EMPTY: LinkTargets = LinkTargets {
-        small: [0; 1024],
-        large: [0; 64],
-        huge: 0,
+        words: [0; 1089],
         marked: 0,
     };
 
     /// The word and bit of `lin` at page size `shift`.
-    fn slot(&mut self, lin: u64, shift: u8) -> (&mut u64, u64) {
-        match shift {
-            12 => {
-                let n = (lin >> 12) & 0xffff;
-                (&mut self.small[(n >> 6) as usize], 1 << (n & 63))
-            }
-            21 => {
-                let n = (lin >> 21) & 0xfff;
-                (&mut self.large[(n >> 6) as usize], 1 << (n & 63))
-            }
-            _ => (&mut self.huge, 1 << ((lin >> 30) & 63)),
-        }
+    fn place(lin: u64, shift: u8) -> (usize, u64) {
+        let n = match shift {
+            12 => (lin >> 12) & 0xffff,
+            21 => (1024 << 6) + ((lin >> 21) & 0xfff),
+            _ => (1088 << 6) + ((lin >> 30) & 63),
+        };
+        ((n >> 6) as usize, 1 << (n & 63))
+    }
+
+    fn test(&self, lin: u64, shift: u8) -> bool {
+        let (word, bit) = Self::place(lin, shift);
+        self.words[word] & bit != 0
+    }
+
+    /// Sets the bit; whether it was clear.
+    fn mark(&mut self, lin: u64, shift: u8) -> bool {
+        let (word, bit) = Self::place(lin, shift);
+        let clear = self.words[word] & bit == 0;
+        self.words[word] |= bit;
+        clear
     }
 }
 
@@ -551,9 +554,7 @@ impl Mmu {
         } else {
             30
         };
-        let (word, bit) = self.link_targets.slot(lin, shift);
-        if *word & bit == 0 {
-            *word |= bit;
+        if self.link_targets.mark(lin, shift) {
             self.link_targets.marked += 1;
             if self.link_targets.marked > LINK_TARGETS_LIMIT {
                 // Too many pages for the filter to tell apart: start
@@ -566,11 +567,10 @@ impl Mmu {
     }
 
     /// Whether a link may lead into the page (of any size) holding `lin`.
-    fn may_lead_into(&mut self, lin: u64) -> bool {
-        [12, 21, 30].into_iter().any(|shift| {
-            let (word, bit) = self.link_targets.slot(lin, shift);
-            *word & bit != 0
-        })
+    fn may_lead_into(&self, lin: u64) -> bool {
+        [12, 21, 30]
+            .into_iter()
+            .any(|shift| self.link_targets.test(lin, shift))
     }
 
     /// INVLPG: drops every entry translating part of the page (of

@@ -1376,6 +1376,9 @@ impl Emulator {
                 };
                 (link.rip == rip && current && link.cs_base == cs_base).then_some(link.target)
             });
+            // Whether the block was found by translating RIP (not through
+            // a link or the jump cache): the jump cache learns it then.
+            let mut looked_up = false;
             let found = match linked {
                 Some(b) => Ok(b),
                 None => {
@@ -1385,40 +1388,39 @@ impl Emulator {
                         .jump_target(rip, cs_base, bitness, [stamp, global])
                     {
                         Some(b) => Ok(b),
-                        None => self.block_at_rip().inspect(|b| {
-                            // A lookup that dropped blocks moved the stamp on.
-                            if self.link_stamp() == stamp {
-                                // SAFETY: fresh from the cache.
-                                let in_global = self.in_global_pages(unsafe { &**b }, rip);
-                                let s = if in_global { global } else { stamp };
-                                self.note_link_target(unsafe { &**b }, rip);
-                                self.cache.set_jump_target(rip, cs_base, bitness, s, *b);
-                            }
-                        }),
+                        None => {
+                            looked_up = true;
+                            self.block_at_rip()
+                        }
                     }
                 }
             };
             let block = match found {
                 Ok(b) => {
+                    // A lookup that dropped blocks moved the stamp on: no
+                    // link or jump-cache entry then.
                     if linked.is_none() && self.link_stamp() == stamp {
                         // SAFETY: as above; `prev` is not freed before
-                        // `collect` even if the lookup dropped it (in
-                        // which case the stamp moved on: no link then),
-                        // and `b` is fresh from the cache.
-                        if let Some(p) = unsafe { prev.as_ref() } {
-                            let stamp = if p.within_page(rip) {
-                                local
-                            } else if self.in_global_pages(unsafe { &*b }, rip) {
-                                global
-                            } else {
-                                stamp
-                            };
-                            if stamp != local {
-                                self.note_link_target(unsafe { &*b }, rip);
-                            }
+                        // `collect` even if the lookup dropped it, and `b`
+                        // is fresh from the cache.
+                        let (target, prev_ref) = unsafe { (&*b, prev.as_ref()) };
+                        let within_page = prev_ref.is_some_and(|p| p.within_page(rip));
+                        let across = if self.in_global_pages(target, rip) {
+                            global
+                        } else {
+                            stamp
+                        };
+                        if looked_up || (prev_ref.is_some() && !within_page) {
+                            self.note_link_target(target, rip);
+                        }
+                        if looked_up {
+                            let bitness = self.core.cpu.bitness();
+                            self.cache.set_jump_target(rip, cs_base, bitness, across, b);
+                        }
+                        if let Some(p) = prev_ref {
                             p.link_for(rip).set(Link {
                                 rip,
-                                stamp,
+                                stamp: if within_page { local } else { across },
                                 cs_base,
                                 target: b,
                             });

@@ -1651,10 +1651,11 @@ fn wrmsr(c: &mut Core, _: &Op) -> R {
         return Err(gp0());
     }
     let v = (c.cpu.gpr[0] & 0xffff_ffff) | (c.cpu.gpr[2] << 32);
-    if !write_msr(c, c.cpu.gpr[1] as u32, v) {
+    let index = c.cpu.gpr[1] as u32;
+    if !write_msr(c, index, v) {
         return Err(gp0());
     }
-    if c.tsc_deadline_write.is_some() {
+    if index == MSR_TSC_DEADLINE {
         // The timer is the platform's: hand the deadline over now.
         return Err(Stop::Exit(Exit::PlatformUpdate));
     }
