@@ -1545,3 +1545,64 @@ fn floating_point_in_native_code_raises_the_exceptions_the_guest_unmasked() {
     assert_eq!(e.cpu().fpu.xmm[0], u128::from(1.0f64.to_bits()));
     assert!(e.native_runs_executed() > 0, "no native code ran");
 }
+
+/// A loop whose block reads two linear pages that share a TLB entry (16
+/// MiB apart, the second mapped through a second page directory entry to
+/// the same table), so that every lap misses twice, while the guest's
+/// XMM registers are in the host's: the walks are made from the block's
+/// code, which goes on, with every register as it was, instead of
+/// leaving the chain for the interpreter at each miss.
+#[test]
+fn tlb_misses_in_blocks_code_are_refilled_without_leaving_it() {
+    if !native_code_runs_here() {
+        return;
+    }
+    const DATA: u64 = 0x20000;
+    const ALIAS: u64 = DATA + (16 << 20);
+    const LAPS: u32 = 300;
+    let mem = setup();
+    // The page directory's entry 8 (linear 16 MiB) uses the same table.
+    mem.write_obj(PT | 7, GuestAddress(PD + 8 * 8)).unwrap();
+    mem.write_obj(5u64, GuestAddress(DATA)).unwrap();
+    mem.write_obj(7u64, GuestAddress(DATA + 8)).unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(ecx, LAPS).unwrap();
+    a.xor(ebx, ebx).unwrap();
+    a.mov(eax, 1).unwrap();
+    a.movq(xmm1, rax).unwrap();
+    a.pxor(xmm0, xmm0).unwrap();
+    a.mov(rsi, DATA).unwrap();
+    a.mov(rdi, ALIAS).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.paddq(xmm0, xmm1).unwrap();
+    a.mov(rax, qword_ptr(rsi)).unwrap();
+    a.add(rbx, rax).unwrap();
+    a.mov(rax, qword_ptr(rdi + 8)).unwrap();
+    a.add(rbx, rax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.out(0x20, eax).unwrap();
+    a.movq(rax, xmm0).unwrap();
+    a.out(0x20, eax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    // SSE allowed: CR4.OSFXSR set, CR0.EM and CR0.TS clear.
+    e.cpu_mut().cr4 |= 1 << 9;
+    e.cpu_mut().cr0 &= !(1 << 2 | 1 << 3);
+    let outs = run_outs(&mut e);
+    assert_eq!(outs, [(0x20, 12 * LAPS), (0x20, LAPS)]);
+    let refills = e.native_refills();
+    assert!(
+        refills >= 2 * u64::from(LAPS) - 10,
+        "{refills} misses refilled in {LAPS} laps"
+    );
+    assert!(
+        e.native_run_exits() < 5,
+        "{} exits for the interpreter",
+        e.native_run_exits()
+    );
+    assert_chained(&e);
+}

@@ -243,6 +243,9 @@ pub struct Core {
     pub(crate) native_exits: u64,
     /// Instructions of blocks whose native code ran to their end.
     pub(crate) native_instructions: u64,
+    /// TLB misses in blocks' native code that a walk filled without
+    /// leaving the chain (see `native::refill`).
+    pub(crate) native_refills: u64,
     /// Address of the instruction that stopped inside a native run's
     /// interpreted rest, for [`Emulator::stopped`] (a run's op carries
     /// only its first instruction's).
@@ -292,6 +295,7 @@ impl Core {
             native: native::Arena::new(),
             native_runs: 0,
             native_exits: 0,
+            native_refills: 0,
             native_instructions: 0,
             stop_ip: None,
             kvmclock: 0,
@@ -1265,6 +1269,13 @@ impl Emulator {
     /// where it goes on from block to block without the block loop.
     pub fn native_instructions(&self) -> u64 {
         self.core.native_instructions
+    }
+
+    /// How many TLB misses of blocks' native code were filled by a page
+    /// walk from the code, which then went on (not counted in
+    /// [`Self::native_run_exits`]).
+    pub fn native_refills(&self) -> u64 {
+        self.core.native_refills
     }
 
     /// INIT: the paravirtual clock MSRs go back to disabled (as KVM's

@@ -66,7 +66,7 @@ pub const MIN_RUN: usize = 3;
 
 /// Bytes of stub code one vCPU may generate; past that, blocks are left
 /// to the interpreter.
-const ARENA_BYTES: usize = 8 << 20;
+const ARENA_BYTES: usize = 32 << 20;
 
 /// The status flags (CF PF AF ZF SF OF) in RFLAGS.
 const STATUS: u32 = 0x8d5;
@@ -698,6 +698,50 @@ struct Frame {
     /// (no instruction can raise #XM), else 2 (see
     /// [`chain::slot::MXCSR`]).
     mxcsr_state: u64,
+    /// For a chain: the vCPU whose TLB [`refill`] fills, and `refill`
+    /// itself, which the chain's refill routine calls (a run's stub
+    /// calls nothing: null and `None`).
+    core: *mut super::Core,
+    refill: Option<extern "C" fn(*mut Frame, u64, u64) -> u64>,
+}
+
+/// How a chain's call of [`refill`] describes the access that missed:
+/// its size in bytes in the low byte, and these bits.
+pub(super) const REFILL_WRITE: i32 = 1 << 8;
+pub(super) const REFILL_USER: i32 = 1 << 9;
+/// The access must be 16-byte aligned (where it is not, the interpreter
+/// raises #GP without walking the page tables).
+pub(super) const REFILL_ALIGNED: i32 = 1 << 10;
+
+/// Called by a block's code (through the chain's refill routine, see
+/// `chain::slot::REFILL`) where its TLB lookup missed: walks the guest's
+/// page tables for the access at linear `lin` that `how` describes and
+/// enters the translation, as the interpreter would before making the
+/// access. Returns 1 when the lookup, made again, will find the entry and
+/// pass its permission test: then the code goes on without leaving the
+/// chain (about a tenth of the cost of a chain's exit, the interpreter's
+/// run of the rest of the block and the block loop's next entry). Returns
+/// 0 (the code leaves, the interpreter runs the instruction) where it
+/// would not: the access crosses a page, is misaligned where it must not
+/// be, faults, is MMIO, or its walk's accessed-bit update wrote a page
+/// holding code (the block loop must see that at once). Nothing is walked
+/// where the interpreter would fault before the access.
+extern "C" fn refill(frame: *mut Frame, lin: u64, how: u64) -> u64 {
+    // SAFETY: `frame` is the frame `run_block` entered the chain with,
+    // live for the chain's whole run, and its `core` is the vCPU
+    // `run_block` was given: `run_block` does not touch that `Core`
+    // while the chain runs, and the chain's code holds nothing derived
+    // from it across this call but the frame's pointers, which name the
+    // same fields as before it (the TLB and the code bits do not move; the
+    // code reads the entry again after the call).
+    let c = unsafe { &mut *(*frame).core };
+    let size = how & 0xff;
+    let write = how & REFILL_WRITE as u64 != 0;
+    let user = how & REFILL_USER as u64 != 0;
+    if how & REFILL_ALIGNED as u64 != 0 && lin & 15 != 0 {
+        return 0;
+    }
+    u64::from(c.refill_for_native(lin, size, write, user))
 }
 
 /// What a chain's [`chain::ExitRecord`] holds once a block ran to its end
@@ -1174,6 +1218,23 @@ fn lookup(
     user: bool,
     saved: i32,
 ) -> Option<Vec<Fixup>> {
+    let (mut misses, others) = lookup_parts(a, mem, s, user, saved)?;
+    misses.extend(others);
+    Some(misses)
+}
+
+/// [`lookup`], its jumps taken on a miss in two parts: those taken where
+/// the TLB has no entry for the page, or one that does not allow the
+/// access (where [`refill`] may enter one), with the access's linear
+/// address XOR the entry's base in `s.addr` and the entry's address in
+/// `s.entry`; and the rest (a page holding code, a misaligned operand).
+fn lookup_parts(
+    a: &mut Asm,
+    mem: &MemOperand,
+    s: &Scratch,
+    user: bool,
+    saved: i32,
+) -> Option<(Vec<Fixup>, Vec<Fixup>)> {
     let (addr, entry) = (s.addr, s.entry);
     // The entry of the last byte's page ...
     address(a, addr, mem, s, 0)?;
@@ -1204,6 +1265,7 @@ fn lookup(
         addr,
         Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, host))),
     );
+    let mut others = Vec::new();
     if mem.write {
         // A page holding decoded code: the interpreter writes it and
         // drops the blocks (every vCPU's) decoded from it.
@@ -1219,15 +1281,15 @@ fn lookup(
         a.add_load(entry, Addr::at(RSP, saved + STACK_CODE_BITS));
         a.load(entry, Addr::at(entry, 0));
         a.bt(entry, page);
-        misses.push(a.jcc(CC_B));
+        others.push(a.jcc(CC_B));
     }
     if mem.aligned {
         // The host page is page-aligned: the host address is as aligned as
         // the guest's; the interpreter raises the #GP.
         a.test_imm(addr, 15);
-        misses.push(a.jcc(CC_NE));
+        others.push(a.jcc(CC_NE));
     }
-    Some(misses)
+    Some((misses, others))
 }
 
 /// Runs the stub whose address is in `op.imm` (see [`compile_runs`] for
@@ -1267,6 +1329,8 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         left: 0,
         stamp: 0,
         jumps: std::ptr::null(),
+        core: std::ptr::null_mut(),
+        refill: None,
     };
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
     // arena, which lives as long as the `Core` (blocks are per vCPU). The
@@ -1891,7 +1955,10 @@ pub(super) fn run_block(
         } else {
             u64::MAX
         },
+        core: std::ptr::null_mut(),
+        refill: Some(refill),
     };
+    frame.core = c;
     // SAFETY: `enter` is the arena's entry routine and `block.native` was
     // set by `compile_block` to code in the same arena, which lives as long
     // as the `Core` (blocks are per vCPU). Besides what a run's stub does

@@ -26,11 +26,11 @@ use super::super::hostasm::{
     Addr, Asm, Fixup, AH, CC_A, CC_AE, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP,
 };
 use super::{
-    lookup, offset, rewritten, stack_access, Ending, Frame, Item, Next, ALL_FLAGS, BLOCK_DONE,
-    CALLEE_SAVED, STATUS,
+    lookup_parts, offset, rewritten, stack_access, Ending, Frame, Item, MemOperand, Next, Scratch,
+    ALL_FLAGS, BLOCK_DONE, CALLEE_SAVED, REFILL_ALIGNED, REFILL_USER, REFILL_WRITE, STATUS,
 };
 use crate::block::{Block, Jump, JUMP_SLOTS};
-use crate::mem::{PAGE_MASK, PAGE_SHIFT};
+use crate::mem::{TlbEntry, PAGE_MASK, PAGE_SHIFT};
 use iced_x86::Mnemonic;
 
 /// Where a chain keeps its state: offsets from RSP at a block's entry.
@@ -88,6 +88,12 @@ pub(super) mod slot {
     pub const FCW: i32 = 176;
     /// The `Frame` the chain was entered with.
     pub const FRAME: i32 = 184;
+    /// The refill routine: called by a block's code where a TLB lookup
+    /// missed, with the slots' address, the access's linear address and
+    /// its description (see `native::refill`) pushed, in that order; it
+    /// returns with ZF clear where the lookup will now hit, and drops the
+    /// three.
+    pub const REFILL: i32 = 192;
     /// 8 mod 16, as before the global stamp.
     pub const SIZE: i32 = 200;
 }
@@ -187,6 +193,8 @@ pub(super) fn shared_routines() -> Vec<u8> {
     a.store(at(slot::EXIT), RAX);
     let load_xmm = a.lea_rip(RAX);
     a.store(at(slot::XMM_LOAD), RAX);
+    let refill = a.lea_rip(RAX);
+    a.store(at(slot::REFILL), RAX);
     // The guest's status bits with the host's system flags as user code
     // runs with them (IF and the reserved bit 1 set, DF, TF and AC clear):
     // what POPFQ of the slot restores (PUSHFQ here would wait for every
@@ -265,6 +273,51 @@ pub(super) fn shared_routines() -> Vec<u8> {
     }
     a.pop(RAX);
     a.ret_pop(8);
+
+    // The refill routine (see `slot::REFILL`): `native::refill` called
+    // by the C convention, every register the guest's values are in kept
+    // (the host's XMM registers too where they hold the guest's).
+    let here = a.len();
+    a.patch(refill, here);
+    const RBX: u8 = 3;
+    let saved = [RAX, RCX, RDX, RSI, RDI, 8, 9, 10, 11, RBX];
+    for r in saved {
+        a.push(r);
+    }
+    // The arguments, above the return address.
+    let argument = |n: i32| Addr::at(RBX, 8 * saved.len() as i32 + 8 * n);
+    a.mov(RBX, RSP);
+    a.load(RDI, argument(3));
+    a.load(RSI, argument(2));
+    a.load(RDX, argument(1));
+    a.and64(RSP, -16);
+    let xmm_loaded = |a: &mut Asm| {
+        a.cmp_dword(Addr::at(RDI, slot::XMM), 1);
+        a.jcc(CC_NE)
+    };
+    let unloaded = xmm_loaded(&mut a);
+    a.lea(RSP, Addr::at(RSP, -256));
+    for x in 0..16u8 {
+        a.movdqu_store(Addr::at(RSP, 16 * i32::from(x)), x);
+    }
+    let here = a.len();
+    a.patch(unloaded, here);
+    a.load(RDI, Addr::at(RDI, slot::FRAME));
+    a.call_mem(field(offset_of!(Frame, refill)));
+    a.load(RDI, argument(3));
+    let unloaded = xmm_loaded(&mut a);
+    for x in 0..16u8 {
+        a.movdqu_load(x, Addr::at(RSP, 16 * i32::from(x)));
+    }
+    let here = a.len();
+    a.patch(unloaded, here);
+    a.mov(RSP, RBX);
+    // POP keeps the flags.
+    a.test(RAX, RAX);
+    for r in saved.iter().rev() {
+        a.pop(*r);
+    }
+    a.ret_pop(24);
     a.code
 }
 
@@ -438,6 +491,7 @@ pub(super) fn block_code(
         depth: 8 * pushed.len() as i32,
         block,
         records: Vec::new(),
+        refills: Vec::new(),
     };
     for r in &pushed {
         e.a.push(*r);
@@ -488,7 +542,7 @@ pub(super) fn block_code(
                 flags.flush(&mut e.a, e.depth);
                 flags.valid = 0;
                 let moves = matches!(item, Item::Move(..));
-                let fixups = e.string(*size, moves, &s, ending.user)?;
+                let fixups = e.string(*size, moves, &s, ending.user, k)?;
                 misses.push((fixups, k));
             }
             Item::Divide(i, mem) => {
@@ -498,7 +552,7 @@ pub(super) fn block_code(
                 flags.valid = 0;
                 let mut fixups = Vec::new();
                 if let Some(mem) = mem {
-                    fixups = lookup(&mut e.a, mem, &s, ending.user, e.depth)?;
+                    fixups = e.lookup(mem, &s, ending.user, k)?;
                 }
                 fixups.extend(divide(
                     &mut e.a,
@@ -513,17 +567,23 @@ pub(super) fn block_code(
                 // the guest's in the slot.
                 flags.flush(&mut e.a, e.depth);
                 flags.valid = 0;
-                let mut fixups = lookup(&mut e.a, mem, &s, ending.user, e.depth)?;
+                let mut fixups = Vec::new();
+                if i.mnemonic() == Mnemonic::Fnstcw {
+                    // Where x87 instructions fault (see `slot::FCW`), before
+                    // the access, as the interpreter raises it: a refill's
+                    // walk would set accessed and dirty bits first.
+                    e.a.load(s.entry, e.at(slot::FCW));
+                    e.a.cmp_imm(s.entry, 0xffff);
+                    fixups.push(e.a.jcc(CC_A));
+                }
+                fixups.extend(e.lookup(mem, &s, ending.user, k)?);
                 // Nothing is left to store: `s.addr`, which holds the
                 // host address now, is not needed.
                 flags.ensure(&mut e.a, f.reads, e.depth);
                 match i.mnemonic() {
-                    // The guest's FCW from its slot, unless x87
-                    // instructions would fault (see `slot::FCW`).
+                    // The guest's FCW from its slot.
                     Mnemonic::Fnstcw => {
                         e.a.load(s.entry, e.at(slot::FCW));
-                        e.a.cmp_imm(s.entry, 0xffff);
-                        fixups.push(e.a.jcc(CC_A));
                         e.a.bytes(&[0x66]);
                         e.a.mem(false, &[0x89], s.entry, Addr::at(s.addr, 0));
                     }
@@ -578,6 +638,7 @@ pub(super) fn block_code(
             e.indirect_successor(s.temp?, s.addr, s.entry, ending);
         }
     }
+    misses.extend(e.refill_calls(&s));
     for (fixups, k) in misses {
         let here = e.a.len();
         for f in fixups {
@@ -659,9 +720,87 @@ struct Emitter<'a> {
     depth: i32,
     block: *const Block,
     records: Vec<(Fixup, ExitRecord, [Option<usize>; 3])>,
+    /// Lookups whose misses call the refill routine (see `slot::REFILL`).
+    refills: Vec<Refill>,
+}
+
+/// A lookup in a block's code that may call the refill routine.
+struct Refill {
+    /// Its jumps taken where the TLB has no entry allowing the access.
+    misses: Vec<Fixup>,
+    /// Where it starts (it computes the address again from the guest's
+    /// registers, which nothing changed in between).
+    start: usize,
+    /// The access, for `native::refill`.
+    how: i32,
+    /// The instruction it is made for.
+    instruction: usize,
 }
 
 impl Emitter<'_> {
+    /// The TLB lookup of `mem` for instruction `k`: returns the jumps it
+    /// takes to leave the chain. Where the TLB has no entry allowing the
+    /// access, it first calls the refill routine, and looks up again
+    /// after an entry was made (see [`Self::refill_calls`]).
+    fn lookup(
+        &mut self,
+        mem: &MemOperand,
+        s: &Scratch,
+        user: bool,
+        k: usize,
+    ) -> Option<Vec<Fixup>> {
+        let start = self.a.len();
+        let (misses, others) = lookup_parts(&mut self.a, mem, s, user, self.depth)?;
+        let mut how = i32::from(mem.size);
+        if mem.write {
+            how |= REFILL_WRITE;
+        }
+        if user {
+            how |= REFILL_USER;
+        }
+        if mem.aligned {
+            how |= REFILL_ALIGNED;
+        }
+        self.refills.push(Refill {
+            misses,
+            start,
+            how,
+            instruction: k,
+        });
+        Some(others)
+    }
+
+    /// The refill routine's calls, out of line, for the lookups made with
+    /// [`Self::lookup`]: each goes back to its lookup where the routine
+    /// made an entry, else it leaves the chain; returns those last jumps
+    /// and their instructions, for the exits.
+    fn refill_calls(&mut self, s: &Scratch) -> Vec<(Vec<Fixup>, usize)> {
+        let mut leaving = Vec::new();
+        for r in std::mem::take(&mut self.refills) {
+            let here = self.a.len();
+            for f in r.misses {
+                self.a.patch(f, here);
+            }
+            let a = &mut self.a;
+            // The linear address back from its XOR with the entry's base.
+            a.mem(
+                true,
+                &[0x33],
+                s.addr,
+                Addr::at(s.entry, offset(std::mem::offset_of!(TlbEntry, base))),
+            );
+            a.lea(s.entry, Addr::at(RSP, self.depth));
+            a.push(s.entry);
+            a.push(s.addr);
+            a.push_imm(r.how);
+            a.call_mem(Addr::at(RSP, self.depth + 24 + slot::REFILL));
+            let entered = a.jcc(CC_NE);
+            a.patch(entered, r.start);
+            leaving.push((vec![a.jmp()], r.instruction));
+        }
+        leaving
+    }
+
     /// Makes the host's XMM registers the guest's, through the shared
     /// routine, unless they are: returns the jump taken where SSE
     /// instructions would fault.
@@ -715,26 +854,26 @@ impl Emitter<'_> {
         moves: bool,
         s: &super::Scratch,
         user: bool,
+        k: usize,
     ) -> Option<Vec<Fixup>> {
         use super::super::hostasm::RSI;
         let df = self.at(slot::DF);
-        let depth = self.depth;
-        let a = &mut self.a;
         let shift = size.trailing_zeros() as u8;
         let mut out = Vec::new();
-        a.cmp_dword(df, 0);
-        out.push(a.jcc(CC_NE));
-        a.cmp_imm(RCX, STRING_BYTES / i32::from(size));
-        out.push(a.jcc(CC_A));
-        let round = a.len();
-        a.test(RCX, RCX);
-        let finished = a.jcc(CC_E);
+        self.a.cmp_dword(df, 0);
+        out.push(self.a.jcc(CC_NE));
+        self.a.cmp_imm(RCX, STRING_BYTES / i32::from(size));
+        out.push(self.a.jcc(CC_A));
+        let round = self.a.len();
+        self.a.test(RCX, RCX);
+        let finished = self.a.jcc(CC_E);
         let source = if moves { Some(s.temp?) } else { None };
         if let Some(source) = source {
-            out.extend(lookup(a, &super::string_start(RSI, false), s, user, depth)?);
-            a.mov(source, s.addr);
+            out.extend(self.lookup(&super::string_start(RSI, false), s, user, k)?);
+            self.a.mov(source, s.addr);
         }
-        out.extend(lookup(a, &super::string_start(RDI, true), s, user, depth)?);
+        out.extend(self.lookup(&super::string_start(RDI, true), s, user, k)?);
+        let a = &mut self.a;
         // The lookups are done with these two.
         let (count, bytes) = (s.page?, s.entry);
         // The elements left in `base`'s page: (4096 - base % 4096) >> shift.
