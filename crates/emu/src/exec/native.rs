@@ -64,8 +64,12 @@ use crate::mem::{perm, TlbEntry, PAGE_MASK, PAGE_SHIFT, TLB_ENTRIES};
 /// much as two dispatches).
 pub const MIN_RUN: usize = 3;
 
-/// Bytes of stub code one vCPU may generate; past that, blocks are left
-/// to the interpreter.
+/// Bytes of stub and block code one vCPU may generate; once full, the
+/// block loop drops every block and starts the arena afresh. Host memory
+/// is taken only as code is written. 8 MiB held the default guest's boot
+/// and a fork loop's code until blocks' code called the TLB refill
+/// routine (see [`refill`]); then the loop filled it again and again: 1000
+/// fork+exec of `/bin/true` took 11.3 s, against 8.2 s with 32 MiB.
 const ARENA_BYTES: usize = 32 << 20;
 
 /// The status flags (CF PF AF ZF SF OF) in RFLAGS.
