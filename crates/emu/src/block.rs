@@ -307,8 +307,13 @@ const NO_RECENT: Recent = Recent {
     block: std::ptr::null(),
 };
 
-/// Entries of [`BlockCache`]'s jump cache (a power of two).
-pub(crate) const JUMP_SLOTS: usize = 4096;
+/// Entries of [`BlockCache`]'s jump cache (a power of two). A fork, exec
+/// and exit of `/bin/true` in the default guest returns to more distinct
+/// places in the kernel than 4096 slots hold: with 4096, 4,500 of its
+/// blocks' indirect successors missed (each a return to the block loop),
+/// with 32768 1,600, and the loop of 1000 ran in 0.92 of the time (median
+/// of four runs side by side). 40 bytes each: 1.3 MiB per vCPU.
+pub(crate) const JUMP_SLOTS: usize = 32768;
 
 /// One slot of the jump cache: the block that last ran at a RIP, and
 /// under what it was found (see [`BlockCache::jump_target`]).
