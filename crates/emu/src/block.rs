@@ -213,8 +213,10 @@ pub struct Block {
     /// through the arena's entry routine by the block loop, or jumped to
     /// from the code of the block before it.
     pub native: Cell<usize>,
-    /// The privilege the code's accesses check (user pages or all).
-    pub native_user: bool,
+    /// The CPL its code was compiled for, and may run at: its accesses
+    /// check user or supervisor permissions by it, and at CPL 0 it may
+    /// clear IF.
+    pub native_cpl: u8,
 }
 
 /// The bytes of a block's instructions (`spans[k]` those of op `k` in
@@ -652,7 +654,14 @@ fn keeps_cs(i: &Instruction) -> bool {
         return false;
     }
     match i.flow_control() {
-        FlowControl::Next => !ends_block(i) || i.has_rep_prefix() || i.has_repne_prefix(),
+        // CLI and STI end a block for the interrupt window, not for a
+        // change of CS or mode.
+        FlowControl::Next => {
+            !ends_block(i)
+                || i.has_rep_prefix()
+                || i.has_repne_prefix()
+                || matches!(i.mnemonic(), Mnemonic::Cli | Mnemonic::Sti)
+        }
         FlowControl::ConditionalBranch => {
             i.is_jcc_short_or_near()
                 || matches!(
@@ -772,6 +781,7 @@ pub(crate) fn decode(
     }
     let target = crate::exec::NativeTarget {
         user: core.user(),
+        cpl: core.cpu.cpl(),
         memory: core.mmu.mode == crate::mem::PagingMode::Long && core.code.covers(core.ram.end()),
     };
     let decoded = ops.len();
@@ -819,7 +829,7 @@ pub(crate) fn decode(
         source,
         runs: Cell::new(0),
         native: Cell::new(0),
-        native_user: target.user,
+        native_cpl: target.cpl,
     })
 }
 

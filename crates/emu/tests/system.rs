@@ -1606,3 +1606,53 @@ fn tlb_misses_in_blocks_code_are_refilled_without_leaving_it() {
     );
     assert_chained(&e);
 }
+
+/// CLI (at CPL 0), CLD, STD and PREFETCHh have forms in blocks' code, so
+/// that a loop of them goes on from block to block: IF and DF come out as
+/// the interpreter would leave them, and a REP STOSB after an STD (left
+/// to the interpreter, DF being set) stores downwards.
+#[test]
+fn cli_cld_std_and_prefetch_run_in_blocks_code() {
+    if !native_code_runs_here() {
+        return;
+    }
+    const DATA: u64 = 0x20000;
+    let mem = setup();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(ecx, 300u32).unwrap();
+    a.mov(rsi, DATA).unwrap();
+    a.xor(eax, eax).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.cli().unwrap();
+    a.prefetcht0(byte_ptr(rsi)).unwrap();
+    a.std().unwrap();
+    a.add(rax, 1).unwrap();
+    a.cld().unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.out(0x20, eax).unwrap();
+    a.pushfq().unwrap();
+    a.pop(rax).unwrap();
+    a.out(0x20, eax).unwrap();
+    a.std().unwrap();
+    a.mov(rdi, DATA + 15).unwrap();
+    a.mov(ecx, 4u32).unwrap();
+    a.mov(al, 0xabu32).unwrap();
+    a.rep().stosb().unwrap();
+    a.cld().unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    e.cpu_mut().rflags = 0x202;
+    let outs = run_outs(&mut e);
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    assert_eq!(outs[0], (0x20, 300));
+    assert_eq!(outs[1].1 & 0x600, 0, "IF and DF clear: {:#x}", outs[1].1);
+    assert_chained(&e);
+    let mut stored = [0u8; 6];
+    mem.read_slice(&mut stored, GuestAddress(DATA + 11))
+        .unwrap();
+    assert_eq!(stored, [0, 0xab, 0xab, 0xab, 0xab, 0]);
+    assert_eq!(e.cpu().rflags & 0x600, 0);
+}

@@ -1489,7 +1489,7 @@ impl Emulator {
                         native::Successor::Fixed(record) => {
                             let code = block_ref.native.get();
                             if let (true, Some(arena)) = (
-                                code != 0 && block_ref.native_user == self.core.user(),
+                                code != 0 && block_ref.native_cpl == self.core.cpu.cpl(),
                                 self.core.native.as_mut(),
                             ) {
                                 arena.link(record, [at, local, global], in_global, code);
@@ -1505,7 +1505,7 @@ impl Emulator {
                 }
             }
             if block_ref.native.get() != 0
-                && block_ref.native_user == self.core.user()
+                && block_ref.native_cpl == self.core.cpu.cpl()
                 && !self.until_interruptible
             {
                 let stamps = [

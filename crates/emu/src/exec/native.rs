@@ -578,6 +578,40 @@ enum Item<'a> {
     Fill(&'a Instruction, u8),
     /// REP MOVS of elements of `.1` bytes (see [`string_store`]).
     Move(&'a Instruction, u8),
+    /// A change of RFLAGS' IF or DF, or nothing (see [`Control`]).
+    Control(&'a Instruction, Control),
+}
+
+/// What a block's code does for an instruction that changes no register
+/// but RFLAGS' system bits, or nothing the guest can see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    /// PREFETCHh: a hint, which never faults.
+    Nothing,
+    /// CLI, at CPL 0 (where IOPL does not matter).
+    ClearIf,
+    /// CLD and STD.
+    ClearDf,
+    SetDf,
+}
+
+/// The [`Control`] form of `op`, if it has one: CLI only in code for CPL
+/// 0 (`cpl0`).
+fn control(op: &Op, cpl0: bool) -> Option<Control> {
+    use iced_x86::Mnemonic as M;
+    let i = &op.instr;
+    if op.bitness != 64 || i.has_lock_prefix() {
+        return None;
+    }
+    match i.mnemonic() {
+        M::Prefetcht0 | M::Prefetcht1 | M::Prefetcht2 | M::Prefetchnta | M::Prefetchw => {
+            Some(Control::Nothing)
+        }
+        M::Cli if cpl0 => Some(Control::ClearIf),
+        M::Cld => Some(Control::ClearDf),
+        M::Std => Some(Control::SetDf),
+        _ => None,
+    }
 }
 
 impl Item<'_> {
@@ -589,13 +623,18 @@ impl Item<'_> {
             | Item::Constant(i, ..)
             | Item::Divide(i, _)
             | Item::Fill(i, _)
-            | Item::Move(i, _) => i,
+            | Item::Move(i, _)
+            | Item::Control(i, _) => i,
         }
     }
 
     fn names_rsp(&self) -> bool {
         match self {
-            Item::Copy(..) | Item::Constant(..) | Item::Fill(..) | Item::Move(..) => false,
+            Item::Copy(..)
+            | Item::Constant(..)
+            | Item::Fill(..)
+            | Item::Move(..)
+            | Item::Control(..) => false,
             Item::Renamed(i) => names_rsp(i),
             Item::Divide(_, m) => m.is_some_and(|m| m.base == Some(RSP)),
             Item::Memory(i, m) => m.base == Some(RSP) || names_rsp(i),
@@ -944,7 +983,7 @@ fn stub(
             // A move keeps the flags.
             Item::Constant(_, r, value) => a.mov_imm64(*r, *value),
             // Only in a block's code.
-            Item::Divide(..) | Item::Fill(..) | Item::Move(..) => return None,
+            Item::Divide(..) | Item::Fill(..) | Item::Move(..) | Item::Control(..) => return None,
             Item::Memory(i, mem) => {
                 let s = scratch.as_ref()?;
                 if !saved && track {
@@ -1023,7 +1062,11 @@ fn layout(
             Item::Memory(_, m) | Item::Divide(_, Some(m)) => Some(*m),
             Item::Fill(..) => Some(string_start(RDI, true)),
             Item::Move(..) => Some(string_start(RDI, true)),
-            Item::Copy(..) | Item::Renamed(_) | Item::Constant(..) | Item::Divide(_, None) => None,
+            Item::Copy(..)
+            | Item::Renamed(_)
+            | Item::Constant(..)
+            | Item::Divide(_, None)
+            | Item::Control(..) => None,
         })
         .collect();
     let needs_rsp = run.iter().any(Item::names_rsp);
@@ -1384,6 +1427,9 @@ pub struct Target {
     /// The privilege the block was decoded at (its accesses check the
     /// TLB's user or supervisor permissions).
     pub user: bool,
+    /// The CPL it was decoded at, which its code is run at (see
+    /// `Block::native_cpl`).
+    pub cpl: u8,
     /// Whether runs may include memory accesses.
     pub memory: bool,
 }
@@ -1404,6 +1450,8 @@ enum Form {
     Fill(u8),
     /// REP MOVS of elements of `.0` bytes (see [`string_store`]).
     Move(u8),
+    /// See [`Control`].
+    Control(Control),
 }
 
 /// How a block's code may run `op` if it is an SSE or SSE2 instruction
@@ -1655,9 +1703,13 @@ fn item_form(
     op: &Op,
     memory: bool,
     block: bool,
+    cpl0: bool,
     info: &mut iced_x86::InstructionInfoFactory,
 ) -> Option<Form> {
     if block {
+        if let Some(c) = control(op, cpl0) {
+            return Some(Form::Control(c));
+        }
         if let Some(divisor) = division(op, memory) {
             return Some(Form::Divide(divisor));
         }
@@ -1698,9 +1750,11 @@ struct Ending {
     next: Next,
     /// Instructions in the block.
     count: usize,
-    /// The privilege its accesses check, which the next block's code must
-    /// have been compiled for too.
+    /// The privilege its accesses check.
     user: bool,
+    /// The CPL it was compiled for, which the next block's code must have
+    /// been compiled for too.
+    cpl: u8,
     /// The page of its instructions, where they are all in one.
     page: Option<u64>,
 }
@@ -1754,7 +1808,7 @@ pub fn compile_block(
         return None;
     }
     let mut info = iced_x86::InstructionInfoFactory::new();
-    let (items, next) = block_items(ops, spans, bytes, memory, &mut info)?;
+    let (items, next) = block_items(ops, spans, bytes, memory, target.cpl == 0, &mut info)?;
     // Whether the block's instructions are all in its first page (see
     // `Block::within_page`).
     let first = ops[0].instr.ip();
@@ -1763,6 +1817,7 @@ pub fn compile_block(
         next,
         count: ops.len(),
         user: target.user,
+        cpl: target.cpl,
         page: one_page.then_some(first >> 12),
     };
     let mut encoder = iced_x86::Encoder::new(64);
@@ -1777,6 +1832,7 @@ fn block_items<'a>(
     spans: &[(usize, usize)],
     bytes: &'a [u8],
     memory: bool,
+    cpl0: bool,
     info: &mut iced_x86::InstructionInfoFactory,
 ) -> Option<(Vec<Item<'a>>, Next)> {
     let last = ops.last()?;
@@ -1791,7 +1847,7 @@ fn block_items<'a>(
         .iter()
         .zip(spans)
         .map(
-            |(op, (from, to))| match item_form(op, memory, true, info)? {
+            |(op, (from, to))| match item_form(op, memory, true, cpl0, info)? {
                 Form::Register => Some(Item::Copy(&op.instr, bytes.get(*from..*to)?)),
                 Form::Renamed => Some(Item::Renamed(&op.instr)),
                 Form::Memory(m) => Some(Item::Memory(&op.instr, m)),
@@ -1799,6 +1855,7 @@ fn block_items<'a>(
                 Form::Divide(m) => Some(Item::Divide(&op.instr, m)),
                 Form::Fill(size) => Some(Item::Fill(&op.instr, size)),
                 Form::Move(size) => Some(Item::Move(&op.instr, size)),
+                Form::Control(c) => Some(Item::Control(&op.instr, c)),
             },
         )
         .collect::<Option<Vec<Item>>>()?;
@@ -1840,10 +1897,11 @@ pub fn plan_block(
         return (n, false);
     }
     let memory = target.memory && arena.memory;
+    let cpl0 = target.cpl == 0;
     let mut info = iced_x86::InstructionInfoFactory::new();
     let body = |op: &Op, info: &mut iced_x86::InstructionInfoFactory| {
         op.instr.flow_control() == iced_x86::FlowControl::Next
-            && item_form(op, memory, true, info).is_some()
+            && item_form(op, memory, true, cpl0, info).is_some()
     };
     let first_bad = (0..n)
         .find(|&k| {
@@ -1859,7 +1917,7 @@ pub fn plan_block(
     }
     let mut len = first_bad;
     while len > 0 {
-        let fits = block_items(&ops[..len], spans, bytes, memory, &mut info)
+        let fits = block_items(&ops[..len], spans, bytes, memory, cpl0, &mut info)
             .and_then(|(items, next)| layout(&items, Some(next), &mut info));
         if fits.is_some() {
             return (len, true);
@@ -2034,7 +2092,7 @@ pub fn compile_runs(
         .enumerate()
         .map(|(k, op)| {
             (k < limit)
-                .then(|| item_form(op, memory, false, &mut info))
+                .then(|| item_form(op, memory, false, false, &mut info))
                 .flatten()
         })
         .collect();
@@ -2060,7 +2118,7 @@ pub fn compile_runs(
                     Form::Memory(m) if with_memory => Some(Item::Memory(&ops[n].instr, m)),
                     Form::Memory(_) => None,
                     Form::Constant(r, v) => Some(Item::Constant(&ops[n].instr, r, v)),
-                    Form::Divide(_) | Form::Fill(_) | Form::Move(_) => None,
+                    Form::Divide(_) | Form::Fill(_) | Form::Move(_) | Form::Control(_) => None,
                 })
                 .collect()
         };

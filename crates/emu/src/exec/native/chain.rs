@@ -26,8 +26,9 @@ use super::super::hostasm::{
     Addr, Asm, Fixup, AH, CC_A, CC_AE, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP,
 };
 use super::{
-    lookup_parts, offset, rewritten, stack_access, Ending, Frame, Item, MemOperand, Next, Scratch,
-    ALL_FLAGS, BLOCK_DONE, CALLEE_SAVED, REFILL_ALIGNED, REFILL_USER, REFILL_WRITE, STATUS,
+    lookup_parts, offset, rewritten, stack_access, Control, Ending, Frame, Item, MemOperand, Next,
+    Scratch, ALL_FLAGS, BLOCK_DONE, CALLEE_SAVED, REFILL_ALIGNED, REFILL_USER, REFILL_WRITE,
+    STATUS,
 };
 use crate::block::{Block, Jump, JUMP_SLOTS};
 use crate::mem::{TlbEntry, PAGE_MASK, PAGE_SHIFT};
@@ -138,6 +139,10 @@ const _: () = assert!(std::mem::size_of::<ExitRecord>() == 40);
 /// An [`ExitRecord::result`]: the block ran to its end and its indirect
 /// successor had no code the jump cache knew of.
 pub(super) const DYNAMIC: u64 = u64::MAX - 1;
+
+/// RFLAGS.IF and RFLAGS.DF.
+const RFLAGS_IF: u64 = 0x200;
+const RFLAGS_DF: u64 = 0x400;
 
 /// The host's system flags in user code: IF and the reserved bit 1.
 const HOST_FLAGS: i32 = 0x202;
@@ -538,6 +543,37 @@ pub(super) fn block_code(
             }
             // A move keeps the flags.
             Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
+            Item::Control(_, c) => {
+                // The bit of RFLAGS it clears or sets (IF and DF are not in
+                // the host's flags: the vCPU's RFLAGS, through the frame).
+                let (bit, set) = match c {
+                    Control::Nothing => (0, false),
+                    Control::ClearIf => (RFLAGS_IF, false),
+                    Control::ClearDf => (RFLAGS_DF, false),
+                    Control::SetDf => (RFLAGS_DF, true),
+                };
+                if bit != 0 {
+                    // The AND or OR changes the host's flags.
+                    flags.flush(&mut e.a, e.depth);
+                    flags.valid = 0;
+                    e.a.load(s.addr, e.at(slot::FRAME));
+                    e.a.load(
+                        s.addr,
+                        Addr::at(s.addr, offset(std::mem::offset_of!(Frame, rflags))),
+                    );
+                    let rflags = Addr::at(s.addr, 0);
+                    if set {
+                        e.a.mov_imm64(s.entry, bit);
+                        e.a.or_mem(rflags, s.entry);
+                    } else {
+                        e.a.and_mem(rflags, !(bit as i32));
+                    }
+                    if bit == RFLAGS_DF {
+                        // And the chain's copy, which string items test.
+                        e.a.store_imm(e.at(slot::DF), i32::from(set));
+                    }
+                }
+            }
             Item::Fill(_, size) | Item::Move(_, size) => {
                 flags.flush(&mut e.a, e.depth);
                 flags.valid = 0;
@@ -1053,7 +1089,7 @@ impl Emitter<'_> {
         a.cmp_dword(entry(offset_of!(Jump, bitness)), 64);
         out.push(a.jcc(CC_NE));
         a.load(x, entry(offset_of!(Jump, block)));
-        a.cmp_byte(entry(offset_of!(Block, native_user)), u8::from(ending.user));
+        a.cmp_byte(entry(offset_of!(Block, native_cpl)), ending.cpl);
         out.push(a.jcc(CC_NE));
         a.load(x, entry(offset_of!(Block, native)));
         a.test(x, x);
