@@ -339,6 +339,7 @@ pub fn prepare_guest(config: &MachineConfig) -> Result<PreparedGuest, VmmError> 
             reason: e.to_string(),
         }
     })?;
+    crate::sys::advise_huge_pages(&memory);
     let kernel = boot::load_kernel(&memory, &config.kernel, config.memory)?;
     boot::load_cmdline(&memory, &kernel, &config.cmdline)?;
     let initrd = match &config.initrd {
