@@ -1656,3 +1656,111 @@ fn cli_cld_std_and_prefetch_run_in_blocks_code() {
     assert_eq!(stored, [0, 0xab, 0xab, 0xab, 0xab, 0]);
     assert_eq!(e.cpu().rflags & 0x600, 0);
 }
+
+/// A loop that masks and unmasks interrupts (`cli; ...; sti; ...`), as
+/// Linux's `local_irq_save` and `local_irq_restore` do, runs in blocks'
+/// code from block to block, and an interrupt requested meanwhile is
+/// delivered (the STI's code leaves the chain while one is pending).
+#[test]
+fn a_chain_of_native_blocks_with_cli_and_sti_takes_an_interrupt() {
+    if !native_code_runs_here() {
+        return;
+    }
+    let mem = setup();
+    set_gate(&mem, 0x40, HANDLERS, 0, 0, false);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(eax, 0x40u32).unwrap();
+    h.out(0x60, eax).unwrap();
+    h.iretq().unwrap();
+    load(&mem, HANDLERS, &mut h);
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.cli().unwrap();
+    a.add(rax, 1).unwrap();
+    a.sti().unwrap();
+    a.add(rcx, rax).unwrap();
+    a.jmp(top).unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let lines = Arc::new(InterruptLines::new());
+    e.attach_interrupts(lines.clone());
+    let injector = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        lines.request(0x40);
+    });
+    let exit = e.run(GUARD, None);
+    injector.join().unwrap();
+    assert!(
+        matches!(
+            exit,
+            Exit::IoOut {
+                port: 0x60,
+                data: 0x40,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+    assert_chained(&e);
+}
+
+/// `sti; hlt` with an interrupt already requested (and masked) when a
+/// chain of blocks' code reaches the STI: the interrupt comes after the
+/// HLT, which then ends, not before it (which would leave the vCPU halted
+/// with nothing more to wake it).
+#[test]
+fn sti_in_blocks_code_keeps_its_shadow_over_hlt() {
+    if !native_code_runs_here() {
+        return;
+    }
+    let mem = setup();
+    set_gate(&mem, 0x40, HANDLERS, 0, 0, false);
+    let mut h = CodeAssembler::new(64).unwrap();
+    h.mov(eax, 0x40u32).unwrap();
+    h.out(0x60, eax).unwrap();
+    h.iretq().unwrap();
+    load(&mem, HANDLERS, &mut h);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(ecx, 200u32).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.add(rax, 1).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.mov(eax, 0x61u32).unwrap();
+    a.out(0x61, eax).unwrap();
+    a.hlt().unwrap();
+    load(&mem, CODE, &mut a);
+    let mut e = emulator(&mem);
+    let lines = Arc::new(InterruptLines::new());
+    e.attach_interrupts(lines.clone());
+    lines.request(0x40);
+    // A guard: a vCPU halted for good is stopped after 5 s.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            for _ in 0..500 {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut outs = Vec::new();
+    while outs.len() < 2 {
+        match e.run(GUARD, Some(&stop)) {
+            Exit::IoOut { port, .. } => outs.push(port),
+            other => panic!("{other:?} after {outs:x?}"),
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    stopper.join().unwrap();
+    assert_eq!(outs, [0x60, 0x61]);
+}

@@ -1504,9 +1504,14 @@ impl Emulator {
                     }
                 }
             }
+            // An interrupt held back by an STI's shadow is delivered after
+            // the next instruction: the interpreter runs this block, not a
+            // chain of blocks' code that would go on far beyond it.
+            let held = shadowed && self.lines.as_ref().is_some_and(|l| l.any());
             if block_ref.native.get() != 0
                 && block_ref.native_cpl == self.core.cpu.cpl()
                 && !self.until_interruptible
+                && !held
             {
                 let stamps = [
                     self.link_stamp(),
@@ -1514,8 +1519,18 @@ impl Emulator {
                     self.global_link_stamp(),
                 ];
                 let jumps = self.cache.jump_table();
-                let end =
-                    native::run_block(&mut self.core, block_ref, stamps, jumps, budget - *executed);
+                let requests = self
+                    .lines
+                    .as_ref()
+                    .map_or(std::ptr::null(), |l| l.any_flag());
+                let end = native::run_block(
+                    &mut self.core,
+                    block_ref,
+                    stamps,
+                    jumps,
+                    requests,
+                    budget - *executed,
+                );
                 *executed += end.ran;
                 pending = Some((end.successor, stamps));
                 // SAFETY: the block the code stopped in is `block_ref` or

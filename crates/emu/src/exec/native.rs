@@ -588,15 +588,21 @@ enum Item<'a> {
 enum Control {
     /// PREFETCHh: a hint, which never faults.
     Nothing,
-    /// CLI, at CPL 0 (where IOPL does not matter).
+    /// CLI and STI, at CPL 0 (where IOPL does not matter). STI leaves
+    /// the chain before it where an interrupt request is pending (the
+    /// interpreter runs it, and the block loop delivers the interrupt after
+    /// the instruction it shadows), else it sets IF and the vCPU's
+    /// interrupt shadow, for the block loop to honour should the chain end
+    /// right after it (`sti; hlt` must not take the interrupt before HLT).
     ClearIf,
+    SetIf,
     /// CLD and STD.
     ClearDf,
     SetDf,
 }
 
-/// The [`Control`] form of `op`, if it has one: CLI only in code for CPL
-/// 0 (`cpl0`).
+/// The [`Control`] form of `op`, if it has one: CLI and STI only in code
+/// for CPL 0 (`cpl0`).
 fn control(op: &Op, cpl0: bool) -> Option<Control> {
     use iced_x86::Mnemonic as M;
     let i = &op.instr;
@@ -608,6 +614,7 @@ fn control(op: &Op, cpl0: bool) -> Option<Control> {
             Some(Control::Nothing)
         }
         M::Cli if cpl0 => Some(Control::ClearIf),
+        M::Sti if cpl0 => Some(Control::SetIf),
         M::Cld => Some(Control::ClearDf),
         M::Std => Some(Control::SetDf),
         _ => None,
@@ -746,6 +753,9 @@ struct Frame {
     /// calls nothing: null and `None`).
     core: *mut super::Core,
     refill: Option<extern "C" fn(*mut Frame, u64, u64) -> u64>,
+    /// For a chain: the vCPU's flag of pending interrupt requests (its
+    /// `InterruptLines::any`), null where it has no lines.
+    requests: *const std::sync::atomic::AtomicBool,
 }
 
 /// How a chain's call of [`refill`] describes the access that missed:
@@ -1378,6 +1388,7 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         jumps: std::ptr::null(),
         core: std::ptr::null_mut(),
         refill: None,
+        requests: std::ptr::null(),
     };
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
     // arena, which lives as long as the `Core` (blocks are per vCPU). The
@@ -1964,13 +1975,16 @@ pub const CHAIN_LIMIT: u64 = 1 << 14;
 /// Runs the code of `block` (which has some, compiled for the current
 /// privilege) and whatever it goes on to through jumps linked and jump
 /// cache entries (`jumps`) made under `stamps` (the block loop's link
-/// stamp, local link stamp and global link stamp), for at most `budget` instructions (and
-/// [`CHAIN_LIMIT`]; the block that reaches it runs to its end).
+/// stamp, local link stamp and global link stamp), for at most `budget`
+/// instructions (and [`CHAIN_LIMIT`]; the block that reaches it runs to
+/// its end). `requests` is the vCPU's flag of pending interrupt requests
+/// (null without lines), which STI's code tests.
 pub(super) fn run_block(
     c: &mut super::Core,
     block: &Block,
     stamps: [u64; 3],
     jumps: *const crate::block::Jump,
+    requests: *const std::sync::atomic::AtomicBool,
     budget: u64,
 ) -> BlockStop {
     let Some(enter) = c.native.as_ref().map(|a| a.enter) else {
@@ -2019,6 +2033,7 @@ pub(super) fn run_block(
         },
         core: std::ptr::null_mut(),
         refill: Some(refill),
+        requests,
     };
     frame.core = c;
     // SAFETY: `enter` is the arena's entry routine and `block.native` was

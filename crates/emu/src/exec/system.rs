@@ -58,6 +58,12 @@ impl InterruptLines {
         self.wake.notify_all();
     }
 
+    /// The flag [`Self::any`] loads, for blocks' code (see
+    /// `native::Control::SetIf`).
+    pub(crate) fn any_flag(&self) -> *const AtomicBool {
+        &self.any
+    }
+
     #[inline(always)]
     pub(crate) fn any(&self) -> bool {
         self.any.load(Ordering::Relaxed)

@@ -546,9 +546,40 @@ pub(super) fn block_code(
             Item::Control(_, c) => {
                 // The bit of RFLAGS it clears or sets (IF and DF are not in
                 // the host's flags: the vCPU's RFLAGS, through the frame).
+                if *c == Control::SetIf {
+                    // Left to the interpreter while an interrupt request is
+                    // pending (see `Control::SetIf`).
+                    flags.flush(&mut e.a, e.depth);
+                    flags.valid = 0;
+                    e.a.load(s.addr, e.at(slot::FRAME));
+                    e.a.load(
+                        s.entry,
+                        Addr::at(s.addr, offset(std::mem::offset_of!(Frame, requests))),
+                    );
+                    e.a.test(s.entry, s.entry);
+                    let no_lines = e.a.jcc(CC_E);
+                    e.a.cmp_byte(Addr::at(s.entry, 0), 0);
+                    misses.push((vec![e.a.jcc(CC_NE)], k));
+                    let here = e.a.len();
+                    e.a.patch(no_lines, here);
+                    // The shadow: RIP after the STI.
+                    e.a.load(
+                        s.entry,
+                        Addr::at(s.addr, offset(std::mem::offset_of!(Frame, core))),
+                    );
+                    e.a.mov_imm64(s.addr, i.next_ip());
+                    e.a.store(
+                        Addr::at(
+                            s.entry,
+                            offset(std::mem::offset_of!(super::super::Core, shadow_rip)),
+                        ),
+                        s.addr,
+                    );
+                }
                 let (bit, set) = match c {
                     Control::Nothing => (0, false),
                     Control::ClearIf => (RFLAGS_IF, false),
+                    Control::SetIf => (RFLAGS_IF, true),
                     Control::ClearDf => (RFLAGS_DF, false),
                     Control::SetDf => (RFLAGS_DF, true),
                 };
