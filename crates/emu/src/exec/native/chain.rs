@@ -544,8 +544,6 @@ pub(super) fn block_code(
             // A move keeps the flags.
             Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
             Item::Control(_, c) => {
-                // The bit of RFLAGS it clears or sets (IF and DF are not in
-                // the host's flags: the vCPU's RFLAGS, through the frame).
                 if *c == Control::SetIf {
                     // Left to the interpreter while an interrupt request is
                     // pending (see `Control::SetIf`).
@@ -576,6 +574,8 @@ pub(super) fn block_code(
                         s.addr,
                     );
                 }
+                // The bit of RFLAGS it clears or sets (IF and DF are not in
+                // the host's flags: the vCPU's RFLAGS, through the frame).
                 let (bit, set) = match c {
                     Control::Nothing => (0, false),
                     Control::ClearIf => (RFLAGS_IF, false),
