@@ -28,8 +28,12 @@
 //! without coming back to the block loop. Blocks' code also runs what a
 //! run cannot: SSE and SSE2 instructions (the guest's XMM registers and
 //! MXCSR loaded into the host's), REP STOS and REP MOVS within a page,
-//! FNSTCW, and DIV after checks that leave before it would fault. Blocks
-//! are cut where that stops (see [`plan_block`]).
+//! FNSTCW, DIV after checks that leave before it would fault, CLD, STD,
+//! PREFETCHh, and at CPL 0 CLI and STI (see [`Control`]). A TLB miss in a
+//! block's code calls a page walk (see [`refill`]) and goes on where it
+//! made an entry; only a fault, MMIO, a page crossing or a write to code
+//! leaves for the interpreter. Blocks are cut where that stops (see
+//! [`plan_block`]).
 //!
 //! What keeps this safe for the host: an instruction is copied only when
 //! iced decoded it in 64-bit mode as one of a fixed list of mnemonics
