@@ -769,6 +769,11 @@ pub(super) const REFILL_USER: i32 = 1 << 9;
 /// The access must be 16-byte aligned (where it is not, the interpreter
 /// raises #GP without walking the page tables).
 pub(super) const REFILL_ALIGNED: i32 = 1 << 10;
+/// A write the instruction may not make (a shift or rotate of memory by a
+/// count of 0 writes nothing, and the interpreter sets no dirty bit for
+/// it): the walk is a read's, and the refill succeeds only where the page
+/// is writable (dirty) already.
+pub(super) const REFILL_MAYBE_WRITE: i32 = 1 << 11;
 
 /// Called by a block's code (through the chain's refill routine, see
 /// `chain::slot::REFILL`) where its TLB lookup missed: walks the guest's
@@ -801,7 +806,8 @@ extern "C" fn refill(frame: *mut Frame, lin: u64, how: u64) -> u64 {
     if how & REFILL_ALIGNED as u64 != 0 && lin & 15 != 0 {
         return 0;
     }
-    u64::from(c.refill_for_native(lin, size, write, user))
+    let walk_write = write && how & REFILL_MAYBE_WRITE as u64 == 0;
+    u64::from(c.refill_for_native(lin, size, write, walk_write, user))
 }
 
 /// What a chain's [`chain::ExitRecord`] holds once a block ran to its end

@@ -103,25 +103,32 @@ impl Core {
 
     /// Enters the translation of the `size`-byte read or write at `lin`
     /// for a block's native code whose TLB lookup missed (see
-    /// `native::refill`): whether the TLB now holds a RAM page allowing
-    /// it, all of it in that page, with no code page written on the way
-    /// (a walk's accessed or dirty bit landing in one). A fault is left
-    /// for the interpreter to raise: CR2 is not touched.
+    /// `native::refill`), walking as a write only with `walk_write` (the
+    /// dirty bit it sets): whether the TLB now holds a RAM page allowing
+    /// the access, all of it in that page, with no code page written on
+    /// the way (a walk's accessed or dirty bit landing in one). A fault is
+    /// left for the interpreter to raise: CR2 is not touched.
     pub(crate) fn refill_for_native(
         &mut self,
         lin: u64,
         size: u64,
         write: bool,
+        walk_write: bool,
         user: bool,
     ) -> bool {
         if size == 0 || (lin & PAGE_MASK) + size > PAGE_MASK + 1 || self.mmu.mode == PagingMode::Off
         {
             return false;
         }
-        let access = if write { Access::Write } else { Access::Read };
-        if self.walk(lin, access, user, false).is_err() || self.attention {
+        let walked = if walk_write {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        if self.walk(lin, walked, user, false).is_err() || self.attention {
             return false;
         }
+        let access = if write { Access::Write } else { Access::Read };
         let need = perm::NEED[usize::from(user)][access as usize];
         let entered = self.mmu.allows_natively(lin, need);
         self.native_refills += u64::from(entered);

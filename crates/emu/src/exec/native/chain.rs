@@ -27,8 +27,8 @@ use super::super::hostasm::{
 };
 use super::{
     lookup_parts, offset, rewritten, stack_access, Control, Ending, Frame, Item, MemOperand, Next,
-    Scratch, ALL_FLAGS, BLOCK_DONE, CALLEE_SAVED, REFILL_ALIGNED, REFILL_USER, REFILL_WRITE,
-    STATUS,
+    Scratch, ALL_FLAGS, BLOCK_DONE, CALLEE_SAVED, REFILL_ALIGNED, REFILL_MAYBE_WRITE, REFILL_USER,
+    REFILL_WRITE, STATUS,
 };
 use crate::block::{Block, Jump, JUMP_SLOTS};
 use crate::mem::{TlbEntry, PAGE_MASK, PAGE_SHIFT};
@@ -139,6 +139,17 @@ const _: () = assert!(std::mem::size_of::<ExitRecord>() == 40);
 /// An [`ExitRecord::result`]: the block ran to its end and its indirect
 /// successor had no code the jump cache knew of.
 pub(super) const DYNAMIC: u64 = u64::MAX - 1;
+
+/// Whether `i`, with a memory destination, may leave it unwritten: a
+/// shift or rotate whose count may be 0 (the interpreter then writes
+/// nothing, and a walk for a write would set a dirty bit it does not).
+fn maybe_writes(i: &iced_x86::Instruction) -> bool {
+    use iced_x86::Mnemonic as M;
+    matches!(
+        i.mnemonic(),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
+    )
+}
 
 /// RFLAGS.IF and RFLAGS.DF.
 const RFLAGS_IF: u64 = 0x200;
@@ -619,7 +630,7 @@ pub(super) fn block_code(
                 flags.valid = 0;
                 let mut fixups = Vec::new();
                 if let Some(mem) = mem {
-                    fixups = e.lookup(mem, &s, ending.user, k)?;
+                    fixups = e.lookup(mem, &s, ending.user, k, false)?;
                 }
                 fixups.extend(divide(
                     &mut e.a,
@@ -643,7 +654,7 @@ pub(super) fn block_code(
                     e.a.cmp_imm(s.entry, 0xffff);
                     fixups.push(e.a.jcc(CC_A));
                 }
-                fixups.extend(e.lookup(mem, &s, ending.user, k)?);
+                fixups.extend(e.lookup(mem, &s, ending.user, k, maybe_writes(i))?);
                 // Nothing is left to store: `s.addr`, which holds the
                 // host address now, is not needed.
                 flags.ensure(&mut e.a, f.reads, e.depth);
@@ -805,8 +816,9 @@ struct Refill {
 }
 
 impl Emitter<'_> {
-    /// The TLB lookup of `mem` for instruction `k`: returns the jumps it
-    /// takes to leave the chain. Where the TLB has no entry allowing the
+    /// The TLB lookup of `mem` for instruction `k` (`maybe_write`: one
+    /// that may leave its memory destination unwritten, see
+    /// [`maybe_writes`]): returns the jumps it takes to leave the chain. Where the TLB has no entry allowing the
     /// access, it first calls the refill routine, and looks up again
     /// after an entry was made (see [`Self::refill_calls`]).
     fn lookup(
@@ -815,6 +827,7 @@ impl Emitter<'_> {
         s: &Scratch,
         user: bool,
         k: usize,
+        maybe_write: bool,
     ) -> Option<Vec<Fixup>> {
         let start = self.a.len();
         let (misses, others) = lookup_parts(&mut self.a, mem, s, user, self.depth)?;
@@ -827,6 +840,9 @@ impl Emitter<'_> {
         }
         if mem.aligned {
             how |= REFILL_ALIGNED;
+        }
+        if mem.write && maybe_write {
+            how |= REFILL_MAYBE_WRITE;
         }
         self.refills.push(Refill {
             misses,
@@ -936,10 +952,10 @@ impl Emitter<'_> {
         let finished = self.a.jcc(CC_E);
         let source = if moves { Some(s.temp?) } else { None };
         if let Some(source) = source {
-            out.extend(self.lookup(&super::string_start(RSI, false), s, user, k)?);
+            out.extend(self.lookup(&super::string_start(RSI, false), s, user, k, false)?);
             self.a.mov(source, s.addr);
         }
-        out.extend(self.lookup(&super::string_start(RDI, true), s, user, k)?);
+        out.extend(self.lookup(&super::string_start(RDI, true), s, user, k, false)?);
         let a = &mut self.a;
         // The lookups are done with these two.
         let (count, bytes) = (s.page?, s.entry);
