@@ -1350,14 +1350,25 @@ fn a_chain_of_native_blocks_is_cut_by_an_interrupt_request() {
         return;
     }
     let mem = setup();
-    set_gate(&mem, 0x40, HANDLERS, 0, 0, false);
+    endless_loop(&mem, |a| a.sti().unwrap());
+    assert_takes_an_interrupt_requested_while_it_runs(&mem);
+}
+
+/// Vector 0x40's handler: `out 0x60, 0x40; iretq`.
+fn interrupt_handler(mem: &GuestRam) {
+    set_gate(mem, 0x40, HANDLERS, 0, 0, false);
     let mut h = CodeAssembler::new(64).unwrap();
     h.mov(eax, 0x40u32).unwrap();
     h.out(0x60, eax).unwrap();
     h.iretq().unwrap();
-    load(&mem, HANDLERS, &mut h);
-    endless_loop(&mem, |a| a.sti().unwrap());
-    let mut e = emulator(&mem);
+    load(mem, HANDLERS, &mut h);
+}
+
+/// Runs the endless code at CODE, chained in blocks' code, with vector
+/// 0x40 requested 50 ms in: its handler must run.
+fn assert_takes_an_interrupt_requested_while_it_runs(mem: &GuestRam) {
+    interrupt_handler(mem);
+    let mut e = emulator(mem);
     let lines = Arc::new(InterruptLines::new());
     e.attach_interrupts(lines.clone());
     let injector = std::thread::spawn(move || {
@@ -1667,12 +1678,6 @@ fn a_chain_of_native_blocks_with_cli_and_sti_takes_an_interrupt() {
         return;
     }
     let mem = setup();
-    set_gate(&mem, 0x40, HANDLERS, 0, 0, false);
-    let mut h = CodeAssembler::new(64).unwrap();
-    h.mov(eax, 0x40u32).unwrap();
-    h.out(0x60, eax).unwrap();
-    h.iretq().unwrap();
-    load(&mem, HANDLERS, &mut h);
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();
     a.set_label(&mut top).unwrap();
@@ -1682,27 +1687,7 @@ fn a_chain_of_native_blocks_with_cli_and_sti_takes_an_interrupt() {
     a.add(rcx, rax).unwrap();
     a.jmp(top).unwrap();
     load(&mem, CODE, &mut a);
-    let mut e = emulator(&mem);
-    let lines = Arc::new(InterruptLines::new());
-    e.attach_interrupts(lines.clone());
-    let injector = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        lines.request(0x40);
-    });
-    let exit = e.run(GUARD, None);
-    injector.join().unwrap();
-    assert!(
-        matches!(
-            exit,
-            Exit::IoOut {
-                port: 0x60,
-                data: 0x40,
-                ..
-            }
-        ),
-        "{exit:?}"
-    );
-    assert_chained(&e);
+    assert_takes_an_interrupt_requested_while_it_runs(&mem);
 }
 
 /// `sti; hlt` with an interrupt already requested (and masked) when a
@@ -1715,12 +1700,7 @@ fn sti_in_blocks_code_keeps_its_shadow_over_hlt() {
         return;
     }
     let mem = setup();
-    set_gate(&mem, 0x40, HANDLERS, 0, 0, false);
-    let mut h = CodeAssembler::new(64).unwrap();
-    h.mov(eax, 0x40u32).unwrap();
-    h.out(0x60, eax).unwrap();
-    h.iretq().unwrap();
-    load(&mem, HANDLERS, &mut h);
+    interrupt_handler(&mem);
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(ecx, 200u32).unwrap();
     let mut top = a.create_label();

@@ -555,54 +555,37 @@ pub(super) fn block_code(
             // A move keeps the flags.
             Item::Constant(_, r, value) => e.a.mov_imm64(*r, *value),
             Item::Control(_, c) => {
-                if *c == Control::SetIf {
-                    // Left to the interpreter while an interrupt request is
-                    // pending (see `Control::SetIf`).
-                    flags.flush(&mut e.a, e.depth);
-                    flags.valid = 0;
-                    e.a.load(s.addr, e.at(slot::FRAME));
-                    e.a.load(
-                        s.entry,
-                        Addr::at(s.addr, offset(std::mem::offset_of!(Frame, requests))),
-                    );
-                    e.a.test(s.entry, s.entry);
-                    let no_lines = e.a.jcc(CC_E);
-                    e.a.cmp_byte(Addr::at(s.entry, 0), 0);
-                    misses.push((vec![e.a.jcc(CC_NE)], k));
-                    let here = e.a.len();
-                    e.a.patch(no_lines, here);
-                    // The shadow: RIP after the STI.
-                    e.a.load(
-                        s.entry,
-                        Addr::at(s.addr, offset(std::mem::offset_of!(Frame, core))),
-                    );
-                    e.a.mov_imm64(s.addr, i.next_ip());
-                    e.a.store(
-                        Addr::at(
-                            s.entry,
-                            offset(std::mem::offset_of!(super::super::Core, shadow_rip)),
-                        ),
-                        s.addr,
-                    );
-                }
-                // The bit of RFLAGS it clears or sets (IF and DF are not in
-                // the host's flags: the vCPU's RFLAGS, through the frame).
-                let (bit, set) = match c {
-                    Control::Nothing => (0, false),
-                    Control::ClearIf => (RFLAGS_IF, false),
-                    Control::SetIf => (RFLAGS_IF, true),
-                    Control::ClearDf => (RFLAGS_DF, false),
-                    Control::SetDf => (RFLAGS_DF, true),
+                // The bit of RFLAGS it clears or sets, if any.
+                let change = match c {
+                    Control::Nothing => None,
+                    Control::ClearIf => Some((RFLAGS_IF, false)),
+                    Control::SetIf => Some((RFLAGS_IF, true)),
+                    Control::ClearDf => Some((RFLAGS_DF, false)),
+                    Control::SetDf => Some((RFLAGS_DF, true)),
                 };
-                if bit != 0 {
-                    // The AND or OR changes the host's flags.
+                if let Some((bit, set)) = change {
+                    // IF and DF are not in the host's flags: the vCPU's
+                    // RFLAGS, through the frame. The AND or OR changes the
+                    // host's flags.
                     flags.flush(&mut e.a, e.depth);
                     flags.valid = 0;
-                    e.a.load(s.addr, e.at(slot::FRAME));
-                    e.a.load(
-                        s.addr,
-                        Addr::at(s.addr, offset(std::mem::offset_of!(Frame, rflags))),
-                    );
+                    if *c == Control::SetIf {
+                        // Left to the interpreter while an interrupt request
+                        // is pending (see `Control::SetIf`).
+                        e.frame_field(s.entry, std::mem::offset_of!(Frame, requests));
+                        e.a.test(s.entry, s.entry);
+                        let no_lines = e.a.jcc(CC_E);
+                        e.a.cmp_byte(Addr::at(s.entry, 0), 0);
+                        misses.push((vec![e.a.jcc(CC_NE)], k));
+                        let here = e.a.len();
+                        e.a.patch(no_lines, here);
+                        // The shadow: RIP after the STI.
+                        e.frame_field(s.entry, std::mem::offset_of!(Frame, core));
+                        e.a.mov_imm64(s.addr, i.next_ip());
+                        let shadow = std::mem::offset_of!(super::super::Core, shadow_rip);
+                        e.a.store(Addr::at(s.entry, offset(shadow)), s.addr);
+                    }
+                    e.frame_field(s.addr, std::mem::offset_of!(Frame, rflags));
                     let rflags = Addr::at(s.addr, 0);
                     if set {
                         e.a.mov_imm64(s.entry, bit);
@@ -1010,6 +993,13 @@ impl Emitter<'_> {
         let here = a.len();
         a.patch(finished, here);
         Some(out)
+    }
+
+    /// Loads field `field` (an offset) of the chain's `Frame` into `dst`.
+    fn frame_field(&mut self, dst: u8, field: usize) {
+        let frame = self.at(slot::FRAME);
+        self.a.load(dst, frame);
+        self.a.load(dst, Addr::at(dst, offset(field)));
     }
 
     /// A slot, with the scratch registers pushed.
