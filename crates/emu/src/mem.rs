@@ -538,13 +538,6 @@ impl Mmu {
         }
     }
 
-    /// Whether native code's lookup (`exec::native`) finds `lin`'s page
-    /// in the TLB, RAM, with the access bit `need`.
-    pub fn allows_natively(&self, lin: u64, need: u8) -> bool {
-        let e = &self.entries[((lin >> PAGE_SHIFT) as usize) % TLB_ENTRIES];
-        e.base == lin & !PAGE_MASK && e.native & need != 0
-    }
-
     /// Physical page of the entry [`Mmu::lookup_host`] just hit.
     #[inline(always)]
     pub fn page_of(&self, lin: u64) -> u64 {

@@ -130,7 +130,9 @@ impl Core {
         }
         let access = if write { Access::Write } else { Access::Read };
         let need = perm::NEED[usize::from(user)][access as usize];
-        let entered = self.mmu.allows_natively(lin, need);
+        // What native code's lookup tests: the entry's tag and its
+        // `native` bits, which are the permissions of a RAM page.
+        let entered = self.mmu.lookup_host(lin, need).is_some();
         self.native_refills += u64::from(entered);
         entered
     }
