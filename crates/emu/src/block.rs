@@ -698,7 +698,8 @@ pub(crate) fn decode(
     let first_page = phys >> PAGE_SHIFT;
     // Marked before the bytes are read, so that a write by another vCPU
     // from here on bumps the recorded generation.
-    let first_gen = core.code.begin_decode(first_page);
+    let (first_gen, marked) = core.code.begin_decode(first_page);
+    core.marked_code(first_page, marked);
     let mut second_gen = 0;
     let mut buf = [0u8; MAX_BLOCK_BYTES + 15];
     if !core.ram.read(phys, &mut buf[..first]) {
@@ -715,7 +716,9 @@ pub(crate) fn decode(
         let next_lin = lin.wrapping_add(in_page as u64);
         match core.probe(next_lin, Access::Execute) {
             Ok(next_phys) => {
-                second_gen = core.code.begin_decode(next_phys >> PAGE_SHIFT);
+                let marked;
+                (second_gen, marked) = core.code.begin_decode(next_phys >> PAGE_SHIFT);
+                core.marked_code(next_phys >> PAGE_SHIFT, marked);
                 let mut n = 15;
                 while n > 0 && !core.ram.read(next_phys, &mut buf[first..first + n]) {
                     n -= 1;
@@ -782,7 +785,7 @@ pub(crate) fn decode(
     let target = crate::exec::NativeTarget {
         user: core.user(),
         cpl: core.cpu.cpl(),
-        memory: core.mmu.mode == crate::mem::PagingMode::Long && core.code.covers(core.ram.end()),
+        memory: core.mmu.mode == crate::mem::PagingMode::Long,
     };
     let decoded = ops.len();
     let subs =
@@ -800,7 +803,8 @@ pub(crate) fn decode(
         }
     };
     let native_subs = subs.unwrap_or_default();
-    let first_gen = core.code.end_decode(first_page, first_gen);
+    let (first_gen, marked) = core.code.end_decode(first_page, first_gen);
+    core.marked_code(first_page, marked);
     // Only the last instruction crosses into the next page, and a block
     // cut short for native code no longer holds it.
     let second = if crossed && ops.len() == decoded {
@@ -809,7 +813,9 @@ pub(crate) fn decode(
         None
     };
     if let Some(p) = second {
-        second_gen = core.code.end_decode(p, second_gen);
+        let marked;
+        (second_gen, marked) = core.code.end_decode(p, second_gen);
+        core.marked_code(p, marked);
     }
     let (chainable, end_ip) = match ops.last() {
         Some(op) => (keeps_cs(&op.instr), op.next_ip),

@@ -67,7 +67,7 @@ pub struct Trace {
 
 /// The guest's memory: its page tables, `data` at [`DATA`], `code` at
 /// [`CODE`].
-fn memory(code: &[u8], data: &[u8]) -> GuestRam {
+pub fn memory(code: &[u8], data: &[u8]) -> GuestRam {
     let mem = GuestRam::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest memory");
     let (pdpt, pd, pt) = (PML4 + 0x1000, PML4 + 0x2000, PML4 + 0x3000);
     let mut tables = vec![(PML4, pdpt | 7), (pdpt, pd | 7), (pd, pt | 7)];
@@ -89,24 +89,19 @@ fn memory(code: &[u8], data: &[u8]) -> GuestRam {
     mem
 }
 
-/// Runs `code` (at most a page) from [`CODE`] with registers `regs` and
-/// status flags `flags`, `data` at [`DATA`], `passes` times (each pass
-/// starts at [`CODE`] again after a HLT, from the state the last one left:
-/// later passes find the TLB filled), until an exception, 1000 exits or
-/// an instruction budget (recorded as the last exit) ends it. Returns what
-/// it did, and the emulator.
-pub fn run(
-    code: &[u8],
+/// An emulator over `mem` (made by [`memory`]) with its code-page map
+/// `code` (shared with other vCPUs of `mem`, or its own with `None`):
+/// 64-bit mode with the page tables of [`memory`], registers `regs` and
+/// status flags `flags`, at [`CODE`], native code from a block's first
+/// run, every exception an exit.
+pub fn emulator(
+    mem: &GuestRam,
+    code: Option<crate::mem::CodePages>,
     regs: &[u64; 16],
     flags: u64,
-    data: &[u8],
-    passes: usize,
-    native: bool,
-) -> (Trace, Emulator) {
-    let mem = memory(code, data);
+) -> Emulator {
     let cpuid: Arc<[hypervisor::x86::CpuidEntry]> = crate::cpuid::table(0, 1).into();
-    let mut e = Emulator::new(&mem, cpuid);
-    e.set_native_runs(native);
+    let mut e = Emulator::with_code_pages(mem, cpuid, code);
     // Native code from a block's first run: these programs are short.
     e.compile_after(1);
     e.set_exception_exits(u32::MAX);
@@ -130,6 +125,26 @@ pub fn run(
     }
     cpu.rflags = 2 | (flags & 0x8d5);
     cpu.rip = CODE;
+    e
+}
+
+/// Runs `code` (at most a page) from [`CODE`] with registers `regs` and
+/// status flags `flags`, `data` at [`DATA`], `passes` times (each pass
+/// starts at [`CODE`] again after a HLT, from the state the last one left:
+/// later passes find the TLB filled), until an exception, 1000 exits or
+/// an instruction budget (recorded as the last exit) ends it. Returns what
+/// it did, and the emulator.
+pub fn run(
+    code: &[u8],
+    regs: &[u64; 16],
+    flags: u64,
+    data: &[u8],
+    passes: usize,
+    native: bool,
+) -> (Trace, Emulator) {
+    let mem = memory(code, data);
+    let mut e = emulator(&mem, None, regs, flags);
+    e.set_native_runs(native);
     let mut exits = Vec::new();
     let mut pass = 1;
     for _ in 0..1000 {

@@ -332,6 +332,9 @@ pub mod perm {
     pub const USER_X: u8 = 1 << 5;
     /// Translation of a global page (survives CR3 writes with CR4.PGE).
     pub const GLOBAL: u8 = 1 << 6;
+    /// The write bits, which a page holding decoded code loses in an
+    /// entry's `native` bits.
+    pub const WRITES: u8 = SUP_W | USER_W;
 
     /// The bit an access needs: `[user][access]`.
     pub const NEED: [[u8; 3]; 2] = [[SUP_R, SUP_W, SUP_X], [USER_R, USER_W, USER_X]];
@@ -351,8 +354,10 @@ pub struct TlbEntry {
     /// log2 of the size of the page it came from (12, 21, 22 or 30), for
     /// INVLPG of an address elsewhere in a large page.
     pub shift: u8,
-    /// `perms`' access bits where the page is RAM, else none: what native
-    /// code's lookup tests (MMIO fails it as a page it may not access).
+    /// `perms`' access bits where the page is RAM, else none, less the
+    /// write bits where the page holds decoded code: what native code's
+    /// lookup tests (MMIO fails it as a page it may not access, and a write
+    /// to code as one it may not write, so both leave for the interpreter).
     pub native: u8,
     /// Host address of the physical page when it is RAM, else 0 (MMIO):
     /// the access fast path (`Core::read_as`/`write_as`) uses it directly.
@@ -500,8 +505,9 @@ impl Mmu {
         }
     }
 
-    /// Enters a translation; `host` is [`Ram::page_host`] of `pa`.
-    pub fn fill(&mut self, lin: u64, pa: u64, perms: u8, shift: u8, host: usize) {
+    /// Enters a translation; `host` is [`Ram::page_host`] of `pa`, and
+    /// `code` whether [`CodePages`] has `pa`'s page as code.
+    pub fn fill(&mut self, lin: u64, pa: u64, perms: u8, shift: u8, host: usize, code: bool) {
         let vpn = lin >> PAGE_SHIFT;
         let access =
             perm::SUP_R | perm::SUP_W | perm::SUP_X | perm::USER_R | perm::USER_W | perm::USER_X;
@@ -520,9 +526,50 @@ impl Mmu {
             pa: pa & !PAGE_MASK,
             perms,
             shift,
-            native: if host != 0 { perms & access } else { 0 },
+            native: match (host, code) {
+                (0, _) => 0,
+                (_, false) => perms & access,
+                (_, true) => perms & access & !perm::WRITES,
+            },
             host,
         };
+    }
+
+    /// Whether native code's lookup of `lin` for an access needing `need`
+    /// hits: the entry's tag and its `native` bits.
+    pub fn native_hit(&self, lin: u64, need: u8) -> bool {
+        let e = &self.entries[((lin >> PAGE_SHIFT) as usize) % TLB_ENTRIES];
+        e.base == lin & !PAGE_MASK && e.native & need != 0
+    }
+
+    /// Takes native code's write bits from every entry of physical page
+    /// `page` (a page number): it now holds decoded code.
+    pub fn protect_code(&mut self, page: u64) {
+        self.protect_code_where(|p| p == page, |_| {});
+    }
+
+    /// Takes native code's write bits from every entry whose physical page
+    /// `is_code` says holds decoded code, calling `written` with each such
+    /// page that had them (native code may have written it since).
+    pub fn protect_code_where(
+        &mut self,
+        is_code: impl Fn(u64) -> bool,
+        mut written: impl FnMut(u64),
+    ) {
+        for kind in 0..2 {
+            for (word, bits) in self.filled[kind].iter().enumerate() {
+                let mut left = *bits;
+                while left != 0 {
+                    let bit = left.trailing_zeros() as usize;
+                    left &= left - 1;
+                    let e = &mut self.entries[word * 64 + bit];
+                    if e.native & perm::WRITES != 0 && is_code(e.pa >> PAGE_SHIFT) {
+                        e.native &= !perm::WRITES;
+                        written(e.pa >> PAGE_SHIFT);
+                    }
+                }
+            }
+        }
     }
 
     /// Host address of `lin` for an access needing `need`, if the TLB
@@ -691,6 +738,22 @@ struct CodeInner {
     /// (see [`crate::block::Link`]) are cut when it moves on, so following
     /// one needs no per-page check.
     writes: AtomicU64,
+    /// Pages marked (a bit going from clear to set), VM-wide: a vCPU whose
+    /// count of them falls behind takes native code's write bits from its
+    /// TLB entries of the pages other vCPUs marked (see
+    /// `Core::sync_code_marks`).
+    marks: AtomicU64,
+}
+
+/// What [`CodePages::set`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marked {
+    /// The page is outside the map (not RAM, never code).
+    Outside,
+    /// Its bit was set already.
+    Already,
+    /// This call set it; the VM-wide count of marks before it.
+    New(u64),
 }
 
 impl CodePages {
@@ -721,6 +784,7 @@ impl CodePages {
                 bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
                 gens: (0..words * 64).map(|_| AtomicU32::new(0)).collect(),
                 writes: AtomicU64::new(0),
+                marks: AtomicU64::new(0),
             }),
         }
     }
@@ -734,16 +798,23 @@ impl CodePages {
         }
     }
 
-    /// Marks a page; false if it is outside the map (not RAM, never code).
-    pub fn set(&self, page: u64) -> bool {
+    /// Marks a page.
+    pub fn set(&self, page: u64) -> Marked {
         let w = (page / 64) as usize;
-        match self.inner.bits.get(w) {
-            Some(word) => {
-                word.fetch_or(1 << (page % 64), Ordering::SeqCst);
-                true
-            }
-            None => false,
+        let Some(word) = self.inner.bits.get(w) else {
+            return Marked::Outside;
+        };
+        let bit = 1 << (page % 64);
+        if word.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
+            return Marked::Already;
         }
+        Marked::New(self.inner.marks.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// How many times a page was marked (VM-wide), so far.
+    #[inline(always)]
+    pub fn marks(&self) -> u64 {
+        self.inner.marks.load(Ordering::SeqCst)
     }
 
     /// Clears a page's bit; true if it was set (its generation was then
@@ -763,18 +834,6 @@ impl CodePages {
         true
     }
 
-    /// The bits, one per page of RAM, for native runs' write check
-    /// (`exec::native`): `new` sized them to cover every RAM page, and
-    /// they live as long as any clone of this map.
-    pub(crate) fn bits(&self) -> *const AtomicU64 {
-        self.inner.bits.as_ptr()
-    }
-
-    /// Whether the bits cover every page below `end`.
-    pub(crate) fn covers(&self, end: u64) -> bool {
-        self.inner.bits.len() as u64 * 64 >= end.div_ceil(PAGE_SIZE)
-    }
-
     /// How many times a code page was written (VM-wide), so far.
     #[inline(always)]
     pub fn writes(&self) -> u64 {
@@ -791,13 +850,15 @@ impl CodePages {
     }
 
     /// Before reading a page's bytes to decode: marks it as code and
-    /// returns its generation.
-    pub fn begin_decode(&self, page: u64) -> u32 {
-        self.set(page);
-        self.inner
+    /// returns its generation and what marking did.
+    pub fn begin_decode(&self, page: u64) -> (u32, Marked) {
+        let marked = self.set(page);
+        let generation = self
+            .inner
             .gens
             .get(page as usize)
-            .map_or(0, |g| g.load(Ordering::SeqCst))
+            .map_or(0, |g| g.load(Ordering::SeqCst));
+        (generation, marked)
     }
 
     /// After reading the bytes: the generation to record in the block
@@ -806,9 +867,8 @@ impl CodePages {
     /// read it, leaving a block whose page is unmarked: the bit is set
     /// again so later writes are seen. A bump after `begin_decode` makes
     /// `begun` stale, and the block is decoded again at its next lookup.
-    pub fn end_decode(&self, page: u64, begun: u32) -> u32 {
-        self.set(page);
-        begun
+    pub fn end_decode(&self, page: u64, begun: u32) -> (u32, Marked) {
+        (begun, self.set(page))
     }
 }
 
@@ -832,10 +892,17 @@ mod tests {
         let user = 0x40_1000;
         let global = 0xffff_ffff_8100_0000;
         let large = 0xffff_8880_0020_0000;
-        m.fill(user, 0x5000, R, 12, 0);
-        m.fill(global, 0x6000, G, 12, 0);
+        m.fill(user, 0x5000, R, 12, 0, false);
+        m.fill(global, 0x6000, G, 12, 0, false);
         for piece in [0, 1, 0x1ff, 0x102] {
-            m.fill(large + (piece << 12), 0x20_0000 + (piece << 12), G, 21, 0);
+            m.fill(
+                large + (piece << 12),
+                0x20_0000 + (piece << 12),
+                G,
+                21,
+                0,
+                false,
+            );
         }
         // A CR3 write keeping global pages drops the user page only.
         m.flush_non_global(true);
@@ -843,13 +910,20 @@ mod tests {
         assert!(held(&m, global) && held(&m, large + 0x1ff000));
         // An index refilled with a non-global page moves to that half:
         // the next CR3 write drops it.
-        m.fill(global + (TLB_ENTRIES as u64) * 4096, 0x7000, R, 12, 0);
+        m.fill(
+            global + (TLB_ENTRIES as u64) * 4096,
+            0x7000,
+            R,
+            12,
+            0,
+            false,
+        );
         m.flush_non_global(true);
         assert!(!held(&m, global + (TLB_ENTRIES as u64) * 4096));
         assert!(!held(&m, global), "the global entry was replaced");
         // INVLPG of a user page outside every large page: only its entry.
-        m.fill(user, 0x5000, R, 12, 0);
-        m.fill(user + 0x1000, 0x8000, R, 12, 0);
+        m.fill(user, 0x5000, R, 12, 0, false);
+        m.fill(user + 0x1000, 0x8000, R, 12, 0, false);
         m.invalidate(user);
         assert!(!held(&m, user) && held(&m, user + 0x1000));
         assert!(held(&m, large));
@@ -860,11 +934,11 @@ mod tests {
         }
         assert!(held(&m, user + 0x1000));
         // A CR3 write dropping global pages, and a full flush.
-        m.fill(global, 0x6000, G, 12, 0);
+        m.fill(global, 0x6000, G, 12, 0, false);
         m.flush_non_global(false);
         assert!(!held(&m, global) && !held(&m, user + 0x1000));
-        m.fill(global, 0x6000, G, 12, 0);
-        m.fill(user, 0x5000, R, 12, 0);
+        m.fill(global, 0x6000, G, 12, 0, false);
+        m.fill(user, 0x5000, R, 12, 0, false);
         m.flush_all();
         assert!(!held(&m, global) && !held(&m, user));
         assert!(m.filled.iter().flatten().all(|w| *w == 0));
@@ -889,10 +963,11 @@ mod tests {
         assert!(ram.read(0x10ff0, &mut buf));
         let pages = CodePages::new(ram.end());
         let other = pages.clone();
-        let g = pages.begin_decode(0x10);
-        assert_eq!(pages.end_decode(0x10, g), g);
+        let (g, marked) = pages.begin_decode(0x10);
+        assert_eq!(marked, Marked::New(0));
+        assert_eq!(pages.end_decode(0x10, g), (g, Marked::Already));
         assert!(other.test(0x10), "the map is shared");
-        assert!(!pages.set(0x1_0000_0000));
+        assert_eq!(pages.set(0x1_0000_0000), Marked::Outside);
         assert!(other.clear(0x10));
         assert!(!pages.test(0x10));
         assert_ne!(pages.generation(0x10), g, "a write bumps the generation");
@@ -910,8 +985,15 @@ mod tests {
         let mut mmu = Mmu::default();
         let counts = |m: &Mmu| (m.flushes, m.global_flushes);
         // A 4 KiB page and a 2 MiB page holding link targets.
-        mmu.fill(0x40_3000, 0x9000, perm::SUP_X, 12, 0);
-        mmu.fill(0x8060_0000, 0x20_0000, perm::SUP_X | perm::GLOBAL, 21, 0);
+        mmu.fill(0x40_3000, 0x9000, perm::SUP_X, 12, 0, false);
+        mmu.fill(
+            0x8060_0000,
+            0x20_0000,
+            perm::SUP_X | perm::GLOBAL,
+            21,
+            0,
+            false,
+        );
         mmu.note_link_target(0x40_3010);
         mmu.note_link_target(0x8060_0040);
         mmu.invalidate(0x40_4000);
@@ -930,7 +1012,7 @@ mod tests {
         mmu.invalidate(0x40_3000);
         assert_eq!(counts(&mmu), (4, 4), "a full flush empties the filter");
         for n in 0..=u64::from(LINK_TARGETS_LIMIT) {
-            mmu.fill(n << 12, n << 12, perm::SUP_X, 12, 0);
+            mmu.fill(n << 12, n << 12, perm::SUP_X, 12, 0, false);
             mmu.note_link_target(n << 12);
         }
         assert_eq!(counts(&mmu), (5, 5), "filling the filter cuts every link");

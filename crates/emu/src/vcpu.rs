@@ -354,13 +354,14 @@ impl Drop for EmuVcpu {
         }
         if std::env::var_os("VESSEL_EMU_STATS").is_some() {
             eprintln!(
-                "emu: vCPU {} retired {} instructions; {} native runs (blocks' code included), {} of them finished by the interpreter; {} instructions in blocks' code; {} TLB misses refilled in blocks' code",
+                "emu: vCPU {} retired {} instructions; {} native runs (blocks' code included), {} of them finished by the interpreter; {} instructions in blocks' code; {} TLB misses refilled in blocks' code; {} pages marked as code (VM-wide)",
                 self.index,
                 self.emu.instructions_retired(),
                 self.emu.native_runs_executed(),
                 self.emu.native_run_exits(),
                 self.emu.native_instructions(),
-                self.emu.native_refills()
+                self.emu.native_refills(),
+                self.emu.code_pages().marks()
             );
         }
     }

@@ -441,6 +441,105 @@ fn a_run_that_rewrites_a_later_instruction_of_its_block_runs_the_new_one() {
     assert_eq!(native, interpreted);
 }
 
+/// A page written by blocks' code through a TLB entry filled while the
+/// page held no code, then decoded from, then written again: the second
+/// write must leave for the interpreter (the entry loses its write bit
+/// when the page is decoded from), which drops the stale block. Each
+/// round writes `mov eax, ECX; ret` and calls it. Fails with the first
+/// routine's result over and over where decoding leaves the write bit.
+#[test]
+fn blocks_code_writing_a_page_decoded_since_its_tlb_entry_was_filled_runs_the_new_code() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut again = a.create_label();
+    a.set_label(&mut again).unwrap();
+    a.mov(byte_ptr(rbx + 0x700), 0xb8).unwrap();
+    a.mov(dword_ptr(rbx + 0x701), ecx).unwrap();
+    a.mov(byte_ptr(rbx + 0x705), 0xc3).unwrap();
+    a.lea(rdx, ptr(rbx + 0x700)).unwrap();
+    a.call(rdx).unwrap();
+    a.add(r8d, eax).unwrap();
+    a.inc(ecx).unwrap();
+    a.cmp(ecx, 21).unwrap();
+    a.jb(again).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut regs = [0u64; 16];
+    regs[1] = 1;
+    regs[3] = DATA + 0x100;
+    regs[4] = STACK;
+    let ram = vec![0; (DATA_END - DATA) as usize];
+    let (native, e) = run(&code, &regs, 0, &ram, 1, true);
+    let (interpreted, _) = run(&code, &regs, 0, &ram, 1, false);
+    assert!(
+        e.native_instructions() > 100,
+        "the loop ran in blocks' code"
+    );
+    assert_eq!(native.gpr[8], (1..=20).sum::<u64>(), "{:?}", native.exits);
+    assert_same("rewritten routine", &native, &interpreted);
+}
+
+/// Two vCPUs sharing code-page marks: one writes `mov eax, ECX; ret` at
+/// `DATA + 0x800` from blocks' code (RBX is `DATA + 0x100`), through a
+/// TLB entry it filled before the other decoded the routine. Its next
+/// write must still drop the other's block: it takes the page as written
+/// when it sees the new mark (before its code runs again). Fails with the
+/// caller running the old routine where marks by other vCPUs go unseen.
+#[test]
+fn blocks_code_writing_code_another_vcpu_decoded_drops_its_block() {
+    if !cfg!(target_arch = "x86_64") {
+        testkit::not_run(testkit::prereq::X86_64, "native code needs an x86-64 host");
+        return;
+    }
+    // With R15 = 0 the writer's loop, with R15 = 1 the caller's; each
+    // round ends at a HLT, and the next `run` goes on after it.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let (mut write, mut call) = (a.create_label(), a.create_label());
+    a.test(r15, r15).unwrap();
+    a.jnz(call).unwrap();
+    a.set_label(&mut write).unwrap();
+    a.mov(byte_ptr(rbx + 0x700), 0xb8).unwrap();
+    a.mov(dword_ptr(rbx + 0x701), ecx).unwrap();
+    a.mov(byte_ptr(rbx + 0x705), 0xc3).unwrap();
+    a.inc(ecx).unwrap();
+    a.hlt().unwrap();
+    a.jmp(write).unwrap();
+    a.set_label(&mut call).unwrap();
+    a.lea(rdx, ptr(rbx + 0x700)).unwrap();
+    a.call(rdx).unwrap();
+    a.hlt().unwrap();
+    a.jmp(call).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mem = emu::fuzzing::memory(&code, &[]);
+    let mut regs = [0u64; 16];
+    regs[1] = 1;
+    regs[3] = DATA + 0x100;
+    regs[4] = STACK;
+    let mut writer = emu::fuzzing::emulator(&mem, None, &regs, 0);
+    regs[15] = 1;
+    let mut caller = emu::fuzzing::emulator(&mem, Some(writer.code_pages()), &regs, 0);
+    // Twice, so that the second write runs in blocks' code.
+    for _ in 0..2 {
+        assert_eq!(writer.run(100_000, None), emu::Exit::Halt);
+    }
+    for value in 2..8u64 {
+        assert_eq!(caller.run(100_000, None), emu::Exit::Halt);
+        assert_eq!(
+            caller.cpu().gpr[0],
+            value,
+            "the caller ran the routine of ECX = {value}"
+        );
+        assert_eq!(writer.run(100_000, None), emu::Exit::Halt);
+    }
+    assert!(
+        writer.native_instructions() > 10,
+        "the writer ran in blocks' code"
+    );
+}
+
 /// Blocks' code keeps the guest's status flags in the host's RFLAGS,
 /// stores them to a stack slot before a memory lookup (which changes the
 /// host's) and loads them back for an instruction that reads them. Here an

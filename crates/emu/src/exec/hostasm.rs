@@ -50,7 +50,6 @@ impl Fixup {
 }
 
 /// Condition codes (the low nibble of Jcc's opcode).
-pub const CC_B: u8 = 0x2;
 pub const CC_AE: u8 = 0x3;
 pub const CC_E: u8 = 0x4;
 pub const CC_A: u8 = 0x7;
@@ -291,11 +290,6 @@ impl Asm {
     /// `or dst, src`.
     pub fn or(&mut self, dst: u8, src: u8) {
         self.rr(&[0x09], src, dst);
-    }
-
-    /// `bt a, b`: CF = bit `b mod 64` of `a`.
-    pub fn bt(&mut self, a: u8, b: u8) {
-        self.rr(&[0x0f, 0xa3], b, a);
     }
 
     fn shift(&mut self, ext: u8, r: u8, by: u8) {
@@ -674,11 +668,6 @@ mod tests {
         assert_eq!(
             (i.mnemonic(), i.op0_register(), i.op1_register()),
             (Mnemonic::Or, Register::RCX, Register::RAX)
-        );
-        let i = one(|a| a.bt(9, 3));
-        assert_eq!(
-            (i.mnemonic(), i.op0_register(), i.op1_register()),
-            (Mnemonic::Bt, Register::R9, Register::RBX)
         );
         let i = one(|a| a.shr(15, 12));
         assert_eq!(

@@ -215,6 +215,10 @@ pub struct Core {
     pub(crate) ram: Ram,
     pub(crate) mmu: Mmu,
     pub(crate) code: CodePages,
+    /// `code.marks()` as of this vCPU's last look at them: where they have
+    /// moved on, another vCPU marked pages this TLB may still let native
+    /// code write (see [`Core::sync_code_marks`]).
+    code_marks_seen: u64,
     /// Pages of `code` written since the last check; their blocks must go.
     pub(crate) dirty_code: Vec<u64>,
     /// Set when the block loop must look at `dirty_code` or the MMIO write
@@ -275,9 +279,12 @@ impl Core {
     }
 
     fn new(ram: Ram, cpuid: Arc<[CpuidEntry]>, code: Option<CodePages>) -> Self {
+        let code = code.unwrap_or_else(|| CodePages::new(ram.end()));
         Core {
             cpu: CpuState::reset(),
-            code: code.unwrap_or_else(|| CodePages::new(ram.end())),
+            // The TLB is empty: no entry lets native code write a page.
+            code_marks_seen: code.marks(),
+            code,
             ram,
             mmu: Mmu::default(),
             dirty_code: Vec::new(),
@@ -643,6 +650,40 @@ impl Core {
         let new = f(old);
         self.write_as(lin, size, new, user)?;
         Ok(old)
+    }
+
+    /// Where this vCPU marked `page` as code (decoding from it, see
+    /// [`CodePages::begin_decode`]): native code may no longer write it
+    /// through this TLB. Other vCPUs' TLBs follow at their next
+    /// [`Core::sync_code_marks`].
+    pub(crate) fn marked_code(&mut self, page: u64, marked: crate::mem::Marked) {
+        if let crate::mem::Marked::New(before) = marked {
+            self.mmu.protect_code(page);
+            if before == self.code_marks_seen {
+                self.code_marks_seen = before + 1;
+            }
+        }
+    }
+
+    /// Before and after native code runs, and before it refills the TLB:
+    /// where other vCPUs marked pages as code since this one last looked,
+    /// takes native code's write bits from this TLB's entries of them.
+    /// Native code may have written such a page through such an entry
+    /// after it was marked, unseen by the page's code bit: the page is
+    /// handled as written, so every vCPU decodes it again.
+    pub(crate) fn sync_code_marks(&mut self) {
+        let marks = self.code.marks();
+        if marks == self.code_marks_seen {
+            return;
+        }
+        self.code_marks_seen = marks;
+        let code = self.code.clone();
+        let mut written = Vec::new();
+        self.mmu
+            .protect_code_where(|page| code.test(page), |page| written.push(page));
+        for page in written {
+            self.note_write(page << PAGE_SHIFT);
+        }
     }
 
     /// The code-page hook on every RAM write the emulator makes.

@@ -15,7 +15,8 @@
 //! too: each is re-encoded to address the host page of its operand, found
 //! by an inline lookup in the vCPU's software TLB (a dozen host
 //! instructions on a hit). Whatever the lookup does not cover (a miss, a
-//! page crossing, MMIO, a write to a page holding decoded code, a run
+//! page crossing, MMIO, a write to a page holding decoded code, whose TLB
+//! entry gives native code no write bit (see `TlbEntry::native`), a run
 //! decoded at the other privilege) ends the stub before that instruction,
 //! with the guest's registers and flags exact, and the interpreter
 //! executes the rest of the run. A fault is therefore always raised by
@@ -60,7 +61,7 @@ mod chain;
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
-use super::hostasm::{Addr, Asm, Fixup, CC_B, CC_E, CC_NE, RAX, RCX, RDI, RSI, RSP};
+use super::hostasm::{Addr, Asm, Fixup, CC_E, CC_NE, RAX, RCX, RDI, RSI, RSP};
 use crate::block::{Block, EaForm, Op};
 use crate::mem::{perm, TlbEntry, PAGE_MASK, PAGE_SHIFT, TLB_ENTRIES};
 
@@ -718,7 +719,6 @@ struct Frame {
     gpr: *mut u64,
     rflags: *mut u64,
     tlb: *const TlbEntry,
-    code_bits: *const std::sync::atomic::AtomicU64,
     fs_base: u64,
     gs_base: u64,
     // The rest is for a chain.
@@ -797,8 +797,8 @@ extern "C" fn refill(frame: *mut Frame, lin: u64, how: u64) -> u64 {
     // `run_block` was given: `run_block` does not touch that `Core`
     // while the chain runs, and the chain's code holds nothing derived
     // from it across this call but the frame's pointers, which name the
-    // same fields as before it (the TLB and the code bits do not move; the
-    // code reads the entry again after the call).
+    // same fields as before it (the TLB does not move; the code reads the
+    // entry again after the call).
     let c = unsafe { &mut *(*frame).core };
     let size = how & 0xff;
     let write = how & REFILL_WRITE as u64 != 0;
@@ -833,8 +833,8 @@ struct Scratch {
     addr: u8,
     /// The TLB entry's address.
     entry: u8,
-    /// The physical page number, for the code-page test of writes.
-    page: Option<u8>,
+    /// The element count of a REP STOS or MOVS round.
+    count: Option<u8>,
     /// The guest's RSP, for the instructions naming it (as an operand or
     /// a base) and PUSH and POP; stored back at the end.
     rsp: Option<u8>,
@@ -845,7 +845,13 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn plan(regs: u16, mems: &[MemOperand], needs_rsp: bool, needs_temp: bool) -> Option<Scratch> {
+    fn plan(
+        regs: u16,
+        mems: &[MemOperand],
+        needs_rsp: bool,
+        needs_count: bool,
+        needs_temp: bool,
+    ) -> Option<Scratch> {
         let mut free = (0..16u8).filter(|n| *n != RSP && regs & (1 << n) == 0);
         let mut take = |wanted: bool| -> Option<Option<u8>> {
             if wanted {
@@ -856,7 +862,7 @@ impl Scratch {
         };
         let addr = take(true)??;
         let entry = take(true)??;
-        let page = take(mems.iter().any(|m| m.write))?;
+        let count = take(needs_count)?;
         let rsp = take(needs_rsp)?;
         let uses_seg = |s: usize| mems.iter().any(|m| m.seg == Some(s as u8));
         let fs = take(uses_seg(crate::state::seg::FS))?;
@@ -865,7 +871,7 @@ impl Scratch {
         Some(Scratch {
             addr,
             entry,
-            page,
+            count,
             rsp,
             seg_base: [fs, gs],
             temp,
@@ -874,7 +880,7 @@ impl Scratch {
 
     /// Every register it takes.
     fn registers(&self) -> Vec<u8> {
-        [Some(self.addr), Some(self.entry), self.page, self.rsp]
+        [Some(self.addr), Some(self.entry), self.count, self.rsp]
             .into_iter()
             .chain(self.seg_base)
             .chain([self.temp])
@@ -896,13 +902,11 @@ impl Scratch {
 const CALLEE_SAVED: [u8; 6] = [3, 5, 12, 13, 14, 15];
 
 /// Where a stub keeps its frame pointers on the host stack, above any
-/// saved flags: `[rsp + d]` the TLB, `[rsp + d + 8]` the code-page bits,
-/// `[rsp + d + 16]` the `Frame`.
+/// saved flags: `[rsp + d]` the TLB, `[rsp + d + 8]` the `Frame`.
 const STACK_TLB: i32 = 0;
-const STACK_CODE_BITS: i32 = 8;
-const STACK_FRAME: i32 = 16;
-// A chain's slots are where `lookup` finds them in a stub.
-const _: () = assert!(chain::slot::TLB == STACK_TLB && chain::slot::CODE_BITS == STACK_CODE_BITS);
+const STACK_FRAME: i32 = 8;
+// A chain's TLB slot is where `lookup` finds it in a stub.
+const _: () = assert!(chain::slot::TLB == STACK_TLB);
 
 /// Builds a run's stub, or `None` where its memory accesses lack scratch
 /// registers or one cannot be re-encoded. `user`: the privilege whose
@@ -933,10 +937,6 @@ fn stub(
         a.push(r);
     }
     a.push(RDI);
-    a.push_mem(Addr::at(
-        RDI,
-        offset(std::mem::offset_of!(Frame, code_bits)),
-    ));
     a.push_mem(Addr::at(RDI, offset(std::mem::offset_of!(Frame, tlb))));
     if fp.flags_in {
         // The host's flags with the guest's status bits.
@@ -1040,7 +1040,7 @@ fn stub(
     let tail = a.len();
     store_back(&mut a, &used, rsp, fp.flags_out);
     a.pop(RAX);
-    a.add_rsp(24);
+    a.add_rsp(16);
     for r in CALLEE_SAVED.iter().rev() {
         a.pop(*r);
     }
@@ -1098,7 +1098,10 @@ fn layout(
     } else {
         let temp = matches!(next, Some(Next::Popped | Next::Called))
             || run.iter().any(|item| matches!(item, Item::Move(..)));
-        Some(Scratch::plan(fp.regs, &mems, needs_rsp, temp)?)
+        let count = run
+            .iter()
+            .any(|item| matches!(item, Item::Fill(..) | Item::Move(..)));
+        Some(Scratch::plan(fp.regs, &mems, needs_rsp, count, temp)?)
     };
     Some((fp, scratch))
 }
@@ -1297,7 +1300,7 @@ fn lookup(
 /// the TLB has no entry for the page, or one that does not allow the
 /// access (where [`refill`] may enter one), with the access's linear
 /// address XOR the entry's base in `s.addr` and the entry's address in
-/// `s.entry`; and the rest (a page holding code, a misaligned operand).
+/// `s.entry`; and the rest (a misaligned operand).
 fn lookup_parts(
     a: &mut Asm,
     mem: &MemOperand,
@@ -1324,7 +1327,9 @@ fn lookup_parts(
     );
     a.test_imm(addr, !(PAGE_MASK as i32));
     let mut misses = vec![a.jcc(CC_NE)];
-    // Allowed, and RAM (MMIO pages allow nothing here).
+    // Allowed, and RAM (MMIO pages allow nothing here); for a write, a
+    // page holding no decoded code (see `TlbEntry::native`: the
+    // interpreter writes it and drops the blocks decoded from it).
     let need = perm::NEED[usize::from(user)][if mem.write { 1 } else { 0 }];
     a.test_byte(
         Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, native))),
@@ -1336,23 +1341,6 @@ fn lookup_parts(
         Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, host))),
     );
     let mut others = Vec::new();
-    if mem.write {
-        // A page holding decoded code: the interpreter writes it and
-        // drops the blocks (every vCPU's) decoded from it.
-        let page = s.page?;
-        a.load(
-            page,
-            Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, pa))),
-        );
-        a.shr(page, PAGE_SHIFT as u8);
-        a.mov(entry, page);
-        a.shr(entry, 6);
-        a.shl(entry, 3);
-        a.add_load(entry, Addr::at(RSP, saved + STACK_CODE_BITS));
-        a.load(entry, Addr::at(entry, 0));
-        a.bt(entry, page);
-        others.push(a.jcc(CC_B));
-    }
     if mem.aligned {
         // The host page is page-aligned: the host address is as aligned as
         // the guest's; the interpreter raises the #GP.
@@ -1379,11 +1367,11 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
         return interpret(c, subs);
     }
     c.native_runs += 1;
+    c.sync_code_marks();
     let mut frame = Frame {
         gpr: c.cpu.gpr.as_mut_ptr(),
         rflags: &mut c.cpu.rflags,
         tlb: c.mmu.entries.as_ptr(),
-        code_bits: c.code.bits(),
         fs_base: c.cpu.segs[crate::state::seg::FS].base,
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
         local_stamp: 0,
@@ -1406,15 +1394,14 @@ pub(super) fn run(c: &mut super::Core, op: &Op) -> super::OpResult {
     // SAFETY: `op.imm` was set by `compile_runs` to a stub in this vCPU's
     // arena, which lives as long as the `Core` (blocks are per vCPU). The
     // stub follows the C calling convention, touches the 16 registers and
-    // the flags word of `frame`, reads the TLB and the code-page bits, and
-    // reads and writes guest RAM only at host addresses of TLB entries
-    // that allow the access (valid while the entry is, see
-    // `TlbEntry::host`), within one page, on pages holding no code for a
-    // write.
+    // the flags word of `frame`, reads the TLB, and reads and writes guest
+    // RAM only at host addresses of TLB entries that allow the access
+    // (valid while the entry is, see `TlbEntry::host`), within one page.
     let done = unsafe {
         let f: extern "C" fn(*mut Frame) -> u64 = std::mem::transmute(op.imm as usize);
         f(&mut frame)
     } as usize;
+    c.sync_code_marks();
     match subs.get(done..) {
         Some(rest) if !rest.is_empty() => {
             c.native_exits += 1;
@@ -2011,13 +1998,14 @@ pub(super) fn run_block(
         };
     };
     c.native_runs += 1;
+    // The code's writes rely on the TLB's write bits for pages of code.
+    c.sync_code_marks();
     // At most CHAIN_LIMIT.
     let left = budget.min(CHAIN_LIMIT) as i64;
     let mut frame = Frame {
         gpr: c.cpu.gpr.as_mut_ptr(),
         rflags: &mut c.cpu.rflags,
         tlb: c.mmu.entries.as_ptr(),
-        code_bits: c.code.bits(),
         fs_base: c.cpu.segs[crate::state::seg::FS].base,
         gs_base: c.cpu.segs[crate::state::seg::GS].base,
         rip: c.cpu.rip,
@@ -2065,6 +2053,9 @@ pub(super) fn run_block(
         (at as usize, at.read())
     };
     let ran = (left - frame.left) as u64;
+    // Pages another vCPU marked while the code ran, while this TLB's
+    // entries that may have let the code write them are still there.
+    c.sync_code_marks();
     c.native_instructions += ran;
     c.cpu.fpu.mxcsr = frame.mxcsr as u32;
     let (done, successor) = match record.result {

@@ -125,14 +125,14 @@ impl Core {
         } else {
             Access::Read
         };
+        // The fill below goes by the code bits as they are.
+        self.sync_code_marks();
         if self.walk(lin, walked, user, false).is_err() || self.attention {
             return false;
         }
         let access = if write { Access::Write } else { Access::Read };
         let need = perm::NEED[usize::from(user)][access as usize];
-        // What native code's lookup tests: the entry's tag and its
-        // `native` bits, which are the permissions of a RAM page.
-        let entered = self.mmu.lookup_host(lin, need).is_some();
+        let entered = self.mmu.native_hit(lin, need);
         self.native_refills += u64::from(entered);
         entered
     }
@@ -419,8 +419,9 @@ impl Core {
             perms |= perm::GLOBAL;
         }
         let host = self.ram.page_host(pa);
+        let code = self.code.test(pa >> crate::mem::PAGE_SHIFT);
         self.mmu
-            .fill(lin, pa & !PAGE_MASK, perms, shift as u8, host);
+            .fill(lin, pa & !PAGE_MASK, perms, shift as u8, host, code);
         Walk::Done(pa)
     }
 }

@@ -38,8 +38,7 @@ use iced_x86::Mnemonic;
 pub(super) mod slot {
     /// The vCPU's TLB entries (as a run's stub keeps it, see `lookup`).
     pub const TLB: i32 = 0;
-    /// The code-page bits.
-    pub const CODE_BITS: i32 = 8;
+    // 8: free (the layout keeps `SIZE` 8 mod 16).
     /// The guest's status flags, as PUSHFQ stores the host's.
     pub const FLAGS: i32 = 16;
     /// The guest's RSP.
@@ -179,7 +178,6 @@ pub(super) fn shared_routines() -> Vec<u8> {
     use std::mem::offset_of;
     let copied = [
         (slot::TLB, offset_of!(Frame, tlb)),
-        (slot::CODE_BITS, offset_of!(Frame, code_bits)),
         (slot::LEFT, offset_of!(Frame, left)),
         (slot::STAMP, offset_of!(Frame, stamp)),
         (slot::LOCAL_STAMP, offset_of!(Frame, local_stamp)),
@@ -941,7 +939,7 @@ impl Emitter<'_> {
         out.extend(self.lookup(&super::string_start(RDI, true), s, user, k, false)?);
         let a = &mut self.a;
         // The lookups are done with these two.
-        let (count, bytes) = (s.page?, s.entry);
+        let (count, bytes) = (s.count?, s.entry);
         // The elements left in `base`'s page: (4096 - base % 4096) >> shift.
         let room = |a: &mut Asm, dst: u8, base: u8| {
             a.mov(dst, base);
