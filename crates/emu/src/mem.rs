@@ -342,9 +342,9 @@ pub mod perm {
 
 /// One TLB entry: a 4 KiB linear page (a large page is entered 4 KiB at a
 /// time) and its physical page. Native runs read it from generated code
-/// (`exec::native`), hence the C layout.
+/// (`exec::native`), hence the C layout; 64 bytes, one cache line.
 #[derive(Debug, Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(64))]
 pub struct TlbEntry {
     /// Linear address of the page (low 12 bits zero), or [`TLB_INVALID`].
     pub base: u64,
@@ -365,6 +365,26 @@ pub struct TlbEntry {
     /// so every mapping) alive for the life of the `Core` owning the TLB,
     /// and guest RAM is never remapped.
     pub host: usize,
+    /// What native code's lookup compares an access's page with, by
+    /// `[user][write]`: `base` where `native` allows that access, else
+    /// [`TLB_INVALID`]. One compare then checks the page, the permission
+    /// and RAM.
+    pub tags: [[u64; 2]; 2],
+}
+
+/// [`TlbEntry::tags`] of an entry of page `base` with `native` bits.
+fn tags(base: u64, native: u8) -> [[u64; 2]; 2] {
+    let tag = |need: u8| {
+        if native & need != 0 {
+            base
+        } else {
+            TLB_INVALID
+        }
+    };
+    [
+        [tag(perm::SUP_R), tag(perm::SUP_W)],
+        [tag(perm::USER_R), tag(perm::USER_W)],
+    ]
 }
 
 /// No page's base: not canonical (bit 63 set, bits 62 to 47 clear), and
@@ -382,6 +402,7 @@ const EMPTY: TlbEntry = TlbEntry {
     shift: 12,
     native: 0,
     host: 0,
+    tags: [[TLB_INVALID; 2]; 2],
 };
 
 /// Which paging structure format is in force.
@@ -521,17 +542,19 @@ impl Mmu {
             let span = &mut self.large[global];
             *span = (span.0.min(first), span.1.max(last));
         }
+        let native = match (host, code) {
+            (0, _) => 0,
+            (_, false) => perms & access,
+            (_, true) => perms & access & !perm::WRITES,
+        };
         self.entries[index] = TlbEntry {
             base: lin & !PAGE_MASK,
             pa: pa & !PAGE_MASK,
             perms,
             shift,
-            native: match (host, code) {
-                (0, _) => 0,
-                (_, false) => perms & access,
-                (_, true) => perms & access & !perm::WRITES,
-            },
+            native,
             host,
+            tags: tags(lin & !PAGE_MASK, native),
         };
     }
 
@@ -565,6 +588,7 @@ impl Mmu {
                     let e = &mut self.entries[word * 64 + bit];
                     if e.native & perm::WRITES != 0 && is_code(e.pa >> PAGE_SHIFT) {
                         e.native &= !perm::WRITES;
+                        e.tags = tags(e.base, e.native);
                         written(e.pa >> PAGE_SHIFT);
                     }
                 }

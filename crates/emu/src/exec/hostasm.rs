@@ -265,12 +265,6 @@ impl Asm {
         Fixup(self.code.len() - 4)
     }
 
-    /// `test byte [a], imm`.
-    pub fn test_byte(&mut self, a: Addr, imm: u8) {
-        self.mem(false, &[0xf6], 0, a);
-        self.code.push(imm);
-    }
-
     /// `mov dst, src`.
     pub fn mov(&mut self, dst: u8, src: u8) {
         self.rr(&[0x89], src, dst);
@@ -643,12 +637,6 @@ mod tests {
             (i.mnemonic(), i.op0_register()),
             (Mnemonic::Cmp, Register::R11)
         );
-        let i = one(|a| a.test_byte(Addr::at(14, 16), 0x12));
-        assert_eq!(
-            (i.mnemonic(), i.memory_base()),
-            (Mnemonic::Test, Register::R14)
-        );
-        assert_eq!(i.immediate8(), 0x12);
         let i = one(|a| a.mov(8, 1));
         assert_eq!(
             (i.op0_register(), i.op1_register()),

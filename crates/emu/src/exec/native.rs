@@ -61,9 +61,9 @@ mod chain;
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
-use super::hostasm::{Addr, Asm, Fixup, CC_E, CC_NE, RAX, RCX, RDI, RSI, RSP};
+use super::hostasm::{Addr, Asm, Fixup, CC_NE, RAX, RCX, RDI, RSI, RSP};
 use crate::block::{Block, EaForm, Op};
-use crate::mem::{perm, TlbEntry, PAGE_MASK, PAGE_SHIFT, TLB_ENTRIES};
+use crate::mem::{TlbEntry, PAGE_MASK, PAGE_SHIFT, TLB_ENTRIES};
 
 /// Shortest run worth a stub (the stub's entry and exit cost about as
 /// much as two dispatches).
@@ -815,8 +815,13 @@ extern "C" fn refill(frame: *mut Frame, lin: u64, how: u64) -> u64 {
 /// were done).
 const BLOCK_DONE: u64 = u64::MAX;
 
-const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
+const _: () = assert!(std::mem::size_of::<TlbEntry>() == 64);
 const _: () = assert!(TLB_ENTRIES.is_power_of_two());
+
+/// Where in a [`TlbEntry`] the tag of an access is (see `TlbEntry::tags`).
+fn tag_offset(user: bool, write: bool) -> i32 {
+    offset(std::mem::offset_of!(TlbEntry, tags)) + 16 * i32::from(user) + 8 * i32::from(write)
+}
 
 fn offset(n: usize) -> i32 {
     // Offsets within `Frame` and `TlbEntry` (asserted small above).
@@ -1299,8 +1304,9 @@ fn lookup(
 /// [`lookup`], its jumps taken on a miss in two parts: those taken where
 /// the TLB has no entry for the page, or one that does not allow the
 /// access (where [`refill`] may enter one), with the access's linear
-/// address XOR the entry's base in `s.addr` and the entry's address in
-/// `s.entry`; and the rest (a misaligned operand).
+/// address XOR the entry's tag for it (see [`tag_offset`]) in `s.addr`
+/// and the entry's address in `s.entry`; and the rest (a misaligned
+/// operand).
 fn lookup_parts(
     a: &mut Asm,
     mem: &MemOperand,
@@ -1317,25 +1323,20 @@ fn lookup_parts(
     a.and32(entry, ((TLB_ENTRIES as u32) - 1) << ENTRY_SHIFT);
     a.add_load(entry, Addr::at(RSP, saved + STACK_TLB));
     // ... must hold the first byte's page (an access that crosses a page
-    // finds the next page's slot, which cannot): the first byte's address
-    // XOR the page's is then its offset in the page.
+    // finds the next page's slot, which cannot) as the tag of an access
+    // it allows: RAM (MMIO pages allow nothing here) the guest's page
+    // tables allow, and for a write a page holding no decoded code (see
+    // `TlbEntry::native`: the interpreter writes it and drops the blocks
+    // decoded from it). The first byte's address XOR the tag is then its
+    // offset in the page.
     a.mem(
         true,
         &[0x33],
         addr,
-        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, base))),
+        Addr::at(entry, tag_offset(user, mem.write)),
     );
     a.test_imm(addr, !(PAGE_MASK as i32));
-    let mut misses = vec![a.jcc(CC_NE)];
-    // Allowed, and RAM (MMIO pages allow nothing here); for a write, a
-    // page holding no decoded code (see `TlbEntry::native`: the
-    // interpreter writes it and drops the blocks decoded from it).
-    let need = perm::NEED[usize::from(user)][if mem.write { 1 } else { 0 }];
-    a.test_byte(
-        Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, native))),
-        need,
-    );
-    misses.push(a.jcc(CC_E));
+    let misses = vec![a.jcc(CC_NE)];
     a.add_load(
         addr,
         Addr::at(entry, offset(std::mem::offset_of!(TlbEntry, host))),

@@ -26,12 +26,12 @@ use super::super::hostasm::{
     Addr, Asm, Fixup, AH, CC_A, CC_AE, CC_E, CC_LE, CC_NE, RAX, RCX, RDI, RDX, RSI, RSP,
 };
 use super::{
-    lookup_parts, offset, rewritten, stack_access, Control, Ending, Frame, Item, MemOperand, Next,
-    Scratch, ALL_FLAGS, BLOCK_DONE, CALLEE_SAVED, REFILL_ALIGNED, REFILL_MAYBE_WRITE, REFILL_USER,
-    REFILL_WRITE, STATUS,
+    lookup_parts, offset, rewritten, stack_access, tag_offset, Control, Ending, Frame, Item,
+    MemOperand, Next, Scratch, ALL_FLAGS, BLOCK_DONE, CALLEE_SAVED, REFILL_ALIGNED,
+    REFILL_MAYBE_WRITE, REFILL_USER, REFILL_WRITE, STATUS,
 };
 use crate::block::{Block, Jump, JUMP_SLOTS};
-use crate::mem::{TlbEntry, PAGE_MASK, PAGE_SHIFT};
+use crate::mem::{PAGE_MASK, PAGE_SHIFT};
 use iced_x86::Mnemonic;
 
 /// Where a chain keeps its state: offsets from RSP at a block's entry.
@@ -792,6 +792,8 @@ struct Refill {
     start: usize,
     /// The access, for `native::refill`.
     how: i32,
+    /// Where its lookup's tag is in the entry.
+    tag: i32,
     /// The instruction it is made for.
     instruction: usize,
 }
@@ -829,6 +831,7 @@ impl Emitter<'_> {
             misses,
             start,
             how,
+            tag: tag_offset(user, mem.write),
             instruction: k,
         });
         Some(others)
@@ -846,13 +849,8 @@ impl Emitter<'_> {
                 self.a.patch(f, here);
             }
             let a = &mut self.a;
-            // The linear address back from its XOR with the entry's base.
-            a.mem(
-                true,
-                &[0x33],
-                s.addr,
-                Addr::at(s.entry, offset(std::mem::offset_of!(TlbEntry, base))),
-            );
+            // The linear address back from its XOR with the entry's tag.
+            a.mem(true, &[0x33], s.addr, Addr::at(s.entry, r.tag));
             a.lea(s.entry, Addr::at(RSP, self.depth));
             a.push(s.entry);
             a.push(s.addr);
