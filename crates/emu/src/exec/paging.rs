@@ -104,9 +104,11 @@ impl Core {
     /// Enters the translation of the `size`-byte read or write at `lin`
     /// for a block's native code whose TLB lookup missed (see
     /// `native::refill`), walking as a write only with `walk_write` (the
-    /// dirty bit it sets): whether the TLB now holds a RAM page allowing
-    /// the access, all of it in that page, with no code page written on
-    /// the way (a walk's accessed or dirty bit landing in one). A fault is
+    /// dirty bit it sets): whether native code's lookup now hits (a RAM
+    /// page allowing the access and, for a write, holding no decoded code,
+    /// see `TlbEntry::native`), all of it in that page, with no code page
+    /// written on the way (a walk's accessed or dirty bit landing in one),
+    /// after taking in other vCPUs' code marks. A fault is
     /// left for the interpreter to raise: CR2 is not touched.
     pub(crate) fn refill_for_native(
         &mut self,
