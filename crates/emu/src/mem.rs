@@ -580,19 +580,14 @@ impl Mmu {
         mut written: impl FnMut(u64),
     ) {
         for kind in 0..2 {
-            for (word, bits) in self.filled[kind].iter().enumerate() {
-                let mut left = *bits;
-                while left != 0 {
-                    let bit = left.trailing_zeros() as usize;
-                    left &= left - 1;
-                    let e = &mut self.entries[word * 64 + bit];
-                    if e.native & perm::WRITES != 0 && is_code(e.pa >> PAGE_SHIFT) {
-                        e.native &= !perm::WRITES;
-                        e.tags = tags(e.base, e.native);
-                        written(e.pa >> PAGE_SHIFT);
-                    }
+            self.each_filled(kind, |e| {
+                if e.native & perm::WRITES != 0 && is_code(e.pa >> PAGE_SHIFT) {
+                    e.native &= !perm::WRITES;
+                    e.tags = tags(e.base, e.native);
+                    written(e.pa >> PAGE_SHIFT);
                 }
-            }
+                true
+            });
         }
     }
 
@@ -637,14 +632,24 @@ impl Mmu {
     /// Empties the filled entries of `filled[kind]` that `drops` says to,
     /// and forgets them.
     fn drop_filled(&mut self, kind: usize, drops: impl Fn(&TlbEntry) -> bool) {
+        self.each_filled(kind, |e| {
+            let dropped = drops(e);
+            if dropped {
+                *e = EMPTY;
+            }
+            !dropped
+        });
+    }
+
+    /// Calls `f` with each filled entry of `filled[kind]`, forgetting
+    /// those it returns false for.
+    fn each_filled(&mut self, kind: usize, mut f: impl FnMut(&mut TlbEntry) -> bool) {
         for (word, bits) in self.filled[kind].iter_mut().enumerate() {
             let mut left = *bits;
             while left != 0 {
                 let bit = left.trailing_zeros() as usize;
                 left &= left - 1;
-                let e = &mut self.entries[word * 64 + bit];
-                if drops(e) {
-                    *e = EMPTY;
+                if !f(&mut self.entries[word * 64 + bit]) {
                     *bits &= !(1 << bit);
                 }
             }
